@@ -1,0 +1,115 @@
+"""The forward diffusion process, separate from any network (paper §3.1).
+
+Schedules are computed in float64 and gathered into the dtype of the data.
+Timesteps are 1-based as in the paper: t in {1, ..., T}, and
+alpha_bar(t) = prod_{s=1..t} (1 - beta_s) = alphas_cumprod[t - 1].
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor
+
+from .config import DiffusionConfig
+
+
+def linear_betas(timesteps: int, beta_start: float = 1e-4, beta_end: float = 2e-2) -> Tensor:
+    """beta_t evenly spaced from beta_start to beta_end (paper §4.3), float64 (T,)."""
+    return torch.linspace(beta_start, beta_end, timesteps, dtype=torch.float64)
+
+
+def cosine_betas(timesteps: int, s: float = 0.008, max_beta: float = 0.999) -> Tensor:
+    """Cosine schedule (Nichol & Dhariwal 2021; used by the pDDPM code), float64 (T,).
+
+    alpha_bar(t) = f(t) / f(0) with f(t) = cos^2(((t/T + s) / (1 + s)) * pi/2);
+    beta_t = min(1 - alpha_bar(t) / alpha_bar(t-1), max_beta).
+    """
+    steps = torch.arange(timesteps + 1, dtype=torch.float64) / timesteps
+    f = torch.cos((steps + s) / (1 + s) * math.pi / 2) ** 2
+    betas = 1 - f[1:] / f[:-1]
+    return betas.clamp(max=max_beta)
+
+
+def _extract(values: Tensor, t: Tensor, like: Tensor) -> Tensor:
+    """values[t - 1] as a (B, 1, ..., 1) tensor broadcastable to `like`."""
+    out = values.to(like.device)[t.long() - 1].to(like.dtype)
+    return out.view(-1, *([1] * (like.dim() - 1)))
+
+
+class GaussianDiffusion:
+    """Schedule quantities and the closed-form forward process q(x_t | x_0).
+
+    The network is never held here; methods take tensors only.
+    """
+
+    def __init__(self, cfg: DiffusionConfig):
+        self.cfg = cfg
+        self.num_timesteps = cfg.timesteps
+        if cfg.schedule == "linear":
+            betas = linear_betas(cfg.timesteps, cfg.beta_start, cfg.beta_end)
+        elif cfg.schedule == "cosine":
+            betas = cosine_betas(cfg.timesteps, cfg.cosine_s)
+        else:
+            raise ValueError(f"unknown schedule {cfg.schedule!r}")
+        self.betas = betas
+        self.alphas = 1.0 - betas
+        self.alphas_cumprod = torch.cumprod(self.alphas, dim=0)
+        self.alphas_cumprod_prev = torch.cat(
+            [torch.ones(1, dtype=torch.float64), self.alphas_cumprod[:-1]]
+        )
+        # Var of q(x_{t-1} | x_t, x_0) (paper §3.1): beta_t (1 - alpha_bar_{t-1}) / (1 - alpha_bar_t)
+        self.posterior_variance = (
+            betas * (1.0 - self.alphas_cumprod_prev) / (1.0 - self.alphas_cumprod)
+        )
+
+    def alpha_bar(self, t: Tensor) -> Tensor:
+        """alpha_bar(t) for 1-based t, float64 (B,)."""
+        self._check_t(t)
+        return self.alphas_cumprod[t.long().cpu() - 1]
+
+    def _check_t(self, t: Tensor) -> None:
+        if t.numel() and (int(t.min()) < 1 or int(t.max()) > self.num_timesteps):
+            raise ValueError(
+                f"timesteps must lie in 1..{self.num_timesteps}, got {int(t.min())}..{int(t.max())}"
+            )
+
+    def q_sample(self, x0: Tensor, t: Tensor, noise: Tensor) -> Tensor:
+        """Paper Eq. 3: x_t = sqrt(alpha_bar_t) x_0 + sqrt(1 - alpha_bar_t) eps.
+
+        x0, noise: (B, C, H, W); t: (B,) 1-based.
+        """
+        self._check_t(t)
+        a = _extract(self.alphas_cumprod.sqrt(), t, x0)
+        b = _extract((1.0 - self.alphas_cumprod).sqrt(), t, x0)
+        return a * x0 + b * noise
+
+    def predict_x0_from_eps(self, x_t: Tensor, t: Tensor, eps: Tensor) -> Tensor:
+        """Invert Eq. 3 for x_0: (x_t - sqrt(1 - alpha_bar) eps) / sqrt(alpha_bar)."""
+        self._check_t(t)
+        return (
+            _extract((1.0 / self.alphas_cumprod).sqrt(), t, x_t) * x_t
+            - _extract((1.0 / self.alphas_cumprod - 1.0).sqrt(), t, x_t) * eps
+        )
+
+    def predict_eps_from_x0(self, x_t: Tensor, t: Tensor, x0: Tensor) -> Tensor:
+        """Invert Eq. 3 for eps: (x_t - sqrt(alpha_bar) x_0) / sqrt(1 - alpha_bar)."""
+        self._check_t(t)
+        a = _extract(self.alphas_cumprod.sqrt(), t, x_t)
+        b = _extract((1.0 - self.alphas_cumprod).sqrt(), t, x_t)
+        return (x_t - a * x0) / b
+
+    def posterior_mean(self, x_t: Tensor, t: Tensor, eps: Tensor) -> Tensor:
+        """Paper Eq. 6: mu = (x_t - beta_t / sqrt(1 - alpha_bar_t) eps) / sqrt(alpha_t)."""
+        self._check_t(t)
+        coef = _extract(self.betas / (1.0 - self.alphas_cumprod).sqrt(), t, x_t)
+        return (x_t - coef * eps) / _extract(self.alphas.sqrt(), t, x_t)
+
+    def sample_timesteps(self, n: int, generator: torch.Generator | None = None) -> Tensor:
+        """Training timesteps t ~ U{t_train_min .. t_train_max} (paper Alg. 1 line 3): (n,) long."""
+        lo, hi = self.cfg.t_train_min, self.cfg.t_train_max
+        return torch.randint(lo, hi + 1, (n,), generator=generator)
+
+
+__all__ = ["GaussianDiffusion", "cosine_betas", "linear_betas"]

@@ -1,0 +1,127 @@
+import pytest
+
+from maediff.config import (
+    PRESETS,
+    Config,
+    GeometryConfig,
+    MAEConfig,
+    UNetConfig,
+    apply_overrides,
+    from_dict,
+    get_preset,
+    load_config,
+    save_config,
+)
+
+
+@pytest.mark.parametrize("name", sorted(PRESETS))
+def test_presets_keep_paper_partition_counts(name):
+    g = get_preset(name).geometry
+    if name == "pddpm-s48":
+        assert g.num_patches == 4
+    elif name == "tiny":
+        assert (g.num_patches, g.num_cells) == (9, 16)
+    else:
+        assert g.num_patches == 16, name
+    assert g.num_cells in (16, 36)
+    assert g.num_patches == ((g.image_size - g.patch_size + g.stride) // g.stride) ** 2
+
+
+def test_paper_preset_values():
+    c = get_preset("paper")
+    assert (
+        c.geometry.image_size,
+        c.geometry.patch_size,
+        c.geometry.stride,
+        c.geometry.grid_size,
+    ) == (96, 48, 16, 16)
+    assert (c.unet.model_channels, c.unet.channel_mult, c.unet.num_res_blocks) == (
+        128,
+        (1, 2, 2),
+        3,
+    )
+    assert c.unet.attention_levels == ()
+    assert (c.mae.enc_depth, c.mae.enc_dim, c.mae.enc_heads) == (12, 384, 6)
+    assert (c.mae.dec_depth, c.mae.dec_dim, c.mae.dec_heads) == (8, 512, 16)
+    assert (c.diffusion.schedule, c.diffusion.beta_start, c.diffusion.beta_end) == (
+        "linear",
+        1e-4,
+        2e-2,
+    )
+    assert (c.diffusion.timesteps, c.diffusion.t_test) == (1000, 500)
+    assert (c.train.lr, c.train.batch_size, c.train.optimizer) == (1e-4, 32, "adam")
+
+
+def test_ablations_are_configs_of_one_model():
+    assert not get_preset("ablation-unet").mae.enabled
+    assert get_preset("ablation-unet-att").unet.attention_levels == (2, 4)
+    assert get_preset("ablation-unet-mae").mae.enabled
+    c = get_preset("ablation-unet-att-mae")
+    assert c.mae.enabled and c.unet.attention_levels == (2, 4)
+    assert get_preset("pddpm-s48").geometry.stride == 48
+
+
+@pytest.mark.parametrize(
+    "kwargs, fragment",
+    [
+        (dict(stride=12), "stride s=12"),
+        (dict(patch_size=112), "patch_size p=112"),
+        (dict(grid_size=6, stride=12, patch_size=48), "grid_size r=6"),
+        (dict(stride=32), "do not tile"),
+        (dict(image_size=100), "image_size 100"),
+    ],
+)
+def test_invalid_geometry_names_the_value(kwargs, fragment):
+    with pytest.raises(ValueError, match=fragment):
+        Config(geometry=GeometryConfig(**kwargs))
+
+
+def test_invalid_heads_and_groups():
+    with pytest.raises(ValueError, match="enc_heads=5"):
+        Config(mae=MAEConfig(enc_heads=5))
+    with pytest.raises(ValueError, match="norm_groups=48"):
+        Config(unet=UNetConfig(norm_groups=48))
+    with pytest.raises(ValueError, match="attention_levels entry 8"):
+        Config(unet=UNetConfig(attention_levels=(8,)))
+    with pytest.raises(ValueError, match="H/8"):
+        Config(unet=UNetConfig(channel_mult=(1, 2, 2, 2)))
+
+
+def test_unknown_preset_and_key():
+    with pytest.raises(ValueError, match="unknown preset 'nope'"):
+        get_preset("nope")
+    with pytest.raises(ValueError, match="train.lrr"):
+        from_dict({"train": {"lrr": 1.0}})
+    with pytest.raises(ValueError, match="train.batch_size"):
+        from_dict({"train": {"batch_size": "big"}})
+
+
+def test_yaml_roundtrip(tmp_path):
+    cfg = apply_overrides(
+        get_preset("cpu"), ["train.lr=0.002", "unet.attention_levels=[4]", "noise.kind=gaussian"]
+    )
+    assert (
+        cfg.train.lr == 0.002 and cfg.unet.attention_levels == (4,) and cfg.noise.kind == "gaussian"
+    )
+    save_config(cfg, tmp_path / "c.yaml")
+    assert load_config(tmp_path / "c.yaml") == cfg
+    save_config(cfg, tmp_path / "c.json")
+    assert load_config(tmp_path / "c.json") == cfg
+
+
+def test_partial_yaml_starts_from_preset(tmp_path):
+    p = tmp_path / "c.yaml"
+    p.write_text("preset: cpu\ntrain:\n  lr: 0.01\n")
+    cfg = load_config(p)
+    assert cfg.name == "cpu" and cfg.train.lr == 0.01 and cfg.geometry.image_size == 48
+
+
+def test_bad_yaml_names_file(tmp_path):
+    p = tmp_path / "bad.yaml"
+    p.write_text("train: [1, 2\n")
+    with pytest.raises(ValueError, match="bad.yaml"):
+        load_config(p)
+    with pytest.raises(ValueError, match="bad override"):
+        apply_overrides(get_preset("tiny"), ["bad override"])
+    with pytest.raises(ValueError, match="unknown config key 'train.nope'"):
+        apply_overrides(get_preset("tiny"), ["train.nope=1"])

@@ -1,0 +1,149 @@
+from dataclasses import replace
+
+import pytest
+import torch
+
+from maediff.config import get_preset
+from maediff.model import MAEDiff, from_model_range, to_model_range
+
+
+@pytest.fixture
+def model():
+    torch.manual_seed(0)
+    return MAEDiff(get_preset("tiny")).eval()
+
+
+def _capture_net_inputs(model):
+    seen = []
+    handle = model.net.register_forward_pre_hook(
+        lambda m, args: seen.append([a.clone() if torch.is_tensor(a) else a for a in args])
+    )
+    return seen, handle
+
+
+def test_loss_is_a_finite_scalar(model, gen):
+    loss = model.loss(torch.rand(4, 1, 32, 32), gen)
+    assert loss.dim() == 0 and torch.isfinite(loss)
+
+
+def test_pixels_outside_the_patch_reach_the_network_unchanged(model, gen):
+    x = torch.rand(6, 1, 32, 32)
+    seen, h = _capture_net_inputs(model)
+    model.loss(x, gen)
+    h.remove()
+    x_tilde, t, visible = seen[0][:3]
+    xm = to_model_range(x)
+    outside = ~(x_tilde == xm)  # pixels that differ must all be inside some 16x16 patch
+    for i in range(6):
+        diff = outside[i, 0].nonzero()
+        assert len(diff) > 0
+        r0, c0 = diff.min(0).values.tolist()
+        r1, c1 = diff.max(0).values.tolist()
+        assert r1 - r0 < 16 and c1 - c0 < 16
+        # and the masked cells the MAE hides are exactly the ones of that patch
+        assert (~visible[i]).sum() == 4
+    assert ((t >= 1) & (t <= 20)).all()
+
+
+def test_loss_counts_only_the_noised_patch(model, gen):
+    # a network that returns its input exactly is perfect outside the patch: the loss
+    # must then equal the mean |x0 - x~_t| inside the patch only
+    x = torch.rand(3, 1, 32, 32)
+    seen, h = _capture_net_inputs(model)
+    g1 = torch.Generator().manual_seed(5)
+    orig = model.net.forward
+    model.net.forward = lambda xt, t, vis=None, cond=None: xt
+    loss = model.loss(x, g1)
+    model.net.forward = orig
+    h.remove()
+    xt = seen[0][0]
+    xm = to_model_range(x)
+    d = (xt - xm).abs()
+    inside = d > 0
+    assert loss.item() == pytest.approx((d.sum() / (3 * 256)).item(), rel=1e-5)
+    assert inside.sum() <= 3 * 256
+
+
+def _sequential_reconstruction(model, slices, noise):
+    """Alg. 2 as written: one patch at a time, accumulate, divide once."""
+    x0 = to_model_range(slices)
+    t = torch.full((len(slices),), model.cfg.diffusion.t_test)
+    xt = model.diffusion.q_sample(x0, t, noise)
+    rec = torch.zeros_like(x0)
+    count = torch.zeros_like(x0)
+    for k in range(model.grid.num_patches):
+        kk = torch.full((len(slices),), k)
+        m = model.patch_masks[kk]
+        x_tilde = xt * m + x0 * (1 - m)
+        rec += model.denoise(x_tilde, t, kk, x0) * m
+        count += m
+    return from_model_range(rec / count)
+
+
+@pytest.mark.parametrize("batch_size", [1, 7, 1000])
+def test_batched_reconstruction_equals_sequential_loop(model, batch_size):
+    g = torch.Generator().manual_seed(0)
+    slices = torch.rand(5, 1, 32, 32)
+    noise = model.noise(5, g)
+    with torch.no_grad():
+        ref = _sequential_reconstruction(model, slices, noise)
+    out = model.reconstruct(slices, noise=noise, batch_size=batch_size)
+    torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
+    assert out.shape == slices.shape
+
+
+def test_reconstruct_bf16_is_close_to_fp32(model):
+    slices = torch.rand(3, 1, 32, 32)
+    noise = model.noise(3, torch.Generator().manual_seed(0))
+    a = model.reconstruct(slices, noise=noise)
+    b = model.reconstruct(slices, noise=noise, amp="bf16")
+    assert b.dtype == torch.float32
+    assert (a - b).abs().max() < 0.05
+
+
+def test_reconstruct_is_deterministic_for_a_generator(model):
+    s = torch.rand(2, 1, 32, 32)
+    a = model.reconstruct(s, torch.Generator().manual_seed(3))
+    b = model.reconstruct(s, torch.Generator().manual_seed(3))
+    assert torch.equal(a, b)
+
+
+def test_bad_inputs(model):
+    with pytest.raises(ValueError, match=r"\(B, 1, 32, 32\)"):
+        model.loss(torch.rand(2, 1, 16, 16))
+    bad = torch.rand(2, 1, 32, 32)
+    bad[0, 0, 0, 0] = float("nan")
+    with pytest.raises(ValueError, match="NaN"):
+        model.reconstruct(bad)
+    with pytest.raises(ValueError, match="noise"):
+        model.reconstruct(torch.rand(2, 1, 32, 32), noise=torch.rand(1, 1, 32, 32))
+
+
+@pytest.mark.parametrize("mae_on", [True, False])
+def test_overfitting_one_batch_lowers_the_loss(mae_on):
+    cfg = get_preset("tiny")
+    cfg = replace(
+        cfg, mae=replace(cfg.mae, enabled=mae_on), noise=replace(cfg.noise, kind="gaussian")
+    )
+    torch.manual_seed(0)
+    model = MAEDiff(cfg)
+    opt = torch.optim.Adam(model.parameters(), lr=2e-3)
+    x = torch.zeros(8, 1, 32, 32)
+    yy, xx = torch.meshgrid(torch.arange(32.0), torch.arange(32.0), indexing="ij")
+    x[:, 0] = 0.5 + 0.4 * torch.sin(xx / 5) * torch.cos(yy / 7)  # one smooth image, learnable
+
+    def eval_loss():
+        return (
+            torch.stack([model.loss(x, torch.Generator().manual_seed(i)) for i in range(8)])
+            .mean()
+            .item()
+        )
+
+    before = eval_loss()
+    g = torch.Generator().manual_seed(0)
+    for _ in range(200):
+        opt.zero_grad()
+        model.loss(x, g).backward()
+        opt.step()
+    after = eval_loss()
+    assert after < 0.5 * before, (before, after)
