@@ -1,0 +1,28 @@
+"""The evaluation protocol of paper §4.4 / PROTOCOL.md §7 as pure functions on arrays.
+
+Nothing here imports the model: inputs are NumPy volumes (X, Y, Z) with Z the axial
+slice axis, as nibabel loads them.
+"""
+
+from .metrics import average_precision, best_dice, dice, precision_recall_curve, roc_auc
+from .postprocess import anomaly_scores, erode_mask_slicewise, median_filter_3d, remove_small_components
+from .protocol import VolumeResult, evaluate_split, score_volume
+from .thresholds import PooledVoxels, fpr_threshold, greedy_threshold_search
+
+__all__ = [
+    "PooledVoxels",
+    "VolumeResult",
+    "anomaly_scores",
+    "average_precision",
+    "best_dice",
+    "dice",
+    "erode_mask_slicewise",
+    "evaluate_split",
+    "fpr_threshold",
+    "greedy_threshold_search",
+    "median_filter_3d",
+    "precision_recall_curve",
+    "remove_small_components",
+    "roc_auc",
+    "score_volume",
+]

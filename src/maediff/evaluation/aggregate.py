@@ -1,0 +1,81 @@
+"""Aggregation: mean and std over volumes, and over folds or seeds; CSV and JSON."""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+METRICS = ("dice", "auprc", "auroc", "l1", "l1_healthy", "l1_anomalous", "anomaly_score", "oracle_best_dice")
+
+
+def summarise(records: Sequence[dict], metrics: Sequence[str] = METRICS) -> dict[str, dict[str, float]]:
+    """Mean, std (population, as numpy) and count over volumes for each metric present;
+    NaN entries (undefined metrics, e.g. AUPRC without lesion voxels) are left out."""
+    out: dict[str, dict[str, float]] = {}
+    for m in metrics:
+        vals = np.array([r[m] for r in records if m in r and r[m] is not None], dtype=np.float64)
+        vals = vals[~np.isnan(vals)]
+        if vals.size:
+            out[m] = {"mean": float(vals.mean()), "std": float(vals.std()), "n": int(vals.size)}
+    return out
+
+
+def combine_runs(summaries: Sequence[dict[str, dict[str, float]]]) -> dict[str, dict[str, float]]:
+    """Mean +- std over runs (folds or seeds) of each run's per-volume mean."""
+    keys = sorted(set().union(*(s.keys() for s in summaries))) if summaries else []
+    out = {}
+    for k in keys:
+        vals = np.array([s[k]["mean"] for s in summaries if k in s])
+        out[k] = {"mean": float(vals.mean()), "std": float(vals.std()), "n": int(vals.size)}
+    return out
+
+
+def write_atomic(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text)
+    tmp.replace(path)
+
+
+def write_subject_csv(records: Sequence[dict], path: str | Path, context: dict[str, Any] | None = None) -> None:
+    """One row per volume; `context` columns (split, model, threshold) are repeated on each row."""
+    context = context or {}
+    cols: list[str] = list(context)
+    for r in records:
+        cols += [k for k in r if k not in cols]
+    import io
+
+    buf = io.StringIO()
+    w = csv.DictWriter(buf, fieldnames=cols)
+    w.writeheader()
+    for r in records:
+        w.writerow({**context, **{k: _fmt(v) for k, v in r.items()}})
+    write_atomic(Path(path), buf.getvalue())
+
+
+def _fmt(v: Any) -> Any:
+    if isinstance(v, float):
+        return "" if math.isnan(v) else f"{v:.6g}"
+    return v
+
+
+def _clean(obj: Any) -> Any:
+    if isinstance(obj, dict):
+        return {k: _clean(v) for k, v in obj.items()}
+    if isinstance(obj, list | tuple):
+        return [_clean(v) for v in obj]
+    if isinstance(obj, float) and math.isnan(obj):
+        return None
+    if isinstance(obj, np.generic):
+        return _clean(obj.item())
+    return obj
+
+
+def write_json(obj: dict, path: str | Path) -> None:
+    write_atomic(Path(path), json.dumps(_clean(obj), indent=2))
