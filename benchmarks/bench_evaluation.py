@@ -31,8 +31,8 @@ def main() -> None:
     ap.add_argument("--volumes", type=int, default=100)
     ap.add_argument("--val", type=int, default=10)
     args = ap.parse_args()
-    print(f"| workers | val volumes | test volumes | seconds | s / test volume |")
-    print(f"|---|---|---|---|---|")
+    print("| workers | val volumes | test volumes | seconds | s / test volume |")
+    print("|---|---|---|---|---|")
     for n_jobs in (1, 2):
         val = (synthetic_volume(10_000 + i) for i in range(args.val))
         test = (synthetic_volume(i) for i in range(args.volumes))

@@ -45,7 +45,9 @@ def test_agrees_with_sklearn_on_random_volumes(seed):
     y = rng.random((20, 20, 10)) < 0.1
     s = rng.random((20, 20, 10)) + y * rng.random((20, 20, 10)) * 0.5
     s = np.round(s, 2)  # plenty of ties
-    assert average_precision(s, y) == pytest.approx(average_precision_score(y.ravel(), s.ravel()), abs=1e-6)
+    assert average_precision(s, y) == pytest.approx(
+        average_precision_score(y.ravel(), s.ravel()), abs=1e-6
+    )
     assert roc_auc(s, y) == pytest.approx(roc_auc_score(y.ravel(), s.ravel()), abs=1e-6)
 
 
@@ -83,7 +85,9 @@ def test_median_filter_crop_equals_full_volume():
     rng = np.random.default_rng(0)
     v = np.zeros((30, 28, 20), np.float32)
     v[5:20, 3:25, 0:12] = rng.random((15, 22, 12))  # touches the border in z
-    np.testing.assert_array_equal(median_filter_3d(v, 5), ndimage.median_filter(v, size=5, mode="reflect"))
+    np.testing.assert_array_equal(
+        median_filter_3d(v, 5), ndimage.median_filter(v, size=5, mode="reflect")
+    )
     assert not median_filter_3d(np.zeros((5, 5, 5)), 5).any()
 
 
@@ -162,7 +166,9 @@ def test_evaluate_split_end_to_end(tmp_path):
     out2 = evaluate_split(val, test, healthy_val_volumes=healthy, n_jobs=2)
     assert out2.threshold == out.threshold
     assert [r["dice"] for r in out2.records] == [r["dice"] for r in out.records]
-    write_subject_csv(out.records, tmp_path / "s.csv", {"split": "test", "threshold": out.threshold})
+    write_subject_csv(
+        out.records, tmp_path / "s.csv", {"split": "test", "threshold": out.threshold}
+    )
     lines = (tmp_path / "s.csv").read_text().splitlines()
     assert lines[0].startswith("split,threshold,subject") and len(lines) == 5
     write_json({"summary": s, "nan": float("nan")}, tmp_path / "s.json")
@@ -191,7 +197,14 @@ def test_report_table_and_figures(tmp_path):
     )
 
     rows = [
-        {"model": "MAEDiff", "BraTS21": {"dice": {"mean": 0.4207, "std": 0.0112}, "auprc": {"mean": 0.4548, "std": 0.0147}}, "IXI": {"l1": {"mean": 0.01148, "std": 0.00056}}},
+        {
+            "model": "MAEDiff",
+            "BraTS21": {
+                "dice": {"mean": 0.4207, "std": 0.0112},
+                "auprc": {"mean": 0.4548, "std": 0.0147},
+            },
+            "IXI": {"l1": {"mean": 0.01148, "std": 0.00056}},
+        },
         {"model": "Thresh", "BraTS21": {"dice": {"mean": 0.1969, "std": 0.0}}},
     ]
     md, csv_text = results_table(rows, ["BraTS21"], ["IXI"])
@@ -205,12 +218,25 @@ def test_report_table_and_figures(tmp_path):
     seg[5:8, 5:8, 2] = True
     assert pick_slices(seg, np.zeros(seg.shape), 2) == [2, 7]
     img = rng.random(seg.shape)
-    ex = {"name": "s1", "image": img, "reconstruction": img * 0.9, "scores": img * seg, "segmentation": seg, "prediction": seg}
+    ex = {
+        "name": "s1",
+        "image": img,
+        "reconstruction": img * 0.9,
+        "scores": img * seg,
+        "segmentation": seg,
+        "prediction": seg,
+    }
     f1 = figure_examples([ex], tmp_path / "ex.png")
     f2 = figure_pr_curves({"a": (img.ravel(), seg.ravel())}, tmp_path / "pr.png")
-    f3 = figure_dice_distribution({"a": [0.1, 0.5, float("nan")], "b": [0.3]}, tmp_path / "dice.png")
+    f3 = figure_dice_distribution(
+        {"a": [0.1, 0.5, float("nan")], "b": [0.3]}, tmp_path / "dice.png"
+    )
     for f in (f1, f2, f3):
         assert f.stat().st_size > 5000 and f.read_bytes()[:4] == b"\x89PNG"
-    page = write_html(tmp_path / "report.html", "Report", [{"heading": "Results", "table": md, "images": [f1, f2, f3]}])
+    page = write_html(
+        tmp_path / "report.html",
+        "Report",
+        [{"heading": "Results", "table": md, "images": [f1, f2, f3]}],
+    )
     text = page.read_text()
     assert "<td>42.07 ± 1.12</td>" in text and "src='ex.png'" in text

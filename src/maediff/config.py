@@ -136,8 +136,8 @@ class DataConfig:
     """Volumes as the model sees them (PROTOCOL.md §6)."""
 
     volume_shape: tuple[int, int, int] = (96, 96, 50)  # after load-time processing
-    crop_shape: tuple[int, int, int] = (192, 192, 100)  # crop/pad before resampling
     spacing: float = 2.0  # mm, after resampling
+    center: str = "brain"  # model grid centred on the brain mask's bounding box, or "image"
     curvature_flow: bool = False  # pDDPM parity: CurvatureFlow(0.125, 3) on images
     percentiles: tuple[float, float] = (1.0, 99.0)  # rescale inside the brain mask
     fold: int = 0
@@ -294,6 +294,15 @@ def validate(cfg: Config) -> None:
         len(cfg.data.volume_shape) == 3,
         f"data.volume_shape={cfg.data.volume_shape} must have 3 entries",
     )
+    _check(
+        cfg.data.center in ("brain", "image"),
+        f"data.center={cfg.data.center!r} must be 'brain' or 'image'",
+    )
+    _check(cfg.data.spacing > 0, f"data.spacing={cfg.data.spacing} must be > 0")
+    _check(
+        cfg.data.volume_shape[0] == cfg.data.volume_shape[1],
+        f"data.volume_shape={cfg.data.volume_shape}: axial slices must be square",
+    )
 
 
 # --------------------------------------------------------------------------- presets
@@ -353,7 +362,7 @@ def _tiny() -> Config:
         mae=MAEConfig(enc_dim=32, enc_depth=2, enc_heads=2, dec_dim=32, dec_depth=2, dec_heads=2),
         diffusion=DiffusionConfig(timesteps=20, t_test=10, t_train_max=20),
         train=TrainConfig(lr=1e-3, batch_size=8, epochs=2),
-        data=DataConfig(volume_shape=(32, 32, 8), crop_shape=(32, 32, 8)),
+        data=DataConfig(volume_shape=(32, 32, 8)),
         inference=InferenceConfig(batch_size=64),
     )
 

@@ -5,7 +5,12 @@ slice axis, as nibabel loads them.
 """
 
 from .metrics import average_precision, best_dice, dice, precision_recall_curve, roc_auc
-from .postprocess import anomaly_scores, erode_mask_slicewise, median_filter_3d, remove_small_components
+from .postprocess import (
+    anomaly_scores,
+    erode_mask_slicewise,
+    median_filter_3d,
+    remove_small_components,
+)
 from .protocol import VolumeResult, evaluate_split, score_volume
 from .thresholds import PooledVoxels, fpr_threshold, greedy_threshold_search
 

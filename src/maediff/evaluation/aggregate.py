@@ -11,10 +11,21 @@ from typing import Any
 
 import numpy as np
 
-METRICS = ("dice", "auprc", "auroc", "l1", "l1_healthy", "l1_anomalous", "anomaly_score", "oracle_best_dice")
+METRICS = (
+    "dice",
+    "auprc",
+    "auroc",
+    "l1",
+    "l1_healthy",
+    "l1_anomalous",
+    "anomaly_score",
+    "oracle_best_dice",
+)
 
 
-def summarise(records: Sequence[dict], metrics: Sequence[str] = METRICS) -> dict[str, dict[str, float]]:
+def summarise(
+    records: Sequence[dict], metrics: Sequence[str] = METRICS
+) -> dict[str, dict[str, float]]:
     """Mean, std (population, as numpy) and count over volumes for each metric present;
     NaN entries (undefined metrics, e.g. AUPRC without lesion voxels) are left out."""
     out: dict[str, dict[str, float]] = {}
@@ -43,7 +54,9 @@ def write_atomic(path: Path, text: str) -> None:
     tmp.replace(path)
 
 
-def write_subject_csv(records: Sequence[dict], path: str | Path, context: dict[str, Any] | None = None) -> None:
+def write_subject_csv(
+    records: Sequence[dict], path: str | Path, context: dict[str, Any] | None = None
+) -> None:
     """One row per volume; `context` columns (split, model, threshold) are repeated on each row."""
     context = context or {}
     cols: list[str] = list(context)

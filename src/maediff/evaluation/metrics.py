@@ -27,7 +27,9 @@ def dice(pred: np.ndarray, gt: np.ndarray) -> float:
     return 2.0 * int(np.logical_and(p, g).sum()) / denom
 
 
-def _curve_counts(scores: np.ndarray, labels: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def _curve_counts(
+    scores: np.ndarray, labels: np.ndarray
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """True and false positives at each distinct score, thresholds descending."""
     s = np.asarray(scores, dtype=np.float64).ravel()
     y = np.asarray(labels).astype(bool).ravel()
@@ -41,7 +43,9 @@ def _curve_counts(scores: np.ndarray, labels: np.ndarray) -> tuple[np.ndarray, n
     return tps, fps, s[last]
 
 
-def precision_recall_curve(scores: np.ndarray, labels: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def precision_recall_curve(
+    scores: np.ndarray, labels: np.ndarray
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Precision, recall and thresholds (descending); recall is NaN without positives."""
     tps, fps, thr = _curve_counts(scores, labels)
     precision = tps / np.maximum(tps + fps, 1)

@@ -55,7 +55,9 @@ def anomaly_scores(
     filter (PROTOCOL.md §7 steps 2-3). median_size 0 or 1 skips the filter."""
     _check_3d("residual", residual)
     if residual.shape != brain_mask.shape:
-        raise ValueError(f"residual {residual.shape} and brain mask {brain_mask.shape} differ in shape")
+        raise ValueError(
+            f"residual {residual.shape} and brain mask {brain_mask.shape} differ in shape"
+        )
     scores = residual.astype(np.float32) * erode_mask_slicewise(brain_mask, erosion_iterations)
     return median_filter_3d(scores, median_size) if median_size > 1 else scores
 

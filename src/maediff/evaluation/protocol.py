@@ -10,11 +10,10 @@ dropped one at a time, so memory does not grow with the size of the test split.
 
 from __future__ import annotations
 
+import zlib
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future, ProcessPoolExecutor
 from dataclasses import dataclass, field
-
-import zlib
 
 import numpy as np
 
@@ -35,7 +34,11 @@ class VolumeResult:
     segmentation: np.ndarray | None = None
 
     def __post_init__(self) -> None:
-        shapes = {"image": self.image.shape, "reconstruction": self.reconstruction.shape, "brain_mask": self.brain_mask.shape}
+        shapes = {
+            "image": self.image.shape,
+            "reconstruction": self.reconstruction.shape,
+            "brain_mask": self.brain_mask.shape,
+        }
         if self.segmentation is not None:
             shapes["segmentation"] = self.segmentation.shape
         if len(set(shapes.values())) != 1:
@@ -94,7 +97,9 @@ def volume_score(scores: np.ndarray, brain_mask: np.ndarray, top_fraction: float
     return float(np.partition(vals, vals.size - k)[-k:].mean())
 
 
-def test_metrics(v: VolumeResult, threshold: float, s: EvalSettings) -> tuple[dict, np.ndarray, np.ndarray]:
+def test_metrics(
+    v: VolumeResult, threshold: float, s: EvalSettings
+) -> tuple[dict, np.ndarray, np.ndarray]:
     """Every per-volume metric for a test volume (steps 1-8), plus a voxel sample for curves."""
     scores = score_volume(v, s)
     rec = {"subject": v.name, **reconstruction_errors(v)}
@@ -136,12 +141,16 @@ def _bounded_map(fn: Callable, items: Iterable, n_jobs: int) -> Iterator:
             yield f.result()
 
 
-def _val_scores(args: tuple[VolumeResult, EvalSettings]) -> tuple[str, np.ndarray, np.ndarray | None, np.ndarray]:
+def _val_scores(
+    args: tuple[VolumeResult, EvalSettings],
+) -> tuple[str, np.ndarray, np.ndarray | None, np.ndarray]:
     v, s = args
     return v.name, score_volume(v, s), v.segmentation, v.brain_mask
 
 
-def _test_job(args: tuple[VolumeResult, float, EvalSettings]) -> tuple[dict, np.ndarray, np.ndarray]:
+def _test_job(
+    args: tuple[VolumeResult, float, EvalSettings],
+) -> tuple[dict, np.ndarray, np.ndarray]:
     return test_metrics(*args)
 
 
@@ -161,9 +170,13 @@ def evaluate_split(
     finishes (progress bars).
     """
     pool = PooledVoxels()
-    for name, scores, seg, _ in _bounded_map(_val_scores, ((v, settings) for v in val_volumes), n_jobs):
+    for name, scores, seg, _ in _bounded_map(
+        _val_scores, ((v, settings) for v in val_volumes), n_jobs
+    ):
         if seg is None:
-            raise ValueError(f"validation volume {name} has no segmentation; the threshold search needs lesion labels")
+            raise ValueError(
+                f"validation volume {name} has no segmentation; the threshold search needs lesion labels"
+            )
         pool.add(scores, seg)
     if pool.n_volumes == 0:
         raise ValueError("no unhealthy validation volumes: cannot choose a Dice threshold")
@@ -171,13 +184,22 @@ def evaluate_split(
     outcome = EvalOutcome(threshold=threshold, val_dice=val_dice, pooled_bytes=pool.nbytes)
     del pool
 
-    healthy = [sc[m.astype(bool)] for _, sc, _, m in _bounded_map(_val_scores, ((v, settings) for v in healthy_val_volumes), n_jobs)]
+    healthy = [
+        sc[m.astype(bool)]
+        for _, sc, _, m in _bounded_map(
+            _val_scores, ((v, settings) for v in healthy_val_volumes), n_jobs
+        )
+    ]
     if healthy:
         pooled = np.concatenate(healthy)
-        outcome.fpr_thresholds = {f"fpr{int(round(f * 100))}": fpr_threshold(pooled, f) for f in settings.fprs}
+        outcome.fpr_thresholds = {
+            f"fpr{int(round(f * 100))}": fpr_threshold(pooled, f) for f in settings.fprs
+        }
 
     cs, cl = [], []
-    for rec, sc, lab in _bounded_map(_test_job, ((v, threshold, settings) for v in test_volumes), n_jobs):
+    for rec, sc, lab in _bounded_map(
+        _test_job, ((v, threshold, settings) for v in test_volumes), n_jobs
+    ):
         outcome.records.append(rec)
         cs.append(sc)
         cl.append(lab)

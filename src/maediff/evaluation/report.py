@@ -33,7 +33,9 @@ def _cell(summary: Mapping | None, key: str, scale: float) -> str:
     return f"{mean:.2f} ± {std:.2f}" if std else f"{mean:.2f}"
 
 
-def results_table(rows: Sequence[Mapping], anomaly_sets: Sequence[str], healthy_sets: Sequence[str] = ()) -> tuple[str, str]:
+def results_table(
+    rows: Sequence[Mapping], anomaly_sets: Sequence[str], healthy_sets: Sequence[str] = ()
+) -> tuple[str, str]:
     """Rows: {"model": name, DATASET: summary, ...} where a summary maps metric ->
     {"mean", "std"}. Returns (Markdown, CSV) with columns dataset x metric."""
     header = ["Model"]
@@ -46,7 +48,9 @@ def results_table(rows: Sequence[Mapping], anomaly_sets: Sequence[str], healthy_
         for key, label, scale in HEALTHY_COLUMNS:
             header.append(f"{ds} {label}")
             spec.append((ds, key, scale))
-    body = [[str(r["model"])] + [_cell(r.get(ds), key, scale) for ds, key, scale in spec] for r in rows]
+    body = [
+        [str(r["model"])] + [_cell(r.get(ds), key, scale) for ds, key, scale in spec] for r in rows
+    ]
     md = "| " + " | ".join(header) + " |\n|" + "---|" * len(header) + "\n"
     md += "".join("| " + " | ".join(line) + " |\n" for line in body)
     buf = io.StringIO()
@@ -78,7 +82,9 @@ def _show(ax, img, title, cmap="gray", vmin=0.0, vmax=1.0):
     ax.axis("off")
 
 
-def figure_examples(examples: Sequence[Mapping], path: str | Path, slices_per_volume: int = 2) -> Path:
+def figure_examples(
+    examples: Sequence[Mapping], path: str | Path, slices_per_volume: int = 2
+) -> Path:
     """Figure 3 style: per row one slice; columns input, reconstruction, anomaly map,
     ground truth, thresholded prediction. Example keys: name, image, reconstruction,
     scores, segmentation (or None), prediction (or None)."""
@@ -88,7 +94,12 @@ def figure_examples(examples: Sequence[Mapping], path: str | Path, slices_per_vo
             rows.append((ex, z))
     if not rows:
         raise ValueError("no examples to draw")
-    smax = max(float(np.percentile(ex["scores"][ex["scores"] > 0], 99.5)) if (ex["scores"] > 0).any() else 1.0 for ex in examples)
+    smax = max(
+        float(np.percentile(ex["scores"][ex["scores"] > 0], 99.5))
+        if (ex["scores"] > 0).any()
+        else 1.0
+        for ex in examples
+    )
     fig, axes = plt.subplots(len(rows), 5, figsize=(10, 2.1 * len(rows)), squeeze=False)
     for i, (ex, z) in enumerate(rows):
         a = axes[i]
@@ -96,9 +107,17 @@ def figure_examples(examples: Sequence[Mapping], path: str | Path, slices_per_vo
         _show(a[1], ex["reconstruction"][..., z], "reconstruction")
         _show(a[2], ex["scores"][..., z], "anomaly map", cmap="inferno", vmax=smax)
         seg = ex.get("segmentation")
-        _show(a[3], seg[..., z] if seg is not None else np.zeros_like(ex["image"][..., z]), "ground truth")
+        _show(
+            a[3],
+            seg[..., z] if seg is not None else np.zeros_like(ex["image"][..., z]),
+            "ground truth",
+        )
         pred = ex.get("prediction")
-        _show(a[4], pred[..., z] if pred is not None else np.zeros_like(ex["image"][..., z]), "prediction")
+        _show(
+            a[4],
+            pred[..., z] if pred is not None else np.zeros_like(ex["image"][..., z]),
+            "prediction",
+        )
     fig.tight_layout()
     return _save(fig, path)
 
@@ -121,7 +140,9 @@ def figure_pr_curves(curves: Mapping[str, tuple[np.ndarray, np.ndarray]], path: 
     return _save(fig, path)
 
 
-def figure_dice_distribution(dice_by_label: Mapping[str, Sequence[float]], path: str | Path) -> Path:
+def figure_dice_distribution(
+    dice_by_label: Mapping[str, Sequence[float]], path: str | Path
+) -> Path:
     """Per-subject Dice as box plots with the points on top."""
     labels = list(dice_by_label)
     data = [[d for d in dice_by_label[k] if not math.isnan(d)] for k in labels]
@@ -138,7 +159,12 @@ def figure_dice_distribution(dice_by_label: Mapping[str, Sequence[float]], path:
     return _save(fig, path)
 
 
-def figure_curves(columns: Mapping[str, Sequence[float]], x: Sequence[float], path: str | Path, xlabel: str = "step") -> Path:
+def figure_curves(
+    columns: Mapping[str, Sequence[float]],
+    x: Sequence[float],
+    path: str | Path,
+    xlabel: str = "step",
+) -> Path:
     """Training curves (e.g. train and validation loss against steps)."""
     fig, ax = plt.subplots(figsize=(5, 3.2))
     for name, ys in columns.items():
@@ -166,7 +192,11 @@ def _save(fig, path: str | Path) -> Path:
 def _markdown_table_to_html(md: str) -> str:
     lines = [ln.strip().strip("|").split("|") for ln in md.strip().splitlines()]
     head, body = lines[0], lines[2:]
-    out = "<table><thead><tr>" + "".join(f"<th>{html.escape(c.strip())}</th>" for c in head) + "</tr></thead><tbody>"
+    out = (
+        "<table><thead><tr>"
+        + "".join(f"<th>{html.escape(c.strip())}</th>" for c in head)
+        + "</tr></thead><tbody>"
+    )
     for row in body:
         out += "<tr>" + "".join(f"<td>{html.escape(c.strip())}</td>" for c in row) + "</tr>"
     return out + "</tbody></table>"
@@ -195,7 +225,11 @@ def write_html(path: str | Path, title: str, sections: Sequence[Mapping]) -> Pat
         if sec.get("table"):
             parts.append(_markdown_table_to_html(sec["table"]))
         for img in sec.get("images", ()):
-            rel = Path(img).resolve().relative_to(path.parent.resolve()) if Path(img).is_absolute() else Path(img)
+            rel = (
+                Path(img).resolve().relative_to(path.parent.resolve())
+                if Path(img).is_absolute()
+                else Path(img)
+            )
             parts.append(f"<img src='{html.escape(str(rel))}' alt='{html.escape(Path(img).stem)}'>")
     parts.append("</body></html>")
     write_atomic(path, "\n".join(parts))

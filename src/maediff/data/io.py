@@ -1,0 +1,111 @@
+"""NIfTI input and output with nibabel, keeping affine and header.
+
+Every failure names the file and the problem; every write goes to a temporary
+file first and is renamed into place, so no half-written output is left behind.
+"""
+
+from __future__ import annotations
+
+import gzip
+import os
+import zlib
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+
+
+class DataError(ValueError):
+    """A data file that cannot be used, with the file named in the message."""
+
+
+NIFTI_SUFFIXES = (".nii", ".nii.gz")
+
+
+def is_nifti(path: str | Path) -> bool:
+    return str(path).endswith(NIFTI_SUFFIXES)
+
+
+def nifti_stem(path: str | Path) -> str:
+    """File name without .nii / .nii.gz."""
+    name = Path(path).name
+    for suf in (".nii.gz", ".nii"):
+        if name.endswith(suf):
+            return name[: -len(suf)]
+    return Path(path).stem
+
+
+def load_nifti(path: str | Path, kind: str = "image") -> nib.Nifti1Image:
+    """Load a 3-D NIfTI file and check it: exists, readable, 3-D (a trailing axis of
+    length 1 is dropped), finite. The voxel data are read here, so a truncated archive
+    fails here and not later."""
+    path = Path(path)
+    if not path.exists():
+        raise DataError(f"{kind} file {path} does not exist")
+    if not is_nifti(path):
+        raise DataError(f"{kind} file {path} is not a NIfTI file (.nii or .nii.gz)")
+    try:
+        img = nib.load(str(path))
+        data = np.asanyarray(img.dataobj)
+    except (EOFError, OSError, zlib.error, gzip.BadGzipFile) as e:
+        raise DataError(f"{kind} file {path} is unreadable or truncated: {e}") from e
+    except Exception as e:  # nibabel raises several types for malformed headers
+        raise DataError(f"{kind} file {path} is not a valid NIfTI image: {e}") from e
+    if data.ndim == 4 and data.shape[3] == 1:
+        data = data[..., 0]
+    if data.ndim != 3:
+        raise DataError(
+            f"{kind} file {path} has {data.ndim} dimensions {tuple(data.shape)}; a 3-D volume is required"
+        )
+    if np.issubdtype(data.dtype, np.floating) and not np.isfinite(data).all():
+        n = int((~np.isfinite(data)).sum())
+        raise DataError(f"{kind} file {path} contains {n} NaN or Inf voxels")
+    if data is not img.dataobj:
+        img = nib.Nifti1Image(np.asarray(data), img.affine, img.header)
+    return img
+
+
+def check_same_grid(
+    ref: nib.Nifti1Image,
+    other: nib.Nifti1Image,
+    ref_path: str | Path,
+    other_path: str | Path,
+    kind: str,
+) -> None:
+    if ref.shape[:3] != other.shape[:3]:
+        raise DataError(
+            f"{kind} {other_path} has shape {other.shape[:3]} but image {ref_path} has shape {ref.shape[:3]}"
+        )
+
+
+def save_like(
+    data: np.ndarray, reference: nib.Nifti1Image, path: str | Path, dtype: type = np.float32
+) -> Path:
+    """Write `data` (in the reference's voxel grid) with the reference's affine and
+    header: float maps as float32 with scaling reset, masks as uint8. Atomic."""
+    path = Path(path)
+    if data.shape != reference.shape[:3]:
+        raise DataError(
+            f"cannot write {path}: data shape {data.shape} differs from the reference grid {reference.shape[:3]}"
+        )
+    header = reference.header.copy()
+    header.set_data_dtype(dtype)
+    out = nib.Nifti1Image(np.asarray(data, dtype=dtype), reference.affine, header)
+    out.header.set_slope_inter(1.0, 0.0) if np.issubdtype(
+        np.dtype(dtype), np.floating
+    ) else out.header.set_slope_inter(None, None)
+    return atomic_save(out, path)
+
+
+def atomic_save(img: nib.Nifti1Image, path: str | Path) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    suffix = ".nii.gz" if str(path).endswith(".nii.gz") else ".nii"
+    tmp = path.with_name(f".{nifti_stem(path)}.{os.getpid()}.tmp{suffix}")
+    try:
+        nib.save(img, str(tmp))
+        tmp.replace(path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+    return path

@@ -1,0 +1,187 @@
+"""Which scans belong to which split.
+
+Two ways in, both giving a list of `Subject`:
+
+- pDDPM's layout (PROTOCOL.md §6): `DATA_DIR/Train/ixi/{t2,mask}`,
+  `DATA_DIR/Test/{Brats21,MSLUB}/{t2,mask,seg}` and `DATA_DIR/splits/*.csv` as the
+  pDDPM authors share them. The CSVs list T1 paths; the T2 file is found by
+  rewriting the folder `/t1/` to `/t2/` and the suffix `_t1.nii` to `_t2.nii` (only
+  those two places, so names such as `patient13` stay intact). IXI rows are kept only
+  when `avail_t2.csv` lists their T2 file. Duplicate rows are kept, for parity.
+- Your own scans: a folder of NIfTI files with optional `NAME_mask.nii.gz` and
+  `NAME_seg.nii.gz` companions, or a CSV with columns image[, mask][, seg] (paths
+  relative to the CSV's folder or absolute).
+"""
+
+from __future__ import annotations
+
+import csv
+from dataclasses import dataclass
+from pathlib import Path
+
+from .io import NIFTI_SUFFIXES, DataError, is_nifti, nifti_stem
+
+DATASETS = {"ixi": "IXI", "brats21": "Brats21", "mslub": "MSLUB"}
+SPLITS = ("train", "val", "test")
+
+
+@dataclass(frozen=True)
+class Subject:
+    name: str
+    image: Path
+    mask: Path | None = None
+    seg: Path | None = None
+    label: int = 0  # 0 healthy, 1 with lesions
+
+
+def canonical_dataset(name: str) -> str:
+    key = name.lower().replace("-", "").replace("_", "")
+    if key not in DATASETS:
+        raise ValueError(f"unknown dataset {name!r}; choose one of {sorted(DATASETS.values())}")
+    return DATASETS[key]
+
+
+def split_csv_name(dataset: str, split: str, fold: int = 0) -> str:
+    ds = canonical_dataset(dataset)
+    if split not in SPLITS:
+        raise ValueError(f"unknown split {split!r}; choose one of {SPLITS}")
+    if ds == "IXI":
+        return "IXI_test.csv" if split == "test" else f"IXI_{split}_fold{fold}.csv"
+    if split == "train":
+        raise ValueError(f"{ds} has no training split (train on IXI)")
+    return f"{ds}_{split}.csv"
+
+
+def t1_to_t2(path: str) -> str:
+    """pDDPM CSV path of a T1 file -> its T2 file (folder and suffix only)."""
+    return path.replace("/t1/", "/t2/").replace("_t1.nii", "_t2.nii")
+
+
+def _read_rows(path: Path) -> list[dict[str, str]]:
+    if not path.exists():
+        raise DataError(f"split file {path} does not exist")
+    try:
+        with path.open(newline="") as f:
+            return list(csv.DictReader(f))
+    except (OSError, UnicodeDecodeError, csv.Error) as e:
+        raise DataError(f"split file {path} cannot be read as CSV: {e}") from e
+
+
+def _resolve(data_dir: Path, p: str) -> Path:
+    return data_dir / p.lstrip("/")
+
+
+def read_pddpm_split(
+    data_dir: str | Path,
+    dataset: str,
+    split: str,
+    fold: int = 0,
+    splits_dir: str | Path | None = None,
+    check_files: bool = True,
+) -> list[Subject]:
+    """Subjects of one split of pDDPM's layout, T2 images, in CSV order."""
+    data_dir = Path(data_dir)
+    splits_dir = Path(splits_dir) if splits_dir is not None else data_dir / "splits"
+    ds = canonical_dataset(dataset)
+    csv_path = splits_dir / split_csv_name(ds, split, fold)
+    rows = _read_rows(csv_path)
+    for col in ("img_path", "mask_path"):
+        if rows and col not in rows[0]:
+            raise DataError(f"split file {csv_path} has no column {col!r}")
+    if ds == "IXI":
+        avail = {r.get("0", "") for r in _read_rows(splits_dir / "avail_t2.csv")}
+        rows = [r for r in rows if Path(t1_to_t2(r["img_path"])).name in avail]
+    subjects = []
+    for r in rows:
+        img = _resolve(data_dir, t1_to_t2(r["img_path"]))
+        mask = _resolve(data_dir, r["mask_path"]) if r.get("mask_path") else None
+        seg = _resolve(data_dir, r["seg_path"]) if r.get("seg_path") else None
+        label = int(float(r.get("label") or 0))
+        subjects.append(Subject(nifti_stem(img), img, mask, seg, label))
+    if check_files:
+        check_exist(subjects, f"split file {csv_path}")
+    return subjects
+
+
+def check_exist(subjects: list[Subject], source: str) -> None:
+    missing = [
+        str(p)
+        for s in subjects
+        for p in (s.image, s.mask, s.seg)
+        if p is not None and not p.exists()
+    ]
+    if missing:
+        more = f" and {len(missing) - 5} more" if len(missing) > 5 else ""
+        raise DataError(
+            f"{source} lists {len(missing)} file(s) that do not exist: {', '.join(missing[:5])}{more}"
+        )
+
+
+def read_folder(folder: str | Path) -> list[Subject]:
+    """NIfTI scans of a folder; NAME_mask / NAME_seg files are companions, not scans."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise DataError(f"{folder} is not a folder")
+    files = sorted(p for p in folder.iterdir() if is_nifti(p))
+    companions = ("_mask", "_seg")
+    subjects = []
+    for p in files:
+        stem = nifti_stem(p)
+        if stem.endswith(companions):
+            continue
+        found = {}
+        for c in companions:
+            cands = [folder / f"{stem}{c}{suf}" for suf in NIFTI_SUFFIXES]
+            found[c] = next((q for q in cands if q.exists()), None)
+        subjects.append(
+            Subject(stem, p, found["_mask"], found["_seg"], int(found["_seg"] is not None))
+        )
+    if not subjects:
+        raise DataError(f"no NIfTI scans (.nii, .nii.gz) in {folder}")
+    return subjects
+
+
+def read_subject_csv(path: str | Path) -> list[Subject]:
+    """A CSV with an `image` column and optional `mask`, `seg` and `name` columns."""
+    path = Path(path)
+    rows = _read_rows(path)
+    if not rows or "image" not in rows[0]:
+        raise DataError(f"subject list {path} needs an 'image' column and at least one row")
+    base = path.parent
+
+    def res(v: str | None) -> Path | None:
+        return (base / v if not Path(v).is_absolute() else Path(v)) if v else None
+
+    subjects = [
+        Subject(
+            r.get("name") or nifti_stem(r["image"]),
+            res(r["image"]),
+            res(r.get("mask")),
+            res(r.get("seg")),
+            int(bool(r.get("seg"))),
+        )
+        for r in rows
+    ]
+    check_exist(subjects, f"subject list {path}")
+    return subjects
+
+
+def read_inputs(path: str | Path) -> list[Subject]:
+    """A single NIfTI file, a folder of scans, or a CSV subject list."""
+    p = Path(path)
+    if p.is_dir():
+        return read_folder(p)
+    if p.suffix == ".csv":
+        return read_subject_csv(p)
+    if not p.exists():
+        raise DataError(f"input {p} does not exist")
+    if not is_nifti(p):
+        raise DataError(f"input {p} is not a NIfTI file, a folder or a CSV subject list")
+    stem = nifti_stem(p)
+    mask = next(
+        (q for q in (p.parent / f"{stem}_mask{s}" for s in NIFTI_SUFFIXES) if q.exists()), None
+    )
+    seg = next(
+        (q for q in (p.parent / f"{stem}_seg{s}" for s in NIFTI_SUFFIXES) if q.exists()), None
+    )
+    return [Subject(stem, p, mask, seg, int(seg is not None))]
