@@ -362,7 +362,7 @@ def _tiny() -> Config:
         mae=MAEConfig(enc_dim=32, enc_depth=2, enc_heads=2, dec_dim=32, dec_depth=2, dec_heads=2),
         diffusion=DiffusionConfig(timesteps=20, t_test=10, t_train_max=20),
         train=TrainConfig(lr=1e-3, batch_size=8, epochs=2),
-        data=DataConfig(volume_shape=(32, 32, 8)),
+        data=DataConfig(volume_shape=(32, 32, 8), spacing=6.0),
         inference=InferenceConfig(batch_size=64),
     )
 

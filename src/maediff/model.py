@@ -99,6 +99,10 @@ class MAEDiff(nn.Module):
         m = self.patch_masks[k]
         return ((x - pred.float()).abs() * m).sum() / m.sum()
 
+    def forward(self, x0: Tensor, generator: torch.Generator | None = None) -> Tensor:
+        """The training objective, so that DistributedDataParallel can wrap the model."""
+        return self.loss(x0, generator)
+
     # ------------------------------------------------------------------ Alg. 2
 
     @torch.no_grad()

@@ -89,6 +89,9 @@ class SliceSet:
     def __len__(self) -> int:
         return len(self.images)
 
+    def epoch_size(self, all_slices: bool = False) -> int:
+        return sum(len(v) for v in self.valid) if all_slices else len(self.valid)
+
     def epoch_indices(
         self, generator: torch.Generator, all_slices: bool = False
     ) -> list[tuple[int, int]]:
