@@ -19,3 +19,13 @@ def splits_dir():
     if not SPLITS_DIR.is_dir():
         pytest.skip(f"protocol split CSVs not found at {SPLITS_DIR}")
     return SPLITS_DIR
+
+
+@pytest.fixture(scope="session")
+def tiny_bench(tmp_path_factory):
+    """A small synthetic benchmark in pDDPM's layout, shared by the slower tests."""
+    from maediff.data.synthetic import SynthConfig, generate_benchmark
+
+    root = tmp_path_factory.mktemp("bench") / "data"
+    cfg = SynthConfig(seed=0, healthy_trainval=6, healthy_test=2, tumour_val=1, tumour_test=2, ms_val=1, ms_test=1, workers=1)
+    return generate_benchmark(root, cfg, progress=False)

@@ -92,6 +92,28 @@ def test_batched_reconstruction_equals_sequential_loop(model, batch_size):
     assert out.shape == slices.shape
 
 
+def test_skipping_brain_free_patches_keeps_brain_pixels_exact(model):
+    slices = torch.rand(3, 1, 32, 32)
+    brain = torch.zeros_like(slices)
+    brain[:, :, 2:6, 3:7] = 1  # only the patch at (0, 0) holds brain
+    noise = model.noise(3, torch.Generator().manual_seed(0))
+    calls = []
+    full = model.reconstruct(slices, noise=noise, batch_size=5)
+    part = model.reconstruct(slices, noise=noise, batch_size=5, brain_mask=brain, progress=calls.append)
+    inside = brain.bool()
+    torch.testing.assert_close(part[inside], full[inside], atol=1e-6, rtol=0)
+    assert sum(calls) == 3  # one pair per slice was denoised
+    with pytest.raises(ValueError, match="brain_mask"):
+        model.reconstruct(slices, brain_mask=brain[:1])
+
+
+def test_amp_auto_resolves_to_a_concrete_mode():
+    from maediff.model import resolve_amp
+
+    assert resolve_amp("auto", torch.device("cpu")) in ("bf16", "none")
+    assert resolve_amp("fp16", torch.device("cpu")) == "fp16"
+
+
 def test_reconstruct_bf16_is_close_to_fp32(model):
     slices = torch.rand(3, 1, 32, 32)
     noise = model.noise(3, torch.Generator().manual_seed(0))

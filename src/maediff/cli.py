@@ -179,6 +179,26 @@ def cmd_report(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_preprocess(args: argparse.Namespace) -> int:
+    from tqdm.auto import tqdm
+
+    from .data.raw import RawOptions, preprocess_scan
+    from .data.splits import read_inputs
+
+    opts = RawOptions(args.skull_strip, not args.no_register, not args.no_n4, not args.no_crop, args.template, args.template_mask, args.device)
+    failed = []
+    subjects = read_inputs(args.input)
+    for s in tqdm(subjects, desc="preprocessing", unit="scan", disable=args.quiet):
+        try:
+            preprocess_scan(s.image, args.output, s.mask if opts.skull_strip == "mask" else None, opts, s.name)
+        except (DataError, ValueError, RuntimeError) as e:
+            failed.append((s.image, e))
+    print(f"{len(subjects) - len(failed)} preprocessed, {len(failed)} failed -> {args.output}")
+    for path, err in failed:
+        print(f"  FAILED {path}: {err}", file=sys.stderr)
+    return 1 if failed else 0
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from .demo import run_demo
 
@@ -301,7 +321,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--seed", type=int, default=0, help="seed of the noise")
     p.add_argument("--batch-size", type=int, help="(slice, patch) pairs per forward pass")
-    p.add_argument("--amp", choices=["none", "bf16", "fp16"], help="autocast for inference")
+    p.add_argument("--amp", choices=["none", "bf16", "fp16", "auto"], help="autocast for inference")
     p.add_argument("-q", "--quiet", action="store_true")
     p.set_defaults(func=cmd_detect)
 
@@ -326,7 +346,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--jobs", type=int, default=1, help="processes for post-processing and metrics")
     p.add_argument("--device", default="auto")
-    p.add_argument("--amp", choices=["none", "bf16", "fp16"])
+    p.add_argument("--amp", choices=["none", "bf16", "fp16", "auto"])
     p.add_argument("--seed", type=int, default=0)
     _add_config_args(p)
     p.add_argument("-q", "--quiet", action="store_true")
@@ -356,7 +376,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="auto")
     p.add_argument(
         "--amp",
-        choices=["none", "bf16", "fp16"],
+        choices=["none", "bf16", "fp16", "auto"],
         default=None,
         help="autocast for training and inference (default: the preset's)",
     )

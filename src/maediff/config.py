@@ -124,7 +124,7 @@ class TrainConfig:
     max_minutes: float = 0.0  # 0: no time limit
     slices_per_volume: int = 1  # pDDPM: one random axial slice per volume per epoch
     grad_clip: float = 0.0  # 0: no clipping
-    amp: str = "none"  # "none", "bf16" or "fp16"
+    amp: str = "none"  # "none", "bf16", "fp16" or "auto" (bf16 where the hardware has it)
     seed: int = 0
     val_every: int = 1  # epochs between validation passes
     checkpoint_every: int = 1  # epochs between "last" checkpoints
@@ -148,8 +148,11 @@ class DataConfig:
 @dataclass(frozen=True)
 class InferenceConfig:
     batch_size: int = 64  # (slice, patch) inputs per forward pass in reconstruct()
-    amp: str = "none"  # "none", "bf16" or "fp16"
+    amp: str = "none"  # "none", "bf16", "fp16" or "auto" (bf16 where the hardware has it)
     seed: int = 0
+    # Skip (slice, patch) pairs whose patch holds no brain voxel: brain voxels get exactly
+    # the full Alg. 2 result; voxels outside the brain keep the input (0 after skull stripping).
+    skip_empty_patches: bool = True
 
 
 @dataclass(frozen=True)
@@ -279,7 +282,7 @@ def validate(cfg: Config) -> None:
     _check(t.lr > 0, f"train.lr={t.lr} must be > 0")
     _check(t.batch_size >= 1, f"train.batch_size={t.batch_size} must be >= 1")
     for name, amp in (("train.amp", t.amp), ("inference.amp", cfg.inference.amp)):
-        _check(amp in ("none", "bf16", "fp16"), f"{name}={amp!r} must be 'none', 'bf16' or 'fp16'")
+        _check(amp in ("none", "bf16", "fp16", "auto"), f"{name}={amp!r} must be 'none', 'bf16', 'fp16' or 'auto'")
     _check(
         cfg.inference.batch_size >= 1,
         f"inference.batch_size={cfg.inference.batch_size} must be >= 1",

@@ -45,10 +45,13 @@ def reconstruct_volume(
     image = volume.image if isinstance(volume, PreparedVolume) else volume
     size = model.cfg.geometry.image_size
     small = volume_to_slices(image, size)  # (Z, 1, size, size)
+    brain = None
+    if isinstance(volume, PreparedVolume) and model.cfg.inference.skip_empty_patches:
+        brain = (volume_to_slices(volume.brain_mask.astype(np.float32), size) > 0).float()
     n = small.shape[0] * model.grid.num_patches
     with tqdm(total=n, desc="patches", unit="patch", disable=not progress, leave=False) as bar:
         rec_small = model.reconstruct(
-            small, generator, batch_size=batch_size, amp=amp, progress=bar.update
+            small, generator, batch_size=batch_size, amp=amp, progress=bar.update, brain_mask=brain
         )
     if image.shape[:2] == (size, size):
         return slices_to_volume(rec_small, image.shape)

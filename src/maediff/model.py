@@ -32,8 +32,23 @@ def from_model_range(x: Tensor) -> Tensor:
     return (x + 1) / 2
 
 
+def resolve_amp(amp: str, device: torch.device) -> str:
+    """ "auto": bf16 where the hardware computes it natively (CUDA with bf16 support, CPUs
+    with AVX512-BF16 or AMX), otherwise "none". Other values pass through."""
+    if amp != "auto":
+        return amp
+    if device.type == "cuda":
+        return "bf16" if torch.cuda.is_bf16_supported() else "none"
+    if device.type == "cpu":
+        cpu = getattr(torch, "cpu", None)
+        native = any(getattr(cpu, f, lambda: False)() for f in ("_is_avx512_bf16_supported", "_is_amx_tile_supported"))
+        return "bf16" if native else "none"
+    return "none"
+
+
 def autocast_context(device: torch.device, amp: str) -> contextlib.AbstractContextManager:
-    """torch.autocast for "bf16" / "fp16"; a no-op for "none"."""
+    """torch.autocast for "bf16" / "fp16" ("auto" resolved first); a no-op for "none"."""
+    amp = resolve_amp(amp, device)
     if amp == "none":
         return contextlib.nullcontext()
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(amp)
@@ -114,6 +129,7 @@ class MAEDiff(nn.Module):
         batch_size: int | None = None,
         amp: str | None = None,
         progress: Callable[[int], None] | None = None,
+        brain_mask: Tensor | None = None,
     ) -> Tensor:
         """Healthy reconstruction of every slice (paper Alg. 2) at t = t_test.
 
@@ -122,24 +138,32 @@ class MAEDiff(nn.Module):
         `batch_size` pairs per forward pass; overlapping predictions are averaged
         (sum and count over all patches, divided once). `progress(n)` is called with the
         number of pairs finished after each pass.
+
+        brain_mask (S, 1, H, W), optional: pairs whose patch holds no brain pixel are
+        skipped and their pixels keep the input. Every patch covering a brain pixel
+        holds that pixel, so brain pixels get exactly the full Alg. 2 result.
         """
         self._check_images(slices)
         S = slices.shape[0]
         dev = self.device
         K = self.grid.num_patches
         batch_size = batch_size or self.cfg.inference.batch_size
-        amp = amp or self.cfg.inference.amp
+        amp = resolve_amp(amp or self.cfg.inference.amp, dev)
         x = to_model_range(slices.to(dev, torch.float32))
         if noise is None:
             noise = self.noise(S, generator, device=dev)
         elif noise.shape != slices.shape:
-            raise ValueError(
-                f"noise must have the shape of the slices {tuple(slices.shape)}, got {tuple(noise.shape)}"
-            )
+            raise ValueError(f"noise must have the shape of the slices {tuple(slices.shape)}, got {tuple(noise.shape)}")
         t_all = torch.full((S,), self.cfg.diffusion.t_test, dtype=torch.long)
         x_t = self.diffusion.q_sample(x, t_all, noise.to(dev, torch.float32))
-        patches = torch.empty(S, K, 1, self.grid.p, self.grid.p, device=dev)
-        pairs = torch.arange(S * K, device=dev)
+        patches = self.grid.extract(x)  # (S, K, 1, p, p); skipped pairs keep the input
+        if brain_mask is None:
+            pairs = torch.arange(S * K, device=dev)
+        else:
+            if brain_mask.shape != slices.shape:
+                raise ValueError(f"brain_mask must have the shape of the slices {tuple(slices.shape)}, got {tuple(brain_mask.shape)}")
+            has_brain = self.grid.extract(brain_mask.to(dev, torch.float32)).flatten(2).amax(-1) > 0  # (S, K)
+            pairs = torch.nonzero(has_brain.flatten()).flatten()
         for chunk in pairs.split(batch_size):
             s, k = chunk // K, chunk % K
             t = torch.full((len(chunk),), self.cfg.diffusion.t_test, dtype=torch.long, device=dev)
@@ -158,4 +182,4 @@ class MAEDiff(nn.Module):
             raise ValueError("images contain NaN or Inf values")
 
 
-__all__ = ["MAEDiff", "autocast_context", "from_model_range", "to_model_range"]
+__all__ = ["MAEDiff", "autocast_context", "from_model_range", "resolve_amp", "to_model_range"]

@@ -309,7 +309,7 @@ def train(
     stop = counters["step"] >= total
     model.train()
     while not stop and counters["epoch"] < t.epochs:
-        pairs = data.train.epoch_indices(gens["data"], cfg.data.all_slices)[ddp.rank :: ddp.world]
+        pairs = _shard(data.train.epoch_indices(gens["data"], cfg.data.all_slices), ddp)
         for batch in data.train.batches(pairs, per_rank):
             loss = _step(net, batch.to(dev), gens["noise"], optimizer, scaler, cfg, dev)
             counters["step"] += 1
@@ -381,6 +381,16 @@ def train(
         plot_progress(run_dir)
     log.close()
     return summary
+
+
+def _shard(pairs: list, ddp: Distributed) -> list:
+    """This rank's share of an epoch; padded by repeating so every rank takes the same
+    number of steps (DistributedDataParallel needs matching backward passes)."""
+    if ddp.world == 1:
+        return pairs
+    n = math.ceil(len(pairs) / ddp.world) * ddp.world
+    padded = (pairs * math.ceil(n / len(pairs)))[:n]
+    return padded[ddp.rank :: ddp.world]
 
 
 def _step(net, batch, gen, optimizer, scaler, cfg: Config, dev: torch.device) -> float:
