@@ -26,7 +26,9 @@ def main() -> None:
     H = cfg.geometry.image_size
     x = torch.rand(args.slices, 1, H, H)
     pairs = args.slices * cfg.geometry.num_patches
-    print(f"preset {args.preset}: {args.slices} slices x K={cfg.geometry.num_patches} = {pairs} forward passes of {H}x{H}")
+    print(
+        f"preset {args.preset}: {args.slices} slices x K={cfg.geometry.num_patches} = {pairs} forward passes of {H}x{H}"
+    )
     print("| amp | batch | seconds / volume | ms / pair |")
     print("|---|---|---|---|")
     for amp in ("none", "bf16"):

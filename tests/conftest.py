@@ -27,5 +27,14 @@ def tiny_bench(tmp_path_factory):
     from maediff.data.synthetic import SynthConfig, generate_benchmark
 
     root = tmp_path_factory.mktemp("bench") / "data"
-    cfg = SynthConfig(seed=0, healthy_trainval=6, healthy_test=2, tumour_val=1, tumour_test=2, ms_val=1, ms_test=1, workers=1)
+    cfg = SynthConfig(
+        seed=0,
+        healthy_trainval=6,
+        healthy_test=2,
+        tumour_val=1,
+        tumour_test=2,
+        ms_val=1,
+        ms_test=1,
+        workers=1,
+    )
     return generate_benchmark(root, cfg, progress=False)

@@ -2,7 +2,14 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from maediff.checkpoint import CheckpointError, load_model, load_train_state, read_checkpoint, save_train_state, save_weights
+from maediff.checkpoint import (
+    CheckpointError,
+    load_model,
+    load_train_state,
+    read_checkpoint,
+    save_train_state,
+    save_weights,
+)
 from maediff.config import get_preset
 from maediff.model import MAEDiff
 
@@ -35,7 +42,9 @@ def test_run_folder_resolves_best_then_last(tmp_path):
 def test_truncated_checkpoint(tmp_path):
     p = save_weights(_model(), tmp_path / "w.safetensors")
     p.write_bytes(p.read_bytes()[:1000])
-    with pytest.raises(CheckpointError, match="w.safetensors is truncated, corrupted or not a safetensors file"):
+    with pytest.raises(
+        CheckpointError, match="w.safetensors is truncated, corrupted or not a safetensors file"
+    ):
         load_model(p)
 
 
@@ -65,10 +74,14 @@ def test_train_state_round_trip(tmp_path):
     opt.step()
     g = torch.Generator().manual_seed(5)
     torch.rand(3, generator=g)
-    save_train_state(tmp_path / "s.safetensors", opt, {"step": 1, "epoch": 0}, {"noise": g})
-    opt2 = torch.optim.Adam(_model().parameters(), lr=1e-3)
+    save_train_state(tmp_path / "s.safetensors", m, opt, {"step": 1, "epoch": 0}, {"noise": g})
+    torch.manual_seed(1)
+    m2 = MAEDiff(get_preset("tiny"))
+    opt2 = torch.optim.Adam(m2.parameters(), lr=1e-3)
     g2 = torch.Generator()
-    counters, _ = load_train_state(tmp_path / "s.safetensors", opt2, {"noise": g2})
+    counters, _ = load_train_state(tmp_path / "s.safetensors", m2, opt2, {"noise": g2})
+    for (k, a), (_, b) in zip(m.state_dict().items(), m2.state_dict().items()):
+        assert torch.equal(a, b), k
     assert counters == {"step": 1, "epoch": 0}
     assert torch.equal(torch.rand(4, generator=g), torch.rand(4, generator=g2))
     s1, s2 = opt.state_dict()["state"], opt2.state_dict()["state"]

@@ -10,7 +10,26 @@ from maediff.cli import main
 
 
 def _train(bench, run, seed=0):
-    return main(["train", "--data", str(bench), "--run", str(run), "--preset", "tiny", "--device", "cpu", "-q", "--set", "train.epochs=3", "--set", "train.batch_size=4", "--set", f"train.seed={seed}"])
+    return main(
+        [
+            "train",
+            "--data",
+            str(bench),
+            "--run",
+            str(run),
+            "--preset",
+            "tiny",
+            "--device",
+            "cpu",
+            "-q",
+            "--set",
+            "train.epochs=3",
+            "--set",
+            "train.batch_size=4",
+            "--set",
+            f"train.seed={seed}",
+        ]
+    )
 
 
 def test_cli_end_to_end_is_deterministic(tiny_bench, tmp_path, capsys):
@@ -23,7 +42,25 @@ def test_cli_end_to_end_is_deterministic(tiny_bench, tmp_path, capsys):
 
     scans = tiny_bench / "Test" / "Brats21" / "t2"
     out = tmp_path / "maps"
-    assert main(["detect", "-i", str(scans), "-o", str(out), "--model", str(run), "--device", "cpu", "-q", "--threshold", "0.2"]) == 0
+    assert (
+        main(
+            [
+                "detect",
+                "-i",
+                str(scans),
+                "-o",
+                str(out),
+                "--model",
+                str(run),
+                "--device",
+                "cpu",
+                "-q",
+                "--threshold",
+                "0.2",
+            ]
+        )
+        == 0
+    )
     first = sorted(scans.iterdir())[0]
     name = first.name.replace(".nii.gz", "")
     src = nib.load(str(first))
@@ -32,26 +69,92 @@ def test_cli_end_to_end_is_deterministic(tiny_bench, tmp_path, capsys):
         assert img.shape == src.shape
         np.testing.assert_allclose(img.affine, src.affine)
     # existing outputs are skipped unless --overwrite
-    assert main(["detect", "-i", str(scans), "-o", str(out), "--model", str(run), "--device", "cpu", "-q", "--threshold", "0.2"]) == 0
+    assert (
+        main(
+            [
+                "detect",
+                "-i",
+                str(scans),
+                "-o",
+                str(out),
+                "--model",
+                str(run),
+                "--device",
+                "cpu",
+                "-q",
+                "--threshold",
+                "0.2",
+            ]
+        )
+        == 0
+    )
     assert "0 written, 3 skipped" in capsys.readouterr().out
 
     ev = tmp_path / "eval"
-    assert main(["evaluate", "--model", str(run), "--data", str(tiny_bench), "-o", str(ev), "--device", "cpu", "-q"]) == 0
+    assert (
+        main(
+            [
+                "evaluate",
+                "--model",
+                str(run),
+                "--data",
+                str(tiny_bench),
+                "-o",
+                str(ev),
+                "--device",
+                "cpu",
+                "-q",
+            ]
+        )
+        == 0
+    )
     s1 = json.loads((ev / "summary.json").read_text())
     assert set(s1["datasets"]) == {"Brats21", "MSLUB", "IXI"}
     assert (ev / "report.html").exists() and (ev / "examples_Brats21.png").exists()
-    assert main(["evaluate", "--model", str(run), "--data", str(tiny_bench), "-o", str(tmp_path / "eval2"), "--device", "cpu", "-q"]) == 0
+    assert (
+        main(
+            [
+                "evaluate",
+                "--model",
+                str(run),
+                "--data",
+                str(tiny_bench),
+                "-o",
+                str(tmp_path / "eval2"),
+                "--device",
+                "cpu",
+                "-q",
+            ]
+        )
+        == 0
+    )
     s2 = json.loads((tmp_path / "eval2" / "summary.json").read_text())
     assert s1["datasets"]["Brats21"]["metrics"] == s2["datasets"]["Brats21"]["metrics"]
     assert s1["datasets"]["Brats21"]["threshold"] == s2["datasets"]["Brats21"]["threshold"]
 
     th = tmp_path / "thresh"
-    assert main(["evaluate", "--baseline", "thresh", "--data", str(tiny_bench), "-o", str(th), "--preset", "tiny", "-q"]) == 0
+    assert (
+        main(
+            [
+                "evaluate",
+                "--baseline",
+                "thresh",
+                "--data",
+                str(tiny_bench),
+                "-o",
+                str(th),
+                "--preset",
+                "tiny",
+                "-q",
+            ]
+        )
+        == 0
+    )
     rep = tmp_path / "report"
     assert main(["report", str(ev), str(th), "-o", str(rep)]) == 0
     md = (rep / "results.md").read_text()
     assert "| MAEDiff |" in md and "| Thresh |" in md
-    assert "src='Thresh_examples_Brats21.png'" in (rep / "report.html").read_text()
+    assert "src='2-Thresh_examples_Brats21.png'" in (rep / "report.html").read_text()
 
 
 def test_training_is_deterministic_for_a_seed(tiny_bench, tmp_path):
@@ -59,7 +162,10 @@ def test_training_is_deterministic_for_a_seed(tiny_bench, tmp_path):
 
     assert _train(tiny_bench, tmp_path / "a", seed=5) == 0
     assert _train(tiny_bench, tmp_path / "b", seed=5) == 0
-    wa, wb = read_checkpoint(tmp_path / "a" / "last.safetensors")[1], read_checkpoint(tmp_path / "b" / "last.safetensors")[1]
+    wa, wb = (
+        read_checkpoint(tmp_path / "a" / "last.safetensors")[1],
+        read_checkpoint(tmp_path / "b" / "last.safetensors")[1],
+    )
     assert all(np.array_equal(wa[k].numpy(), wb[k].numpy()) for k in wa)
 
 
@@ -71,7 +177,20 @@ def test_detect_continues_past_a_bad_file_and_exits_nonzero(tiny_bench, tmp_path
     good = sorted((tiny_bench / "Test" / "MSLUB" / "t2").iterdir())[0]
     (folder / good.name).write_bytes(good.read_bytes())
     (folder / "broken.nii.gz").write_bytes(good.read_bytes()[:500])
-    code = main(["detect", "-i", str(folder), "-o", str(tmp_path / "out"), "--model", str(run), "--device", "cpu", "-q"])
+    code = main(
+        [
+            "detect",
+            "-i",
+            str(folder),
+            "-o",
+            str(tmp_path / "out"),
+            "--model",
+            str(run),
+            "--device",
+            "cpu",
+            "-q",
+        ]
+    )
     err = capsys.readouterr()
     assert code == 1
     assert "1 written" in err.out and "1 failed" in err.out
@@ -79,11 +198,20 @@ def test_detect_continues_past_a_bad_file_and_exits_nonzero(tiny_bench, tmp_path
     assert not list((tmp_path / "out").glob("broken*"))
 
 
-@pytest.mark.parametrize("argv, message", [
-    (["detect", "-i", "/nonexistent.nii.gz", "-o", "/tmp/x", "--model", "/nonexistent"], "does not exist"),
-    (["train", "--run", "/tmp/x-run", "--preset", "tiny", "--set", "train.lr=-1"], "train.lr=-1"),
-    (["evaluate", "--data", "/tmp", "-o", "/tmp/x"], "--model"),
-])
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (
+            ["detect", "-i", "/nonexistent.nii.gz", "-o", "/tmp/x", "--model", "/nonexistent"],
+            "does not exist",
+        ),
+        (
+            ["train", "--run", "/tmp/x-run", "--preset", "tiny", "--set", "train.lr=-1"],
+            "train.lr=-1",
+        ),
+        (["evaluate", "--data", "/tmp", "-o", "/tmp/x"], "--model"),
+    ],
+)
 def test_cli_errors_are_clear(argv, message, capsys):
     assert main(argv) == 2
     assert message in capsys.readouterr().err

@@ -99,7 +99,9 @@ def test_skipping_brain_free_patches_keeps_brain_pixels_exact(model):
     noise = model.noise(3, torch.Generator().manual_seed(0))
     calls = []
     full = model.reconstruct(slices, noise=noise, batch_size=5)
-    part = model.reconstruct(slices, noise=noise, batch_size=5, brain_mask=brain, progress=calls.append)
+    part = model.reconstruct(
+        slices, noise=noise, batch_size=5, brain_mask=brain, progress=calls.append
+    )
     inside = brain.bool()
     torch.testing.assert_close(part[inside], full[inside], atol=1e-6, rtol=0)
     assert sum(calls) == 3  # one pair per slice was denoised

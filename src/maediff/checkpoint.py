@@ -130,14 +130,18 @@ def load_model(path: str | Path, device: str | torch.device = "cpu"):
 
 def save_train_state(
     path: str | Path,
+    model: torch.nn.Module,
     optimizer: torch.optim.Optimizer,
     counters: dict[str, Any],
     generators: dict[str, torch.Generator],
     scaler_state: dict | None = None,
 ) -> Path:
-    """Optimizer moments, generator states and counters, tensors only."""
+    """Everything a resumed run needs in one atomically written file: model weights,
+    optimizer moments, generator states and counters (tensors and JSON only)."""
     sd = optimizer.state_dict()
-    tensors: dict[str, torch.Tensor] = {}
+    tensors: dict[str, torch.Tensor] = {
+        f"model.{k}": v for k, v in unwrap(model).state_dict().items()
+    }
     scalars: dict[str, dict[str, Any]] = {}
     for pid, st in sd["state"].items():
         for k, v in st.items():
@@ -158,9 +162,12 @@ def save_train_state(
 
 
 def load_train_state(
-    path: str | Path, optimizer: torch.optim.Optimizer, generators: dict[str, torch.Generator]
+    path: str | Path,
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    generators: dict[str, torch.Generator],
 ) -> tuple[dict[str, Any], dict]:
-    """Restore optimizer and generators in place; return (counters, scaler state)."""
+    """Restore model, optimizer and generators in place; return (counters, scaler state)."""
     path = Path(path)
     tensors, meta = _read(path, STATE_FORMAT)
     try:
@@ -170,6 +177,13 @@ def load_train_state(
         scaler = json.loads(meta.get("scaler", "{}"))
     except (KeyError, json.JSONDecodeError) as e:
         raise CheckpointError(f"training state {path} has invalid metadata: {e}") from e
+    weights = {k[len("model.") :]: v for k, v in tensors.items() if k.startswith("model.")}
+    try:
+        unwrap(model).load_state_dict(weights)
+    except RuntimeError as e:
+        raise CheckpointError(
+            f"training state {path} does not fit this model: {str(e)[:300]}"
+        ) from e
     state: dict[int, dict[str, Any]] = {}
     for key, v in tensors.items():
         if key.startswith("opt."):

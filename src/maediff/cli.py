@@ -107,6 +107,26 @@ def _threshold(args: argparse.Namespace) -> float | None:
     return None
 
 
+def _inference_overrides(model, args: argparse.Namespace) -> None:
+    """--amp and --set inference.* / diffusion.t_test on a trained model."""
+    from .config import apply_overrides
+
+    overrides = list(args.set or [])
+    bad = [
+        o
+        for o in overrides
+        if not (o.startswith("inference.") or o.startswith("diffusion.t_test="))
+    ]
+    if bad:
+        raise ValueError(
+            f"only inference.* and diffusion.t_test can be changed for a trained model, not {bad}"
+        )
+    if getattr(args, "amp", None):
+        overrides.append(f"inference.amp={args.amp}")
+    if overrides:
+        model.cfg = apply_overrides(model.cfg, overrides)
+
+
 def cmd_detect(args: argparse.Namespace) -> int:
     from .checkpoint import load_model
     from .data.splits import read_inputs
@@ -136,19 +156,15 @@ def cmd_detect(args: argparse.Namespace) -> int:
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
     from .checkpoint import load_model
-    from .config import DataConfig
     from .evaluate import evaluate_model
 
     if args.baseline == "thresh":
         model, label = None, args.label or "Thresh"
-        data_cfg = _config(args).data if args.config or args.set else DataConfig()
+        data_cfg = _config(args).data  # the preset (default cpu) or config decides the grid
     elif args.model:
         model = load_model(args.model, _device(args.device))
         label, data_cfg = args.label or "MAEDiff", None
-        if args.amp:
-            from dataclasses import replace
-
-            model.cfg = replace(model.cfg, inference=replace(model.cfg.inference, amp=args.amp))
+        _inference_overrides(model, args)
     else:
         raise ValueError("give --model RUN_OR_CHECKPOINT, or --baseline thresh")
     s = evaluate_model(
@@ -185,12 +201,22 @@ def cmd_preprocess(args: argparse.Namespace) -> int:
     from .data.raw import RawOptions, preprocess_scan
     from .data.splits import read_inputs
 
-    opts = RawOptions(args.skull_strip, not args.no_register, not args.no_n4, not args.no_crop, args.template, args.template_mask, args.device)
+    opts = RawOptions(
+        args.skull_strip,
+        not args.no_register,
+        not args.no_n4,
+        not args.no_crop,
+        args.template,
+        args.template_mask,
+        args.device,
+    )
     failed = []
     subjects = read_inputs(args.input)
     for s in tqdm(subjects, desc="preprocessing", unit="scan", disable=args.quiet):
         try:
-            preprocess_scan(s.image, args.output, s.mask if opts.skull_strip == "mask" else None, opts, s.name)
+            preprocess_scan(
+                s.image, args.output, s.mask if opts.skull_strip == "mask" else None, opts, s.name
+            )
         except (DataError, ValueError, RuntimeError) as e:
             failed.append((s.image, e))
     print(f"{len(subjects) - len(failed)} preprocessed, {len(failed)} failed -> {args.output}")
@@ -255,11 +281,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-o", "--output", required=True, help="folder to create")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--healthy", type=int, default=120, help="healthy train+val volumes (5 folds)")
-    p.add_argument("--healthy-test", type=int, default=10)
+    p.add_argument("--healthy-test", type=int, default=8)
     p.add_argument("--tumour-val", type=int, default=8)
-    p.add_argument("--tumour-test", type=int, default=20)
+    p.add_argument("--tumour-test", type=int, default=16)
     p.add_argument("--ms-val", type=int, default=8)
-    p.add_argument("--ms-test", type=int, default=16)
+    p.add_argument("--ms-test", type=int, default=12)
     p.add_argument("--workers", type=int, default=2, help="processes")
     p.add_argument("--overwrite", action="store_true", help="replace an existing folder")
     p.add_argument("-q", "--quiet", action="store_true")
@@ -269,14 +295,20 @@ def build_parser() -> argparse.ArgumentParser:
         "train",
         help="train on healthy scans",
         formatter_class=fmt,
-        description="Train MAEDiff on healthy scans: pDDPM's layout (IXI fold) or your own list. Multi-GPU: torchrun --nproc_per_node=N -m maediff train ...",
+        description="Train MAEDiff on healthy scans: pDDPM's layout (IXI fold) or your own list. Multi-GPU: torchrun --nproc_per_node=N -m maediff train --run-dir RUN ... (torchrun takes a bare --run for its own --run-path)",
     )
     p.add_argument("--data", help="data folder in pDDPM's layout (Train/ixi, splits/)")
     p.add_argument(
         "--train-list", help="instead of --data: a folder of healthy scans or a CSV (image, mask)"
     )
     p.add_argument("--val-list", help="validation scans for --train-list")
-    p.add_argument("--run", required=True, help="run folder (checkpoints, logs, config)")
+    p.add_argument(
+        "--run-dir",
+        "--run",
+        dest="run",
+        required=True,
+        help="run folder (checkpoints, logs, config); under torchrun write --run-dir",
+    )
     p.add_argument("--fold", type=int, help="IXI fold 0-4 (data.fold)")
     _add_config_args(p)
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1 or mps")

@@ -232,7 +232,9 @@ def write_report(summaries: Sequence[dict[str, Any]], out_dir: str | Path) -> Pa
             "text": "Dice with the threshold chosen on the pooled unhealthy validation volumes of each data set; AUPRC per volume, averaged; l1 on healthy test volumes, in units of 1e-3. Means over volumes; with several runs of one model, mean ± std over runs.",
         }
     ]
-    for s in summaries:
+    if len(summaries) > 1:
+        sections[0]["images"] = _combined_figures(summaries, out)
+    for idx, s in enumerate(summaries, 1):
         src = Path(s.get("_dir") or out)  # folder holding this summary's figures
         lines = [
             f"checkpoint: {s.get('checkpoint') or 'none (baseline)'}",
@@ -253,12 +255,55 @@ def write_report(summaries: Sequence[dict[str, Any]], out_dir: str | Path) -> Pa
         ]:
             if name and (src / name).exists():
                 same = src.resolve() == out.resolve()
-                target = out / (name if same else f"{s['model']}_{name}")
+                target = out / (name if same else f"{idx}-{s['model']}_{name}")
                 if not same:
                     shutil.copyfile(src / name, target)
                 images.append(target)
-        sections.append({"heading": s["model"], "pre": "\n".join(lines), "images": images})
+        sections.append(
+            {
+                "heading": f"{s['model']} (fold {s.get('fold')})",
+                "pre": "\n".join(lines),
+                "images": images,
+            }
+        )
     return write_html(out / "report.html", "maediff report", sections)
+
+
+def _combined_figures(summaries: Sequence[dict[str, Any]], out: Path) -> list[Path]:
+    """PR curves and per-subject Dice of all summaries in one figure each."""
+    import csv
+
+    curves: dict[str, tuple[np.ndarray, np.ndarray]] = {}
+    dice: dict[str, list[float]] = {}
+    for idx, s in enumerate(summaries, 1):
+        src = Path(s.get("_dir") or out)
+        tag = (
+            s["model"]
+            if sum(x["model"] == s["model"] for x in summaries) == 1
+            else f"{s['model']} #{idx}"
+        )
+        if (src / "curves.npz").exists():
+            with np.load(src / "curves.npz") as z:
+                for key in z.files:
+                    name, part = key.rsplit("|", 1)
+                    ds = name.split(" ", 1)[1] if " " in name else name
+                    label = f"{tag} {ds}"
+                    sc, lab = curves.get(label, (None, None))
+                    curves[label] = (z[key], lab) if part == "scores" else (sc, z[key])
+        for ds in ANOMALY_SETS:
+            f = src / f"{ds}_test_subjects.csv"
+            if f.exists():
+                dice[f"{tag} {ds}"] = [
+                    float(r["dice"]) if r.get("dice") else float("nan")
+                    for r in csv.DictReader(f.open())
+                ]
+    images = []
+    curves = {k: v for k, v in curves.items() if v[0] is not None and v[1] is not None}
+    if curves:
+        images.append(figure_pr_curves(curves, out / "pr_curves_all.png"))
+    if dice:
+        images.append(figure_dice_distribution(dice, out / "dice_per_subject_all.png"))
+    return images
 
 
 def load_summary(path: str | Path) -> dict[str, Any]:

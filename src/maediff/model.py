@@ -41,7 +41,10 @@ def resolve_amp(amp: str, device: torch.device) -> str:
         return "bf16" if torch.cuda.is_bf16_supported() else "none"
     if device.type == "cpu":
         cpu = getattr(torch, "cpu", None)
-        native = any(getattr(cpu, f, lambda: False)() for f in ("_is_avx512_bf16_supported", "_is_amx_tile_supported"))
+        native = any(
+            getattr(cpu, f, lambda: False)()
+            for f in ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
+        )
         return "bf16" if native else "none"
     return "none"
 
@@ -153,7 +156,9 @@ class MAEDiff(nn.Module):
         if noise is None:
             noise = self.noise(S, generator, device=dev)
         elif noise.shape != slices.shape:
-            raise ValueError(f"noise must have the shape of the slices {tuple(slices.shape)}, got {tuple(noise.shape)}")
+            raise ValueError(
+                f"noise must have the shape of the slices {tuple(slices.shape)}, got {tuple(noise.shape)}"
+            )
         t_all = torch.full((S,), self.cfg.diffusion.t_test, dtype=torch.long)
         x_t = self.diffusion.q_sample(x, t_all, noise.to(dev, torch.float32))
         patches = self.grid.extract(x)  # (S, K, 1, p, p); skipped pairs keep the input
@@ -161,8 +166,12 @@ class MAEDiff(nn.Module):
             pairs = torch.arange(S * K, device=dev)
         else:
             if brain_mask.shape != slices.shape:
-                raise ValueError(f"brain_mask must have the shape of the slices {tuple(slices.shape)}, got {tuple(brain_mask.shape)}")
-            has_brain = self.grid.extract(brain_mask.to(dev, torch.float32)).flatten(2).amax(-1) > 0  # (S, K)
+                raise ValueError(
+                    f"brain_mask must have the shape of the slices {tuple(slices.shape)}, got {tuple(brain_mask.shape)}"
+                )
+            has_brain = (
+                self.grid.extract(brain_mask.to(dev, torch.float32)).flatten(2).amax(-1) > 0
+            )  # (S, K)
             pairs = torch.nonzero(has_brain.flatten()).flatten()
         for chunk in pairs.split(batch_size):
             s, k = chunk // K, chunk % K

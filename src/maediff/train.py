@@ -38,7 +38,6 @@ from .checkpoint import (
     CheckpointError,
     load_train_state,
     model_card,
-    read_checkpoint,
     save_train_state,
     save_weights,
     unwrap,
@@ -258,6 +257,8 @@ def train(
     run_dir = Path(run_dir)
     if ddp.main:
         run_dir.mkdir(parents=True, exist_ok=True)
+        if resume:
+            _check_same_config(run_dir, cfg)
         save_config(cfg, run_dir / "config.yaml")
     torch.manual_seed(cfg.train.seed)
     model = MAEDiff(cfg).to(dev)
@@ -294,10 +295,11 @@ def train(
         math.ceil(data.train.epoch_size(cfg.data.all_slices) / ddp.world) / per_rank
     )
     total = t.max_steps if t.max_steps else t.epochs * steps_per_epoch
+    budget = f" ({t.max_minutes:g} min budget)" if t.max_minutes else ""
     bar = tqdm(
-        total=total,
+        total=None if budget and not t.max_steps else total,  # a time budget: no misleading ETA
         initial=min(counters["step"], total),
-        desc=f"training {cfg.name}",
+        desc=f"training {cfg.name}{budget}",
         unit="step",
         disable=not (progress and ddp.main),
         dynamic_ncols=True,
@@ -380,6 +382,8 @@ def train(
         (run_dir / "train_summary.json").write_text(json.dumps(_finite(summary), indent=2))
         plot_progress(run_dir)
     log.close()
+    if ddp.world > 1:
+        dist.destroy_process_group()
     return summary
 
 
@@ -432,42 +436,37 @@ def _finite(v: Any) -> Any:
 
 
 def _checkpoint(run_dir: Path, model, optimizer, gens, scaler, counters, extra_base) -> None:
-    """last.safetensors + last.state.safetensors; the state names the step so that a
-    crash between the two writes is detected on resume."""
-    save_weights(model, run_dir / "last.safetensors", {**extra_base, **_public(counters)})
+    """last.state.safetensors (all a resumed run needs, one atomic file) and
+    last.safetensors (the weights for users)."""
+    scaler_state = scaler.state_dict() if scaler else None
     save_train_state(
         run_dir / "last.state.safetensors",
+        model,
         optimizer,
         _finite(dict(counters)),
         gens,
-        scaler.state_dict() if scaler else None,
+        scaler_state,
     )
+    save_weights(model, run_dir / "last.safetensors", {**extra_base, **_public(counters)})
+
+
+def _check_same_config(run_dir: Path, cfg: Config) -> None:
+    saved = run_dir / "config.yaml"
+    if saved.exists() and to_dict(load_config(saved)) != to_dict(cfg):
+        raise CheckpointError(f"cannot resume: the config in {saved} differs from the one given")
 
 
 def _resume(run_dir: Path, model, optimizer, gens, scaler, ddp: Distributed) -> dict[str, Any]:
-    weights, state = run_dir / "last.safetensors", run_dir / "last.state.safetensors"
-    if not weights.exists() or not state.exists():
-        raise CheckpointError(
-            f"cannot resume: {run_dir} has no last.safetensors and last.state.safetensors"
-        )
-    cfg_saved, tensors, extra = read_checkpoint(weights)
-    if to_dict(cfg_saved) != to_dict(model.cfg):
-        raise CheckpointError(
-            f"cannot resume: the config in {weights} differs from the run's config"
-        )
-    model.load_state_dict(tensors)
-    counters, scaler_state = load_train_state(state, optimizer, gens)
-    if extra.get("step") != counters.get("step"):
-        raise CheckpointError(
-            f"cannot resume: {weights} (step {extra.get('step')}) and {state} (step {counters.get('step')}) do not match"
-        )
+    state = run_dir / "last.state.safetensors"
+    if not state.exists():
+        raise CheckpointError(f"cannot resume: {run_dir} has no last.state.safetensors")
+    counters, scaler_state = load_train_state(state, model, optimizer, gens)
     if scaler is not None and scaler_state:
         scaler.load_state_dict(scaler_state)
-    if ddp.rank:  # every rank draws its own noise: offset its generator as at the start
+    if ddp.rank:  # only rank 0's generators are saved: give the others their own stream again
         gens["noise"].manual_seed(model.cfg.train.seed * 1000 + 17 + ddp.rank + counters["step"])
-    counters["best_val_loss"] = (
-        math.inf if counters.get("best_val_loss") is None else counters["best_val_loss"]
-    )
+    if counters.get("best_val_loss") is None:
+        counters["best_val_loss"] = math.inf
     return counters
 
 

@@ -36,7 +36,9 @@ from .preprocess import from_sitk, grid_affine, to_sitk
 
 
 def _to_image(nii: nib.Nifti1Image) -> sitk.Image:
-    return sitk.Cast(to_sitk(np.asarray(nii.dataobj, dtype=np.float32), nii.affine), sitk.sitkFloat32)
+    return sitk.Cast(
+        to_sitk(np.asarray(nii.dataobj, dtype=np.float32), nii.affine), sitk.sitkFloat32
+    )
 
 
 def _to_nifti(img: sitk.Image, dtype=np.float32) -> nib.Nifti1Image:
@@ -59,11 +61,15 @@ def hd_bet_mask(image_path: str | Path, device: str = "cpu") -> np.ndarray:
         res = subprocess.run(cmd, capture_output=True, text=True)
         masks = sorted(Path(tmp).glob("*mask*.nii.gz"))
         if res.returncode != 0 or not masks:
-            raise DataError(f"HD-BET failed on {image_path}: {res.stderr.strip()[-500:] or 'no mask written'}")
+            raise DataError(
+                f"HD-BET failed on {image_path}: {res.stderr.strip()[-500:] or 'no mask written'}"
+            )
         return np.asarray(nib.load(str(masks[0])).dataobj) > 0
 
 
-def n4_bias_correction(image: sitk.Image, mask: sitk.Image, shrink: int = 2, iterations: tuple[int, ...] = (50, 50, 30)) -> sitk.Image:
+def n4_bias_correction(
+    image: sitk.Image, mask: sitk.Image, shrink: int = 2, iterations: tuple[int, ...] = (50, 50, 30)
+) -> sitk.Image:
     """N4 bias-field correction fitted inside the mask on a shrunk image, applied at full resolution."""
     img = sitk.Cast(image, sitk.sitkFloat32)
     m = sitk.Cast(mask > 0, sitk.sitkUInt8)
@@ -76,15 +82,21 @@ def n4_bias_correction(image: sitk.Image, mask: sitk.Image, shrink: int = 2, ite
     return sitk.Mask(img / sitk.Exp(log_field), m)
 
 
-def register_affine(moving: sitk.Image, fixed: sitk.Image, iterations: int = 200, seed: int = 0) -> sitk.Transform:
+def register_affine(
+    moving: sitk.Image, fixed: sitk.Image, iterations: int = 200, seed: int = 0
+) -> sitk.Transform:
     """Affine transform mapping fixed-space points into the moving image (Mattes MI)."""
-    init = sitk.CenteredTransformInitializer(fixed, moving, sitk.AffineTransform(3), sitk.CenteredTransformInitializerFilter.MOMENTS)
+    init = sitk.CenteredTransformInitializer(
+        fixed, moving, sitk.AffineTransform(3), sitk.CenteredTransformInitializerFilter.MOMENTS
+    )
     reg = sitk.ImageRegistrationMethod()
     reg.SetMetricAsMattesMutualInformation(numberOfHistogramBins=32)
     reg.SetMetricSamplingStrategy(reg.RANDOM)
     reg.SetMetricSamplingPercentage(0.2, seed)
     reg.SetInterpolator(sitk.sitkLinear)
-    reg.SetOptimizerAsRegularStepGradientDescent(learningRate=1.0, minStep=1e-4, numberOfIterations=iterations, relaxationFactor=0.6)
+    reg.SetOptimizerAsRegularStepGradientDescent(
+        learningRate=1.0, minStep=1e-4, numberOfIterations=iterations, relaxationFactor=0.6
+    )
     reg.SetOptimizerScalesFromPhysicalShift()
     reg.SetShrinkFactorsPerLevel([4, 2, 1])
     reg.SetSmoothingSigmasPerLevel([2, 1, 0])
@@ -104,7 +116,9 @@ def default_template(resolution: int = 1) -> tuple[sitk.Image, sitk.Image]:
     return _to_image(t), _to_image(m)
 
 
-def crop_to_brain(image: sitk.Image, mask: sitk.Image, margin: int = 4) -> tuple[sitk.Image, sitk.Image]:
+def crop_to_brain(
+    image: sitk.Image, mask: sitk.Image, margin: int = 4
+) -> tuple[sitk.Image, sitk.Image]:
     arr = from_sitk(mask) > 0
     if not arr.any():
         raise DataError("the brain mask is empty")
@@ -127,7 +141,13 @@ class RawOptions:
     device: str = "cpu"  # for HD-BET
 
 
-def preprocess_scan(image_path: str | Path, out_dir: str | Path, mask: str | Path | None = None, options: RawOptions = RawOptions(), name: str | None = None) -> tuple[Path, Path]:
+def preprocess_scan(
+    image_path: str | Path,
+    out_dir: str | Path,
+    mask: str | Path | None = None,
+    options: RawOptions = RawOptions(),
+    name: str | None = None,
+) -> tuple[Path, Path]:
     """Raw scan -> skull-stripped, registered, bias-corrected, cropped NIfTI + mask."""
     image_path = Path(image_path)
     nii = load_nifti(image_path, "image")
@@ -135,14 +155,18 @@ def preprocess_scan(image_path: str | Path, out_dir: str | Path, mask: str | Pat
     if mask is not None:
         m_nii = load_nifti(mask, "brain mask")
         if m_nii.shape[:3] != nii.shape[:3]:
-            raise DataError(f"brain mask {mask} has shape {m_nii.shape[:3]} but image {image_path} has shape {nii.shape[:3]}")
+            raise DataError(
+                f"brain mask {mask} has shape {m_nii.shape[:3]} but image {image_path} has shape {nii.shape[:3]}"
+            )
         brain = np.asarray(m_nii.dataobj) > 0
     elif options.skull_strip == "hd-bet":
         brain = hd_bet_mask(image_path, options.device)
     elif options.skull_strip == "threshold":
         brain = data > 0
     else:
-        raise DataError(f"{image_path}: no brain mask given; pass one, or choose skull stripping 'hd-bet' or 'threshold'")
+        raise DataError(
+            f"{image_path}: no brain mask given; pass one, or choose skull stripping 'hd-bet' or 'threshold'"
+        )
     if not brain.any():
         raise DataError(f"{image_path}: the brain mask is empty")
     img = to_sitk(data * brain, nii.affine)
@@ -150,10 +174,16 @@ def preprocess_scan(image_path: str | Path, out_dir: str | Path, mask: str | Pat
     if options.register:
         if options.template:
             fixed = _to_image(load_nifti(options.template, "template"))
-            fixed_mask = _to_image(load_nifti(options.template_mask, "template mask")) if options.template_mask else fixed > 0
+            fixed_mask = (
+                _to_image(load_nifti(options.template_mask, "template mask"))
+                if options.template_mask
+                else fixed > 0
+            )
         else:
             fixed, fixed_mask = default_template()
-        fixed_brain = sitk.Mask(sitk.Cast(fixed, sitk.sitkFloat32), sitk.Cast(fixed_mask > 0, sitk.sitkUInt8))
+        fixed_brain = sitk.Mask(
+            sitk.Cast(fixed, sitk.sitkFloat32), sitk.Cast(fixed_mask > 0, sitk.sitkUInt8)
+        )
         tx = register_affine(img, fixed_brain)
         img = sitk.Resample(img, fixed, tx, sitk.sitkBSpline, 0.0, sitk.sitkFloat32)
         msk = sitk.Resample(msk, fixed, tx, sitk.sitkNearestNeighbor, 0.0, sitk.sitkFloat32)

@@ -46,11 +46,11 @@ KINDS = {"healthy": 0, "tumour": 1, "ms": 2}
 class SynthConfig:
     seed: int = 0
     healthy_trainval: int = 120  # pool split into 5 folds: 96 train / 24 val each
-    healthy_test: int = 10
+    healthy_test: int = 8
     tumour_val: int = 8
-    tumour_test: int = 20
+    tumour_test: int = 16
     ms_val: int = 8
-    ms_test: int = 16
+    ms_test: int = 12
     workers: int = 2
 
 
