@@ -223,3 +223,31 @@ def test_every_subcommand_has_help(capsys):
             main([cmd, "--help"])
         assert e.value.code == 0
         assert "usage: maediff " + cmd in capsys.readouterr().out
+
+
+def test_bids_output_names():
+    from maediff.detect import output_paths
+
+    p = output_paths("out", "sub-01_ses-1_T2w", bids=True)
+    assert p["anomaly"].name == "sub-01_ses-1_desc-anomalymap_T2w.nii.gz"
+    assert p["prediction"].name == "sub-01_ses-1_desc-anomalymask_T2w.nii.gz"
+    assert output_paths("out", "scan")["score"].name == "scan_score.nii.gz"
+
+
+def test_evaluate_refuses_training_overrides_on_a_trained_model(tiny_bench, tmp_path, capsys):
+    run = tmp_path / "run"
+    assert _train(tiny_bench, run) == 0
+    argv = [
+        "evaluate",
+        "--model",
+        str(run),
+        "--data",
+        str(tiny_bench),
+        "-o",
+        str(tmp_path / "e"),
+        "--set",
+        "unet.model_channels=8",
+        "-q",
+    ]
+    assert main(argv) == 2
+    assert "only inference.* and diffusion.t_test" in capsys.readouterr().err

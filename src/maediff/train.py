@@ -251,7 +251,10 @@ def train(
     progress: bool = True,
     log_every: int = 10,
 ) -> dict[str, Any]:
-    """Train MAEDiff; returns the summary also written to train_summary.json."""
+    """Train MAEDiff; returns the summary also written to train_summary.json.
+
+    Deliberately one loop in one function: what a resumed run must restore (counters,
+    generators, optimizer, best loss) is all visible here; each step is `_step`."""
     ddp = setup_distributed(device)
     dev = resolve_device(device, ddp.local_rank)
     run_dir = Path(run_dir)

@@ -117,25 +117,31 @@ def check_exist(subjects: list[Subject], source: str) -> None:
         )
 
 
+COMPANIONS = ("_mask", "_seg")
+
+
+def _companion(scan: Path, suffix: str) -> Path | None:
+    """NAME_mask / NAME_seg next to NAME (.nii or .nii.gz), if present."""
+    stem = nifti_stem(scan)
+    return next(
+        (q for q in (scan.parent / f"{stem}{suffix}{ext}" for ext in NIFTI_SUFFIXES) if q.exists()),
+        None,
+    )
+
+
+def subject_from_scan(scan: Path) -> Subject:
+    """A scan with its mask and segmentation companions; label 1 when it has a segmentation."""
+    mask, seg = (_companion(scan, c) for c in COMPANIONS)
+    return Subject(nifti_stem(scan), scan, mask, seg, int(seg is not None))
+
+
 def read_folder(folder: str | Path) -> list[Subject]:
     """NIfTI scans of a folder; NAME_mask / NAME_seg files are companions, not scans."""
     folder = Path(folder)
     if not folder.is_dir():
         raise DataError(f"{folder} is not a folder")
     files = sorted(p for p in folder.iterdir() if is_nifti(p))
-    companions = ("_mask", "_seg")
-    subjects = []
-    for p in files:
-        stem = nifti_stem(p)
-        if stem.endswith(companions):
-            continue
-        found = {}
-        for c in companions:
-            cands = [folder / f"{stem}{c}{suf}" for suf in NIFTI_SUFFIXES]
-            found[c] = next((q for q in cands if q.exists()), None)
-        subjects.append(
-            Subject(stem, p, found["_mask"], found["_seg"], int(found["_seg"] is not None))
-        )
+    subjects = [subject_from_scan(p) for p in files if not nifti_stem(p).endswith(COMPANIONS)]
     if not subjects:
         raise DataError(f"no NIfTI scans (.nii, .nii.gz) in {folder}")
     return subjects
@@ -177,11 +183,4 @@ def read_inputs(path: str | Path) -> list[Subject]:
         raise DataError(f"input {p} does not exist")
     if not is_nifti(p):
         raise DataError(f"input {p} is not a NIfTI file, a folder or a CSV subject list")
-    stem = nifti_stem(p)
-    mask = next(
-        (q for q in (p.parent / f"{stem}_mask{s}" for s in NIFTI_SUFFIXES) if q.exists()), None
-    )
-    seg = next(
-        (q for q in (p.parent / f"{stem}_seg{s}" for s in NIFTI_SUFFIXES) if q.exists()), None
-    )
-    return [Subject(stem, p, mask, seg, int(seg is not None))]
+    return [subject_from_scan(p)]
