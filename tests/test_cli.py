@@ -42,25 +42,21 @@ def test_cli_end_to_end_is_deterministic(tiny_bench, tmp_path, capsys):
 
     scans = tiny_bench / "Test" / "Brats21" / "t2"
     out = tmp_path / "maps"
-    assert (
-        main(
-            [
-                "detect",
-                "-i",
-                str(scans),
-                "-o",
-                str(out),
-                "--model",
-                str(run),
-                "--device",
-                "cpu",
-                "-q",
-                "--threshold",
-                "0.2",
-            ]
-        )
-        == 0
-    )
+    detect = [
+        "detect",
+        "-i",
+        str(scans),
+        "-o",
+        str(out),
+        "--model",
+        str(run),
+        "--device",
+        "cpu",
+        "-q",
+        "--threshold",
+        "0.2",
+    ]
+    assert main(detect) == 0
     first = sorted(scans.iterdir())[0]
     name = first.name.replace(".nii.gz", "")
     src = nib.load(str(first))
@@ -69,25 +65,7 @@ def test_cli_end_to_end_is_deterministic(tiny_bench, tmp_path, capsys):
         assert img.shape == src.shape
         np.testing.assert_allclose(img.affine, src.affine)
     # existing outputs are skipped unless --overwrite
-    assert (
-        main(
-            [
-                "detect",
-                "-i",
-                str(scans),
-                "-o",
-                str(out),
-                "--model",
-                str(run),
-                "--device",
-                "cpu",
-                "-q",
-                "--threshold",
-                "0.2",
-            ]
-        )
-        == 0
-    )
+    assert main(detect) == 0
     assert "0 written, 3 skipped" in capsys.readouterr().out
 
     ev = tmp_path / "eval"
