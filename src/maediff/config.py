@@ -127,7 +127,7 @@ class TrainConfig:
     amp: str = "none"  # "none", "bf16", "fp16" or "auto" (bf16 where the hardware has it)
     seed: int = 0
     val_every: int = 1  # epochs between validation passes
-    checkpoint_every: int = 1  # epochs between "last" checkpoints
+    checkpoint_every: int = 10  # epochs between "last" checkpoints (and resume points)
     num_workers: int = 0
 
 
