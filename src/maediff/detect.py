@@ -24,7 +24,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .data.datasets import load_subject, slices_to_volume, volume_to_slices
-from .data.io import DataError, nifti_stem, save_like
+from .data.io import DataError, save_like
 from .data.preprocess import PreparedVolume
 from .data.splits import Subject
 from .evaluation.postprocess import anomaly_scores, remove_small_components
@@ -149,11 +149,4 @@ def detect_files(
     return report
 
 
-__all__ = [
-    "DetectReport",
-    "detect_files",
-    "detect_subject",
-    "nifti_stem",
-    "output_paths",
-    "reconstruct_volume",
-]
+__all__ = ["DetectReport", "detect_files", "detect_subject", "output_paths", "reconstruct_volume"]

@@ -65,19 +65,6 @@ def load_nifti(path: str | Path, kind: str = "image") -> nib.Nifti1Image:
     return img
 
 
-def check_same_grid(
-    ref: nib.Nifti1Image,
-    other: nib.Nifti1Image,
-    ref_path: str | Path,
-    other_path: str | Path,
-    kind: str,
-) -> None:
-    if ref.shape[:3] != other.shape[:3]:
-        raise DataError(
-            f"{kind} {other_path} has shape {other.shape[:3]} but image {ref_path} has shape {ref.shape[:3]}"
-        )
-
-
 def save_like(
     data: np.ndarray, reference: nib.Nifti1Image, path: str | Path, dtype: type = np.float32
 ) -> Path:
