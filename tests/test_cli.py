@@ -68,9 +68,8 @@ def test_cli_end_to_end_is_deterministic(tiny_bench, tmp_path, capsys):
     assert main(detect) == 0
     assert "0 written, 3 skipped" in capsys.readouterr().out
 
-    ev = tmp_path / "eval"
-    assert (
-        main(
+    def evaluate(out):
+        return main(
             [
                 "evaluate",
                 "--model",
@@ -78,34 +77,19 @@ def test_cli_end_to_end_is_deterministic(tiny_bench, tmp_path, capsys):
                 "--data",
                 str(tiny_bench),
                 "-o",
-                str(ev),
+                str(out),
                 "--device",
                 "cpu",
                 "-q",
             ]
         )
-        == 0
-    )
+
+    ev = tmp_path / "eval"
+    assert evaluate(ev) == 0
     s1 = json.loads((ev / "summary.json").read_text())
     assert set(s1["datasets"]) == {"Brats21", "MSLUB", "IXI"}
     assert (ev / "report.html").exists() and (ev / "examples_Brats21.png").exists()
-    assert (
-        main(
-            [
-                "evaluate",
-                "--model",
-                str(run),
-                "--data",
-                str(tiny_bench),
-                "-o",
-                str(tmp_path / "eval2"),
-                "--device",
-                "cpu",
-                "-q",
-            ]
-        )
-        == 0
-    )
+    assert evaluate(tmp_path / "eval2") == 0
     s2 = json.loads((tmp_path / "eval2" / "summary.json").read_text())
     assert s1["datasets"]["Brats21"]["metrics"] == s2["datasets"]["Brats21"]["metrics"]
     assert s1["datasets"]["Brats21"]["threshold"] == s2["datasets"]["Brats21"]["threshold"]

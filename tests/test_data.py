@@ -326,21 +326,12 @@ def test_synthetic_subjects_are_deterministic_and_plausible():
     assert img[a["seg"] > 0].mean() > img[(a["mask"] > 0) & (a["seg"] == 0)].mean()
 
 
-def test_generate_benchmark_in_pddpm_layout(tmp_path):
-    cfg = SynthConfig(
-        seed=1,
-        healthy_trainval=5,
-        healthy_test=2,
-        tumour_val=1,
-        tumour_test=2,
-        ms_val=1,
-        ms_test=1,
-        workers=1,
-    )
-    root = generate_benchmark(tmp_path / "bench", cfg, progress=False)
+def test_generate_benchmark_in_pddpm_layout(tiny_bench):
+    # tiny_bench (conftest): 6 healthy train+val, 2 healthy test, tumour 1 / 2, MS 1 / 1
+    root = tiny_bench
     train = read_pddpm_split(root, "IXI", "train", 0)
     val = read_pddpm_split(root, "IXI", "val", 0)
-    assert len(train) + len(val) == 5 and len(val) == 1
+    assert len(train) + len(val) == 6 and len(val) == 2  # 6 split into 5 folds: 2, 1, 1, 1, 1
     assert len(read_pddpm_split(root, "IXI", "test")) == 2
     bt = read_pddpm_split(root, "Brats21", "test")
     assert len(bt) == 2 and all(s.seg is not None and s.label == 1 for s in bt)
@@ -349,6 +340,8 @@ def test_generate_benchmark_in_pddpm_layout(tmp_path):
     with open(root / "splits" / "IXI_test.csv") as f:
         assert "/t1/" in next(csv.DictReader(f))["img_path"]
     with pytest.raises(DataError, match="not empty"):
-        generate_benchmark(root, cfg, progress=False)
-    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
+        generate_benchmark(root, SynthConfig(workers=1), progress=False)
+    assert not [
+        p for p in root.parent.iterdir() if p.name.startswith(".")
+    ]  # no temporary folder left
     assert gzip.open(root / "Train/ixi/t2" / f"{train[0].name}.nii.gz").read(4)
