@@ -12,7 +12,7 @@ import time
 import torch
 
 from maediff.config import get_preset
-from maediff.model import MAEDiff
+from maediff.models.maediff import MAEDiff
 
 
 def main() -> None:

@@ -16,7 +16,7 @@ import tempfile
 from pathlib import Path
 
 from maediff.config import apply_overrides, get_preset
-from maediff.train import prepare_training_data, train
+from maediff.training.trainer import prepare_training_data, train
 
 VARIANTS = {
     "32ch x1 (preset)": [],

@@ -2,16 +2,15 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from maediff.checkpoint import (
+from maediff.training.checkpoint import (
     CheckpointError,
     load_model,
-    load_train_state,
+    TrainState,
     read_checkpoint,
-    save_train_state,
     save_weights,
 )
 from maediff.config import get_preset
-from maediff.model import MAEDiff
+from maediff.models.maediff import MAEDiff
 
 
 def _model():
@@ -74,15 +73,21 @@ def test_train_state_round_trip(tmp_path):
     opt.step()
     g = torch.Generator().manual_seed(5)
     torch.rand(3, generator=g)
-    save_train_state(tmp_path / "s.safetensors", m, opt, {"step": 1, "epoch": 0}, {"noise": g})
+    state = TrainState(step=1, epoch=0, phase=1, phase_step=3, best_val_loss=0.25, last_train_loss=0.5)
+    state.save(tmp_path / "s.safetensors", m, {"model": opt}, {"noise": g})
     torch.manual_seed(1)
     m2 = MAEDiff(get_preset("tiny"))
     opt2 = torch.optim.Adam(m2.parameters(), lr=1e-3)
     g2 = torch.Generator()
-    counters, _ = load_train_state(tmp_path / "s.safetensors", m2, opt2, {"noise": g2})
+    loaded, _ = TrainState.load(tmp_path / "s.safetensors", m2, {"model": opt2}, {"noise": g2})
     for (k, a), (_, b) in zip(m.state_dict().items(), m2.state_dict().items()):
         assert torch.equal(a, b), k
-    assert counters == {"step": 1, "epoch": 0}
+    assert loaded == state
+    fresh = TrainState(last_train_loss=0.0)  # an infinite best loss survives the JSON metadata
+    fresh.save(tmp_path / "f.safetensors", m, {"model": opt}, {"noise": g})
+    assert TrainState.load(tmp_path / "f.safetensors", m2, {"model": opt2}, {"noise": g2})[0] == fresh
+    with pytest.raises(CheckpointError, match="has optimizers"):
+        TrainState.load(tmp_path / "s.safetensors", m2, {"critic": opt2}, {"noise": g2})
     assert torch.equal(torch.rand(4, generator=g), torch.rand(4, generator=g2))
     s1, s2 = opt.state_dict()["state"], opt2.state_dict()["state"]
     assert s1.keys() == s2.keys()

@@ -1,30 +1,49 @@
+from dataclasses import replace
+
 import pytest
 
 from maediff.config import (
     PRESETS,
+    TABLE1,
+    TABLE2,
     Config,
     GeometryConfig,
     MAEConfig,
     UNetConfig,
     apply_overrides,
+    display_name,
     from_dict,
     get_preset,
     load_config,
+    preset_name,
     save_config,
+    split_preset_name,
+    to_dict,
 )
 
 
 @pytest.mark.parametrize("name", sorted(PRESETS))
 def test_presets_keep_paper_partition_counts(name):
     g = get_preset(name).geometry
-    if name == "pddpm-s48":
+    base, scale = split_preset_name(name)
+    if base.startswith("anoddpm"):
+        assert g.num_patches == 1 and g.patch_size == g.image_size
+    elif base == "pddpm-s48":
         assert g.num_patches == 4
-    elif name == "tiny":
+    elif scale == "tiny":
         assert (g.num_patches, g.num_cells) == (9, 16)
     else:
-        assert g.num_patches == 16, name
-    assert g.num_cells in (16, 36)
+        assert (g.num_patches, g.num_cells) == (16, 36), name
     assert g.num_patches == ((g.image_size - g.patch_size + g.stride) // g.stride) ** 2
+
+
+def test_every_table_row_has_a_preset_at_every_scale():
+    for base in (*TABLE1, *TABLE2):
+        for scale in ("paper", "cpu", "tiny"):
+            cfg = get_preset(preset_name(base, scale))
+            assert split_preset_name(cfg.name) == (base, scale)
+    assert get_preset("paper") == replace(get_preset("maediff"), name="paper")
+    assert display_name(get_preset("pddpm-s16-cpu")) == "pDDPM s16"
 
 
 def test_paper_preset_values():
@@ -40,7 +59,9 @@ def test_paper_preset_values():
         (1, 2, 2),
         3,
     )
-    assert c.unet.attention_levels == ()
+    # Table 1's MAEDiff row is Table 2's "U-Net + Att. + MAE": attention at H/2 and H/4
+    assert c.unet.attention_levels == (2, 4) and c.mae.enabled
+    assert to_dict(c) == to_dict(replace(get_preset("ablation-unet-att-mae"), name="paper"))
     assert (c.mae.enc_depth, c.mae.enc_dim, c.mae.enc_heads) == (12, 384, 6)
     assert (c.mae.dec_depth, c.mae.dec_dim, c.mae.dec_heads) == (8, 512, 16)
     assert (c.diffusion.schedule, c.diffusion.beta_start, c.diffusion.beta_end) == (

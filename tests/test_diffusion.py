@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from maediff.config import DiffusionConfig
-from maediff.diffusion import GaussianDiffusion, cosine_betas, linear_betas
+from maediff.diffusion.process import GaussianDiffusion, cosine_betas, linear_betas
 
 
 def test_linear_schedule_goldens():

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from maediff.config import get_preset
-from maediff.model import MAEDiff, from_model_range, to_model_range
+from maediff.models.maediff import MAEDiff, from_model_range, to_model_range
 
 
 @pytest.fixture
@@ -110,7 +110,7 @@ def test_skipping_brain_free_patches_keeps_brain_pixels_exact(model):
 
 
 def test_amp_auto_resolves_to_a_concrete_mode():
-    from maediff.model import resolve_amp
+    from maediff.device import resolve_amp
 
     assert resolve_amp("auto", torch.device("cpu")) in ("bf16", "none")
     assert resolve_amp("fp16", torch.device("cpu")) == "fp16"

@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from maediff.config import NoiseConfig
-from maediff.noise import NoiseSampler, opensimplex2, random_permutations, simplex_octaves
+from maediff.diffusion.noise import NoiseSampler, opensimplex2, random_permutations, simplex_octaves
 
 
 def _reference_perm(seed):

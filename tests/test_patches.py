@@ -2,7 +2,7 @@ import pytest
 import torch
 
 from maediff.config import GeometryConfig
-from maediff.patches import PatchGrid
+from maediff.diffusion.patches import PatchGrid
 
 
 def test_paper_geometry_counts():

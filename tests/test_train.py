@@ -8,9 +8,10 @@ import time
 import pytest
 import torch
 
-from maediff.checkpoint import read_checkpoint
+from maediff.training.checkpoint import read_checkpoint
 from maediff.config import apply_overrides, get_preset
-from maediff.train import prepare_training_data, resolve_device, train
+from maediff.device import resolve_device
+from maediff.training.trainer import prepare_training_data, train
 
 TINY = ["train.batch_size=4", "train.checkpoint_every=1"]
 
@@ -86,15 +87,13 @@ def test_kill_and_resume_gives_the_same_weights(tiny_bench, tmp_path):
     killed_at = None
     while time.time() < deadline and proc.poll() is None:
         if state.exists():
-            from maediff.checkpoint import load_train_state  # noqa: F401
-
             shutil.copy(state, tmp_path / "probe.safetensors")
             from safetensors import safe_open
 
             with safe_open(str(tmp_path / "probe.safetensors"), "pt") as f:
                 import json
 
-                killed_at = json.loads(f.metadata()["counters"])["epoch"]
+                killed_at = json.loads(f.metadata()["state"])["epoch"]
             if killed_at >= 3:
                 os.kill(proc.pid, signal.SIGKILL)
                 break
@@ -113,7 +112,7 @@ def test_kill_and_resume_gives_the_same_weights(tiny_bench, tmp_path):
 
 
 def test_resume_refuses_a_mismatched_or_missing_state(tiny_bench, tmp_path):
-    from maediff.checkpoint import CheckpointError
+    from maediff.training.checkpoint import CheckpointError
 
     cfg = apply_overrides(get_preset("tiny"), TINY + ["train.epochs=1"])
     data = prepare_training_data(cfg, tiny_bench, progress=False)

@@ -1,8 +1,29 @@
-"""maediff: MAEDiff (Xu, Wang, Du 2024) for unsupervised anomaly detection in brain MRI."""
+"""maediff: MAEDiff (Xu, Wang, Du 2024) for unsupervised anomaly detection in brain MRI.
+
+Importing the package loads only the configuration; the models (and torch) load on
+first use, so that tools which only read results (`maediff report`) stay light.
+"""
 
 from .config import Config, get_preset, load_config, save_config
-from .model import MAEDiff
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
-__all__ = ["Config", "MAEDiff", "__version__", "get_preset", "load_config", "save_config"]
+
+def __getattr__(name: str):
+    if name in ("MAEDiff", "build_model", "MODELS"):
+        from . import models
+
+        return getattr(models, name)
+    raise AttributeError(f"module 'maediff' has no attribute {name!r}")
+
+
+__all__ = [
+    "MODELS",
+    "Config",
+    "MAEDiff",
+    "__version__",
+    "build_model",
+    "get_preset",
+    "load_config",
+    "save_config",
+]

@@ -3,16 +3,16 @@
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from pathlib import Path
 
 from . import __version__
-from .checkpoint import CheckpointError
 from .data.io import DataError
+from .training.checkpoint import CheckpointError
 
 EPILOG = "Cite: Xu, Wang, Du. MAEDiff: Masked Autoencoder-enhanced Diffusion Models for Unsupervised Anomaly Detection in Brain Images (2024)."
+AMP_CHOICES = ["none", "bf16", "fp16", "auto"]
 
 
 # ------------------------------------------------------------------ helpers
@@ -29,9 +29,13 @@ def _config(args: argparse.Namespace):
 
 
 def _device(name: str):
-    from .train import resolve_device
+    from .device import resolve_device
 
     return resolve_device(name)
+
+
+def _seed(args: argparse.Namespace, model) -> int:
+    return args.seed if args.seed is not None else model.cfg.inference.seed
 
 
 # ------------------------------------------------------------------ subcommands
@@ -41,14 +45,14 @@ def cmd_synth(args: argparse.Namespace) -> int:
     from .data.synthetic import SynthConfig, generate_benchmark
 
     cfg = SynthConfig(
-        args.seed,
-        args.healthy,
-        args.healthy_test,
-        args.tumour_val,
-        args.tumour_test,
-        args.ms_val,
-        args.ms_test,
-        args.workers,
+        seed=args.seed,
+        healthy_trainval=args.healthy,
+        healthy_test=args.healthy_test,
+        tumour_val=args.tumour_val,
+        tumour_test=args.tumour_test,
+        ms_val=args.ms_val,
+        ms_test=args.ms_test,
+        workers=args.workers,
     )
     t = time.perf_counter()
     out = generate_benchmark(args.output, cfg, overwrite=args.overwrite, progress=not args.quiet)
@@ -57,12 +61,12 @@ def cmd_synth(args: argparse.Namespace) -> int:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from .train import load_run_config, prepare_training_data, train
+    from .training.trainer import load_run_config, prepare_training_data, read_run_sources, train
 
     run = Path(args.run)
     if args.resume:
         cfg = load_run_config(run)
-        saved = json.loads((run / "run.json").read_text()) if (run / "run.json").exists() else {}
+        saved = read_run_sources(run)
         data_dir = args.data or saved.get("data_dir")
         train_list = args.train_list or saved.get("train_list")
         val_list = args.val_list or saved.get("val_list")
@@ -73,22 +77,11 @@ def cmd_train(args: argparse.Namespace) -> int:
             raise ValueError(
                 f"{run} already holds a training run; use --resume to continue it or --overwrite to start again"
             )
-        run.mkdir(parents=True, exist_ok=True)
-        (run / "run.json").write_text(
-            json.dumps(
-                {
-                    "data_dir": str(data_dir) if data_dir else None,
-                    "train_list": str(train_list) if train_list else None,
-                    "val_list": str(val_list) if val_list else None,
-                    "version": __version__,
-                },
-                indent=2,
-            )
-        )
     data = prepare_training_data(cfg, data_dir, train_list, val_list, progress=not args.quiet)
     summary = train(cfg, data, run, device=args.device, resume=args.resume, progress=not args.quiet)
     print(
-        f"trained {summary['steps']} steps in {summary['minutes']} min; best validation loss {summary['best_val_loss']}; run folder {run}"
+        f"trained {cfg.name} ({cfg.model}) {summary['steps']} steps in {summary['minutes']} min; "
+        f"best validation loss {summary['best_val_loss']}; run folder {run}"
     )
     return 0
 
@@ -97,7 +90,7 @@ def _threshold(args: argparse.Namespace) -> float | None:
     if args.threshold is not None:
         return args.threshold
     if args.threshold_from:
-        from .evaluate import load_summary
+        from .pipeline.evaluate import load_summary
 
         s = load_summary(args.threshold_from)
         ds = args.threshold_dataset
@@ -108,18 +101,15 @@ def _threshold(args: argparse.Namespace) -> float | None:
 
 
 def _inference_overrides(model, args: argparse.Namespace) -> None:
-    """--amp and --set inference.* / diffusion.t_test on a trained model."""
+    """--amp and --set inference.* / diffusion.t_test / diffusion.sample_steps on a trained model."""
     from .config import apply_overrides
 
     overrides = list(args.set or [])
-    bad = [
-        o
-        for o in overrides
-        if not (o.startswith("inference.") or o.startswith("diffusion.t_test="))
-    ]
+    allowed = ("inference.", "diffusion.t_test=", "diffusion.sample_steps=")
+    bad = [o for o in overrides if not o.startswith(allowed)]
     if bad:
         raise ValueError(
-            f"only inference.* and diffusion.t_test can be changed for a trained model, not {bad}"
+            f"only inference.*, diffusion.t_test and diffusion.sample_steps can be changed for a trained model, not {bad}"
         )
     if getattr(args, "amp", None):
         overrides.append(f"inference.amp={args.amp}")
@@ -128,56 +118,69 @@ def _inference_overrides(model, args: argparse.Namespace) -> None:
 
 
 def cmd_detect(args: argparse.Namespace) -> int:
-    from .checkpoint import load_model
     from .data.splits import read_inputs
-    from .detect import detect_files
+    from .pipeline.detect import detect_files
+    from .training.checkpoint import load_model
 
     subjects = read_inputs(args.input)
+    threshold = _threshold(args)
     model = load_model(args.model, _device(args.device))
+    _inference_overrides(model, args)
     report = detect_files(
         subjects,
         args.output,
         model,
-        args.overwrite,
-        _threshold(args),
-        args.bids,
-        args.seed,
-        args.batch_size,
-        args.amp,
-        not args.quiet,
+        overwrite=args.overwrite,
+        threshold=threshold,
+        bids=args.bids,
+        seed=_seed(args, model),
+        batch_size=args.batch_size,
+        progress=not args.quiet,
     )
+    per_volume = report.seconds / max(len(report.written), 1)
     print(
-        f"{len(report.written)} written, {len(report.skipped)} skipped (outputs exist; --overwrite to redo), {len(report.failed)} failed, {report.seconds:.0f} s -> {args.output}"
+        f"{len(report.written)} written, {len(report.skipped)} skipped (outputs exist; --overwrite to redo), "
+        f"{len(report.failed)} failed, {report.seconds:.0f} s ({per_volume:.1f} s per volume) -> {args.output}"
     )
     for path, err in report.failed:
         print(f"  FAILED {path}: {err}", file=sys.stderr)
     return 1 if report.failed else 0
 
 
-def cmd_evaluate(args: argparse.Namespace) -> int:
-    from .checkpoint import load_model
-    from .evaluate import evaluate_model
+def _evaluation_model(args: argparse.Namespace):
+    """The trained model of --model, or the training-free baseline of --baseline."""
+    from dataclasses import replace
 
-    if args.baseline == "thresh":
-        model, label = None, args.label or "Thresh"
-        data_cfg = _config(args).data  # the preset (default cpu) or config decides the grid
-    elif args.model:
-        model = load_model(args.model, _device(args.device))
-        label, data_cfg = args.label or "MAEDiff", None
-        _inference_overrides(model, args)
-    else:
+    from .models import build_model
+    from .training.checkpoint import load_model
+
+    if args.baseline and args.model:
+        raise ValueError("give either --model RUN_OR_CHECKPOINT or --baseline, not both")
+    if args.baseline:
+        cfg = _config(args)  # the preset (default cpu) or config decides the data grid
+        return build_model(replace(cfg, model=args.baseline, name=args.baseline))
+    if not args.model:
         raise ValueError("give --model RUN_OR_CHECKPOINT, or --baseline thresh")
+    model = load_model(args.model, _device(args.device))
+    _inference_overrides(model, args)
+    return model
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    from .config import display_name
+    from .pipeline.evaluate import evaluate_model
+
+    model = _evaluation_model(args)
     s = evaluate_model(
         model,
         args.data,
         args.output,
-        label,
-        args.datasets,
-        not args.no_ixi,
-        args.fold or 0,
-        data_cfg,
+        label=args.label or display_name(model.cfg),
+        datasets=args.datasets,
+        healthy_test=not args.no_ixi,
+        fold=args.fold or 0,
         n_jobs=args.jobs,
-        seed=args.seed,
+        seed=_seed(args, model),
         max_volumes=args.max_volumes,
         progress=not args.quiet,
     )
@@ -187,7 +190,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
 
 def cmd_report(args: argparse.Namespace) -> int:
-    from .evaluate import load_summary, write_report
+    from .pipeline.evaluate import load_summary, write_report
 
     page = write_report([load_summary(p) for p in args.evaluations], args.output)
     print((Path(args.output) / "results.md").read_text())
@@ -202,21 +205,20 @@ def cmd_preprocess(args: argparse.Namespace) -> int:
     from .data.splits import read_inputs
 
     opts = RawOptions(
-        args.skull_strip,
-        not args.no_register,
-        not args.no_n4,
-        not args.no_crop,
-        args.template,
-        args.template_mask,
-        args.device,
+        skull_strip=args.skull_strip,
+        register=not args.no_register,
+        n4=not args.no_n4,
+        crop=not args.no_crop,
+        template=args.template,
+        template_mask=args.template_mask,
+        device=args.device,
     )
     failed = []
     subjects = read_inputs(args.input)
     for s in tqdm(subjects, desc="preprocessing", unit="scan", disable=args.quiet):
+        mask = s.mask if opts.skull_strip == "mask" else None
         try:
-            preprocess_scan(
-                s.image, args.output, s.mask if opts.skull_strip == "mask" else None, opts, s.name
-            )
+            preprocess_scan(s.image, args.output, mask, opts, s.name)
         except (DataError, ValueError, RuntimeError) as e:
             failed.append((s.image, e))
     print(f"{len(subjects) - len(failed)} preprocessed, {len(failed)} failed -> {args.output}")
@@ -225,8 +227,34 @@ def cmd_preprocess(args: argparse.Namespace) -> int:
     return 1 if failed else 0
 
 
+def cmd_benchmark(args: argparse.Namespace) -> int:
+    from .pipeline.benchmark import BenchmarkPlan, run_benchmark
+
+    plan = BenchmarkPlan.from_args(
+        table=args.table,
+        models=args.models,
+        scale=args.scale,
+        folds=args.folds,
+        seeds=args.seeds,
+        data=args.data,
+        minutes=args.minutes,
+        steps=args.steps,
+        max_volumes=args.max_volumes,
+        overrides=args.set or [],
+    )
+    return run_benchmark(
+        plan,
+        Path(args.output),
+        device=args.device,
+        list_runs=args.list,
+        run_index=args.run_index,
+        collect_only=args.collect,
+        progress=not args.quiet,
+    )
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
-    from .demo import run_demo
+    from .pipeline.demo import run_demo
 
     run_demo(
         Path(args.output),
@@ -249,11 +277,18 @@ def _add_config_args(p: argparse.ArgumentParser) -> None:
         "--preset",
         default="cpu",
         choices=sorted(PRESETS),
-        help="configuration preset (default: cpu; the paper's is 'paper')",
+        metavar="PRESET",
+        help="MODEL (paper scale), MODEL-cpu or MODEL-tiny; MODEL one of thresh, ae, vae, svae, dae, "
+        "fanogan, anoddpm, pddpm-s48, pddpm-s16, maediff, ablation-unet[-att][-mae]; "
+        "'paper' = maediff, 'cpu' = maediff-cpu (default: cpu)",
     )
     p.add_argument(
         "--config", help="YAML/JSON config file (overrides --preset; may start with 'preset: NAME')"
     )
+    _add_set(p)
+
+
+def _add_set(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--set",
         action="append",
@@ -262,22 +297,22 @@ def _add_config_args(p: argparse.ArgumentParser) -> None:
     )
 
 
-def build_parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(
-        prog="maediff",
-        description="MAEDiff: unsupervised anomaly detection in brain MRI with masked-autoencoder-enhanced patch diffusion.",
-        epilog=EPILOG,
-    )
-    ap.add_argument("--version", action="version", version=f"maediff {__version__}")
-    sub = ap.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    fmt = argparse.ArgumentDefaultsHelpFormatter
+def _add_runtime_args(p: argparse.ArgumentParser, seed: int | None = 0, amp: bool = False) -> None:
+    """--device, --seed, --amp and -q, the same for every command that computes."""
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1 or mps")
+    if seed is not False:
+        p.add_argument(
+            "--seed",
+            type=int,
+            default=seed,
+            help="random seed" + (" (default: the model's inference.seed)" if seed is None else ""),
+        )
+    if amp:
+        p.add_argument("--amp", choices=AMP_CHOICES, help="autocast (default: the config's)")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
 
-    p = sub.add_parser(
-        "synth",
-        help="write the offline synthetic brain benchmark (pDDPM layout)",
-        formatter_class=fmt,
-        description="Generate T2-like synthetic brains from the MNI152 template shipped with nilearn: healthy IXI-like volumes with 5 folds, tumour (BraTS21-like) and MS-lesion (MSLUB-like) sets with exact masks.",
-    )
+
+def _parser_synth(p: argparse.ArgumentParser) -> None:
     p.add_argument("-o", "--output", required=True, help="folder to create")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--healthy", type=int, default=120, help="healthy train+val volumes (5 folds)")
@@ -289,14 +324,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--workers", type=int, default=2, help="processes")
     p.add_argument("--overwrite", action="store_true", help="replace an existing folder")
     p.add_argument("-q", "--quiet", action="store_true")
-    p.set_defaults(func=cmd_synth)
 
-    p = sub.add_parser(
-        "train",
-        help="train on healthy scans",
-        formatter_class=fmt,
-        description="Train MAEDiff on healthy scans: pDDPM's layout (IXI fold) or your own list. Multi-GPU: torchrun --nproc_per_node=N -m maediff train --run-dir RUN ... (torchrun takes a bare --run for its own --run-path)",
-    )
+
+def _parser_train(p: argparse.ArgumentParser) -> None:
     p.add_argument("--data", help="data folder in pDDPM's layout (Train/ixi, splits/)")
     p.add_argument(
         "--train-list", help="instead of --data: a folder of healthy scans or a CSV (image, mask)"
@@ -311,32 +341,16 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--fold", type=int, help="IXI fold 0-4 (data.fold)")
     _add_config_args(p)
-    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1 or mps")
     p.add_argument(
         "--resume", action="store_true", help="continue the run in --run from its last checkpoint"
     )
     p.add_argument(
         "--overwrite", action="store_true", help="start again in a run folder that holds a run"
     )
-    p.add_argument("-q", "--quiet", action="store_true")
-    p.set_defaults(func=cmd_train)
+    _add_runtime_args(p, seed=False)
 
-    p = sub.add_parser(
-        "detect",
-        help="anomaly maps for NIfTI scans, written in the scans' own space",
-        formatter_class=fmt,
-        description="For each scan: NAME_anomaly (|x - reconstruction|), NAME_score (post-processed), NAME_reconstruction and, with a threshold, NAME_prediction; NIfTI in the input's voxel grid, to overlay in a viewer. Brain masks are taken from NAME_mask files next to the scans (else image > 0).",
-    )
-    p.add_argument(
-        "-i",
-        "--input",
-        required=True,
-        help="a NIfTI file, a folder of them, or a CSV (image, mask, seg)",
-    )
-    p.add_argument("-o", "--output", required=True, help="output folder")
-    p.add_argument("--model", required=True, help="run folder or .safetensors checkpoint")
-    p.add_argument("--device", default="auto")
-    p.add_argument("--overwrite", action="store_true", help="redo scans whose outputs exist")
+
+def _add_threshold_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--threshold", type=float, help="binarise the score map at this value")
     p.add_argument(
         "--threshold-from", help="evaluation folder or summary.json to take the threshold from"
@@ -346,74 +360,186 @@ def build_parser() -> argparse.ArgumentParser:
         default="Brats21",
         help="which data set's threshold --threshold-from uses",
     )
+
+
+def _parser_detect(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "-i",
+        "--input",
+        required=True,
+        help="a NIfTI file, a folder of them, or a CSV (image, mask, seg)",
+    )
+    p.add_argument("-o", "--output", required=True, help="output folder")
+    p.add_argument("--model", required=True, help="run folder or .safetensors checkpoint")
+    p.add_argument("--overwrite", action="store_true", help="redo scans whose outputs exist")
+    _add_threshold_args(p)
     p.add_argument(
         "--bids",
         action="store_true",
         help="BIDS-derivative names (NAME_desc-anomalymap_T2w.nii.gz)",
     )
-    p.add_argument("--seed", type=int, default=0, help="seed of the noise")
-    p.add_argument("--batch-size", type=int, help="(slice, patch) pairs per forward pass")
-    p.add_argument("--amp", choices=["none", "bf16", "fp16", "auto"], help="autocast for inference")
-    p.add_argument("-q", "--quiet", action="store_true")
-    p.set_defaults(func=cmd_detect)
+    p.add_argument("--batch-size", type=int, help="inputs per forward pass")
+    _add_set(p)
+    _add_runtime_args(p, seed=None, amp=True)
 
-    p = sub.add_parser(
-        "evaluate",
-        help="the paper's protocol on a data set in pDDPM's layout",
-        formatter_class=fmt,
-        description="Threshold on the pooled unhealthy validation split, Dice/AUPRC/AUROC per test volume, l1 on healthy IXI test volumes; per-subject CSVs, summary.json and report.html.",
-    )
+
+def _parser_evaluate(p: argparse.ArgumentParser) -> None:
+    from .models import MODELS
+
     p.add_argument("--model", help="run folder or .safetensors checkpoint")
     p.add_argument(
-        "--baseline", choices=["thresh"], help="evaluate intensity thresholding instead of a model"
+        "--baseline",
+        choices=sorted(n for n, c in MODELS.items() if not c.trainable),
+        help="evaluate a model that needs no training (intensity thresholding) instead",
     )
     p.add_argument("--data", required=True, help="data folder in pDDPM's layout")
     p.add_argument("-o", "--output", required=True, help="output folder")
     p.add_argument("--datasets", nargs="+", default=["Brats21", "MSLUB"])
     p.add_argument("--no-ixi", action="store_true", help="skip the healthy IXI test split (l1)")
     p.add_argument("--fold", type=int, help="recorded in the results")
-    p.add_argument("--label", help="model name in tables (default MAEDiff / Thresh)")
+    p.add_argument("--label", help="model name in tables (default: the preset's row name)")
     p.add_argument(
         "--max-volumes", type=int, help="use only the first N volumes of each split (quick looks)"
     )
     p.add_argument("--jobs", type=int, default=1, help="processes for post-processing and metrics")
-    p.add_argument("--device", default="auto")
-    p.add_argument("--amp", choices=["none", "bf16", "fp16", "auto"])
-    p.add_argument("--seed", type=int, default=0)
     _add_config_args(p)
-    p.add_argument("-q", "--quiet", action="store_true")
-    p.set_defaults(func=cmd_evaluate)
+    _add_runtime_args(p, seed=None, amp=True)
 
-    p = sub.add_parser(
-        "report",
-        help="one table and page from several evaluations (models, folds, seeds)",
-        formatter_class=fmt,
-        description="Evaluations with the same label are combined as mean ± std over runs.",
-    )
+
+def _parser_report(p: argparse.ArgumentParser) -> None:
     p.add_argument("evaluations", nargs="+", help="evaluation folders (or their summary.json)")
     p.add_argument("-o", "--output", required=True)
-    p.set_defaults(func=cmd_report)
 
-    p = sub.add_parser(
-        "demo",
-        help="offline: synthesise, train the cpu preset, evaluate, report",
-        formatter_class=fmt,
-        description="Everything on the synthetic benchmark, no data or network needed: synth -> train (cpu preset) -> evaluate MAEDiff and the Thresh baseline -> report.",
+
+def _parser_preprocess(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "-i", "--input", required=True, help="a raw NIfTI scan, a folder of them, or a CSV"
     )
+    p.add_argument(
+        "-o", "--output", required=True, help="output folder (NAME.nii.gz + NAME_mask.nii.gz)"
+    )
+    p.add_argument(
+        "--skull-strip",
+        choices=["mask", "hd-bet", "threshold"],
+        default="mask",
+        help="brain mask: given NAME_mask companions, HD-BET (pip install hd-bet), or image > 0",
+    )
+    p.add_argument("--no-register", action="store_true", help="skip affine registration")
+    p.add_argument("--no-n4", action="store_true", help="skip N4 bias-field correction")
+    p.add_argument("--no-crop", action="store_true", help="skip cropping to the brain")
+    p.add_argument("--template", help="template image (default: MNI152 from nilearn)")
+    p.add_argument("--template-mask", help="brain mask of --template")
+    p.add_argument("--device", default="cpu", help="device for HD-BET")
+    p.add_argument("-q", "--quiet", action="store_true")
+
+
+def _parser_benchmark(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--table", choices=["1", "2"], help="every model of the paper's Table 1 or 2")
+    p.add_argument("--models", nargs="+", metavar="MODEL", help="instead of --table: these models")
+    p.add_argument("--scale", choices=["paper", "cpu", "tiny"], default="cpu")
+    p.add_argument("--folds", nargs="+", type=int, help="IXI folds (pDDPM's layout)")
+    p.add_argument("--seeds", nargs="+", type=int, help="training seeds (any data; default 0)")
+    p.add_argument(
+        "--data", help="data in pDDPM's layout (default: OUTPUT/data, synthesised if missing)"
+    )
+    p.add_argument("--minutes", type=float, help="training budget per run, minutes")
+    p.add_argument("--steps", type=int, help="training budget per run, steps")
+    p.add_argument("--max-volumes", type=int, help="evaluate on the first N volumes of each split")
+    _add_set(p)
+    p.add_argument("-o", "--output", required=True, help="benchmark folder (resumable)")
+    p.add_argument("--list", action="store_true", help="print one command per run and exit")
+    p.add_argument("--run-index", type=int, help="do only run N of the list (job arrays)")
+    p.add_argument(
+        "--collect", action="store_true", help="only write the tables from finished runs"
+    )
+    _add_runtime_args(p, seed=False)
+
+
+def _parser_demo(p: argparse.ArgumentParser) -> None:
     p.add_argument("-o", "--output", default="maediff-demo")
     p.add_argument(
         "--minutes", type=float, default=None, help="training budget (default: the cpu preset's)"
     )
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--device", default="auto")
-    p.add_argument(
-        "--amp",
-        choices=["none", "bf16", "fp16", "auto"],
-        default=None,
-        help="autocast for training and inference (default: the preset's)",
+    _add_runtime_args(p, seed=0, amp=True)
+
+
+COMMANDS = [
+    (
+        "synth",
+        cmd_synth,
+        _parser_synth,
+        "write the offline synthetic brain benchmark (pDDPM layout)",
+        "Generate T2-like synthetic brains from the MNI152 template shipped with nilearn: healthy IXI-like volumes with 5 folds, tumour (BraTS21-like) and MS-lesion (MSLUB-like) sets with exact masks.",
+    ),
+    (
+        "preprocess",
+        cmd_preprocess,
+        _parser_preprocess,
+        "raw scans -> skull-stripped, registered, bias-corrected NIfTI",
+        "Skull stripping (given mask, HD-BET or threshold), affine registration to a template, N4 bias-field correction and cropping to the brain; writes NAME.nii.gz and NAME_mask.nii.gz for train/detect.",
+    ),
+    (
+        "train",
+        cmd_train,
+        _parser_train,
+        "train a model on healthy scans",
+        "Train any model of the registry (--preset) on healthy scans: pDDPM's layout (IXI fold) or your own list. Multi-GPU: torchrun --nproc_per_node=N -m maediff train --run-dir RUN ... (torchrun takes a bare --run for its own --run-path)",
+    ),
+    (
+        "detect",
+        cmd_detect,
+        _parser_detect,
+        "anomaly maps for NIfTI scans, written in the scans' own space",
+        "For each scan: NAME_anomaly (|x - reconstruction|), NAME_score (post-processed), NAME_reconstruction and, with a threshold, NAME_prediction; NIfTI in the input's voxel grid, to overlay in a viewer. Brain masks are taken from NAME_mask files next to the scans (else image > 0).",
+    ),
+    (
+        "evaluate",
+        cmd_evaluate,
+        _parser_evaluate,
+        "the paper's protocol on a data set in pDDPM's layout",
+        "Threshold on the pooled unhealthy validation split, Dice/AUPRC/AUROC per test volume, l1 on healthy IXI test volumes; per-subject CSVs, summary.json and report.html.",
+    ),
+    (
+        "report",
+        cmd_report,
+        _parser_report,
+        "one table and page from several evaluations (models, folds, seeds)",
+        "Evaluations of the same model on the same data set are combined as mean ± std over runs.",
+    ),
+    (
+        "benchmark",
+        cmd_benchmark,
+        _parser_benchmark,
+        "Tables 1 and 2 and Figure 3: train and evaluate many models, resumable",
+        "Trains and evaluates every (model, fold or seed) in its own folder under OUTPUT with one budget, then writes the paper's tables (Markdown, CSV, HTML), paired Wilcoxon tests against MAEDiff and Figure 3. Run it again to resume; --list / --run-index split it over a cluster.",
+    ),
+    (
+        "demo",
+        cmd_demo,
+        _parser_demo,
+        "offline: synthesise, train the cpu preset, evaluate, report",
+        "Everything on the synthetic benchmark, no data or network needed: synth -> train (cpu preset) -> evaluate MAEDiff and the Thresh baseline -> report.",
+    ),
+]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(
+        prog="maediff",
+        description="MAEDiff: unsupervised anomaly detection in brain MRI with masked-autoencoder-enhanced patch diffusion, and the paper's baselines.",
+        epilog=EPILOG,
     )
-    p.add_argument("-q", "--quiet", action="store_true")
-    p.set_defaults(func=cmd_demo)
+    ap.add_argument("--version", action="version", version=f"maediff {__version__}")
+    sub = ap.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for name, func, add_args, help_text, description in COMMANDS:
+        p = sub.add_parser(
+            name,
+            help=help_text,
+            description=description,
+            formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        )
+        add_args(p)
+        p.set_defaults(func=func)
     return ap
 
 

@@ -55,7 +55,7 @@ class UNetConfig:
     num_res_blocks: int = 3
     # Global self-attention in encoder and decoder at these downsampling factors
     # (1 = full resolution, 2 = H/2, 4 = H/4). The middle block always has one.
-    attention_levels: tuple[int, ...] = ()
+    attention_levels: tuple[int, ...] = (2, 4)  # Table 2 "Att." (the published MAEDiff)
     num_head_channels: int = 64
     norm_groups: int = 32
     dropout: float = 0.0
@@ -91,6 +91,9 @@ class DiffusionConfig:
     t_test: int = 500  # 1-based: alpha_bar(t) = alphas_cumprod[t - 1]
     t_train_min: int = 1  # training t ~ U{t_train_min .. t_train_max}
     t_train_max: int = 1000
+    # Reverse steps from t_test at test time. 1: one x0 prediction (MAEDiff, pDDPM and
+    # pDDPM's AnoDDPM); >1 (anoddpm only): the original AnoDDPM's iterative sampling.
+    sample_steps: int = 1
 
 
 @dataclass(frozen=True)
@@ -122,13 +125,12 @@ class TrainConfig:
     epochs: int = 1600
     max_steps: int = 0  # 0: no step limit; otherwise stop after this many steps
     max_minutes: float = 0.0  # 0: no time limit
-    slices_per_volume: int = 1  # pDDPM: one random axial slice per volume per epoch
+    slices_per_volume: int = 1  # random axial slices per volume per epoch (pDDPM: 1)
     grad_clip: float = 0.0  # 0: no clipping
     amp: str = "none"  # "none", "bf16", "fp16" or "auto" (bf16 where the hardware has it)
     seed: int = 0
     val_every: int = 1  # epochs between validation passes
     checkpoint_every: int = 10  # epochs between "last" checkpoints (and resume points)
-    num_workers: int = 0
 
 
 @dataclass(frozen=True)
@@ -149,15 +151,59 @@ class DataConfig:
 class InferenceConfig:
     batch_size: int = 64  # (slice, patch) inputs per forward pass in reconstruct()
     amp: str = "none"  # "none", "bf16", "fp16" or "auto" (bf16 where the hardware has it)
-    seed: int = 0
+    seed: int = 0  # noise seed of detect / evaluate when --seed is not given
     # Skip (slice, patch) pairs whose patch holds no brain voxel: brain voxels get exactly
     # the full Alg. 2 result; voxels outside the brain keep the input (0 after skull stripping).
     skip_empty_patches: bool = True
 
 
 @dataclass(frozen=True)
+class AutoencoderConfig:
+    """Convolutional encoder-decoder with a dense bottleneck: AE and VAE (Baur et al.
+    2021), the slice encoder of SVAE (Behrendt et al. 2022) and the backbones of
+    f-AnoGAN's generator, critic and encoder (docs/method.md, "Baselines")."""
+
+    channels: tuple[int, ...] = (32, 64, 128, 256)  # widths of the stride-2 stages
+    latent_dim: int = 512  # z
+    loss: str = "l1"  # reconstruction loss: "l1" or "l2"
+    kl_weight: float = 1e-3  # VAE / SVAE: weight of KL(q(z|x) || N(0, I))
+
+
+@dataclass(frozen=True)
+class SVAEConfig:
+    """Transformer over the slice latents of one volume (Behrendt et al. 2022)."""
+
+    depth: int = 4
+    heads: int = 8
+    mlp_ratio: float = 4.0
+    dropout: float = 0.1
+
+
+@dataclass(frozen=True)
+class DAEConfig:
+    """Denoising autoencoder with coarse noise (Kascenas et al. 2022)."""
+
+    noise_res: int = 16  # Gaussian noise drawn at noise_res x noise_res, upsampled
+    noise_std: float = 0.2
+
+
+@dataclass(frozen=True)
+class FAnoGANConfig:
+    """WGAN-GP then an izi_f encoder (Schlegl et al. 2019)."""
+
+    latent_dim: int = 128
+    n_critic: int = 5  # critic updates per generator update
+    gp_weight: float = 10.0  # lambda of the gradient penalty
+    feature_weight: float = 1.0  # kappa of the izi_f loss
+    gan_fraction: float = 0.7  # share of the training budget spent on the WGAN stage
+    beta1: float = 0.0  # Adam betas of the GAN stage (WGAN-GP: 0.0, 0.9)
+    beta2: float = 0.9
+
+
+@dataclass(frozen=True)
 class Config:
     name: str = "paper"
+    model: str = "maediff"  # key of the model registry (maediff.models.MODELS)
     geometry: GeometryConfig = field(default_factory=GeometryConfig)
     unet: UNetConfig = field(default_factory=UNetConfig)
     mae: MAEConfig = field(default_factory=MAEConfig)
@@ -166,6 +212,10 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     data: DataConfig = field(default_factory=DataConfig)
     inference: InferenceConfig = field(default_factory=InferenceConfig)
+    autoencoder: AutoencoderConfig = field(default_factory=AutoencoderConfig)
+    svae: SVAEConfig = field(default_factory=SVAEConfig)
+    dae: DAEConfig = field(default_factory=DAEConfig)
+    fanogan: FAnoGANConfig = field(default_factory=FAnoGANConfig)
 
     def __post_init__(self) -> None:
         validate(self)
@@ -198,8 +248,45 @@ def validate_geometry(g: GeometryConfig) -> None:
     )
 
 
+MODEL_KINDS = ("maediff", "anoddpm", "thresh", "ae", "vae", "svae", "dae", "fanogan")
+
+
+def validate_baselines(cfg: Config) -> None:
+    a, f, d, sv = cfg.autoencoder, cfg.fanogan, cfg.dae, cfg.svae
+    _check(cfg.model in MODEL_KINDS, f"model={cfg.model!r} must be one of {MODEL_KINDS}")
+    _check(
+        len(a.channels) >= 1 and all(c > 0 for c in a.channels),
+        f"autoencoder.channels={a.channels!r} must be positive widths",
+    )
+    downs = 2 ** len(a.channels)
+    _check(
+        cfg.geometry.image_size % downs == 0,
+        f"image_size {cfg.geometry.image_size} must be divisible by 2^len(autoencoder.channels) = {downs}",
+    )
+    _check(a.latent_dim >= 1, f"autoencoder.latent_dim={a.latent_dim} must be >= 1")
+    _check(a.loss in ("l1", "l2"), f"autoencoder.loss={a.loss!r} must be 'l1' or 'l2'")
+    _check(a.kl_weight >= 0, f"autoencoder.kl_weight={a.kl_weight} must be >= 0")
+    _check(
+        sv.depth >= 1 and a.latent_dim % sv.heads == 0,
+        f"svae.heads={sv.heads} must divide autoencoder.latent_dim={a.latent_dim} (depth {sv.depth} >= 1)",
+    )
+    _check(
+        1 <= d.noise_res <= cfg.geometry.image_size,
+        f"dae.noise_res={d.noise_res} must be in 1..image_size",
+    )
+    _check(d.noise_std >= 0, f"dae.noise_std={d.noise_std} must be >= 0")
+    _check(f.latent_dim >= 1, f"fanogan.latent_dim={f.latent_dim} must be >= 1")
+    _check(f.n_critic >= 1, f"fanogan.n_critic={f.n_critic} must be >= 1")
+    _check(0.0 < f.gan_fraction < 1.0, f"fanogan.gan_fraction={f.gan_fraction} must be in (0, 1)")
+    _check(
+        0 <= f.beta1 < 1 and 0 <= f.beta2 < 1,
+        f"fanogan betas ({f.beta1}, {f.beta2}) must be in [0, 1)",
+    )
+
+
 def validate(cfg: Config) -> None:
     """Raise ValueError naming the offending value for any invalid combination."""
+    validate_baselines(cfg)
     g, u, m, d, n = cfg.geometry, cfg.unet, cfg.mae, cfg.diffusion, cfg.noise
     validate_geometry(g)
     H, p = g.image_size, g.patch_size
@@ -230,7 +317,7 @@ def validate(cfg: Config) -> None:
     _check(u.num_res_blocks >= 1, f"unet.num_res_blocks={u.num_res_blocks} must be >= 1")
     _check(0.0 <= u.dropout < 1.0, f"unet.dropout={u.dropout} must be in [0, 1)")
 
-    if m.enabled:
+    if m.enabled and cfg.model == "maediff":
         _check(
             downs == 4,
             f"the MAE needs the U-Net encoder output at H/4, but channel_mult={u.channel_mult} gives H/{downs}",
@@ -263,6 +350,14 @@ def validate(cfg: Config) -> None:
     )
     _check(1 <= d.t_test <= d.timesteps, f"diffusion.t_test={d.t_test} must be in 1..{d.timesteps}")
     _check(
+        1 <= d.sample_steps <= d.t_test,
+        f"diffusion.sample_steps={d.sample_steps} must be in 1..t_test ({d.t_test})",
+    )
+    _check(
+        d.sample_steps == 1 or cfg.model == "anoddpm",
+        f"diffusion.sample_steps={d.sample_steps}: iterative sampling is an AnoDDPM option (model={cfg.model!r})",
+    )
+    _check(
         1 <= d.t_train_min <= d.t_train_max <= d.timesteps,
         f"diffusion training range t_train_min={d.t_train_min}..t_train_max={d.t_train_max} must lie in 1..{d.timesteps}",
     )
@@ -281,6 +376,7 @@ def validate(cfg: Config) -> None:
     )
     _check(t.lr > 0, f"train.lr={t.lr} must be > 0")
     _check(t.batch_size >= 1, f"train.batch_size={t.batch_size} must be >= 1")
+    _check(t.slices_per_volume >= 1, f"train.slices_per_volume={t.slices_per_volume} must be >= 1")
     for name, amp in (("train.amp", t.amp), ("inference.amp", cfg.inference.amp)):
         _check(
             amp in ("none", "bf16", "fp16", "auto"),
@@ -312,86 +408,168 @@ def validate(cfg: Config) -> None:
 
 
 # --------------------------------------------------------------------------- presets
+#
+# A preset is a model (a row of the paper's Table 1 or 2) at a scale. The model is a
+# small delta over the paper's MAEDiff (Config()); the scale is one function applied to
+# any model: `paper` (the published sizes), `cpu` (trains in minutes on 2 cores) and
+# `tiny` (unit tests). Preset names: MODEL (paper scale), MODEL-cpu, MODEL-tiny.
 
 
-def _paper() -> Config:
-    return Config(name="paper")
+def _unet(cfg: Config, **kw: Any) -> Config:
+    return replace(cfg, unet=replace(cfg.unet, **kw))
 
 
-def _no_mae(cfg: Config, name: str, **geometry: int) -> Config:
+def _diffusion_variant(
+    cfg: Config, *, mae: bool, attention: bool, stride: int | None = None
+) -> Config:
+    """Table 2: U-Net (+ global attention at H/2, H/4) (+ MAE); pDDPM = U-Net, no MAE."""
+    cfg = replace(cfg, mae=replace(cfg.mae, enabled=mae))
+    cfg = _unet(cfg, attention_levels=(2, 4) if attention else ())
+    return replace(cfg, geometry=replace(cfg.geometry, stride=stride or cfg.geometry.stride))
+
+
+def _anoddpm(cfg: Config) -> Config:
+    """AnoDDPM as pDDPM reimplements it: the same U-Net and training, the whole slice
+    noised (one patch covering the image), reconstructed from t_test."""
+    cfg = _diffusion_variant(cfg, mae=False, attention=False)
+    g = cfg.geometry
+    return replace(cfg, model="anoddpm", geometry=replace(g, patch_size=g.image_size))
+
+
+MODEL_DELTAS: dict[str, Any] = {
+    "thresh": lambda c: replace(c, model="thresh"),
+    "ae": lambda c: replace(c, model="ae"),
+    "vae": lambda c: replace(c, model="vae"),
+    "svae": lambda c: replace(c, model="svae"),
+    "dae": lambda c: replace(c, model="dae"),
+    "fanogan": lambda c: replace(c, model="fanogan"),
+    "anoddpm": _anoddpm,
+    "pddpm-s48": lambda c: _diffusion_variant(c, mae=False, attention=False, stride=48),
+    "pddpm-s16": lambda c: _diffusion_variant(c, mae=False, attention=False, stride=16),
+    "maediff": lambda c: c,  # = Table 2 "U-Net + Att. + MAE" (the published numbers)
+    "ablation-unet": lambda c: _diffusion_variant(c, mae=False, attention=False),
+    "ablation-unet-att": lambda c: _diffusion_variant(c, mae=False, attention=True),
+    "ablation-unet-mae": lambda c: _diffusion_variant(c, mae=True, attention=False),
+    "ablation-unet-att-mae": lambda c: _diffusion_variant(c, mae=True, attention=True),
+}
+# Row names of the paper's tables
+DISPLAY_NAMES = {
+    "thresh": "Thresh",
+    "ae": "AE",
+    "vae": "VAE",
+    "svae": "SVAE",
+    "dae": "DAE",
+    "fanogan": "f-AnoGAN",
+    "anoddpm": "AnoDDPM",
+    "pddpm-s48": "pDDPM s48",
+    "pddpm-s16": "pDDPM s16",
+    "maediff": "MAEDiff",
+    "ablation-unet": "U-Net",
+    "ablation-unet-att": "U-Net + Att.",
+    "ablation-unet-mae": "U-Net + MAE",
+    "ablation-unet-att-mae": "U-Net + Att. + MAE",
+}
+TABLE1 = (
+    "thresh",
+    "ae",
+    "vae",
+    "svae",
+    "dae",
+    "fanogan",
+    "anoddpm",
+    "pddpm-s48",
+    "pddpm-s16",
+    "maediff",
+)
+TABLE2 = ("ablation-unet", "ablation-unet-att", "ablation-unet-mae", "ablation-unet-att-mae")
+
+
+def _rescale_geometry(g: GeometryConfig, size: int, grid: int) -> GeometryConfig:
+    """The same partition (patch and stride as fractions of the slice) at `size` pixels."""
+
+    def scaled(v: int) -> int:
+        return max(grid, round(v * size / g.image_size / grid) * grid)
+
+    return GeometryConfig(size, scaled(g.patch_size), scaled(g.stride), grid)
+
+
+def _cpu_scale(cfg: Config) -> Config:
+    """The paper's structure (K=16, N=36) at 48x48 with narrow networks: minutes on 2 cores."""
     return replace(
         cfg,
-        name=name,
-        mae=replace(cfg.mae, enabled=False),
-        geometry=replace(cfg.geometry, **geometry),
-    )
-
-
-def _with_attention(cfg: Config, name: str) -> Config:
-    # Table 2 "Att.": global attention at 48x48 and 24x24 (H/2, H/4) in encoder and decoder.
-    return replace(cfg, name=name, unet=replace(cfg.unet, attention_levels=(2, 4)))
-
-
-def _cpu() -> Config:
-    """The paper's structure (K=16, N=36) scaled to train usefully on 2 CPU cores."""
-    return Config(
-        name="cpu",
-        geometry=GeometryConfig(image_size=48, patch_size=24, stride=8, grid_size=8),
-        unet=UNetConfig(
-            model_channels=32,
-            channel_mult=(1, 2, 2),
-            num_res_blocks=1,
-            num_head_channels=32,
-            norm_groups=16,
+        geometry=_rescale_geometry(cfg.geometry, 48, 8),
+        unet=replace(
+            cfg.unet, model_channels=32, num_res_blocks=1, num_head_channels=32, norm_groups=16
         ),
-        mae=MAEConfig(enc_dim=128, enc_depth=4, enc_heads=4, dec_dim=128, dec_depth=2, dec_heads=4),
-        diffusion=DiffusionConfig(),
+        mae=replace(
+            cfg.mae, enc_dim=128, enc_depth=4, enc_heads=4, dec_dim=128, dec_depth=2, dec_heads=4
+        ),
         # 48x48 slices of the protocol's 96x96: double the per-pixel frequency so the
         # noise keeps the physical scale of the paper's 2^-6 at 96x96
-        noise=NoiseConfig(frequency=2.0**-5),
-        train=TrainConfig(
-            lr=3e-4, batch_size=32, epochs=100000, max_minutes=6.0, amp="auto", val_every=10
-        ),
-        data=DataConfig(),
-        inference=InferenceConfig(batch_size=32, amp="auto"),
+        noise=replace(cfg.noise, frequency=2.0 * cfg.noise.frequency),
+        train=replace(cfg.train, lr=3e-4, epochs=100000, max_minutes=6.0, amp="auto", val_every=10),
+        inference=replace(cfg.inference, batch_size=32, amp="auto"),
+        autoencoder=replace(cfg.autoencoder, channels=(16, 32, 64, 128), latent_dim=128),
+        svae=replace(cfg.svae, depth=2, heads=4),
+        dae=replace(cfg.dae, noise_res=cfg.dae.noise_res // 2),
+        fanogan=replace(cfg.fanogan, latent_dim=64),
     )
 
 
-def _tiny() -> Config:
-    """Smallest useful configuration: unit tests and the end-to-end CLI test."""
-    return Config(
-        name="tiny",
-        geometry=GeometryConfig(image_size=32, patch_size=16, stride=8, grid_size=8),
-        unet=UNetConfig(
-            model_channels=16,
-            channel_mult=(1, 2, 2),
-            num_res_blocks=1,
-            num_head_channels=16,
-            norm_groups=8,
+def _tiny_scale(cfg: Config) -> Config:
+    """Smallest useful configuration: unit tests and the end-to-end CLI tests."""
+    return replace(
+        cfg,
+        geometry=_rescale_geometry(cfg.geometry, 32, 8),
+        unet=replace(
+            cfg.unet, model_channels=16, num_res_blocks=1, num_head_channels=16, norm_groups=8
         ),
-        mae=MAEConfig(enc_dim=32, enc_depth=2, enc_heads=2, dec_dim=32, dec_depth=2, dec_heads=2),
-        diffusion=DiffusionConfig(timesteps=20, t_test=10, t_train_max=20),
-        train=TrainConfig(lr=1e-3, batch_size=8, epochs=2),
-        data=DataConfig(volume_shape=(32, 32, 8), spacing=6.0),
-        inference=InferenceConfig(batch_size=64),
+        mae=replace(
+            cfg.mae, enc_dim=32, enc_depth=2, enc_heads=2, dec_dim=32, dec_depth=2, dec_heads=2
+        ),
+        diffusion=replace(cfg.diffusion, timesteps=20, t_test=10, t_train_max=20),
+        train=replace(cfg.train, lr=1e-3, batch_size=8, epochs=2),
+        data=replace(cfg.data, volume_shape=(32, 32, 8), spacing=6.0),
+        inference=replace(cfg.inference, batch_size=64),
+        autoencoder=replace(cfg.autoencoder, channels=(8, 16, 32), latent_dim=32),
+        svae=replace(cfg.svae, depth=1, heads=2),
+        dae=replace(cfg.dae, noise_res=4),
+        fanogan=replace(cfg.fanogan, latent_dim=16),
     )
+
+
+SCALES: dict[str, Any] = {"paper": lambda c: c, "cpu": _cpu_scale, "tiny": _tiny_scale}
+ALIASES = {"paper": "maediff", "cpu": "maediff-cpu", "tiny": "maediff-tiny"}
+
+
+def preset_name(model: str, scale: str = "paper") -> str:
+    return model if scale == "paper" else f"{model}-{scale}"
+
+
+def split_preset_name(name: str) -> tuple[str, str]:
+    """'dae-cpu' -> ('dae', 'cpu'); aliases resolved ('cpu' -> ('maediff', 'cpu'))."""
+    name = ALIASES.get(name, name)
+    for scale in SCALES:
+        if scale != "paper" and name.endswith(f"-{scale}"):
+            return name[: -len(scale) - 1], scale
+    return name, "paper"
+
+
+def display_name(cfg: Config) -> str:
+    """The table row of a configuration: its preset's row name, else the model's."""
+    base, _ = split_preset_name(cfg.name)
+    return DISPLAY_NAMES.get(base) or DISPLAY_NAMES.get(cfg.model, cfg.name)
 
 
 def _build_presets() -> dict[str, Any]:
-    paper = _paper
-    return {
-        "paper": paper,
-        "pddpm-s48": lambda: _no_mae(paper(), "pddpm-s48", stride=48),
-        "pddpm-s16": lambda: _no_mae(paper(), "pddpm-s16", stride=16),
-        "ablation-unet": lambda: _no_mae(paper(), "ablation-unet"),
-        "ablation-unet-att": lambda: _with_attention(
-            _no_mae(paper(), "ablation-unet-att"), "ablation-unet-att"
-        ),
-        "ablation-unet-mae": lambda: replace(paper(), name="ablation-unet-mae"),
-        "ablation-unet-att-mae": lambda: _with_attention(paper(), "ablation-unet-att-mae"),
-        "cpu": _cpu,
-        "tiny": _tiny,
-    }
+    presets: dict[str, Any] = {}
+    for model, delta in MODEL_DELTAS.items():
+        for scale, fn in SCALES.items():
+            name = preset_name(model, scale)
+            presets[name] = lambda d=delta, f=fn, n=name: replace(f(d(Config())), name=n)
+    for alias, target in ALIASES.items():
+        presets[alias] = lambda t=target, a=alias: replace(presets[t](), name=a)
+    return presets
 
 
 PRESETS = _build_presets()
@@ -543,7 +721,11 @@ def apply_overrides(cfg: Config, overrides: list[str]) -> Config:
 
 def describe(cfg: Config) -> str:
     """One-line summary used in logs and model cards."""
-    g = cfg.geometry
+    g, a = cfg.geometry, cfg.autoencoder
+    if cfg.model in ("ae", "vae", "svae", "fanogan"):
+        return f"{cfg.name} ({cfg.model}): {g.image_size}x{g.image_size}, conv {list(a.channels)}, z={a.latent_dim}"
+    if cfg.model in ("thresh", "dae"):
+        return f"{cfg.name} ({cfg.model}): {g.image_size}x{g.image_size}"
     return (
         f"{cfg.name}: {g.image_size}x{g.image_size}, p={g.patch_size} s={g.stride} r={g.grid_size} "
         f"(K={g.num_patches}, N={g.num_cells}), U-Net {cfg.unet.model_channels}x{list(cfg.unet.channel_mult)}"
@@ -553,7 +735,14 @@ def describe(cfg: Config) -> str:
 
 
 __all__ = [
+    "DISPLAY_NAMES",
+    "TABLE1",
+    "TABLE2",
+    "AutoencoderConfig",
     "Config",
+    "DAEConfig",
+    "FAnoGANConfig",
+    "SVAEConfig",
     "DataConfig",
     "DiffusionConfig",
     "GeometryConfig",
@@ -565,6 +754,9 @@ __all__ = [
     "UNetConfig",
     "apply_overrides",
     "describe",
+    "display_name",
+    "preset_name",
+    "split_preset_name",
     "from_dict",
     "get_preset",
     "load_config",

@@ -89,19 +89,21 @@ class SliceSet:
     def __len__(self) -> int:
         return len(self.images)
 
-    def epoch_size(self, all_slices: bool = False) -> int:
-        return sum(len(v) for v in self.valid) if all_slices else len(self.valid)
+    def epoch_size(self, all_slices: bool = False, per_volume: int = 1) -> int:
+        return sum(len(v) for v in self.valid) if all_slices else per_volume * len(self.valid)
 
     def epoch_indices(
-        self, generator: torch.Generator, all_slices: bool = False
+        self, generator: torch.Generator, all_slices: bool = False, per_volume: int = 1
     ) -> list[tuple[int, int]]:
-        """(volume, slice) pairs of one epoch, shuffled."""
+        """(volume, slice) pairs of one epoch, shuffled: every usable slice, or
+        `per_volume` random ones per volume (pDDPM: 1)."""
         if all_slices:
             pairs = [(v, int(z)) for v, idx in enumerate(self.valid) for z in idx]
         else:
             pairs = [
-                (v, int(idx[torch.randint(len(idx), (1,), generator=generator)]))
+                (v, int(idx[i]))
                 for v, idx in enumerate(self.valid)
+                for i in torch.randint(len(idx), (per_volume,), generator=generator)
             ]
         order = torch.randperm(len(pairs), generator=generator).tolist()
         return [pairs[i] for i in order]
@@ -110,3 +112,12 @@ class SliceSet:
         for i in range(0, len(pairs), batch_size):
             chunk = pairs[i : i + batch_size]
             yield torch.stack([self.images[v][z] for v, z in chunk])
+
+    def volume_order(self, generator: torch.Generator) -> list[int]:
+        """Volume indices of one epoch, shuffled (models that see whole volumes)."""
+        return torch.randperm(len(self.images), generator=generator).tolist()
+
+    def volume_batches(self, order: Sequence[int], batch_size: int) -> Iterator[torch.Tensor]:
+        """Whole volumes: (B, S, 1, h, w) with every axial slice of each volume."""
+        for i in range(0, len(order), batch_size):
+            yield torch.stack([self.images[v] for v in order[i : i + batch_size]])

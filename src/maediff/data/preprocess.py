@@ -1,10 +1,11 @@
-"""Load-time processing (PROTOCOL.md §6) and its inverse.
+"""Load-time processing (docs/data.md §3) and its inverse.
 
     vol = prepare_volume(image_nii, mask_nii, seg_nii, cfg.data, name="sub-01")
     vol.image      # (96, 96, 50) float32 in [0, 1], axial slices on the last axis
     back = vol.to_input_space(anomaly_map)     # array on the input file's voxel grid
 
-Steps: optional CurvatureFlow (time step 0.125, 3 iterations; pDDPM parity), rescale
+Steps: CurvatureFlow (time step 0.125, 3 iterations, on the voxel grid; pDDPM parity,
+`data.curvature_flow`), after the brain mask is taken from the unsmoothed image; rescale
 to [0, 1] between the 1st and 99th percentile of the voxels inside the brain mask
 (clipped; voxels outside the mask set to 0), then one SimpleITK resampling onto the
 model grid: `volume_shape` voxels of `spacing` mm, axes along the scan's closest
@@ -55,11 +56,19 @@ def grid_affine(img: sitk.Image) -> np.ndarray:
     return aff
 
 
-def curvature_flow(
-    data: np.ndarray, affine: np.ndarray, time_step: float = 0.125, iterations: int = 3
-) -> np.ndarray:
-    img = sitk.Cast(to_sitk(data.astype(np.float32), affine), sitk.sitkFloat32)
-    return from_sitk(sitk.CurvatureFlow(img, timeStep=time_step, numberOfIterations=iterations))
+def curvature_flow(data: np.ndarray, time_step: float = 0.125, iterations: int = 3) -> np.ndarray:
+    """SimpleITK CurvatureFlow on the voxel grid (unit spacing), float32 in and out.
+
+    The reference (pDDPM's loader) runs `sitk.CurvatureFlow(timeStep=0.125,
+    numberOfIterations=3)` on its 1 mm isotropic images, where physical and voxel
+    spacing coincide: the result here is identical there (tested). On other grids the
+    filter works per voxel, as on the reference data; with the physical spacing, a
+    0.125 time step is unstable below 1 mm (a 0.5 mm scan diverges) and smooths less
+    above it.
+    """
+    img = sitk.GetImageFromArray(np.ascontiguousarray(data, dtype=np.float32))
+    out = sitk.CurvatureFlow(img, timeStep=time_step, numberOfIterations=iterations)
+    return sitk.GetArrayFromImage(out).astype(np.float32)
 
 
 def rescale_percentiles(
@@ -192,8 +201,8 @@ def prepare_volume(
             if mask is not None
             else f"{name}: the image has no voxel > 0 (no brain mask given)"
         )
-    if cfg.curvature_flow:
-        data = curvature_flow(data, affine)
+    if cfg.curvature_flow:  # images only; masks and labels are never smoothed
+        data = curvature_flow(data)
     try:
         data = rescale_percentiles(data, m, *cfg.percentiles)
     except DataError as e:

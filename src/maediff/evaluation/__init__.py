@@ -1,7 +1,8 @@
-"""The evaluation protocol of paper §4.4 / PROTOCOL.md §7 as pure functions on arrays.
+"""The evaluation protocol of paper §4.4 / docs/evaluation.md §1 as pure functions on arrays.
 
-Nothing here imports the model: inputs are NumPy volumes (X, Y, Z) with Z the axial
-slice axis, as nibabel loads them.
+Nothing here imports torch or a model (tested): inputs are NumPy volumes (X, Y, Z)
+with Z the axial slice axis, as nibabel loads them. runs.py assembles the report of
+saved evaluations (`maediff report`) from the same pieces.
 """
 
 from .metrics import average_precision, best_dice, dice, precision_recall_curve, roc_auc

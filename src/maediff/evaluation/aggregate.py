@@ -37,6 +37,36 @@ def summarise(
     return out
 
 
+# Why a volume's value of a metric can be undefined (NaN), for the summary and report.
+EXCLUSION_REASONS = {
+    "dice": "no lesion voxels and an empty prediction (0/0, left out as in the reference nanmean)",
+    "auprc": "no lesion voxels (average precision undefined)",
+    "auroc": "only one class of voxels (no lesion or no healthy voxel)",
+    "oracle_best_dice": "no lesion voxels",
+    "l1": "empty volume",
+    "l1_healthy": "no healthy brain voxels",
+    "l1_anomalous": "no lesion voxels",
+    "anomaly_score": "no brain voxels",
+}
+
+
+def _undefined(v: Any) -> bool:
+    return v is None or (isinstance(v, float | np.floating) and math.isnan(v))
+
+
+def exclusions(
+    records: Sequence[dict], metrics: Sequence[str] = METRICS
+) -> dict[str, dict[str, Any]]:
+    """How many volumes `summarise` left out of each metric's mean, and why:
+    {metric: {"n": count, "reason": text}} for metrics with at least one left out."""
+    out: dict[str, dict[str, Any]] = {}
+    for m in metrics:
+        n = sum(1 for r in records if m in r and _undefined(r[m]))
+        if n:
+            out[m] = {"n": n, "reason": EXCLUSION_REASONS.get(m, "undefined (NaN)")}
+    return out
+
+
 def combine_runs(summaries: Sequence[dict[str, dict[str, float]]]) -> dict[str, dict[str, float]]:
     """Mean +- std over runs (folds or seeds) of each run's per-volume mean."""
     keys = sorted(set().union(*(s.keys() for s in summaries))) if summaries else []

@@ -1,13 +1,15 @@
-"""Per-volume metrics (PROTOCOL.md §7 steps 4 and 7).
+"""Per-volume metrics (docs/evaluation.md §1, steps 4 and 7).
 
 Average precision and AUROC follow scikit-learn's definitions (step-wise AP without
 interpolation; trapezoidal ROC area) and are computed from one sort of the scores.
 
-Edge cases, by convention:
-- no lesion voxels: AP and AUROC are NaN (undefined) and excluded from means;
+Edge cases, by convention (docs/evaluation.md §2):
+- no lesion voxels: AP and AUROC are NaN (undefined) and left out of the means;
 - no healthy voxels: AUROC is NaN;
-- Dice of an empty prediction against an empty ground truth is 1, otherwise 0 when
-  either side is empty;
+- Dice is the reference's 2|P & G| / (|P| + |G|): an empty prediction against an
+  empty ground truth is 0/0 = NaN, left out of the mean (the reference's nanmean);
+  a prediction on a volume without lesion voxels, or an empty prediction on one
+  with lesions, is 0;
 - ties: voxels with equal scores enter the curves together (one threshold).
 """
 
@@ -17,7 +19,8 @@ import numpy as np
 
 
 def dice(pred: np.ndarray, gt: np.ndarray) -> float:
-    """2|P & G| / (|P| + |G|) over boolean arrays of equal shape."""
+    """2|P & G| / (|P| + |G|) over boolean arrays of equal shape; NaN (0/0, as the
+    reference) when both are empty."""
     if pred.shape != gt.shape:
         raise ValueError(f"prediction {pred.shape} and ground truth {gt.shape} differ in shape")
     p, g = pred.astype(bool), gt.astype(bool)

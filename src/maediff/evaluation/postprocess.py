@@ -1,9 +1,17 @@
-"""Post-processing of residual maps (PROTOCOL.md §7 steps 2, 3 and 6)."""
+"""Post-processing of residual maps (docs/evaluation.md §Protocol, steps 2, 3 and 6).
+
+The protocol's defaults live here once; `EvalSettings` (protocol.py) and `detect`
+(pipeline/detect.py) take them from these constants.
+"""
 
 from __future__ import annotations
 
 import numpy as np
 from scipy import ndimage
+
+EROSION_ITERATIONS = 3  # slice-wise erosion of the brain mask, 3x3 cross (step 2)
+MEDIAN_SIZE = 5  # 3-D median filter, 5x5x5 (step 3)
+MIN_COMPONENT = 7  # 26-connected components of this many voxels or fewer are removed (step 6)
 
 
 def _check_3d(name: str, a: np.ndarray) -> None:
@@ -11,7 +19,7 @@ def _check_3d(name: str, a: np.ndarray) -> None:
         raise ValueError(f"{name} must be a 3-D volume (X, Y, Z), got shape {a.shape}")
 
 
-def erode_mask_slicewise(mask: np.ndarray, iterations: int = 3) -> np.ndarray:
+def erode_mask_slicewise(mask: np.ndarray, iterations: int = EROSION_ITERATIONS) -> np.ndarray:
     """Erode a brain mask within each axial slice (last axis) with a 3x3 cross.
 
     Voxels on the border of the array count as outside (scipy's border_value=0).
@@ -24,7 +32,7 @@ def erode_mask_slicewise(mask: np.ndarray, iterations: int = 3) -> np.ndarray:
     return ndimage.binary_erosion(mask.astype(bool), structure=structure, iterations=iterations)
 
 
-def median_filter_3d(volume: np.ndarray, size: int = 5) -> np.ndarray:
+def median_filter_3d(volume: np.ndarray, size: int = MEDIAN_SIZE) -> np.ndarray:
     """3-D median filter (scipy, mode 'reflect'), computed on the bounding box of the
     non-zero voxels plus a margin. Far from that box every neighbourhood holds only
     zeros, so the result equals filtering the whole volume while doing less work."""
@@ -49,10 +57,13 @@ def median_filter_3d(volume: np.ndarray, size: int = 5) -> np.ndarray:
 
 
 def anomaly_scores(
-    residual: np.ndarray, brain_mask: np.ndarray, erosion_iterations: int = 3, median_size: int = 5
+    residual: np.ndarray,
+    brain_mask: np.ndarray,
+    erosion_iterations: int = EROSION_ITERATIONS,
+    median_size: int = MEDIAN_SIZE,
 ) -> np.ndarray:
     """Residual -> score map: times the slice-wise eroded brain mask, then a 3-D median
-    filter (PROTOCOL.md §7 steps 2-3). median_size 0 or 1 skips the filter."""
+    filter (docs/evaluation.md §Protocol, steps 2-3). median_size 0 or 1 skips the filter."""
     _check_3d("residual", residual)
     if residual.shape != brain_mask.shape:
         raise ValueError(
@@ -62,7 +73,7 @@ def anomaly_scores(
     return median_filter_3d(scores, median_size) if median_size > 1 else scores
 
 
-def remove_small_components(binary: np.ndarray, max_size: int = 7) -> np.ndarray:
+def remove_small_components(binary: np.ndarray, max_size: int = MIN_COMPONENT) -> np.ndarray:
     """Drop 26-connected components of `max_size` voxels or fewer (step 6)."""
     _check_3d("binary", binary)
     labels, n = ndimage.label(binary.astype(bool), structure=np.ones((3, 3, 3), dtype=bool))

@@ -1,4 +1,4 @@
-"""The whole protocol for one data set (PROTOCOL.md §7), streaming over volumes.
+"""The whole protocol for one data set (docs/evaluation.md §1), streaming over volumes.
 
     outcome = evaluate_split(val_volumes, test_volumes)      # iterables of VolumeResult
     outcome.threshold, outcome.records, summarise(outcome.records)
@@ -18,7 +18,13 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from .metrics import average_precision, best_dice, dice, roc_auc
-from .postprocess import anomaly_scores, remove_small_components
+from .postprocess import (
+    EROSION_ITERATIONS,
+    MEDIAN_SIZE,
+    MIN_COMPONENT,
+    anomaly_scores,
+    remove_small_components,
+)
 from .thresholds import PooledVoxels, fpr_threshold, greedy_threshold_search
 
 
@@ -49,9 +55,9 @@ class VolumeResult:
 
 @dataclass(frozen=True)
 class EvalSettings:
-    erosion_iterations: int = 3
-    median_size: int = 5
-    min_component: int = 7  # components of this many voxels or fewer are removed
+    erosion_iterations: int = EROSION_ITERATIONS
+    median_size: int = MEDIAN_SIZE
+    min_component: int = MIN_COMPONENT  # components of this many voxels or fewer are removed
     search_steps: int = 10
     fprs: tuple[float, ...] = (0.01, 0.05, 0.10)
     top_fraction: float = 0.01  # volume score: mean of the top 1 % brain-voxel scores

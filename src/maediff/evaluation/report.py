@@ -9,6 +9,8 @@ import csv
 import html
 import io
 import math
+import os
+import urllib.parse
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
@@ -202,9 +204,19 @@ def _markdown_table_to_html(md: str) -> str:
     return out + "</tbody></table>"
 
 
+def image_src(image: str | Path, page: str | Path) -> str:
+    """The `src` of an image on a page: its path relative to the page's folder (URL
+    quoted, '/' separators). `image` is absolute or relative to the working directory,
+    like any other path here; the result does not depend on the working directory."""
+    rel = os.path.relpath(Path(image).resolve(), Path(page).resolve().parent)
+    return urllib.parse.quote(Path(rel).as_posix())
+
+
 def write_html(path: str | Path, title: str, sections: Sequence[Mapping]) -> Path:
-    """One self-contained page (images referenced relative to it). Section keys:
-    heading, and any of text (paragraph), table (Markdown table), images (paths)."""
+    """One page; images are referenced relative to it (so the folder can be moved or
+    served as is). Section keys: heading, and any of text (paragraphs), pre
+    (preformatted), table (Markdown table), images (paths, absolute or relative to
+    the working directory)."""
     path = Path(path)
     parts = [
         "<!doctype html><html><head><meta charset='utf-8'>",
@@ -225,12 +237,8 @@ def write_html(path: str | Path, title: str, sections: Sequence[Mapping]) -> Pat
         if sec.get("table"):
             parts.append(_markdown_table_to_html(sec["table"]))
         for img in sec.get("images", ()):
-            rel = (
-                Path(img).resolve().relative_to(path.parent.resolve())
-                if Path(img).is_absolute()
-                else Path(img)
-            )
-            parts.append(f"<img src='{html.escape(str(rel))}' alt='{html.escape(Path(img).stem)}'>")
+            src = html.escape(image_src(img, path))
+            parts.append(f"<img src='{src}' alt='{html.escape(Path(img).stem)}'>")
     parts.append("</body></html>")
     write_atomic(path, "\n".join(parts))
     return path

@@ -1,4 +1,4 @@
-"""Operating points (PROTOCOL.md §7 step 5).
+"""Operating points (docs/evaluation.md §1, step 5).
 
 The Dice threshold is chosen on the pooled voxels of the *unhealthy validation*
 split and applied unchanged to the test split. `PooledVoxels` keeps only voxels with
@@ -54,14 +54,16 @@ def greedy_threshold_search(pool: PooledVoxels, steps: int = 10) -> tuple[float,
     """Interval-halving search for the Dice-optimal threshold over [0, max score].
 
     Each step scores the quarter points of the current interval (predict score >
-    threshold), keeps the half around the better one, and remembers the best seen.
+    threshold), keeps the half around the better one (the lower one on equal Dice),
+    and remembers the best seen. As the reference (pDDPM's find_best_val), the best
+    starts at (0.0, 0.0) and a later candidate with an equal Dice replaces it (`>=`).
     Returns (threshold, pooled Dice). With no positive score at all: (0.0, 0.0).
     """
     scores, labels = pool.arrays()
     if scores.size == 0:
         return 0.0, 0.0
     lo, hi = 0.0, float(scores.max())
-    best_t, best_d = 0.0, -1.0
+    best_t, best_d = 0.0, 0.0
     for _ in range(steps):
         q_lo, q_hi = lo + 0.25 * (hi - lo), lo + 0.75 * (hi - lo)
         d_lo = _pooled_dice(scores, labels, q_lo, pool.missed_positives)
@@ -71,9 +73,9 @@ def greedy_threshold_search(pool: PooledVoxels, steps: int = 10) -> tuple[float,
             cand, d, (lo, hi) = q_lo, d_lo, (lo, mid)
         else:
             cand, d, (lo, hi) = q_hi, d_hi, (mid, hi)
-        if d > best_d:
+        if d >= best_d:  # ties: the later candidate wins, as the reference
             best_t, best_d = cand, d
-    return best_t, max(best_d, 0.0)
+    return best_t, best_d
 
 
 def fpr_threshold(healthy_scores: np.ndarray, fpr: float) -> float:

@@ -18,17 +18,21 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from .data.datasets import load_subject, slices_to_volume, volume_to_slices
-from .data.io import DataError, save_like
-from .data.preprocess import PreparedVolume
-from .data.splits import Subject
-from .evaluation.postprocess import anomaly_scores, remove_small_components
-from .model import MAEDiff
+from ..data.datasets import load_subject, slices_to_volume, volume_to_slices
+from ..data.io import DataError, save_like
+from ..data.preprocess import PreparedVolume
+from ..data.splits import Subject
+from ..evaluation.postprocess import anomaly_scores, remove_small_components
+from ..evaluation.protocol import EvalSettings
+
+if TYPE_CHECKING:
+    from ..models.maediff import MAEDiff
 
 OUTPUTS = ("anomaly", "score", "reconstruction")
 
@@ -40,16 +44,28 @@ def reconstruct_volume(
     batch_size: int | None = None,
     amp: str | None = None,
     progress: bool = False,
+    skip_empty_patches: bool | None = None,
 ) -> np.ndarray:
-    """Healthy reconstruction of a (X, Y, Z) volume in [0, 1] on its own grid (Alg. 2 per slice)."""
+    """Healthy reconstruction of a (X, Y, Z) volume in [0, 1] on its own grid (Alg. 2 per slice).
+
+    skip_empty_patches: leave out patches without brain (needs a PreparedVolume, whose
+    brain mask says where the brain is); None takes `model.cfg.inference.skip_empty_patches`.
+    The evaluation protocol passes False: every patch is reconstructed.
+
+    `model` is duck-typed: it needs `cfg.geometry.image_size`,
+    `cfg.inference.skip_empty_patches` and `reconstruct(slices, generator, batch_size=,
+    amp=, progress=, brain_mask=)`, where `progress(n)` reports n units of work done
+    (whatever the model counts: the bar has no fixed total).
+    """
     image = volume.image if isinstance(volume, PreparedVolume) else volume
     size = model.cfg.geometry.image_size
     small = volume_to_slices(image, size)  # (Z, 1, size, size)
+    skip = model.cfg.inference.skip_empty_patches if skip_empty_patches is None else skip_empty_patches
     brain = None
-    if isinstance(volume, PreparedVolume) and model.cfg.inference.skip_empty_patches:
+    if skip and isinstance(volume, PreparedVolume):
         brain = (volume_to_slices(volume.brain_mask.astype(np.float32), size) > 0).float()
-    n = small.shape[0] * model.grid.num_patches
-    with tqdm(total=n, desc="patches", unit="patch", disable=not progress, leave=False) as bar:
+    desc = f"reconstructing {small.shape[0]} slices"
+    with tqdm(total=None, desc=desc, unit="step", disable=not progress, leave=False) as bar:
         rec_small = model.reconstruct(
             small, generator, batch_size=batch_size, amp=amp, progress=bar.update, brain_mask=brain
         )
@@ -99,14 +115,15 @@ def detect_subject(
     vol = load_subject(subject, model.cfg.data)
     rec = reconstruct_volume(model, vol, generator, batch_size, amp)
     residual = np.abs(vol.image - rec)
-    scores = anomaly_scores(residual, vol.brain_mask)
+    post = EvalSettings()  # the protocol's post-processing (evaluation/postprocess.py)
+    scores = anomaly_scores(residual, vol.brain_mask, post.erosion_iterations, post.median_size)
     maps = {"anomaly": residual, "score": scores, "reconstruction": rec}
     paths = output_paths(out_dir, subject.name, bids)
     written = {}
     for key, data in maps.items():
         written[key] = save_like(vol.to_input_space(data), vol.input_reference, paths[key])
     if threshold is not None:
-        pred = remove_small_components(scores > threshold, 7).astype(np.float32)
+        pred = remove_small_components(scores > threshold, post.min_component).astype(np.float32)
         written["prediction"] = save_like(
             vol.to_input_space(pred, labels=True) > 0.5,
             vol.input_reference,

@@ -4,14 +4,16 @@ in the file's metadata. Loading never unpickles anything; writes are atomic.
     save_weights(model, "run/best.safetensors", extra={"step": 1200})
     model = load_model("run/best.safetensors")        # or load_model("run")
 
-Training state for resuming (optimizer moments, step counters, generator states)
-goes in a second safetensors file next to the weights (`last.state.safetensors`).
+Training state for resuming (TrainState: counters, optimizer moments, generator
+states) goes in a second safetensors file next to the weights (`last.state.safetensors`).
 """
 
 from __future__ import annotations
 
 import json
+import math
 import os
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -19,7 +21,8 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from .config import Config, describe, from_dict, to_dict
+from ..config import Config, describe, from_dict, to_dict
+from ..models import build_model
 
 FORMAT = "maediff-checkpoint-v1"
 STATE_FORMAT = "maediff-train-state-v1"
@@ -110,12 +113,11 @@ def read_checkpoint(path: str | Path) -> tuple[Config, dict[str, torch.Tensor], 
 
 
 def load_model(path: str | Path, device: str | torch.device = "cpu"):
-    """Build MAEDiff from a checkpoint file or run folder, weights loaded, in eval mode."""
-    from .model import MAEDiff
-
+    """Build the registered model of a checkpoint file or run folder, weights loaded,
+    in eval mode."""
     path = resolve_checkpoint(path)
     cfg, tensors, extra = read_checkpoint(path)
-    model = MAEDiff(cfg)
+    model = build_model(cfg)
     missing, unexpected = model.load_state_dict(tensors, strict=False)
     if missing or unexpected:
         raise CheckpointError(
@@ -128,90 +130,121 @@ def load_model(path: str | Path, device: str | torch.device = "cpu"):
 # ------------------------------------------------------------------ training state
 
 
-def save_train_state(
-    path: str | Path,
-    model: torch.nn.Module,
-    optimizer: torch.optim.Optimizer,
-    counters: dict[str, Any],
-    generators: dict[str, torch.Generator],
-    scaler_state: dict | None = None,
-) -> Path:
-    """Everything a resumed run needs in one atomically written file: model weights,
-    optimizer moments, generator states and counters (tensors and JSON only)."""
-    sd = optimizer.state_dict()
-    tensors: dict[str, torch.Tensor] = {
-        f"model.{k}": v for k, v in unwrap(model).state_dict().items()
-    }
-    scalars: dict[str, dict[str, Any]] = {}
-    for pid, st in sd["state"].items():
-        for k, v in st.items():
-            if torch.is_tensor(v):
-                tensors[f"opt.{pid}.{k}"] = v
-            else:
-                scalars.setdefault(str(pid), {})[k] = v
-    for name, g in generators.items():
-        tensors[f"rng.{name}"] = g.get_state()
-    meta = {
-        "format": STATE_FORMAT,
-        "param_groups": json.dumps(sd["param_groups"]),
-        "scalars": json.dumps(scalars),
-        "counters": json.dumps(counters),
-        "scaler": json.dumps(scaler_state or {}),
-    }
-    return _atomic_save_file(tensors, Path(path), meta)
+@dataclass
+class TrainState:
+    """Where a training run stands: everything a resumed run restores besides the
+    tensors (weights, optimizer moments, generator states), which travel with it in
+    one atomically written safetensors file (`save` / `load`)."""
 
+    step: int = 0
+    epoch: int = 0
+    phase: int = 0  # index into model.phases
+    phase_step: int = 0  # steps taken in the current phase
+    elapsed_s: float = 0.0
+    best_val_loss: float = math.inf  # within the last phase
+    last_train_loss: float = math.nan
 
-def load_train_state(
-    path: str | Path,
-    model: torch.nn.Module,
-    optimizer: torch.optim.Optimizer,
-    generators: dict[str, torch.Generator],
-) -> tuple[dict[str, Any], dict]:
-    """Restore model, optimizer and generators in place; return (counters, scaler state)."""
-    path = Path(path)
-    tensors, meta = _read(path, STATE_FORMAT)
-    try:
-        groups = json.loads(meta["param_groups"])
-        scalars = json.loads(meta["scalars"])
-        counters = json.loads(meta["counters"])
-        scaler = json.loads(meta.get("scaler", "{}"))
-    except (KeyError, json.JSONDecodeError) as e:
-        raise CheckpointError(f"training state {path} has invalid metadata: {e}") from e
-    weights = {k[len("model.") :]: v for k, v in tensors.items() if k.startswith("model.")}
-    try:
-        unwrap(model).load_state_dict(weights)
-    except RuntimeError as e:
-        raise CheckpointError(
-            f"training state {path} does not fit this model: {str(e)[:300]}"
-        ) from e
-    state: dict[int, dict[str, Any]] = {}
-    for key, v in tensors.items():
-        if key.startswith("opt."):
-            _, pid, k = key.split(".", 2)
-            state.setdefault(int(pid), {})[k] = v
-    for pid, d in scalars.items():
-        state.setdefault(int(pid), {}).update(d)
-    try:
-        optimizer.load_state_dict({"state": state, "param_groups": groups})
-    except (ValueError, KeyError) as e:
-        raise CheckpointError(
-            f"training state {path} does not fit this model's optimizer: {e}"
-        ) from e
-    for name, g in generators.items():
-        if f"rng.{name}" not in tensors:
-            raise CheckpointError(f"training state {path} has no state for generator {name!r}")
-        g.set_state(tensors[f"rng.{name}"])
-    return counters, scaler
+    def public(self) -> dict[str, Any]:
+        """What goes into the weights' metadata and the model card."""
+        best = self.best_val_loss if math.isfinite(self.best_val_loss) else None
+        return {"step": self.step, "epoch": self.epoch, "best_val_loss": best}
+
+    def save(
+        self,
+        path: str | Path,
+        model: torch.nn.Module,
+        optimizers: dict[str, torch.optim.Optimizer],
+        generators: dict[str, torch.Generator],
+        scaler_state: dict | None = None,
+    ) -> Path:
+        tensors: dict[str, torch.Tensor] = {
+            f"model.{k}": v for k, v in unwrap(model).state_dict().items()
+        }
+        groups, scalars = {}, {}
+        for name, opt in optimizers.items():
+            sd = opt.state_dict()
+            groups[name] = sd["param_groups"]
+            for pid, st in sd["state"].items():
+                for k, v in st.items():
+                    if torch.is_tensor(v):
+                        tensors[f"opt.{name}.{pid}.{k}"] = v
+                    else:
+                        scalars.setdefault(name, {}).setdefault(str(pid), {})[k] = v
+        for name, g in generators.items():
+            tensors[f"rng.{name}"] = g.get_state()
+        numbers = {
+            k: (v if not (isinstance(v, float) and not math.isfinite(v)) else str(v))
+            for k, v in asdict(self).items()
+        }
+        meta = {
+            "format": STATE_FORMAT,
+            "param_groups": json.dumps(groups),
+            "scalars": json.dumps(scalars),
+            "state": json.dumps(numbers),
+            "scaler": json.dumps(scaler_state or {}),
+        }
+        return _atomic_save_file(tensors, Path(path), meta)
+
+    @classmethod
+    def load(
+        cls,
+        path: str | Path,
+        model: torch.nn.Module,
+        optimizers: dict[str, torch.optim.Optimizer],
+        generators: dict[str, torch.Generator],
+    ) -> tuple[TrainState, dict]:
+        """Restore model, optimizers and generators in place; return (state, scaler state)."""
+        path = Path(path)
+        tensors, meta = _read(path, STATE_FORMAT)
+        try:
+            groups = json.loads(meta["param_groups"])
+            scalars = json.loads(meta["scalars"])
+            numbers = json.loads(meta["state"])
+            scaler = json.loads(meta.get("scaler", "{}"))
+            state = cls(**{k: float(v) if isinstance(v, str) else v for k, v in numbers.items()})
+        except (KeyError, json.JSONDecodeError, TypeError, ValueError) as e:
+            raise CheckpointError(f"training state {path} has invalid metadata: {e}") from e
+        weights = {k[len("model.") :]: v for k, v in tensors.items() if k.startswith("model.")}
+        try:
+            unwrap(model).load_state_dict(weights)
+        except RuntimeError as e:
+            raise CheckpointError(
+                f"training state {path} does not fit this model: {str(e)[:300]}"
+            ) from e
+        if set(groups) != set(optimizers):
+            raise CheckpointError(
+                f"training state {path} has optimizers {sorted(groups)}, this model {sorted(optimizers)}"
+            )
+        for name, opt in optimizers.items():
+            opt_state: dict[int, dict[str, Any]] = {}
+            prefix = f"opt.{name}."
+            for key, v in tensors.items():
+                if key.startswith(prefix):
+                    pid, k = key[len(prefix) :].split(".", 1)
+                    opt_state.setdefault(int(pid), {})[k] = v
+            for pid, d in scalars.get(name, {}).items():
+                opt_state.setdefault(int(pid), {}).update(d)
+            try:
+                opt.load_state_dict({"state": opt_state, "param_groups": groups[name]})
+            except (ValueError, KeyError) as e:
+                raise CheckpointError(
+                    f"training state {path} does not fit this model's optimizer {name!r}: {e}"
+                ) from e
+        for name, g in generators.items():
+            if f"rng.{name}" not in tensors:
+                raise CheckpointError(f"training state {path} has no state for generator {name!r}")
+            g.set_state(tensors[f"rng.{name}"])
+        return state, scaler
 
 
 def model_card(cfg: Config, extra: dict[str, Any]) -> str:
     """A short human-readable description written next to the weights."""
     n_params = extra.get("parameters")
     lines = [
-        f"# maediff model: {cfg.name}",
+        f"# maediff model: {cfg.name} ({cfg.model})",
         "",
-        "MAEDiff (Xu, Wang, Du 2024): patch-wise diffusion with a masked-autoencoder branch,",
-        "trained on healthy T2-weighted brain MRI only; anomaly map = |x - reconstruction|.",
+        f"{extra.get('description') or cfg.model}, trained on healthy T2-weighted brain MRI only;",
+        "anomaly map = |x - reconstruction|.",
         "",
         f"- configuration: {describe(cfg)}",
         f"- parameters: {n_params:,}" if isinstance(n_params, int) else "- parameters: unknown",

@@ -12,7 +12,7 @@ import math
 import torch
 from torch import Tensor
 
-from .config import DiffusionConfig
+from ..config import DiffusionConfig
 
 
 def linear_betas(timesteps: int, beta_start: float = 1e-4, beta_end: float = 2e-2) -> Tensor:
@@ -105,6 +105,28 @@ class GaussianDiffusion:
         self._check_t(t)
         coef = _extract(self.betas / (1.0 - self.alphas_cumprod).sqrt(), t, x_t)
         return (x_t - coef * eps) / _extract(self.alphas.sqrt(), t, x_t)
+
+    def posterior_step(
+        self, x_t: Tensor, t: Tensor, t_prev: Tensor, x0: Tensor, noise: Tensor
+    ) -> Tensor:
+        """Draw x_{t'} ~ q(x_{t'} | x_t, x_0) for any 0 <= t' < t (a DDPM step; t' = t - 1
+        gives paper Eq. 5-6 with the x0 parameterisation). With a = alpha_bar:
+
+            mean = sqrt(a_t') (1 - a_t/a_t') / (1 - a_t) x_0 + sqrt(a_t/a_t') (1 - a_t') / (1 - a_t) x_t
+            var  = (1 - a_t') (1 - a_t/a_t') / (1 - a_t)
+
+        t' = 0 returns x_0 (alpha_bar(0) = 1, zero variance).
+        """
+        self._check_t(t)
+        ab = torch.cat([torch.ones(1, dtype=torch.float64), self.alphas_cumprod])  # ab[0] = 1
+        a_t = _extract(ab[1:], t, x_t).double()
+        a_p = ab.to(x_t.device)[t_prev.long()].view(-1, *([1] * (x_t.dim() - 1)))
+        ratio = a_t / a_p
+        c0 = a_p.sqrt() * (1 - ratio) / (1 - a_t)
+        ct = ratio.sqrt() * (1 - a_p) / (1 - a_t)
+        var = (1 - a_p) * (1 - ratio) / (1 - a_t)
+        out = c0 * x0.double() + ct * x_t.double() + var.clamp(min=0).sqrt() * noise.double()
+        return out.to(x_t.dtype)
 
     def sample_timesteps(self, n: int, generator: torch.Generator | None = None) -> Tensor:
         """Training timesteps t ~ U{t_train_min .. t_train_max} (paper Alg. 1 line 3): (n,) long."""

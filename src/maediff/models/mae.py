@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .config import GeometryConfig, MAEConfig
+from ..config import GeometryConfig, MAEConfig
 
 
 def sincos_pos_embed_2d(dim: int, grid: int) -> Tensor:

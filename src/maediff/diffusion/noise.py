@@ -19,7 +19,7 @@ import math
 import torch
 from torch import Tensor
 
-from .config import NoiseConfig
+from ..config import NoiseConfig
 
 # OpenSimplex 2-D constants
 STRETCH_2D = (1.0 / math.sqrt(3.0) - 1.0) / 2.0  # -0.2113...

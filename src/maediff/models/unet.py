@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .config import GeometryConfig, MAEConfig, UNetConfig
+from ..config import GeometryConfig, MAEConfig, UNetConfig
 from .mae import MAE
 
 

@@ -12,11 +12,12 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
-from .checkpoint import load_model
-from .config import get_preset
-from .data.synthetic import SynthConfig, generate_benchmark
+from ..training.checkpoint import load_model
+from ..config import get_preset
+from ..data.synthetic import SynthConfig, generate_benchmark
 from .evaluate import evaluate_model, load_summary, write_report
-from .train import prepare_training_data, resolve_device, train
+from ..device import resolve_device
+from ..training.trainer import prepare_training_data, train
 
 
 def run_demo(

@@ -11,16 +11,18 @@ Images enter and leave in [0, 1]; the diffusion runs on [-1, 1] (PROTOCOL.md §2
 
 from __future__ import annotations
 
-import contextlib
 from collections.abc import Callable
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
-from .config import Config
-from .diffusion import GaussianDiffusion
-from .noise import NoiseSampler
-from .patches import PatchGrid
+from ..config import Config
+from ..device import autocast_context, resolve_amp
+from ..diffusion.noise import NoiseSampler
+from ..diffusion.patches import PatchGrid
+from ..diffusion.process import GaussianDiffusion
+from . import register_model
+from .base import AnomalyModel
 from .unet import UNet
 
 
@@ -32,38 +34,15 @@ def from_model_range(x: Tensor) -> Tensor:
     return (x + 1) / 2
 
 
-def resolve_amp(amp: str, device: torch.device) -> str:
-    """ "auto": bf16 where the hardware computes it natively (CUDA with bf16 support, CPUs
-    with AVX512-BF16 or AMX), otherwise "none". Other values pass through."""
-    if amp != "auto":
-        return amp
-    if device.type == "cuda":
-        return "bf16" if torch.cuda.is_bf16_supported() else "none"
-    if device.type == "cpu":
-        cpu = getattr(torch, "cpu", None)
-        native = any(
-            getattr(cpu, f, lambda: False)()
-            for f in ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
-        )
-        return "bf16" if native else "none"
-    return "none"
+@register_model("maediff")
+class MAEDiff(AnomalyModel):
+    """Patch diffusion with an optional MAE branch. Without the MAE it is pDDPM; the
+    Table 2 ablations are configurations of this class (config presets)."""
 
+    description = "patch diffusion (pDDPM) with a masked-autoencoder branch (MAEDiff)"
 
-def autocast_context(device: torch.device, amp: str) -> contextlib.AbstractContextManager:
-    """torch.autocast for "bf16" / "fp16" ("auto" resolved first); a no-op for "none"."""
-    amp = resolve_amp(amp, device)
-    if amp == "none":
-        return contextlib.nullcontext()
-    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(amp)
-    if dtype is None:
-        raise ValueError(f"amp={amp!r} must be 'none', 'bf16' or 'fp16'")
-    return torch.autocast(device_type=device.type, dtype=dtype)
-
-
-class MAEDiff(nn.Module):
     def __init__(self, cfg: Config):
-        super().__init__()
-        self.cfg = cfg
+        super().__init__(cfg)
         g = cfg.geometry
         self.net = UNet(cfg.unet, g, cfg.mae if cfg.mae.enabled else None)
         self.diffusion = GaussianDiffusion(cfg.diffusion)
@@ -73,10 +52,6 @@ class MAEDiff(nn.Module):
             "patch_masks", self.grid.patch_masks(), persistent=False
         )  # (K, 1, H, W)
         self.register_buffer("masked_cells", self.grid.masked_cells(), persistent=False)  # (K, N)
-
-    @property
-    def device(self) -> torch.device:
-        return self.patch_masks.device
 
     # ------------------------------------------------------------------ one network call
 
@@ -99,27 +74,35 @@ class MAEDiff(nn.Module):
 
     # ------------------------------------------------------------------ Alg. 1
 
-    def loss(self, x0: Tensor, generator: torch.Generator | None = None) -> Tensor:
+    def loss(
+        self,
+        x0: Tensor,
+        generator: torch.Generator | None = None,
+        group: str = "model",
+        t: Tensor | None = None,
+        noise: Tensor | None = None,
+        k: Tensor | None = None,
+    ) -> Tensor:
         """One patch-wise training objective (paper Alg. 1, Eq. 9).
 
         x0: (B, 1, H, W) in [0, 1]. Per sample: t ~ U{t_min..t_max}, a noise field,
-        one random patch position; l1 between x0 and the prediction, averaged over
-        the pixels inside the noised patch.
+        one random patch position k (each drawn from `generator` unless given); l1
+        between x0 and the prediction, averaged over the pixels inside the noised patch.
         """
-        self._check_images(x0)
+        self.check_images(x0)
         B = x0.shape[0]
         x = to_model_range(x0)
-        t = self.diffusion.sample_timesteps(B, generator).to(x.device)
-        eps = self.noise(B, generator, device=x.device, dtype=x.dtype)
-        x_t = self.diffusion.q_sample(x, t, eps)
-        k = torch.randint(self.grid.num_patches, (B,), generator=generator).to(x.device)
+        if t is None:
+            t = self.diffusion.sample_timesteps(B, generator)
+        if noise is None:
+            noise = self.noise(B, generator, device=x.device, dtype=x.dtype)
+        if k is None:
+            k = torch.randint(self.grid.num_patches, (B,), generator=generator)
+        t, k = t.to(x.device), k.to(x.device)
+        x_t = self.diffusion.q_sample(x, t, noise.to(x.device, x.dtype))
         pred = self.denoise(self.noised_input(x, x_t, k), t, k, x)
         m = self.patch_masks[k]
         return ((x - pred.float()).abs() * m).sum() / m.sum()
-
-    def forward(self, x0: Tensor, generator: torch.Generator | None = None) -> Tensor:
-        """The training objective, so that DistributedDataParallel can wrap the model."""
-        return self.loss(x0, generator)
 
     # ------------------------------------------------------------------ Alg. 2
 
@@ -146,7 +129,7 @@ class MAEDiff(nn.Module):
         skipped and their pixels keep the input. Every patch covering a brain pixel
         holds that pixel, so brain pixels get exactly the full Alg. 2 result.
         """
-        self._check_images(slices)
+        self.check_images(slices)
         S = slices.shape[0]
         dev = self.device
         K = self.grid.num_patches
@@ -183,12 +166,5 @@ class MAEDiff(nn.Module):
                 progress(len(chunk))
         return from_model_range(self.grid.stitch(patches))
 
-    def _check_images(self, x: Tensor) -> None:
-        H = self.cfg.geometry.image_size
-        if x.dim() != 4 or x.shape[1] != 1 or x.shape[2:] != (H, H):
-            raise ValueError(f"expected images of shape (B, 1, {H}, {H}), got {tuple(x.shape)}")
-        if not torch.isfinite(x).all():
-            raise ValueError("images contain NaN or Inf values")
 
-
-__all__ = ["MAEDiff", "autocast_context", "from_model_range", "resolve_amp", "to_model_range"]
+__all__ = ["MAEDiff", "from_model_range", "to_model_range"]

@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .config import GeometryConfig, validate_geometry
+from ..config import GeometryConfig, validate_geometry
 
 
 class PatchGrid:

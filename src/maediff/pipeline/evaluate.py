@@ -1,0 +1,262 @@
+"""Split + checkpoint -> metrics, per-subject CSVs, a JSON summary and the report.
+
+    summary = evaluate_model(model, "DATA", "runs/cpu/eval")          # MAEDiff
+    summary = evaluate_model(None, "DATA", "runs/thresh", label="Thresh")  # baseline
+    write_report([summary_a, summary_b], "report/")
+
+`model=None` is the intensity-thresholding baseline (Thresh in Table 1): the
+"reconstruction" is zero, so the anomaly map is the image itself, post-processed
+and thresholded by exactly the same protocol.
+
+Every split file of every data set is read (and every file it lists checked) before
+the first volume is computed, and the output folder appears only when everything is
+written: results go to a hidden sibling folder that is renamed into place at the end
+and removed on failure. The report assembly lives in evaluation/runs.py (no torch);
+it is re-exported here for callers of this module.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from ..config import DataConfig
+from ..data.datasets import load_subject
+from ..data.io import DataError
+from ..data.splits import Subject, read_pddpm_split
+from ..evaluation.aggregate import exclusions, summarise, write_json, write_subject_csv
+from ..evaluation.protocol import EvalSettings, VolumeResult, evaluate_healthy, evaluate_split
+from ..evaluation.report import figure_dice_distribution, figure_pr_curves
+from ..evaluation.runs import ANOMALY_SETS, example_figure, load_summary, table_rows, write_report
+from .detect import reconstruct_volume
+
+if TYPE_CHECKING:
+    from ..models.maediff import MAEDiff
+
+__all__ = [
+    "ANOMALY_SETS",
+    "EvalPlan",
+    "evaluate_model",
+    "load_summary",
+    "plan_evaluation",
+    "table_rows",
+    "write_report",
+]
+
+
+def _volumes(
+    subjects: Sequence[Subject],
+    model: MAEDiff | None,
+    data_cfg: DataConfig,
+    seed: int,
+    keep: list | None,
+    n_keep: int,
+    bar: tqdm | None,
+) -> Iterator[VolumeResult]:
+    """Load, reconstruct and yield volumes one at a time (keeping the first n_keep).
+
+    Under the protocol every patch is reconstructed (skip_empty_patches=False): the
+    whole-volume l1 sees the model's output outside the brain too, as the reference."""
+    for s in subjects:
+        vol = load_subject(s, data_cfg)
+        if model is None:
+            rec = np.zeros_like(vol.image)
+        else:
+            rec = reconstruct_volume(
+                model, vol, torch.Generator().manual_seed(seed), skip_empty_patches=False
+            )
+        v = VolumeResult(s.name, vol.image, rec, vol.brain_mask, vol.segmentation)
+        if keep is not None and len(keep) < n_keep:
+            keep.append(v)
+        if bar is not None:
+            bar.update()
+        yield v
+
+
+def _limit(subjects: list[Subject], n: int | None) -> list[Subject]:
+    return subjects[:n] if n else subjects
+
+
+@dataclass
+class EvalPlan:
+    """The subjects of every split an evaluation reads, all checked before any work."""
+
+    anomaly: dict[str, tuple[list[Subject], list[Subject]]]  # data set -> (val, test)
+    healthy_test: list[Subject] | None  # IXI test, or None when not evaluated
+
+
+def plan_evaluation(
+    data_dir: str | Path,
+    datasets: Sequence[str] = ANOMALY_SETS,
+    healthy_test: bool = True,
+    max_volumes: int | None = None,
+) -> EvalPlan:
+    """Read every split CSV up front (read_pddpm_split checks that the files it lists
+    exist): a missing split, a missing avail_t2.csv or a missing scan fails here, in
+    seconds, instead of after hours of reconstruction."""
+    anomaly = {}
+    for ds in datasets:
+        val = _limit(read_pddpm_split(data_dir, ds, "val"), max_volumes)
+        test = _limit(read_pddpm_split(data_dir, ds, "test"), max_volumes)
+        if not val:
+            raise DataError(f"{ds}: the validation split is empty; the threshold search needs it")
+        unlabelled = [s.name for s in val if s.seg is None]
+        if unlabelled:
+            raise DataError(
+                f"{ds}: validation volume(s) without a segmentation: {', '.join(unlabelled[:5])}; "
+                "the threshold search needs lesion labels"
+            )
+        anomaly[ds] = (val, test)
+    ixi = _limit(read_pddpm_split(data_dir, "IXI", "test"), max_volumes) if healthy_test else None
+    return EvalPlan(anomaly, ixi)
+
+
+def _publish(stage: Path, out: Path) -> None:
+    """Move the finished results into `out`: one rename when it does not exist yet,
+    else file by file (each an atomic replace)."""
+    if not out.exists():
+        stage.rename(out)
+        return
+    if not out.is_dir():
+        raise DataError(f"output {out} exists and is not a folder")
+    for f in stage.iterdir():
+        os.replace(f, out / f.name)
+    stage.rmdir()
+
+
+def evaluate_model(
+    model: MAEDiff | None,
+    data_dir: str | Path,
+    out_dir: str | Path,
+    label: str = "MAEDiff",
+    datasets: Sequence[str] = ANOMALY_SETS,
+    healthy_test: bool = True,
+    fold: int = 0,
+    data_cfg: DataConfig | None = None,
+    settings: EvalSettings = EvalSettings(),
+    n_jobs: int = 2,
+    seed: int = 0,
+    max_volumes: int | None = None,
+    progress: bool = True,
+    figures: bool = True,
+) -> dict[str, Any]:
+    """Run the protocol (docs/evaluation.md §1) on every data set and write the results."""
+    plan = plan_evaluation(data_dir, datasets, healthy_test, max_volumes)
+    out = Path(out_dir)
+    if out.exists() and not out.is_dir():
+        raise DataError(f"output {out} exists and is not a folder")
+    data_cfg = data_cfg or (model.cfg.data if model is not None else DataConfig())
+    info = getattr(model, "checkpoint_info", {}) if model is not None else {}
+    summary: dict[str, Any] = {
+        "model": label,
+        "checkpoint": info.get("path"),
+        "config": model.cfg.name if model is not None else None,
+        "data_dir": str(Path(data_dir).resolve()),
+        "fold": fold,
+        "datasets": {},
+        "settings": settings.__dict__,
+    }
+    base = out.resolve()
+    base.parent.mkdir(parents=True, exist_ok=True)
+    stage = base.parent / f".{base.name}.partial-{os.getpid()}"
+    shutil.rmtree(stage, ignore_errors=True)
+    stage.mkdir()
+    try:
+        _run(model, plan, stage, summary, label, fold, data_cfg, settings, n_jobs, seed, progress, figures)
+        write_json(summary, stage / "summary.json")
+        write_report([summary], stage)
+        _publish(stage, base)
+    except BaseException:
+        shutil.rmtree(stage, ignore_errors=True)
+        raise
+    return summary
+
+
+def _run(
+    model: MAEDiff | None,
+    plan: EvalPlan,
+    out: Path,
+    summary: dict[str, Any],
+    label: str,
+    fold: int,
+    data_cfg: DataConfig,
+    settings: EvalSettings,
+    n_jobs: int,
+    seed: int,
+    progress: bool,
+    figures: bool,
+) -> None:
+    curves, dice_dists, examples_png = {}, {}, []
+    start = time.perf_counter()
+    for ds, (val, test) in plan.anomaly.items():
+        bar = tqdm(
+            total=len(val) + len(test), desc=f"{label} {ds}", unit="vol", disable=not progress
+        )
+        kept: list[VolumeResult] = []
+        t0 = time.perf_counter()
+        outcome = evaluate_split(
+            _volumes(val, model, data_cfg, seed, None, 0, bar),
+            _volumes(test, model, data_cfg, seed, kept, 3, bar),
+            settings,
+            n_jobs=n_jobs,
+        )
+        bar.close()
+        context = {
+            "model": label,
+            "dataset": ds,
+            "split": "test",
+            "fold": fold,
+            "threshold": outcome.threshold,
+        }
+        write_subject_csv(outcome.records, out / f"{ds}_test_subjects.csv", context)
+        summary["datasets"][ds] = {
+            "threshold": outcome.threshold,
+            "threshold_source": f"{ds} val ({len(val)} volumes, pooled Dice {outcome.val_dice:.4f})",
+            "n_test": len(test),
+            "metrics": summarise(outcome.records),
+            "excluded": exclusions(outcome.records),
+            "seconds": round(time.perf_counter() - t0, 1),
+            "note": "oracle_best_dice chooses the threshold on each test volume itself: an upper bound, not a result",
+        }
+        curves[f"{label} {ds}"] = (outcome.curve_scores, outcome.curve_labels)
+        dice_dists[f"{label} {ds}"] = [r.get("dice", float("nan")) for r in outcome.records]
+        if figures and kept:
+            examples_png.append(
+                example_figure(kept, outcome.threshold, settings, out / f"examples_{ds}.png")
+            )
+    if plan.healthy_test is not None:
+        subjects = plan.healthy_test
+        bar = tqdm(total=len(subjects), desc=f"{label} IXI test", unit="vol", disable=not progress)
+        records = evaluate_healthy(_volumes(subjects, model, data_cfg, seed, None, 0, bar))
+        bar.close()
+        write_subject_csv(
+            records,
+            out / "IXI_test_subjects.csv",
+            {"model": label, "dataset": "IXI", "split": "test", "fold": fold},
+        )
+        summary["datasets"]["IXI"] = {
+            "n_test": len(subjects),
+            "metrics": summarise(records, ("l1",)),
+            "excluded": exclusions(records, ("l1",)),
+        }
+    summary["seconds"] = round(time.perf_counter() - start, 1)
+    if figures and curves:
+        summary["figures"] = {
+            "examples": [p.name for p in examples_png],
+            "pr_curves": figure_pr_curves(curves, out / "pr_curves.png").name,
+            "dice": figure_dice_distribution(dice_dists, out / "dice_per_subject.png").name,
+        }
+        np.savez_compressed(
+            out / "curves.npz",
+            **{f"{k}|scores": v[0] for k, v in curves.items()},
+            **{f"{k}|labels": v[1] for k, v in curves.items()},
+        )
