@@ -1,0 +1,513 @@
+"""`maediff benchmark`: the paper's Tables 1 and 2 and Figure 3 as one resumable job.
+
+    plan = BenchmarkPlan.from_args(table="1", scale="cpu", seeds=[0, 1, 2], minutes=3)
+    run_benchmark(plan, Path("bench"))
+
+Every (model, fold, seed) is one run in its own folder, OUT/runs/MODEL/fold{F}-seed{S}/:
+config.yaml (the resolved configuration; a different one for an existing folder is
+refused), train/ (the training run, resumed from its last checkpoint after an
+interruption), eval/ (the paper's protocol; summary.json marks the run done) and
+figure3.npz (the slices of Figure 3). Starting the command again skips finished runs
+and resumes an interrupted one. Runs are independent: `--list` prints one command per
+run and `--run-index N` does run N alone (a job array fills one folder from many GPUs;
+a per-run lock keeps two processes off the same run); a final call (or `--collect`)
+writes the tables from whatever has finished:
+
+    OUT/table.md, table.csv       mean ± std over runs, best bold, second underlined
+    OUT/wilcoxon.md, wilcoxon.csv paired tests of each model against MAEDiff
+    OUT/figure3.png               the same slices for every model
+    OUT/report.html               all of it on one page
+"""
+
+from __future__ import annotations
+
+import csv
+import fcntl
+import json
+import math
+import shlex
+import time
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from ..config import (
+    DISPLAY_NAMES,
+    MODEL_DELTAS,
+    TABLE1,
+    TABLE2,
+    Config,
+    apply_overrides,
+    get_preset,
+    load_config,
+    preset_name,
+    save_config,
+    to_dict,
+)
+from ..data.datasets import load_subject
+from ..data.splits import read_pddpm_split
+from ..data.synthetic import SynthConfig, generate_benchmark
+from ..device import resolve_device
+from ..evaluation.aggregate import write_atomic
+from ..evaluation.comparison import (
+    comparison_table,
+    figure_comparison,
+    paired_tests,
+    tests_markdown,
+)
+from ..evaluation.report import write_html
+from ..evaluation.runs import load_summary
+from ..models import MODELS
+from ..training.checkpoint import load_model
+from ..training.trainer import load_run_config, prepare_training_data, train
+from .detect import reconstruct_volume
+from .evaluate import evaluate_model
+
+REFERENCE = {"1": "maediff", "2": "ablation-unet-att-mae"}
+# Table rows whose configuration is another row's (only the preset name differs): a
+# finished run of either serves both tables, and the report says so.
+EQUIVALENT = {"ablation-unet": "pddpm-s16", "ablation-unet-att-mae": "maediff"}
+FIGURE_SUBJECTS = (("Brats21", 2), ("MSLUB", 1))  # test volumes shown in Figure 3
+
+
+@dataclass(frozen=True)
+class RunSpec:
+    model: str  # preset base name, a row of Table 1 or 2
+    fold: int
+    seed: int
+
+    @property
+    def key(self) -> str:
+        return f"{self.model}/fold{self.fold}-seed{self.seed}"
+
+
+@dataclass
+class BenchmarkPlan:
+    models: list[str]
+    scale: str = "cpu"
+    folds: list[int] = field(default_factory=lambda: [0])
+    seeds: list[int] = field(default_factory=lambda: [0])
+    data: str | None = None
+    minutes: float | None = None
+    steps: int | None = None
+    max_volumes: int | None = None
+    overrides: list[str] = field(default_factory=list)
+    table: str | None = None
+
+    @classmethod
+    def from_args(
+        cls,
+        table: str | None = None,
+        models: Sequence[str] | None = None,
+        scale: str = "cpu",
+        folds: Sequence[int] | None = None,
+        seeds: Sequence[int] | None = None,
+        data: str | Path | None = None,
+        minutes: float | None = None,
+        steps: int | None = None,
+        max_volumes: int | None = None,
+        overrides: Sequence[str] = (),
+    ) -> BenchmarkPlan:
+        if bool(table) == bool(models):
+            raise ValueError("give --table 1, --table 2 or --models NAME ..., one of them")
+        names = list({"1": TABLE1, "2": TABLE2}[table] if table else models)
+        unknown = [m for m in names if m not in MODEL_DELTAS]
+        if unknown:
+            raise ValueError(f"unknown model(s) {unknown}; choose from {list(MODEL_DELTAS)}")
+        if minutes is not None and steps is not None:
+            raise ValueError("give one training budget: --minutes or --steps")
+        for f in folds or []:
+            if not 0 <= f <= 4:
+                raise ValueError(f"fold {f} must be in 0..4")
+        plan = cls(
+            models=names,
+            scale=scale,
+            folds=list(folds or [0]),
+            seeds=list(seeds or [0]),
+            data=str(data) if data else None,
+            minutes=minutes,
+            steps=steps,
+            max_volumes=max_volumes,
+            overrides=list(overrides),
+            table=table,
+        )
+        for spec in plan.runs():  # every configuration is valid before anything runs
+            plan.config(spec)
+        return plan
+
+    def runs(self) -> list[RunSpec]:
+        return [RunSpec(m, f, s) for m in self.models for f in self.folds for s in self.seeds]
+
+    def config(self, spec: RunSpec) -> Config:
+        """The preset at this scale, the budget shared by every model, the fold and seed."""
+        cfg = get_preset(preset_name(spec.model, self.scale))
+        t = cfg.train
+        if self.minutes is not None:
+            t = replace(t, max_minutes=self.minutes, max_steps=0, epochs=10**6)
+        elif self.steps is not None:
+            t = replace(t, max_steps=self.steps, max_minutes=0.0, epochs=10**6)
+        cfg = replace(cfg, train=replace(t, seed=spec.seed), data=replace(cfg.data, fold=spec.fold))
+        return apply_overrides(cfg, self.overrides) if self.overrides else cfg
+
+    def budget(self) -> str:
+        if self.minutes is not None:
+            return f"{self.minutes:g} min of training per run"
+        if self.steps is not None:
+            return f"{self.steps} training steps per run"
+        return "each preset's own training budget"
+
+    def reference(self) -> str | None:
+        ref = REFERENCE.get(self.table or "", "maediff")
+        return ref if ref in self.models else None
+
+    def command(self, out: Path, device: str, index: int | None = None) -> str:
+        parts = ["maediff", "benchmark", "-o", str(out), "--scale", self.scale, "--device", device]
+        parts += ["--table", self.table] if self.table else ["--models", *self.models]
+        parts += ["--folds", *map(str, self.folds), "--seeds", *map(str, self.seeds)]
+        for flag, v in (
+            ("--data", self.data),
+            ("--minutes", self.minutes),
+            ("--steps", self.steps),
+            ("--max-volumes", self.max_volumes),
+        ):
+            if v is not None:
+                parts += [flag, str(v)]
+        for o in self.overrides:
+            parts += ["--set", o]
+        if index is not None:
+            parts += ["--run-index", str(index)]
+        return shlex.join(parts)
+
+
+# ------------------------------------------------------------------ one run
+
+
+@contextmanager
+def run_lock(folder: Path) -> Iterator[bool]:
+    """An exclusive lock on a run folder (released by the OS if the process dies)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    with open(folder / ".lock", "w") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            yield False
+            return
+        try:
+            yield True
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def check_run_config(folder: Path, cfg: Config) -> None:
+    saved = folder / "config.yaml"
+    if saved.exists():
+        if to_dict(load_config(saved)) != to_dict(cfg):
+            raise ValueError(
+                f"{folder} was started with a different configuration ({saved}); "
+                "use another output folder, or delete that run to start it again"
+            )
+    else:
+        folder.mkdir(parents=True, exist_ok=True)
+        save_config(cfg, saved)
+
+
+def is_done(folder: Path) -> bool:
+    return (folder / "eval" / "summary.json").exists()
+
+
+def execute_run(
+    plan: BenchmarkPlan, spec: RunSpec, out: Path, data: Path, device: str, progress: bool
+) -> dict:
+    """Train (or resume), evaluate and record one run; returns its timings."""
+    folder = out / "runs" / spec.key
+    cfg = plan.config(spec)
+    check_run_config(folder, cfg)
+    timing: dict[str, Any] = {}
+    t0 = time.perf_counter()
+    if MODELS[cfg.model].trainable:
+        run_dir = folder / "train"
+        if not (run_dir / "train_summary.json").exists():
+            resume = (run_dir / "last.state.safetensors").exists()
+            if resume and to_dict(load_run_config(run_dir)) != to_dict(cfg):
+                raise ValueError(f"{run_dir} holds a training run of another configuration")
+            td = prepare_training_data(cfg, data, progress=progress)
+            summary = train(cfg, td, run_dir, device=device, resume=resume, progress=progress)
+            timing["train_steps"] = summary["steps"]
+        model = load_model(run_dir, resolve_device(device))
+    else:
+        from ..models import build_model
+
+        model = build_model(cfg).to(resolve_device(device))
+    timing["train_s"] = round(time.perf_counter() - t0, 1)
+    t0 = time.perf_counter()
+    evaluate_model(
+        model,
+        data,
+        folder / "eval",
+        label=DISPLAY_NAMES[spec.model],
+        fold=spec.fold,
+        n_jobs=1,
+        seed=spec.seed,
+        max_volumes=plan.max_volumes,
+        progress=progress,
+    )
+    timing["evaluate_s"] = round(time.perf_counter() - t0, 1)
+    save_figure_slices(model, data, folder / "figure3.npz", spec.seed)
+    write_atomic(folder / "timing.json", json.dumps(timing, indent=2))
+    return timing
+
+
+def figure_subjects(data: Path) -> list:
+    out = []
+    for ds, n in FIGURE_SUBJECTS:
+        out += read_pddpm_split(data, ds, "test")[:n]
+    return out
+
+
+@torch.no_grad()
+def save_figure_slices(model, data: Path, path: Path, seed: int) -> None:
+    """For Figure 3: the axial slice with the most lesion voxels of a few test volumes."""
+    arrays = {}
+    for i, s in enumerate(figure_subjects(data)):
+        vol = load_subject(s, model.cfg.data)
+        rec = reconstruct_volume(
+            model, vol, torch.Generator().manual_seed(seed), skip_empty_patches=False
+        )
+        z = (
+            int(np.argmax(vol.segmentation.sum(axis=(0, 1))))
+            if vol.segmentation is not None
+            else vol.image.shape[2] // 2
+        )
+        arrays[f"{i}|{s.name}|image"] = vol.image[..., z]
+        arrays[f"{i}|{s.name}|segmentation"] = (
+            vol.segmentation[..., z]
+            if vol.segmentation is not None
+            else np.zeros_like(vol.image[..., z])
+        )
+        arrays[f"{i}|{s.name}|reconstruction"] = rec[..., z]
+        arrays[f"{i}|{s.name}|brain"] = vol.brain_mask[..., z].astype(np.float32)
+    tmp = path.with_name(f".{path.stem}.tmp.npz")
+    np.savez_compressed(tmp, **arrays)
+    tmp.replace(path)
+
+
+# ------------------------------------------------------------------ the whole job
+
+
+def ensure_data(plan: BenchmarkPlan, out: Path, progress: bool) -> Path:
+    if plan.data:
+        data = Path(plan.data)
+        if not (data / "splits").is_dir():
+            raise ValueError(f"--data {data} is not in pDDPM's layout (no splits/ folder)")
+        return data
+    data = out / "data"
+    if not (data / "synthetic.json").exists():
+        generate_benchmark(data, SynthConfig(), overwrite=True, progress=progress)
+    return data
+
+
+def check_plan(plan: BenchmarkPlan, out: Path) -> None:
+    """The budget and data of an existing benchmark folder cannot change under it."""
+    path = out / "benchmark.json"
+    mine = {
+        k: v
+        for k, v in asdict(plan).items()
+        if k in ("scale", "data", "minutes", "steps", "max_volumes", "overrides")
+    }
+    if path.exists():
+        saved = json.loads(path.read_text()).get("shared", {})
+        if saved != mine:
+            diff = {k: (saved.get(k), v) for k, v in mine.items() if saved.get(k) != v}
+            raise ValueError(
+                f"{out} holds a benchmark with other shared settings (saved, given): {diff}; "
+                "use another output folder"
+            )
+    else:
+        write_atomic(path, json.dumps({"shared": mine}, indent=2))
+
+
+def run_benchmark(
+    plan: BenchmarkPlan,
+    out: Path,
+    device: str = "auto",
+    list_runs: bool = False,
+    run_index: int | None = None,
+    collect_only: bool = False,
+    progress: bool = True,
+) -> int:
+    runs = plan.runs()
+    if list_runs:
+        for i, spec in enumerate(runs):
+            print(f"# {i}: {spec.key}\n{plan.command(out, device, i)}")
+        print(f"# then collect: {plan.command(out, device)} --collect")
+        return 0
+    out.mkdir(parents=True, exist_ok=True)
+    check_plan(plan, out)
+    if run_index is not None and not 0 <= run_index < len(runs):
+        raise ValueError(f"--run-index {run_index} must be in 0..{len(runs) - 1}")
+    if not collect_only:
+        data = ensure_data(plan, out, progress)
+        todo = [runs[run_index]] if run_index is not None else runs
+        _run_all(plan, todo, out, data, device, progress)
+    return collect(plan, out)
+
+
+def _run_all(plan, todo: list[RunSpec], out: Path, data: Path, device: str, progress: bool) -> None:
+    print(f"benchmark: {len(todo)} run(s), {plan.budget()}, scale {plan.scale} -> {out}")
+    spent: list[float] = []
+    for i, spec in enumerate(todo, 1):
+        folder = out / "runs" / spec.key
+        if is_done(folder):
+            print(f"[{i}/{len(todo)}] {spec.key}: done")
+            continue
+        with run_lock(folder) as mine:
+            if not mine:
+                print(f"[{i}/{len(todo)}] {spec.key}: running in another process, skipped")
+                continue
+            left = len(todo) - i + 1
+            eta = f", about {np.mean(spent) * left / 60:.0f} min left" if spent else ""
+            print(f"[{i}/{len(todo)}] {spec.key}: training and evaluating{eta}", flush=True)
+            t0 = time.perf_counter()
+            timing = execute_run(plan, spec, out, data, device, progress)
+            spent.append(time.perf_counter() - t0)
+            print(
+                f"[{i}/{len(todo)}] {spec.key}: finished in {spent[-1] / 60:.1f} min {timing}",
+                flush=True,
+            )
+
+
+# ------------------------------------------------------------------ tables and figure
+
+
+def finished_runs(plan: BenchmarkPlan, out: Path) -> dict[str, list[tuple[RunSpec, dict]]]:
+    """model -> its finished runs; a row with no run of its own takes those of its
+    EQUIVALENT row (same configuration), in either direction."""
+    twins = {**EQUIVALENT, **{v: k for k, v in EQUIVALENT.items()}}
+    found: dict[str, list[tuple[RunSpec, dict]]] = {}
+    for spec in plan.runs():
+        for model in (spec.model, twins.get(spec.model)):
+            src = RunSpec(model, spec.fold, spec.seed) if model else None
+            if src and is_done(out / "runs" / src.key):
+                found.setdefault(spec.model, []).append(
+                    (src, load_summary(out / "runs" / src.key / "eval"))
+                )
+                break
+    return found
+
+
+def per_subject_means(out: Path, runs: list[tuple[RunSpec, dict]]) -> dict[str, dict[str, float]]:
+    """'DATASET/metric' -> subject -> value averaged over the model's runs."""
+    acc: dict[str, dict[str, list[float]]] = {}
+    for spec, _ in runs:
+        for ds in ("Brats21", "MSLUB"):
+            f = out / "runs" / spec.key / "eval" / f"{ds}_test_subjects.csv"
+            if not f.exists():
+                continue
+            for row in csv.DictReader(f.open()):
+                for metric in ("dice", "auprc"):
+                    v = float(row[metric]) if row.get(metric) else math.nan
+                    acc.setdefault(f"{ds}/{metric}", {}).setdefault(row["subject"], []).append(v)
+    return {
+        k: {s: float(np.nanmean(v)) if np.isfinite(v).any() else math.nan for s, v in d.items()}
+        for k, d in acc.items()
+    }
+
+
+def collect(plan: BenchmarkPlan, out: Path) -> int:
+    found = finished_runs(plan, out)
+    rows = {DISPLAY_NAMES[m]: [s for _, s in found[m]] for m in plan.models if m in found}
+    if not rows:
+        print("no finished runs yet")
+        return 0
+    table = comparison_table(rows)
+    write_atomic(out / "table.md", table.markdown())
+    write_atomic(out / "table.csv", table.csv())
+    ref = plan.reference()
+    tests_md = ""
+    if ref and ref in found:
+        per_subject = {DISPLAY_NAMES[m]: per_subject_means(out, found[m]) for m in found}
+        tests = paired_tests(per_subject, DISPLAY_NAMES[ref])
+        tests_md = tests_markdown(tests, DISPLAY_NAMES[ref])
+        write_atomic(out / "wilcoxon.md", tests_md)
+        buf = ["model,key,n,median_diff,p"] + [
+            f"{t['model']},{t['key']},{t['n']},{t['median_diff']:.6g},{t['p']:.6g}" for t in tests
+        ]
+        write_atomic(out / "wilcoxon.csv", "\n".join(buf) + "\n")
+    fig = _figure3(plan, out, found)
+    timing = _timing_text(plan, out, found)
+    sections = [
+        {
+            "heading": "Table",
+            "table": table.markdown(),
+            "text": f"Mean ± std over runs (folds or seeds) of each run's per-volume mean; best bold, second underlined. Budget: {plan.budget()}; scale {plan.scale}. {timing}",
+        },
+    ]
+    if tests_md:
+        sections.append(
+            {
+                "heading": f"Paired tests against {DISPLAY_NAMES[ref]}",
+                "table": tests_md,
+                "text": "Wilcoxon signed-rank over test subjects, per-subject values averaged over each model's runs; median difference in percentage points (model - reference).",
+            }
+        )
+    if fig:
+        sections.append(
+            {
+                "heading": "Figure 3",
+                "text": "Per example: input and each model's reconstruction (top), ground truth and each model's anomaly map |x - reconstruction| (bottom, one colour scale per example).",
+                "images": [fig],
+            }
+        )
+    page = write_html(out / "report.html", "maediff benchmark", sections)
+    print(table.markdown())
+    if tests_md:
+        print(tests_md)
+    print(f"report: {page}")
+    return 0
+
+
+def _figure3(plan: BenchmarkPlan, out: Path, found) -> Path | None:
+    examples: dict[str, dict] = {}
+    names = []
+    for m in plan.models:
+        if m not in found:
+            continue
+        spec = found[m][0][0]
+        f = out / "runs" / spec.key / "figure3.npz"
+        if not f.exists():
+            continue
+        names.append(DISPLAY_NAMES[m])
+        with np.load(f) as z:
+            for key in z.files:
+                idx, subject, part = key.split("|")
+                ex = examples.setdefault(idx, {"title": subject, "models": {}})
+                if part in ("image", "segmentation", "brain"):
+                    ex[part] = z[key]
+                else:
+                    rec = z[key]
+                    ex["models"][DISPLAY_NAMES[m]] = (
+                        rec,
+                        np.abs(z[f"{idx}|{subject}|image"] - rec) * z[f"{idx}|{subject}|brain"],
+                    )
+    if not examples:
+        return None
+    return figure_comparison([examples[k] for k in sorted(examples)], names, out / "figure3.png")
+
+
+def _timing_text(plan: BenchmarkPlan, out: Path, found) -> str:
+    total = 0.0
+    for runs in found.values():
+        for spec, _ in runs:
+            f = out / "runs" / spec.key / "timing.json"
+            if f.exists():
+                t = json.loads(f.read_text())
+                total += t.get("train_s", 0) + t.get("evaluate_s", 0)
+    return f"Wall time of the finished runs: {total / 60:.0f} min."
+
+
+__all__ = ["BenchmarkPlan", "RunSpec", "collect", "run_benchmark"]
