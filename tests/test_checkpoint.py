@@ -2,15 +2,15 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
+from maediff.config import get_preset
+from maediff.models.maediff import MAEDiff
 from maediff.training.checkpoint import (
     CheckpointError,
-    load_model,
     TrainState,
+    load_model,
     read_checkpoint,
     save_weights,
 )
-from maediff.config import get_preset
-from maediff.models.maediff import MAEDiff
 
 
 def _model():

@@ -120,7 +120,7 @@ def test_cli_end_to_end_is_deterministic(tiny_bench, tmp_path, capsys):
 
 
 def test_training_is_deterministic_for_a_seed(tiny_bench, tmp_path):
-    from maediff.checkpoint import read_checkpoint
+    from maediff.training.checkpoint import read_checkpoint
 
     assert _train(tiny_bench, tmp_path / "a", seed=5) == 0
     assert _train(tiny_bench, tmp_path / "b", seed=5) == 0
@@ -188,7 +188,7 @@ def test_every_subcommand_has_help(capsys):
 
 
 def test_bids_output_names():
-    from maediff.detect import output_paths
+    from maediff.pipeline.detect import output_paths
 
     p = output_paths("out", "sub-01_ses-1_T2w", bids=True)
     assert p["anomaly"].name == "sub-01_ses-1_desc-anomalymap_T2w.nii.gz"

@@ -9,7 +9,7 @@ import torch
 from maediff.config import DataConfig
 from maediff.data.datasets import SliceSet, load_subject, slices_to_volume, volume_to_slices
 from maediff.data.io import DataError, load_nifti, save_like
-from maediff.data.preprocess import prepare_volume, rescale_percentiles
+from maediff.data.preprocess import curvature_flow, prepare_volume, rescale_percentiles
 from maediff.data.splits import (
     Subject,
     read_folder,
@@ -224,6 +224,7 @@ def test_rescale_percentiles():
         rescale_percentiles(np.ones_like(data), mask)
 
 
+@pytest.mark.slow
 def test_model_grid_input_is_an_identity():
     s = make_subject(0, "tumour", 1)
     aff = template()["affine"]
@@ -242,6 +243,7 @@ def test_model_grid_input_is_an_identity():
     np.testing.assert_allclose(v.to_input_space(v.image), v.image, atol=1e-6)
 
 
+@pytest.mark.slow
 def test_one_mm_flipped_input_maps_to_the_same_grid_and_back():
     from scipy import ndimage
 
@@ -262,19 +264,63 @@ def test_one_mm_flipped_input_maps_to_the_same_grid_and_back():
     assert (back == up["seg"][::-1]).mean() > 0.99
 
 
-def test_curvature_flow_switch_changes_the_image():
-    img, mask, _ = _brain()
+def _prepare(img, mask, seg=None, affine=AFF, **cfg):
+    cfg = DataConfig(**{"volume_shape": (24, 24, 12), **cfg})
+    nii = [nib.Nifti1Image(a, affine) if a is not None else None for a in (img, mask, seg)]
+    return prepare_volume(*nii, cfg)
+
+
+def test_curvature_flow_switch_changes_the_image_only():
+    img, mask, seg = _brain()
     img = img + np.random.default_rng(0).normal(0, 5, img.shape).astype(np.float32) * mask
-    cfg = DataConfig(volume_shape=(24, 24, 12))
-    a = prepare_volume(nib.Nifti1Image(img, AFF), nib.Nifti1Image(mask, AFF), None, cfg)
-    b = prepare_volume(
-        nib.Nifti1Image(img, AFF),
-        nib.Nifti1Image(mask, AFF),
-        None,
-        DataConfig(volume_shape=(24, 24, 12), curvature_flow=True),
+    a = _prepare(img, mask, seg, curvature_flow=False)
+    b = _prepare(img, mask, seg, curvature_flow=True)
+    assert a.image.shape == b.image.shape == (24, 24, 12)
+    assert b.image.dtype == np.float32 and 0 <= b.image.min() and b.image.max() <= 1
+    assert not np.allclose(a.image, b.image)
+    # masks and labels are never smoothed; without a mask, the brain is taken from the
+    # unsmoothed image (image > 0), so the switch cannot move it either
+    np.testing.assert_array_equal(a.brain_mask, b.brain_mask)
+    np.testing.assert_array_equal(a.segmentation, b.segmentation)
+    na = _prepare(img, None, curvature_flow=False)
+    nb = _prepare(img, None, curvature_flow=True)
+    np.testing.assert_array_equal(na.brain_mask, nb.brain_mask)
+    assert _prepare(img, mask).segmentation is None
+
+
+def test_curvature_flow_equals_the_reference_reader_on_1mm_data(tmp_path):
+    # pDDPM's reader: sitk.ReadImage(path, sitkFloat32) then CurvatureFlow(0.125, 3), on
+    # its 1 mm isotropic files; an integer file with a flipped, permuted 1 mm affine
+    import SimpleITK as sitk
+
+    img, _, _ = _brain()
+    noisy = img + np.random.default_rng(1).normal(0, 8, img.shape)
+    aff = np.array([[-1.0, 0, 0, 90], [0, 0, 1, -120], [0, 1, 0, -60], [0, 0, 0, 1]])
+    p = _write(tmp_path, "scan.nii.gz", noisy.astype(np.int16), aff)
+    ref = sitk.CurvatureFlow(
+        image1=sitk.ReadImage(str(p), sitk.sitkFloat32), timeStep=0.125, numberOfIterations=3
     )
-    assert a.image.shape == (24, 24, 12) and not np.allclose(a.image, b.image)
-    assert a.segmentation is None
+    expected = sitk.GetArrayFromImage(ref).transpose(2, 1, 0)
+    data = np.asarray(load_nifti(p).dataobj, dtype=np.float32)
+    out = curvature_flow(data)
+    assert out.dtype == np.float32 and out.shape == data.shape
+    np.testing.assert_allclose(out, expected, rtol=0, atol=1e-3)
+    assert np.abs(out - data).max() > 1  # it did smooth
+
+
+@pytest.mark.parametrize("spacing", [0.4, 1.0, 3.0])
+def test_curvature_flow_is_stable_at_any_spacing(spacing):
+    # with the physical spacing, a 0.125 time step diverges below 1 mm; on the voxel
+    # grid the flow only smooths: the result stays within the input's range
+    img, mask, _ = _brain()
+    noisy = img + np.random.default_rng(2).normal(0, 10, img.shape).astype(np.float32)
+    aff = np.diag([spacing, spacing, spacing, 1.0])
+    data = np.asarray(nib.Nifti1Image(noisy, aff).dataobj, dtype=np.float32)
+    out = curvature_flow(data)
+    assert noisy.min() - 1e-3 <= out.min() and out.max() <= noisy.max() + 1e-3
+    assert np.abs(out - img).mean() < np.abs(noisy - img).mean()  # closer to the clean image
+    v = _prepare(noisy, mask, affine=aff, spacing=2.0 * spacing)
+    assert np.isfinite(v.image).all() and v.image.max() <= 1 and v.brain_mask.any()
 
 
 # ------------------------------------------------------------------ slices
@@ -309,6 +355,7 @@ def test_slice_set_epochs_and_resizing():
 # ------------------------------------------------------------------ synthetic benchmark
 
 
+@pytest.mark.slow
 def test_synthetic_subjects_are_deterministic_and_plausible():
     a = make_subject(3, "tumour", 0)
     b = make_subject(3, "tumour", 0)
@@ -326,6 +373,7 @@ def test_synthetic_subjects_are_deterministic_and_plausible():
     assert img[a["seg"] > 0].mean() > img[(a["mask"] > 0) & (a["seg"] == 0)].mean()
 
 
+@pytest.mark.slow
 def test_generate_benchmark_in_pddpm_layout(tiny_bench):
     # tiny_bench (conftest): 6 healthy train+val, 2 healthy test, tumour 1 / 2, MS 1 / 1
     root = tiny_bench

@@ -17,15 +17,23 @@ from maediff.evaluation import (
     remove_small_components,
     roc_auc,
 )
-from maediff.evaluation.aggregate import combine_runs, summarise, write_json, write_subject_csv
+from maediff.evaluation.aggregate import (
+    combine_runs,
+    exclusions,
+    summarise,
+    write_json,
+    write_subject_csv,
+)
 
 
 def test_dice_by_hand():
     p = np.array([1, 1, 0, 0], bool)
     g = np.array([1, 0, 1, 0], bool)
+    none = np.zeros(4, bool)
     assert dice(p, g) == pytest.approx(0.5)
-    assert dice(np.zeros(4, bool), np.zeros(4, bool)) == 1.0
-    assert dice(p, np.zeros(4, bool)) == 0.0
+    # the reference's 2|P & G| / (|P| + |G|): 0/0 is NaN (left out of the mean), not 1
+    assert np.isnan(dice(none, none))
+    assert dice(p, none) == 0.0 and dice(none, g) == 0.0
     with pytest.raises(ValueError, match="differ in shape"):
         dice(p, g[:3])
 
@@ -91,36 +99,87 @@ def test_median_filter_crop_equals_full_volume():
     assert not median_filter_3d(np.zeros((5, 5, 5)), 5).any()
 
 
+def _n_components(b, connectivity):
+    return ndimage.label(b, structure=ndimage.generate_binary_structure(3, connectivity))[1]
+
+
 def test_remove_small_components_26_connectivity():
-    b = np.zeros((10, 10, 10), bool)
-    b[0:2, 0:2, 0:2] = True  # 8 voxels: kept
-    b[5:7, 5:7, 5] = True  # 4 voxels: removed
-    b[5, 5, 5] = True
-    for i in range(7):  # 7 voxels joined only diagonally (26-connected): removed
-        b[i, 9 - i, 9] = False
-    diag = np.zeros_like(b)
-    for i in range(8):  # 8 diagonal voxels: one 26-component of size 8, kept
-        diag[i + 2, i, 8 - (i % 2)] = True
-    out = remove_small_components(b | diag, 7)
-    assert out[0:2, 0:2, 0:2].all()
-    assert not out[5:7, 5:7, 5].any()
-    assert out[diag].all()
+    shape = (16, 16, 16)
+    block = np.zeros(shape, bool)
+    block[0:2, 0:2, 0:2] = True  # 8 voxels, face-connected: kept
+    small = np.zeros(shape, bool)
+    small[5:7, 5:7, 5] = True  # 4 voxels + 1 = 5: removed
+    small[5, 5, 6] = True
+    diag7 = np.zeros(shape, bool)
+    diag8 = np.zeros(shape, bool)
+    for i in range(7):  # 7 voxels touching only at corners: one 26-component of 7, removed
+        diag7[i + 8, i, 15 - i] = True
+    for i in range(8):  # 8 voxels touching only at corners: one 26-component of 8, kept
+        diag8[i + 1, i + 8, i + 4] = True
+    # the cases are what they claim to be
+    assert (block.sum(), small.sum(), diag7.sum(), diag8.sum()) == (8, 5, 7, 8)
+    for d, n in ((diag7, 7), (diag8, 8)):
+        assert _n_components(d, 3) == 1 and _n_components(d, 2) == n
+    b = block | small | diag7 | diag8
+    assert _n_components(b, 3) == 4  # the four cases do not touch each other
+    out = remove_small_components(b, 7)
+    np.testing.assert_array_equal(out, block | diag8)
+    # the boundary: max_size 8 removes the 8-voxel components too, 4 keeps all but none
+    assert not remove_small_components(b, 8).any()
+    np.testing.assert_array_equal(remove_small_components(b, 4), b)
 
 
 def test_greedy_search_finds_separating_threshold():
     pool = PooledVoxels()
     rng = np.random.default_rng(0)
+    scored_lesion, missed = 0, 0
     for _ in range(3):
         lab = rng.random((10, 10, 10)) < 0.2
         sc = np.where(lab, 0.6 + 0.4 * rng.random(lab.shape), 0.5 * rng.random(lab.shape))
         sc[0, 0, 0] = 0.0  # a zero-score voxel is excluded from the pool
         pool.add(sc.astype(np.float32), lab)
+        scored_lesion += int((lab & (sc > 0)).sum())
+        missed += int(lab[0, 0, 0])
+    assert missed > 0 and pool.missed_positives == missed  # seed 0 puts a lesion at [0, 0, 0]
     t, d = greedy_threshold_search(pool, steps=10)
-    assert 0.5 <= t < 0.6 and d == 1.0 or (0.45 < t < 0.65 and d > 0.98)
+    # any threshold in [0.5, 0.6) separates the scored voxels; the missed lesion voxel
+    # stays a false negative: the best pooled Dice is 2 TP / (2 TP + missed), exactly
+    assert 0.5 <= t < 0.6
+    assert d == 2 * scored_lesion / (2 * scored_lesion + missed)
     empty = PooledVoxels()
     empty.add(np.zeros((2, 2, 2)), np.ones((2, 2, 2), bool))
     assert greedy_threshold_search(empty) == (0.0, 0.0)
     assert empty.missed_positives == 8
+
+
+def test_greedy_search_ties_keep_the_later_candidate():
+    # quantised scores: lesion voxels 1.0, healthy voxels 0.05. Every quarter point
+    # above 0.05 predicts exactly the lesion, so the candidates tie at Dice 1.
+    sc = np.full((4, 4, 4), 0.05, np.float32)
+    lab = np.zeros(sc.shape, bool)
+    lab[1:3, 1:3, 1:3] = True
+    sc[lab] = 1.0
+    pool = PooledVoxels()
+    pool.add(sc, lab)
+    # step 1 on [0, 1]: 0.25 and 0.75 tie, the lower half is kept, best (0.25, 1);
+    # step 2 on [0, 0.5]: 0.125 ties with the best so far and replaces it (`>=`)
+    assert greedy_threshold_search(pool, steps=1) == (0.25, 1.0)
+    assert greedy_threshold_search(pool, steps=2) == (0.125, 1.0)
+    assert greedy_threshold_search(pool, steps=3) == (0.0625, 1.0)
+    # step 4 on [0, 0.125]: 0.03125 predicts healthy voxels too, 0.09375 wins (Dice 1)
+    assert greedy_threshold_search(pool, steps=4) == (0.09375, 1.0)
+
+
+def test_greedy_search_best_starts_at_zero():
+    # every candidate has Dice 0 (the only lesion voxel scores 0): as the reference
+    # (best starting at 0, `>=`), the last candidate is returned, not the first
+    sc = np.zeros((4, 4, 4), np.float32)
+    lab = np.zeros(sc.shape, bool)
+    lab[0, 0, 0] = True
+    sc[2:, 2:, 2:] = 0.8
+    pool = PooledVoxels()
+    pool.add(sc, lab)
+    assert greedy_threshold_search(pool, steps=2) == (float(np.float32(0.8)) * 0.125, 0.0)
 
 
 def test_greedy_search_visits_quarter_points_by_hand():
@@ -177,6 +236,29 @@ def test_evaluate_split_end_to_end(tmp_path):
         evaluate_split(healthy, test)
     with pytest.raises(ValueError, match="differ in shape"):
         VolumeResult("bad", np.zeros((2, 2, 2)), np.zeros((2, 2, 3)), np.zeros((2, 2, 2)))
+
+
+def test_volume_without_lesion_is_left_out_of_the_dice_mean():
+    rng = np.random.default_rng(1)
+    val = [_volume(f"v{i}", rng) for i in range(2)]
+    test = [_volume("t0", rng), _volume("t1", rng)]
+    # a test volume with an (empty) segmentation and a perfect reconstruction: nothing
+    # predicted, no lesion voxel -> Dice 0/0 = NaN, AUPRC and AUROC undefined
+    clean = _volume("t2", rng, lesion=False)
+    clean = VolumeResult(
+        "t2", clean.image, clean.image, clean.brain_mask, np.zeros_like(clean.brain_mask)
+    )
+    out = evaluate_split(val, [*test, clean])
+    rec = out.records[2]
+    assert rec["predicted_voxels"] == 0 and rec["lesion_voxels"] == 0
+    assert np.isnan(rec["dice"]) and np.isnan(rec["auprc"]) and np.isnan(rec["auroc"])
+    s = summarise(out.records)
+    assert s["dice"]["n"] == 2
+    assert s["dice"]["mean"] == pytest.approx(np.mean([r["dice"] for r in out.records[:2]]))
+    ex = exclusions(out.records)
+    assert ex["dice"]["n"] == 1 and "0/0" in ex["dice"]["reason"]
+    assert ex["auprc"]["n"] == 1 and "dice" in ex and "l1" not in ex
+    assert exclusions(out.records[:2]) == {}
 
 
 def test_combine_runs():

@@ -45,23 +45,31 @@ def test_pixels_outside_the_patch_reach_the_network_unchanged(model, gen):
     assert ((t >= 1) & (t <= 20)).all()
 
 
-def test_loss_counts_only_the_noised_patch(model, gen):
-    # a network that returns its input exactly is perfect outside the patch: the loss
-    # must then equal the mean |x0 - x~_t| inside the patch only
+def test_loss_counts_only_the_noised_patch(model):
+    """Eq. 9 with injected t, noise and patch index: mean |x0 - pred| over patch k only."""
     x = torch.rand(3, 1, 32, 32)
-    seen, h = _capture_net_inputs(model)
-    g1 = torch.Generator().manual_seed(5)
-    orig = model.net.forward
-    model.net.forward = lambda xt, t, vis=None, cond=None: xt
-    loss = model.loss(x, g1)
-    model.net.forward = orig
-    h.remove()
-    xt = seen[0][0]
+    t, k = torch.tensor([3, 10, 17]), torch.tensor([0, 4, 8])
+    noise = torch.randn(3, 1, 32, 32)
+    loss = model.loss(x, t=t, noise=noise, k=k)
     xm = to_model_range(x)
-    d = (xt - xm).abs()
-    inside = d > 0
-    assert loss.item() == pytest.approx((d.sum() / (3 * 256)).item(), rel=1e-5)
-    assert inside.sum() <= 3 * 256
+    x_t = model.diffusion.q_sample(xm, t, noise)
+    with torch.no_grad():
+        pred = model.denoise(model.noised_input(xm, x_t, k), t, k, xm)
+    m = model.patch_masks[k]
+    inside = ((xm - pred).abs() * m).sum() / m.sum()
+    everywhere = (xm - pred).abs().mean()
+    assert m.sum() == 3 * 16 * 16
+    assert loss.item() == pytest.approx(inside.item(), rel=1e-5)
+    assert abs(inside.item() - everywhere.item()) > 1e-3  # the two readings differ here
+
+
+def test_injected_random_inputs_replace_the_generator(model):
+    x = torch.rand(2, 1, 32, 32)
+    t, k, noise = torch.tensor([5, 6]), torch.tensor([1, 2]), torch.randn(2, 1, 32, 32)
+    a = model.loss(x, torch.Generator().manual_seed(1), t=t, noise=noise, k=k)
+    b = model.loss(x, torch.Generator().manual_seed(2), t=t, noise=noise, k=k)
+    c = model.loss(x, torch.Generator().manual_seed(2))
+    assert a.item() == b.item() and c.item() != a.item()
 
 
 def _sequential_reconstruction(model, slices, noise):
@@ -143,6 +151,7 @@ def test_bad_inputs(model):
         model.reconstruct(torch.rand(2, 1, 32, 32), noise=torch.rand(1, 1, 32, 32))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("mae_on", [True, False])
 def test_overfitting_one_batch_lowers_the_loss(mae_on):
     cfg = get_preset("tiny")

@@ -16,6 +16,7 @@ def _subject():
     return s["image"], s["mask"], template()["affine"]
 
 
+@pytest.mark.slow
 def test_n4_reduces_a_multiplicative_bias():
     img, mask, aff = _subject()
     X = np.linspace(-1, 1, img.shape[0])[:, None, None]
@@ -30,6 +31,7 @@ def test_n4_reduces_a_multiplicative_bias():
     assert abs(np.log(left_right_ratio(out))) < 0.5 * abs(np.log(left_right_ratio(biased)))
 
 
+@pytest.mark.slow
 def test_registration_recovers_a_shift(tmp_path):
     img, mask, aff = _subject()
     # the template is the subject itself; the scan is the subject moved by 6 mm

@@ -8,9 +8,9 @@ import time
 import pytest
 import torch
 
-from maediff.training.checkpoint import read_checkpoint
 from maediff.config import apply_overrides, get_preset
 from maediff.device import resolve_device
+from maediff.training.checkpoint import read_checkpoint
 from maediff.training.trainer import prepare_training_data, train
 
 TINY = ["train.batch_size=4", "train.checkpoint_every=1"]

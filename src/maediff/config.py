@@ -1,6 +1,6 @@
 """Typed configuration with the paper's defaults, presets, YAML load/save.
 
-Every default of the method lives here (paper §4.3, PROTOCOL.md §1-6). Variants are
+Every default of the method lives here (paper §4.3, docs/method.md, docs/data.md). Variants are
 presets built from the paper configuration with `dataclasses.replace`, never copies.
 
     cfg = get_preset("cpu")
@@ -46,7 +46,7 @@ class GeometryConfig:
 
 @dataclass(frozen=True)
 class UNetConfig:
-    """pDDPM / ADM diffusion U-Net (PROTOCOL.md §4)."""
+    """pDDPM / ADM diffusion U-Net (docs/method.md §Networks)."""
 
     in_channels: int = 1
     out_channels: int = 1
@@ -60,7 +60,7 @@ class UNetConfig:
     norm_groups: int = 32
     dropout: float = 0.0
     # Feed the visible region x^_0 and the patch mask as two extra input channels
-    # (paper Eq. 8-9 leave this open; off = the noised image alone, PROTOCOL.md §2).
+    # (paper Eq. 8-9 leave this open; off = the noised image alone, docs/method.md §Networks).
     condition_channels: bool = False
 
 
@@ -98,7 +98,7 @@ class DiffusionConfig:
 
 @dataclass(frozen=True)
 class NoiseConfig:
-    """Noise of the forward process (paper Alg. 1, PROTOCOL.md §3)."""
+    """Noise of the forward process (paper Alg. 1, docs/method.md §Noise)."""
 
     kind: str = "simplex"  # "simplex" or "gaussian"
     octaves: int = 6
@@ -116,7 +116,7 @@ class NoiseConfig:
 
 @dataclass(frozen=True)
 class TrainConfig:
-    """Optimisation (paper §4.3, PROTOCOL.md §5)."""
+    """Optimisation (paper §4.3, docs/method.md §Training)."""
 
     optimizer: str = "adam"  # "adam" or "adamw"
     lr: float = 1e-4
@@ -135,7 +135,7 @@ class TrainConfig:
 
 @dataclass(frozen=True)
 class DataConfig:
-    """Volumes as the model sees them (PROTOCOL.md §6)."""
+    """Volumes as the model sees them (docs/data.md §3)."""
 
     volume_shape: tuple[int, int, int] = (96, 96, 50)  # after load-time processing
     spacing: float = 2.0  # mm, after resampling
@@ -160,44 +160,54 @@ class InferenceConfig:
 @dataclass(frozen=True)
 class AutoencoderConfig:
     """Convolutional encoder-decoder with a dense bottleneck: AE and VAE (Baur et al.
-    2021), the slice encoder of SVAE (Behrendt et al. 2022) and the backbones of
-    f-AnoGAN's generator, critic and encoder (docs/method.md, "Baselines")."""
+    2021), and the slice VAE inside SVAE (Behrendt et al. 2022). docs/baselines.md."""
 
-    channels: tuple[int, ...] = (32, 64, 128, 256)  # widths of the stride-2 stages
-    latent_dim: int = 512  # z
-    loss: str = "l1"  # reconstruction loss: "l1" or "l2"
-    kl_weight: float = 1e-3  # VAE / SVAE: weight of KL(q(z|x) || N(0, I))
+    # widths of the stride-2 stages; Baur's unified encoder: min(128, 32 * 2^i), 4 stages
+    channels: tuple[int, ...] = (32, 64, 128, 128)
+    kernel_size: int = 5  # of the stride-2 (transposed) convolutions (Baur: 5)
+    latent_dim: int = 128  # z (Baur's dense models: zDim = 128)
+    loss: str = "l1"  # reconstruction loss: "l1" (Baur) or "l2"
+    # VAE / SVAE: weight of KL(q(z|x) || N(0, I)) against the reconstruction error summed
+    # over pixels (1.0 = Baur's objective; the loss is then divided by the pixel count)
+    kl_weight: float = 1.0
+    dropout: float = 0.2  # on the dense bottleneck while training (Baur: 0.2)
 
 
 @dataclass(frozen=True)
 class SVAEConfig:
     """Transformer over the slice latents of one volume (Behrendt et al. 2022)."""
 
-    depth: int = 4
-    heads: int = 8
-    mlp_ratio: float = 4.0
-    dropout: float = 0.1
+    depth: int = 4  # transformer blocks
+    heads: int = 8  # attention heads; must divide autoencoder.latent_dim
+    mlp_ratio: float = 4.0  # hidden width of the block MLP / latent_dim
+    dropout: float = 0.1  # on the residual branches while training
 
 
 @dataclass(frozen=True)
 class DAEConfig:
-    """Denoising autoencoder with coarse noise (Kascenas et al. 2022)."""
+    """Denoising U-Net with coarse noise (Kascenas et al. 2022)."""
 
     noise_res: int = 16  # Gaussian noise drawn at noise_res x noise_res, upsampled
-    noise_std: float = 0.2
+    noise_std: float = 0.2  # std of that noise (intensities in [0, 1])
+    # U-Net widths per level (Kascenas: depth 4, first width 2^6 = 64, doubling)
+    channels: tuple[int, ...] = (64, 128, 256, 512)
 
 
 @dataclass(frozen=True)
 class FAnoGANConfig:
     """WGAN-GP then an izi_f encoder (Schlegl et al. 2019)."""
 
-    latent_dim: int = 128
+    latent_dim: int = 128  # z (Schlegl: ZDIM = 128)
+    # input-conv width, then the output width of each residual (re)sampling block of the
+    # critic and encoder; the generator mirrors it (Schlegl, DIM = 64: 64, 128, 256, 512, 512)
+    channels: tuple[int, ...] = (64, 128, 256, 512, 512)
     n_critic: int = 5  # critic updates per generator update
     gp_weight: float = 10.0  # lambda of the gradient penalty
     feature_weight: float = 1.0  # kappa of the izi_f loss
     gan_fraction: float = 0.7  # share of the training budget spent on the WGAN stage
     beta1: float = 0.0  # Adam betas of the GAN stage (WGAN-GP: 0.0, 0.9)
     beta2: float = 0.9
+    encoder_lr: float = 5e-5  # learning rate of the encoder stage (Schlegl: 5e-5)
 
 
 @dataclass(frozen=True)
@@ -252,36 +262,63 @@ MODEL_KINDS = ("maediff", "anoddpm", "thresh", "ae", "vae", "svae", "dae", "fano
 
 
 def validate_baselines(cfg: Config) -> None:
+    """Values of the baselines' sections; the image-size checks only for the model that
+    uses the section (docs/baselines.md)."""
     a, f, d, sv = cfg.autoencoder, cfg.fanogan, cfg.dae, cfg.svae
+    H = cfg.geometry.image_size
     _check(cfg.model in MODEL_KINDS, f"model={cfg.model!r} must be one of {MODEL_KINDS}")
+    for name, chs in (
+        ("autoencoder.channels", a.channels),
+        ("dae.channels", d.channels),
+        ("fanogan.channels", f.channels),
+    ):
+        _check(
+            len(chs) >= 1 and all(isinstance(c, int) and c > 0 for c in chs),
+            f"{name}={chs!r} must be positive integer widths",
+        )
+    _check(len(f.channels) >= 2, f"fanogan.channels={f.channels!r} needs at least 2 entries")
     _check(
-        len(a.channels) >= 1 and all(c > 0 for c in a.channels),
-        f"autoencoder.channels={a.channels!r} must be positive widths",
-    )
-    downs = 2 ** len(a.channels)
-    _check(
-        cfg.geometry.image_size % downs == 0,
-        f"image_size {cfg.geometry.image_size} must be divisible by 2^len(autoencoder.channels) = {downs}",
+        a.kernel_size >= 1 and a.kernel_size % 2 == 1,
+        f"autoencoder.kernel_size={a.kernel_size} must be odd and >= 1",
     )
     _check(a.latent_dim >= 1, f"autoencoder.latent_dim={a.latent_dim} must be >= 1")
     _check(a.loss in ("l1", "l2"), f"autoencoder.loss={a.loss!r} must be 'l1' or 'l2'")
     _check(a.kl_weight >= 0, f"autoencoder.kl_weight={a.kl_weight} must be >= 0")
+    _check(0 <= a.dropout < 1, f"autoencoder.dropout={a.dropout} must be in [0, 1)")
+    _check(sv.depth >= 1, f"svae.depth={sv.depth} must be >= 1")
     _check(
-        sv.depth >= 1 and a.latent_dim % sv.heads == 0,
-        f"svae.heads={sv.heads} must divide autoencoder.latent_dim={a.latent_dim} (depth {sv.depth} >= 1)",
+        sv.heads >= 1 and a.latent_dim % sv.heads == 0,
+        f"svae.heads={sv.heads} must divide autoencoder.latent_dim={a.latent_dim}",
     )
-    _check(
-        1 <= d.noise_res <= cfg.geometry.image_size,
-        f"dae.noise_res={d.noise_res} must be in 1..image_size",
-    )
+    _check(sv.mlp_ratio > 0, f"svae.mlp_ratio={sv.mlp_ratio} must be > 0")
+    _check(0 <= sv.dropout < 1, f"svae.dropout={sv.dropout} must be in [0, 1)")
+    _check(1 <= d.noise_res <= H, f"dae.noise_res={d.noise_res} must be in 1..image_size ({H})")
     _check(d.noise_std >= 0, f"dae.noise_std={d.noise_std} must be >= 0")
     _check(f.latent_dim >= 1, f"fanogan.latent_dim={f.latent_dim} must be >= 1")
     _check(f.n_critic >= 1, f"fanogan.n_critic={f.n_critic} must be >= 1")
-    _check(0.0 < f.gan_fraction < 1.0, f"fanogan.gan_fraction={f.gan_fraction} must be in (0, 1)")
+    _check(f.gp_weight >= 0, f"fanogan.gp_weight={f.gp_weight} must be >= 0")
+    _check(f.feature_weight >= 0, f"fanogan.feature_weight={f.feature_weight} must be >= 0")
+    _check(
+        0.0 < f.gan_fraction < 1.0, f"fanogan.gan_fraction={f.gan_fraction} must be in (0, 1)"
+    )
     _check(
         0 <= f.beta1 < 1 and 0 <= f.beta2 < 1,
         f"fanogan betas ({f.beta1}, {f.beta2}) must be in [0, 1)",
     )
+    _check(f.encoder_lr > 0, f"fanogan.encoder_lr={f.encoder_lr} must be > 0")
+    downsampling = {
+        "ae": ("autoencoder.channels", len(a.channels)),
+        "vae": ("autoencoder.channels", len(a.channels)),
+        "svae": ("autoencoder.channels", len(a.channels)),
+        "dae": ("dae.channels", len(d.channels) - 1),
+        "fanogan": ("fanogan.channels", len(f.channels) - 1),
+    }
+    if cfg.model in downsampling:
+        name, n = downsampling[cfg.model]
+        _check(
+            H % 2**n == 0,
+            f"image_size {H} must be divisible by 2^{n} = {2**n}, the downsampling of {name}",
+        )
 
 
 def validate(cfg: Config) -> None:
@@ -440,8 +477,10 @@ MODEL_DELTAS: dict[str, Any] = {
     "thresh": lambda c: replace(c, model="thresh"),
     "ae": lambda c: replace(c, model="ae"),
     "vae": lambda c: replace(c, model="vae"),
-    "svae": lambda c: replace(c, model="svae"),
-    "dae": lambda c: replace(c, model="dae"),
+    # a batch is whole volumes: 4 volumes of 50 slices = 200 slices per step
+    "svae": lambda c: replace(c, model="svae", train=replace(c.train, batch_size=4)),
+    # Kascenas et al.: Adam with weight decay 1e-5 (their AMSGrad variant is not offered)
+    "dae": lambda c: replace(c, model="dae", train=replace(c.train, weight_decay=1e-5)),
     "fanogan": lambda c: replace(c, model="fanogan"),
     "anoddpm": _anoddpm,
     "pddpm-s48": lambda c: _diffusion_variant(c, mae=False, attention=False, stride=48),
@@ -509,10 +548,12 @@ def _cpu_scale(cfg: Config) -> Config:
         noise=replace(cfg.noise, frequency=2.0 * cfg.noise.frequency),
         train=replace(cfg.train, lr=3e-4, epochs=100000, max_minutes=6.0, amp="auto", val_every=10),
         inference=replace(cfg.inference, batch_size=32, amp="auto"),
-        autoencoder=replace(cfg.autoencoder, channels=(16, 32, 64, 128), latent_dim=128),
+        autoencoder=replace(cfg.autoencoder, channels=(16, 32, 64, 64), latent_dim=64),
         svae=replace(cfg.svae, depth=2, heads=4),
-        dae=replace(cfg.dae, noise_res=cfg.dae.noise_res // 2),
-        fanogan=replace(cfg.fanogan, latent_dim=64),
+        # same noise cell size in pixels (6) as 16 cells at 96x96
+        dae=replace(cfg.dae, noise_res=cfg.dae.noise_res // 2, channels=(16, 32, 64, 128)),
+        # encoder lr: half the GAN's train.lr, as Schlegl's 5e-5 vs 1e-4
+        fanogan=replace(cfg.fanogan, latent_dim=64, channels=(16, 32, 64, 128, 128), encoder_lr=1.5e-4),
     )
 
 
@@ -533,8 +574,8 @@ def _tiny_scale(cfg: Config) -> Config:
         inference=replace(cfg.inference, batch_size=64),
         autoencoder=replace(cfg.autoencoder, channels=(8, 16, 32), latent_dim=32),
         svae=replace(cfg.svae, depth=1, heads=2),
-        dae=replace(cfg.dae, noise_res=4),
-        fanogan=replace(cfg.fanogan, latent_dim=16),
+        dae=replace(cfg.dae, noise_res=4, channels=(8, 16, 32)),
+        fanogan=replace(cfg.fanogan, latent_dim=16, channels=(8, 16, 32, 32), encoder_lr=1e-3),
     )
 
 

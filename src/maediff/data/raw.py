@@ -1,5 +1,5 @@
 """Offline preprocessing of raw scans, before the load-time processing of preprocess.py
-(PROTOCOL.md §6: skull stripping, affine registration to an atlas, cropping, N4).
+(docs/data.md §2: skull stripping, affine registration to an atlas, cropping, N4).
 
     out = preprocess_scan("raw/sub-01_T2w.nii.gz", "prep/", mask="raw/sub-01_mask.nii.gz")
 

@@ -2,7 +2,7 @@
 
 Two ways in, both giving a list of `Subject`:
 
-- pDDPM's layout (PROTOCOL.md §6): `DATA_DIR/Train/ixi/{t2,mask}`,
+- pDDPM's layout (docs/data.md §1): `DATA_DIR/Train/ixi/{t2,mask}`,
   `DATA_DIR/Test/{Brats21,MSLUB}/{t2,mask,seg}` and `DATA_DIR/splits/*.csv` as the
   pDDPM authors share them. The CSVs list T1 paths; the T2 file is found by
   rewriting the folder `/t1/` to `/t2/` and the suffix `_t1.nii` to `_t2.nii` (only

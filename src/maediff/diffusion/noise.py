@@ -5,7 +5,7 @@ every pixel of every field of every octave is evaluated by the same handful of
 tensor operations, with no per-pixel Python loop. Randomness enters only through
 an explicit `torch.Generator` (a lattice permutation per field).
 
-Octaves follow AnoDDPM / pDDPM (PROTOCOL.md §3): the coordinates of octave k are
+Octaves follow AnoDDPM / pDDPM (docs/method.md §Noise): the coordinates of octave k are
 `pixel * frequency * 2**k`, the amplitude is `persistence**k`, summed.
 
     sampler = NoiseSampler(cfg.noise, (96, 96))

@@ -26,7 +26,7 @@ def dice(pred: np.ndarray, gt: np.ndarray) -> float:
     p, g = pred.astype(bool), gt.astype(bool)
     denom = int(p.sum()) + int(g.sum())
     if denom == 0:
-        return 1.0
+        return float("nan")
     return 2.0 * int(np.logical_and(p, g).sum()) / denom
 
 

@@ -224,7 +224,8 @@ def write_html(path: str | Path, title: str, sections: Sequence[Mapping]) -> Pat
         "<style>body{font-family:sans-serif;max-width:1100px;margin:2em auto;padding:0 1em}"
         "table{border-collapse:collapse;margin:1em 0}td,th{border:1px solid #bbb;padding:4px 8px;text-align:right}"
         "th:first-child,td:first-child{text-align:left}img{max-width:100%;margin:0.5em 0}"
-        "pre{background:#f4f4f4;padding:0.6em;overflow-x:auto}</style></head><body>",
+        "pre{background:#f4f4f4;padding:0.6em;white-space:pre-wrap;overflow-wrap:anywhere}"
+        "</style></head><body>",
         f"<h1>{html.escape(title)}</h1>",
     ]
     for sec in sections:

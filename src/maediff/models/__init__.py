@@ -36,7 +36,7 @@ def build_model(cfg: Config) -> AnomalyModel:
 
 
 # importing the modules fills the registry (tests check it against config.MODEL_KINDS)
-from . import anoddpm, maediff, thresh  # noqa: E402,F401
+from . import anoddpm, autoencoders, dae, fanogan, maediff, svae, thresh  # noqa: E402,F401
 from .maediff import MAEDiff  # noqa: E402
 
 __all__ = [

@@ -1,7 +1,7 @@
 """MAEDiff: patch-wise training (paper Alg. 1) and sequential patch-wise
 reconstruction (paper Alg. 2) around a U-Net with an optional MAE branch.
 
-Images enter and leave in [0, 1]; the diffusion runs on [-1, 1] (PROTOCOL.md §2).
+Images enter and leave in [0, 1]; the diffusion runs on [-1, 1] (docs/method.md §Diffusion).
 
     model = MAEDiff(get_preset("cpu"))
     loss = model.loss(x0, generator=g)                      # x0: (B, 1, H, W)

@@ -16,6 +16,7 @@ from .base import AnomalyModel
 @register_model("thresh")
 class Thresh(AnomalyModel):
     trainable = False
+    any_size = True  # works on the volume's own slices, never resized
     description = "intensity thresholding: anomaly map = the image"
 
     def reconstruct(
@@ -28,7 +29,8 @@ class Thresh(AnomalyModel):
         progress: Callable[[int], None] | None = None,
         brain_mask: Tensor | None = None,
     ) -> Tensor:
-        self.check_images(slices)
+        if slices.dim() != 4 or slices.shape[1] != 1:
+            raise ValueError(f"expected slices of shape (S, 1, H, W), got {tuple(slices.shape)}")
         if progress is not None:
             progress(slices.shape[0])
         return torch.zeros_like(slices)

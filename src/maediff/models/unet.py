@@ -3,7 +3,7 @@ the MAE module of paper §3.3 between the encoder and the bottleneck.
 
     x: (B, 1, H, W), t: (B,) -> x0 estimate (B, 1, H, W)
 
-Architecture (PROTOCOL.md §4): a 3x3 input conv, then per level `num_res_blocks`
+Architecture (docs/method.md §Networks): a 3x3 input conv, then per level `num_res_blocks`
 residual blocks (scale-shift time conditioning, GroupNorm, zero-initialised output
 convs) and a down-sampling residual block; the middle block is ResBlock ->
 self-attention -> ResBlock; the decoder mirrors the encoder with skip connections and

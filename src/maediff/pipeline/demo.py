@@ -12,12 +12,12 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
-from ..training.checkpoint import load_model
 from ..config import get_preset
 from ..data.synthetic import SynthConfig, generate_benchmark
-from .evaluate import evaluate_model, load_summary, write_report
 from ..device import resolve_device
+from ..training.checkpoint import load_model
 from ..training.trainer import prepare_training_data, train
+from .evaluate import evaluate_model, load_summary, write_report
 
 
 def run_demo(

@@ -58,9 +58,12 @@ def reconstruct_volume(
     (whatever the model counts: the bar has no fixed total).
     """
     image = volume.image if isinstance(volume, PreparedVolume) else volume
-    size = model.cfg.geometry.image_size
+    # a model that works at any size (Thresh) sees the volume's own slices
+    size = image.shape[0] if getattr(model, "any_size", False) else model.cfg.geometry.image_size
     small = volume_to_slices(image, size)  # (Z, 1, size, size)
-    skip = model.cfg.inference.skip_empty_patches if skip_empty_patches is None else skip_empty_patches
+    skip = (
+        model.cfg.inference.skip_empty_patches if skip_empty_patches is None else skip_empty_patches
+    )
     brain = None
     if skip and isinstance(volume, PreparedVolume):
         brain = (volume_to_slices(volume.brain_mask.astype(np.float32), size) > 0).float()

@@ -171,7 +171,20 @@ def evaluate_model(
     shutil.rmtree(stage, ignore_errors=True)
     stage.mkdir()
     try:
-        _run(model, plan, stage, summary, label, fold, data_cfg, settings, n_jobs, seed, progress, figures)
+        _run(
+            model,
+            plan,
+            stage,
+            summary,
+            data_cfg,
+            settings,
+            label,
+            fold,
+            n_jobs,
+            seed,
+            progress,
+            figures,
+        )
         write_json(summary, stage / "summary.json")
         write_report([summary], stage)
         _publish(stage, base)
@@ -186,15 +199,16 @@ def _run(
     plan: EvalPlan,
     out: Path,
     summary: dict[str, Any],
-    label: str,
-    fold: int,
     data_cfg: DataConfig,
     settings: EvalSettings,
+    label: str,
+    fold: int,
     n_jobs: int,
     seed: int,
     progress: bool,
     figures: bool,
 ) -> None:
+    """Every data set, then the healthy test set; results and figures into `out`."""
     curves, dice_dists, examples_png = {}, {}, []
     start = time.perf_counter()
     for ds, (val, test) in plan.anomaly.items():

@@ -1,0 +1,229 @@
+"""Saved evaluations -> one report: the Table 1 layout (Markdown and CSV), combined
+figures and one HTML page.
+
+    summaries = [load_summary("runs/eval-a"), load_summary("runs/eval-b")]
+    write_report(summaries, "report/")
+
+This is what `maediff report` runs; like the rest of evaluation/ it imports neither
+torch nor a model (tested), so drawing tables of finished evaluations stays light.
+Evaluations of one model label on one data folder (folds, seeds) form one row, mean
+± std over runs; the data folder is named in the row when the report holds several.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import re
+import shutil
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .aggregate import combine_runs, write_atomic
+from .postprocess import remove_small_components
+from .protocol import EvalSettings, VolumeResult, score_volume
+from .report import (
+    figure_dice_distribution,
+    figure_examples,
+    figure_pr_curves,
+    results_table,
+    write_html,
+)
+
+ANOMALY_SETS = ("Brats21", "MSLUB")
+
+
+def load_summary(path: str | Path) -> dict[str, Any]:
+    """summary.json of an evaluation (its folder or the file); `_dir` records the folder."""
+    p = Path(path)
+    f = p / "summary.json" if p.is_dir() else p
+    if not f.exists():
+        raise ValueError(f"{p} holds no summary.json (run `maediff evaluate` first)")
+    try:
+        s = json.loads(f.read_text())
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{f} is not valid JSON: {e}") from e
+    s["_dir"] = str(f.parent.resolve())
+    return s
+
+
+def example_figure(
+    kept: Sequence[VolumeResult], threshold: float, settings: EvalSettings, path: Path
+) -> Path:
+    """Figure 3 layout for a few test volumes, post-processed as in the protocol."""
+    ex = []
+    for v in kept:
+        scores = score_volume(v, settings)
+        pred = remove_small_components(scores > threshold, settings.min_component)
+        ex.append(
+            {
+                "name": v.name,
+                "image": v.image,
+                "reconstruction": v.reconstruction,
+                "scores": scores,
+                "segmentation": v.segmentation,
+                "prediction": pred,
+            }
+        )
+    return figure_examples(ex, path)
+
+
+def _data_key(s: dict[str, Any]) -> str:
+    d = s.get("data_dir")
+    return str(Path(d).resolve()) if d else ""
+
+
+def _data_names(summaries: Sequence[dict[str, Any]]) -> dict[str, str]:
+    """Resolved data folder -> the name shown: its folder name, or the whole path when
+    two folders share a name."""
+    keys = sorted({_data_key(s) for s in summaries})
+    base = {k: Path(k).name or k for k in keys}
+    return {k: base[k] if list(base.values()).count(base[k]) == 1 else k for k in keys}
+
+
+def _group_labels(summaries: Sequence[dict[str, Any]]) -> list[tuple[str, str]]:
+    """(group key, display label) of each summary: the model label, plus the data
+    folder when the summaries come from more than one."""
+    names = _data_names(summaries)
+    several = len(names) > 1
+    out = []
+    for s in summaries:
+        key = _data_key(s)
+        label = f"{s['model']} — {names[key]}" if several else str(s["model"])
+        out.append((f"{s['model']}\0{key}", label))
+    return out
+
+
+def table_rows(summaries: Sequence[dict[str, Any]]) -> tuple[list[dict], list[str]]:
+    """One row per (model label, data folder); several summaries of one group (folds,
+    seeds) are combined as mean +- std of their per-volume means. Data sets of
+    different folders are never averaged together."""
+    groups: dict[str, tuple[str, list[dict]]] = {}
+    for s, (key, label) in zip(summaries, _group_labels(summaries)):
+        groups.setdefault(key, (label, []))[1].append(s)
+    datasets = [ds for ds in (*ANOMALY_SETS, "IXI") if any(ds in s["datasets"] for s in summaries)]
+    rows = []
+    for label, group in groups.values():
+        row: dict[str, Any] = {
+            "model": label if len(group) == 1 else f"{label} ({len(group)} runs)"
+        }
+        for ds in datasets:
+            parts = [s["datasets"][ds]["metrics"] for s in group if ds in s["datasets"]]
+            if parts:
+                row[ds] = parts[0] if len(parts) == 1 else combine_runs(parts)
+        rows.append(row)
+    return rows, datasets
+
+
+def _run_tags(summaries: Sequence[dict[str, Any]]) -> list[str]:
+    """A label per summary for figure legends: the row label, numbered when repeated."""
+    labels = [label for _, label in _group_labels(summaries)]
+    return [
+        label if labels.count(label) == 1 else f"{label} #{i}" for i, label in enumerate(labels, 1)
+    ]
+
+
+def _safe(name: str) -> str:
+    return re.sub(r"[^A-Za-z0-9._-]+", "_", name).strip("_") or "run"
+
+
+def _exclusion_text(d: dict[str, Any]) -> str:
+    ex = d.get("excluded") or {}
+    if not ex:
+        return ""
+    parts = [f"{m} {v['n']} ({v['reason']})" for m, v in ex.items()]
+    return "; left out of the means: " + ", ".join(parts)
+
+
+def write_report(summaries: Sequence[dict[str, Any]], out_dir: str | Path) -> Path:
+    """Table 1 style Markdown + CSV and one HTML page with the figures of each summary.
+    Figures of summaries saved elsewhere are copied next to the page; every image is
+    referenced relative to the page, so the folder can be moved or served as is."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    rows, datasets = table_rows(summaries)
+    anomaly = [d for d in datasets if d != "IXI"]
+    md, csv_text = results_table(rows, anomaly, ["IXI"] if "IXI" in datasets else [])
+    write_atomic(out / "results.md", md)
+    write_atomic(out / "results.csv", csv_text)
+    sections: list[dict[str, Any]] = [
+        {
+            "heading": "Results",
+            "table": md,
+            "text": "Dice with the threshold chosen on the pooled unhealthy validation volumes of each data set; AUPRC per volume, averaged; l1 on healthy test volumes, in units of 1e-3. Means over volumes (volumes where a metric is undefined are left out, counted below); with several runs of one model on one data folder, mean ± std over runs.",
+        }
+    ]
+    if len(summaries) > 1:
+        sections[0]["images"] = _combined_figures(summaries, out)
+    for idx, (s, tag) in enumerate(zip(summaries, _run_tags(summaries)), 1):
+        src = Path(s.get("_dir") or out)  # folder holding this summary's figures
+        lines = [
+            f"config: {s.get('config') or 'none (baseline)'}  checkpoint: {s.get('checkpoint') or 'none'}",
+            f"data: {s.get('data_dir')}  fold: {s.get('fold')}",
+        ]
+        for ds, d in s["datasets"].items():
+            if "threshold" in d:
+                m = d["metrics"]
+                oracle = m.get("oracle_best_dice", {}).get("mean", float("nan"))
+                lines.append(
+                    f"{ds}: threshold {d['threshold']:.4f} from {d['threshold_source']}; {d['n_test']} test volumes; oracle best Dice (upper bound, not a result) {oracle:.4f}"
+                    + _exclusion_text(d)
+                )
+            else:
+                lines.append(f"{ds}: {d.get('n_test')} test volumes" + _exclusion_text(d))
+        images = []
+        figs = s.get("figures", {})
+        for name in [*figs.get("examples", []), figs.get("pr_curves"), figs.get("dice")]:
+            if name and (src / name).exists():
+                same = src.resolve() == out.resolve()
+                target = out / (name if same else f"{idx}-{_safe(s['model'])}_{name}")
+                if not same:
+                    shutil.copyfile(src / name, target)
+                images.append(target)
+        sections.append(
+            {"heading": f"{tag} (fold {s.get('fold')})", "pre": "\n".join(lines), "images": images}
+        )
+    return write_html(out / "report.html", "maediff report", sections)
+
+
+def _combined_figures(summaries: Sequence[dict[str, Any]], out: Path) -> list[Path]:
+    """PR curves and per-subject Dice of all summaries in one figure each."""
+    curves: dict[str, tuple[np.ndarray | None, np.ndarray | None]] = {}
+    dice: dict[str, list[float]] = {}
+    for s, tag in zip(summaries, _run_tags(summaries)):
+        src = Path(s.get("_dir") or out)
+        if (src / "curves.npz").exists():
+            with np.load(src / "curves.npz") as z:
+                for key in z.files:
+                    name, part = key.rsplit("|", 1)
+                    ds = name.split(" ", 1)[1] if " " in name else name
+                    label = f"{tag} {ds}"
+                    sc, lab = curves.get(label, (None, None))
+                    curves[label] = (z[key], lab) if part == "scores" else (sc, z[key])
+        for ds in ANOMALY_SETS:
+            f = src / f"{ds}_test_subjects.csv"
+            if f.exists():
+                with f.open(newline="") as fh:
+                    dice[f"{tag} {ds}"] = [
+                        float(r["dice"]) if r.get("dice") else float("nan")
+                        for r in csv.DictReader(fh)
+                    ]
+    images = []
+    complete = {k: v for k, v in curves.items() if v[0] is not None and v[1] is not None}
+    if complete:
+        images.append(figure_pr_curves(complete, out / "pr_curves_all.png"))
+    if dice:
+        images.append(figure_dice_distribution(dice, out / "dice_per_subject_all.png"))
+    return images
+
+
+__all__ = [
+    "ANOMALY_SETS",
+    "example_figure",
+    "load_summary",
+    "table_rows",
+    "write_report",
+]

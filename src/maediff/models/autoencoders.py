@@ -1,0 +1,237 @@
+"""AE and VAE (Baur et al. 2021, the comparative study's dense models) and the
+convolutional encoder/decoder they share with SVAE (docs/baselines.md).
+
+    x: (B, 1, H, W) -> encoder -> (B, F) -> dense -> z: (B, D) -> dense -> decoder -> (B, 1, H, W)
+
+Encoder: per width c of `autoencoder.channels` a k x k convolution of stride 2, GroupNorm,
+LeakyReLU; then a 1x1 convolution to C/8 channels (C = last width) and a flatten,
+F = C/8 * (H / 2^L)^2. Decoder: dense to F, 1x1 convolution back to C, GroupNorm, ReLU,
+then per stage a k x k transposed convolution of stride 2 (widths: the encoder's in
+reverse, shifted by one stage, ending at channels[0]), GroupNorm, LeakyReLU, and a 1x1
+convolution to one channel with no activation; reconstruct() clamps to [0, 1].
+
+Objective per image (Baur): the reconstruction error summed over pixels (l1 or l2)
++ kl_weight * KL(q(z|x) || N(0, I)) for the VAE, divided by the pixel count. Dropout on
+the dense bottleneck (z and the dense output) while training, masks drawn from the
+generator.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+
+import torch
+from torch import Tensor, nn
+
+from ..config import AutoencoderConfig, Config
+from ..device import autocast_context, resolve_amp
+from . import register_model
+from .base import AnomalyModel, batched
+
+LEAKY_SLOPE = 0.3  # tf.keras LeakyReLU default, which Baur's layers use
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+def group_norm(channels: int) -> nn.GroupNorm:
+    """GroupNorm with up to 8 groups: batch-independent, the same in train and eval mode."""
+    return nn.GroupNorm(math.gcd(channels, 8), channels)
+
+
+def dropout(h: Tensor, p: float, generator: torch.Generator | None) -> Tensor:
+    """Inverted dropout with a mask drawn (on the CPU) from `generator`."""
+    if p == 0:
+        return h
+    keep = torch.rand(h.shape, generator=generator) >= p
+    return h * keep.to(h.device, h.dtype) / (1 - p)
+
+
+def reparameterise(
+    mu: Tensor, logvar: Tensor, generator: torch.Generator | None, eps: Tensor | None = None
+) -> Tensor:
+    """z = mu + sigma * eps, eps ~ N(0, I) from `generator` unless given (same shape as mu)."""
+    if eps is None:
+        eps = torch.randn(mu.shape, generator=generator)
+    elif eps.shape != mu.shape:
+        raise ValueError(f"eps must have shape {tuple(mu.shape)}, got {tuple(eps.shape)}")
+    return mu + torch.exp(0.5 * logvar) * eps.to(mu.device, mu.dtype)
+
+
+def kl_divergence(mu: Tensor, logvar: Tensor) -> Tensor:
+    """KL(N(mu, exp(logvar)) || N(0, I)) summed over the last axis: (..., D) -> (...)."""
+    return 0.5 * (mu.pow(2) + logvar.exp() - logvar - 1).sum(-1)
+
+
+def reconstruction_error(x: Tensor, rec: Tensor, kind: str) -> Tensor:
+    """Per-image error summed over pixels: (B, 1, H, W) x 2 -> (B,)."""
+    diff = x - rec.float()
+    err = diff.abs() if kind == "l1" else diff.pow(2)
+    return err.flatten(1).sum(1)
+
+
+def check_group(model: AnomalyModel, group: str) -> None:
+    groups = model.optimizer_groups()
+    if group not in groups:
+        raise ValueError(f"{model.registry_name} has no optimizer group {group!r}; use one of {sorted(groups)}")
+
+
+def reconstruct_in_batches(
+    model: AnomalyModel,
+    slices: Tensor,
+    forward: Callable[[Tensor], Tensor],
+    noise: Tensor | None,
+    batch_size: int | None,
+    amp: str | None,
+    progress: Callable[[int], None] | None,
+) -> Tensor:
+    """The inference loop of the one-pass models: (S, 1, H, W) in [0, 1] -> same, on the
+    model's device; `forward` maps a batch of slices to their reconstructions."""
+    model.check_images(slices)
+    if noise is not None:
+        raise ValueError(f"{model.registry_name} draws no noise at reconstruction; pass noise=None")
+    dev = model.device
+    amp = resolve_amp(amp or model.cfg.inference.amp, dev)
+    parts = [torch.zeros((0, *slices.shape[1:]), device=dev)]
+    with torch.no_grad():
+        for b in batched(slices.shape[0], batch_size or model.cfg.inference.batch_size):
+            with autocast_context(dev, amp):
+                rec = forward(slices[b].to(dev, torch.float32))
+            parts.append(rec.float().clamp(0, 1))
+            if progress is not None:
+                progress(b.stop - b.start)
+    return torch.cat(parts)
+
+
+# --------------------------------------------------------------------------- networks
+
+
+class ConvAutoencoder(nn.Module):
+    """Baur's dense-bottleneck autoencoder; `variational` doubles the latent head into
+    (mu, logvar)."""
+
+    def __init__(self, cfg: AutoencoderConfig, image_size: int, variational: bool):
+        super().__init__()
+        chs, k = cfg.channels, cfg.kernel_size
+        self.squeeze = max(1, chs[-1] // 8)  # channels of the flattened map (Baur: C/8)
+        self.grid = image_size // 2 ** len(chs)  # side of the flattened map
+        features = self.squeeze * self.grid**2
+        self.variational, self.latent_dim = variational, cfg.latent_dim
+
+        layers: list[nn.Module] = []
+        c_in = 1
+        for c in chs:
+            layers += [nn.Conv2d(c_in, c, k, 2, k // 2), group_norm(c), nn.LeakyReLU(LEAKY_SLOPE)]
+            c_in = c
+        self.encoder = nn.Sequential(*layers, nn.Conv2d(c_in, self.squeeze, 1), nn.Flatten())
+        self.to_latent = nn.Linear(features, cfg.latent_dim * (2 if variational else 1))
+        self.from_latent = nn.Linear(cfg.latent_dim, features)
+
+        layers = [nn.Conv2d(self.squeeze, c_in, 1), group_norm(c_in), nn.ReLU()]
+        for c in (*chs[::-1][1:], chs[0]):
+            layers += [
+                nn.ConvTranspose2d(c_in, c, k, 2, k // 2, output_padding=1),
+                group_norm(c),
+                nn.LeakyReLU(LEAKY_SLOPE),
+            ]
+            c_in = c
+        self.decoder = nn.Sequential(*layers, nn.Conv2d(c_in, 1, 1))
+
+    def encode(self, x: Tensor) -> tuple[Tensor, Tensor | None]:
+        """(B, 1, H, W) -> mu (B, D) and logvar (B, D) (None for the plain AE)."""
+        h = self.to_latent(self.encoder(x))
+        if not self.variational:
+            return h, None
+        mu, logvar = h.chunk(2, dim=1)
+        return mu, logvar.clamp(-30.0, 20.0)
+
+    def decode(self, z: Tensor, p_drop: float = 0.0, generator: torch.Generator | None = None) -> Tensor:
+        """(B, D) -> (B, 1, H, W), unbounded; dropout p_drop on z and on the dense output."""
+        h = self.from_latent(dropout(z, p_drop, generator))
+        h = dropout(h, p_drop, generator).view(-1, self.squeeze, self.grid, self.grid)
+        return self.decoder(h)
+
+
+# --------------------------------------------------------------------------- models
+
+
+@register_model("ae")
+class AE(AnomalyModel):
+    """Dense-bottleneck autoencoder (Baur et al. 2021): anomaly map = |x - D(E(x))|."""
+
+    description = "dense convolutional autoencoder (Baur et al. 2021)"
+    variational = False
+
+    def __init__(self, cfg: Config):
+        super().__init__(cfg)
+        self.net = ConvAutoencoder(cfg.autoencoder, cfg.geometry.image_size, self.variational)
+
+    def objective(
+        self, x0: Tensor, generator: torch.Generator | None, eps: Tensor | None, train: bool
+    ) -> Tensor:
+        """Baur's loss, per pixel; `train` switches the bottleneck dropout on."""
+        self.check_images(x0)
+        a = self.cfg.autoencoder
+        mu, logvar = self.net.encode(x0)
+        z = mu if logvar is None else reparameterise(mu, logvar, generator, eps)
+        rec = self.net.decode(z, a.dropout if train else 0.0, generator)
+        per_image = reconstruction_error(x0, rec, a.loss)
+        if logvar is not None:
+            per_image = per_image + a.kl_weight * kl_divergence(mu.float(), logvar.float())
+        return per_image.mean() / x0[0].numel()
+
+    def loss(self, x0: Tensor, generator: torch.Generator | None = None, group: str = "model") -> Tensor:
+        """x0: (B, 1, H, W) in [0, 1] -> scalar training loss."""
+        check_group(self, group)
+        return self.objective(x0, generator, None, train=True)
+
+    def validation_loss(self, x0: Tensor, generator: torch.Generator | None = None) -> Tensor:
+        return self.objective(x0, generator, None, train=False)
+
+    def reconstruct(
+        self,
+        slices: Tensor,
+        generator: torch.Generator | None = None,
+        noise: Tensor | None = None,
+        batch_size: int | None = None,
+        amp: str | None = None,
+        progress: Callable[[int], None] | None = None,
+        brain_mask: Tensor | None = None,
+    ) -> Tensor:
+        """D(E(x)) with z = the encoder's output (the posterior mean for the VAE)."""
+        return reconstruct_in_batches(
+            self, slices, lambda x: self.net.decode(self.net.encode(x)[0]), noise, batch_size, amp, progress
+        )
+
+
+@register_model("vae")
+class VAE(AE):
+    """Dense-bottleneck VAE (Baur et al. 2021): trained with the reparameterisation trick,
+    reconstructs from the posterior mean."""
+
+    description = "dense convolutional variational autoencoder (Baur et al. 2021)"
+    variational = True
+
+    def loss(
+        self,
+        x0: Tensor,
+        generator: torch.Generator | None = None,
+        group: str = "model",
+        eps: Tensor | None = None,
+    ) -> Tensor:
+        """eps: (B, latent_dim) standard normal draws, from `generator` unless given."""
+        check_group(self, group)
+        return self.objective(x0, generator, eps, train=True)
+
+
+__all__ = [
+    "AE",
+    "VAE",
+    "ConvAutoencoder",
+    "dropout",
+    "group_norm",
+    "kl_divergence",
+    "reconstruct_in_batches",
+    "reparameterise",
+]

@@ -1,0 +1,132 @@
+"""DAE (Kascenas et al. 2022): a U-Net trained to remove coarse noise from healthy
+slices; the reconstruction is one pass on the clean input (docs/baselines.md).
+
+    noise: N(0, noise_std^2) at noise_res x noise_res -> bilinear to H x W -> random roll
+    x~ = x + noise * [x > 0]                      (noise only on the brain foreground)
+    loss = mean over pixels of [x > 0] * (U(x~) - x)^2
+    rec = U(x)
+
+The U-Net is Kascenas's plain one (not the diffusion U-Net): per level two 3x3 weight-
+standardised convolutions (reflection padding), each followed by SiLU ("swish") and
+GroupNorm; 2x2 average pooling down; 2x2 transposed convolution up, concatenation with
+the skip and the same two-conv block; a 1x1 output convolution, no activation.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ..config import Config
+from . import register_model
+from .autoencoders import check_group, reconstruct_in_batches
+from .base import AnomalyModel
+
+
+def middle_divisor_groups(channels: int) -> int:
+    """GroupNorm groups as Kascenas choose them: the middle divisor of the width."""
+    divisors = [d for d in range(1, channels + 1) if channels % d == 0]
+    return divisors[len(divisors) // 2]
+
+
+class WSConv2d(nn.Conv2d):
+    """Convolution with weight standardisation (zero mean, unit std per output filter)."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        w = self.weight
+        w = w - w.mean(dim=(1, 2, 3), keepdim=True)
+        w = w / (w.flatten(1).std(dim=1).view(-1, 1, 1, 1) + 1e-5)
+        return F.conv2d(x, w, self.bias, self.stride, self.padding, self.dilation, self.groups)
+
+
+def conv_block(c_in: int, c_out: int) -> nn.Sequential:
+    layers: list[nn.Module] = []
+    for c in (c_in, c_out):
+        layers += [
+            nn.ReflectionPad2d(1),
+            WSConv2d(c, c_out, 3),
+            nn.SiLU(),
+            nn.GroupNorm(middle_divisor_groups(c_out), c_out),
+        ]
+    return nn.Sequential(*layers)
+
+
+class PlainUNet(nn.Module):
+    """(B, 1, H, W) -> (B, 1, H, W); widths per level `channels`, H divisible by 2^(L-1)."""
+
+    def __init__(self, channels: tuple[int, ...]):
+        super().__init__()
+        ins = (1, *channels[:-1])
+        self.down = nn.ModuleList(conv_block(i, o) for i, o in zip(ins, channels))
+        levels = range(len(channels) - 2, -1, -1)  # from the deepest skip up
+        self.up = nn.ModuleList(nn.ConvTranspose2d(channels[i + 1], channels[i], 2, stride=2) for i in levels)
+        self.merge = nn.ModuleList(conv_block(2 * channels[i], channels[i]) for i in levels)
+        self.out = nn.Conv2d(channels[0], 1, 1)
+
+    def forward(self, x: Tensor) -> Tensor:
+        skips = []
+        for i, block in enumerate(self.down):
+            x = block(x if i == 0 else F.avg_pool2d(x, 2))
+            skips.append(x)
+        skips.pop()
+        for up, merge in zip(self.up, self.merge):
+            x = merge(torch.cat([up(x), skips.pop()], dim=1))
+        return self.out(x)
+
+
+@register_model("dae")
+class DAE(AnomalyModel):
+    description = "denoising U-Net with coarse Gaussian noise (Kascenas et al. 2022)"
+
+    def __init__(self, cfg: Config):
+        super().__init__(cfg)
+        self.net = PlainUNet(cfg.dae.channels)
+
+    def coarse_noise(self, n: int, generator: torch.Generator | None) -> Tensor:
+        """(n, 1, H, W): noise_res^2 Gaussian values, bilinearly upsampled, rolled by a
+        random offset per image (all draws on the CPU from `generator`)."""
+        d, H = self.cfg.dae, self.cfg.geometry.image_size
+        low = torch.randn(n, 1, d.noise_res, d.noise_res, generator=generator) * d.noise_std
+        noise = F.interpolate(low, size=(H, H), mode="bilinear", align_corners=True)
+        shifts = torch.randint(H, (n, 2), generator=generator).tolist()
+        return torch.stack([torch.roll(f, s, dims=(-2, -1)) for f, s in zip(noise, shifts)])
+
+    def loss(
+        self,
+        x0: Tensor,
+        generator: torch.Generator | None = None,
+        group: str = "model",
+        noise: Tensor | None = None,
+    ) -> Tensor:
+        """x0: (B, 1, H, W) in [0, 1]; noise: (B, 1, H, W) before masking, drawn unless given."""
+        check_group(self, group)
+        self.check_images(x0)
+        if noise is None:
+            noise = self.coarse_noise(x0.shape[0], generator)
+        elif noise.shape != x0.shape:
+            raise ValueError(f"noise must have the shape of x0 {tuple(x0.shape)}, got {tuple(noise.shape)}")
+        mask = (x0 > 0).to(x0.dtype)
+        pred = self.net(x0 + noise.to(x0.device, x0.dtype) * mask)
+        return ((pred.float() - x0).pow(2) * mask).mean()
+
+    def validation_loss(self, x0: Tensor, generator: torch.Generator | None = None) -> Tensor:
+        return self.loss(x0, generator)
+
+    def reconstruct(
+        self,
+        slices: Tensor,
+        generator: torch.Generator | None = None,
+        noise: Tensor | None = None,
+        batch_size: int | None = None,
+        amp: str | None = None,
+        progress: Callable[[int], None] | None = None,
+        brain_mask: Tensor | None = None,
+    ) -> Tensor:
+        """U(x): one pass on the clean slices."""
+        return reconstruct_in_batches(self, slices, self.net, noise, batch_size, amp, progress)
+
+
+__all__ = ["DAE", "PlainUNet"]
