@@ -76,3 +76,32 @@ def test_timesteps_out_of_range_and_sampling():
         d.q_sample(torch.zeros(1, 1, 2, 2), torch.tensor([0]), torch.zeros(1, 1, 2, 2))
     t = d.sample_timesteps(1000, torch.Generator().manual_seed(0))
     assert t.min() >= 10 and t.max() <= 20 and len(t.unique()) == 11
+
+
+def test_posterior_step_is_the_ddpm_posterior_for_adjacent_steps():
+    d = GaussianDiffusion(DiffusionConfig())
+    t = torch.tensor([488, 2])
+    x0, xt = torch.randn(2, 1, 4, 4, dtype=torch.float64), torch.randn(2, 1, 4, 4, dtype=torch.float64)
+    zero, one = torch.zeros_like(x0), torch.ones_like(x0)
+    ab, b = d.alphas_cumprod, d.betas
+    for i, ti in enumerate(t.tolist()):
+        a_t, a_p, beta = ab[ti - 1], ab[ti - 2], b[ti - 1]
+        mean = a_p.sqrt() * beta / (1 - a_t) * x0[i] + (1 - beta).sqrt() * (1 - a_p) / (1 - a_t) * xt[i]
+        got = d.posterior_step(xt, t, t - 1, x0, zero)[i]
+        assert torch.allclose(got, mean, atol=1e-12)
+        spread = d.posterior_step(xt, t, t - 1, x0, one)[i] - got
+        assert torch.allclose(spread, d.posterior_variance[ti - 1].sqrt() * torch.ones_like(got), atol=1e-12)
+    assert torch.equal(d.posterior_step(xt, t, torch.zeros_like(t), x0, one), x0)  # t' = 0 is x0
+
+
+def test_anoddpm_iterative_sampling_uses_the_requested_steps():
+    from maediff.config import apply_overrides, get_preset
+    from maediff.models import build_model
+
+    m = build_model(apply_overrides(get_preset("anoddpm-tiny"), ["diffusion.sample_steps=4"]))
+    assert m.timesteps() == [10, 8, 5, 2, 0]
+    calls = []
+    m.reconstruct(torch.rand(2, 1, 32, 32), torch.Generator().manual_seed(0), progress=calls.append)
+    assert calls == [2, 2, 2, 2]  # one network pass per step for both slices
+    with pytest.raises(ValueError, match="sample_steps=3: iterative sampling is an AnoDDPM option"):
+        apply_overrides(get_preset("tiny"), ["diffusion.sample_steps=3"])

@@ -140,7 +140,7 @@ class DataConfig:
     volume_shape: tuple[int, int, int] = (96, 96, 50)  # after load-time processing
     spacing: float = 2.0  # mm, after resampling
     center: str = "brain"  # model grid centred on the brain mask's bounding box, or "image"
-    curvature_flow: bool = False  # pDDPM parity: CurvatureFlow(0.125, 3) on images
+    curvature_flow: bool = True  # CurvatureFlow(0.125, 3) on images, as the reference (docs/data.md §3)
     percentiles: tuple[float, float] = (1.0, 99.0)  # rescale inside the brain mask
     fold: int = 0
     all_slices: bool = False  # training epoch over every slice instead of one random one
@@ -298,9 +298,7 @@ def validate_baselines(cfg: Config) -> None:
     _check(f.n_critic >= 1, f"fanogan.n_critic={f.n_critic} must be >= 1")
     _check(f.gp_weight >= 0, f"fanogan.gp_weight={f.gp_weight} must be >= 0")
     _check(f.feature_weight >= 0, f"fanogan.feature_weight={f.feature_weight} must be >= 0")
-    _check(
-        0.0 < f.gan_fraction < 1.0, f"fanogan.gan_fraction={f.gan_fraction} must be in (0, 1)"
-    )
+    _check(0.0 < f.gan_fraction < 1.0, f"fanogan.gan_fraction={f.gan_fraction} must be in (0, 1)")
     _check(
         0 <= f.beta1 < 1 and 0 <= f.beta2 < 1,
         f"fanogan betas ({f.beta1}, {f.beta2}) must be in [0, 1)",
@@ -551,9 +549,11 @@ def _cpu_scale(cfg: Config) -> Config:
         autoencoder=replace(cfg.autoencoder, channels=(16, 32, 64, 64), latent_dim=64),
         svae=replace(cfg.svae, depth=2, heads=4),
         # same noise cell size in pixels (6) as 16 cells at 96x96
-        dae=replace(cfg.dae, noise_res=cfg.dae.noise_res // 2, channels=(16, 32, 64, 128)),
+        dae=replace(cfg.dae, noise_res=cfg.dae.noise_res // 2, channels=(8, 16, 32, 64)),
         # encoder lr: half the GAN's train.lr, as Schlegl's 5e-5 vs 1e-4
-        fanogan=replace(cfg.fanogan, latent_dim=64, channels=(16, 32, 64, 128, 128), encoder_lr=1.5e-4),
+        fanogan=replace(
+            cfg.fanogan, latent_dim=64, channels=(8, 16, 32, 64, 64), encoder_lr=1.5e-4
+        ),
     )
 
 
@@ -575,7 +575,7 @@ def _tiny_scale(cfg: Config) -> Config:
         autoencoder=replace(cfg.autoencoder, channels=(8, 16, 32), latent_dim=32),
         svae=replace(cfg.svae, depth=1, heads=2),
         dae=replace(cfg.dae, noise_res=4, channels=(8, 16, 32)),
-        fanogan=replace(cfg.fanogan, latent_dim=16, channels=(8, 16, 32, 32), encoder_lr=1e-3),
+        fanogan=replace(cfg.fanogan, latent_dim=16, channels=(8, 8, 16, 16), encoder_lr=1e-2),
     )
 
 

@@ -74,7 +74,9 @@ def reconstruction_error(x: Tensor, rec: Tensor, kind: str) -> Tensor:
 def check_group(model: AnomalyModel, group: str) -> None:
     groups = model.optimizer_groups()
     if group not in groups:
-        raise ValueError(f"{model.registry_name} has no optimizer group {group!r}; use one of {sorted(groups)}")
+        raise ValueError(
+            f"{model.registry_name} has no optimizer group {group!r}; use one of {sorted(groups)}"
+        )
 
 
 def reconstruct_in_batches(
@@ -146,7 +148,9 @@ class ConvAutoencoder(nn.Module):
         mu, logvar = h.chunk(2, dim=1)
         return mu, logvar.clamp(-30.0, 20.0)
 
-    def decode(self, z: Tensor, p_drop: float = 0.0, generator: torch.Generator | None = None) -> Tensor:
+    def decode(
+        self, z: Tensor, p_drop: float = 0.0, generator: torch.Generator | None = None
+    ) -> Tensor:
         """(B, D) -> (B, 1, H, W), unbounded; dropout p_drop on z and on the dense output."""
         h = self.from_latent(dropout(z, p_drop, generator))
         h = dropout(h, p_drop, generator).view(-1, self.squeeze, self.grid, self.grid)
@@ -181,7 +185,9 @@ class AE(AnomalyModel):
             per_image = per_image + a.kl_weight * kl_divergence(mu.float(), logvar.float())
         return per_image.mean() / x0[0].numel()
 
-    def loss(self, x0: Tensor, generator: torch.Generator | None = None, group: str = "model") -> Tensor:
+    def loss(
+        self, x0: Tensor, generator: torch.Generator | None = None, group: str = "model"
+    ) -> Tensor:
         """x0: (B, 1, H, W) in [0, 1] -> scalar training loss."""
         check_group(self, group)
         return self.objective(x0, generator, None, train=True)
@@ -201,7 +207,13 @@ class AE(AnomalyModel):
     ) -> Tensor:
         """D(E(x)) with z = the encoder's output (the posterior mean for the VAE)."""
         return reconstruct_in_batches(
-            self, slices, lambda x: self.net.decode(self.net.encode(x)[0]), noise, batch_size, amp, progress
+            self,
+            slices,
+            lambda x: self.net.decode(self.net.encode(x)[0]),
+            noise,
+            batch_size,
+            amp,
+            progress,
         )
 
 

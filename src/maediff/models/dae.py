@@ -62,7 +62,9 @@ class PlainUNet(nn.Module):
         ins = (1, *channels[:-1])
         self.down = nn.ModuleList(conv_block(i, o) for i, o in zip(ins, channels))
         levels = range(len(channels) - 2, -1, -1)  # from the deepest skip up
-        self.up = nn.ModuleList(nn.ConvTranspose2d(channels[i + 1], channels[i], 2, stride=2) for i in levels)
+        self.up = nn.ModuleList(
+            nn.ConvTranspose2d(channels[i + 1], channels[i], 2, stride=2) for i in levels
+        )
         self.merge = nn.ModuleList(conv_block(2 * channels[i], channels[i]) for i in levels)
         self.out = nn.Conv2d(channels[0], 1, 1)
 
@@ -107,7 +109,9 @@ class DAE(AnomalyModel):
         if noise is None:
             noise = self.coarse_noise(x0.shape[0], generator)
         elif noise.shape != x0.shape:
-            raise ValueError(f"noise must have the shape of x0 {tuple(x0.shape)}, got {tuple(noise.shape)}")
+            raise ValueError(
+                f"noise must have the shape of x0 {tuple(x0.shape)}, got {tuple(noise.shape)}"
+            )
         mask = (x0 > 0).to(x0.dtype)
         pred = self.net(x0 + noise.to(x0.device, x0.dtype) * mask)
         return ((pred.float() - x0).pow(2) * mask).mean()

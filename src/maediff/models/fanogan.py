@@ -146,7 +146,9 @@ class FAnoGAN(AnomalyModel):
         for module in (self.generator, self.critic):
             module.requires_grad_(phase.name == "gan")
 
-    def sample_z(self, n: int, generator: torch.Generator | None, z: Tensor | None, device) -> Tensor:
+    def sample_z(
+        self, n: int, generator: torch.Generator | None, z: Tensor | None, device
+    ) -> Tensor:
         D = self.cfg.fanogan.latent_dim
         if z is None:
             z = torch.randn(n, D, generator=generator)

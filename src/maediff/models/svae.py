@@ -64,7 +64,9 @@ class SliceContext(nn.Module):
         self.norm = nn.LayerNorm(dim)
         self.out = nn.Linear(dim, dim)
 
-    def forward(self, z: Tensor, p_drop: float = 0.0, generator: torch.Generator | None = None) -> Tensor:
+    def forward(
+        self, z: Tensor, p_drop: float = 0.0, generator: torch.Generator | None = None
+    ) -> Tensor:
         S, D = z.shape[1:]
         h = z + timestep_embedding(torch.arange(S, device=z.device), D).to(z.dtype)
         for block in self.blocks:
@@ -135,7 +137,9 @@ class SVAE(AnomalyModel):
         slice, the transformer over the whole sequence, then the decoder per slice."""
         self.check_images(slices)
         if slices.dim() != 4:
-            raise ValueError(f"reconstruct takes the slices of one volume (S, 1, H, W), got {tuple(slices.shape)}")
+            raise ValueError(
+                f"reconstruct takes the slices of one volume (S, 1, H, W), got {tuple(slices.shape)}"
+            )
         if noise is not None:
             raise ValueError("svae draws no noise at reconstruction; pass noise=None")
         dev, S = self.device, slices.shape[0]

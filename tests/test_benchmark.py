@@ -1,0 +1,103 @@
+"""`maediff benchmark` end to end on the tiny scale: runs, resume, refusal, tables,
+Figure 3, and two processes filling one folder."""
+
+import subprocess
+import sys
+
+import pytest
+
+from maediff.cli import main
+from maediff.evaluation.comparison import comparison_table, paired_tests
+
+ARGS = [
+    "--models",
+    "thresh",
+    "pddpm-s48",
+    "--scale",
+    "tiny",
+    "--steps",
+    "2",
+    "--max-volumes",
+    "1",
+    "--device",
+    "cpu",
+    "-q",
+]
+
+
+@pytest.mark.slow
+def test_benchmark_runs_resumes_and_refuses_changes(tiny_bench, tmp_path, capsys):
+    out = tmp_path / "bench"
+    argv = ["benchmark", "--data", str(tiny_bench), "-o", str(out), "--seeds", "0", "1", *ARGS]
+    assert main(argv) == 0
+    for name in ("table.md", "table.csv", "wilcoxon.md", "figure3.png", "report.html"):
+        assert (out / name).exists(), name
+    table = (out / "table.md").read_text()
+    assert "| Thresh | 2 |" in table and "| pDDPM s48 | 2 |" in table
+    capsys.readouterr()
+    assert main(argv) == 0  # everything finished: nothing is trained again
+    assert capsys.readouterr().out.count(": done") == 4
+    changed = argv[:-1] + ["-q", "--set", "train.lr=0.5"]
+    assert main(changed) == 2
+    assert "other shared settings" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_two_processes_fill_one_folder(tiny_bench, tmp_path):
+    out = tmp_path / "bench"
+    base = [
+        sys.executable,
+        "-m",
+        "maediff",
+        "benchmark",
+        "--data",
+        str(tiny_bench),
+        "-o",
+        str(out),
+        *ARGS,
+    ]
+    listing = subprocess.run(base + ["--list"], capture_output=True, text=True, check=True).stdout
+    assert listing.count("--run-index") == 2
+    procs = [subprocess.Popen(base + ["--run-index", str(i)]) for i in (0, 1)]
+    assert [p.wait(timeout=300) for p in procs] == [0, 0]
+    done = sorted(p.parent.parent.name for p in out.glob("runs/*/*/eval/summary.json"))
+    assert done == ["pddpm-s48", "thresh"]
+    assert subprocess.run(base + ["--collect"], capture_output=True, text=True).returncode == 0
+    assert "pDDPM s48" in (out / "table.md").read_text()
+
+
+def _summary(d_brats, l1):
+    m = {"mean": d_brats}
+    return {
+        "datasets": {
+            "Brats21": {"metrics": {"dice": m, "auprc": m}},
+            "IXI": {"metrics": {"l1": {"mean": l1}}},
+        }
+    }
+
+
+def test_table_marks_best_and_second_in_the_right_direction():
+    t = comparison_table(
+        {
+            "A": [_summary(0.5, 0.02)],
+            "B": [_summary(0.3, 0.01), _summary(0.5, 0.01)],
+            "C": [_summary(0.1, 0.03)],
+        }
+    )
+    md = t.markdown()
+    assert "| A | 1 | **50.00** | **50.00** | - | - | <u>20.00</u> |" in md
+    assert (
+        "| B | 2 | <u>40.00 ± 10.00</u> | <u>40.00 ± 10.00</u> | - | - | **10.00 ± 0.00** |" in md
+    )
+    assert "| C | 1 | 10.00 | 10.00 | - | - | 30.00 |" in md
+    assert t.runs == [1, 2, 1]
+
+
+def test_paired_tests_pair_by_subject():
+    ref = {"Brats21/dice": {f"s{i}": 0.5 for i in range(8)}}
+    better = {"Brats21/dice": {f"s{i}": 0.6 + 0.01 * i for i in range(8)}}
+    rows = paired_tests({"MAEDiff": ref, "X": better, "Y": ref}, "MAEDiff")
+    x = next(r for r in rows if r["model"] == "X")
+    assert x["n"] == 8 and x["median_diff"] > 0.1 and x["p"] < 0.01
+    y = next(r for r in rows if r["model"] == "Y")
+    assert y["p"] != y["p"]  # identical values: no test (NaN)
