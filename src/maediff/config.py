@@ -18,6 +18,25 @@ from typing import Any, get_type_hints
 import yaml
 
 # --------------------------------------------------------------------------- sections
+#
+# Each section checks its own values when it is built (`__post_init__`); checks that
+# involve two sections (the U-Net against the image size, ...) are in `validate`, which
+# Config runs. Every message names the offending value.
+
+
+def _check(cond: bool, msg: str) -> None:
+    if not cond:
+        raise ValueError(msg)
+
+
+def _positive_widths(name: str, widths: tuple[int, ...]) -> None:
+    _check(
+        len(widths) >= 1 and all(isinstance(c, int) and c > 0 for c in widths),
+        f"{name}={widths!r} must be positive integer widths",
+    )
+
+
+AMP_MODES = ("none", "bf16", "fp16", "auto")
 
 
 @dataclass(frozen=True)
@@ -43,6 +62,9 @@ class GeometryConfig:
         """N = HW / r^2."""
         return (self.image_size // self.grid_size) ** 2
 
+    def __post_init__(self) -> None:
+        validate_geometry(self)
+
 
 @dataclass(frozen=True)
 class UNetConfig:
@@ -63,6 +85,29 @@ class UNetConfig:
     # (paper Eq. 8-9 leave this open; off = the noised image alone, docs/method.md §Networks).
     condition_channels: bool = False
 
+    def __post_init__(self) -> None:
+        _check(
+            self.model_channels > 0 and len(self.channel_mult) > 0,
+            f"unet.channel_mult={self.channel_mult!r} must be non-empty",
+        )
+        for w in (self.model_channels * k for k in self.channel_mult):
+            _check(
+                w % self.norm_groups == 0,
+                f"unet.norm_groups={self.norm_groups} does not divide channel width {w}",
+            )
+            _check(
+                w % self.num_head_channels == 0,
+                f"unet.num_head_channels={self.num_head_channels} does not divide channel width {w}",
+            )
+        levels = {2**i for i in range(len(self.channel_mult))}
+        for a in self.attention_levels:
+            _check(
+                a in levels,
+                f"unet.attention_levels entry {a} is not one of the U-Net's downsampling factors {sorted(levels)}",
+            )
+        _check(self.num_res_blocks >= 1, f"unet.num_res_blocks={self.num_res_blocks} must be >= 1")
+        _check(0.0 <= self.dropout < 1.0, f"unet.dropout={self.dropout} must be in [0, 1)")
+
 
 @dataclass(frozen=True)
 class MAEConfig:
@@ -77,6 +122,20 @@ class MAEConfig:
     dec_heads: int = 16
     mlp_ratio: float = 4.0
     timestep: bool = False  # add the timestep embedding to the decoder tokens
+
+    def __post_init__(self) -> None:
+        _check(
+            self.enc_dim % self.enc_heads == 0,
+            f"mae.enc_heads={self.enc_heads} does not divide mae.enc_dim={self.enc_dim}",
+        )
+        _check(
+            self.dec_dim % self.dec_heads == 0,
+            f"mae.dec_heads={self.dec_heads} does not divide mae.dec_dim={self.dec_dim}",
+        )
+        _check(
+            self.enc_depth >= 1 and self.dec_depth >= 1,
+            f"mae depths must be >= 1 (enc_depth={self.enc_depth}, dec_depth={self.dec_depth})",
+        )
 
 
 @dataclass(frozen=True)
@@ -95,6 +154,27 @@ class DiffusionConfig:
     # pDDPM's AnoDDPM); >1 (anoddpm only): the original AnoDDPM's iterative sampling.
     sample_steps: int = 1
 
+    def __post_init__(self) -> None:
+        _check(
+            self.schedule in ("linear", "cosine"),
+            f"diffusion.schedule={self.schedule!r} must be 'linear' or 'cosine'",
+        )
+        T = self.timesteps
+        _check(T >= 2, f"diffusion.timesteps={T} must be >= 2")
+        _check(
+            0 < self.beta_start < self.beta_end < 1,
+            f"diffusion betas must satisfy 0 < beta_start ({self.beta_start}) < beta_end ({self.beta_end}) < 1",
+        )
+        _check(1 <= self.t_test <= T, f"diffusion.t_test={self.t_test} must be in 1..{T}")
+        _check(
+            1 <= self.sample_steps <= self.t_test,
+            f"diffusion.sample_steps={self.sample_steps} must be in 1..t_test ({self.t_test})",
+        )
+        _check(
+            1 <= self.t_train_min <= self.t_train_max <= T,
+            f"diffusion training range t_train_min={self.t_train_min}..t_train_max={self.t_train_max} must lie in 1..{T}",
+        )
+
 
 @dataclass(frozen=True)
 class NoiseConfig:
@@ -112,6 +192,15 @@ class NoiseConfig:
     # 0: draw fresh fields every call. >0: a seeded bank of that many fields, each
     # use taking a random one with a random flip, 90-degree rotation and roll.
     bank_size: int = 0
+
+    def __post_init__(self) -> None:
+        _check(
+            self.kind in ("simplex", "gaussian"),
+            f"noise.kind={self.kind!r} must be 'simplex' or 'gaussian'",
+        )
+        _check(self.octaves >= 1, f"noise.octaves={self.octaves} must be >= 1")
+        _check(self.frequency > 0, f"noise.frequency={self.frequency} must be > 0")
+        _check(self.bank_size >= 0, f"noise.bank_size={self.bank_size} must be >= 0")
 
 
 @dataclass(frozen=True)
@@ -132,6 +221,19 @@ class TrainConfig:
     val_every: int = 1  # epochs between validation passes
     checkpoint_every: int = 10  # epochs between "last" checkpoints (and resume points)
 
+    def __post_init__(self) -> None:
+        _check(
+            self.optimizer in ("adam", "adamw"),
+            f"train.optimizer={self.optimizer!r} must be 'adam' or 'adamw'",
+        )
+        _check(self.lr > 0, f"train.lr={self.lr} must be > 0")
+        _check(self.batch_size >= 1, f"train.batch_size={self.batch_size} must be >= 1")
+        _check(
+            self.slices_per_volume >= 1,
+            f"train.slices_per_volume={self.slices_per_volume} must be >= 1",
+        )
+        _check(self.amp in AMP_MODES, f"train.amp={self.amp!r} must be one of {AMP_MODES}")
+
 
 @dataclass(frozen=True)
 class DataConfig:
@@ -140,11 +242,30 @@ class DataConfig:
     volume_shape: tuple[int, int, int] = (96, 96, 50)  # after load-time processing
     spacing: float = 2.0  # mm, after resampling
     center: str = "brain"  # model grid centred on the brain mask's bounding box, or "image"
-    curvature_flow: bool = True  # CurvatureFlow(0.125, 3) on images, as the reference (docs/data.md §3)
+    curvature_flow: bool = (
+        True  # CurvatureFlow(0.125, 3) on images, as the reference (docs/data.md §3)
+    )
     percentiles: tuple[float, float] = (1.0, 99.0)  # rescale inside the brain mask
     fold: int = 0
     all_slices: bool = False  # training epoch over every slice instead of one random one
     min_brain_fraction: float = 0.0  # skip training slices with less brain than this
+
+    def __post_init__(self) -> None:
+        _check(0 <= self.fold <= 4, f"data.fold={self.fold} must be in 0..4")
+        lo, hi = self.percentiles
+        _check(
+            0 <= lo < hi <= 100,
+            f"data.percentiles={self.percentiles} must satisfy 0 <= low < high <= 100",
+        )
+        _check(
+            len(self.volume_shape) == 3 and self.volume_shape[0] == self.volume_shape[1],
+            f"data.volume_shape={self.volume_shape} must have 3 entries with square axial slices",
+        )
+        _check(
+            self.center in ("brain", "image"),
+            f"data.center={self.center!r} must be 'brain' or 'image'",
+        )
+        _check(self.spacing > 0, f"data.spacing={self.spacing} must be > 0")
 
 
 @dataclass(frozen=True)
@@ -155,6 +276,10 @@ class InferenceConfig:
     # Skip (slice, patch) pairs whose patch holds no brain voxel: brain voxels get exactly
     # the full Alg. 2 result; voxels outside the brain keep the input (0 after skull stripping).
     skip_empty_patches: bool = True
+
+    def __post_init__(self) -> None:
+        _check(self.amp in AMP_MODES, f"inference.amp={self.amp!r} must be one of {AMP_MODES}")
+        _check(self.batch_size >= 1, f"inference.batch_size={self.batch_size} must be >= 1")
 
 
 @dataclass(frozen=True)
@@ -172,6 +297,17 @@ class AutoencoderConfig:
     kl_weight: float = 1.0
     dropout: float = 0.2  # on the dense bottleneck while training (Baur: 0.2)
 
+    def __post_init__(self) -> None:
+        _positive_widths("autoencoder.channels", self.channels)
+        _check(
+            self.kernel_size >= 1 and self.kernel_size % 2 == 1,
+            f"autoencoder.kernel_size={self.kernel_size} must be odd and >= 1",
+        )
+        _check(self.latent_dim >= 1, f"autoencoder.latent_dim={self.latent_dim} must be >= 1")
+        _check(self.loss in ("l1", "l2"), f"autoencoder.loss={self.loss!r} must be 'l1' or 'l2'")
+        _check(self.kl_weight >= 0, f"autoencoder.kl_weight={self.kl_weight} must be >= 0")
+        _check(0 <= self.dropout < 1, f"autoencoder.dropout={self.dropout} must be in [0, 1)")
+
 
 @dataclass(frozen=True)
 class SVAEConfig:
@@ -182,6 +318,12 @@ class SVAEConfig:
     mlp_ratio: float = 4.0  # hidden width of the block MLP / latent_dim
     dropout: float = 0.1  # on the residual branches while training
 
+    def __post_init__(self) -> None:
+        _check(self.depth >= 1, f"svae.depth={self.depth} must be >= 1")
+        _check(self.heads >= 1, f"svae.heads={self.heads} must be >= 1")
+        _check(self.mlp_ratio > 0, f"svae.mlp_ratio={self.mlp_ratio} must be > 0")
+        _check(0 <= self.dropout < 1, f"svae.dropout={self.dropout} must be in [0, 1)")
+
 
 @dataclass(frozen=True)
 class DAEConfig:
@@ -191,6 +333,11 @@ class DAEConfig:
     noise_std: float = 0.2  # std of that noise (intensities in [0, 1])
     # U-Net widths per level (Kascenas: depth 4, first width 2^6 = 64, doubling)
     channels: tuple[int, ...] = (64, 128, 256, 512)
+
+    def __post_init__(self) -> None:
+        _positive_widths("dae.channels", self.channels)
+        _check(self.noise_res >= 1, f"dae.noise_res={self.noise_res} must be >= 1")
+        _check(self.noise_std >= 0, f"dae.noise_std={self.noise_std} must be >= 0")
 
 
 @dataclass(frozen=True)
@@ -208,6 +355,27 @@ class FAnoGANConfig:
     beta1: float = 0.0  # Adam betas of the GAN stage (WGAN-GP: 0.0, 0.9)
     beta2: float = 0.9
     encoder_lr: float = 5e-5  # learning rate of the encoder stage (Schlegl: 5e-5)
+
+    def __post_init__(self) -> None:
+        _positive_widths("fanogan.channels", self.channels)
+        _check(
+            len(self.channels) >= 2, f"fanogan.channels={self.channels!r} needs at least 2 entries"
+        )
+        _check(self.latent_dim >= 1, f"fanogan.latent_dim={self.latent_dim} must be >= 1")
+        _check(self.n_critic >= 1, f"fanogan.n_critic={self.n_critic} must be >= 1")
+        _check(self.gp_weight >= 0, f"fanogan.gp_weight={self.gp_weight} must be >= 0")
+        _check(
+            self.feature_weight >= 0, f"fanogan.feature_weight={self.feature_weight} must be >= 0"
+        )
+        _check(
+            0.0 < self.gan_fraction < 1.0,
+            f"fanogan.gan_fraction={self.gan_fraction} must be in (0, 1)",
+        )
+        _check(
+            0 <= self.beta1 < 1 and 0 <= self.beta2 < 1,
+            f"fanogan betas ({self.beta1}, {self.beta2}) must be in [0, 1)",
+        )
+        _check(self.encoder_lr > 0, f"fanogan.encoder_lr={self.encoder_lr} must be > 0")
 
 
 @dataclass(frozen=True)
@@ -234,11 +402,6 @@ class Config:
 # --------------------------------------------------------------------------- validation
 
 
-def _check(cond: bool, msg: str) -> None:
-    if not cond:
-        raise ValueError(msg)
-
-
 def validate_geometry(g: GeometryConfig) -> None:
     """Raise ValueError for a partition that does not fit paper §3.2."""
     H, p, s, r = g.image_size, g.patch_size, g.stride, g.grid_size
@@ -261,55 +424,43 @@ def validate_geometry(g: GeometryConfig) -> None:
 MODEL_KINDS = ("maediff", "anoddpm", "thresh", "ae", "vae", "svae", "dae", "fanogan")
 
 
-def validate_baselines(cfg: Config) -> None:
-    """Values of the baselines' sections; the image-size checks only for the model that
-    uses the section (docs/baselines.md)."""
-    a, f, d, sv = cfg.autoencoder, cfg.fanogan, cfg.dae, cfg.svae
-    H = cfg.geometry.image_size
+def validate(cfg: Config) -> None:
+    """Checks across sections (each section checks its own values when built)."""
+    g, u, d = cfg.geometry, cfg.unet, cfg.diffusion
+    H, p = g.image_size, g.patch_size
     _check(cfg.model in MODEL_KINDS, f"model={cfg.model!r} must be one of {MODEL_KINDS}")
-    for name, chs in (
-        ("autoencoder.channels", a.channels),
-        ("dae.channels", d.channels),
-        ("fanogan.channels", f.channels),
-    ):
+    downs = 2 ** (len(u.channel_mult) - 1)
+    _check(
+        H % downs == 0, f"image_size {H} must be divisible by the U-Net downsampling factor {downs}"
+    )
+    if cfg.mae.enabled and cfg.model == "maediff":
         _check(
-            len(chs) >= 1 and all(isinstance(c, int) and c > 0 for c in chs),
-            f"{name}={chs!r} must be positive integer widths",
+            downs == 4,
+            f"the MAE needs the U-Net encoder output at H/4, but channel_mult={u.channel_mult} gives H/{downs}",
         )
-    _check(len(f.channels) >= 2, f"fanogan.channels={f.channels!r} needs at least 2 entries")
+        _check(
+            p < H,
+            f"with the MAE enabled the patch (p={p}) must leave visible cells in the image ({H})",
+        )
     _check(
-        a.kernel_size >= 1 and a.kernel_size % 2 == 1,
-        f"autoencoder.kernel_size={a.kernel_size} must be odd and >= 1",
+        d.sample_steps == 1 or cfg.model == "anoddpm",
+        f"diffusion.sample_steps={d.sample_steps}: iterative sampling is an AnoDDPM option (model={cfg.model!r})",
     )
-    _check(a.latent_dim >= 1, f"autoencoder.latent_dim={a.latent_dim} must be >= 1")
-    _check(a.loss in ("l1", "l2"), f"autoencoder.loss={a.loss!r} must be 'l1' or 'l2'")
-    _check(a.kl_weight >= 0, f"autoencoder.kl_weight={a.kl_weight} must be >= 0")
-    _check(0 <= a.dropout < 1, f"autoencoder.dropout={a.dropout} must be in [0, 1)")
-    _check(sv.depth >= 1, f"svae.depth={sv.depth} must be >= 1")
+    a = cfg.autoencoder
     _check(
-        sv.heads >= 1 and a.latent_dim % sv.heads == 0,
-        f"svae.heads={sv.heads} must divide autoencoder.latent_dim={a.latent_dim}",
+        a.latent_dim % cfg.svae.heads == 0,
+        f"svae.heads={cfg.svae.heads} must divide autoencoder.latent_dim={a.latent_dim}",
     )
-    _check(sv.mlp_ratio > 0, f"svae.mlp_ratio={sv.mlp_ratio} must be > 0")
-    _check(0 <= sv.dropout < 1, f"svae.dropout={sv.dropout} must be in [0, 1)")
-    _check(1 <= d.noise_res <= H, f"dae.noise_res={d.noise_res} must be in 1..image_size ({H})")
-    _check(d.noise_std >= 0, f"dae.noise_std={d.noise_std} must be >= 0")
-    _check(f.latent_dim >= 1, f"fanogan.latent_dim={f.latent_dim} must be >= 1")
-    _check(f.n_critic >= 1, f"fanogan.n_critic={f.n_critic} must be >= 1")
-    _check(f.gp_weight >= 0, f"fanogan.gp_weight={f.gp_weight} must be >= 0")
-    _check(f.feature_weight >= 0, f"fanogan.feature_weight={f.feature_weight} must be >= 0")
-    _check(0.0 < f.gan_fraction < 1.0, f"fanogan.gan_fraction={f.gan_fraction} must be in (0, 1)")
     _check(
-        0 <= f.beta1 < 1 and 0 <= f.beta2 < 1,
-        f"fanogan betas ({f.beta1}, {f.beta2}) must be in [0, 1)",
+        cfg.dae.noise_res <= H,
+        f"dae.noise_res={cfg.dae.noise_res} must be in 1..image_size ({H})",
     )
-    _check(f.encoder_lr > 0, f"fanogan.encoder_lr={f.encoder_lr} must be > 0")
-    downsampling = {
+    downsampling = {  # image-size checks only for the model that uses the section
         "ae": ("autoencoder.channels", len(a.channels)),
         "vae": ("autoencoder.channels", len(a.channels)),
         "svae": ("autoencoder.channels", len(a.channels)),
-        "dae": ("dae.channels", len(d.channels) - 1),
-        "fanogan": ("fanogan.channels", len(f.channels) - 1),
+        "dae": ("dae.channels", len(cfg.dae.channels) - 1),
+        "fanogan": ("fanogan.channels", len(cfg.fanogan.channels) - 1),
     }
     if cfg.model in downsampling:
         name, n = downsampling[cfg.model]
@@ -317,129 +468,6 @@ def validate_baselines(cfg: Config) -> None:
             H % 2**n == 0,
             f"image_size {H} must be divisible by 2^{n} = {2**n}, the downsampling of {name}",
         )
-
-
-def validate(cfg: Config) -> None:
-    """Raise ValueError naming the offending value for any invalid combination."""
-    validate_baselines(cfg)
-    g, u, m, d, n = cfg.geometry, cfg.unet, cfg.mae, cfg.diffusion, cfg.noise
-    validate_geometry(g)
-    H, p = g.image_size, g.patch_size
-    _check(
-        u.model_channels > 0 and len(u.channel_mult) > 0,
-        f"unet.channel_mult={u.channel_mult!r} must be non-empty",
-    )
-    widths = [u.model_channels * k for k in u.channel_mult]
-    for w in widths:
-        _check(
-            w % u.norm_groups == 0,
-            f"unet.norm_groups={u.norm_groups} does not divide channel width {w}",
-        )
-        _check(
-            w % u.num_head_channels == 0,
-            f"unet.num_head_channels={u.num_head_channels} does not divide channel width {w}",
-        )
-    downs = 2 ** (len(u.channel_mult) - 1)
-    _check(
-        H % downs == 0, f"image_size {H} must be divisible by the U-Net downsampling factor {downs}"
-    )
-    valid_levels = {2**i for i in range(len(u.channel_mult))}
-    for a in u.attention_levels:
-        _check(
-            a in valid_levels,
-            f"unet.attention_levels entry {a} is not one of the U-Net's downsampling factors {sorted(valid_levels)}",
-        )
-    _check(u.num_res_blocks >= 1, f"unet.num_res_blocks={u.num_res_blocks} must be >= 1")
-    _check(0.0 <= u.dropout < 1.0, f"unet.dropout={u.dropout} must be in [0, 1)")
-
-    if m.enabled and cfg.model == "maediff":
-        _check(
-            downs == 4,
-            f"the MAE needs the U-Net encoder output at H/4, but channel_mult={u.channel_mult} gives H/{downs}",
-        )
-        _check(
-            m.enc_dim % m.enc_heads == 0,
-            f"mae.enc_heads={m.enc_heads} does not divide mae.enc_dim={m.enc_dim}",
-        )
-        _check(
-            m.dec_dim % m.dec_heads == 0,
-            f"mae.dec_heads={m.dec_heads} does not divide mae.dec_dim={m.dec_dim}",
-        )
-        _check(
-            m.enc_depth >= 1 and m.dec_depth >= 1,
-            f"mae depths must be >= 1 (enc_depth={m.enc_depth}, dec_depth={m.dec_depth})",
-        )
-        _check(
-            p < H,
-            f"with the MAE enabled the patch (p={p}) must leave visible cells in the image ({H})",
-        )
-
-    _check(
-        d.schedule in ("linear", "cosine"),
-        f"diffusion.schedule={d.schedule!r} must be 'linear' or 'cosine'",
-    )
-    _check(d.timesteps >= 2, f"diffusion.timesteps={d.timesteps} must be >= 2")
-    _check(
-        0 < d.beta_start < d.beta_end < 1,
-        f"diffusion betas must satisfy 0 < beta_start ({d.beta_start}) < beta_end ({d.beta_end}) < 1",
-    )
-    _check(1 <= d.t_test <= d.timesteps, f"diffusion.t_test={d.t_test} must be in 1..{d.timesteps}")
-    _check(
-        1 <= d.sample_steps <= d.t_test,
-        f"diffusion.sample_steps={d.sample_steps} must be in 1..t_test ({d.t_test})",
-    )
-    _check(
-        d.sample_steps == 1 or cfg.model == "anoddpm",
-        f"diffusion.sample_steps={d.sample_steps}: iterative sampling is an AnoDDPM option (model={cfg.model!r})",
-    )
-    _check(
-        1 <= d.t_train_min <= d.t_train_max <= d.timesteps,
-        f"diffusion training range t_train_min={d.t_train_min}..t_train_max={d.t_train_max} must lie in 1..{d.timesteps}",
-    )
-
-    _check(
-        n.kind in ("simplex", "gaussian"), f"noise.kind={n.kind!r} must be 'simplex' or 'gaussian'"
-    )
-    _check(n.octaves >= 1, f"noise.octaves={n.octaves} must be >= 1")
-    _check(n.frequency > 0, f"noise.frequency={n.frequency} must be > 0")
-    _check(n.bank_size >= 0, f"noise.bank_size={n.bank_size} must be >= 0")
-
-    t = cfg.train
-    _check(
-        t.optimizer in ("adam", "adamw"),
-        f"train.optimizer={t.optimizer!r} must be 'adam' or 'adamw'",
-    )
-    _check(t.lr > 0, f"train.lr={t.lr} must be > 0")
-    _check(t.batch_size >= 1, f"train.batch_size={t.batch_size} must be >= 1")
-    _check(t.slices_per_volume >= 1, f"train.slices_per_volume={t.slices_per_volume} must be >= 1")
-    for name, amp in (("train.amp", t.amp), ("inference.amp", cfg.inference.amp)):
-        _check(
-            amp in ("none", "bf16", "fp16", "auto"),
-            f"{name}={amp!r} must be 'none', 'bf16', 'fp16' or 'auto'",
-        )
-    _check(
-        cfg.inference.batch_size >= 1,
-        f"inference.batch_size={cfg.inference.batch_size} must be >= 1",
-    )
-    _check(0 <= cfg.data.fold <= 4, f"data.fold={cfg.data.fold} must be in 0..4")
-    lo, hi = cfg.data.percentiles
-    _check(
-        0 <= lo < hi <= 100,
-        f"data.percentiles={cfg.data.percentiles} must satisfy 0 <= low < high <= 100",
-    )
-    _check(
-        len(cfg.data.volume_shape) == 3,
-        f"data.volume_shape={cfg.data.volume_shape} must have 3 entries",
-    )
-    _check(
-        cfg.data.center in ("brain", "image"),
-        f"data.center={cfg.data.center!r} must be 'brain' or 'image'",
-    )
-    _check(cfg.data.spacing > 0, f"data.spacing={cfg.data.spacing} must be > 0")
-    _check(
-        cfg.data.volume_shape[0] == cfg.data.volume_shape[1],
-        f"data.volume_shape={cfg.data.volume_shape}: axial slices must be square",
-    )
 
 
 # --------------------------------------------------------------------------- presets
@@ -763,10 +791,15 @@ def apply_overrides(cfg: Config, overrides: list[str]) -> Config:
 def describe(cfg: Config) -> str:
     """One-line summary used in logs and model cards."""
     g, a = cfg.geometry, cfg.autoencoder
-    if cfg.model in ("ae", "vae", "svae", "fanogan"):
-        return f"{cfg.name} ({cfg.model}): {g.image_size}x{g.image_size}, conv {list(a.channels)}, z={a.latent_dim}"
-    if cfg.model in ("thresh", "dae"):
-        return f"{cfg.name} ({cfg.model}): {g.image_size}x{g.image_size}"
+    size = f"{cfg.name} ({cfg.model}): {g.image_size}x{g.image_size}"
+    if cfg.model in ("ae", "vae", "svae"):
+        return f"{size}, conv {list(a.channels)}, z={a.latent_dim}"
+    if cfg.model == "fanogan":
+        return f"{size}, WGAN-GP + izi_f encoder, widths {list(cfg.fanogan.channels)}, z={cfg.fanogan.latent_dim}"
+    if cfg.model == "dae":
+        return f"{size}, U-Net {list(cfg.dae.channels)}, coarse noise {cfg.dae.noise_res}x{cfg.dae.noise_res} std {cfg.dae.noise_std}"
+    if cfg.model == "thresh":
+        return size
     return (
         f"{cfg.name}: {g.image_size}x{g.image_size}, p={g.patch_size} s={g.stride} r={g.grid_size} "
         f"(K={g.num_patches}, N={g.num_cells}), U-Net {cfg.unet.model_channels}x{list(cfg.unet.channel_mult)}"

@@ -19,15 +19,13 @@ generator.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
 
 import torch
 from torch import Tensor, nn
 
 from ..config import AutoencoderConfig, Config
-from ..device import autocast_context, resolve_amp
 from . import register_model
-from .base import AnomalyModel, batched
+from .base import AnomalyModel
 
 LEAKY_SLOPE = 0.3  # tf.keras LeakyReLU default, which Baur's layers use
 
@@ -77,33 +75,6 @@ def check_group(model: AnomalyModel, group: str) -> None:
         raise ValueError(
             f"{model.registry_name} has no optimizer group {group!r}; use one of {sorted(groups)}"
         )
-
-
-def reconstruct_in_batches(
-    model: AnomalyModel,
-    slices: Tensor,
-    forward: Callable[[Tensor], Tensor],
-    noise: Tensor | None,
-    batch_size: int | None,
-    amp: str | None,
-    progress: Callable[[int], None] | None,
-) -> Tensor:
-    """The inference loop of the one-pass models: (S, 1, H, W) in [0, 1] -> same, on the
-    model's device; `forward` maps a batch of slices to their reconstructions."""
-    model.check_images(slices)
-    if noise is not None:
-        raise ValueError(f"{model.registry_name} draws no noise at reconstruction; pass noise=None")
-    dev = model.device
-    amp = resolve_amp(amp or model.cfg.inference.amp, dev)
-    parts = [torch.zeros((0, *slices.shape[1:]), device=dev)]
-    with torch.no_grad():
-        for b in batched(slices.shape[0], batch_size or model.cfg.inference.batch_size):
-            with autocast_context(dev, amp):
-                rec = forward(slices[b].to(dev, torch.float32))
-            parts.append(rec.float().clamp(0, 1))
-            if progress is not None:
-                progress(b.stop - b.start)
-    return torch.cat(parts)
 
 
 # --------------------------------------------------------------------------- networks
@@ -195,26 +166,9 @@ class AE(AnomalyModel):
     def validation_loss(self, x0: Tensor, generator: torch.Generator | None = None) -> Tensor:
         return self.objective(x0, generator, None, train=False)
 
-    def reconstruct(
-        self,
-        slices: Tensor,
-        generator: torch.Generator | None = None,
-        noise: Tensor | None = None,
-        batch_size: int | None = None,
-        amp: str | None = None,
-        progress: Callable[[int], None] | None = None,
-        brain_mask: Tensor | None = None,
-    ) -> Tensor:
+    def reconstruct_batch(self, x: Tensor) -> Tensor:
         """D(E(x)) with z = the encoder's output (the posterior mean for the VAE)."""
-        return reconstruct_in_batches(
-            self,
-            slices,
-            lambda x: self.net.decode(self.net.encode(x)[0]),
-            noise,
-            batch_size,
-            amp,
-            progress,
-        )
+        return self.net.decode(self.net.encode(x)[0])
 
 
 @register_model("vae")
@@ -244,6 +198,5 @@ __all__ = [
     "dropout",
     "group_norm",
     "kl_divergence",
-    "reconstruct_in_batches",
     "reparameterise",
 ]

@@ -21,6 +21,7 @@ import torch
 from torch import Tensor, nn
 
 from ..config import Config
+from ..device import autocast_context, resolve_amp
 
 
 @dataclass(frozen=True)
@@ -40,8 +41,10 @@ class OptimizerGroup:
 class AnomalyModel(nn.Module):
     """Base class: a plain nn.Module with a loss per optimizer group and a reconstruction."""
 
+    registry_name: ClassVar[str] = ""  # set by @register_model
     input_kind: ClassVar[str] = "slices"  # or "volumes"
     trainable: ClassVar[bool] = True
+    any_size: ClassVar[bool] = False  # True: reconstructs slices of any size (no resizing)
     description: ClassVar[str] = ""
 
     def __init__(self, cfg: Config):
@@ -60,14 +63,18 @@ class AnomalyModel(nn.Module):
     def enter_phase(self, phase: Phase) -> None:
         """Called by the trainer when a phase starts (or resumes): freeze what it keeps fixed."""
 
-    def loss(self, x0: Tensor, generator: torch.Generator | None = None, group: str = "model") -> Tensor:
+    def loss(
+        self, x0: Tensor, generator: torch.Generator | None = None, group: str = "model"
+    ) -> Tensor:
         raise NotImplementedError
 
     def validation_loss(self, x0: Tensor, generator: torch.Generator | None = None) -> Tensor:
         """The loss that selects the best checkpoint (in the last phase)."""
         return self.loss(x0, generator, group=self.phases[-1].groups[-1])
 
-    def forward(self, x0: Tensor, generator: torch.Generator | None = None, group: str = "model") -> Tensor:
+    def forward(
+        self, x0: Tensor, generator: torch.Generator | None = None, group: str = "model"
+    ) -> Tensor:
         """The training objective, so that DistributedDataParallel can wrap the model."""
         return self.loss(x0, generator, group=group)
 
@@ -85,8 +92,33 @@ class AnomalyModel(nn.Module):
     ) -> Tensor:
         """Healthy reconstruction of the slices of one volume: (S, 1, H, W) in [0, 1] -> same.
         `progress(n)` reports n more units of work done (slices, or (slice, patch) pairs
-        for patch models); `brain_mask` (S, 1, H, W) lets a model skip empty regions."""
-        raise NotImplementedError
+        for patch models); `brain_mask` (S, 1, H, W) lets a model skip empty regions.
+
+        The default serves one-pass models: `reconstruct_batch` on `batch_size` slices at
+        a time under autocast; models with their own procedure (Alg. 2, a sequence over
+        slices) override this method."""
+        self.check_images(slices)
+        if noise is not None:
+            raise ValueError(
+                f"{self.registry_name} draws no noise at reconstruction; pass noise=None"
+            )
+        dev = self.device
+        amp = resolve_amp(amp or self.cfg.inference.amp, dev)
+        parts = [torch.zeros((0, *slices.shape[1:]), device=dev)]
+        with torch.no_grad():
+            for b in batched(slices.shape[0], batch_size or self.cfg.inference.batch_size):
+                with autocast_context(dev, amp):
+                    rec = self.reconstruct_batch(slices[b].to(dev, torch.float32))
+                parts.append(rec.float().clamp(0, 1))
+                if progress is not None:
+                    progress(b.stop - b.start)
+        return torch.cat(parts)
+
+    def reconstruct_batch(self, x: Tensor) -> Tensor:
+        """One-pass models: (B, 1, H, W) in [0, 1] -> their reconstructions."""
+        raise NotImplementedError(
+            f"{type(self).__name__} defines neither reconstruct nor reconstruct_batch"
+        )
 
     # ------------------------------------------------------------------ helpers
 

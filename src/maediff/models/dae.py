@@ -14,15 +14,13 @@ the skip and the same two-conv block; a 1x1 output convolution, no activation.
 
 from __future__ import annotations
 
-from collections.abc import Callable
-
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..config import Config
 from . import register_model
-from .autoencoders import check_group, reconstruct_in_batches
+from .autoencoders import check_group
 from .base import AnomalyModel
 
 
@@ -119,18 +117,9 @@ class DAE(AnomalyModel):
     def validation_loss(self, x0: Tensor, generator: torch.Generator | None = None) -> Tensor:
         return self.loss(x0, generator)
 
-    def reconstruct(
-        self,
-        slices: Tensor,
-        generator: torch.Generator | None = None,
-        noise: Tensor | None = None,
-        batch_size: int | None = None,
-        amp: str | None = None,
-        progress: Callable[[int], None] | None = None,
-        brain_mask: Tensor | None = None,
-    ) -> Tensor:
+    def reconstruct_batch(self, x: Tensor) -> Tensor:
         """U(x): one pass on the clean slices."""
-        return reconstruct_in_batches(self, slices, self.net, noise, batch_size, amp, progress)
+        return self.net(x)
 
 
 __all__ = ["DAE", "PlainUNet"]

@@ -26,7 +26,7 @@ from torch import Tensor, nn
 
 from ..config import Config
 from . import register_model
-from .autoencoders import check_group, reconstruct_in_batches
+from .autoencoders import check_group
 from .base import AnomalyModel, OptimizerGroup, Phase
 
 
@@ -210,23 +210,10 @@ class FAnoGAN(AnomalyModel):
 
     # ------------------------------------------------------------------ inference contract
 
-    def reconstruct(
-        self,
-        slices: Tensor,
-        generator: torch.Generator | None = None,
-        noise: Tensor | None = None,
-        batch_size: int | None = None,
-        amp: str | None = None,
-        progress: Callable[[int], None] | None = None,
-        brain_mask: Tensor | None = None,
-    ) -> Tensor:
+    def reconstruct_batch(self, x: Tensor) -> Tensor:
         """G(E(x)) in [0, 1], encoder and generator with running BatchNorm statistics."""
-
-        def forward(x: Tensor) -> Tensor:
-            return (self.generator(self.encode(x * 2 - 1)) + 1) / 2
-
         with eval_mode(self.encoder, self.generator):
-            return reconstruct_in_batches(self, slices, forward, noise, batch_size, amp, progress)
+            return (self.generator(self.encode(x * 2 - 1)) + 1) / 2
 
 
 __all__ = ["DownNet", "FAnoGAN", "Generator", "ResBlock"]

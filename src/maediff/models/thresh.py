@@ -4,8 +4,6 @@ as every model (bright T2 lesions stand out). Nothing to train."""
 
 from __future__ import annotations
 
-from collections.abc import Callable
-
 import torch
 from torch import Tensor
 
@@ -19,21 +17,13 @@ class Thresh(AnomalyModel):
     any_size = True  # works on the volume's own slices, never resized
     description = "intensity thresholding: anomaly map = the image"
 
-    def reconstruct(
-        self,
-        slices: Tensor,
-        generator: torch.Generator | None = None,
-        noise: Tensor | None = None,
-        batch_size: int | None = None,
-        amp: str | None = None,
-        progress: Callable[[int], None] | None = None,
-        brain_mask: Tensor | None = None,
-    ) -> Tensor:
-        if slices.dim() != 4 or slices.shape[1] != 1:
-            raise ValueError(f"expected slices of shape (S, 1, H, W), got {tuple(slices.shape)}")
-        if progress is not None:
-            progress(slices.shape[0])
-        return torch.zeros_like(slices)
+    def check_images(self, x: Tensor) -> None:
+        """Any slice size: thresholding works on the volume's own slices."""
+        if x.dim() != 4 or x.shape[1] != 1:
+            raise ValueError(f"expected slices of shape (S, 1, H, W), got {tuple(x.shape)}")
+
+    def reconstruct_batch(self, x: Tensor) -> Tensor:
+        return torch.zeros_like(x)
 
 
 __all__ = ["Thresh"]
