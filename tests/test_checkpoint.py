@@ -66,6 +66,7 @@ def test_missing_checkpoint(tmp_path):
         load_model(tmp_path / "none.safetensors")
 
 
+@pytest.mark.slow
 def test_train_state_round_trip(tmp_path):
     m = _model()
     opt = torch.optim.Adam(m.parameters(), lr=1e-3)
@@ -73,7 +74,9 @@ def test_train_state_round_trip(tmp_path):
     opt.step()
     g = torch.Generator().manual_seed(5)
     torch.rand(3, generator=g)
-    state = TrainState(step=1, epoch=0, phase=1, phase_step=3, best_val_loss=0.25, last_train_loss=0.5)
+    state = TrainState(
+        step=1, epoch=0, phase=1, phase_step=3, best_val_loss=0.25, last_train_loss=0.5
+    )
     state.save(tmp_path / "s.safetensors", m, {"model": opt}, {"noise": g})
     torch.manual_seed(1)
     m2 = MAEDiff(get_preset("tiny"))
@@ -85,7 +88,9 @@ def test_train_state_round_trip(tmp_path):
     assert loaded == state
     fresh = TrainState(last_train_loss=0.0)  # an infinite best loss survives the JSON metadata
     fresh.save(tmp_path / "f.safetensors", m, {"model": opt}, {"noise": g})
-    assert TrainState.load(tmp_path / "f.safetensors", m2, {"model": opt2}, {"noise": g2})[0] == fresh
+    assert (
+        TrainState.load(tmp_path / "f.safetensors", m2, {"model": opt2}, {"noise": g2})[0] == fresh
+    )
     with pytest.raises(CheckpointError, match="has optimizers"):
         TrainState.load(tmp_path / "s.safetensors", m2, {"critic": opt2}, {"noise": g2})
     assert torch.equal(torch.rand(4, generator=g), torch.rand(4, generator=g2))

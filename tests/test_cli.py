@@ -32,6 +32,7 @@ def _train(bench, run, seed=0):
     )
 
 
+@pytest.mark.slow
 def test_cli_end_to_end_is_deterministic(tiny_bench, tmp_path, capsys):
     run = tmp_path / "run"
     assert _train(tiny_bench, run) == 0
@@ -119,6 +120,7 @@ def test_cli_end_to_end_is_deterministic(tiny_bench, tmp_path, capsys):
     assert "src='2-Thresh_examples_Brats21.png'" in (rep / "report.html").read_text()
 
 
+@pytest.mark.slow
 def test_training_is_deterministic_for_a_seed(tiny_bench, tmp_path):
     from maediff.training.checkpoint import read_checkpoint
 
@@ -131,6 +133,7 @@ def test_training_is_deterministic_for_a_seed(tiny_bench, tmp_path):
     assert all(np.array_equal(wa[k].numpy(), wb[k].numpy()) for k in wa)
 
 
+@pytest.mark.slow
 def test_detect_continues_past_a_bad_file_and_exits_nonzero(tiny_bench, tmp_path, capsys):
     run = tmp_path / "run"
     assert _train(tiny_bench, run) == 0
@@ -196,6 +199,7 @@ def test_bids_output_names():
     assert output_paths("out", "scan")["score"].name == "scan_score.nii.gz"
 
 
+@pytest.mark.slow
 def test_evaluate_refuses_training_overrides_on_a_trained_model(tiny_bench, tmp_path, capsys):
     run = tmp_path / "run"
     assert _train(tiny_bench, run) == 0
@@ -212,4 +216,6 @@ def test_evaluate_refuses_training_overrides_on_a_trained_model(tiny_bench, tmp_
         "-q",
     ]
     assert main(argv) == 2
-    assert "only inference.* and diffusion.t_test" in capsys.readouterr().err
+    assert (
+        "only inference.*, diffusion.t_test and diffusion.sample_steps" in capsys.readouterr().err
+    )

@@ -81,16 +81,24 @@ def test_timesteps_out_of_range_and_sampling():
 def test_posterior_step_is_the_ddpm_posterior_for_adjacent_steps():
     d = GaussianDiffusion(DiffusionConfig())
     t = torch.tensor([488, 2])
-    x0, xt = torch.randn(2, 1, 4, 4, dtype=torch.float64), torch.randn(2, 1, 4, 4, dtype=torch.float64)
+    x0, xt = (
+        torch.randn(2, 1, 4, 4, dtype=torch.float64),
+        torch.randn(2, 1, 4, 4, dtype=torch.float64),
+    )
     zero, one = torch.zeros_like(x0), torch.ones_like(x0)
     ab, b = d.alphas_cumprod, d.betas
     for i, ti in enumerate(t.tolist()):
         a_t, a_p, beta = ab[ti - 1], ab[ti - 2], b[ti - 1]
-        mean = a_p.sqrt() * beta / (1 - a_t) * x0[i] + (1 - beta).sqrt() * (1 - a_p) / (1 - a_t) * xt[i]
+        mean = (
+            a_p.sqrt() * beta / (1 - a_t) * x0[i]
+            + (1 - beta).sqrt() * (1 - a_p) / (1 - a_t) * xt[i]
+        )
         got = d.posterior_step(xt, t, t - 1, x0, zero)[i]
         assert torch.allclose(got, mean, atol=1e-12)
         spread = d.posterior_step(xt, t, t - 1, x0, one)[i] - got
-        assert torch.allclose(spread, d.posterior_variance[ti - 1].sqrt() * torch.ones_like(got), atol=1e-12)
+        assert torch.allclose(
+            spread, d.posterior_variance[ti - 1].sqrt() * torch.ones_like(got), atol=1e-12
+        )
     assert torch.equal(d.posterior_step(xt, t, torch.zeros_like(t), x0, one), x0)  # t' = 0 is x0
 
 

@@ -51,7 +51,11 @@ def test_documented_command_parses(doc, command):
 
 
 def test_readme_opens_with_the_demo_and_the_test_command():
-    lines = [ln for ln in (ROOT / "README.md").read_text().splitlines() if ln.startswith("python3 -m venv")]
+    lines = [
+        ln
+        for ln in (ROOT / "README.md").read_text().splitlines()
+        if ln.startswith("python3 -m venv")
+    ]
     assert "maediff demo" in lines[0]
     assert "pytest" in lines[1]
     ci = (ROOT / ".ci" / "run").read_text()

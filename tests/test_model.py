@@ -88,6 +88,7 @@ def _sequential_reconstruction(model, slices, noise):
     return from_model_range(rec / count)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("batch_size", [1, 7, 1000])
 def test_batched_reconstruction_equals_sequential_loop(model, batch_size):
     g = torch.Generator().manual_seed(0)
@@ -124,6 +125,7 @@ def test_amp_auto_resolves_to_a_concrete_mode():
     assert resolve_amp("fp16", torch.device("cpu")) == "fp16"
 
 
+@pytest.mark.slow
 def test_reconstruct_bf16_is_close_to_fp32(model):
     slices = torch.rand(3, 1, 32, 32)
     noise = model.noise(3, torch.Generator().manual_seed(0))

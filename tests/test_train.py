@@ -28,6 +28,7 @@ def test_resolve_device():
             resolve_device("cuda")
 
 
+@pytest.mark.slow
 def test_training_writes_a_complete_run_folder(tiny_bench, tmp_path):
     cfg = apply_overrides(get_preset("tiny"), TINY + ["train.epochs=4"])
     data = prepare_training_data(cfg, tiny_bench, progress=False)
@@ -73,6 +74,7 @@ def _cli_train(run, data, epochs, extra=()):
     return cmd + list(extra)
 
 
+@pytest.mark.slow
 def test_kill_and_resume_gives_the_same_weights(tiny_bench, tmp_path):
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     epochs = 60
@@ -111,6 +113,7 @@ def test_kill_and_resume_gives_the_same_weights(tiny_bench, tmp_path):
     assert (run / "log.csv").read_text().count("\n") == (ref / "log.csv").read_text().count("\n")
 
 
+@pytest.mark.slow
 def test_resume_refuses_a_mismatched_or_missing_state(tiny_bench, tmp_path):
     from maediff.training.checkpoint import CheckpointError
 
@@ -129,6 +132,7 @@ def test_resume_refuses_a_mismatched_or_missing_state(tiny_bench, tmp_path):
     and not os.path.exists(os.path.join(os.path.dirname(sys.executable), "torchrun")),
     reason="torchrun not installed",
 )
+@pytest.mark.slow
 def test_ddp_with_two_cpu_processes(tiny_bench, tmp_path):
     torchrun = shutil.which("torchrun") or os.path.join(os.path.dirname(sys.executable), "torchrun")
     run = tmp_path / "ddp"

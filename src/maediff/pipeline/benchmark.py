@@ -235,7 +235,7 @@ def execute_run(
             resume = (run_dir / "last.state.safetensors").exists()
             if resume and to_dict(load_run_config(run_dir)) != to_dict(cfg):
                 raise ValueError(f"{run_dir} holds a training run of another configuration")
-            td = prepare_training_data(cfg, data, progress=progress)
+            td = training_data(cfg, data, progress)
             summary = train(cfg, td, run_dir, device=device, resume=resume, progress=progress)
             timing["train_steps"] = summary["steps"]
         model = load_model(run_dir, resolve_device(device))
@@ -260,6 +260,19 @@ def execute_run(
     save_figure_slices(model, data, folder / "figure3.npz", spec.seed)
     write_atomic(folder / "timing.json", json.dumps(timing, indent=2))
     return timing
+
+
+_DATA_CACHE: dict[str, Any] = {}
+
+
+def training_data(cfg: Config, data: Path, progress: bool):
+    """Training volumes, loaded once per process for every run with the same data
+    settings, fold and slice size (loading dominates short runs)."""
+    key = json.dumps([str(data), to_dict(cfg)["data"], cfg.geometry.image_size])
+    if key not in _DATA_CACHE:
+        _DATA_CACHE.clear()
+        _DATA_CACHE[key] = prepare_training_data(cfg, data, progress=progress)
+    return _DATA_CACHE[key]
 
 
 def figure_subjects(data: Path) -> list:

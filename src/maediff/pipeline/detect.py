@@ -59,7 +59,7 @@ def reconstruct_volume(
     """
     image = volume.image if isinstance(volume, PreparedVolume) else volume
     # a model that works at any size (Thresh) sees the volume's own slices
-    size = image.shape[0] if model.any_size else model.cfg.geometry.image_size
+    size = image.shape[0] if getattr(model, "any_size", False) else model.cfg.geometry.image_size
     small = volume_to_slices(image, size)  # (Z, 1, size, size)
     skip = (
         model.cfg.inference.skip_empty_patches if skip_empty_patches is None else skip_empty_patches
