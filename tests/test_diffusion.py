@@ -107,7 +107,7 @@ def test_anoddpm_iterative_sampling_uses_the_requested_steps():
     from maediff.models import build_model
 
     m = build_model(apply_overrides(get_preset("anoddpm-tiny"), ["diffusion.sample_steps=4"]))
-    assert m.timesteps() == [10, 8, 5, 2, 0]
+    assert m.timesteps() == [500, 375, 250, 125, 0]
     calls = []
     m.reconstruct(torch.rand(2, 1, 32, 32), torch.Generator().manual_seed(0), progress=calls.append)
     assert calls == [2, 2, 2, 2]  # one network pass per step for both slices

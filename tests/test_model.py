@@ -42,7 +42,7 @@ def test_pixels_outside_the_patch_reach_the_network_unchanged(model, gen):
         assert r1 - r0 < 16 and c1 - c0 < 16
         # and the masked cells the MAE hides are exactly the ones of that patch
         assert (~visible[i]).sum() == 4
-    assert ((t >= 1) & (t <= 20)).all()
+    assert ((t >= 1) & (t <= model.cfg.diffusion.timesteps)).all()
 
 
 def test_loss_counts_only_the_noised_patch(model):

@@ -448,7 +448,9 @@ def _parser_benchmark(p: argparse.ArgumentParser) -> None:
     _add_set(p)
     p.add_argument("-o", "--output", required=True, help="benchmark folder (resumable)")
     p.add_argument("--list", action="store_true", help="print one command per run and exit")
-    p.add_argument("--run-index", type=int, help="do only run N of the list (job arrays)")
+    p.add_argument(
+        "--run-index", type=int, nargs="+", metavar="N", help="do only run(s) N of the list (job arrays)"
+    )
     p.add_argument(
         "--collect", action="store_true", help="only write the tables from finished runs"
     )

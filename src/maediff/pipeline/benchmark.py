@@ -349,7 +349,7 @@ def run_benchmark(
     out: Path,
     device: str = "auto",
     list_runs: bool = False,
-    run_index: int | None = None,
+    run_index: Sequence[int] | int | None = None,
     collect_only: bool = False,
     progress: bool = True,
 ) -> int:
@@ -361,11 +361,13 @@ def run_benchmark(
         return 0
     out.mkdir(parents=True, exist_ok=True)
     check_plan(plan, out)
-    if run_index is not None and not 0 <= run_index < len(runs):
-        raise ValueError(f"--run-index {run_index} must be in 0..{len(runs) - 1}")
+    indices = [run_index] if isinstance(run_index, int) else list(run_index or range(len(runs)))
+    bad = [i for i in indices if not 0 <= i < len(runs)]
+    if bad:
+        raise ValueError(f"--run-index {bad} must be in 0..{len(runs) - 1}")
     if not collect_only:
         data = ensure_data(plan, out, progress)
-        todo = [runs[run_index]] if run_index is not None else runs
+        todo = [runs[i] for i in indices]
         _run_all(plan, todo, out, data, device, progress)
     return collect(plan, out)
 
