@@ -113,3 +113,27 @@ def test_every_parameter_gets_a_finite_gradient(mae_on, timestep):
         assert torch.isfinite(p.grad).all(), name
         assert p.grad.abs().sum() > 0, name
     assert (model.net.mae is not None) == mae_on
+
+
+def test_zero_initialised_mae_branch_starts_as_the_plain_unet():
+    from dataclasses import replace as _replace
+
+    from maediff.config import get_preset as _get
+    from maediff.models.unet import UNet as _UNet
+
+    cfg = _get("tiny")
+    torch.manual_seed(0)
+    with_mae = _UNet(cfg.unet, cfg.geometry, _replace(cfg.mae, zero_init=True))
+    torch.nn.init.normal_(with_mae.out[-1].weight)  # the U-Net's own output conv starts at 0 too
+    plain = _UNet(cfg.unet, cfg.geometry, None)
+    plain.load_state_dict(
+        {k: v for k, v in with_mae.state_dict().items() if not k.startswith("mae.")}
+    )
+    x, t = torch.randn(2, 1, 32, 32), torch.tensor([3, 400])
+    visible = torch.ones(2, 16, dtype=torch.bool)
+    visible[:, :4] = False
+    assert torch.equal(with_mae(x, t, visible), plain(x, t))
+    torch.manual_seed(0)
+    random_init = _UNet(cfg.unet, cfg.geometry, cfg.mae)
+    random_init.load_state_dict({**random_init.state_dict(), **plain.state_dict()})
+    assert not torch.allclose(random_init(x, t, visible), plain(x, t))  # the paper's init perturbs

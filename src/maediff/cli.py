@@ -449,7 +449,11 @@ def _parser_benchmark(p: argparse.ArgumentParser) -> None:
     p.add_argument("-o", "--output", required=True, help="benchmark folder (resumable)")
     p.add_argument("--list", action="store_true", help="print one command per run and exit")
     p.add_argument(
-        "--run-index", type=int, nargs="+", metavar="N", help="do only run(s) N of the list (job arrays)"
+        "--run-index",
+        type=int,
+        nargs="+",
+        metavar="N",
+        help="do only run(s) N of the list (job arrays)",
     )
     p.add_argument(
         "--collect", action="store_true", help="only write the tables from finished runs"

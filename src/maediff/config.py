@@ -122,6 +122,10 @@ class MAEConfig:
     dec_heads: int = 16
     mlp_ratio: float = 4.0
     timestep: bool = False  # add the timestep embedding to the decoder tokens
+    # Zero-initialise the last upsampling layer, so that the branch adds nothing at step 0
+    # and MAEDiff starts as the plain U-Net (as ControlNet-style adapters do). Off: the
+    # paper's description, whose random upsampler perturbs f from the first step.
+    zero_init: bool = False
 
     def __post_init__(self) -> None:
         _check(

@@ -1,7 +1,7 @@
 """Devices and mixed precision: the one place that knows about CUDA, MPS and bf16.
 
-    dev = resolve_device("auto")                 # CUDA, then MPS, then CPU
-    with autocast_context(dev, "auto"): ...      # bf16 where the hardware has it
+dev = resolve_device("auto")                 # CUDA, then MPS, then CPU
+with autocast_context(dev, "auto"): ...      # bf16 where the hardware has it
 """
 
 from __future__ import annotations

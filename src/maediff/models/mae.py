@@ -147,6 +147,12 @@ class MAE(nn.Module):
         )
         self.dec_norm = nn.LayerNorm(cfg.dec_dim)
         self.upsample = _upsampler(cfg.dec_dim, channels, self.cell)
+        if cfg.zero_init:  # the branch starts as an exact no-op: MAEDiff = its U-Net at step 0
+            last = [
+                m for m in self.upsample.modules() if isinstance(m, nn.Conv2d | nn.ConvTranspose2d)
+            ][-1]
+            nn.init.zeros_(last.weight)
+            nn.init.zeros_(last.bias)
 
     def patchify(self, f: Tensor) -> Tensor:
         """(B, C, h, w) -> (B, N, C * c * c) with c = r/4, cells row-major."""
