@@ -15,6 +15,7 @@ from pathlib import Path
 from ..config import get_preset
 from ..data.synthetic import SynthConfig, generate_benchmark
 from ..device import resolve_device
+from ..models import build_model
 from ..training.checkpoint import load_model
 from ..training.trainer import prepare_training_data, train
 from .evaluate import evaluate_model, load_summary, write_report
@@ -60,11 +61,10 @@ def run_demo(
     timing["evaluate_maediff_s"] = round(time.perf_counter() - t, 1)
     t = time.perf_counter()
     evaluate_model(
-        None,
+        build_model(replace(cfg, model="thresh", name="thresh-cpu")),
         data,
         out / "eval-thresh",
         "Thresh",
-        data_cfg=cfg.data,
         seed=seed,
         n_jobs=1,
         progress=progress,

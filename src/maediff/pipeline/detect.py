@@ -32,13 +32,13 @@ from ..evaluation.postprocess import anomaly_scores, remove_small_components
 from ..evaluation.protocol import EvalSettings
 
 if TYPE_CHECKING:
-    from ..models.maediff import MAEDiff
+    from ..models import AnomalyModel
 
 OUTPUTS = ("anomaly", "score", "reconstruction")
 
 
 def reconstruct_volume(
-    model: MAEDiff,
+    model: AnomalyModel,
     volume: PreparedVolume | np.ndarray,
     generator: torch.Generator | None = None,
     batch_size: int | None = None,
@@ -104,7 +104,7 @@ class DetectReport:
 
 
 def detect_subject(
-    model: MAEDiff,
+    model: AnomalyModel,
     subject: Subject,
     out_dir: str | Path,
     generator: torch.Generator,
@@ -139,7 +139,7 @@ def detect_subject(
 def detect_files(
     subjects: Sequence[Subject],
     out_dir: str | Path,
-    model: MAEDiff,
+    model: AnomalyModel,
     overwrite: bool = False,
     threshold: float | None = None,
     bids: bool = False,

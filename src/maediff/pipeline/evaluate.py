@@ -1,12 +1,12 @@
 """Split + checkpoint -> metrics, per-subject CSVs, a JSON summary and the report.
 
-    summary = evaluate_model(model, "DATA", "runs/cpu/eval")          # MAEDiff
-    summary = evaluate_model(None, "DATA", "runs/thresh", label="Thresh")  # baseline
+    summary = evaluate_model(load_model("runs/cpu"), "DATA", "runs/cpu/eval")
+    summary = evaluate_model(build_model(get_preset("thresh")), "DATA", "runs/thresh", label="Thresh")
     write_report([summary_a, summary_b], "report/")
 
-`model=None` is the intensity-thresholding baseline (Thresh in Table 1): the
-"reconstruction" is zero, so the anomaly map is the image itself, post-processed
-and thresholded by exactly the same protocol.
+Every model of the registry goes through the same code: its reconstruction of each
+volume, then the same post-processing, threshold search and metrics. For Thresh the
+reconstruction is zero, so the anomaly map is the image itself.
 
 Every split file of every data set is read (and every file it lists checked) before
 the first volume is computed, and the output folder appears only when everything is
@@ -40,7 +40,7 @@ from ..evaluation.runs import ANOMALY_SETS, example_figure, load_summary, table_
 from .detect import reconstruct_volume
 
 if TYPE_CHECKING:
-    from ..models.maediff import MAEDiff
+    from ..models import AnomalyModel
 
 __all__ = [
     "ANOMALY_SETS",
@@ -55,7 +55,7 @@ __all__ = [
 
 def _volumes(
     subjects: Sequence[Subject],
-    model: MAEDiff | None,
+    model: AnomalyModel,
     data_cfg: DataConfig,
     seed: int,
     keep: list | None,
@@ -68,12 +68,9 @@ def _volumes(
     whole-volume l1 sees the model's output outside the brain too, as the reference."""
     for s in subjects:
         vol = load_subject(s, data_cfg)
-        if model is None:
-            rec = np.zeros_like(vol.image)
-        else:
-            rec = reconstruct_volume(
-                model, vol, torch.Generator().manual_seed(seed), skip_empty_patches=False
-            )
+        rec = reconstruct_volume(
+            model, vol, torch.Generator().manual_seed(seed), skip_empty_patches=False
+        )
         v = VolumeResult(s.name, vol.image, rec, vol.brain_mask, vol.segmentation)
         if keep is not None and len(keep) < n_keep:
             keep.append(v)
@@ -134,7 +131,7 @@ def _publish(stage: Path, out: Path) -> None:
 
 
 def evaluate_model(
-    model: MAEDiff | None,
+    model: AnomalyModel,
     data_dir: str | Path,
     out_dir: str | Path,
     label: str = "MAEDiff",
@@ -154,12 +151,12 @@ def evaluate_model(
     out = Path(out_dir)
     if out.exists() and not out.is_dir():
         raise DataError(f"output {out} exists and is not a folder")
-    data_cfg = data_cfg or (model.cfg.data if model is not None else DataConfig())
-    info = getattr(model, "checkpoint_info", {}) if model is not None else {}
+    data_cfg = data_cfg or model.cfg.data
+    info = getattr(model, "checkpoint_info", {})
     summary: dict[str, Any] = {
         "model": label,
         "checkpoint": info.get("path"),
-        "config": model.cfg.name if model is not None else None,
+        "config": model.cfg.name,
         "data_dir": str(Path(data_dir).resolve()),
         "fold": fold,
         "datasets": {},
@@ -195,7 +192,7 @@ def evaluate_model(
 
 
 def _run(
-    model: MAEDiff | None,
+    model: AnomalyModel,
     plan: EvalPlan,
     out: Path,
     summary: dict[str, Any],
