@@ -101,3 +101,16 @@ def test_paired_tests_pair_by_subject():
     assert x["n"] == 8 and x["median_diff"] > 0.1 and x["p"] < 0.01
     y = next(r for r in rows if r["model"] == "Y")
     assert y["p"] != y["p"]  # identical values: no test (NaN)
+
+
+def test_report_table_renders_the_marks_as_html():
+    from maediff.evaluation.report import _markdown_table_to_html
+
+    t = comparison_table({"A": [_summary(0.5, 0.02)], "B": [_summary(0.3, 0.01)]})
+    page = _markdown_table_to_html(t.markdown())
+    assert (
+        "<b>50.00</b>" in page
+        and "<u>30.00</u>" in page
+        and "**" not in page
+        and "&lt;u&gt;" not in page
+    )

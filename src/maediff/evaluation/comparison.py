@@ -167,7 +167,9 @@ def figure_comparison(examples: Sequence[Mapping], models: Sequence[str], path: 
 
     examples: {"title", "image", "segmentation", "models": {name: (reconstruction, anomaly)}}
     with 2-D arrays. Per example two rows: input + each model's reconstruction, then
-    ground truth + each model's anomaly map (one colour scale per example).
+    ground truth + each model's anomaly map, each map on its own colour scale (0 to its
+    99.5th percentile): the models' residuals differ in size by orders of magnitude,
+    and each is thresholded on its own scale anyway.
     """
     cols = 1 + len(models)
     fig, axes = plt.subplots(
@@ -175,8 +177,6 @@ def figure_comparison(examples: Sequence[Mapping], models: Sequence[str], path: 
     )
     for e, ex in enumerate(examples):
         top, bottom = axes[2 * e], axes[2 * e + 1]
-        maps = [ex["models"][m][1] for m in models if m in ex["models"]]
-        vmax = max([float(np.percentile(a, 99.5)) for a in maps] + [1e-6])
         top[0].imshow(ex["image"].T, cmap="gray", vmin=0, vmax=1, origin="lower")
         top[0].set_title(ex.get("title", "input"), fontsize=7)
         bottom[0].imshow(ex["segmentation"].T, cmap="gray", vmin=0, vmax=1, origin="lower")
@@ -185,6 +185,7 @@ def figure_comparison(examples: Sequence[Mapping], models: Sequence[str], path: 
             rec, amap = ex["models"].get(m, (None, None))
             if rec is not None:
                 top[k].imshow(rec.T, cmap="gray", vmin=0, vmax=1, origin="lower")
+                vmax = max(float(np.percentile(amap, 99.5)), 1e-6)
                 bottom[k].imshow(amap.T, cmap="inferno", vmin=0, vmax=vmax, origin="lower")
             top[k].set_title(m, fontsize=7)
         for ax in (*top, *bottom):

@@ -191,6 +191,16 @@ def _save(fig, path: str | Path) -> Path:
     return path
 
 
+def _cell_html(text: str) -> str:
+    """Escape a Markdown cell; keep its two marks: **best** (bold), <u>second</u> (underline)."""
+    t = text.strip()
+    if t.startswith("**") and t.endswith("**") and len(t) > 4:
+        return f"<b>{html.escape(t[2:-2])}</b>"
+    if t.startswith("<u>") and t.endswith("</u>"):
+        return f"<u>{html.escape(t[3:-4])}</u>"
+    return html.escape(t)
+
+
 def _markdown_table_to_html(md: str) -> str:
     lines = [ln.strip().strip("|").split("|") for ln in md.strip().splitlines()]
     head, body = lines[0], lines[2:]
@@ -200,7 +210,7 @@ def _markdown_table_to_html(md: str) -> str:
         + "</tr></thead><tbody>"
     )
     for row in body:
-        out += "<tr>" + "".join(f"<td>{html.escape(c.strip())}</td>" for c in row) + "</tr>"
+        out += "<tr>" + "".join(f"<td>{_cell_html(c)}</td>" for c in row) + "</tr>"
     return out + "</tbody></table>"
 
 

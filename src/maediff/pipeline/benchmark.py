@@ -474,7 +474,7 @@ def collect(plan: BenchmarkPlan, out: Path) -> int:
         sections.append(
             {
                 "heading": "Figure 3",
-                "text": "Per example: input and each model's reconstruction (top), ground truth and each model's anomaly map |x - reconstruction| (bottom, one colour scale per example).",
+                "text": "Per example: input and each model's reconstruction (top), ground truth and each model's anomaly map |x - reconstruction| inside the brain (bottom, each map from 0 to its own 99.5th percentile).",
                 "images": [fig],
             }
         )
