@@ -3,13 +3,16 @@ that resolve from the page, rows per model and data folder, and no torch."""
 
 import subprocess
 import sys
+from dataclasses import replace
 from html.parser import HTMLParser
 from pathlib import Path
 from urllib.parse import unquote
 
 import pytest
 
+from maediff.config import get_preset
 from maediff.evaluation.runs import load_summary, table_rows, write_report
+from maediff.models import build_model
 from test_protocol_parity import IdentityModel, _evaluate, write_layout
 
 
@@ -45,7 +48,8 @@ def test_report_images_resolve_relative_to_the_page(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path / "work")
     # relative data and output folders, as a user types them
     kw = {"datasets": ("Brats21",), "healthy_test": False}
-    _evaluate(None, "../data", "runs/eval-thresh", label="Thresh", **kw)
+    thresh = build_model(replace(get_preset("thresh"), data=IdentityModel().cfg.data))
+    _evaluate(thresh, "../data", "runs/eval-thresh", label="Thresh", **kw)
     _evaluate(IdentityModel(), "../data", "runs/eval-identity", label="Identity", **kw)
     assert_images_resolve(Path("runs/eval-thresh/report.html"), at_least=3)
 
