@@ -526,9 +526,10 @@ def end_of_epoch(run: Run, stopped: bool) -> None:
         flag = torch.tensor([float(stopped or _finished(run))])
         dist.all_reduce(flag, op=dist.ReduceOp.MAX)
         stopped = bool(flag.item())
-    last = stopped or _finished(run)
-    if stopped and t.max_minutes:
+    if stopped and not _finished(run) and t.max_minutes:
+        # another rank's time budget ran out first: end this rank's loop with it
         st.elapsed_s = max(st.elapsed_s, 60 * t.max_minutes)
+    last = stopped or _finished(run)
     if (
         run.ddp.main
         and run.data.val is not None
