@@ -38,3 +38,13 @@ def tiny_bench(tmp_path_factory):
         workers=1,
     )
     return generate_benchmark(root, cfg, progress=False)
+
+
+def draw_zero_layers(model, gen, std: float = 0.05):
+    """Draw the zero-initialised layers of an untrained model (output convs, attention
+    projections) so that its outputs depend on the input; returns the model."""
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() > 1 and not p.any():
+                p.copy_(std * torch.randn(p.shape, generator=gen))
+    return model

@@ -1,14 +1,16 @@
+import json
 import os
 import shutil
 import signal
 import subprocess
 import sys
 import time
+from dataclasses import replace
 
 import pytest
 import torch
 
-from maediff.config import apply_overrides, get_preset
+from maediff.config import apply_overrides, get_preset, load_config
 from maediff.device import resolve_device
 from maediff.training.checkpoint import read_checkpoint
 from maediff.training.trainer import prepare_training_data, train
@@ -51,6 +53,20 @@ def test_training_writes_a_complete_run_folder(tiny_bench, tmp_path):
         line.split(",")[4] for line in log[1:]
     )  # validation rows
     assert summary["best_val_loss"] is not None
+    # the histogram landmarks of the training volumes travel with the model
+    saved = load_config(tmp_path / "run" / "config.yaml")
+    assert saved.data.landmarks == data.landmarks and len(data.landmarks) == 11
+    run_json = json.loads((tmp_path / "run" / "run.json").read_text())
+    assert run_json["speed"] == ["channels_last off (auto: cpu, training)", "compile off (auto: cpu)"]
+
+
+@pytest.mark.slow
+def test_standardised_training_volumes_sit_on_the_landmarks(tiny_bench):
+    cfg = replace(get_preset("tiny"), data=replace(get_preset("tiny").data, standardise="nyul"))
+    data = prepare_training_data(cfg, tiny_bench, progress=False)
+    raw = prepare_training_data(get_preset("tiny"), tiny_bench, progress=False)
+    assert data.landmarks == raw.landmarks
+    assert not torch.equal(data.train.images[0], raw.train.images[0])
 
 
 def _cli_train(run, data, epochs, extra=()):

@@ -46,6 +46,7 @@ def cmd_synth(args: argparse.Namespace) -> int:
 
     cfg = SynthConfig(
         seed=args.seed,
+        site=args.site,
         healthy_trainval=args.healthy,
         healthy_test=args.healthy_test,
         tumour_val=args.tumour_val,
@@ -100,21 +101,19 @@ def _threshold(args: argparse.Namespace) -> float | None:
     return None
 
 
-def _inference_overrides(model, args: argparse.Namespace) -> None:
-    """--amp and --set inference.* / diffusion.t_test / diffusion.sample_steps on a trained model."""
-    from .config import apply_overrides
-
+def _inference_overrides(args: argparse.Namespace) -> list[str]:
+    """--amp and --set inference.* / diffusion.t_test / diffusion.sample_steps /
+    data.standardise for a trained model."""
     overrides = list(args.set or [])
-    allowed = ("inference.", "diffusion.t_test=", "diffusion.sample_steps=")
+    allowed = ("inference.", "diffusion.t_test=", "diffusion.sample_steps=", "data.standardise=")
     bad = [o for o in overrides if not o.startswith(allowed)]
     if bad:
         raise ValueError(
-            f"only inference.*, diffusion.t_test and diffusion.sample_steps can be changed for a trained model, not {bad}"
+            f"only inference.*, diffusion.t_test, diffusion.sample_steps and data.standardise can be changed for a trained model, not {bad}"
         )
     if getattr(args, "amp", None):
         overrides.append(f"inference.amp={args.amp}")
-    if overrides:
-        model.cfg = apply_overrides(model.cfg, overrides)
+    return overrides
 
 
 def cmd_detect(args: argparse.Namespace) -> int:
@@ -124,8 +123,7 @@ def cmd_detect(args: argparse.Namespace) -> int:
 
     subjects = read_inputs(args.input)
     threshold = _threshold(args)
-    model = load_model(args.model, _device(args.device))
-    _inference_overrides(model, args)
+    model = load_model(args.model, _device(args.device), _inference_overrides(args))
     report = detect_files(
         subjects,
         args.output,
@@ -161,8 +159,7 @@ def _evaluation_model(args: argparse.Namespace):
         return build_model(replace(cfg, model=args.baseline, name=args.baseline))
     if not args.model:
         raise ValueError("give --model RUN_OR_CHECKPOINT, or --baseline thresh")
-    model = load_model(args.model, _device(args.device))
-    _inference_overrides(model, args)
+    model = load_model(args.model, _device(args.device), _inference_overrides(args))
     return model
 
 
@@ -315,6 +312,12 @@ def _add_runtime_args(p: argparse.ArgumentParser, seed: int | None = 0, amp: boo
 def _parser_synth(p: argparse.ArgumentParser) -> None:
     p.add_argument("-o", "--output", required=True, help="folder to create")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument(
+        "--site",
+        choices=["a", "b"],
+        default="a",
+        help="acquisition: a (default) or b, a second scanner with other contrast, bias, noise and resolution",
+    )
     p.add_argument("--healthy", type=int, default=120, help="healthy train+val volumes (5 folds)")
     p.add_argument("--healthy-test", type=int, default=8)
     p.add_argument("--tumour-val", type=int, default=8)

@@ -29,6 +29,11 @@ def _check(cond: bool, msg: str) -> None:
         raise ValueError(msg)
 
 
+def _speed_settings(section: str, channels_last: str, compile: str) -> None:
+    for name, v in (("channels_last", channels_last), ("compile", compile)):
+        _check(v in SPEED_MODES, f"{section}.{name}={v!r} must be one of {SPEED_MODES}")
+
+
 def _positive_widths(name: str, widths: tuple[int, ...]) -> None:
     _check(
         len(widths) >= 1 and all(isinstance(c, int) and c > 0 for c in widths),
@@ -37,6 +42,8 @@ def _positive_widths(name: str, widths: tuple[int, ...]) -> None:
 
 
 AMP_MODES = ("none", "bf16", "fp16", "auto")
+SPEED_MODES = ("auto", "on", "off")
+NYUL_PERCENTILES = (1.0, 10.0, 20.0, 30.0, 40.0, 50.0, 60.0, 70.0, 80.0, 90.0, 99.0)
 
 
 @dataclass(frozen=True)
@@ -224,6 +231,9 @@ class TrainConfig:
     seed: int = 0
     val_every: int = 1  # epochs between validation passes
     checkpoint_every: int = 10  # epochs between "last" checkpoints (and resume points)
+    # speed (docs/method.md §Speed): "auto" decides per device, "on" / "off" force it
+    channels_last: str = "auto"
+    compile: str = "auto"
 
     def __post_init__(self) -> None:
         _check(
@@ -237,6 +247,7 @@ class TrainConfig:
             f"train.slices_per_volume={self.slices_per_volume} must be >= 1",
         )
         _check(self.amp in AMP_MODES, f"train.amp={self.amp!r} must be one of {AMP_MODES}")
+        _speed_settings("train", self.channels_last, self.compile)
 
 
 @dataclass(frozen=True)
@@ -253,6 +264,12 @@ class DataConfig:
     fold: int = 0
     all_slices: bool = False  # training epoch over every slice instead of one random one
     min_brain_fraction: float = 0.0  # skip training slices with less brain than this
+    # histogram standardisation at load time (Nyul & Udupa 2000; docs/data.md §3):
+    # "nyul" maps each volume's brain percentiles (NYUL_PERCENTILES) piecewise-linearly
+    # onto `landmarks`, the mean of the training volumes' percentiles. The trainer
+    # always learns the landmarks, so a model trained without it can use it at test time.
+    standardise: str = "none"
+    landmarks: tuple[float, ...] = ()
 
     def __post_init__(self) -> None:
         _check(0 <= self.fold <= 4, f"data.fold={self.fold} must be in 0..4")
@@ -270,6 +287,18 @@ class DataConfig:
             f"data.center={self.center!r} must be 'brain' or 'image'",
         )
         _check(self.spacing > 0, f"data.spacing={self.spacing} must be > 0")
+        _check(
+            self.standardise in ("none", "nyul"),
+            f"data.standardise={self.standardise!r} must be 'none' or 'nyul'",
+        )
+        _check(
+            not self.landmarks or len(self.landmarks) == len(NYUL_PERCENTILES),
+            f"data.landmarks must hold {len(NYUL_PERCENTILES)} values, got {len(self.landmarks)}",
+        )
+        _check(
+            all(a <= b for a, b in zip(self.landmarks, self.landmarks[1:])),
+            f"data.landmarks={self.landmarks} must be non-decreasing",
+        )
 
 
 @dataclass(frozen=True)
@@ -280,10 +309,50 @@ class InferenceConfig:
     # Skip (slice, patch) pairs whose patch holds no brain voxel: brain voxels get exactly
     # the full Alg. 2 result; voxels outside the brain keep the input (0 after skull stripping).
     skip_empty_patches: bool = True
+    # noise-ensembled scoring (beyond the paper, docs/method.md §Ensembles): the anomaly
+    # map is the mean of |x - rec| over `ensemble_draws` noise fields at each t in
+    # `ensemble_t` (empty: diffusion.t_test alone); one batched pass over all members
+    ensemble_t: tuple[int, ...] = ()
+    ensemble_draws: int = 1
+    channels_last: str = "auto"
+    compile: str = "auto"
 
     def __post_init__(self) -> None:
         _check(self.amp in AMP_MODES, f"inference.amp={self.amp!r} must be one of {AMP_MODES}")
         _check(self.batch_size >= 1, f"inference.batch_size={self.batch_size} must be >= 1")
+        _check(
+            self.ensemble_draws >= 1,
+            f"inference.ensemble_draws={self.ensemble_draws} must be >= 1",
+        )
+        _check(
+            all(isinstance(t, int) and t >= 1 for t in self.ensemble_t),
+            f"inference.ensemble_t={self.ensemble_t} must hold timesteps >= 1",
+        )
+        _speed_settings("inference", self.channels_last, self.compile)
+
+
+@dataclass(frozen=True)
+class AugmentConfig:
+    """Intensity augmentation of the training slices (beyond the paper, docs/method.md
+    §Site robustness): each transform is applied to a sample with `probability`,
+    inside the brain (pixels > 0); the model then inpaints in whatever contrast the
+    visible context shows."""
+
+    enabled: bool = False
+    probability: float = 0.5  # per transform and sample
+    contrast: float = 0.3  # std of the log-slopes of a random monotone intensity curve
+    gamma: tuple[float, float] = (0.7, 1.5)  # exponent range (log-uniform)
+    bias_field: float = 0.3  # std of a smooth log-multiplicative field (3x3 control points)
+    noise_std: tuple[float, float] = (0.0, 0.04)  # Gaussian noise std range
+    blur_sigma: tuple[float, float] = (0.0, 1.0)  # Gaussian blur sigma range (pixels)
+
+    def __post_init__(self) -> None:
+        _check(0 <= self.probability <= 1, f"augment.probability={self.probability} must be in [0, 1]")
+        for name in ("gamma", "noise_std", "blur_sigma"):
+            lo, hi = getattr(self, name)
+            _check(0 <= lo <= hi, f"augment.{name}={(lo, hi)} must satisfy 0 <= low <= high")
+        _check(self.gamma[0] > 0, f"augment.gamma={self.gamma} must be > 0")
+        _check(self.contrast >= 0 and self.bias_field >= 0, "augment.contrast and augment.bias_field must be >= 0")
 
 
 @dataclass(frozen=True)
@@ -394,6 +463,7 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     data: DataConfig = field(default_factory=DataConfig)
     inference: InferenceConfig = field(default_factory=InferenceConfig)
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
     autoencoder: AutoencoderConfig = field(default_factory=AutoencoderConfig)
     svae: SVAEConfig = field(default_factory=SVAEConfig)
     dae: DAEConfig = field(default_factory=DAEConfig)
@@ -446,6 +516,11 @@ def validate(cfg: Config) -> None:
             p < H,
             f"with the MAE enabled the patch (p={p}) must leave visible cells in the image ({H})",
         )
+    inf = cfg.inference
+    _check(
+        (not inf.ensemble_t and inf.ensemble_draws == 1) or cfg.model == "maediff",
+        f"noise ensembles (inference.ensemble_t / ensemble_draws) are a MAEDiff / pDDPM option (model={cfg.model!r})",
+    )
     _check(
         d.sample_steps == 1 or cfg.model == "anoddpm",
         f"diffusion.sample_steps={d.sample_steps}: iterative sampling is an AnoDDPM option (model={cfg.model!r})",
@@ -827,7 +902,9 @@ __all__ = [
     "DataConfig",
     "DiffusionConfig",
     "GeometryConfig",
+    "AugmentConfig",
     "InferenceConfig",
+    "NYUL_PERCENTILES",
     "MAEConfig",
     "NoiseConfig",
     "PRESETS",

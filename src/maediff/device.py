@@ -2,13 +2,29 @@
 
 dev = resolve_device("auto")                 # CUDA, then MPS, then CPU
 with autocast_context(dev, "auto"): ...      # bf16 where the hardware has it
+notes = speed_up(model, dev, channels_last="auto", compile="auto", training=False)
+
+Speed settings (docs/method.md §Speed): each is "on", "off" or "auto", and "auto"
+decides per device for a reason measured on that kind of device:
+- channels_last (NHWC weights and activations): on for CUDA (tensor-core convolutions
+  want NHWC); on the CPU for inference (+4 % per volume, measured with oneDNN) and off
+  for training (-4 % per step, measured).
+- compile (torch.compile of the networks' forward): on for CUDA; off on the CPU, where
+  it took 2 minutes to compile for 5 % per pass (measured at the cpu preset). When
+  compilation fails (no C++ compiler, an unsupported platform) the eager forward is
+  used and a warning says why.
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
+import warnings
 
 import torch
+from torch import nn
+
+from .config import SPEED_MODES
 
 
 def resolve_device(name: str = "auto", local_rank: int = 0) -> torch.device:
@@ -59,4 +75,73 @@ def autocast_context(device: torch.device, amp: str) -> contextlib.AbstractConte
     return torch.autocast(device_type=device.type, dtype=dtype)
 
 
-__all__ = ["autocast_context", "resolve_amp", "resolve_device"]
+def _decide(setting: str, name: str, auto: bool, reason: str) -> tuple[bool, str]:
+    if setting not in SPEED_MODES:
+        raise ValueError(f"{name}={setting!r} must be one of {', '.join(SPEED_MODES)}")
+    if setting == "auto":
+        return auto, f"{name} {'on' if auto else 'off'} (auto: {reason})"
+    return setting == "on", f"{name} {setting} (set)"
+
+
+def compile_with_fallback(module: nn.Module) -> None:
+    """Replace `module.forward` by its torch.compile'd version, falling back to eager
+    (once, with a warning) when compilation fails. State-dict keys are unchanged."""
+    eager = module.forward
+    compiled = torch.compile(eager)
+    failed: list[str] = []
+
+    @functools.wraps(eager)
+    def forward(*args, **kwargs):
+        if not failed:
+            try:
+                return compiled(*args, **kwargs)
+            except Exception as e:  # compilation errors come in many types
+                failed.append(f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}")
+                warnings.warn(
+                    f"torch.compile failed for {type(module).__name__} ({failed[0]}); "
+                    "running the eager forward",
+                    RuntimeWarning,
+                    stacklevel=2,
+                )
+        return eager(*args, **kwargs)
+
+    module.forward = forward  # type: ignore[method-assign]
+
+
+def speed_up(
+    model: nn.Module,
+    device: torch.device,
+    channels_last: str = "auto",
+    compile: str = "auto",
+    training: bool = False,
+) -> list[str]:
+    """Apply the speed settings to `model` (in place) and return one line per setting
+    saying what was decided and why. Models list the submodules worth compiling in
+    `compile_targets` (default: the model itself)."""
+    cuda = device.type == "cuda"
+    cl, cl_note = _decide(
+        channels_last,
+        "channels_last",
+        cuda or (device.type == "cpu" and not training),
+        "CUDA" if cuda else f"{device.type}, {'training' if training else 'inference'}",
+    )
+    comp, comp_note = _decide(compile, "compile", cuda, "CUDA" if cuda else device.type)
+    if cl:
+        model.to(memory_format=torch.channels_last)
+    if comp:
+        for m in getattr(model, "compile_targets", lambda: [model])():
+            compile_with_fallback(m)
+    if cuda:
+        torch.backends.cudnn.benchmark = True  # fixed shapes: pick the fastest kernels once
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    return [cl_note, comp_note]
+
+
+__all__ = [
+    "autocast_context",
+    "compile_with_fallback",
+    "resolve_amp",
+    "resolve_device",
+    "speed_up",
+]

@@ -24,7 +24,7 @@ import nibabel as nib
 import numpy as np
 import SimpleITK as sitk
 
-from ..config import DataConfig
+from ..config import NYUL_PERCENTILES, DataConfig
 from .io import DataError
 
 _RAS_TO_LPS = np.diag([-1.0, -1.0, 1.0])
@@ -222,4 +222,42 @@ def prepare_volume(
             > 0.5
         )
     img = (img * mk).astype(np.float32)
+    if cfg.standardise == "nyul":
+        if not cfg.landmarks:
+            raise DataError(
+                f"{name}: data.standardise='nyul' needs data.landmarks (learned by training)"
+            )
+        img = nyul_standardise(img, mk, cfg.landmarks)
     return PreparedVolume(name, img, mk, sg, grid, image)
+
+
+# ------------------------------------------------------------------ histogram standardisation
+
+
+def nyul_landmarks(image: np.ndarray, mask: np.ndarray) -> np.ndarray:
+    """The volume's intensity percentiles NYUL_PERCENTILES inside the brain."""
+    return np.percentile(image[mask > 0], NYUL_PERCENTILES).astype(np.float64)
+
+
+def learn_landmarks(volumes) -> tuple[float, ...]:
+    """Standard scale of Nyul & Udupa (2000), in the [0, 1] units the volumes are
+    already in after the percentile rescale: the mean of the volumes' landmarks."""
+    lm = np.mean([nyul_landmarks(v.image, v.brain_mask) for v in volumes], axis=0)
+    return tuple(round(float(x), 6) for x in np.maximum.accumulate(lm))
+
+
+def nyul_standardise(
+    image: np.ndarray, mask: np.ndarray, landmarks: tuple[float, ...] | np.ndarray
+) -> np.ndarray:
+    """Map the brain intensities piecewise-linearly so that the volume's own landmarks
+    land on `landmarks`; beyond the outer landmarks the end segments are extended.
+    Voxels outside the mask stay 0; the result is clipped to [0, 1]."""
+    src = nyul_landmarks(image, mask)
+    dst = np.asarray(landmarks, np.float64)
+    src = src + np.arange(len(src)) * 1e-9  # strictly increasing for np.interp
+    out = np.interp(image, src, dst)
+    lo = image < src[0]
+    hi = image > src[-1]
+    out[lo] = dst[0] + (image[lo] - src[0]) * (dst[1] - dst[0]) / (src[1] - src[0])
+    out[hi] = dst[-1] + (image[hi] - src[-1]) * (dst[-1] - dst[-2]) / (src[-1] - src[-2])
+    return (np.clip(out, 0.0, 1.0) * (mask > 0)).astype(np.float32)

@@ -12,6 +12,13 @@ field, Rician noise and an arbitrary scanner gain. Diseased subjects get
 - multiple-sclerosis-like white-matter hyperintensities (MSLUB-like): several small
   ellipsoids inside white matter.
 
+Sites (`SynthConfig.site`): "a" is the default benchmark; "b" is a second scanner
+for "train on site A, test on site B": other subjects, the same generator, then a
+different acquisition: a monotone contrast curve (white matter darker and grey
+matter brighter relative to CSF, lesions moved with the tissue they resemble), a
+stronger bias field, more noise and thicker slices (blurred through-plane and
+slightly in-plane), and another scanner gain.
+
 Ground truth is exact: the lesion occupancy that is blended into the image,
 thresholded at 0.5 (BraTS "whole tumour": oedema, core and necrosis together).
 Volumes are 96x96x50 at 2 mm (RAS), written as NIfTI with brain masks and split
@@ -43,8 +50,32 @@ KINDS = {"healthy": 0, "tumour": 1, "ms": 2}
 
 
 @dataclass(frozen=True)
+class Site:
+    """Acquisition of one synthetic site (tissue units: CSF ~0.94, GM ~0.54, WM ~0.35)."""
+
+    contrast: tuple[tuple[float, ...], tuple[float, ...]] | None  # curve knots (x, y)
+    bias: tuple[float, float]  # std range of the log bias field
+    noise: tuple[float, float]  # Rician sigma range
+    blur: tuple[float, float, float]  # Gaussian sigma (voxels) per axis: resolution
+    gain: tuple[float, float]  # scanner units
+
+
+SITES = {
+    "a": Site(None, (0.05, 0.15), (0.01, 0.025), (0.0, 0.0, 0.0), (300.0, 1500.0)),
+    "b": Site(
+        ((0.0, 0.35, 0.54, 0.94, 1.2), (0.0, 0.22, 0.50, 0.80, 1.0)),
+        (0.2, 0.3),
+        (0.025, 0.04),
+        (0.6, 0.6, 1.0),
+        (2000.0, 5000.0),
+    ),
+}
+
+
+@dataclass(frozen=True)
 class SynthConfig:
     seed: int = 0
+    site: str = "a"  # acquisition: a key of SITES
     healthy_trainval: int = 120  # pool split into 5 folds: 96 train / 24 val each
     healthy_test: int = 8
     tumour_val: int = 8
@@ -52,6 +83,10 @@ class SynthConfig:
     ms_val: int = 8
     ms_test: int = 12
     workers: int = 2
+
+    def __post_init__(self) -> None:
+        if self.site not in SITES:
+            raise ValueError(f"site {self.site!r} must be one of {sorted(SITES)}")
 
 
 # --------------------------------------------------------------------------- template
@@ -201,20 +236,25 @@ def _add_ms(
 # --------------------------------------------------------------------------- one subject
 
 
-def make_subject(seed: int, kind: str, index: int) -> dict[str, np.ndarray]:
+def make_subject(seed: int, kind: str, index: int, site: str = "a") -> dict[str, np.ndarray]:
     """One synthetic subject: image (scanner units), brain mask, lesion mask (uint8)."""
     if kind not in KINDS:
         raise ValueError(f"kind {kind!r} must be one of {sorted(KINDS)}")
-    rng = np.random.default_rng([seed, KINDS[kind], index])
+    if site not in SITES:
+        raise ValueError(f"site {site!r} must be one of {sorted(SITES)}")
+    acq = SITES[site]
+    # site "a" keeps the seeds of the original benchmark; other sites draw other subjects
+    key = [seed, KINDS[kind], index] + ([] if site == "a" else [1000 + sorted(SITES).index(site)])
+    rng = np.random.default_rng(key)
     t = template()
     push = []
     plan = None
     if kind == "tumour":
-        coords0 = _sampling_coords(np.random.default_rng([seed, KINDS[kind], index, 1]), [])
+        coords0 = _sampling_coords(np.random.default_rng([*key, 1]), [])
         tissue0 = _warp(t["gm"], coords0) + _warp(t["wm"], coords0)
         plan = _tumour_plan(rng, tissue0)
         push = [(plan["centre"], plan["push"], plan["r_oedema"])]
-    coords = _sampling_coords(np.random.default_rng([seed, KINDS[kind], index, 1]), push)
+    coords = _sampling_coords(np.random.default_rng([*key, 1]), push)
     gm, wm, brain = (_warp(t[k], coords) for k in ("gm", "wm", "mask"))
     brain = (brain > 0.5).astype(np.float32)
     gm, wm = gm * brain, wm * brain
@@ -227,12 +267,16 @@ def make_subject(seed: int, kind: str, index: int) -> dict[str, np.ndarray]:
         img, seg = _add_tumour(rng, img, brain, wm, plan)
     elif kind == "ms":
         img, seg = _add_ms(rng, img, wm, brain)
-    img = img * np.exp(_smooth_field(rng, (3, 3, 3), rng.uniform(0.05, 0.15)))  # bias field
-    sigma = rng.uniform(0.01, 0.025)
+    if acq.contrast is not None:
+        img = np.interp(img, *acq.contrast)
+    img = img * np.exp(_smooth_field(rng, (3, 3, 3), rng.uniform(*acq.bias)))  # bias field
+    if any(acq.blur):
+        img = ndimage.gaussian_filter(img, acq.blur)
+    sigma = rng.uniform(*acq.noise)
     img = np.sqrt(
         (img + sigma * rng.standard_normal(SHAPE)) ** 2 + (sigma * rng.standard_normal(SHAPE)) ** 2
     )
-    img = (img * brain * rng.uniform(300, 1500)).astype(np.float32)
+    img = (img * brain * rng.uniform(*acq.gain)).astype(np.float32)
     return {"image": img, "mask": brain.astype(np.uint8), "seg": seg.astype(np.uint8)}
 
 
@@ -250,11 +294,11 @@ def _subject_name(kind: str, i: int) -> str:
     return pattern.format(900 + i, i) if kind == "healthy" else pattern.format(i)
 
 
-def _write_subject(args: tuple[Path, int, str, int]) -> str:
-    root, seed, kind, i = args
+def _write_subject(args: tuple[Path, int, str, int, str]) -> str:
+    root, seed, kind, i, site = args
     folder, _ = _LAYOUT[kind]
     name = _subject_name(kind, i)
-    vols = make_subject(seed, kind, i)
+    vols = make_subject(seed, kind, i, site)
     aff = template()["affine"]
     base = root / folder
     outs = [("t2", vols["image"], np.float32), ("mask", vols["mask"], np.uint8)]
@@ -336,11 +380,12 @@ def generate_benchmark(
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     try:
-        jobs = [
-            (tmp, cfg.seed, "healthy", i) for i in range(cfg.healthy_trainval + cfg.healthy_test)
-        ]
-        jobs += [(tmp, cfg.seed, "tumour", i) for i in range(cfg.tumour_val + cfg.tumour_test)]
-        jobs += [(tmp, cfg.seed, "ms", i) for i in range(cfg.ms_val + cfg.ms_test)]
+        n = {
+            "healthy": cfg.healthy_trainval + cfg.healthy_test,
+            "tumour": cfg.tumour_val + cfg.tumour_test,
+            "ms": cfg.ms_val + cfg.ms_test,
+        }
+        jobs = [(tmp, cfg.seed, kind, i, cfg.site) for kind in n for i in range(n[kind])]
         template()  # load once before forking workers
         bar = tqdm(total=len(jobs), desc="synthesising", unit="vol", disable=not progress)
         if cfg.workers > 1:

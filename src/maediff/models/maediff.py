@@ -106,6 +106,21 @@ class MAEDiff(AnomalyModel):
 
     # ------------------------------------------------------------------ Alg. 2
 
+    def compile_targets(self) -> list[torch.nn.Module]:
+        return [self.net]
+
+    def ensemble_timesteps(self) -> list[int]:
+        """t of every ensemble member, member-major: each t of inference.ensemble_t
+        (or diffusion.t_test) `ensemble_draws` times."""
+        inf = self.cfg.inference
+        ts = inf.ensemble_t or (self.cfg.diffusion.t_test,)
+        for t in ts:
+            if not 1 <= t <= self.cfg.diffusion.timesteps:
+                raise ValueError(
+                    f"inference.ensemble_t holds {t}, outside 1..{self.cfg.diffusion.timesteps}"
+                )
+        return [t for t in ts for _ in range(inf.ensemble_draws)]
+
     @torch.no_grad()
     def reconstruct(
         self,
@@ -128,25 +143,34 @@ class MAEDiff(AnomalyModel):
         brain_mask (S, 1, H, W), optional: pairs whose patch holds no brain pixel are
         skipped and their pixels keep the input. Every patch covering a brain pixel
         holds that pixel, so brain pixels get exactly the full Alg. 2 result.
+
+        Noise ensembles (inference.ensemble_t / ensemble_draws, E members): every member
+        is a slice of its own with its own noise field and t, all (member, slice, patch)
+        triples go through the same batched loop (`noise`: (E*S, 1, H, W), member-major).
+        The result is x - sign(mean_e d_e) * mean_e |d_e| with d_e = x - rec_e, so that
+        |x - result| is the mean of the members' anomaly maps; where the members agree
+        in sign it equals their mean reconstruction.
         """
         self.check_images(slices)
         S = slices.shape[0]
         dev = self.device
         K = self.grid.num_patches
+        ts = self.ensemble_timesteps()
+        E = len(ts)
         batch_size = batch_size or self.cfg.inference.batch_size
         amp = resolve_amp(amp or self.cfg.inference.amp, dev)
-        x = to_model_range(slices.to(dev, torch.float32))
+        x = to_model_range(slices.to(dev, torch.float32)).repeat(E, 1, 1, 1)  # (E*S, ...)
         if noise is None:
-            noise = self.noise(S, generator, device=dev)
-        elif noise.shape != slices.shape:
+            noise = self.noise(E * S, generator, device=dev)
+        elif noise.shape != x.shape:
             raise ValueError(
-                f"noise must have the shape of the slices {tuple(slices.shape)}, got {tuple(noise.shape)}"
+                f"noise must have the shape {tuple(x.shape)} ({E} ensemble member(s) x the slices {tuple(slices.shape)}), got {tuple(noise.shape)}"
             )
-        t_all = torch.full((S,), self.cfg.diffusion.t_test, dtype=torch.long)
-        x_t = self.diffusion.q_sample(x, t_all, noise.to(dev, torch.float32))
-        patches = self.grid.extract(x)  # (S, K, 1, p, p); skipped pairs keep the input
+        t_rows = torch.tensor(ts, dtype=torch.long).repeat_interleave(S)  # (E*S,)
+        x_t = self.diffusion.q_sample(x, t_rows, noise.to(dev, torch.float32))
+        patches = self.grid.extract(x)  # (E*S, K, 1, p, p); skipped pairs keep the input
         if brain_mask is None:
-            pairs = torch.arange(S * K, device=dev)
+            pairs = torch.arange(E * S * K, device=dev)
         else:
             if brain_mask.shape != slices.shape:
                 raise ValueError(
@@ -155,16 +179,21 @@ class MAEDiff(AnomalyModel):
             has_brain = (
                 self.grid.extract(brain_mask.to(dev, torch.float32)).flatten(2).amax(-1) > 0
             )  # (S, K)
-            pairs = torch.nonzero(has_brain.flatten()).flatten()
+            pairs = torch.nonzero(has_brain.repeat(E, 1).flatten()).flatten()
+        t_rows = t_rows.to(dev)
         for chunk in pairs.split(batch_size):
             s, k = chunk // K, chunk % K
-            t = torch.full((len(chunk),), self.cfg.diffusion.t_test, dtype=torch.long, device=dev)
             with autocast_context(dev, amp):
-                pred = self.denoise(self.noised_input(x[s], x_t[s], k), t, k, x[s])
+                pred = self.denoise(self.noised_input(x[s], x_t[s], k), t_rows[s], k, x[s])
             patches[s, k] = self.grid.crop(pred.float(), k)
             if progress is not None:
                 progress(len(chunk))
-        return from_model_range(self.grid.stitch(patches))
+        rec = from_model_range(self.grid.stitch(patches))
+        if E == 1:
+            return rec
+        d = slices.to(dev, torch.float32)[None] - rec.view(E, *slices.shape)  # (E, S, 1, H, W)
+        sign = torch.where(d.mean(0) >= 0, 1.0, -1.0)
+        return slices.to(dev, torch.float32) - sign * d.abs().mean(0)
 
 
 __all__ = ["MAEDiff", "from_model_range", "to_model_range"]

@@ -161,6 +161,12 @@ def evaluate_model(
         "fold": fold,
         "datasets": {},
         "settings": settings.__dict__,
+        "scoring": {  # test-time options that change the maps (duck-typed models lack them)
+            "ensemble_t": list(getattr(model.cfg.inference, "ensemble_t", ())),
+            "ensemble_draws": getattr(model.cfg.inference, "ensemble_draws", 1),
+            "standardise": getattr(data_cfg, "standardise", "none"),
+            "speed": info.get("speed", []),
+        },
     }
     base = out.resolve()
     base.parent.mkdir(parents=True, exist_ok=True)

@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import math
 import os
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -21,7 +22,8 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from ..config import Config, describe, from_dict, to_dict
+from ..config import Config, apply_overrides, describe, from_dict, to_dict
+from ..device import speed_up
 from ..models import build_model
 
 FORMAT = "maediff-checkpoint-v1"
@@ -112,19 +114,30 @@ def read_checkpoint(path: str | Path) -> tuple[Config, dict[str, torch.Tensor], 
     return cfg, tensors, extra
 
 
-def load_model(path: str | Path, device: str | torch.device = "cpu"):
+def load_model(
+    path: str | Path, device: str | torch.device = "cpu", overrides: Sequence[str] = ()
+):
     """Build the registered model of a checkpoint file or run folder, weights loaded,
-    in eval mode."""
+    in eval mode, with `overrides` ("inference.batch_size=16", ...) applied to its
+    config and the inference speed settings (inference.channels_last / compile)."""
     path = resolve_checkpoint(path)
     cfg, tensors, extra = read_checkpoint(path)
+    if overrides:
+        cfg = apply_overrides(cfg, list(overrides))
     model = build_model(cfg)
     missing, unexpected = model.load_state_dict(tensors, strict=False)
     if missing or unexpected:
         raise CheckpointError(
             f"checkpoint {path} does not match its config: missing {missing[:3]}, unexpected {unexpected[:3]}"
         )
-    model.checkpoint_info = {"path": str(path), **extra}
-    return model.to(device).eval()
+    device = torch.device(device)
+    model = model.to(device).eval()
+    model.checkpoint_info = {
+        "path": str(path),
+        **extra,
+        "speed": speed_up(model, device, cfg.inference.channels_last, cfg.inference.compile),
+    }
+    return model
 
 
 # ------------------------------------------------------------------ training state

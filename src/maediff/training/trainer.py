@@ -32,7 +32,7 @@ import math
 import os
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -42,9 +42,11 @@ from tqdm.auto import tqdm
 
 from .. import __version__
 from ..config import Config, describe, load_config, save_config, to_dict
+from ..data.augment import augment_intensity
 from ..data.datasets import SliceSet, load_volumes
+from ..data.preprocess import learn_landmarks, nyul_standardise
 from ..data.splits import Subject, read_inputs, read_pddpm_split
-from ..device import autocast_context, resolve_device
+from ..device import autocast_context, resolve_device, speed_up
 from ..models import MODELS, AnomalyModel, build_model, count_parameters
 from ..models.base import Phase
 from .checkpoint import CheckpointError, TrainState, model_card, save_weights
@@ -86,6 +88,7 @@ class TrainingData:
     val: SliceSet | None
     description: str
     sources: dict[str, str | None] = field(default_factory=dict)  # written to run.json
+    landmarks: tuple[float, ...] = ()  # histogram landmarks of the training volumes
 
 
 def training_subjects(
@@ -115,20 +118,26 @@ def training_subjects(
 def prepare_training_data(
     cfg: Config, data_dir=None, train_list=None, val_list=None, progress: bool = True
 ) -> TrainingData:
+    """Load the training (and validation) volumes. The histogram landmarks are learned
+    from the training volumes (or taken from data.landmarks when set); with
+    data.standardise="nyul" every volume is then standardised onto them."""
     train_s, val_s, desc = training_subjects(cfg, data_dir, train_list, val_list)
     size, frac = cfg.geometry.image_size, cfg.data.min_brain_fraction
-    train = SliceSet(load_volumes(train_s, cfg.data, "loading train", progress), size, frac)
-    val = (
-        SliceSet(load_volumes(val_s, cfg.data, "loading val", progress), size, frac)
-        if val_s
-        else None
-    )
+    raw = replace(cfg.data, standardise="none")
+    train_v = load_volumes(train_s, raw, "loading train", progress)
+    val_v = load_volumes(val_s, raw, "loading val", progress) if val_s else []
+    landmarks = cfg.data.landmarks or learn_landmarks(train_v)
+    if cfg.data.standardise == "nyul":
+        for v in (*train_v, *val_v):
+            v.image = nyul_standardise(v.image, v.brain_mask, landmarks)
+    train = SliceSet(train_v, size, frac)
+    val = SliceSet(val_v, size, frac) if val_v else None
     sources = {
         "data_dir": str(data_dir) if data_dir else None,
         "train_list": str(train_list) if train_list else None,
         "val_list": str(val_list) if val_list else None,
     }
-    return TrainingData(train, val, desc, sources)
+    return TrainingData(train, val, desc, sources, landmarks)
 
 
 def build_optimizers(model: AnomalyModel, cfg: Config) -> dict[str, torch.optim.Optimizer]:
@@ -352,6 +361,8 @@ def train(
 def _setup(cfg: Config, data: TrainingData, run_dir: Path, device: str, resume: bool) -> Run:
     if cfg.model in MODELS and not MODELS[cfg.model].trainable:
         raise ValueError(f"model {cfg.model!r} has nothing to train")
+    if data.landmarks and not cfg.data.landmarks:  # saved with the model (config.yaml)
+        cfg = replace(cfg, data=replace(cfg.data, landmarks=data.landmarks))
     ddp = setup_distributed(device)
     dev = resolve_device(device, ddp.local_rank)
     if ddp.main:
@@ -359,11 +370,13 @@ def _setup(cfg: Config, data: TrainingData, run_dir: Path, device: str, resume: 
         if resume:
             _check_same_config(run_dir, cfg)
         save_config(cfg, run_dir / "config.yaml")
-        (run_dir / "run.json").write_text(
-            json.dumps({**data.sources, "version": __version__}, indent=2)
-        )
     torch.manual_seed(cfg.train.seed)
     model = build_model(cfg).to(dev)
+    speed = speed_up(model, dev, cfg.train.channels_last, cfg.train.compile, training=True)
+    if ddp.main:
+        (run_dir / "run.json").write_text(
+            json.dumps({**data.sources, "version": __version__, "speed": speed}, indent=2)
+        )
     optimizers = build_optimizers(model, cfg)
     gens = {
         "data": torch.Generator().manual_seed(cfg.train.seed),
@@ -478,6 +491,8 @@ def _advance_phase(run: Run) -> bool:
 def _step(run: Run, batch: torch.Tensor, group: str) -> float:
     opt = run.optimizers[group]
     run.model.zero_grad(set_to_none=True)
+    if run.cfg.augment.enabled and batch.dim() == 4:
+        batch = augment_intensity(batch, run.cfg.augment, run.gens["noise"])
     with autocast_context(run.dev, run.cfg.train.amp):
         loss = run.net(batch, run.gens["noise"], group=group)
     scaler = run.scaler

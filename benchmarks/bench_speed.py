@@ -1,0 +1,239 @@
+"""Alg. 2 and training speed against the reference implementation, in one run.
+
+    python benchmarks/bench_speed.py [--model RUN] [--repeats 3] [--paper-slices 1]
+
+Measures on this machine, medians of --repeats (run it on an otherwise idle machine):
+
+1. the matmul peak of the dtype the package computes in here (fp32, or bf16 where it
+   is native) and the FLOPs of one U-Net + MAE forward (torch.utils.flop_counter);
+2. one 50-slice volume at the `cpu` preset through
+   - the reference loop (pDDPM's inference: one patch position at a time, all slices
+     in one fp32 batch, every patch; the U-Net's attention as pDDPM's
+     QKVAttentionLegacy computes it: einsum, softmax, einsum), and
+   - `MAEDiff.reconstruct` as `detect` and `evaluate` run it (the preset's batch size
+     and autocast, the inference speed settings of `load_model`),
+   with the largest difference of the two maps inside the brain (same noise);
+3. the same ratio at the `paper` preset on --paper-slices slices;
+4. `detect` end to end on one NIfTI file, and the share of it spent in reconstruct;
+5. training steps per second at the `cpu` preset, reference attention against ours.
+
+Without --model the weights are random (the zero-initialised output layers drawn
+too, so that the maps are not trivially equal); speed does not depend on them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import platform
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+from maediff import __version__
+from maediff.config import get_preset
+from maediff.data.synthetic import make_subject, template
+from maediff.device import resolve_amp, speed_up
+from maediff.models import build_model
+from maediff.models import unet as unet_module
+from maediff.models.maediff import from_model_range, to_model_range
+from maediff.training.checkpoint import load_model
+from maediff.training.trainer import build_optimizers
+
+
+def median_time(fn, repeats: int) -> float:
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def matmul_peak(dtype: torch.dtype, n: int = 2048, repeats: int = 5) -> float:
+    a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
+    a @ b
+    return 2 * n**3 / median_time(lambda: a @ b, repeats) / 1e9
+
+
+def legacy_attention(self, x, emb=None):
+    """pDDPM's (openai's) QKVAttentionLegacy: einsum over strided q/k/v, softmax, einsum."""
+    B, C, H, W = x.shape
+    c = C // self.heads
+    qkv = self.qkv(self.norm(x).reshape(B, C, H * W)).reshape(B, 3, self.heads, c, H * W)
+    q, k, v = (qkv[:, i].reshape(B * self.heads, c, H * W) for i in range(3))  # our layout
+    scale = 1 / c**0.25
+    w = torch.einsum("bct,bcs->bts", q * scale, k * scale).softmax(dim=-1)
+    out = torch.einsum("bts,bcs->bct", w, v).reshape(B, C, H * W)
+    return x + self.proj(out).reshape(B, C, H, W)
+
+
+@contextlib.contextmanager
+def reference_attention():
+    fused = unet_module.AttentionBlock.forward
+    unet_module.AttentionBlock.forward = legacy_attention
+    try:
+        yield
+    finally:
+        unet_module.AttentionBlock.forward = fused
+
+
+@torch.no_grad()
+def reference_reconstruct(model, slices: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+    """pDDPM's loop: per patch position, every slice in one fp32 batch; overlaps averaged."""
+    S, K = slices.shape[0], model.grid.num_patches
+    x = to_model_range(slices)
+    t = torch.full((S,), model.cfg.diffusion.t_test, dtype=torch.long)
+    x_t = model.diffusion.q_sample(x, t, noise)
+    patches = model.grid.extract(x)
+    with reference_attention():
+        for k in range(K):
+            kk = torch.full((S,), k, dtype=torch.long)
+            pred = model.denoise(model.noised_input(x, x_t, kk), t, kk, x)
+            patches[:, k] = model.grid.crop(pred, kk)
+    return from_model_range(model.grid.stitch(patches))
+
+
+def randomise_zero_layers(model) -> None:
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() > 1 and not p.any():
+                p.copy_(0.02 * torch.randn(p.shape, generator=g))
+
+
+def test_volume(size: int) -> tuple[torch.Tensor, torch.Tensor, nib.Nifti1Image]:
+    """A synthetic tumour volume as model slices (50, 1, size, size) and as a NIfTI file."""
+    sub = make_subject(0, "tumour", 0)
+    img, mask = sub["image"], sub["mask"] > 0
+    vol = np.clip(img / np.percentile(img[mask], 99), 0, 1) * mask
+    s = torch.from_numpy(np.moveaxis(vol, -1, 0)[:, None].astype(np.float32))
+    m = torch.from_numpy(np.moveaxis(mask, -1, 0)[:, None].astype(np.float32))
+    s = torch.nn.functional.interpolate(s, size=(size, size), mode="area")
+    m = (torch.nn.functional.interpolate(m, size=(size, size), mode="area") > 0).float()
+    return s, m, nib.Nifti1Image(img, template()["affine"])
+
+
+def compare(model, slices, brain, repeats: int, label: str) -> dict:
+    S = slices.shape[0]
+    noise = model.noise(S, torch.Generator().manual_seed(0))
+    ref = reference_reconstruct(model, slices, noise)
+    pkg = model.reconstruct(slices, noise=noise, brain_mask=brain)
+    diff = float(((ref - pkg).abs() * brain).max())
+    t_ref = median_time(lambda: reference_reconstruct(model, slices, noise), repeats)
+    t_pkg = median_time(lambda: model.reconstruct(slices, noise=noise, brain_mask=brain), repeats)
+    return {"label": label, "ref_s": t_ref, "pkg_s": t_pkg, "diff": diff, "pairs": S * model.grid.num_patches}
+
+
+def detect_share(model, nifti: nib.Nifti1Image, repeats: int) -> tuple[float, float]:
+    from maediff.data.splits import Subject
+    from maediff.pipeline.detect import detect_files
+
+    spent: list[float] = []
+    inner = model.reconstruct
+
+    def timed(*a, **kw):
+        t0 = time.perf_counter()
+        out = inner(*a, **kw)
+        spent.append(time.perf_counter() - t0)
+        return out
+
+    model.reconstruct = timed
+    totals = []
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "scan_t2.nii.gz"
+        nib.save(nifti, str(path))
+        for i in range(repeats):
+            t0 = time.perf_counter()
+            detect_files([Subject("scan", path)], Path(tmp) / f"out{i}", model, progress=False)
+            totals.append(time.perf_counter() - t0)
+    model.reconstruct = inner
+    return statistics.median(totals), statistics.median(spent)
+
+
+def train_steps_per_s(cfg, steps: int, repeats: int) -> float:
+    torch.manual_seed(0)
+    model = build_model(cfg)
+    opt = build_optimizers(model, cfg)["model"]
+    x, g = torch.rand(cfg.train.batch_size, 1, cfg.geometry.image_size, cfg.geometry.image_size), torch.Generator().manual_seed(0)
+
+    def run():
+        for _ in range(steps):
+            model.zero_grad(set_to_none=True)
+            model(x, g).backward()
+            opt.step()
+
+    run()
+    return steps / median_time(run, repeats)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    ap.add_argument("--model", help="trained cpu-preset run folder (default: random weights)")
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--paper-slices", type=int, default=1, help="0 skips the paper preset")
+    ap.add_argument("--train-steps", type=int, default=2)
+    args = ap.parse_args()
+    dev = torch.device("cpu")
+    amp = resolve_amp("auto", dev)
+    print(f"maediff {__version__}, torch {torch.__version__}, {platform.processor() or platform.machine()}, "
+          f"{torch.get_num_threads()} threads, autocast 'auto' -> {amp}")
+    peak = matmul_peak(torch.bfloat16 if amp == "bf16" else torch.float32)
+    print(f"matmul peak ({'bf16' if amp == 'bf16' else 'fp32'}, 2048^3): {peak:.0f} GFLOP/s\n")
+
+    if args.model:
+        model = load_model(args.model, dev)
+    else:
+        model = build_model(get_preset("cpu"))
+        randomise_zero_layers(model)
+        model.eval()
+        print("notes:", "; ".join(speed_up(model, dev, "auto", "auto")))
+    H = model.cfg.geometry.image_size
+    slices, brain, nifti = test_volume(H)
+    x = slices[:32]
+    k = torch.arange(32) % model.grid.num_patches
+    t = torch.full((32,), model.cfg.diffusion.t_test)
+    with torch.no_grad(), FlopCounterMode(display=False) as fc:
+        model.denoise(to_model_range(x), t, k, to_model_range(x))
+    gflop = fc.get_total_flops() / 32 / 1e9
+
+    rows = [compare(model, slices, brain, args.repeats, "cpu preset, one 50-slice volume")]
+    if args.paper_slices:
+        paper = build_model(get_preset("paper"))
+        randomise_zero_layers(paper)
+        paper.eval()
+        speed_up(paper, dev, "auto", "auto")
+        ps, pb, _ = test_volume(paper.cfg.geometry.image_size)
+        mid = ps.shape[0] // 2
+        sl = slice(mid, mid + args.paper_slices)
+        rows.append(compare(paper, ps[sl], pb[sl], 1, f"paper preset, {args.paper_slices} slice(s)"))
+    print("| Alg. 2 | reference loop (s) | maediff (s) | speed-up | max map difference in the brain |")
+    print("|---|---|---|---|---|")
+    for r in rows:
+        print(f"| {r['label']} | {r['ref_s']:.1f} | {r['pkg_s']:.1f} | {r['ref_s'] / r['pkg_s']:.2f}x | {r['diff']:.4f} |")
+    achieved = gflop * rows[0]["pairs"] / rows[0]["pkg_s"]
+    print(f"\nU-Net + MAE forward at the cpu preset: {gflop:.2f} GFLOP per (slice, patch) pair; "
+          f"reconstruct runs at {achieved:.0f} GFLOP/s = {100 * achieved / peak:.0f} % of the matmul peak")
+
+    total, rec = detect_share(model, nifti, args.repeats)
+    print(f"detect end to end (read, preprocess, reconstruct, post-process, write): {total:.1f} s, "
+          f"of which reconstruct {rec:.1f} s ({100 * rec / total:.0f} %)")
+
+    cfg = get_preset("cpu")
+    new = train_steps_per_s(cfg, args.train_steps, args.repeats)
+    with reference_attention():
+        old = train_steps_per_s(cfg, args.train_steps, args.repeats)
+    print(f"training at the cpu preset (batch {cfg.train.batch_size}, fp32): reference attention "
+          f"{old:.3f} steps/s, maediff {new:.3f} steps/s ({new / old:.2f}x)")
+    sys.stdout.flush()
+
+
+if __name__ == "__main__":
+    main()
