@@ -180,6 +180,7 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--paper-slices", type=int, default=1, help="0 skips the paper preset")
     ap.add_argument("--train-steps", type=int, default=2)
+    ap.add_argument("--slices", type=int, default=50, help="slices of the cpu-preset volume")
     args = ap.parse_args()
     dev = torch.device("cpu")
     amp = resolve_amp("auto", dev)
@@ -204,7 +205,8 @@ def main() -> None:
         model.denoise(to_model_range(x), t, k, to_model_range(x))
     gflop = fc.get_total_flops() / 32 / 1e9
 
-    rows = [compare(model, slices, brain, args.repeats, "cpu preset, one 50-slice volume")]
+    slices, brain = slices[: args.slices], brain[: args.slices]
+    rows = [compare(model, slices, brain, args.repeats, f"cpu preset, one {len(slices)}-slice volume")]
     if args.paper_slices:
         paper = build_model(get_preset("paper"))
         randomise_zero_layers(paper)

@@ -73,7 +73,10 @@ def main() -> None:
     ap.add_argument("--max-volumes", type=int, default=4, help="per split (validation, test)")
     ap.add_argument("--minutes", type=float, help="training budget (default: the preset's)")
     ap.add_argument(
-        "--extra", nargs="*", default=["B:nyul", "A:ens"], help="SITE:OPTION evaluations of seed 0"
+        "--extra",
+        nargs="*",
+        default=["base:B:nyul", "aug:B:nyul", "base:A:ens"],
+        help="VARIANT:SITE:OPTION evaluations of the first seed",
     )
     ap.add_argument("--table-only", action="store_true")
     args = ap.parse_args()
@@ -84,7 +87,7 @@ def main() -> None:
         for v in args.variants:
             plan += [(v, seed, "A", ""), (v, seed, "B", "")]
             if seed == args.seeds[0]:
-                plan += [(v, seed, *e.split(":")) for e in args.extra]
+                plan += [(v, seed, *e.split(":")[1:]) for e in args.extra if e.startswith(v + ":")]
     if not args.table_only:
         for v, seed, site, opt in plan:
             rd = train(out, v, seed, sites / "A", args.minutes)
