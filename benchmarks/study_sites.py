@@ -7,7 +7,8 @@ resumes where it stopped. Prints one table of tumour Dice / AUPRC.
     maediff synth -o SITES/A && maediff synth -o SITES/B --site b
     python benchmarks/study_sites.py --sites SITES --out STUDY [--seeds 0 1 2]
 
-Variants: base (the cpu preset), aug (augment.enabled=true). Test-time options:
+Variants: base (the cpu preset), aug (augment.enabled=true), both trained on site A;
+onB (the cpu preset trained on site B: what B's own healthy scans give). Test-time options:
 nyul (data.standardise=nyul), ens (inference.ensemble_t=[250,500,750]).
 """
 
@@ -20,7 +21,8 @@ import subprocess
 import sys
 from pathlib import Path
 
-VARIANTS = {"base": [], "aug": ["augment.enabled=true"]}
+VARIANTS = {"base": [], "aug": ["augment.enabled=true"], "onB": []}
+TRAIN_SITE = {"base": "A", "aug": "A", "onB": "B"}
 TEST_OPTIONS = {
     "": [],
     "nyul": ["data.standardise=nyul"],
@@ -69,8 +71,8 @@ def main() -> None:
     ap.add_argument("--sites", required=True, help="folder holding A/ and B/ (maediff synth)")
     ap.add_argument("--out", required=True)
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    ap.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
-    ap.add_argument("--max-volumes", type=int, default=4, help="per split (validation, test)")
+    ap.add_argument("--variants", nargs="+", default=["base", "aug"], choices=list(VARIANTS))
+    ap.add_argument("--max-volumes", type=int, default=3, help="per split (validation, test)")
     ap.add_argument("--minutes", type=float, help="training budget (default: the preset's)")
     ap.add_argument(
         "--extra",
@@ -82,15 +84,15 @@ def main() -> None:
     args = ap.parse_args()
     sites, out = Path(args.sites), Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    plan = []
+    plan = []  # the plain evaluations of every seed first, the test-time options last
     for seed in args.seeds:
         for v in args.variants:
-            plan += [(v, seed, "A", ""), (v, seed, "B", "")]
-            if seed == args.seeds[0]:
-                plan += [(v, seed, *e.split(":")[1:]) for e in args.extra if e.startswith(v + ":")]
+            plan += [(v, seed, site, "") for site in (("B",) if v == "onB" else ("A", "B"))]
+    for v in args.variants:
+        plan += [(v, args.seeds[0], *e.split(":")[1:]) for e in args.extra if e.startswith(v + ":")]
     if not args.table_only:
         for v, seed, site, opt in plan:
-            rd = train(out, v, seed, sites / "A", args.minutes)
+            rd = train(out, v, seed, sites / TRAIN_SITE[v], args.minutes)
             evaluate(rd, site, sites / site, opt, args.max_volumes, seed)
     rows: dict[tuple[str, str, str], list[tuple[float, float, float]]] = {}
     for v, seed, site, opt in plan:

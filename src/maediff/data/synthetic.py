@@ -14,8 +14,9 @@ field, Rician noise and an arbitrary scanner gain. Diseased subjects get
 
 Sites (`SynthConfig.site`): "a" is the default benchmark; "b" is a second scanner
 for "train on site A, test on site B": other subjects, the same generator, then a
-different acquisition: a monotone contrast curve (white matter darker and grey
-matter brighter relative to CSF, lesions moved with the tissue they resemble), a
+different acquisition: a monotone contrast curve (a flatter, proton-density-like T2:
+white and grey matter much closer to CSF, lesions moved with the tissue intensities
+they lie between), a
 stronger bias field, more noise and thicker slices (blurred through-plane and
 slightly in-plane), and another scanner gain.
 
@@ -63,7 +64,7 @@ class Site:
 SITES = {
     "a": Site(None, (0.05, 0.15), (0.01, 0.025), (0.0, 0.0, 0.0), (300.0, 1500.0)),
     "b": Site(
-        ((0.0, 0.35, 0.54, 0.94, 1.2), (0.0, 0.22, 0.50, 0.80, 1.0)),
+        ((0.0, 0.35, 0.54, 0.94, 1.2), (0.0, 0.40, 0.55, 0.73, 0.85)),
         (0.2, 0.3),
         (0.025, 0.04),
         (0.6, 0.6, 1.0),
