@@ -16,8 +16,8 @@ from dataclasses import replace
 import torch
 
 from maediff.config import get_preset
-from maediff.models.maediff import MAEDiff
 from maediff.diffusion.noise import NoiseSampler
+from maediff.models.maediff import MAEDiff
 
 
 def timed(fn, repeats: int) -> float:

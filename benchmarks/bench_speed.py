@@ -129,7 +129,13 @@ def compare(model, slices, brain, repeats: int, label: str) -> dict:
     diff = float(((ref - pkg).abs() * brain).max())
     t_ref = median_time(lambda: reference_reconstruct(model, slices, noise), repeats)
     t_pkg = median_time(lambda: model.reconstruct(slices, noise=noise, brain_mask=brain), repeats)
-    return {"label": label, "ref_s": t_ref, "pkg_s": t_pkg, "diff": diff, "pairs": S * model.grid.num_patches}
+    return {
+        "label": label,
+        "ref_s": t_ref,
+        "pkg_s": t_pkg,
+        "diff": diff,
+        "pairs": S * model.grid.num_patches,
+    }
 
 
 def detect_share(model, nifti: nib.Nifti1Image, repeats: int) -> tuple[float, float]:
@@ -162,7 +168,10 @@ def train_steps_per_s(cfg, steps: int, repeats: int) -> float:
     torch.manual_seed(0)
     model = build_model(cfg)
     opt = build_optimizers(model, cfg)["model"]
-    x, g = torch.rand(cfg.train.batch_size, 1, cfg.geometry.image_size, cfg.geometry.image_size), torch.Generator().manual_seed(0)
+    x, g = (
+        torch.rand(cfg.train.batch_size, 1, cfg.geometry.image_size, cfg.geometry.image_size),
+        torch.Generator().manual_seed(0),
+    )
 
     def run():
         for _ in range(steps):
@@ -184,8 +193,10 @@ def main() -> None:
     args = ap.parse_args()
     dev = torch.device("cpu")
     amp = resolve_amp("auto", dev)
-    print(f"maediff {__version__}, torch {torch.__version__}, {platform.processor() or platform.machine()}, "
-          f"{torch.get_num_threads()} threads, autocast 'auto' -> {amp}")
+    print(
+        f"maediff {__version__}, torch {torch.__version__}, {platform.processor() or platform.machine()}, "
+        f"{torch.get_num_threads()} threads, autocast 'auto' -> {amp}"
+    )
     peak = matmul_peak(torch.bfloat16 if amp == "bf16" else torch.float32)
     print(f"matmul peak ({'bf16' if amp == 'bf16' else 'fp32'}, 2048^3): {peak:.0f} GFLOP/s\n")
 
@@ -206,7 +217,9 @@ def main() -> None:
     gflop = fc.get_total_flops() / 32 / 1e9
 
     slices, brain = slices[: args.slices], brain[: args.slices]
-    rows = [compare(model, slices, brain, args.repeats, f"cpu preset, one {len(slices)}-slice volume")]
+    rows = [
+        compare(model, slices, brain, args.repeats, f"cpu preset, one {len(slices)}-slice volume")
+    ]
     if args.paper_slices:
         paper = build_model(get_preset("paper"))
         randomise_zero_layers(paper)
@@ -215,25 +228,37 @@ def main() -> None:
         ps, pb, _ = test_volume(paper.cfg.geometry.image_size)
         mid = ps.shape[0] // 2
         sl = slice(mid, mid + args.paper_slices)
-        rows.append(compare(paper, ps[sl], pb[sl], 1, f"paper preset, {args.paper_slices} slice(s)"))
-    print("| Alg. 2 | reference loop (s) | maediff (s) | speed-up | max map difference in the brain |")
+        rows.append(
+            compare(paper, ps[sl], pb[sl], 1, f"paper preset, {args.paper_slices} slice(s)")
+        )
+    print(
+        "| Alg. 2 | reference loop (s) | maediff (s) | speed-up | max map difference in the brain |"
+    )
     print("|---|---|---|---|---|")
     for r in rows:
-        print(f"| {r['label']} | {r['ref_s']:.1f} | {r['pkg_s']:.1f} | {r['ref_s'] / r['pkg_s']:.2f}x | {r['diff']:.4f} |")
+        print(
+            f"| {r['label']} | {r['ref_s']:.1f} | {r['pkg_s']:.1f} | {r['ref_s'] / r['pkg_s']:.2f}x | {r['diff']:.4f} |"
+        )
     achieved = gflop * rows[0]["pairs"] / rows[0]["pkg_s"]
-    print(f"\nU-Net + MAE forward at the cpu preset: {gflop:.2f} GFLOP per (slice, patch) pair; "
-          f"reconstruct runs at {achieved:.0f} GFLOP/s = {100 * achieved / peak:.0f} % of the matmul peak")
+    print(
+        f"\nU-Net + MAE forward at the cpu preset: {gflop:.2f} GFLOP per (slice, patch) pair; "
+        f"reconstruct runs at {achieved:.0f} GFLOP/s = {100 * achieved / peak:.0f} % of the matmul peak"
+    )
 
     total, rec = detect_share(model, nifti, args.repeats)
-    print(f"detect end to end (read, preprocess, reconstruct, post-process, write): {total:.1f} s, "
-          f"of which reconstruct {rec:.1f} s ({100 * rec / total:.0f} %)")
+    print(
+        f"detect end to end (read, preprocess, reconstruct, post-process, write): {total:.1f} s, "
+        f"of which reconstruct {rec:.1f} s ({100 * rec / total:.0f} %)"
+    )
 
     cfg = get_preset("cpu")
     new = train_steps_per_s(cfg, args.train_steps, args.repeats)
     with reference_attention():
         old = train_steps_per_s(cfg, args.train_steps, args.repeats)
-    print(f"training at the cpu preset (batch {cfg.train.batch_size}, fp32): reference attention "
-          f"{old:.3f} steps/s, maediff {new:.3f} steps/s ({new / old:.2f}x)")
+    print(
+        f"training at the cpu preset (batch {cfg.train.batch_size}, fp32): reference attention "
+        f"{old:.3f} steps/s, maediff {new:.3f} steps/s ({new / old:.2f}x)"
+    )
     sys.stdout.flush()
 
 

@@ -7,13 +7,13 @@ import numpy as np
 import pytest
 import torch
 
+from conftest import draw_zero_layers
 from maediff.config import NYUL_PERCENTILES, AugmentConfig, get_preset
 from maediff.data.augment import augment_intensity, gaussian_blur, random_curve
 from maediff.data.io import DataError
 from maediff.data.preprocess import learn_landmarks, nyul_landmarks, nyul_standardise
 from maediff.models import build_model
 from maediff.models.maediff import MAEDiff
-from conftest import draw_zero_layers
 
 
 def _model(cfg, gen) -> MAEDiff:
@@ -101,7 +101,9 @@ def test_gaussian_blur_by_hand():
     torch.testing.assert_close(out[0], x[0], atol=1e-6, rtol=0)  # sigma 0: identity
     g = np.exp(-0.5 * np.arange(-3, 4) ** 2)
     g /= g.sum()
-    torch.testing.assert_close(out[1, 0, 1:8, 4].double(), torch.from_numpy(g * g[3]), atol=1e-6, rtol=0)
+    torch.testing.assert_close(
+        out[1, 0, 1:8, 4].double(), torch.from_numpy(g * g[3]), atol=1e-6, rtol=0
+    )
 
 
 def test_augmentation_stays_in_the_brain_and_in_range(gen):

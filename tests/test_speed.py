@@ -8,11 +8,11 @@ import pytest
 import torch
 from torch.profiler import ProfilerActivity, profile
 
+from conftest import draw_zero_layers
 from maediff.config import get_preset
 from maediff.device import compile_with_fallback, speed_up
 from maediff.models.maediff import MAEDiff
 from maediff.models.unet import AttentionBlock
-from conftest import draw_zero_layers
 
 
 def einsum_attention(block: AttentionBlock, x: torch.Tensor) -> torch.Tensor:
@@ -21,7 +21,11 @@ def einsum_attention(block: AttentionBlock, x: torch.Tensor) -> torch.Tensor:
     h, c = block.heads, C // block.heads
     x64 = x.double()
     norm = torch.nn.functional.group_norm(
-        x64, block.norm.num_groups, block.norm.weight.double(), block.norm.bias.double(), block.norm.eps
+        x64,
+        block.norm.num_groups,
+        block.norm.weight.double(),
+        block.norm.bias.double(),
+        block.norm.eps,
     )
     qkv = torch.nn.functional.conv1d(
         norm.reshape(B, C, H * W), block.qkv.weight.double(), block.qkv.bias.double()
@@ -62,8 +66,10 @@ def test_unet_attention_takes_the_fused_kernel(gen):
 
 @pytest.mark.parametrize(
     "training, expected",
-    [(False, ["channels_last on (auto: cpu, inference)", "compile off (auto: cpu)"]),
-     (True, ["channels_last off (auto: cpu, training)", "compile off (auto: cpu)"])],
+    [
+        (False, ["channels_last on (auto: cpu, inference)", "compile off (auto: cpu)"]),
+        (True, ["channels_last off (auto: cpu, training)", "compile off (auto: cpu)"]),
+    ],
 )
 def test_auto_speed_settings_on_the_cpu(training, expected):
     model = MAEDiff(get_preset("tiny"))

@@ -347,12 +347,17 @@ class AugmentConfig:
     blur_sigma: tuple[float, float] = (0.0, 1.0)  # Gaussian blur sigma range (pixels)
 
     def __post_init__(self) -> None:
-        _check(0 <= self.probability <= 1, f"augment.probability={self.probability} must be in [0, 1]")
+        _check(
+            0 <= self.probability <= 1, f"augment.probability={self.probability} must be in [0, 1]"
+        )
         for name in ("gamma", "noise_std", "blur_sigma"):
             lo, hi = getattr(self, name)
             _check(0 <= lo <= hi, f"augment.{name}={(lo, hi)} must satisfy 0 <= low <= high")
         _check(self.gamma[0] > 0, f"augment.gamma={self.gamma} must be > 0")
-        _check(self.contrast >= 0 and self.bias_field >= 0, "augment.contrast and augment.bias_field must be >= 0")
+        _check(
+            self.contrast >= 0 and self.bias_field >= 0,
+            "augment.contrast and augment.bias_field must be >= 0",
+        )
 
 
 @dataclass(frozen=True)
