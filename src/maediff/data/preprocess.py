@@ -23,6 +23,7 @@ from dataclasses import dataclass
 import nibabel as nib
 import numpy as np
 import SimpleITK as sitk
+from scipy.interpolate import interp1d
 
 from ..config import NYUL_PERCENTILES, DataConfig
 from .io import DataError
@@ -253,11 +254,7 @@ def nyul_standardise(
     land on `landmarks`; beyond the outer landmarks the end segments are extended.
     Voxels outside the mask stay 0; the result is clipped to [0, 1]."""
     src = nyul_landmarks(image, mask)
-    dst = np.asarray(landmarks, np.float64)
-    src = src + np.arange(len(src)) * 1e-9  # strictly increasing for np.interp
-    out = np.interp(image, src, dst)
-    lo = image < src[0]
-    hi = image > src[-1]
-    out[lo] = dst[0] + (image[lo] - src[0]) * (dst[1] - dst[0]) / (src[1] - src[0])
-    out[hi] = dst[-1] + (image[hi] - src[-1]) * (dst[-1] - dst[-2]) / (src[-1] - src[-2])
+    src = src + np.arange(len(src)) * 1e-9  # strictly increasing
+    curve = interp1d(src, np.asarray(landmarks, np.float64), fill_value="extrapolate")
+    out = curve(image)
     return (np.clip(out, 0.0, 1.0) * (mask > 0)).astype(np.float32)
