@@ -322,3 +322,32 @@ def test_report_table_and_figures(tmp_path):
     )
     text = page.read_text()
     assert "<td>42.07 ± 1.12</td>" in text and "src='ex.png'" in text
+
+
+@pytest.mark.slow
+def test_worker_processes_give_the_in_process_results(tiny_bench, tmp_path, gen):
+    """evaluate with 2 single-threaded reconstruction workers = evaluate in process:
+    the same per-subject metrics, thresholds and l1 (float rounding of 1 vs 2 threads)."""
+    import json
+
+    from conftest import draw_zero_layers
+
+    from maediff.config import get_preset
+    from maediff.models import build_model
+    from maediff.pipeline.evaluate import evaluate_model
+
+    model = draw_zero_layers(build_model(get_preset("maediff-tiny")), gen).eval()
+    here = evaluate_model(model, tiny_bench, tmp_path / "here", workers=0, progress=False)
+    pooled = evaluate_model(model, tiny_bench, tmp_path / "pool", workers=2, progress=False)
+    assert here["scoring"]["workers"] == 0 and pooled["scoring"]["workers"] == 2
+    for ds, d in here["datasets"].items():
+        p = pooled["datasets"][ds]
+        if "threshold" in d:
+            assert p["threshold"] == pytest.approx(d["threshold"], rel=1e-4)
+        for metric, stats in d["metrics"].items():
+            if stats.get("mean") is not None:
+                assert p["metrics"][metric]["mean"] == pytest.approx(stats["mean"], abs=1e-4)
+    a = (tmp_path / "here" / "Brats21_test_subjects.csv").read_text().splitlines()
+    b = (tmp_path / "pool" / "Brats21_test_subjects.csv").read_text().splitlines()
+    assert len(a) == len(b) > 1
+    assert json.loads((tmp_path / "pool" / "summary.json").read_text())["scoring"]["workers"] == 2

@@ -38,6 +38,7 @@ from ..evaluation.protocol import EvalSettings, VolumeResult, evaluate_healthy, 
 from ..evaluation.report import figure_dice_distribution, figure_pr_curves
 from ..evaluation.runs import ANOMALY_SETS, example_figure, load_summary, table_rows, write_report
 from .detect import reconstruct_volume
+from .workers import ReconstructionPool, auto_workers
 
 if TYPE_CHECKING:
     from ..models import AnomalyModel
@@ -61,22 +62,40 @@ def _volumes(
     keep: list | None,
     n_keep: int,
     bar: tqdm | None,
+    stream: Iterator[tuple] | None = None,
 ) -> Iterator[VolumeResult]:
-    """Load, reconstruct and yield volumes one at a time (keeping the first n_keep).
+    """Load, reconstruct and yield volumes one at a time (keeping the first n_keep), in
+    this process or, with `stream`, from worker processes that compute the same
+    (ReconstructionPool.map over every subject of the evaluation, in reading order).
 
     Under the protocol every patch is reconstructed (skip_empty_patches=False): the
     whole-volume l1 sees the model's output outside the brain too, as the reference."""
-    for s in subjects:
-        vol = load_subject(s, data_cfg)
-        rec = reconstruct_volume(
-            model, vol, torch.Generator().manual_seed(seed), skip_empty_patches=False
-        )
-        v = VolumeResult(s.name, vol.image, rec, vol.brain_mask, vol.segmentation)
+    if stream is not None:
+        results = (_next_of(stream, s.name) for s in subjects)
+    else:
+        results = (_reconstruct_here(model, s, data_cfg, seed) for s in subjects)
+    for name, image, brain, seg, rec in results:
+        v = VolumeResult(name, image, rec, brain, seg)
         if keep is not None and len(keep) < n_keep:
             keep.append(v)
         if bar is not None:
             bar.update()
         yield v
+
+
+def _next_of(stream: Iterator[tuple], name: str) -> tuple:
+    item = next(stream)
+    if item[0] != name:  # the protocol reads the volumes in the order they were queued
+        raise RuntimeError(f"worker stream out of order: expected {name}, got {item[0]}")
+    return item
+
+
+def _reconstruct_here(model: AnomalyModel, s: Subject, data_cfg: DataConfig, seed: int):
+    vol = load_subject(s, data_cfg)
+    rec = reconstruct_volume(
+        model, vol, torch.Generator().manual_seed(seed), skip_empty_patches=False
+    )
+    return s.name, vol.image, vol.brain_mask, vol.segmentation, rec
 
 
 def _limit(subjects: list[Subject], n: int | None) -> list[Subject]:
@@ -145,8 +164,12 @@ def evaluate_model(
     max_volumes: int | None = None,
     progress: bool = True,
     figures: bool = True,
+    workers: int | None = None,
 ) -> dict[str, Any]:
-    """Run the protocol (docs/evaluation.md §1) on every data set and write the results."""
+    """Run the protocol (docs/evaluation.md §1) on every data set and write the results.
+
+    workers: processes that reconstruct the volumes, one thread each (None: one per
+    torch thread, at most 4, for a trainable model on the CPU; 0: in this process)."""
     plan = plan_evaluation(data_dir, datasets, healthy_test, max_volumes)
     out = Path(out_dir)
     if out.exists() and not out.is_dir():
@@ -173,6 +196,13 @@ def evaluate_model(
     stage = base.parent / f".{base.name}.partial-{os.getpid()}"
     shutil.rmtree(stage, ignore_errors=True)
     stage.mkdir()
+    n_volumes = sum(len(v) + len(t) for v, t in plan.anomaly.values()) + len(
+        plan.healthy_test or []
+    )
+    if workers is None:
+        workers = auto_workers(model, n_volumes)
+    summary["scoring"]["workers"] = workers
+    pool = ReconstructionPool(model, workers) if workers else None
     try:
         _run(
             model,
@@ -187,6 +217,7 @@ def evaluate_model(
             seed,
             progress,
             figures,
+            pool,
         )
         write_json(summary, stage / "summary.json")
         write_report([summary], stage)
@@ -194,6 +225,9 @@ def evaluate_model(
     except BaseException:
         shutil.rmtree(stage, ignore_errors=True)
         raise
+    finally:
+        if pool is not None:
+            pool.close()
     return summary
 
 
@@ -210,9 +244,14 @@ def _run(
     seed: int,
     progress: bool,
     figures: bool,
+    pool: ReconstructionPool | None = None,
 ) -> None:
     """Every data set, then the healthy test set; results and figures into `out`."""
     curves, dice_dists, examples_png = {}, {}, []
+    stream = None
+    if pool is not None:  # one queue over everything, so that no worker waits between splits
+        order = [s for val, test in plan.anomaly.values() for s in (*val, *test)]
+        stream = pool.map([*order, *(plan.healthy_test or [])], data_cfg, seed)
     start = time.perf_counter()
     for ds, (val, test) in plan.anomaly.items():
         bar = tqdm(
@@ -221,8 +260,8 @@ def _run(
         kept: list[VolumeResult] = []
         t0 = time.perf_counter()
         outcome = evaluate_split(
-            _volumes(val, model, data_cfg, seed, None, 0, bar),
-            _volumes(test, model, data_cfg, seed, kept, 3, bar),
+            _volumes(val, model, data_cfg, seed, None, 0, bar, stream),
+            _volumes(test, model, data_cfg, seed, kept, 3, bar, stream),
             settings,
             n_jobs=n_jobs,
         )
@@ -253,7 +292,7 @@ def _run(
     if plan.healthy_test is not None:
         subjects = plan.healthy_test
         bar = tqdm(total=len(subjects), desc=f"{label} IXI test", unit="vol", disable=not progress)
-        records = evaluate_healthy(_volumes(subjects, model, data_cfg, seed, None, 0, bar))
+        records = evaluate_healthy(_volumes(subjects, model, data_cfg, seed, None, 0, bar, stream))
         bar.close()
         write_subject_csv(
             records,
