@@ -12,13 +12,17 @@ decides per device for a reason measured on that kind of device:
 - compile (torch.compile of the networks' forward): on for CUDA; off on the CPU, where
   it took 2 minutes to compile for 5 % per pass (measured at the cpu preset). When
   compilation fails (no C++ compiler, an unsupported platform) the eager forward is
-  used and a warning says why.
+  used and a warning says why; running out of memory is not a compilation failure and
+  is raised.
+- bf16 ("auto"): on CUDA only where the GPU computes it natively (compute capability
+  8.0, Ampere, and later); older GPUs emulate it, slower than fp32.
 """
 
 from __future__ import annotations
 
 import contextlib
 import functools
+import inspect
 import warnings
 
 import torch
@@ -27,8 +31,14 @@ from torch import nn
 from .config import SPEED_MODES
 
 
-def resolve_device(name: str = "auto", local_rank: int = 0) -> torch.device:
-    """ "auto" picks CUDA, then MPS, then CPU; an explicit device must be available."""
+def resolve_device(
+    name: str = "auto", local_rank: int = 0, distributed: bool = False
+) -> torch.device:
+    """ "auto" picks CUDA, then MPS, then CPU; an explicit device must be available.
+
+    CUDA without an index takes GPU `local_rank`. Under torchrun (`distributed`) every
+    process takes its own GPU, cuda:LOCAL_RANK, whatever index was given: "cuda:0" for
+    every rank would put them all on GPU 0 (a warning says so when an index conflicts)."""
     if name == "auto":
         if torch.cuda.is_available():
             return torch.device("cuda", local_rank)
@@ -44,16 +54,35 @@ def resolve_device(name: str = "auto", local_rank: int = 0) -> torch.device:
         raise ValueError("device 'mps' requested but MPS is not available")
     if dev.type == "cuda" and dev.index is None:
         dev = torch.device("cuda", local_rank)
+    elif dev.type == "cuda" and distributed and dev.index != local_rank:
+        warnings.warn(
+            f"device {name!r} under torchrun: process LOCAL_RANK={local_rank} takes "
+            f"cuda:{local_rank} (one GPU per process); limit the GPUs with CUDA_VISIBLE_DEVICES",
+            RuntimeWarning,
+            stacklevel=2,
+        )
+        dev = torch.device("cuda", local_rank)
     return dev
 
 
+def cuda_bf16_native(device: torch.device | None = None) -> bool:
+    """Whether the GPU computes bf16 natively (compute capability >= 8.0).
+    torch.cuda.is_bf16_supported() alone also counts bf16 emulated in fp32 on older
+    GPUs, which is slower than plain fp32."""
+    check = torch.cuda.is_bf16_supported
+    if "including_emulation" in inspect.signature(check).parameters:  # torch >= 2.4
+        return bool(check(including_emulation=False))
+    return torch.cuda.get_device_capability(device)[0] >= 8
+
+
 def resolve_amp(amp: str, device: torch.device) -> str:
-    """ "auto": bf16 where the hardware computes it natively (CUDA with bf16 support, CPUs
-    with AVX512-BF16 or AMX), otherwise "none". Other values pass through."""
+    """ "auto": bf16 where the hardware computes it natively (CUDA GPUs of compute
+    capability 8.0 and later, CPUs with AVX512-BF16 or AMX), otherwise "none". Other
+    values pass through."""
     if amp != "auto":
         return amp
     if device.type == "cuda":
-        return "bf16" if torch.cuda.is_bf16_supported() else "none"
+        return "bf16" if cuda_bf16_native(device) else "none"
     if device.type == "cpu":
         cpu = getattr(torch, "cpu", None)
         native = any(
@@ -83,11 +112,21 @@ def _decide(setting: str, name: str, auto: bool, reason: str) -> tuple[bool, str
     return setting == "on", f"{name} {setting} (set)"
 
 
-def compile_with_fallback(module: nn.Module) -> None:
+# errors of the run itself, not of compilation: raised, never a reason to run eager
+_NOT_COMPILE_ERRORS: tuple[type[BaseException], ...] = (
+    getattr(torch, "OutOfMemoryError", torch.cuda.OutOfMemoryError),
+    MemoryError,
+)
+
+
+def compile_with_fallback(module: nn.Module, backend: str = "inductor") -> None:
     """Replace `module.forward` by its torch.compile'd version, falling back to eager
-    (once, with a warning) when compilation fails. State-dict keys are unchanged."""
+    (once, with a warning) when compilation fails. State-dict keys are unchanged.
+    Out of memory (and KeyboardInterrupt, SystemExit) propagate: the eager forward would
+    not fit either, and a warning would hide why the run stopped. `backend`: torch.compile's
+    ("aot_eager" compiles the graphs without generating kernels, as the tests do)."""
     eager = module.forward
-    compiled = torch.compile(eager)
+    compiled = torch.compile(eager, backend=backend)
     failed: list[str] = []
 
     @functools.wraps(eager)
@@ -95,6 +134,8 @@ def compile_with_fallback(module: nn.Module) -> None:
         if not failed:
             try:
                 return compiled(*args, **kwargs)
+            except _NOT_COMPILE_ERRORS:
+                raise
             except Exception as e:  # compilation errors come in many types
                 failed.append(f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}")
                 warnings.warn(
@@ -141,6 +182,7 @@ def speed_up(
 __all__ = [
     "autocast_context",
     "compile_with_fallback",
+    "cuda_bf16_native",
     "resolve_amp",
     "resolve_device",
     "speed_up",

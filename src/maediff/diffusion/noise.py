@@ -5,6 +5,11 @@ every pixel of every field of every octave is evaluated by the same handful of
 tensor operations, with no per-pixel Python loop. Randomness enters only through
 an explicit `torch.Generator` (a lattice permutation per field).
 
+Fields are computed on the device they are asked for (`device=`), where the model
+runs: only the lattice permutations are drawn on the CPU, from the CPU generator, so a
+seed gives the same fields on every device (up to float rounding) and the per-pixel
+work runs on the GPU. Gaussian noise is drawn on the CPU for the same reason.
+
 Octaves follow AnoDDPM / pDDPM (docs/method.md §Noise): the coordinates of octave k are
 `pixel * frequency * 2**k`, the amplitude is `persistence**k`, summed.
 
@@ -169,18 +174,26 @@ class NoiseSampler:
         self._bank: Tensor | None = None
 
     def simplex(
-        self, n: int, generator: torch.Generator | None, size: tuple[int, int] | None = None
+        self,
+        n: int,
+        generator: torch.Generator | None,
+        size: tuple[int, int] | None = None,
+        device: torch.device | str | None = None,
     ) -> Tensor:
-        perm = random_permutations(n, generator)
+        """n fields (n, 1, H, W) computed on `device`: the permutations are drawn on the
+        CPU from `generator` and only their (n, 256) table is moved there."""
+        perm = random_permutations(n, generator).to(device)
         c = self.cfg
         f = simplex_octaves(perm, size or self.size, c.octaves, c.persistence, c.frequency)
         return f.unsqueeze(1)
 
-    def _from_bank(self, n: int, generator: torch.Generator | None) -> Tensor:
+    def _from_bank(
+        self, n: int, generator: torch.Generator | None, device: torch.device | None = None
+    ) -> Tensor:
         H, W = self.size
         if self._bank is None:
-            self._bank = self.simplex(self.cfg.bank_size, generator, (2 * H, 2 * W))
-        bank = self._bank
+            self._bank = self.simplex(self.cfg.bank_size, generator, (2 * H, 2 * W), device)
+        bank = self._bank.to(device)
         pick = torch.randint(len(bank), (n,), generator=generator)
         top = torch.randint(H + 1, (n,), generator=generator)
         left = torch.randint(W + 1, (n,), generator=generator)
@@ -202,14 +215,16 @@ class NoiseSampler:
         device: torch.device | str | None = None,
         dtype: torch.dtype = torch.float32,
     ) -> Tensor:
+        """n fields (n, 1, H, W) on `device` (default: the CPU) in `dtype`."""
         c = self.cfg
         H, W = self.size
-        if c.kind == "gaussian":
+        dev = torch.device(device) if device is not None else torch.device("cpu")
+        if c.kind == "gaussian":  # the CPU generator's draws, as on every device
             fields = torch.randn((1 if c.shared else n, 1, H, W), generator=generator)
         elif c.bank_size > 0:
-            fields = self._from_bank(1 if c.shared else n, generator)
+            fields = self._from_bank(1 if c.shared else n, generator, dev)
         else:
-            fields = self.simplex(1 if c.shared else n, generator)
+            fields = self.simplex(1 if c.shared else n, generator, device=dev)
         if c.normalise and c.kind == "simplex":
             fields = _standardise(fields)
         if c.shared:

@@ -33,8 +33,9 @@ def cosine_betas(timesteps: int, s: float = 0.008, max_beta: float = 0.999) -> T
 
 
 def _extract(values: Tensor, t: Tensor, like: Tensor) -> Tensor:
-    """values[t - 1] as a (B, 1, ..., 1) tensor broadcastable to `like`."""
-    out = values.to(like.device)[t.long() - 1].to(like.dtype)
+    """values[t - 1] as a (B, 1, ..., 1) tensor broadcastable to `like`, on its device.
+    Gathered where t is: a CPU t (as the models draw it) moves B values, not the table."""
+    out = values.to(t.device)[t.long() - 1].to(like.device, like.dtype)
     return out.view(-1, *([1] * (like.dim() - 1)))
 
 
@@ -70,6 +71,8 @@ class GaussianDiffusion:
         return self.alphas_cumprod[t.long().cpu() - 1]
 
     def _check_t(self, t: Tensor) -> None:
+        """1 <= t <= T. Free for a CPU t; a t on a GPU is read back (the GPU waits), so
+        the models pass the CPU draws here and move t to the device afterwards."""
         if t.numel() and (int(t.min()) < 1 or int(t.max()) > self.num_timesteps):
             raise ValueError(
                 f"timesteps must lie in 1..{self.num_timesteps}, got {int(t.min())}..{int(t.max())}"

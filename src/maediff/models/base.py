@@ -129,12 +129,20 @@ class AnomalyModel(nn.Module):
         return torch.device("cpu")
 
     def check_images(self, x: Tensor) -> None:
-        """(B, 1, H, W) at the configured size, finite; volumes (B, S, 1, H, W) likewise."""
+        """(B, 1, H, W) at the configured size, finite; volumes (B, S, 1, H, W) likewise.
+
+        Finiteness is not checked in a training step on an accelerator (autograd on,
+        tensor off the CPU): the check would make the host wait for the device at every
+        step, the inputs were checked when loaded (data/io.py) and a non-finite input
+        makes the loss non-finite, which the trainer stops at. Reconstruction and
+        validation (no autograd) and everything on the CPU keep the check."""
         H = self.cfg.geometry.image_size
         lead = 5 if self.input_kind == "volumes" and x.dim() == 5 else 4
         if x.dim() != lead or x.shape[-3] != 1 or tuple(x.shape[-2:]) != (H, H):
             shape = "(B, S, 1, {0}, {0})" if lead == 5 else "(B, 1, {0}, {0})"
             raise ValueError(f"expected images of shape {shape.format(H)}, got {tuple(x.shape)}")
+        if x.device.type != "cpu" and torch.is_grad_enabled():
+            return
         if not torch.isfinite(x).all():
             raise ValueError("images contain NaN or Inf values")
 

@@ -208,6 +208,15 @@ class FAnoGAN(AnomalyModel):
         self.check_images(x0)
         return self.izi_f(x0 * 2 - 1)
 
+    def compile_targets(self) -> list[nn.Module]:
+        """The networks torch.compile may replace the forward of (device.speed_up): the
+        generator and the encoder. Not the loss (the model's own forward), and not the
+        critic: the gradient penalty differentiates through the critic twice
+        (create_graph=True), and a compiled module's backward cannot be differentiated
+        again ("torch.compile with aot_autograd does not currently support double
+        backward", torch 2.13), which would fail at the first critic step."""
+        return [self.generator, self.encoder]
+
     # ------------------------------------------------------------------ inference contract
 
     def reconstruct_batch(self, x: Tensor) -> Tensor:

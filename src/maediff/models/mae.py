@@ -162,15 +162,30 @@ class MAE(nn.Module):
             raise ValueError(f"MAE expects a {n * c}x{n * c} feature map, got {h}x{w}")
         return f.reshape(B, C, n, c, n, c).permute(0, 2, 4, 1, 3, 5).reshape(B, n * n, C * c * c)
 
-    def forward_encoder(self, tokens: Tensor, visible: Tensor) -> list[Tensor]:
-        """Visible tokens only -> the output of every encoder block: list of (B, V, d1)."""
+    @staticmethod
+    def count_visible(visible: Tensor) -> int:
+        """The number of visible cells per sample, checked to be the same non-zero number
+        for every sample. Reads the mask back to the host (on a GPU: waits for it)."""
         counts = visible.sum(1)
         if counts.min() != counts.max() or int(counts[0]) == 0:
             raise ValueError(
                 f"every sample needs the same, non-zero number of visible cells; got {counts.tolist()}"
             )
+        return int(counts[0])
+
+    def forward_encoder(
+        self, tokens: Tensor, visible: Tensor, num_visible: int | None = None
+    ) -> list[Tensor]:
+        """Visible tokens only -> the output of every encoder block: list of (B, V, d1).
+
+        num_visible: the number V of True cells in every row of `visible`, when the caller
+        knows it by construction (MAEDiff: every patch covers the same (p/r)^2 cells). The
+        mask is then not read back to the host, which on a GPU would wait at every step
+        (and break a compiled graph). None: counted and checked (`count_visible`)."""
+        if num_visible is None:
+            num_visible = self.count_visible(visible)
         keep = torch.argsort((~visible).to(torch.uint8), dim=1, stable=True)[
-            :, : int(counts[0])
+            :, :num_visible
         ]  # (B, V)
         z = self.enc_embed(tokens) + self.enc_pos
         z = torch.gather(z, 1, keep[..., None].expand(-1, -1, z.shape[-1]))
@@ -189,9 +204,13 @@ class MAE(nn.Module):
             z = block(z, latents[j])
         return self.dec_norm(z)
 
-    def forward(self, f: Tensor, visible: Tensor, emb: Tensor) -> Tensor:
+    def forward(
+        self, f: Tensor, visible: Tensor, emb: Tensor, num_visible: int | None = None
+    ) -> Tensor:
+        """num_visible: see `forward_encoder`."""
         tokens = self.patchify(f)
-        z = self.forward_decoder(tokens, self.forward_encoder(tokens, visible), emb)
+        latents = self.forward_encoder(tokens, visible, num_visible)
+        z = self.forward_decoder(tokens, latents, emb)
         n = self.cells_per_axis
         grid = z.transpose(1, 2).reshape(z.shape[0], -1, n, n)  # (B, d2, H/r, W/r)
         return self.upsample(grid)

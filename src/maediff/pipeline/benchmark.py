@@ -10,8 +10,11 @@ interruption), eval/ (the paper's protocol; summary.json marks the run done) and
 figure3.npz (the slices of Figure 3). Starting the command again skips finished runs
 and resumes an interrupted one. Runs are independent: `--list` prints one command per
 run and `--run-index N` does run N alone (a job array fills one folder from many GPUs;
-a per-run lock keeps two processes off the same run); a final call (or `--collect`)
-writes the tables from whatever has finished:
+a per-run lock keeps two processes off the same run; give each process its own GPU
+with CUDA_VISIBLE_DEVICES, or --device cuda:I; a process with LOCAL_RANK set takes
+cuda:LOCAL_RANK; not under torchrun, whose ranks would join one process group for
+different runs); a final call (or `--collect`) writes the tables from whatever has
+finished:
 
     OUT/table.md, table.csv       mean ± std over runs, best bold, second underlined
     OUT/wilcoxon.md, wilcoxon.csv paired tests of each model against MAEDiff
@@ -25,6 +28,7 @@ import csv
 import fcntl
 import json
 import math
+import os
 import shlex
 import time
 from collections.abc import Iterator, Sequence
@@ -344,6 +348,26 @@ def check_plan(plan: BenchmarkPlan, out: Path) -> None:
         write_atomic(path, json.dumps({"shared": mine}, indent=2))
 
 
+def process_device(device: str) -> str:
+    """The device this benchmark process trains and evaluates on. With LOCAL_RANK set
+    (several processes started on one machine), "auto" and "cuda" take cuda:LOCAL_RANK
+    instead of all taking GPU 0; an explicit "cuda:I" is kept. Under torchrun
+    (WORLD_SIZE > 1) it refuses: every rank would join one process group, and their
+    runs are different ones."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world > 1:
+        raise ValueError(
+            f"benchmark does not run under torchrun (WORLD_SIZE={world}): each run trains "
+            "in one process, and torchrun's ranks would join one process group for "
+            "different runs. Start one process per GPU instead, each with --run-index N "
+            "and its own GPU (CUDA_VISIBLE_DEVICES=I or --device cuda:I)"
+        )
+    local = os.environ.get("LOCAL_RANK")
+    if local is not None and device in ("auto", "cuda") and torch.cuda.is_available():
+        return f"cuda:{int(local)}"
+    return device
+
+
 def run_benchmark(
     plan: BenchmarkPlan,
     out: Path,
@@ -366,6 +390,7 @@ def run_benchmark(
     if bad:
         raise ValueError(f"--run-index {bad} must be in 0..{len(runs) - 1}")
     if not collect_only:
+        device = process_device(device)
         data = ensure_data(plan, out, progress)
         todo = [runs[i] for i in indices]
         _run_all(plan, todo, out, data, device, progress)

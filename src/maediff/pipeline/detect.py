@@ -72,6 +72,9 @@ def reconstruct_volume(
         rec_small = model.reconstruct(
             small, generator, batch_size=batch_size, amp=amp, progress=bar.update, brain_mask=brain
         )
+    # the model computes where its weights are (a GPU): the residual is taken on the CPU,
+    # where the input slices are
+    rec_small = rec_small.float().cpu()
     if image.shape[:2] == (size, size):
         return slices_to_volume(rec_small, image.shape)
     correction = slices_to_volume(rec_small - small, image.shape)

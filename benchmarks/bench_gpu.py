@@ -1,0 +1,581 @@
+"""The paper's scale on one GPU, in at most five minutes: what a training step and one
+volume's reconstruction cost there, and what Table 1 costs in GPU-hours.
+
+    python benchmarks/bench_gpu.py --json bench_gpu.json              # one CUDA device
+    torchrun --nproc_per_node 2 benchmarks/bench_gpu.py               # + DDP steps (NCCL)
+    python benchmarks/bench_gpu.py --device cpu --scale tiny --steps 3   # the CPU check
+
+Measured in the run, on synthetic random volumes (smooth random fields inside an
+ellipsoid "brain") and untrained weights (the zero-initialised layers drawn, so that the
+maps depend on the input; speed does not depend on the weights):
+
+1. environment: torch, CUDA, the GPU's name, memory and compute capability, native bf16
+   and TF32;
+2. the bf16 matmul peak of the device (fp32 where bf16 is not native, e.g. most CPUs);
+3. training of MAEDiff and pDDPM s16 at --scale (paper: 96x96 slices, batch 32) as the
+   trainer steps (models/base.py contract, train.* speed settings): steps/s, slices/s
+   and peak GPU memory, eager in fp32 (TF32 matmuls on CUDA, as the package sets them)
+   and bf16 autocast, then compiled in bf16 (torch.compile of the networks, first step
+   = compilation, timed apart); the loss must be finite and falls over the steps;
+4. `reconstruct` (paper Alg. 2, every patch, as the evaluation protocol runs it) of one
+   96x96x50 volume: seconds per volume, (slice, patch) pairs/s, the achieved TFLOP/s
+   (FLOPs of one network forward from torch.utils.flop_counter) as a share of the peak,
+   and the largest difference of the anomaly maps |x - rec| inside the brain between
+   bf16 and fp32 (same noise);
+5. under torchrun (WORLD_SIZE set): a few DDP steps of MAEDiff over every rank;
+6. Table 1's GPU-hours for these two models recomputed from the measured costs: five
+   folds of 1600 epochs of about 12 steps of 32 slices, and 1,439 evaluated volumes per
+   fold, with the fastest measured training and reconstruction of each model.
+
+Compiled rows start only while --max-minutes leaves room for a compilation
+(--compile-reserve seconds); a skipped row says so. The table is printed as Markdown
+and, with --json PATH, written as JSON.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import platform
+import sys
+import time
+import warnings
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch.utils.flop_counter import FlopCounterMode
+
+from maediff import __version__
+from maediff.config import DISPLAY_NAMES, get_preset, preset_name, split_preset_name
+from maediff.device import autocast_context, cuda_bf16_native, resolve_amp, resolve_device, speed_up
+from maediff.models import build_model
+from maediff.models.maediff import to_model_range
+from maediff.training import trainer
+
+MODELS = ("maediff", "pddpm-s16")
+# Table 1's budget (docs/method.md "Training", the protocol's splits)
+FOLDS, EPOCHS, STEPS_PER_EPOCH, EVAL_VOLUMES = 5, 1600, 12, 1439
+
+
+# ------------------------------------------------------------------ timing
+
+
+def sync(dev: torch.device) -> None:
+    if dev.type == "cuda":
+        torch.cuda.synchronize(dev)
+
+
+def timed(fn: Callable[[], Any], dev: torch.device) -> float:
+    """Wall seconds of fn() with the device's queue drained before and after."""
+    sync(dev)
+    t0 = time.perf_counter()
+    fn()
+    sync(dev)
+    return time.perf_counter() - t0
+
+
+class Deadline:
+    def __init__(self, minutes: float):
+        self.end = time.perf_counter() + 60 * minutes
+
+    def left(self) -> float:
+        return self.end - time.perf_counter()
+
+
+# ------------------------------------------------------------------ environment and peak
+
+
+def bf16_native(dev: torch.device) -> bool:
+    return cuda_bf16_native(dev) if dev.type == "cuda" else resolve_amp("auto", dev) == "bf16"
+
+
+def environment(dev: torch.device) -> dict[str, Any]:
+    env: dict[str, Any] = {
+        "device": str(dev),
+        "maediff": __version__,
+        "torch": torch.__version__,
+        "cuda": torch.version.cuda,
+        "bf16_native": bf16_native(dev),
+    }
+    if dev.type == "cuda":
+        p = torch.cuda.get_device_properties(dev)
+        env.update(
+            gpu=p.name,
+            memory_gib=round(p.total_memory / 2**30, 1),
+            capability=f"{p.major}.{p.minor}",
+            tf32=p.major >= 8,  # TF32 tensor cores from Ampere on
+        )
+    else:
+        env.update(
+            gpu=None,
+            cpu=platform.processor() or platform.machine(),
+            threads=torch.get_num_threads(),
+            tf32=False,
+        )
+    return env
+
+
+def matmul_peak(dev: torch.device, dtype: torch.dtype) -> float:
+    """TFLOP/s of a square matmul in `dtype`, the best of a few timed batches."""
+    n, reps = (8192, 20) if dev.type == "cuda" else (512, 4)
+    a = torch.randn(n, n, device=dev, dtype=dtype)
+    b = torch.randn(n, n, device=dev, dtype=dtype)
+    a @ b
+
+    def run() -> None:
+        for _ in range(reps):
+            a @ b
+
+    best = min(timed(run, dev) for _ in range(3))
+    return 2 * n**3 * reps / best / 1e12
+
+
+# ------------------------------------------------------------------ data and models
+
+
+def random_volumes(
+    n: int, shape: tuple[int, int, int], size: int, gen: torch.Generator
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """n volumes as slices (n, Z, 1, size, size) in [0, 1] and their brain masks: smooth
+    random fields (trilinear from a coarse grid) inside an ellipsoid, 0 outside."""
+    X, Y, Z = shape
+    coarse = torch.rand(n, 1, max(2, Z // 8), 6, 6, generator=gen)
+    field = F.interpolate(coarse, size=(Z, X, Y), mode="trilinear", align_corners=False)
+    zz, xx, yy = torch.meshgrid(
+        torch.linspace(-1, 1, Z), torch.linspace(-1, 1, X), torch.linspace(-1, 1, Y), indexing="ij"
+    )
+    brain = ((xx / 0.8) ** 2 + (yy / 0.9) ** 2 + (zz / 1.15) ** 2 <= 1).float()
+    images = ((0.2 + 0.8 * field) * brain).transpose(1, 2)  # (n, Z, 1, X, Y)
+    masks = brain[None, :, None].expand(n, -1, -1, -1, -1)
+    if (X, Y) != (size, size):
+        images = F.interpolate(images.flatten(0, 1), size=(size, size), mode="area").unflatten(
+            0, (n, Z)
+        )
+        masks = F.interpolate(masks.flatten(0, 1), size=(size, size), mode="area").unflatten(
+            0, (n, Z)
+        )
+    return images.contiguous(), (masks > 0).float()
+
+
+def draw_zero_layers(model: torch.nn.Module, seed: int = 0) -> None:
+    """Untrained diffusion U-Nets output zeros (zero-initialised output convolutions):
+    draw those layers, so that a reconstruction, and its bf16 error, depends on the input."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() > 1 and not p.any():
+                p.copy_(0.02 * torch.randn(p.shape, generator=g))
+
+
+# ------------------------------------------------------------------ training
+
+
+def train_row(
+    preset: str,
+    dev: torch.device,
+    amp: str,
+    compiled: bool,
+    steps: int,
+    warmup: int,
+    seed: int,
+    net_wrapper: Callable[[torch.nn.Module], torch.nn.Module] | None = None,
+) -> dict[str, Any]:
+    """`steps` timed training steps (after `warmup` untimed ones) on random batches, as
+    the trainer takes them: zero_grad, autocast forward of the loss, backward, Adam."""
+    cfg = get_preset(preset)
+    torch.manual_seed(seed)
+    model = build_model(cfg).to(dev)
+    notes = speed_up(model, dev, "auto", "on" if compiled else "off", training=True)
+    opt = trainer.build_optimizers(model, cfg)["model"]
+    net = net_wrapper(model) if net_wrapper else model
+    gen = torch.Generator().manual_seed(seed)
+    H, B = cfg.geometry.image_size, cfg.train.batch_size
+    if net_wrapper is not None:  # DDP: train.batch_size is the global batch
+        B = max(1, B // int(os.environ.get("WORLD_SIZE", "1")))
+    images, _ = random_volumes(8, cfg.data.volume_shape, H, gen)
+    images = images.to(dev)
+    n, Z = images.shape[:2]
+    picks = [
+        (
+            torch.randint(n, (B,), generator=gen).to(dev),
+            torch.randint(Z, (B,), generator=gen).to(dev),
+        )
+        for _ in range(warmup + steps)
+    ]
+    losses: list[torch.Tensor] = []
+
+    def step(i: int) -> None:
+        v, z = picks[i]
+        model.zero_grad(set_to_none=True)
+        with autocast_context(dev, amp):
+            loss = net(images[v, z], gen)
+        loss.backward()
+        opt.step()
+        losses.append(loss.detach())
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", RuntimeWarning)
+        first = timed(lambda: step(0), dev)  # compilation, cuDNN autotuning
+        for i in range(1, warmup):
+            step(i)
+        if dev.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(dev)
+        seconds = timed(lambda: [step(i) for i in range(warmup, warmup + steps)], dev)
+    values = torch.stack(losses).float().cpu()
+    k = max(1, len(values) // 3)
+    row = {
+        "preset": preset,
+        "model": DISPLAY_NAMES[split_preset_name(preset)[0]],
+        "mode": "compiled" if compiled else "eager",
+        "amp": amp,
+        "batch": B,
+        "steps": steps,
+        "first_step_s": round(first, 3),
+        "steps_per_s": steps / seconds,
+        "slices_per_s": steps * B / seconds,
+        "peak_memory_gib": torch.cuda.max_memory_allocated(dev) / 2**30
+        if dev.type == "cuda"
+        else None,
+        "loss_first": float(values[0]),
+        "loss_last": float(values[-1]),
+        "loss_finite": bool(torch.isfinite(values).all()),
+        "loss_falling": bool(values[-k:].mean() < values[:k].mean()),
+        "compile_fallback": [str(w.message) for w in caught if "torch.compile" in str(w.message)],
+        "speed": notes,
+    }
+    return row
+
+
+def release(dev: torch.device, compiled: bool) -> None:
+    """After a row (whose model is gone with its function): drop compiled graphs and
+    cached GPU memory, so that the next row starts clean."""
+    if compiled:
+        torch._dynamo.reset()
+    if dev.type == "cuda":
+        torch.cuda.empty_cache()
+
+
+# ------------------------------------------------------------------ reconstruction
+
+
+def reconstruct_row(
+    preset: str, dev: torch.device, slices: int | None, amps: list[str], peak: float, seed: int
+) -> dict[str, Any]:
+    """Alg. 2 over every (slice, patch) pair of one volume, per autocast in `amps` (the
+    same noise), scaled to the whole volume when --slices takes fewer slices."""
+    cfg = get_preset(preset)
+    torch.manual_seed(seed)
+    model = build_model(cfg)
+    draw_zero_layers(model, seed)
+    model = model.to(dev).eval()
+    speed_up(model, dev, "auto", "off", training=False)
+    H, Z = cfg.geometry.image_size, cfg.data.volume_shape[2]
+    gen = torch.Generator().manual_seed(seed)
+    images, brain = random_volumes(1, cfg.data.volume_shape, H, gen)
+    S = min(slices or Z, Z)
+    lo = (Z - S) // 2  # the middle slices: the most brain
+    x, brain = images[0, lo : lo + S], brain[0, lo : lo + S].to(dev)
+    noise = model.noise(S, gen)
+    K = model.grid.num_patches
+    B = cfg.inference.batch_size
+    with torch.no_grad(), FlopCounterMode(display=False) as fc:
+        xb = to_model_range(x[:1].to(dev)).expand(B, -1, -1, -1)
+        k = torch.arange(B, device=dev) % K
+        t = torch.full((B,), cfg.diffusion.t_test, device=dev)
+        model.denoise(xb, t, k, xb)
+    flops_per_pair = fc.get_total_flops() / B
+    row: dict[str, Any] = {
+        "preset": preset,
+        "slices": S,
+        "volume_slices": Z,
+        "pairs": S * K,
+        "gflop_per_pair": flops_per_pair / 1e9,
+    }
+    maps = {}
+    for amp in amps:
+
+        def run(amp: str = amp) -> torch.Tensor:
+            return model.reconstruct(x, noise=noise, amp=amp, brain_mask=None)
+
+        run()  # cuDNN autotuning, lazy initialisation
+        seconds = timed(run, dev)
+        maps[amp] = (x.to(dev) - run()).abs()
+        achieved = flops_per_pair * S * K / seconds / 1e12
+        row[amp] = {
+            "seconds_per_volume": seconds * Z / S,
+            "pairs_per_s": S * K / seconds,
+            "tflops": achieved,
+            "share_of_peak": achieved / peak,
+        }
+    best = min(amps, key=lambda a: row[a]["seconds_per_volume"])
+    row["seconds_per_volume"] = row[best]["seconds_per_volume"]
+    row["fastest_amp"] = best
+    row["max_map_diff_bf16_fp32"] = (
+        float(((maps["bf16"] - maps["none"]).abs() * brain).max())
+        if {"bf16", "none"} <= set(maps)
+        else None
+    )
+    return row
+
+
+# ------------------------------------------------------------------ DDP
+
+
+def ddp_row(device: str, preset: str, steps: int, seed: int) -> tuple[dict[str, Any], bool]:
+    """A few DDP steps of `preset` on every rank (NCCL on CUDA, gloo on the CPU); returns
+    the row and whether this process is rank 0."""
+    ddp = trainer.setup_distributed(device)
+    dev = resolve_device(device, ddp.local_rank, distributed=True)
+
+    def wrap(model: torch.nn.Module) -> torch.nn.Module:
+        return trainer.wrap_distributed(model, dev, find_unused_parameters=False)
+
+    amp = "bf16" if bf16_native(dev) else "none"
+    row = train_row(preset, dev, amp, False, steps, 2, seed + ddp.rank, net_wrapper=wrap)
+    release(dev, False)
+    row.update(
+        world=ddp.world,
+        backend=torch.distributed.get_backend(),
+        global_slices_per_s=row["slices_per_s"] * ddp.world,
+    )
+    torch.distributed.barrier()
+    torch.distributed.destroy_process_group()
+    return row, ddp.main
+
+
+# ------------------------------------------------------------------ Table 1
+
+
+def table1_hours(training: list[dict], recon: list[dict], scale: str) -> dict[str, Any]:
+    """GPU-hours of five folds per model: 1600 epochs of ~12 steps (batch 32) and 1,439
+    evaluated volumes per fold, at the fastest measured training and reconstruction."""
+    out: dict[str, Any] = {
+        "assumptions": {
+            "folds": FOLDS,
+            "epochs": EPOCHS,
+            "steps_per_epoch": STEPS_PER_EPOCH,
+            "evaluated_volumes_per_fold": EVAL_VOLUMES,
+            "scale": scale,
+        }
+    }
+    total = 0.0
+    for model in MODELS:
+        preset = preset_name(model, scale)
+        rows = [r for r in training if r["preset"] == preset and r.get("loss_finite")]
+        rec = [r for r in recon if r["preset"] == preset]
+        if not rows or not rec:
+            continue
+        fast = max(rows, key=lambda r: r["steps_per_s"])
+        train_h = FOLDS * EPOCHS * STEPS_PER_EPOCH / fast["steps_per_s"] / 3600
+        eval_h = FOLDS * EVAL_VOLUMES * rec[0]["seconds_per_volume"] / 3600
+        out[model] = {
+            "train_h": train_h,
+            "evaluate_h": eval_h,
+            "total_h": train_h + eval_h,
+            "training": f"{fast['mode']} {amp_name(fast['amp'])}",
+            "reconstruct": amp_name(rec[0]["fastest_amp"]),
+        }
+        total += train_h + eval_h
+    out["total"] = total
+    return out
+
+
+# ------------------------------------------------------------------ the table
+
+
+def amp_name(amp: str) -> str:
+    return "fp32" if amp == "none" else amp
+
+
+def fmt(v: float | None, spec: str = ".2f") -> str:
+    return "n/a" if v is None or (isinstance(v, float) and not math.isfinite(v)) else f"{v:{spec}}"
+
+
+def markdown(report: dict[str, Any]) -> str:
+    env, peak = report["environment"], report["peak"]
+    head = (
+        f"maediff {env['maediff']}, torch {env['torch']}, CUDA {env['cuda'] or 'n/a'}, "
+        + (
+            f"{env['gpu']} ({env['memory_gib']} GiB, sm {env['capability']})"
+            if env.get("gpu")
+            else f"CPU {env.get('cpu')} ({env.get('threads')} threads)"
+        )
+        + f"; bf16 native: {env['bf16_native']}, TF32: {env['tf32']}; "
+        f"matmul peak {peak['dtype']}: {peak['tflops']:.3g} TFLOP/s; scale {report['scale']}"
+    )
+    presets = [preset_name(m, report["scale"]) for m in MODELS]
+    lines = [head, "", "| measurement | " + " | ".join(DISPLAY_NAMES[m] for m in MODELS) + " |"]
+    lines.append("|---" * (len(MODELS) + 1) + "|")
+
+    def add(label: str, cell: Callable[[str], str]) -> None:
+        lines.append(f"| {label} | " + " | ".join(cell(p) for p in presets) + " |")
+
+    for mode, amp in (("eager", "none"), ("eager", "bf16"), ("compiled", report["compiled_amp"])):
+
+        def train_cell(p: str, mode: str = mode, amp: str = amp) -> str:
+            r = next(
+                (
+                    r
+                    for r in report["training"]
+                    if r["preset"] == p and r["mode"] == mode and r["amp"] == amp
+                ),
+                None,
+            )
+            if r is None:
+                return "n/a"
+            if "skipped" in r:
+                return f"skipped ({r['skipped']})"
+            mem = f", {fmt(r['peak_memory_gib'], '.1f')} GiB" if r["peak_memory_gib"] else ""
+            first = f", first step {r['first_step_s']:.0f} s" if mode == "compiled" else ""
+            ok = "" if r["loss_finite"] else ", LOSS NOT FINITE"
+            trend = "falling" if r["loss_falling"] else "not falling"
+            fb = ", fell back to eager" if r["compile_fallback"] else ""
+            return (
+                f"{r['steps_per_s']:.2f} steps/s, {r['slices_per_s']:.0f} slices/s{mem}{first}; "
+                f"loss {r['loss_first']:.3f} -> {r['loss_last']:.3f} ({trend}){ok}{fb}"
+            )
+
+        add(f"training, {mode}, {amp_name(amp)} (batch {report['batch']})", train_cell)
+    recon = {r["preset"]: r for r in report["reconstruct"]}
+    for amp in ("none", "bf16"):
+
+        def rec_cell(p: str, amp: str = amp) -> str:
+            r = recon.get(p, {}).get(amp)
+            if r is None:
+                return "n/a"
+            return (
+                f"{r['seconds_per_volume']:.2f} s/volume, {r['pairs_per_s']:.0f} pairs/s, "
+                f"{r['tflops']:.3g} TFLOP/s ({100 * r['share_of_peak']:.0f} % of peak)"
+            )
+
+        add(f"reconstruct, one {report['volume']} volume, {amp_name(amp)}", rec_cell)
+    add(
+        "max map difference in the brain, bf16 vs fp32",
+        lambda p: fmt(recon.get(p, {}).get("max_map_diff_bf16_fp32"), ".4f"),
+    )
+    hours = report["table1_gpu_hours"]
+    add(
+        "Table 1 GPU-hours (5 folds: train + evaluate)",
+        lambda p: next(
+            (
+                f"{h['train_h']:.1f} + {h['evaluate_h']:.1f} = {h['total_h']:.1f} h "
+                f"({h['training']}; reconstruct {h['reconstruct']})"
+                for m, h in hours.items()
+                if m in MODELS and preset_name(m, report["scale"]) == p
+            ),
+            "n/a",
+        ),
+    )
+    ddp = report.get("ddp")
+    add(
+        "DDP (torchrun)",
+        lambda p: (
+            f"{ddp['world']} ranks ({ddp['backend']}): {ddp['steps_per_s']:.2f} steps/s, "
+            f"{ddp['global_slices_per_s']:.0f} slices/s in all"
+            if ddp and ddp["preset"] == p
+            else "n/a"
+        ),
+    )
+    lines.append("")
+    lines.append(
+        f"Both models together: {hours['total']:.1f} GPU-hours; run {report['seconds']:.0f} s."
+    )
+    return "\n".join(lines)
+
+
+# ------------------------------------------------------------------ main
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    ap.add_argument("--device", default="auto", help="auto, cuda, cuda:1 or cpu")
+    ap.add_argument("--scale", choices=["paper", "cpu", "tiny"], default="paper")
+    ap.add_argument("--steps", type=int, default=30, help="timed training steps per row")
+    ap.add_argument("--warmup", type=int, default=2, help="untimed steps first (>= 1)")
+    ap.add_argument(
+        "--slices", type=int, help="slices of the volume to reconstruct (default: all 50)"
+    )
+    ap.add_argument(
+        "--compile",
+        choices=["auto", "on", "off"],
+        default="auto",
+        help="compiled training rows (auto: on CUDA; on the CPU compilation takes minutes)",
+    )
+    ap.add_argument("--max-minutes", type=float, default=5.0, help="time budget of the run")
+    ap.add_argument(
+        "--compile-reserve",
+        type=float,
+        default=75.0,
+        help="seconds a compiled row needs: it is skipped when less of the budget is left",
+    )
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--json", type=Path, help="write the report as JSON here")
+    args = ap.parse_args(argv)
+    if args.steps < 1 or args.warmup < 1:
+        ap.error("--steps and --warmup must be >= 1")
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    t0 = time.perf_counter()
+    deadline = Deadline(args.max_minutes)
+    ddp = None
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        ddp, main_rank = ddp_row(args.device, preset_name("maediff", args.scale), 5, args.seed)
+        if not main_rank:
+            return 0
+    dev = resolve_device(args.device, int(os.environ.get("LOCAL_RANK", "0")))
+    amps = ["none", "bf16"] if bf16_native(dev) else ["none"]
+    compiled = args.compile == "on" or (args.compile == "auto" and dev.type == "cuda")
+    peak_dtype = "bf16" if "bf16" in amps else "fp32"
+    peak = matmul_peak(dev, torch.bfloat16 if peak_dtype == "bf16" else torch.float32)
+    training: list[dict[str, Any]] = []
+    recon: list[dict[str, Any]] = []
+    presets = [preset_name(m, args.scale) for m in MODELS]
+    for preset in presets:
+        for amp in amps:
+            training.append(train_row(preset, dev, amp, False, args.steps, args.warmup, args.seed))
+            release(dev, False)
+    for preset in presets:
+        recon.append(reconstruct_row(preset, dev, args.slices, amps, peak, args.seed))
+        release(dev, False)
+    for preset in presets if compiled else []:
+        if deadline.left() < args.compile_reserve:
+            training.append(
+                {"preset": preset, "mode": "compiled", "amp": amps[-1], "skipped": "time"}
+            )
+            continue
+        training.append(train_row(preset, dev, amps[-1], True, args.steps, args.warmup, args.seed))
+        release(dev, True)
+    cfg = get_preset(presets[0])
+    X, Y, Z = cfg.data.volume_shape
+    report = {
+        "environment": environment(dev),
+        "peak": {"dtype": peak_dtype, "tflops": peak},
+        "scale": args.scale,
+        "batch": cfg.train.batch_size,
+        "compiled_amp": amps[-1],
+        "volume": f"{X}x{Y}x{Z}",
+        "training": training,
+        "reconstruct": recon,
+        "ddp": ddp,
+        "table1_gpu_hours": table1_hours(training, recon, args.scale),
+        "seconds": time.perf_counter() - t0,
+    }
+    print(markdown(report))
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(report, indent=2))
+    sys.stdout.flush()
+    ok = all(r.get("loss_finite", True) for r in training) and (ddp is None or ddp["loss_finite"])
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
