@@ -30,7 +30,9 @@ UNIQUE = [m for m in (*TABLE1, *TABLE2) if m not in ("ablation-unet", "ablation-
 def train_step_seconds(model, cfg, steps: int, repeats: int) -> float:
     opts = build_optimizers(model, cfg)
     H, B = cfg.geometry.image_size, cfg.train.batch_size
-    shape = (B, cfg.data.volume_shape[2], 1, H, H) if model.input_kind == "volumes" else (B, 1, H, H)
+    shape = (
+        (B, cfg.data.volume_shape[2], 1, H, H) if model.input_kind == "volumes" else (B, 1, H, H)
+    )
     x, g = torch.rand(shape), torch.Generator().manual_seed(0)
     dev = torch.device("cpu")
     groups = [grp for ph in model.phases for grp in ph.groups]
@@ -93,7 +95,9 @@ def main() -> None:
     ap.add_argument("--flops", action="store_true", help="count FLOPs instead of timing")
     args = ap.parse_args()
     if args.flops:
-        print("| model | scale | GFLOP per training slice (fwd + bwd) | GFLOP per detected volume |")
+        print(
+            "| model | scale | GFLOP per training slice (fwd + bwd) | GFLOP per detected volume |"
+        )
         print("|---|---|---|---|")
         for scale in args.scales:
             for name in args.models:
@@ -103,7 +107,9 @@ def main() -> None:
         return
     amp = resolve_amp("auto", torch.device("cpu"))
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, autocast 'auto' -> {amp}")
-    print("| model | scale | parameters | batch | train steps / s | detection s / volume (50 slices) |")
+    print(
+        "| model | scale | parameters | batch | train steps / s | detection s / volume (50 slices) |"
+    )
     print("|---|---|---|---|---|---|")
     for scale in args.scales:
         for name in args.models:

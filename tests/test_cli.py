@@ -217,5 +217,6 @@ def test_evaluate_refuses_training_overrides_on_a_trained_model(tiny_bench, tmp_
     ]
     assert main(argv) == 2
     assert (
-        "only inference.*, diffusion.t_test, diffusion.sample_steps and data.standardise" in capsys.readouterr().err
+        "only inference.*, diffusion.t_test, diffusion.sample_steps and data.standardise"
+        in capsys.readouterr().err
     )

@@ -146,3 +146,12 @@ def test_bad_yaml_names_file(tmp_path):
         apply_overrides(get_preset("tiny"), ["bad override"])
     with pytest.raises(ValueError, match="unknown config key 'train.nope'"):
         apply_overrides(get_preset("tiny"), ["train.nope=1"])
+
+
+def test_overrides_read_exponent_floats_without_a_dot():
+    from maediff.config import apply_overrides, get_preset
+
+    cfg = apply_overrides(get_preset("tiny"), ["train.lr=1e-3", "train.ema_decay=9.9e-1"])
+    assert cfg.train.lr == 1e-3 and cfg.train.ema_decay == 0.99
+    with pytest.raises(ValueError, match="must be a number"):
+        apply_overrides(get_preset("tiny"), ["train.lr=fast"])

@@ -331,7 +331,6 @@ def test_worker_processes_give_the_in_process_results(tiny_bench, tmp_path, gen)
     import json
 
     from conftest import draw_zero_layers
-
     from maediff.config import get_preset
     from maediff.models import build_model
     from maediff.pipeline.evaluate import evaluate_model

@@ -137,3 +137,39 @@ def test_zero_initialised_mae_branch_starts_as_the_plain_unet():
     random_init = _UNet(cfg.unet, cfg.geometry, cfg.mae)
     random_init.load_state_dict({**random_init.state_dict(), **plain.state_dict()})
     assert not torch.allclose(random_init(x, t, visible), plain(x, t))  # the paper's init perturbs
+
+
+def test_up_sampling_blocks_take_the_finer_width_with_up_width_next():
+    from maediff.models.unet import ResBlock
+
+    cfg = get_preset("tiny")
+    wide, narrow = (
+        UNet(replace(cfg.unet, channel_mult=(1, 2, 4), up_width=w), cfg.geometry)
+        for w in ("same", "next")
+    )
+    widths = {
+        w: [m.in_conv.out_channels for m in net.modules() if isinstance(m, ResBlock) and m.up]
+        for w, net in (("same", wide), ("next", narrow))
+    }
+    mc = cfg.unet.model_channels
+    assert widths == {"same": [4 * mc, 2 * mc], "next": [2 * mc, mc]}
+    assert count_parameters(narrow) < count_parameters(wide)
+    t = torch.tensor([3, 700])
+    assert narrow(torch.randn(2, 1, 32, 32), t).shape == (2, 1, 32, 32)
+
+
+def test_head_width_is_checked_only_where_attention_runs():
+    from maediff.config import UNetConfig
+
+    # 16 channels at full resolution, no attention there: 32-channel heads are fine
+    UNetConfig(model_channels=16, channel_mult=(1, 2, 4), num_head_channels=32, norm_groups=8)
+    with pytest.raises(ValueError, match="attention at level 1"):
+        UNetConfig(
+            model_channels=16,
+            channel_mult=(1, 2, 4),
+            num_head_channels=32,
+            norm_groups=8,
+            attention_levels=(1, 2),
+        )
+    with pytest.raises(ValueError, match="up_width"):
+        UNetConfig(up_width="half")

@@ -123,24 +123,34 @@ def test_augmentation_stays_in_the_brain_and_in_range(gen):
         AugmentConfig(gamma=(1.5, 0.7))
 
 
-def test_training_step_sees_augmented_slices(gen, monkeypatch):
-    """The trainer passes augmented batches to the model when augment.enabled."""
-    from maediff.training import trainer
+@pytest.mark.slow
+def test_training_step_sees_augmented_slices(tiny_bench, tmp_path, monkeypatch):
+    """A real training run feeds the model augmented slices when augment.enabled, and
+    the raw ones otherwise (the same seed, so the same slices are drawn)."""
+    from maediff.models.dae import DAE
+    from maediff.training.trainer import prepare_training_data, train
 
-    seen = []
-    monkeypatch.setattr(trainer, "augment_intensity", lambda b, c, g: seen.append(b) or b + 0)
-    cfg = get_preset("dae-tiny")
-    model = build_model(replace(cfg, augment=AugmentConfig(enabled=True)))
+    seen: dict[bool, list] = {True: [], False: []}
+    real = DAE.loss
 
-    class R:  # the parts of a Run that _step reads
-        pass
+    def recording(self, x0, *a, **kw):
+        seen[self.cfg.augment.enabled].append(x0.detach().clone())
+        return real(self, x0, *a, **kw)
 
-    run = R()
-    run.cfg, run.model, run.net = model.cfg, model, model
-    run.optimizers = trainer.build_optimizers(model, model.cfg)
-    run.dev, run.scaler, run.gens = torch.device("cpu"), None, {"noise": gen}
-    trainer._step(run, torch.rand(2, 1, 32, 32, generator=gen), "model")
-    assert len(seen) == 1
+    monkeypatch.setattr(DAE, "loss", recording)
+    for enabled in (False, True):
+        cfg = get_preset("dae-tiny")
+        cfg = replace(
+            cfg,
+            augment=AugmentConfig(enabled=enabled, probability=1.0),
+            train=replace(cfg.train, max_steps=1, batch_size=4),
+        )
+        data = prepare_training_data(cfg, tiny_bench, progress=False)
+        train(cfg, data, tmp_path / f"run-{enabled}", device="cpu", progress=False)
+    raw, aug = seen[False][0], seen[True][0]
+    assert raw.shape == aug.shape
+    assert (aug - raw).abs().mean() > 0.01
+    assert torch.all(aug[raw == 0] == 0)  # background stays background
 
 
 # ------------------------------------------------------------------ Nyul standardisation

@@ -1,4 +1,5 @@
 import json
+import math
 import os
 import shutil
 import signal
@@ -57,7 +58,10 @@ def test_training_writes_a_complete_run_folder(tiny_bench, tmp_path):
     saved = load_config(tmp_path / "run" / "config.yaml")
     assert saved.data.landmarks == data.landmarks and len(data.landmarks) == 11
     run_json = json.loads((tmp_path / "run" / "run.json").read_text())
-    assert run_json["speed"] == ["channels_last off (auto: cpu, training)", "compile off (auto: cpu)"]
+    assert run_json["speed"] == [
+        "channels_last off (auto: cpu, training)",
+        "compile off (auto: cpu)",
+    ]
 
 
 @pytest.mark.slow
@@ -165,3 +169,91 @@ def test_ddp_with_two_cpu_processes(tiny_bench, tmp_path):
     # 4 training volumes over 2 ranks, 2 samples per rank and step: 1 step per epoch
     assert summary["steps"] == 3
     assert (run / "best.safetensors").exists()
+
+
+def _lr_by_hand(step: int, total: int, lr: float, warmup: int, floor: float) -> float:
+    """Step `step` (1-based) of `total`: warm-up over `warmup` steps, cosine to lr * floor."""
+    progress = (step - 1) / total  # budget used when the step starts
+    cos = floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress))
+    return lr * cos * min(1.0, step / warmup)
+
+
+@pytest.mark.slow
+def test_warmup_and_cosine_schedule_by_hand(tiny_bench, tmp_path):
+    import csv
+
+    sched = ["train.schedule=cosine", "train.warmup_steps=3", "train.min_lr_ratio=0.1"]
+    cfg = apply_overrides(
+        get_preset("tiny"), TINY + sched + ["train.max_steps=10", "train.epochs=1000"]
+    )
+    data = prepare_training_data(cfg, tiny_bench, progress=False)
+    train(cfg, data, tmp_path / "run", device="cpu", progress=False, log_every=1)
+    rows = [r for r in csv.DictReader((tmp_path / "run" / "log.csv").open()) if r["train_loss"]]
+    assert [int(r["step"]) for r in rows] == list(range(1, 11))
+    for r in rows:
+        want = _lr_by_hand(int(r["step"]), 10, cfg.train.lr, 3, 0.1)
+        assert float(r["lr"]) == pytest.approx(want, rel=1e-5), r["step"]
+    assert float(rows[-1]["lr"]) < 0.15 * cfg.train.lr < float(rows[3]["lr"])
+
+
+def test_weight_average_by_hand():
+    from maediff.training.trainer import init_ema, swapped_in, update_ema
+
+    net = torch.nn.Linear(2, 1)
+    with torch.no_grad():
+        net.weight.copy_(torch.tensor([[1.0, 2.0]]))
+        net.bias.fill_(0.0)
+    ema = init_ema(net)
+    with torch.no_grad():
+        net.weight.copy_(torch.tensor([[3.0, 6.0]]))
+        net.bias.fill_(1.0)
+    update_ema(ema, net, decay=0.99, n=0)  # ramp: d = min(0.99, 1 / 10) = 0.1
+    assert torch.allclose(ema["weight"], torch.tensor([[0.1 * 1 + 0.9 * 3, 0.1 * 2 + 0.9 * 6]]))
+    update_ema(ema, net, decay=0.5, n=90)  # d = min(0.5, 91 / 100) = 0.5
+    assert torch.allclose(ema["weight"], torch.tensor([[0.5 * 2.8 + 0.5 * 3, 0.5 * 5.6 + 0.5 * 6]]))
+    assert torch.allclose(ema["bias"], torch.tensor([0.5 * 0.9 + 0.5 * 1.0]))
+    with swapped_in(net, ema):
+        assert torch.allclose(net.weight, ema["weight"])
+    assert torch.equal(net.weight, torch.tensor([[3.0, 6.0]]))  # own weights back
+
+
+@pytest.mark.slow
+def test_resume_with_schedule_and_weight_average_is_exact(tiny_bench, tmp_path, monkeypatch):
+    """Cosine schedule + EMA: a run interrupted after a checkpoint and resumed ends with
+    the same averaged weights (last.safetensors) as an uninterrupted one."""
+    import maediff.training.trainer as trainer
+
+    extra = ["train.schedule=cosine", "train.warmup_steps=2", "train.ema_decay=0.9"]
+    cfg = apply_overrides(get_preset("tiny"), TINY + extra + ["train.epochs=6"])
+    data = prepare_training_data(cfg, tiny_bench, progress=False)
+    train(cfg, data, tmp_path / "ref", device="cpu", progress=False)
+
+    real = trainer.end_of_epoch
+
+    def interrupted(run, stopped):
+        real(run, stopped)
+        if run.state.epoch == 3:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(trainer, "end_of_epoch", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        train(cfg, data, tmp_path / "run", device="cpu", progress=False)
+    monkeypatch.setattr(trainer, "end_of_epoch", real)
+    train(cfg, data, tmp_path / "run", device="cpu", resume=True, progress=False)
+    a, b = (
+        _weights(tmp_path / "ref" / "last.safetensors"),
+        _weights(tmp_path / "run" / "last.safetensors"),
+    )
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+    # the saved weights are the average, not the raw weights of the last step
+    state = read_state_tensors(tmp_path / "ref" / "last.state.safetensors")
+    raw = {k[len("model.") :]: v for k, v in state.items() if k.startswith("model.")}
+    assert any(not torch.equal(raw[k], a[k]) for k in a if a[k].is_floating_point())
+    assert all(torch.equal(state[f"ema.{k}"], a[k]) for k in a if a[k].is_floating_point())
+
+
+def read_state_tensors(path):
+    from safetensors.torch import load_file
+
+    return load_file(str(path))

@@ -177,6 +177,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         healthy_test=not args.no_ixi,
         fold=args.fold or 0,
         n_jobs=args.jobs,
+        workers=args.workers,
         seed=_seed(args, model),
         max_volumes=args.max_volumes,
         progress=not args.quiet,
@@ -256,6 +257,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     run_demo(
         Path(args.output),
         minutes=args.minutes,
+        steps=args.steps,
         seed=args.seed,
         device=args.device,
         progress=not args.quiet,
@@ -405,6 +407,13 @@ def _parser_evaluate(p: argparse.ArgumentParser) -> None:
         "--max-volumes", type=int, help="use only the first N volumes of each split (quick looks)"
     )
     p.add_argument("--jobs", type=int, default=1, help="processes for post-processing and metrics")
+    p.add_argument(
+        "--workers",
+        type=int,
+        default=None,
+        help="single-threaded processes that reconstruct the volumes (default: one per torch "
+        "thread, at most 4, on the CPU; 0: in this process)",
+    )
     _add_config_args(p)
     _add_runtime_args(p, seed=None, amp=True)
 
@@ -456,7 +465,9 @@ def _parser_benchmark(p: argparse.ArgumentParser) -> None:
         type=int,
         nargs="+",
         metavar="N",
-        help="do only run(s) N of the list (job arrays)",
+        help="do only run(s) N of the list (job arrays: one process per GPU, each with its own "
+        "CUDA_VISIBLE_DEVICES or --device cuda:I; LOCAL_RANK, when set, picks cuda:LOCAL_RANK; "
+        "not under torchrun)",
     )
     p.add_argument(
         "--collect", action="store_true", help="only write the tables from finished runs"
@@ -466,8 +477,18 @@ def _parser_benchmark(p: argparse.ArgumentParser) -> None:
 
 def _parser_demo(p: argparse.ArgumentParser) -> None:
     p.add_argument("-o", "--output", default="maediff-demo")
-    p.add_argument(
-        "--minutes", type=float, default=None, help="training budget (default: the cpu preset's)"
+    budget = p.add_mutually_exclusive_group()
+    budget.add_argument(
+        "--steps",
+        type=int,
+        default=None,
+        help="training steps (default: the cpu preset's, the same model on every machine)",
+    )
+    budget.add_argument(
+        "--minutes",
+        type=float,
+        default=None,
+        help="a wall-clock training budget instead of steps (the model then depends on the machine)",
     )
     _add_runtime_args(p, seed=0, amp=True)
 

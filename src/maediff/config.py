@@ -91,22 +91,34 @@ class UNetConfig:
     # Feed the visible region x^_0 and the patch mask as two extra input channels
     # (paper Eq. 8-9 leave this open; off = the noised image alone, docs/method.md §Networks).
     condition_channels: bool = False
+    # width of each up-sampling residual block: "same" (ADM, pDDPM: the coarser level's)
+    # or "next" (the finer level's, which the blocks after it have anyway); at the `cpu`
+    # scale "same" puts a third of the FLOPs into one block at H/2 -> H
+    up_width: str = "same"
 
     def __post_init__(self) -> None:
+        _check(
+            self.up_width in ("same", "next"),
+            f"unet.up_width={self.up_width!r} must be 'same' or 'next'",
+        )
         _check(
             self.model_channels > 0 and len(self.channel_mult) > 0,
             f"unet.channel_mult={self.channel_mult!r} must be non-empty",
         )
-        for w in (self.model_channels * k for k in self.channel_mult):
+        levels = {2**i for i in range(len(self.channel_mult))}
+        # attention runs at the listed levels and in the middle block (the deepest level)
+        attended = {len(self.channel_mult) - 1} | {
+            i for i in range(len(self.channel_mult)) if 2**i in self.attention_levels
+        }
+        for i, w in enumerate(self.model_channels * k for k in self.channel_mult):
             _check(
                 w % self.norm_groups == 0,
                 f"unet.norm_groups={self.norm_groups} does not divide channel width {w}",
             )
             _check(
-                w % self.num_head_channels == 0,
-                f"unet.num_head_channels={self.num_head_channels} does not divide channel width {w}",
+                i not in attended or w % self.num_head_channels == 0,
+                f"unet.num_head_channels={self.num_head_channels} does not divide channel width {w} (attention at level {2**i})",
             )
-        levels = {2**i for i in range(len(self.channel_mult))}
         for a in self.attention_levels:
             _check(
                 a in levels,
@@ -227,6 +239,16 @@ class TrainConfig:
     max_minutes: float = 0.0  # 0: no time limit
     slices_per_volume: int = 1  # random axial slices per volume per epoch (pDDPM: 1)
     grad_clip: float = 0.0  # 0: no clipping
+    # learning-rate schedule over each phase's share of the budget (docs/method.md
+    # §Training): linear warm-up over `warmup_steps`, then "constant" (the paper) or
+    # "cosine" decay to lr * min_lr_ratio at the end of the step (or time) budget
+    schedule: str = "constant"
+    warmup_steps: int = 0
+    min_lr_ratio: float = 0.0
+    # exponential moving average of the weights (0: off). With it, validation and the
+    # saved weights (best / last.safetensors) are the averaged ones; the decay ramps up
+    # as min(ema_decay, (1 + n) / (10 + n)) over the n steps of the phase
+    ema_decay: float = 0.0
     amp: str = "none"  # "none", "bf16", "fp16" or "auto" (bf16 where the hardware has it)
     seed: int = 0
     val_every: int = 1  # epochs between validation passes
@@ -247,6 +269,16 @@ class TrainConfig:
             f"train.slices_per_volume={self.slices_per_volume} must be >= 1",
         )
         _check(self.amp in AMP_MODES, f"train.amp={self.amp!r} must be one of {AMP_MODES}")
+        _check(
+            self.schedule in ("constant", "cosine"),
+            f"train.schedule={self.schedule!r} must be 'constant' or 'cosine'",
+        )
+        _check(self.warmup_steps >= 0, f"train.warmup_steps={self.warmup_steps} must be >= 0")
+        _check(
+            0.0 <= self.min_lr_ratio <= 1.0,
+            f"train.min_lr_ratio={self.min_lr_ratio} must be in [0, 1]",
+        )
+        _check(0.0 <= self.ema_decay < 1.0, f"train.ema_decay={self.ema_decay} must be in [0, 1)")
         _speed_settings("train", self.channels_last, self.compile)
 
 
@@ -764,6 +796,11 @@ def _coerce(value: Any, hint: Any, where: str) -> Any:
             return tuple(_coerce(v, a, where) for v, a in zip(value, args))
         return tuple(_coerce(v, item, where) for v in value)
     if hint is float:
+        if isinstance(value, str):  # YAML 1.1 reads "1e-3" (no dot) as a string
+            try:
+                value = float(value)
+            except ValueError:
+                pass
         if isinstance(value, bool) or not isinstance(value, int | float):
             raise ValueError(f"{where}={value!r} must be a number")
         return float(value)

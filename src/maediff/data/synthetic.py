@@ -30,14 +30,13 @@ generator seeded by (seed, kind, i), whatever the order or number of processes.
 
 from __future__ import annotations
 
-
 import csv
 import json
 import shutil
 import tempfile
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass
-from functools import lru_cache
+from functools import cache, lru_cache
 from pathlib import Path
 
 import nibabel as nib
@@ -120,7 +119,7 @@ def template() -> dict[str, np.ndarray]:
     return {"gm": gm, "wm": wm, "mask": mask, "start": start, "affine": aff}
 
 
-@lru_cache(maxsize=None)
+@cache
 def _zoom_matrix(n_in: int, n_out: int) -> np.ndarray:
     """(n_out, n_in): the linear map of a 1-D cubic-spline zoom (ndimage.zoom, order 3,
     mode "nearest") from n_in to n_out samples, column i the zoom of unit vector i."""

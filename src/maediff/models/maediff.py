@@ -52,6 +52,11 @@ class MAEDiff(AnomalyModel):
             "patch_masks", self.grid.patch_masks(), persistent=False
         )  # (K, 1, H, W)
         self.register_buffer("masked_cells", self.grid.masked_cells(), persistent=False)  # (K, N)
+        # every patch covers the same (p/r)^2 cells: the MAE's visible count is known here,
+        # so no step reads the mask back from the GPU to count it
+        self.num_visible = g.num_cells - (g.patch_size // g.grid_size) ** 2
+        if not bool(((~self.masked_cells).sum(1) == self.num_visible).all()):
+            raise ValueError(f"patches of {g} do not all leave {self.num_visible} cells visible")
 
     # ------------------------------------------------------------------ one network call
 
@@ -66,7 +71,7 @@ class MAEDiff(AnomalyModel):
         if self.cfg.unet.condition_channels:
             m = self.patch_masks[k].to(x0.dtype)
             cond = torch.cat([x0 * (1 - m), m], dim=1)
-        return self.net(x_tilde, t.to(x_tilde.device), visible, cond)
+        return self.net(x_tilde, t.to(x_tilde.device), visible, cond, self.num_visible)
 
     def noised_input(self, x0: Tensor, x_t: Tensor, k: Tensor) -> Tensor:
         """Paper Eq. 8: x~_t = x_t inside patch k, x0 outside (bit-exact)."""
@@ -98,8 +103,9 @@ class MAEDiff(AnomalyModel):
             noise = self.noise(B, generator, device=x.device, dtype=x.dtype)
         if k is None:
             k = torch.randint(self.grid.num_patches, (B,), generator=generator)
-        t, k = t.to(x.device), k.to(x.device)
+        # q_sample checks t where it was drawn (the CPU): nothing is read back from the GPU
         x_t = self.diffusion.q_sample(x, t, noise.to(x.device, x.dtype))
+        t, k = t.to(x.device), k.to(x.device)
         pred = self.denoise(self.noised_input(x, x_t, k), t, k, x)
         m = self.patch_masks[k]
         return ((x - pred.float()).abs() * m).sum() / m.sum()

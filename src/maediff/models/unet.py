@@ -166,7 +166,11 @@ class UNet(nn.Module):
                 if ds in cfg.attention_levels:
                     layers.append(attention(ch))
                 if level and i == cfg.num_res_blocks:
-                    layers.append(ResBlock(ch, emb_ch, ch, g, drop, up=True))
+                    # ADM keeps the width through the up-sampling block ("same"); "next"
+                    # gives it the finer level's width, which that level's blocks use
+                    out_ch = mc * cfg.channel_mult[level - 1] if cfg.up_width == "next" else ch
+                    layers.append(ResBlock(ch, emb_ch, out_ch, g, drop, up=True))
+                    ch = out_ch
                     ds //= 2
                 self.output_blocks.append(Stage(*layers))
         self.out = nn.Sequential(
@@ -176,10 +180,16 @@ class UNet(nn.Module):
         )
 
     def forward(
-        self, x: Tensor, t: Tensor, visible: Tensor | None = None, cond: Tensor | None = None
+        self,
+        x: Tensor,
+        t: Tensor,
+        visible: Tensor | None = None,
+        cond: Tensor | None = None,
+        num_visible: int | None = None,
     ) -> Tensor:
         """x: (B, 1, H, W); t: (B,); visible: (B, N) bool grid cells the MAE encoder sees;
-        cond: (B, 2, H, W) visible region and patch mask when `condition_channels`."""
+        cond: (B, 2, H, W) visible region and patch mask when `condition_channels`;
+        num_visible: True cells per row of `visible` when known (see MAE.forward_encoder)."""
         if self.cfg.condition_channels:
             if cond is None:
                 raise ValueError(
@@ -195,7 +205,8 @@ class UNet(nn.Module):
         if self.mae is not None:
             if visible is None:
                 raise ValueError("the MAE branch needs the visible-cell mask `visible`")
-            h = h + self.mae(h, visible, emb)  # paper §3.3: added to f before the bottleneck
+            # paper §3.3: added to f before the bottleneck
+            h = h + self.mae(h, visible, emb, num_visible)
             hs[-1] = h
         h = self.middle(h, emb)
         for block in self.output_blocks:

@@ -38,7 +38,11 @@ _MODEL = None  # the worker's model, loaded once by _init
 def auto_workers(model: AnomalyModel, n_volumes: int) -> int:
     """Worker processes that `evaluate` uses when none are asked for: one per torch
     thread (at most 4) for a trainable model on the CPU, else none (in-process)."""
-    if model.device.type != "cpu" or not getattr(model, "trainable", False) or n_volumes < 2:
+    from ..models import AnomalyModel
+
+    if not isinstance(model, AnomalyModel) or not model.trainable or n_volumes < 2:
+        return 0  # duck-typed models cannot be rebuilt from a checkpoint in a worker
+    if model.device.type != "cpu":
         return 0
     n = min(4, torch.get_num_threads(), n_volumes)
     return n if n >= 2 else 0

@@ -114,9 +114,7 @@ def read_checkpoint(path: str | Path) -> tuple[Config, dict[str, torch.Tensor], 
     return cfg, tensors, extra
 
 
-def load_model(
-    path: str | Path, device: str | torch.device = "cpu", overrides: Sequence[str] = ()
-):
+def load_model(path: str | Path, device: str | torch.device = "cpu", overrides: Sequence[str] = ()):
     """Build the registered model of a checkpoint file or run folder, weights loaded,
     in eval mode, with `overrides` ("inference.batch_size=16", ...) applied to its
     config and the inference speed settings (inference.channels_last / compile)."""
@@ -143,11 +141,38 @@ def load_model(
 # ------------------------------------------------------------------ training state
 
 
+def cuda_rng_state(model: torch.nn.Module) -> torch.Tensor | None:
+    """The CUDA generator state of the GPU the model is on (dropout and every draw
+    without an explicit generator use it there), or None for a model off CUDA."""
+    dev = _model_device(model)
+    return torch.cuda.get_rng_state(dev) if dev.type == "cuda" else None
+
+
+def set_cuda_rng_state(model: torch.nn.Module, state: torch.Tensor) -> None:
+    """Restore `cuda_rng_state` on the model's GPU; nothing for a model off CUDA (a GPU
+    run resumed on the CPU draws from the CPU generators, which are restored anyway)."""
+    dev = _model_device(model)
+    if dev.type == "cuda":
+        torch.cuda.set_rng_state(state.cpu(), dev)
+
+
+def _model_device(model: torch.nn.Module) -> torch.device:
+    for t in (*unwrap(model).parameters(), *unwrap(model).buffers()):
+        return t.device
+    return torch.device("cpu")
+
+
 @dataclass
 class TrainState:
     """Where a training run stands: everything a resumed run restores besides the
     tensors (weights, optimizer moments, generator states), which travel with it in
-    one atomically written safetensors file (`save` / `load`)."""
+    one atomically written safetensors file (`save` / `load`).
+
+    The generators are the given CPU ones and, for a model on a GPU, that GPU's CUDA
+    generator (`device_rng.cuda`; rank 0's under torchrun). A resumed run is exactly
+    the uninterrupted one on the CPU only: on a GPU, cuDNN's autotuned kernels and
+    atomic additions are not bit-reproducible, so it continues from the same state
+    but drifts by float rounding."""
 
     step: int = 0
     epoch: int = 0
@@ -169,10 +194,12 @@ class TrainState:
         optimizers: dict[str, torch.optim.Optimizer],
         generators: dict[str, torch.Generator],
         scaler_state: dict | None = None,
+        ema: dict[str, torch.Tensor] | None = None,
     ) -> Path:
         tensors: dict[str, torch.Tensor] = {
             f"model.{k}": v for k, v in unwrap(model).state_dict().items()
         }
+        tensors.update({f"ema.{k}": v for k, v in (ema or {}).items()})
         groups, scalars = {}, {}
         for name, opt in optimizers.items():
             sd = opt.state_dict()
@@ -185,6 +212,9 @@ class TrainState:
                         scalars.setdefault(name, {}).setdefault(str(pid), {})[k] = v
         for name, g in generators.items():
             tensors[f"rng.{name}"] = g.get_state()
+        cuda_state = cuda_rng_state(model)
+        if cuda_state is not None:
+            tensors["device_rng.cuda"] = cuda_state
         numbers = {
             k: (v if not (isinstance(v, float) and not math.isfinite(v)) else str(v))
             for k, v in asdict(self).items()
@@ -205,8 +235,10 @@ class TrainState:
         model: torch.nn.Module,
         optimizers: dict[str, torch.optim.Optimizer],
         generators: dict[str, torch.Generator],
+        ema: dict[str, torch.Tensor] | None = None,
     ) -> tuple[TrainState, dict]:
-        """Restore model, optimizers and generators in place; return (state, scaler state)."""
+        """Restore model, optimizers, generators and the averaged weights (`ema`, when
+        the run keeps them) in place; return (state, scaler state)."""
         path = Path(path)
         tensors, meta = _read(path, STATE_FORMAT)
         try:
@@ -243,10 +275,20 @@ class TrainState:
                 raise CheckpointError(
                     f"training state {path} does not fit this model's optimizer {name!r}: {e}"
                 ) from e
+        if ema is not None:
+            missing = [k for k in ema if f"ema.{k}" not in tensors]
+            if missing:
+                raise CheckpointError(
+                    f"training state {path} holds no averaged weights for {missing[:3]} (train.ema_decay > 0)"
+                )
+            for k in ema:
+                ema[k].copy_(tensors[f"ema.{k}"])
         for name, g in generators.items():
             if f"rng.{name}" not in tensors:
                 raise CheckpointError(f"training state {path} has no state for generator {name!r}")
             g.set_state(tensors[f"rng.{name}"])
+        if "device_rng.cuda" in tensors:
+            set_cuda_rng_state(model, tensors["device_rng.cuda"])
         return state, scaler
 
 

@@ -68,6 +68,12 @@ class Distributed:
         return self.rank == 0
 
 
+def distributed_backend(device_name: str) -> str:
+    """NCCL for any CUDA device ("auto" with a GPU, "cuda", "cuda:1"), gloo otherwise."""
+    cuda = device_name == "auto" or torch.device(device_name).type == "cuda"
+    return "nccl" if cuda and torch.cuda.is_available() else "gloo"
+
+
 def setup_distributed(device_name: str) -> Distributed:
     """Join the process group that torchrun describes in the environment, if any."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
@@ -75,11 +81,27 @@ def setup_distributed(device_name: str) -> Distributed:
         return Distributed()
     rank, local = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
     if not dist.is_initialized():
-        use_nccl = device_name in ("auto", "cuda") and torch.cuda.is_available()
-        if use_nccl:
+        backend = distributed_backend(device_name)
+        if backend == "nccl":
             torch.cuda.set_device(local)
-        dist.init_process_group("nccl" if use_nccl else "gloo")
+        dist.init_process_group(backend)
     return Distributed(rank, world, local)
+
+
+def wrap_distributed(
+    model: AnomalyModel, dev: torch.device, find_unused_parameters: bool
+) -> torch.nn.Module:
+    """DistributedDataParallel around `model` (in a process group). On CUDA, BatchNorm
+    layers (f-AnoGAN's generator and encoder) become SyncBatchNorm first, so that their
+    statistics are those of the global batch as on one GPU; the conversion keeps the
+    parameters (the optimizers hold them) and the state-dict keys."""
+    if dev.type == "cuda":
+        model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    return torch.nn.parallel.DistributedDataParallel(
+        model,
+        device_ids=[dev.index] if dev.type == "cuda" else None,
+        find_unused_parameters=find_unused_parameters,
+    )
 
 
 @dataclass
@@ -149,7 +171,48 @@ def build_optimizers(model: AnomalyModel, cfg: Config) -> dict[str, torch.optim.
         if g.betas is not None:
             kw["betas"] = g.betas
         out[name] = cls(g.params, **kw)
+        for pg in out[name].param_groups:
+            pg.setdefault("initial_lr", pg["lr"])  # the schedule scales this one
     return out
+
+
+# ------------------------------------------------------------------ weight averaging
+
+
+def init_ema(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {
+        k: v.detach().clone().float()
+        for k, v in model.state_dict().items()
+        if v.is_floating_point()
+    }
+
+
+@torch.no_grad()
+def update_ema(ema: dict[str, torch.Tensor], model: torch.nn.Module, decay: float, n: int) -> None:
+    """ema <- d * ema + (1 - d) * weights, with d = min(decay, (1 + n) / (10 + n))."""
+    d = min(decay, (1 + n) / (10 + n))
+    sd = model.state_dict()
+    keys = list(ema)
+    torch._foreach_lerp_([ema[k] for k in keys], [sd[k].detach().float() for k in keys], 1 - d)
+
+
+class swapped_in:
+    """Context: the model holds the averaged weights inside, its own weights after."""
+
+    def __init__(self, model: torch.nn.Module, ema: dict[str, torch.Tensor] | None):
+        self.model, self.ema, self.saved = model, ema, None
+
+    def __enter__(self):
+        if self.ema is not None:
+            sd = self.model.state_dict()
+            self.saved = {k: sd[k].detach().clone() for k in self.ema}
+            self.model.load_state_dict(self.ema, strict=False)
+        return self.model
+
+    def __exit__(self, *exc):
+        if self.saved is not None:
+            self.model.load_state_dict(self.saved, strict=False)
+        return False
 
 
 # ------------------------------------------------------------------ batches
@@ -296,6 +359,10 @@ class Run:
     total_steps: int
     start: float = 0.0
     loss_ema: float | None = None
+    # the averaged weights (train.ema_decay > 0): a float copy of every floating-point
+    # entry of the model's state dict
+    ema: dict[str, torch.Tensor] | None = None
+    lr_now: float = 0.0  # train.lr times the schedule's factor at the last step
     window: list[float] = field(default_factory=lambda: [time.perf_counter(), 0])
 
     @property
@@ -313,6 +380,23 @@ class Run:
         if t.max_minutes:
             used = max(used, self.state.elapsed_s / (60 * t.max_minutes))
         return used
+
+    def phase_progress(self) -> float:
+        """Fraction of the current phase's share of the budget spent, in [0, 1]."""
+        start = sum(ph.fraction for ph in self.model.phases[: self.state.phase])
+        end = 1.0 if self.last_phase else start + self.phase.fraction
+        return min(1.0, max(0.0, (self.budget_used() - start) / max(end - start, 1e-12)))
+
+    def lr_factor(self) -> float:
+        """Multiplier of every group's learning rate now: warm-up, then the schedule."""
+        t = self.cfg.train
+        f = 1.0
+        if t.schedule == "cosine":
+            cos = 0.5 * (1 + math.cos(math.pi * self.phase_progress()))
+            f = t.min_lr_ratio + (1 - t.min_lr_ratio) * cos
+        if t.warmup_steps and self.state.phase_step < t.warmup_steps:
+            f *= (self.state.phase_step + 1) / t.warmup_steps
+        return f
 
     def extra(self) -> dict[str, Any]:
         return {
@@ -364,7 +448,7 @@ def _setup(cfg: Config, data: TrainingData, run_dir: Path, device: str, resume: 
     if data.landmarks and not cfg.data.landmarks:  # saved with the model (config.yaml)
         cfg = replace(cfg, data=replace(cfg.data, landmarks=data.landmarks))
     ddp = setup_distributed(device)
-    dev = resolve_device(device, ddp.local_rank)
+    dev = resolve_device(device, ddp.local_rank, distributed=ddp.world > 1)
     if ddp.main:
         run_dir.mkdir(parents=True, exist_ok=True)
         if resume:
@@ -378,6 +462,7 @@ def _setup(cfg: Config, data: TrainingData, run_dir: Path, device: str, resume: 
             json.dumps({**data.sources, "version": __version__, "speed": speed}, indent=2)
         )
     optimizers = build_optimizers(model, cfg)
+    ema = init_ema(model) if cfg.train.ema_decay > 0 else None
     gens = {
         "data": torch.Generator().manual_seed(cfg.train.seed),
         "noise": noise_generator(cfg, ddp.rank),
@@ -392,7 +477,7 @@ def _setup(cfg: Config, data: TrainingData, run_dir: Path, device: str, resume: 
         state_file = run_dir / "last.state.safetensors"
         if not state_file.exists():
             raise CheckpointError(f"cannot resume: {run_dir} has no last.state.safetensors")
-        state, scaler_state = TrainState.load(state_file, model, optimizers, gens)
+        state, scaler_state = TrainState.load(state_file, model, optimizers, gens, ema)
         if scaler is not None and scaler_state:
             scaler.load_state_dict(scaler_state)
         if ddp.rank:
@@ -400,11 +485,7 @@ def _setup(cfg: Config, data: TrainingData, run_dir: Path, device: str, resume: 
         log.truncate_after(state.step)
     net: torch.nn.Module = model
     if ddp.world > 1:
-        net = torch.nn.parallel.DistributedDataParallel(
-            model,
-            device_ids=[dev.index] if dev.type == "cuda" else None,
-            find_unused_parameters=len(optimizers) > 1,
-        )
+        net = wrap_distributed(model, dev, find_unused_parameters=len(optimizers) > 1)
     per_rank = max(1, cfg.train.batch_size // ddp.world)
     per_epoch = steps_per_epoch(data.train, model, cfg, per_rank, ddp.world)
     total = cfg.train.max_steps or cfg.train.epochs * per_epoch
@@ -423,6 +504,7 @@ def _setup(cfg: Config, data: TrainingData, run_dir: Path, device: str, resume: 
         state,
         per_rank,
         total,
+        ema=ema,
     )
     run.start = time.perf_counter() - state.elapsed_s
     return run
@@ -474,7 +556,7 @@ def _advance_phase(run: Run) -> bool:
         bounds.append(acc)
     used = run.budget_used()
     if run.ddp.world > 1 and len(bounds):
-        t = torch.tensor([used], dtype=torch.float64)
+        t = torch.tensor([used], dtype=torch.float64, device=run.dev)  # NCCL: CUDA tensors
         dist.all_reduce(t, op=dist.ReduceOp.MAX)
         used = float(t)
     target = sum(used >= b for b in bounds)
@@ -490,6 +572,10 @@ def _advance_phase(run: Run) -> bool:
 
 def _step(run: Run, batch: torch.Tensor, group: str) -> float:
     opt = run.optimizers[group]
+    f = run.lr_factor()
+    for pg in opt.param_groups:
+        pg["lr"] = pg["initial_lr"] * f
+    run.lr_now = run.cfg.train.lr * f
     run.model.zero_grad(set_to_none=True)
     if run.cfg.augment.enabled and batch.dim() == 4:
         batch = augment_intensity(batch, run.cfg.augment, run.gens["noise"])
@@ -509,6 +595,8 @@ def _step(run: Run, batch: torch.Tensor, group: str) -> float:
         scaler.update()
     else:
         opt.step()
+    if run.ema is not None:
+        update_ema(run.ema, run.model, run.cfg.train.ema_decay, run.state.phase_step)
     value = float(loss.detach())
     if not math.isfinite(value):
         raise FloatingPointError(
@@ -526,7 +614,7 @@ def _log_train(run: Run) -> None:
         phase=run.phase.name,
         time_s=f"{run.state.elapsed_s:.1f}",
         train_loss=f"{run.loss_ema:.6f}",
-        lr=run.cfg.train.lr,
+        lr=f"{run.lr_now:.6g}",  # train.lr times the schedule, at the last step
         steps_per_s=f"{n / max(now - t0, 1e-9):.3f}",
     )
     run.window = [now, 0]
@@ -538,7 +626,7 @@ def end_of_epoch(run: Run, stopped: bool) -> None:
     st.epoch += 1
     st.elapsed_s = time.perf_counter() - run.start
     if run.ddp.world > 1:  # every rank must agree to stop (time budgets differ by rank)
-        flag = torch.tensor([float(stopped or _finished(run))])
+        flag = torch.tensor([float(stopped or _finished(run))], device=run.dev)  # NCCL: on GPU
         dist.all_reduce(flag, op=dist.ReduceOp.MAX)
         stopped = bool(flag.item())
     if stopped and not _finished(run) and t.max_minutes:
@@ -551,20 +639,21 @@ def end_of_epoch(run: Run, stopped: bool) -> None:
         and run.last_phase
         and (st.epoch % t.val_every == 0 or last)
     ):
-        v = validation_loss(run.model, run.data.val, run.cfg, run.dev)
+        with swapped_in(run.model, run.ema):
+            v = validation_loss(run.model, run.data.val, run.cfg, run.dev)
+            if v < st.best_val_loss:
+                st.best_val_loss = v
+                save_weights(
+                    run.model, run.run_dir / "best.safetensors", {**run.extra(), "val_loss": v}
+                )
         run.log.write(
             step=st.step,
             epoch=st.epoch,
             phase=run.phase.name,
             time_s=f"{st.elapsed_s:.1f}",
             val_loss=f"{v:.6f}",
-            lr=t.lr,
+            lr=f"{run.lr_now:.6g}",
         )
-        if v < st.best_val_loss:
-            st.best_val_loss = v
-            save_weights(
-                run.model, run.run_dir / "best.safetensors", {**run.extra(), "val_loss": v}
-            )
     if run.ddp.main and (st.epoch % t.checkpoint_every == 0 or last):
         _checkpoint(run)
     if run.ddp.world > 1:
@@ -580,8 +669,10 @@ def _checkpoint(run: Run) -> None:
         run.optimizers,
         run.gens,
         run.scaler.state_dict() if run.scaler else None,
+        run.ema,
     )
-    save_weights(run.model, run.run_dir / "last.safetensors", run.extra())
+    with swapped_in(run.model, run.ema):
+        save_weights(run.model, run.run_dir / "last.safetensors", run.extra())
 
 
 def _finish(run: Run) -> dict[str, Any]:
@@ -601,7 +692,8 @@ def _finish(run: Run) -> dict[str, Any]:
     }
     if run.ddp.main:
         if run.data.val is None or not (run.run_dir / "best.safetensors").exists():
-            save_weights(run.model, run.run_dir / "best.safetensors", run.extra())  # last is best
+            with swapped_in(run.model, run.ema):  # last is best
+                save_weights(run.model, run.run_dir / "best.safetensors", run.extra())
         _checkpoint(run)
         (run.run_dir / "model_card.md").write_text(model_card(cfg, run.extra()))
         (run.run_dir / "train_summary.json").write_text(json.dumps(_finite(summary), indent=2))
