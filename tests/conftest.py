@@ -21,13 +21,11 @@ def splits_dir():
     return SPLITS_DIR
 
 
-@pytest.fixture(scope="session")
-def tiny_bench(tmp_path_factory):
-    """A small synthetic benchmark in pDDPM's layout, shared by the slower tests."""
-    from maediff.data.synthetic import SynthConfig, generate_benchmark
+def tiny_synth_config():
+    """The sizes of the small synthetic benchmark of the slower tests."""
+    from maediff.data.synthetic import SynthConfig
 
-    root = tmp_path_factory.mktemp("bench") / "data"
-    cfg = SynthConfig(
+    return SynthConfig(
         seed=0,
         healthy_trainval=6,
         healthy_test=2,
@@ -37,7 +35,15 @@ def tiny_bench(tmp_path_factory):
         ms_test=1,
         workers=1,
     )
-    return generate_benchmark(root, cfg, progress=False)
+
+
+@pytest.fixture(scope="session")
+def tiny_bench(tmp_path_factory):
+    """A small synthetic benchmark in pDDPM's layout, shared by the slower tests."""
+    from maediff.data.synthetic import generate_benchmark
+
+    root = tmp_path_factory.mktemp("bench") / "data"
+    return generate_benchmark(root, tiny_synth_config(), progress=False)
 
 
 def draw_zero_layers(model, gen, std: float = 0.05):

@@ -176,8 +176,15 @@ class DiffusionConfig:
     # Reverse steps from t_test at test time. 1: one x0 prediction (MAEDiff, pDDPM and
     # pDDPM's AnoDDPM); >1 (anoddpm only): the original AnoDDPM's iterative sampling.
     sample_steps: int = 1
+    # beyond the paper (docs/method.md §Preconditioning): inside the noised patch, feed
+    # the network x~_t / sqrt(a^2 sd^2 + b^2 sn^2) and predict x0 as the linear estimate
+    # a sd^2 x~_t / (a^2 sd^2 + b^2 sn^2) plus b sn sd / sqrt(...) times the network output
+    # (a = sqrt(alpha_bar), b = sqrt(1 - alpha_bar), sd = sigma_data, sn = the noise's std)
+    precondition: bool = False
+    sigma_data: float = 0.5  # std of the images in the model range [-1, 1]
 
     def __post_init__(self) -> None:
+        _check(self.sigma_data > 0, f"diffusion.sigma_data={self.sigma_data} must be > 0")
         _check(
             self.schedule in ("linear", "cosine"),
             f"diffusion.schedule={self.schedule!r} must be 'linear' or 'cosine'",
@@ -674,13 +681,32 @@ def _rescale_geometry(g: GeometryConfig, size: int, grid: int) -> GeometryConfig
     return GeometryConfig(size, scaled(g.patch_size), scaled(g.stride), grid)
 
 
+# The `cpu` scale's training budget in steps: the same model on every machine (the
+# demo and `benchmark --scale cpu`). Chosen from measurements of quality per CPU-minute
+# on 2 fp32 cores (docs/results.md, "How the cpu scale was chosen").
+CPU_STEPS = 300
+
+
 def _cpu_scale(cfg: Config) -> Config:
-    """The paper's structure (K=16, N=36) at 48x48 with narrow networks: minutes on 2 cores."""
+    """The paper's structure (K=16, N=36, global attention at H/2 and H/4, the MAE) at
+    48x48 with narrow networks: a demo in about 12 minutes on 2 fp32 cores.
+
+    U-Net widths 16, 32, 64 (multipliers 1, 2, 4) with one residual block per level and
+    up-sampling blocks at the finer level's width: 0.49 GFLOP per (slice, patch) pair,
+    a third of the previous 32 x (1, 2, 2) with ADM's up-sampling widths (1.49), whose
+    H/2 -> H block alone was a third of the cost. Adam with warm-up and cosine decay
+    over the step budget and an EMA of the weights."""
     return replace(
         cfg,
         geometry=_rescale_geometry(cfg.geometry, 48, 8),
         unet=replace(
-            cfg.unet, model_channels=32, num_res_blocks=1, num_head_channels=32, norm_groups=16
+            cfg.unet,
+            model_channels=16,
+            channel_mult=(1, 2, 4),
+            num_res_blocks=1,
+            num_head_channels=32,
+            norm_groups=8,
+            up_width="next",
         ),
         mae=replace(
             cfg.mae, enc_dim=128, enc_depth=4, enc_heads=4, dec_dim=128, dec_depth=2, dec_heads=4
@@ -688,16 +714,25 @@ def _cpu_scale(cfg: Config) -> Config:
         # 48x48 slices of the protocol's 96x96: double the per-pixel frequency so the
         # noise keeps the physical scale of the paper's 2^-6 at 96x96
         noise=replace(cfg.noise, frequency=2.0 * cfg.noise.frequency),
-        train=replace(cfg.train, lr=3e-4, epochs=100000, max_minutes=6.0, amp="auto", val_every=10),
+        train=replace(
+            cfg.train,
+            lr=1e-3,
+            schedule="cosine",
+            warmup_steps=30,
+            ema_decay=0.995,
+            epochs=100000,
+            max_steps=CPU_STEPS,
+            max_minutes=0.0,
+            amp="auto",
+            val_every=10,
+        ),
         inference=replace(cfg.inference, batch_size=32, amp="auto"),
         autoencoder=replace(cfg.autoencoder, channels=(16, 32, 64, 64), latent_dim=64),
         svae=replace(cfg.svae, depth=2, heads=4),
         # same noise cell size in pixels (6) as 16 cells at 96x96
         dae=replace(cfg.dae, noise_res=cfg.dae.noise_res // 2, channels=(8, 16, 32, 64)),
         # encoder lr: half the GAN's train.lr, as Schlegl's 5e-5 vs 1e-4
-        fanogan=replace(
-            cfg.fanogan, latent_dim=64, channels=(8, 16, 32, 64, 64), encoder_lr=1.5e-4
-        ),
+        fanogan=replace(cfg.fanogan, latent_dim=64, channels=(8, 16, 32, 64, 64), encoder_lr=5e-4),
     )
 
 

@@ -81,8 +81,10 @@ class ReconstructionPool:
         self._dir = Path(tempfile.mkdtemp(prefix="maediff-workers-"))
         weights = self._dir / "model.safetensors"
         save_weights(model, weights)
-        # spawn: a forked child of a process whose OpenMP pool has run can hang
-        ctx = multiprocessing.get_context("spawn")
+        # fork, as torch's DataLoader workers: no re-import of the caller's script (spawn
+        # would need an `if __name__ == "__main__"` guard there), and each child sets its
+        # thread count before its first torch operation, as DataLoader workers do
+        ctx = multiprocessing.get_context("fork")
         self._pool = ProcessPoolExecutor(
             workers, mp_context=ctx, initializer=_init, initargs=(str(weights), threads)
         )
