@@ -5,7 +5,6 @@ import json
 
 import pytest
 
-from maediff.data.synthetic import SynthConfig
 from maediff.pipeline.demo import demo_config, run_demo
 
 
@@ -16,20 +15,16 @@ def test_demo_budget_is_steps_unless_minutes_are_asked_for():
     timed = demo_config("cpu", minutes=2.5).train
     assert (timed.max_minutes, timed.max_steps) == (2.5, 0)
     assert demo_config("cpu", seed=3).train.seed == 3
+    assert demo_config("cpu", overrides=["diffusion.precondition=true"]).diffusion.precondition
+    with pytest.raises(ValueError, match="unknown config key"):
+        demo_config("cpu", overrides=["train.speed=11"])
 
 
 @pytest.mark.slow
 def test_demo_runs_end_to_end(tmp_path, capsys):
-    synth = SynthConfig(
-        seed=0,
-        healthy_trainval=6,
-        healthy_test=1,
-        tumour_val=1,
-        tumour_test=1,
-        ms_val=1,
-        ms_test=1,
-        workers=1,
-    )
+    from conftest import tiny_synth_config
+
+    synth = tiny_synth_config()
     out = tmp_path / "demo"
     timing = run_demo(out, preset="tiny", steps=3, synth=synth, progress=False)
     printed = capsys.readouterr().out

@@ -182,3 +182,36 @@ def test_overfitting_one_batch_lowers_the_loss(mae_on):
         opt.step()
     after = eval_loss()
     assert after < 0.5 * before, (before, after)
+
+
+def test_preconditioning_starts_from_the_linear_estimate_by_hand():
+    """diffusion.precondition: with the zero-initialised output layer the prediction
+    inside the patch is a sd^2 x / (a^2 sd^2 + b^2 sn^2) (computed here in float64), and
+    the network sees the patch at unit variance; off, the network sees x~_t itself."""
+    from dataclasses import replace as dc_replace
+
+    from maediff.config import get_preset
+    from maediff.models.maediff import MAEDiff
+
+    cfg = get_preset("tiny")
+    cfg = dc_replace(cfg, diffusion=dc_replace(cfg.diffusion, precondition=True))
+    model = MAEDiff(cfg).eval()
+    assert 0.2 < model.noise_std < 1.0  # unnormalised simplex octaves
+    g = torch.Generator().manual_seed(0)
+    x = torch.rand(2, 1, 32, 32, generator=g) * 2 - 1
+    t, k = torch.tensor([500, 80]), torch.tensor([0, 3])
+    with torch.no_grad():
+        pred = model.denoise(x, t, k, x)
+        net_in, _, _ = model.precondition(x, t, k)
+    ab = model.diffusion.alphas_cumprod[t - 1].double().view(-1, 1, 1, 1)
+    a, b, sd, sn = ab.sqrt(), (1 - ab).sqrt(), 0.5, model.noise_std
+    var = a * a * sd * sd + b * b * sn * sn
+    m = model.patch_masks[k] > 0
+    want = torch.where(m, x.double() * a * sd * sd / var, x.double())
+    torch.testing.assert_close(pred.double(), want, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(
+        net_in.double(), torch.where(m, x.double() / var.sqrt(), x.double()), rtol=1e-5, atol=1e-6
+    )
+    plain = MAEDiff(get_preset("tiny")).eval()
+    with torch.no_grad():
+        assert torch.all(plain.denoise(x, t, k, x) == 0)  # zero-initialised output, no skip

@@ -258,6 +258,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
         Path(args.output),
         minutes=args.minutes,
         steps=args.steps,
+        overrides=args.set,
         seed=args.seed,
         device=args.device,
         progress=not args.quiet,
@@ -489,6 +490,13 @@ def _parser_demo(p: argparse.ArgumentParser) -> None:
         type=float,
         default=None,
         help="a wall-clock training budget instead of steps (the model then depends on the machine)",
+    )
+    p.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a value of the cpu preset, e.g. --set diffusion.precondition=true",
     )
     _add_runtime_args(p, seed=0, amp=True)
 

@@ -15,12 +15,13 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Sequence
 from dataclasses import replace
 from pathlib import Path
 
 import torch
 
-from ..config import Config, get_preset
+from ..config import Config, apply_overrides, get_preset
 from ..data.synthetic import SynthConfig, generate_benchmark
 from ..device import autocast_context, resolve_device
 from ..models import build_model
@@ -35,9 +36,11 @@ def demo_config(
     steps: int | None = None,
     minutes: float | None = None,
     amp: str | None = None,
+    overrides: Sequence[str] = (),
 ) -> Config:
-    """The demo's configuration: the preset with the seed, budget and amp given."""
-    cfg = get_preset(preset)
+    """The demo's configuration: the preset with the overrides ("section.key=value"),
+    seed, budget and amp given."""
+    cfg = apply_overrides(get_preset(preset), list(overrides))
     tr = replace(cfg.train, seed=seed, amp=amp or cfg.train.amp)
     if steps is not None:
         tr = replace(tr, max_steps=steps, max_minutes=0.0)
@@ -90,6 +93,7 @@ def run_demo(
     synth: SynthConfig | None = None,
     preset: str = "cpu",
     steps: int | None = None,
+    overrides: Sequence[str] = (),
 ) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     timing: dict[str, float] = {}
@@ -99,7 +103,7 @@ def run_demo(
         generate_benchmark(data, synth or SynthConfig(seed=seed), overwrite=True, progress=progress)
     timing["synth_s"] = round(time.perf_counter() - t, 1)
 
-    cfg = demo_config(preset, seed, steps, minutes, amp)
+    cfg = demo_config(preset, seed, steps, minutes, amp, overrides)
     dev = resolve_device(device)
     run = out / "run"
     plan = plan_evaluation(data)
@@ -138,7 +142,7 @@ def run_demo(
         out / "eval-thresh",
         "Thresh",
         seed=seed,
-        n_jobs=1,
+        n_jobs=2,  # nothing to reconstruct: the post-processing is the work
         progress=progress,
     )
     timing["evaluate_thresh_s"] = round(time.perf_counter() - t, 1)
