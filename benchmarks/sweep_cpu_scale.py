@@ -75,6 +75,10 @@ VARIANTS: dict[str, tuple[list[str], int]] = {
         W16_124 + COSINE + ["diffusion.t_train_min=250", "diffusion.t_train_max=750"],
         360,
     ),
+    "16x(1,2,4), cosine 1e-3 + EMA, condition channels": (
+        W16_124 + COSINE + ["unet.condition_channels=true"],
+        360,
+    ),
     "16x(1,2,4), cosine 1e-3 + EMA, t 400..600": (
         W16_124 + COSINE + ["diffusion.t_train_min=400", "diffusion.t_train_max=600"],
         360,
