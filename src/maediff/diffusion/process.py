@@ -84,9 +84,15 @@ class GaussianDiffusion:
         x0, noise: (B, C, H, W); t: (B,) 1-based.
         """
         self._check_t(t)
-        a = _extract(self.alphas_cumprod.sqrt(), t, x0)
-        b = _extract((1.0 - self.alphas_cumprod).sqrt(), t, x0)
+        a, b = self.coefficients(t, x0)
         return a * x0 + b * noise
+
+    def coefficients(self, t: Tensor, like: Tensor) -> tuple[Tensor, Tensor]:
+        """(sqrt(alpha_bar_t), sqrt(1 - alpha_bar_t)) as (B, 1, ..., 1) tensors like `like`."""
+        return (
+            _extract(self.alphas_cumprod.sqrt(), t, like),
+            _extract((1.0 - self.alphas_cumprod).sqrt(), t, like),
+        )
 
     def predict_x0_from_eps(self, x_t: Tensor, t: Tensor, eps: Tensor) -> Tensor:
         """Invert Eq. 3 for x_0: (x_t - sqrt(1 - alpha_bar) eps) / sqrt(alpha_bar)."""

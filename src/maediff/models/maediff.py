@@ -52,9 +52,6 @@ class MAEDiff(AnomalyModel):
             "patch_masks", self.grid.patch_masks(), persistent=False
         )  # (K, 1, H, W)
         self.register_buffer("masked_cells", self.grid.masked_cells(), persistent=False)  # (K, N)
-        ab = self.diffusion.alphas_cumprod
-        self.register_buffer("sqrt_ab", ab.sqrt().float(), persistent=False)  # (T,)
-        self.register_buffer("sqrt_1mab", (1 - ab).sqrt().float(), persistent=False)
         self.noise_std = self._noise_std() if cfg.diffusion.precondition else 1.0
         # every patch covers the same (p/r)^2 cells: the MAE's visible count is known here,
         # so no step reads the mask back from the GPU to count it
@@ -94,9 +91,7 @@ class MAEDiff(AnomalyModel):
         linear least-squares estimate of x0 given x~_t (zero-mean images of std
         sigma_data); outside the patch the clean input passes as it is."""
         m = self.patch_masks[k] > 0
-        shape = (-1, 1, 1, 1)
-        a = self.sqrt_ab[t.long() - 1].view(shape)
-        b = self.sqrt_1mab[t.long() - 1].view(shape)
+        a, b = self.diffusion.coefficients(t, x_tilde)
         sd, sn = self.cfg.diffusion.sigma_data, self.noise_std
         c_in = (a * a * sd * sd + b * b * sn * sn).rsqrt()
         net_in = torch.where(m, x_tilde * c_in, x_tilde)

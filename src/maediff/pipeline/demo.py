@@ -108,8 +108,9 @@ def run_demo(
     dev = resolve_device(device)
     run = out / "run"
     plan = plan_evaluation(data)
-    n_volumes = sum(len(v) + len(s) for v, s in plan.anomaly.values()) + len(plan.healthy_test)
-    if not (run / "train_summary.json").exists():
+    n_volumes = len(plan.subjects())
+    trained = (run / "train_summary.json").exists()
+    if not trained:
         est = estimate_seconds(cfg, n_volumes, cfg.data.volume_shape[2], dev)
         budget = (
             f"{cfg.train.max_steps} steps of {cfg.train.batch_size} slices"
@@ -124,7 +125,7 @@ def run_demo(
         )
         timing["estimate"] = est  # type: ignore[assignment]
     t = time.perf_counter()
-    if not (run / "train_summary.json").exists():
+    if not trained:
         td = prepare_training_data(cfg, data, progress=progress)
         train(cfg, td, run, device=device, progress=progress)
     timing["train_s"] = round(time.perf_counter() - t, 1)
@@ -151,9 +152,10 @@ def run_demo(
     page = write_report(
         [load_summary(out / "eval-maediff"), load_summary(out / "eval-thresh")], out / "report"
     )
-    timing["total_s"] = round(sum(v for k, v in timing.items() if k.endswith("_s")), 1)
+    stages = {k: v for k, v in timing.items() if k.endswith("_s")}
+    timing["total_s"] = stages["total_s"] = round(sum(stages.values()), 1)
     (out / "demo_timing.json").write_text(json.dumps(timing, indent=2))
     print((out / "report" / "results.md").read_text())
-    print(f"stage times (s): { {k: v for k, v in timing.items() if k.endswith('_s')} }")
+    print(f"stage times (s): {stages}")
     print(f"report: {page.resolve()}")
     return timing

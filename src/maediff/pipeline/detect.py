@@ -32,6 +32,7 @@ from ..evaluation.postprocess import anomaly_scores, remove_small_components
 from ..evaluation.protocol import EvalSettings
 
 if TYPE_CHECKING:
+    from ..config import DataConfig
     from ..models import AnomalyModel
 
 OUTPUTS = ("anomaly", "score", "reconstruction")
@@ -79,6 +80,18 @@ def reconstruct_volume(
         return slices_to_volume(rec_small, image.shape)
     correction = slices_to_volume(rec_small - small, image.shape)
     return np.clip(image + correction, 0.0, 1.0).astype(np.float32)
+
+
+def reconstruct_subject(
+    model: AnomalyModel, subject: Subject, data_cfg: DataConfig, seed: int
+) -> tuple[str, np.ndarray, np.ndarray, np.ndarray | None, np.ndarray]:
+    """What the evaluation protocol needs of one subject: (name, image, brain mask,
+    segmentation, reconstruction with every patch), the noise seeded by `seed`."""
+    vol = load_subject(subject, data_cfg)
+    rec = reconstruct_volume(
+        model, vol, torch.Generator().manual_seed(seed), skip_empty_patches=False
+    )
+    return subject.name, vol.image, vol.brain_mask, vol.segmentation, rec
 
 
 def output_paths(out_dir: str | Path, name: str, bids: bool = False) -> dict[str, Path]:

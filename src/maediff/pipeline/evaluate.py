@@ -26,18 +26,16 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import torch
 from tqdm.auto import tqdm
 
 from ..config import DataConfig
-from ..data.datasets import load_subject
 from ..data.io import DataError
 from ..data.splits import Subject, read_pddpm_split
 from ..evaluation.aggregate import exclusions, summarise, write_json, write_subject_csv
 from ..evaluation.protocol import EvalSettings, VolumeResult, evaluate_healthy, evaluate_split
 from ..evaluation.report import figure_dice_distribution, figure_pr_curves
 from ..evaluation.runs import ANOMALY_SETS, example_figure, load_summary, table_rows, write_report
-from .detect import reconstruct_volume
+from .detect import reconstruct_subject
 from .workers import ReconstructionPool, auto_workers
 
 if TYPE_CHECKING:
@@ -73,7 +71,7 @@ def _volumes(
     if stream is not None:
         results = (_next_of(stream, s.name) for s in subjects)
     else:
-        results = (_reconstruct_here(model, s, data_cfg, seed) for s in subjects)
+        results = (reconstruct_subject(model, s, data_cfg, seed) for s in subjects)
     for name, image, brain, seg, rec in results:
         v = VolumeResult(name, image, rec, brain, seg)
         if keep is not None and len(keep) < n_keep:
@@ -90,14 +88,6 @@ def _next_of(stream: Iterator[tuple], name: str) -> tuple:
     return item
 
 
-def _reconstruct_here(model: AnomalyModel, s: Subject, data_cfg: DataConfig, seed: int):
-    vol = load_subject(s, data_cfg)
-    rec = reconstruct_volume(
-        model, vol, torch.Generator().manual_seed(seed), skip_empty_patches=False
-    )
-    return s.name, vol.image, vol.brain_mask, vol.segmentation, rec
-
-
 def _limit(subjects: list[Subject], n: int | None) -> list[Subject]:
     return subjects[:n] if n else subjects
 
@@ -108,6 +98,12 @@ class EvalPlan:
 
     anomaly: dict[str, tuple[list[Subject], list[Subject]]]  # data set -> (val, test)
     healthy_test: list[Subject] | None  # IXI test, or None when not evaluated
+
+    def subjects(self) -> list[Subject]:
+        """Every subject in the order the evaluation reads them: per data set its
+        validation then its test volumes, then the healthy test volumes."""
+        order = [s for val, test in self.anomaly.values() for s in (*val, *test)]
+        return [*order, *(self.healthy_test or [])]
 
 
 def plan_evaluation(
@@ -196,11 +192,8 @@ def evaluate_model(
     stage = base.parent / f".{base.name}.partial-{os.getpid()}"
     shutil.rmtree(stage, ignore_errors=True)
     stage.mkdir()
-    n_volumes = sum(len(v) + len(t) for v, t in plan.anomaly.values()) + len(
-        plan.healthy_test or []
-    )
     if workers is None:
-        workers = auto_workers(model, n_volumes)
+        workers = auto_workers(model, len(plan.subjects()))
     summary["scoring"]["workers"] = workers
     pool = ReconstructionPool(model, workers) if workers else None
     try:
@@ -250,8 +243,7 @@ def _run(
     curves, dice_dists, examples_png = {}, {}, []
     stream = None
     if pool is not None:  # one queue over everything, so that no worker waits between splits
-        order = [s for val, test in plan.anomaly.values() for s in (*val, *test)]
-        stream = pool.map([*order, *(plan.healthy_test or [])], data_cfg, seed)
+        stream = pool.map(plan.subjects(), data_cfg, seed)
     start = time.perf_counter()
     for ds, (val, test) in plan.anomaly.items():
         bar = tqdm(

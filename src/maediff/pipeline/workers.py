@@ -59,14 +59,9 @@ def _init(weights: str, threads: int) -> None:
 def _reconstruct(
     subject: Subject, data_cfg: DataConfig, seed: int
 ) -> tuple[str, np.ndarray, np.ndarray, np.ndarray | None, np.ndarray]:
-    from ..data.datasets import load_subject
-    from .detect import reconstruct_volume
+    from .detect import reconstruct_subject
 
-    vol = load_subject(subject, data_cfg)
-    rec = reconstruct_volume(
-        _MODEL, vol, torch.Generator().manual_seed(seed), skip_empty_patches=False
-    )
-    return subject.name, vol.image, vol.brain_mask, vol.segmentation, rec
+    return reconstruct_subject(_MODEL, subject, data_cfg, seed)
 
 
 class ReconstructionPool:
