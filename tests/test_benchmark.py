@@ -67,6 +67,24 @@ def test_two_processes_fill_one_folder(tiny_bench, tmp_path):
     assert "pDDPM s48" in (out / "table.md").read_text()
 
 
+@pytest.mark.slow
+def test_benchmark_probes_diffusion_models_and_states_budgets(tiny_bench, tmp_path):
+    out = tmp_path / "bench"
+    argv = ["benchmark", "--data", str(tiny_bench), "-o", str(out), "--seeds", "0", "1"]
+    argv += ["--models", "fanogan", "ablation-unet", "ablation-unet-mae", *ARGS[3:]]
+    assert main(argv) == 0
+    probe = (out / "probe.md").read_text()
+    rows = {line.split(" | ")[0].strip("| "): line for line in probe.splitlines()[2:]}
+    assert set(rows) == {"U-Net", "U-Net + MAE"}  # f-AnoGAN is no diffusion model
+    assert "(n=2)" in rows["U-Net + MAE"]  # paired with the U-Net run of each seed
+    assert rows["U-Net + MAE"].count("-") < rows["U-Net"].count("-")  # MAE columns filled
+    page = (out / "report.html").read_text()
+    assert "Patch probe" in page and "2 generator + 2 encoder updates" in page
+    # Figure 3 shows the first seed: the second one does not reconstruct its slices
+    assert (out / "runs/ablation-unet/fold0-seed0/figure3.npz").exists()
+    assert not (out / "runs/ablation-unet/fold0-seed1/figure3.npz").exists()
+
+
 def _summary(d_brats, l1):
     m = {"mean": d_brats}
     return {

@@ -145,8 +145,21 @@ class MAEConfig:
     # and MAEDiff starts as the plain U-Net (as ControlNet-style adapters do). Off: the
     # paper's description, whose random upsampler perturbs f from the first step.
     zero_init: bool = False
+    # Beyond the paper (docs/method.md §MAE token variants), both off by default:
+    # tokens: what the encoder's visible tokens are cut from. "features" (the paper): the
+    # U-Net encoder feature map f of the noised input, whose visible cells depend on the
+    # noised patch through the convolutions' receptive field; "clean": the clean visible
+    # region x^_0 itself (the r x r pixels of each visible cell), independent of the patch.
+    tokens: str = "features"
+    # token_norm: LayerNorm on the token embeddings before the position embedding is added
+    # (a linear patchify of f starts about a sixth of the sin-cos embedding's size)
+    token_norm: bool = False
 
     def __post_init__(self) -> None:
+        _check(
+            self.tokens in ("features", "clean"),
+            f"mae.tokens={self.tokens!r} must be 'features' or 'clean'",
+        )
         _check(
             self.enc_dim % self.enc_heads == 0,
             f"mae.enc_heads={self.enc_heads} does not divide mae.enc_dim={self.enc_dim}",
@@ -687,6 +700,22 @@ def _rescale_geometry(g: GeometryConfig, size: int, grid: int) -> GeometryConfig
 CPU_STEPS = 300
 
 
+def with_update_budget(cfg: Config, updates: int) -> Config:
+    """The step budget that gives each part producing the reconstruction `updates`
+    optimizer updates (docs/baselines.md §Budgets): the unit every model of a table
+    shares. One step updates one part; most models have one part, so steps = updates.
+    f-AnoGAN cycles n_critic critic steps and one generator step, then trains its
+    encoder: (n_critic + 1) * updates GAN steps, then `updates` encoder steps."""
+    if updates < 1:
+        raise ValueError(f"the update budget must be >= 1, got {updates}")
+    t = replace(cfg.train, max_steps=updates, max_minutes=0.0, epochs=max(cfg.train.epochs, 100000))
+    if cfg.model == "fanogan":
+        gan = (cfg.fanogan.n_critic + 1) * updates
+        t = replace(t, max_steps=gan + updates)
+        cfg = replace(cfg, fanogan=replace(cfg.fanogan, gan_fraction=gan / (gan + updates)))
+    return replace(cfg, train=t)
+
+
 def _cpu_scale(cfg: Config) -> Config:
     """The paper's structure (K=16, N=36, global attention at H/2 and H/4, the MAE) at
     48x48 with narrow networks: a demo in about 12 minutes on 2 fp32 cores.
@@ -696,7 +725,7 @@ def _cpu_scale(cfg: Config) -> Config:
     a third of the previous 32 x (1, 2, 2) with ADM's up-sampling widths (1.49), whose
     H/2 -> H block alone was a third of the cost. Adam with warm-up and cosine decay
     over the step budget and an EMA of the weights."""
-    return replace(
+    cfg = replace(
         cfg,
         geometry=_rescale_geometry(cfg.geometry, 48, 8),
         unet=replace(
@@ -734,6 +763,8 @@ def _cpu_scale(cfg: Config) -> Config:
         # encoder lr: half the GAN's train.lr, as Schlegl's 5e-5 vs 1e-4
         fanogan=replace(cfg.fanogan, latent_dim=64, channels=(8, 16, 32, 64, 64), encoder_lr=5e-4),
     )
+    # the same number of updates of every reconstructing part, for every model
+    return with_update_budget(cfg, CPU_STEPS)
 
 
 def _tiny_scale(cfg: Config) -> Config:
@@ -969,6 +1000,7 @@ def describe(cfg: Config) -> str:
 
 __all__ = [
     "DISPLAY_NAMES",
+    "with_update_budget",
     "TABLE1",
     "TABLE2",
     "AutoencoderConfig",

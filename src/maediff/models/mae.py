@@ -127,11 +127,16 @@ class MAE(nn.Module):
         super().__init__()
         self.cfg = cfg
         self.cell = geometry.grid_size // 4  # cell side on the feature map
+        self.pixel_cell = geometry.grid_size  # cell side on the image (tokens: clean)
         self.cells_per_axis = geometry.image_size // geometry.grid_size
         token_in = channels * self.cell**2
         n = self.cells_per_axis
-        self.enc_embed = nn.Linear(token_in, cfg.enc_dim)
+        enc_in = self.pixel_cell**2 if cfg.tokens == "clean" else token_in
+        self.enc_embed = nn.Linear(enc_in, cfg.enc_dim)
         self.dec_embed = nn.Linear(token_in, cfg.dec_dim)
+        # token_norm: embeddings of unit rms before the position embedding is added
+        self.enc_norm = nn.LayerNorm(cfg.enc_dim) if cfg.token_norm else nn.Identity()
+        self.dec_tok_norm = nn.LayerNorm(cfg.dec_dim) if cfg.token_norm else nn.Identity()
         self.register_buffer("enc_pos", sincos_pos_embed_2d(cfg.enc_dim, n)[None], persistent=False)
         self.register_buffer("dec_pos", sincos_pos_embed_2d(cfg.dec_dim, n)[None], persistent=False)
         self.encoder = nn.ModuleList(
@@ -154,10 +159,10 @@ class MAE(nn.Module):
             nn.init.zeros_(last.weight)
             nn.init.zeros_(last.bias)
 
-    def patchify(self, f: Tensor) -> Tensor:
-        """(B, C, h, w) -> (B, N, C * c * c) with c = r/4, cells row-major."""
+    def patchify(self, f: Tensor, cell: int | None = None) -> Tensor:
+        """(B, C, h, w) -> (B, N, C * c * c) with c = r/4 (or `cell`), cells row-major."""
         B, C, h, w = f.shape
-        c, n = self.cell, self.cells_per_axis
+        c, n = cell or self.cell, self.cells_per_axis
         if (h, w) != (n * c, n * c):
             raise ValueError(f"MAE expects a {n * c}x{n * c} feature map, got {h}x{w}")
         return f.reshape(B, C, n, c, n, c).permute(0, 2, 4, 1, 3, 5).reshape(B, n * n, C * c * c)
@@ -187,7 +192,7 @@ class MAE(nn.Module):
         keep = torch.argsort((~visible).to(torch.uint8), dim=1, stable=True)[
             :, :num_visible
         ]  # (B, V)
-        z = self.enc_embed(tokens) + self.enc_pos
+        z = self.enc_norm(self.enc_embed(tokens)) + self.enc_pos
         z = torch.gather(z, 1, keep[..., None].expand(-1, -1, z.shape[-1]))
         outs = []
         for block in self.encoder:
@@ -197,19 +202,34 @@ class MAE(nn.Module):
 
     def forward_decoder(self, tokens: Tensor, latents: list[Tensor], emb: Tensor) -> Tensor:
         """All tokens attend to the encoder latents: (B, N, d2)."""
-        z = self.dec_embed(tokens) + self.dec_pos
+        z = self.dec_tok_norm(self.dec_embed(tokens)) + self.dec_pos
         if self.time is not None:
             z = z + self.time(emb)[:, None]
         for block, j in zip(self.decoder, self.attend_to):
             z = block(z, latents[j])
         return self.dec_norm(z)
 
+    def encoder_tokens(self, f: Tensor, clean: Tensor | None) -> Tensor:
+        """The tokens the encoder embeds: cells of f (mae.tokens "features", the paper)
+        or of the clean image x^_0 (B, 1, H, W) in model range ("clean")."""
+        if self.cfg.tokens == "features":
+            return self.patchify(f)
+        if clean is None:
+            raise ValueError("mae.tokens='clean' needs the clean image (U-Net `clean=`)")
+        return self.patchify(clean, self.pixel_cell)
+
     def forward(
-        self, f: Tensor, visible: Tensor, emb: Tensor, num_visible: int | None = None
+        self,
+        f: Tensor,
+        visible: Tensor,
+        emb: Tensor,
+        num_visible: int | None = None,
+        clean: Tensor | None = None,
     ) -> Tensor:
-        """num_visible: see `forward_encoder`."""
+        """num_visible: see `forward_encoder`; clean: the clean image, for mae.tokens
+        "clean" (only its visible cells reach the encoder)."""
         tokens = self.patchify(f)
-        latents = self.forward_encoder(tokens, visible, num_visible)
+        latents = self.forward_encoder(self.encoder_tokens(f, clean), visible, num_visible)
         z = self.forward_decoder(tokens, latents, emb)
         n = self.cells_per_axis
         grid = z.transpose(1, 2).reshape(z.shape[0], -1, n, n)  # (B, d2, H/r, W/r)

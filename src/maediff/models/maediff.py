@@ -73,10 +73,11 @@ class MAEDiff(AnomalyModel):
             m = self.patch_masks[k].to(x0.dtype)
             cond = torch.cat([x0 * (1 - m), m], dim=1)
         t = t.to(x_tilde.device)
+        clean = x0 if visible is not None and self.cfg.mae.tokens == "clean" else None
         if not self.cfg.diffusion.precondition:
-            return self.net(x_tilde, t, visible, cond, self.num_visible)
+            return self.net(x_tilde, t, visible, cond, self.num_visible, clean)
         net_in, skip, c_out = self.precondition(x_tilde, t, k)
-        out = self.net(net_in, t, visible, cond, self.num_visible)
+        out = self.net(net_in, t, visible, cond, self.num_visible, clean)
         return skip + c_out * out.float()
 
     def _noise_std(self) -> float:

@@ -186,10 +186,12 @@ class UNet(nn.Module):
         visible: Tensor | None = None,
         cond: Tensor | None = None,
         num_visible: int | None = None,
+        clean: Tensor | None = None,
     ) -> Tensor:
         """x: (B, 1, H, W); t: (B,); visible: (B, N) bool grid cells the MAE encoder sees;
         cond: (B, 2, H, W) visible region and patch mask when `condition_channels`;
-        num_visible: True cells per row of `visible` when known (see MAE.forward_encoder)."""
+        num_visible: True cells per row of `visible` when known (see MAE.forward_encoder);
+        clean: (B, 1, H, W) the clean image, read by the MAE when mae.tokens is "clean"."""
         if self.cfg.condition_channels:
             if cond is None:
                 raise ValueError(
@@ -206,7 +208,7 @@ class UNet(nn.Module):
             if visible is None:
                 raise ValueError("the MAE branch needs the visible-cell mask `visible`")
             # paper §3.3: added to f before the bottleneck
-            h = h + self.mae(h, visible, emb, num_visible)
+            h = h + self.mae(h, visible, emb, num_visible, clean)
             hs[-1] = h
         h = self.middle(h, emb)
         for block in self.output_blocks:

@@ -52,6 +52,7 @@ from ..config import (
     preset_name,
     save_config,
     to_dict,
+    with_update_budget,
 )
 from ..data.datasets import load_subject
 from ..data.splits import read_pddpm_split
@@ -64,9 +65,11 @@ from ..evaluation.comparison import (
     paired_tests,
     tests_markdown,
 )
+from ..evaluation.probe import mae_input_dependence, patch_probe, probe_slices
 from ..evaluation.report import write_html
 from ..evaluation.runs import load_summary
 from ..models import MODELS
+from ..models.maediff import MAEDiff
 from ..training.checkpoint import load_model
 from ..training.trainer import load_run_config, prepare_training_data, train
 from .detect import reconstruct_volume
@@ -153,16 +156,19 @@ class BenchmarkPlan:
         t = cfg.train
         if self.minutes is not None:
             t = replace(t, max_minutes=self.minutes, max_steps=0, epochs=10**6)
-        elif self.steps is not None:
-            t = replace(t, max_steps=self.steps, max_minutes=0.0, epochs=10**6)
-        cfg = replace(cfg, train=replace(t, seed=spec.seed), data=replace(cfg.data, fold=spec.fold))
+        cfg = replace(cfg, train=t)
+        if self.minutes is None and self.steps is not None:
+            cfg = with_update_budget(cfg, self.steps)
+        cfg = replace(
+            cfg, train=replace(cfg.train, seed=spec.seed), data=replace(cfg.data, fold=spec.fold)
+        )
         return apply_overrides(cfg, self.overrides) if self.overrides else cfg
 
     def budget(self) -> str:
         if self.minutes is not None:
             return f"{self.minutes:g} min of training per run"
         if self.steps is not None:
-            return f"{self.steps} training steps per run"
+            return f"{self.steps} updates of each reconstructing part per run"
         return "each preset's own training budget"
 
     def reference(self) -> str | None:
@@ -248,6 +254,10 @@ def execute_run(
 
         model = build_model(cfg).to(resolve_device(device))
     timing["train_s"] = round(time.perf_counter() - t0, 1)
+    if isinstance(model, MAEDiff) and not (folder / "probe.json").exists():
+        t0 = time.perf_counter()
+        write_probe(model, data, folder / "probe.json")
+        timing["probe_s"] = round(time.perf_counter() - t0, 1)
     t0 = time.perf_counter()
     evaluate_model(
         model,
@@ -261,9 +271,20 @@ def execute_run(
         progress=progress,
     )
     timing["evaluate_s"] = round(time.perf_counter() - t0, 1)
-    save_figure_slices(model, data, folder / "figure3.npz", spec.seed)
+    if (spec.fold, spec.seed) == (plan.folds[0], plan.seeds[0]):  # Figure 3 shows one run
+        save_figure_slices(model, data, folder / "figure3.npz", spec.seed)
     write_atomic(folder / "timing.json", json.dumps(timing, indent=2))
     return timing
+
+
+def write_probe(model, data: Path, path: Path) -> None:
+    """The patch probe and, with an MAE, its input dependence (evaluation/probe.py)."""
+    slices, brain = probe_slices(model.cfg, data)
+    result = {"probe": patch_probe(model, slices, brain)}
+    dep = mae_input_dependence(model, slices)
+    if dep is not None:
+        result["mae"] = dep
+    write_atomic(path, json.dumps(result, indent=1))
 
 
 _DATA_CACHE: dict[str, Any] = {}
@@ -480,6 +501,10 @@ def collect(plan: BenchmarkPlan, out: Path) -> int:
         write_atomic(out / "wilcoxon.csv", "\n".join(buf) + "\n")
     fig = _figure3(plan, out, found)
     timing = _timing_text(plan, out, found)
+    probe_md = probe_table(plan, out, found)
+    if probe_md:
+        write_atomic(out / "probe.md", probe_md)
+    budget_md = budget_table(plan, found)
     sections = [
         {
             "heading": "Table",
@@ -487,6 +512,21 @@ def collect(plan: BenchmarkPlan, out: Path) -> int:
             "text": f"Mean ± std over runs (folds or seeds) of each run's per-volume mean; best bold, second underlined. Budget: {plan.budget()}; scale {plan.scale}. {timing}",
         },
     ]
+    sections.append(
+        {
+            "heading": "Training budgets",
+            "table": budget_md,
+            "text": "Every model gets the same number of optimizer updates of each part that produces its reconstruction (docs/baselines.md, Budgets).",
+        }
+    )
+    if probe_md:
+        sections.append(
+            {
+                "heading": "Patch probe",
+                "table": probe_md,
+                "text": PROBE_TEXT,
+            }
+        )
     if tests_md:
         sections.append(
             {
@@ -505,10 +545,103 @@ def collect(plan: BenchmarkPlan, out: Path) -> int:
         )
     page = write_html(out / "report.html", "maediff benchmark", sections)
     print(table.markdown())
+    print(budget_md)
+    if probe_md:
+        print(probe_md)
     if tests_md:
         print(tests_md)
     print(f"report: {page}")
     return 0
+
+
+PROBE_REFERENCE = ("ablation-unet", "pddpm-s16")  # the plain U-Net (the same configuration)
+PROBE_TEXT = (
+    "In-patch l1 (x 100, image intensity units) of each diffusion model's x0 prediction on "
+    "healthy validation slices, at draws of (t, noise field, patch position) fixed once and "
+    "shared by every model and run, overall and per band of t; mean ± std over runs. "
+    "Δ U-Net: the paired difference to the plain U-Net run of the same fold and seed, mean ± "
+    "std over those pairs (negative: better inpainting). MAE input share: the fraction of the "
+    "MAE branch's output energy that depends on the image (the rest is the same for every "
+    "input at a patch position); MAE / f: the branch's rms relative to the feature map it is "
+    "added to (evaluation/probe.py)."
+)
+
+
+def _probe(out: Path, spec: RunSpec) -> dict | None:
+    f = out / "runs" / spec.key / "probe.json"
+    return json.loads(f.read_text()) if f.exists() else None
+
+
+def _mean_std(v: Sequence[float], scale: float = 1.0, digits: int = 2) -> str:
+    a = np.asarray(v, dtype=float) * scale
+    if len(a) == 0:
+        return "-"
+    return f"{a.mean():.{digits}f} ± {a.std():.{digits}f}" if len(a) > 1 else f"{a[0]:.{digits}f}"
+
+
+def probe_table(plan: BenchmarkPlan, out: Path, found) -> str:
+    """The patch probe of every diffusion model with finished runs (Markdown, '' if none)."""
+    probes = {
+        m: {(spec.fold, spec.seed): p for spec, _ in runs if (p := _probe(out, spec))}
+        for m, runs in found.items()
+    }
+    probes = {m: v for m, v in probes.items() if v}
+    if not probes:
+        return ""
+    ref = next((probes[r] for r in PROBE_REFERENCE if r in probes), None)
+    bands = next(iter(next(iter(probes.values())).values()))["probe"]["bands"]
+    head = ["model", "runs", "in-patch l1"] + [f"t {b['t'][0]}-{b['t'][1]}" for b in bands]
+    head += ["Δ U-Net", "MAE input share", "MAE / f"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for m in plan.models:
+        if m not in probes:
+            continue
+        runs = probes[m]
+        cells = [DISPLAY_NAMES[m], str(len(runs))]
+        cells.append(_mean_std([p["probe"]["l1"] for p in runs.values()], 100))
+        for b in range(len(bands)):
+            cells.append(_mean_std([p["probe"]["bands"][b]["l1"] for p in runs.values()], 100))
+        if ref is not None and m not in PROBE_REFERENCE:
+            diffs = [
+                p["probe"]["l1"] - ref[key]["probe"]["l1"] for key, p in runs.items() if key in ref
+            ]
+            cells.append(f"{_mean_std(diffs, 100, 3)} (n={len(diffs)})" if diffs else "-")
+        else:
+            cells.append("-")
+        mae = [p["mae"] for p in runs.values() if "mae" in p]
+        cells.append(_mean_std([d["input_share"] for d in mae], 1, 3) if mae else "-")
+        cells.append(_mean_std([d["relative_rms"] for d in mae], 1, 3) if mae else "-")
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def budget_of(cfg: Config) -> str:
+    """The training budget of one configuration in the shared unit (updates per part)."""
+    t = cfg.train
+    if not MODELS[cfg.model].trainable:
+        return "no training"
+    if t.max_minutes:
+        return f"{t.max_minutes:g} min"
+    if not t.max_steps:
+        return f"{t.epochs} epochs of batch {t.batch_size}"
+    if cfg.model == "fanogan":
+        f = cfg.fanogan
+        gan = round(t.max_steps * f.gan_fraction)
+        gen = gan // (f.n_critic + 1)
+        return (
+            f"{gen} generator + {t.max_steps - gan} encoder updates "
+            f"(and {gan - gen} critic updates), {t.batch_size} slices each"
+        )
+    unit = "volumes" if MODELS[cfg.model].input_kind == "volumes" else "slices"
+    return f"{t.max_steps} updates of {t.batch_size} {unit}"
+
+
+def budget_table(plan: BenchmarkPlan, found) -> str:
+    lines = ["| model | training budget |", "|---|---|"]
+    for m in plan.models:
+        spec = found[m][0][0] if m in found else RunSpec(m, plan.folds[0], plan.seeds[0])
+        lines.append(f"| {DISPLAY_NAMES[m]} | {budget_of(plan.config(spec))} |")
+    return "\n".join(lines) + "\n"
 
 
 def _figure3(plan: BenchmarkPlan, out: Path, found) -> Path | None:
