@@ -1,4 +1,4 @@
-"""The ablation measures (evaluation/probe.py), the MAE token switches and the shared
+"""The ablation measures (pipeline/probe.py), the MAE token switches and the shared
 update budget (config.with_update_budget)."""
 
 from dataclasses import replace
@@ -8,8 +8,8 @@ import torch
 
 from conftest import draw_zero_layers
 from maediff.config import get_preset, with_update_budget
-from maediff.evaluation.probe import mae_input_dependence, patch_probe, probe_draws
 from maediff.models import build_model
+from maediff.pipeline.probe import mae_input_dependence, patch_probe, probe_draws
 
 
 def _model(name="maediff-tiny", seed=0, **mae):

@@ -230,8 +230,14 @@ def _add_tumour(
 
 
 def _add_ms(
-    rng: np.random.Generator, img: np.ndarray, wm: np.ndarray, brain: np.ndarray
+    rng: np.random.Generator,
+    img: np.ndarray,
+    wm: np.ndarray,
+    brain: np.ndarray,
+    drawn: list[dict] | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
+    """White-matter lesions; `drawn` receives one record per lesion (centre in voxels,
+    its own voxel count: lesions can touch and merge in the ground truth)."""
     x = _grid()
     seg = np.zeros(SHAPE, bool)
     cands = np.argwhere((wm > 0.75) & (brain > 0.5))
@@ -243,14 +249,19 @@ def _add_ms(
         w = _occupancy(d, 1.0, 0.5) * brain
         img = _blend(img, w, rng.uniform(0.68, 0.85))
         seg |= w > 0.5
+        if drawn is not None:
+            own = int(((w > 0.5) & (brain > 0.5)).sum())
+            drawn.append({"kind": "ms", "centre": c.tolist(), "voxels": own})
     return img, seg & (brain > 0.5)
 
 
 # --------------------------------------------------------------------------- one subject
 
 
-def make_subject(seed: int, kind: str, index: int, site: str = "a") -> dict[str, np.ndarray]:
-    """One synthetic subject: image (scanner units), brain mask, lesion mask (uint8)."""
+def make_subject(seed: int, kind: str, index: int, site: str = "a") -> dict:
+    """One synthetic subject: image (scanner units), brain mask, lesion mask (uint8),
+    and `lesions`: what was drawn per lesion (kind, centre in voxel indices, voxels of
+    its own ground truth; a tumour's oedema, core and necrosis are one lesion)."""
     if kind not in KINDS:
         raise ValueError(f"kind {kind!r} must be one of {sorted(KINDS)}")
     if site not in SITES:
@@ -276,10 +287,19 @@ def make_subject(seed: int, kind: str, index: int, site: str = "a") -> dict[str,
     texture = 1 + _smooth_field(rng, (24, 24, 12), 0.035)
     img = (csf * v_csf + gm * v_gm + wm * v_wm) * texture
     seg = np.zeros(SHAPE, bool)
+    drawn: list[dict] = []
     if kind == "tumour":
         img, seg = _add_tumour(rng, img, brain, wm, plan)
+        drawn.append(
+            {
+                "kind": "tumour",
+                "centre": plan["centre"].tolist(),
+                "voxels": int(seg.sum()),
+                "necrosis": plan["necrosis"],
+            }
+        )
     elif kind == "ms":
-        img, seg = _add_ms(rng, img, wm, brain)
+        img, seg = _add_ms(rng, img, wm, brain, drawn)
     if acq.contrast is not None:
         img = np.interp(img, *acq.contrast)
     img = img * np.exp(_smooth_field(rng, (3, 3, 3), rng.uniform(*acq.bias)))  # bias field
@@ -290,7 +310,12 @@ def make_subject(seed: int, kind: str, index: int, site: str = "a") -> dict[str,
         (img + sigma * rng.standard_normal(SHAPE)) ** 2 + (sigma * rng.standard_normal(SHAPE)) ** 2
     )
     img = (img * brain * rng.uniform(*acq.gain)).astype(np.float32)
-    return {"image": img, "mask": brain.astype(np.uint8), "seg": seg.astype(np.uint8)}
+    return {
+        "image": img,
+        "mask": brain.astype(np.uint8),
+        "seg": seg.astype(np.uint8),
+        "lesions": drawn,
+    }
 
 
 # --------------------------------------------------------------------------- the benchmark on disk
@@ -307,7 +332,22 @@ def _subject_name(kind: str, i: int) -> str:
     return pattern.format(900 + i, i) if kind == "healthy" else pattern.format(i)
 
 
-def _write_subject(args: tuple[Path, int, str, int, str]) -> str:
+LESION_FIELDS = [
+    "subject",
+    "dataset",
+    "lesion",
+    "kind",
+    "x_mm",
+    "y_mm",
+    "z_mm",
+    "voxels",
+    "volume_ml",
+    "necrosis",
+]
+
+
+def _write_subject(args: tuple[Path, int, str, int, str]) -> list[dict]:
+    """Write one subject's files; returns its rows of lesions.csv (world mm, RAS)."""
     root, seed, kind, i, site = args
     folder, _ = _LAYOUT[kind]
     name = _subject_name(kind, i)
@@ -324,7 +364,25 @@ def _write_subject(args: tuple[Path, int, str, int, str]) -> str:
         img.header.set_sform(aff, code=1)
         (base / sub).mkdir(parents=True, exist_ok=True)
         nib.save(img, str(base / sub / f"{name}_{sub}.nii.gz"))
-    return name
+    voxel_ml = float(abs(np.linalg.det(aff[:3, :3]))) / 1000.0
+    rows = []
+    for n, les in enumerate(vols["lesions"], 1):
+        x, y, z = (aff @ np.array([*les["centre"], 1.0]))[:3]
+        rows.append(
+            {
+                "subject": f"{name}_t2",  # the image's stem, as the evaluation names it
+                "dataset": folder.split("/")[-1],
+                "lesion": n,
+                "kind": les["kind"],
+                "x_mm": round(float(x), 2),
+                "y_mm": round(float(y), 2),
+                "z_mm": round(float(z), 2),
+                "voxels": les["voxels"],
+                "volume_ml": round(les["voxels"] * voxel_ml, 4),
+                "necrosis": les.get("necrosis", ""),
+            }
+        )
+    return rows
 
 
 def _csv_rows(kind: str, indices: list[int]) -> list[dict]:
@@ -401,16 +459,20 @@ def generate_benchmark(
         jobs = [(tmp, cfg.seed, kind, i, cfg.site) for kind in n for i in range(n[kind])]
         template()  # load once before forking workers
         bar = tqdm(total=len(jobs), desc="synthesising", unit="vol", disable=not progress)
+        lesions: list[dict] = []
         if cfg.workers > 1:
             with ProcessPoolExecutor(cfg.workers) as ex:
-                for _ in ex.map(_write_subject, jobs, chunksize=4):
+                for rows in ex.map(_write_subject, jobs, chunksize=4):
+                    lesions += rows
                     bar.update()
         else:
             for j in jobs:
-                _write_subject(j)
+                lesions += _write_subject(j)
                 bar.update()
         bar.close()
         write_splits(tmp, cfg)
+        # what was drawn per lesion, so that results can be split by kind, size, place
+        _write_csv(tmp / "lesions.csv", lesions, LESION_FIELDS)
         (tmp / "synthetic.json").write_text(
             json.dumps(
                 {

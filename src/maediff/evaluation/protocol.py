@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from .lesions import lesion_rows
 from .metrics import average_precision, best_dice, dice, roc_auc
 from .postprocess import (
     EROSION_ITERATIONS,
@@ -38,6 +39,18 @@ class VolumeResult:
     reconstruction: np.ndarray
     brain_mask: np.ndarray
     segmentation: np.ndarray | None = None
+    # the grid's voxel -> mm affine (lesion volumes in ml, centroids in mm); None: 1 mm
+    # voxels are assumed
+    affine: np.ndarray | None = None
+    # records of the lesions a generator drew (synthetic benchmark: lesions.csv), each
+    # with x_mm, y_mm, z_mm: joined to the lesion that holds its centre
+    drawn: list[dict] = field(default_factory=list)
+
+    @property
+    def voxel_ml(self) -> float:
+        if self.affine is None:
+            return 1e-3
+        return float(abs(np.linalg.det(np.asarray(self.affine)[:3, :3]))) / 1000.0
 
     def __post_init__(self) -> None:
         shapes = {
@@ -63,6 +76,7 @@ class EvalSettings:
     top_fraction: float = 0.01  # volume score: mean of the top 1 % brain-voxel scores
     curve_samples: int = 20000  # voxels per test volume kept for pooled PR curves
     seed: int = 0
+    lesion_overlap: float = 0.0  # a lesion is detected above this covered fraction
 
 
 @dataclass
@@ -74,6 +88,7 @@ class EvalOutcome:
     curve_labels: np.ndarray | None = None
     fpr_thresholds: dict[str, float] = field(default_factory=dict)
     pooled_bytes: int = 0
+    lesions: list[dict] = field(default_factory=list)  # one row per ground-truth lesion
 
 
 def score_volume(v: VolumeResult, s: EvalSettings = EvalSettings()) -> np.ndarray:
@@ -124,6 +139,9 @@ def test_metrics(
         lesion_voxels=int(gt.sum()),
         predicted_voxels=int(pred.sum()),
     )
+    rows, counts = lesion_rows(pred, gt, v.voxel_ml, s.lesion_overlap, v.affine, v.drawn)
+    rec.update(counts)
+    rec["_lesions"] = [{"subject": v.name, **r} for r in rows]
     rng = np.random.default_rng([s.seed, zlib.crc32(v.name.encode())])
     idx = np.flatnonzero(v.brain_mask.astype(bool).ravel() | gt.ravel())
     if idx.size > s.curve_samples:
@@ -206,6 +224,7 @@ def evaluate_split(
     for rec, sc, lab in _bounded_map(
         _test_job, ((v, threshold, settings) for v in test_volumes), n_jobs
     ):
+        outcome.lesions.extend(rec.pop("_lesions", []))
         outcome.records.append(rec)
         cs.append(sc)
         cl.append(lab)

@@ -161,6 +161,27 @@ def figure_dice_distribution(
     return _save(fig, path)
 
 
+def figure_dice_vs_volume(
+    points: Mapping[str, Sequence[tuple[float, float]]], label: str, path: str | Path
+) -> Path:
+    """Per test volume: Dice against its total lesion volume (ml, log scale), one
+    marker per data set."""
+    fig, ax = plt.subplots(figsize=(5.5, 4))
+    for (ds, pts), marker in zip(points.items(), "os^vD"):
+        pts = [(v, d) for v, d in pts if v > 0 and np.isfinite(d)]
+        if pts:
+            v, d = np.array(pts).T
+            ax.scatter(v, 100 * d, marker=marker, label=f"{ds} ({len(pts)})", alpha=0.8)
+    ax.set_xscale("log")
+    ax.set_xlabel("lesion volume of the scan (ml)")
+    ax.set_ylabel("Dice (%)")
+    ax.set_ylim(-2, 100)
+    ax.set_title(f"{label}: Dice per test volume")
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend()
+    return _save(fig, path)
+
+
 def figure_curves(
     columns: Mapping[str, Sequence[float]],
     x: Sequence[float],

@@ -23,6 +23,7 @@ from typing import Any
 import numpy as np
 
 from .aggregate import combine_runs, write_atomic
+from .lesions import lesion_markdown
 from .postprocess import remove_small_components
 from .protocol import EvalSettings, VolumeResult, score_volume
 from .report import (
@@ -158,6 +159,23 @@ def write_report(summaries: Sequence[dict[str, Any]], out_dir: str | Path) -> Pa
     ]
     if len(summaries) > 1:
         sections[0]["images"] = _combined_figures(summaries, out)
+    lesion_md = lesion_tables(summaries)
+    if lesion_md:
+        write_atomic(out / "lesions.md", lesion_md)
+        sections.append(
+            {
+                "heading": "Results by lesion",
+                "table": lesion_md,
+                "text": "Lesion-wise detection pooled over the test volumes of each run (first table), and Dice and AUPRC of the test volumes grouped by their total lesion volume (second table); "
+                + next(
+                    d["lesions"]["rule"]
+                    for sm in summaries
+                    for d in sm["datasets"].values()
+                    if "lesions" in d
+                )
+                + ".",
+            }
+        )
     for idx, (s, tag) in enumerate(zip(summaries, _run_tags(summaries)), 1):
         src = Path(s.get("_dir") or out)  # folder holding this summary's figures
         lines = [
@@ -176,7 +194,8 @@ def write_report(summaries: Sequence[dict[str, Any]], out_dir: str | Path) -> Pa
                 lines.append(f"{ds}: {d.get('n_test')} test volumes" + _exclusion_text(d))
         images = []
         figs = s.get("figures", {})
-        for name in [*figs.get("examples", []), figs.get("pr_curves"), figs.get("dice")]:
+        names = [*figs.get("examples", []), figs.get("pr_curves"), figs.get("dice")]
+        for name in [*names, figs.get("dice_vs_volume")]:
             if name and (src / name).exists():
                 same = src.resolve() == out.resolve()
                 target = out / (name if same else f"{idx}-{_safe(s['model'])}_{name}")
@@ -189,6 +208,30 @@ def write_report(summaries: Sequence[dict[str, Any]], out_dir: str | Path) -> Pa
     return write_html(out / "report.html", "maediff report", sections)
 
 
+def lesion_tables(summaries: Sequence[dict[str, Any]]) -> str:
+    """Markdown: lesion-wise detection and Dice / AUPRC by lesion load, one row per run
+    and data set ('' for summaries written before results by lesion existed)."""
+    by_run: dict[str, dict[str, dict]] = {}
+    for s, tag in zip(summaries, _run_tags(summaries)):
+        per_ds = {ds: d["lesions"] for ds, d in s["datasets"].items() if "lesions" in d}
+        if per_ds:
+            by_run[tag] = per_ds
+    if not by_run:
+        return ""
+    lines = ["", "| run | data set | lesion volume of the scan | volumes | Dice (%) | AUPRC (%) |"]
+    lines.append("|---|---|---|---|---|---|")
+    for tag, per_ds in by_run.items():
+        for ds, d in per_ds.items():
+            for b in d["by_volume_load"]:
+                if b["n"]:
+                    dice, auprc = (
+                        "-" if b[k] is None or b[k] != b[k] else f"{100 * b[k]:.1f}"
+                        for k in ("dice", "auprc")
+                    )
+                    lines.append(f"| {tag} | {ds} | {b['band']} | {b['n']} | {dice} | {auprc} |")
+    return lesion_markdown(by_run) + "\n".join(lines) + "\n"
+
+
 def _combined_figures(summaries: Sequence[dict[str, Any]], out: Path) -> list[Path]:
     """PR curves and per-subject Dice of all summaries in one figure each."""
     curves: dict[str, tuple[np.ndarray | None, np.ndarray | None]] = {}
@@ -199,7 +242,9 @@ def _combined_figures(summaries: Sequence[dict[str, Any]], out: Path) -> list[Pa
             with np.load(src / "curves.npz") as z:
                 for key in z.files:
                     name, part = key.rsplit("|", 1)
-                    ds = name.split(" ", 1)[1] if " " in name else name
+                    # keys are "MODEL LABEL DATASET": the label may hold spaces, the
+                    # data set is one of the summary's
+                    ds = next((d for d in s["datasets"] if name.endswith(f" {d}")), name)
                     label = f"{tag} {ds}"
                     sc, lab = curves.get(label, (None, None))
                     curves[label] = (z[key], lab) if part == "scores" else (sc, z[key])

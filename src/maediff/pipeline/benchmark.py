@@ -65,7 +65,7 @@ from ..evaluation.comparison import (
     paired_tests,
     tests_markdown,
 )
-from ..evaluation.probe import mae_input_dependence, patch_probe, probe_slices
+from ..evaluation.lesions import lesion_markdown, merge_runs
 from ..evaluation.report import write_html
 from ..evaluation.runs import load_summary
 from ..models import MODELS
@@ -74,6 +74,7 @@ from ..training.checkpoint import load_model
 from ..training.trainer import load_run_config, prepare_training_data, train
 from .detect import reconstruct_volume
 from .evaluate import evaluate_model
+from .probe import mae_input_dependence, patch_probe, probe_slices
 
 REFERENCE = {"1": "maediff", "2": "ablation-unet-att-mae"}
 # Table rows whose configuration is another row's (only the preset name differs): a
@@ -278,7 +279,7 @@ def execute_run(
 
 
 def write_probe(model, data: Path, path: Path) -> None:
-    """The patch probe and, with an MAE, its input dependence (evaluation/probe.py)."""
+    """The patch probe and, with an MAE, its input dependence (pipeline/probe.py)."""
     slices, brain = probe_slices(model.cfg, data)
     result = {"probe": patch_probe(model, slices, brain)}
     dep = mae_input_dependence(model, slices)
@@ -505,6 +506,9 @@ def collect(plan: BenchmarkPlan, out: Path) -> int:
     if probe_md:
         write_atomic(out / "probe.md", probe_md)
     budget_md = budget_table(plan, found)
+    lesion_md = lesion_table(plan, found)
+    if lesion_md:
+        write_atomic(out / "lesions.md", lesion_md)
     sections = [
         {
             "heading": "Table",
@@ -519,6 +523,14 @@ def collect(plan: BenchmarkPlan, out: Path) -> int:
             "text": "Every model gets the same number of optimizer updates of each part that produces its reconstruction (docs/baselines.md, Budgets).",
         }
     )
+    if lesion_md:
+        sections.append(
+            {
+                "heading": "Results by lesion",
+                "table": lesion_md,
+                "text": "Lesion-wise detection of each model's runs: counts summed over runs (sensitivity by lesion volume: detected / lesions), lesion F1, sensitivity and false-positive components per volume averaged over runs (docs/evaluation.md, Results by lesion).",
+            }
+        )
     if probe_md:
         sections.append(
             {
@@ -563,7 +575,7 @@ PROBE_TEXT = (
     "std over those pairs (negative: better inpainting). MAE input share: the fraction of the "
     "MAE branch's output energy that depends on the image (the rest is the same for every "
     "input at a patch position); MAE / f: the branch's rms relative to the feature map it is "
-    "added to (evaluation/probe.py)."
+    "added to (pipeline/probe.py)."
 )
 
 
@@ -613,6 +625,19 @@ def probe_table(plan: BenchmarkPlan, out: Path, found) -> str:
         cells.append(_mean_std([d["relative_rms"] for d in mae], 1, 3) if mae else "-")
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
+
+
+def lesion_table(plan: BenchmarkPlan, found) -> str:
+    by_model: dict[str, dict[str, dict]] = {}
+    for m in plan.models:
+        per_ds: dict[str, list[dict]] = {}
+        for _, s in found.get(m, []):
+            for ds, d in s["datasets"].items():
+                if "lesions" in d:
+                    per_ds.setdefault(ds, []).append(d["lesions"])
+        if per_ds:
+            by_model[DISPLAY_NAMES[m]] = {ds: merge_runs(v) for ds, v in per_ds.items()}
+    return lesion_markdown(by_model)
 
 
 def budget_of(cfg: Config) -> str:

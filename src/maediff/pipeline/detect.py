@@ -84,14 +84,15 @@ def reconstruct_volume(
 
 def reconstruct_subject(
     model: AnomalyModel, subject: Subject, data_cfg: DataConfig, seed: int
-) -> tuple[str, np.ndarray, np.ndarray, np.ndarray | None, np.ndarray]:
+) -> tuple[str, np.ndarray, np.ndarray, np.ndarray | None, np.ndarray, np.ndarray]:
     """What the evaluation protocol needs of one subject: (name, image, brain mask,
-    segmentation, reconstruction with every patch), the noise seeded by `seed`."""
+    segmentation, reconstruction with every patch, the grid's affine), the noise seeded
+    by `seed`."""
     vol = load_subject(subject, data_cfg)
     rec = reconstruct_volume(
         model, vol, torch.Generator().manual_seed(seed), skip_empty_patches=False
     )
-    return subject.name, vol.image, vol.brain_mask, vol.segmentation, rec
+    return subject.name, vol.image, vol.brain_mask, vol.segmentation, rec, vol.affine
 
 
 def output_paths(out_dir: str | Path, name: str, bids: bool = False) -> dict[str, Path]:

@@ -17,6 +17,7 @@ it is re-exported here for callers of this module.
 
 from __future__ import annotations
 
+import csv
 import os
 import shutil
 import time
@@ -32,8 +33,9 @@ from ..config import DataConfig
 from ..data.io import DataError
 from ..data.splits import Subject, read_pddpm_split
 from ..evaluation.aggregate import exclusions, summarise, write_json, write_subject_csv
+from ..evaluation.lesions import lesion_summary
 from ..evaluation.protocol import EvalSettings, VolumeResult, evaluate_healthy, evaluate_split
-from ..evaluation.report import figure_dice_distribution, figure_pr_curves
+from ..evaluation.report import figure_dice_distribution, figure_dice_vs_volume, figure_pr_curves
 from ..evaluation.runs import ANOMALY_SETS, example_figure, load_summary, table_rows, write_report
 from .detect import reconstruct_subject
 from .workers import ReconstructionPool, auto_workers
@@ -61,6 +63,7 @@ def _volumes(
     n_keep: int,
     bar: tqdm | None,
     stream: Iterator[tuple] | None = None,
+    drawn: dict[str, list[dict]] | None = None,
 ) -> Iterator[VolumeResult]:
     """Load, reconstruct and yield volumes one at a time (keeping the first n_keep), in
     this process or, with `stream`, from worker processes that compute the same
@@ -72,8 +75,8 @@ def _volumes(
         results = (_next_of(stream, s.name) for s in subjects)
     else:
         results = (reconstruct_subject(model, s, data_cfg, seed) for s in subjects)
-    for name, image, brain, seg, rec in results:
-        v = VolumeResult(name, image, rec, brain, seg)
+    for name, image, brain, seg, rec, affine in results:
+        v = VolumeResult(name, image, rec, brain, seg, affine, (drawn or {}).get(name, []))
         if keep is not None and len(keep) < n_keep:
             keep.append(v)
         if bar is not None:
@@ -86,6 +89,25 @@ def _next_of(stream: Iterator[tuple], name: str) -> tuple:
     if item[0] != name:  # the protocol reads the volumes in the order they were queued
         raise RuntimeError(f"worker stream out of order: expected {name}, got {item[0]}")
     return item
+
+
+def drawn_lesions(data_dir: str | Path) -> dict[str, list[dict]]:
+    """subject -> the lesions a generator recorded in DATA/lesions.csv (the synthetic
+    benchmark writes it); {} when the file is absent."""
+    f = Path(data_dir) / "lesions.csv"
+    if not f.exists():
+        return {}
+    out: dict[str, list[dict]] = {}
+    with f.open(newline="") as fh:
+        for row in csv.DictReader(fh):
+            rec: dict[str, Any] = dict(row)
+            for key in ("x_mm", "y_mm", "z_mm", "volume_ml"):
+                try:
+                    rec[key] = float(rec[key])
+                except (KeyError, ValueError) as e:
+                    raise DataError(f"{f}: row {row} has no number in column {key!r}") from e
+            out.setdefault(rec["subject"], []).append(rec)
+    return out
 
 
 def _limit(subjects: list[Subject], n: int | None) -> list[Subject]:
@@ -211,6 +233,7 @@ def evaluate_model(
             progress,
             figures,
             pool,
+            drawn_lesions(data_dir),
         )
         write_json(summary, stage / "summary.json")
         write_report([summary], stage)
@@ -238,9 +261,10 @@ def _run(
     progress: bool,
     figures: bool,
     pool: ReconstructionPool | None = None,
+    drawn: dict[str, list[dict]] | None = None,
 ) -> None:
     """Every data set, then the healthy test set; results and figures into `out`."""
-    curves, dice_dists, examples_png = {}, {}, []
+    curves, dice_dists, examples_png, by_volume = {}, {}, [], {}
     stream = None
     if pool is not None:  # one queue over everything, so that no worker waits between splits
         stream = pool.map(plan.subjects(), data_cfg, seed)
@@ -253,7 +277,7 @@ def _run(
         t0 = time.perf_counter()
         outcome = evaluate_split(
             _volumes(val, model, data_cfg, seed, None, 0, bar, stream),
-            _volumes(test, model, data_cfg, seed, kept, 3, bar, stream),
+            _volumes(test, model, data_cfg, seed, kept, 3, bar, stream, drawn),
             settings,
             n_jobs=n_jobs,
         )
@@ -266,17 +290,26 @@ def _run(
             "threshold": outcome.threshold,
         }
         write_subject_csv(outcome.records, out / f"{ds}_test_subjects.csv", context)
+        write_subject_csv(outcome.lesions, out / f"{ds}_test_lesions.csv", context)
         summary["datasets"][ds] = {
             "threshold": outcome.threshold,
             "threshold_source": f"{ds} val ({len(val)} volumes, pooled Dice {outcome.val_dice:.4f})",
             "n_test": len(test),
             "metrics": summarise(outcome.records),
             "excluded": exclusions(outcome.records),
+            "lesions": lesion_summary(
+                outcome.records, outcome.lesions, overlap=settings.lesion_overlap
+            ),
             "seconds": round(time.perf_counter() - t0, 1),
             "note": "oracle_best_dice chooses the threshold on each test volume itself: an upper bound, not a result",
         }
         curves[f"{label} {ds}"] = (outcome.curve_scores, outcome.curve_labels)
         dice_dists[f"{label} {ds}"] = [r.get("dice", float("nan")) for r in outcome.records]
+        by_volume[ds] = [
+            (r["lesion_ml"], r.get("dice", float("nan")))
+            for r in outcome.records
+            if "lesion_ml" in r
+        ]
         if figures and kept:
             examples_png.append(
                 example_figure(kept, outcome.threshold, settings, out / f"examples_{ds}.png")
@@ -302,6 +335,9 @@ def _run(
             "examples": [p.name for p in examples_png],
             "pr_curves": figure_pr_curves(curves, out / "pr_curves.png").name,
             "dice": figure_dice_distribution(dice_dists, out / "dice_per_subject.png").name,
+            "dice_vs_volume": figure_dice_vs_volume(
+                by_volume, label, out / "dice_vs_volume.png"
+            ).name,
         }
         np.savez_compressed(
             out / "curves.npz",

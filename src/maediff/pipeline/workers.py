@@ -9,7 +9,7 @@ exactly what the calling process would, and sends back arrays; results come back
 the order of the subjects, at most `2 * workers` volumes ahead of the consumer.
 
     with ReconstructionPool(model, workers=2) as pool:
-        for name, image, brain, seg, rec in pool.map(subjects, data_cfg, seed):
+        for name, image, brain, seg, rec, affine in pool.map(subjects, data_cfg, seed):
             ...
 """
 
