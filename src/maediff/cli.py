@@ -62,6 +62,7 @@ def cmd_synth(args: argparse.Namespace) -> int:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
+    from .data.bids import parse_participants
     from .training.trainer import load_run_config, prepare_training_data, read_run_sources, train
 
     run = Path(args.run)
@@ -71,14 +72,18 @@ def cmd_train(args: argparse.Namespace) -> int:
         data_dir = args.data or saved.get("data_dir")
         train_list = args.train_list or saved.get("train_list")
         val_list = args.val_list or saved.get("val_list")
+        participants = parse_participants(args.participants) or saved.get("participants")
     else:
         cfg = _config(args)
         data_dir, train_list, val_list = args.data, args.train_list, args.val_list
+        participants = parse_participants(args.participants)
         if (run / "last.safetensors").exists() and not args.overwrite:
             raise ValueError(
                 f"{run} already holds a training run; use --resume to continue it or --overwrite to start again"
             )
-    data = prepare_training_data(cfg, data_dir, train_list, val_list, progress=not args.quiet)
+    data = prepare_training_data(
+        cfg, data_dir, train_list, val_list, not args.quiet, participants=participants
+    )
     summary = train(cfg, data, run, device=args.device, resume=args.resume, progress=not args.quiet)
     print(
         f"trained {cfg.name} ({cfg.model}) {summary['steps']} steps in {summary['minutes']} min; "
@@ -117,11 +122,12 @@ def _inference_overrides(args: argparse.Namespace) -> list[str]:
 
 
 def cmd_detect(args: argparse.Namespace) -> int:
+    from .data.bids import is_bids, parse_participants
     from .data.splits import read_inputs
     from .pipeline.detect import detect_files
     from .training.checkpoint import load_model
 
-    subjects = read_inputs(args.input)
+    subjects = read_inputs(args.input, parse_participants(args.participants))
     threshold = _threshold(args)
     model = load_model(args.model, _device(args.device), _inference_overrides(args))
     report = detect_files(
@@ -134,6 +140,7 @@ def cmd_detect(args: argparse.Namespace) -> int:
         seed=_seed(args, model),
         batch_size=args.batch_size,
         progress=not args.quiet,
+        bids_source=args.input if is_bids(args.input) else None,
     )
     per_volume = report.seconds / max(len(report.written), 1)
     print(
@@ -165,8 +172,18 @@ def _evaluation_model(args: argparse.Namespace):
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
     from .config import display_name
-    from .pipeline.evaluate import evaluate_model
+    from .data.bids import is_bids, parse_participants
+    from .pipeline.evaluate import evaluate_model, plan_bids_evaluation
 
+    plan = None
+    if is_bids(args.data):
+        plan = plan_bids_evaluation(
+            args.data, parse_participants(args.participants), args.val_fraction, not args.no_ixi
+        )
+    elif args.participants:
+        raise ValueError(
+            f"--participants selects subjects of a BIDS data set; {args.data} is not one"
+        )
     model = _evaluation_model(args)
     s = evaluate_model(
         model,
@@ -181,6 +198,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         seed=_seed(args, model),
         max_volumes=args.max_volumes,
         progress=not args.quiet,
+        plan=plan,
     )
     print((Path(args.output) / "results.md").read_text())
     print(f"report: {Path(args.output) / 'report.html'} ({s['seconds']:.0f} s)")
@@ -335,9 +353,20 @@ def _parser_synth(p: argparse.ArgumentParser) -> None:
 def _parser_train(p: argparse.ArgumentParser) -> None:
     p.add_argument("--data", help="data folder in pDDPM's layout (Train/ixi, splits/)")
     p.add_argument(
-        "--train-list", help="instead of --data: a folder of healthy scans or a CSV (image, mask)"
+        "--train-list",
+        help="instead of --data: a folder of healthy scans, a CSV (image, mask) or a BIDS data "
+        "set (its scans without lesion labels)",
     )
-    p.add_argument("--val-list", help="validation scans for --train-list")
+    p.add_argument(
+        "--val-list",
+        help="validation scans for --train-list (BIDS without it: every 10th subject)",
+    )
+    p.add_argument(
+        "--participants",
+        nargs="+",
+        metavar="COLUMN=VALUE",
+        help="BIDS input: only participants whose participants.tsv row has these values",
+    )
     p.add_argument(
         "--run-dir",
         "--run",
@@ -373,9 +402,21 @@ def _parser_detect(p: argparse.ArgumentParser) -> None:
         "-i",
         "--input",
         required=True,
-        help="a NIfTI file, a folder of them, or a CSV (image, mask, seg)",
+        help="a NIfTI file, a folder of them, a CSV (image, mask, seg) or a BIDS data set",
     )
-    p.add_argument("-o", "--output", required=True, help="output folder")
+    p.add_argument(
+        "-o",
+        "--output",
+        required=True,
+        help="output folder (for a BIDS input: a derivatives data set, e.g. DS/derivatives/maediff)",
+    )
+    p.add_argument(
+        "--participants",
+        nargs="+",
+        metavar="COLUMN=VALUE",
+        help="BIDS input: only participants whose participants.tsv row has these values",
+    )
+
     p.add_argument("--model", required=True, help="run folder or .safetensors checkpoint")
     p.add_argument("--overwrite", action="store_true", help="redo scans whose outputs exist")
     _add_threshold_args(p)
@@ -398,9 +439,26 @@ def _parser_evaluate(p: argparse.ArgumentParser) -> None:
         choices=sorted(n for n, c in MODELS.items() if not c.trainable),
         help="evaluate a model that needs no training (intensity thresholding) instead",
     )
-    p.add_argument("--data", required=True, help="data folder in pDDPM's layout")
+    p.add_argument(
+        "--data",
+        required=True,
+        help="data folder in pDDPM's layout, or a BIDS data set (its scans with lesion labels; "
+        "every --val-fraction-th subject chooses the threshold)",
+    )
     p.add_argument("-o", "--output", required=True, help="output folder")
     p.add_argument("--datasets", nargs="+", default=["Brats21", "MSLUB"])
+    p.add_argument(
+        "--participants",
+        nargs="+",
+        metavar="COLUMN=VALUE",
+        help="BIDS input: only participants whose participants.tsv row has these values",
+    )
+    p.add_argument(
+        "--val-fraction",
+        type=float,
+        default=0.25,
+        help="BIDS: share of the labelled subjects that choose the threshold (default 0.25)",
+    )
     p.add_argument("--no-ixi", action="store_true", help="skip the healthy IXI test split (l1)")
     p.add_argument("--fold", type=int, help="recorded in the results")
     p.add_argument("--label", help="model name in tables (default: the preset's row name)")

@@ -32,6 +32,7 @@ class Subject:
     mask: Path | None = None
     seg: Path | None = None
     label: int = 0  # 0 healthy, 1 with lesions
+    folder: str | None = None  # BIDS: the scan's folder in its data set (sub-01/ses-1/anat)
 
 
 def canonical_dataset(name: str) -> str:
@@ -172,9 +173,19 @@ def read_subject_csv(path: str | Path) -> list[Subject]:
     return subjects
 
 
-def read_inputs(path: str | Path) -> list[Subject]:
-    """A single NIfTI file, a folder of scans, or a CSV subject list."""
+def read_inputs(
+    path: str | Path, participants: dict[str, str] | None = None, lesions: bool | None = None
+) -> list[Subject]:
+    """A single NIfTI file, a folder of scans, a CSV subject list, or a BIDS data set
+    (a folder with dataset_description.json; `participants` and `lesions` select its
+    scans, see data/bids.py)."""
     p = Path(path)
+    from .bids import is_bids, read_bids
+
+    if is_bids(p):
+        return read_bids(p, participants, lesions)
+    if participants:
+        raise DataError(f"--participants selects subjects of a BIDS data set; {p} is not one")
     if p.is_dir():
         return read_folder(p)
     if p.suffix == ".csv":

@@ -248,7 +248,7 @@ def _combined_figures(summaries: Sequence[dict[str, Any]], out: Path) -> list[Pa
                     label = f"{tag} {ds}"
                     sc, lab = curves.get(label, (None, None))
                     curves[label] = (z[key], lab) if part == "scores" else (sc, z[key])
-        for ds in ANOMALY_SETS:
+        for ds in [d for d in s["datasets"] if d != "IXI"]:
             f = src / f"{ds}_test_subjects.csv"
             if f.exists():
                 with f.open(newline="") as fh:

@@ -14,6 +14,7 @@ model never saw does not show up as anomaly.
 
 from __future__ import annotations
 
+import json
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -24,6 +25,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from ..data.bids import write_description
 from ..data.datasets import load_subject, slices_to_volume, volume_to_slices
 from ..data.io import DataError, save_like
 from ..data.preprocess import PreparedVolume
@@ -120,6 +122,14 @@ class DetectReport:
     seconds: float = 0.0
 
 
+def subject_outputs(out_dir: str | Path, subject: Subject, bids: bool = False) -> dict[str, Path]:
+    """output_paths for one subject; a BIDS subject's files go to its own folder
+    (OUT/sub-01/ses-1/anat/) and always have BIDS names."""
+    if subject.folder is not None:
+        return output_paths(Path(out_dir) / subject.folder, subject.name, bids=True)
+    return output_paths(out_dir, subject.name, bids)
+
+
 def detect_subject(
     model: AnomalyModel,
     subject: Subject,
@@ -138,7 +148,7 @@ def detect_subject(
     post = EvalSettings()  # the protocol's post-processing (evaluation/postprocess.py)
     scores = anomaly_scores(residual, vol.brain_mask, post.erosion_iterations, post.median_size)
     maps = {"anomaly": residual, "score": scores, "reconstruction": rec}
-    paths = output_paths(out_dir, subject.name, bids)
+    paths = subject_outputs(out_dir, subject, bids)
     written = {}
     for key, data in maps.items():
         written[key] = save_like(vol.to_input_space(data), vol.input_reference, paths[key])
@@ -150,7 +160,25 @@ def detect_subject(
             paths["prediction"],
             dtype=np.uint8,
         )
+    if subject.folder is not None:  # BIDS derivatives: a sidecar naming the source scan
+        source = f"bids:raw:{subject.folder}/{subject.image.name}"
+        for key, path in written.items():
+            sidecar = {"Sources": [source], "Description": SIDECAR_TEXT[key]}
+            if key == "prediction":
+                sidecar["Threshold"] = threshold
+            side = path.with_name(path.name.removesuffix(".nii.gz").removesuffix(".nii") + ".json")
+            tmp = side.with_name(f".{side.name}.tmp")
+            tmp.write_text(json.dumps(sidecar, indent=2) + "\n")
+            tmp.replace(side)
     return written
+
+
+SIDECAR_TEXT = {
+    "anomaly": "maediff anomaly map |x - reconstruction| (intensity units of the standardised scan)",
+    "score": "maediff anomaly score: the map after the protocol's post-processing (brain mask eroded, 5x5x5 median)",
+    "reconstruction": "maediff healthy reconstruction of the scan",
+    "prediction": "maediff binary anomaly map: score above Threshold, small components removed",
+}
 
 
 def detect_files(
@@ -164,12 +192,18 @@ def detect_files(
     batch_size: int | None = None,
     amp: str | None = None,
     progress: bool = True,
+    bids_source: str | Path | None = None,
 ) -> DetectReport:
-    """Run detection on many scans; a bad file is reported and skipped, not fatal."""
+    """Run detection on many scans; a bad file is reported and skipped, not fatal.
+    bids_source: the BIDS data set the subjects come from; `out_dir` then becomes a
+    derivatives data set (dataset_description.json, the input's sub-*/ses-*/anat
+    folders, BIDS names)."""
     report = DetectReport()
     start = time.perf_counter()
+    if bids_source is not None:  # a BIDS input: the outputs form a derivatives data set
+        write_description(out_dir, bids_source)
     for s in tqdm(subjects, desc="detecting", unit="scan", disable=not progress):
-        paths = output_paths(out_dir, s.name, bids)
+        paths = subject_outputs(out_dir, s, bids)
         wanted = [paths[k] for k in OUTPUTS] + (
             [paths["prediction"]] if threshold is not None else []
         )
@@ -186,4 +220,11 @@ def detect_files(
     return report
 
 
-__all__ = ["DetectReport", "detect_files", "detect_subject", "output_paths", "reconstruct_volume"]
+__all__ = [
+    "DetectReport",
+    "detect_files",
+    "detect_subject",
+    "output_paths",
+    "reconstruct_volume",
+    "subject_outputs",
+]

@@ -18,7 +18,9 @@ it is re-exported here for callers of this module.
 from __future__ import annotations
 
 import csv
+import json
 import os
+import re
 import shutil
 import time
 from collections.abc import Iterator, Sequence
@@ -30,6 +32,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from ..config import DataConfig
+from ..data.bids import is_bids, read_bids, split_every
 from ..data.io import DataError
 from ..data.splits import Subject, read_pddpm_split
 from ..evaluation.aggregate import exclusions, summarise, write_json, write_subject_csv
@@ -48,6 +51,7 @@ __all__ = [
     "EvalPlan",
     "evaluate_model",
     "load_summary",
+    "plan_bids_evaluation",
     "plan_evaluation",
     "table_rows",
     "write_report",
@@ -154,6 +158,37 @@ def plan_evaluation(
     return EvalPlan(anomaly, ixi)
 
 
+def plan_bids_evaluation(
+    root: str | Path,
+    participants: dict[str, str] | None = None,
+    val_fraction: float = 0.25,
+    healthy_test: bool = True,
+) -> EvalPlan:
+    """The protocol on a BIDS data set (data/bids.py): its scans with lesion labels
+    among `participants` form one data set, named after the data set's Name, whose
+    every round(1 / val_fraction)-th subject (sorted by name) chooses the threshold and
+    the rest are test volumes; its scans without lesion labels, if any, are the healthy
+    test volumes (l1)."""
+    root = Path(root)
+    if not is_bids(root):
+        raise DataError(f"{root} is not a BIDS data set (no dataset_description.json)")
+    everyone = read_bids(root, participants)
+    labelled = [s for s in everyone if s.seg is not None]
+    if len(labelled) < 2:
+        raise DataError(
+            f"{root}: {len(labelled)} scan(s) with lesion labels; the protocol needs at least "
+            "2 (validation for the threshold, and test)"
+        )
+    test, val = split_every(labelled, val_fraction)
+    try:
+        title = json.loads((root / "dataset_description.json").read_text()).get("Name", "")
+    except json.JSONDecodeError as e:
+        raise DataError(f"{root / 'dataset_description.json'} is not valid JSON: {e}") from e
+    name = re.sub(r"[^A-Za-z0-9]+", "", str(title)) or "BIDS"
+    healthy = [s for s in everyone if s.seg is None] if healthy_test else []
+    return EvalPlan({name: (val, test)}, healthy or None)
+
+
 def _publish(stage: Path, out: Path) -> None:
     """Move the finished results into `out`: one rename when it does not exist yet,
     else file by file (each an atomic replace)."""
@@ -183,12 +218,16 @@ def evaluate_model(
     progress: bool = True,
     figures: bool = True,
     workers: int | None = None,
+    plan: EvalPlan | None = None,
 ) -> dict[str, Any]:
     """Run the protocol (docs/evaluation.md §1) on every data set and write the results.
 
     workers: processes that reconstruct the volumes, one thread each (None: one per
-    torch thread, at most 4, for a trainable model on the CPU; 0: in this process)."""
-    plan = plan_evaluation(data_dir, datasets, healthy_test, max_volumes)
+    torch thread, at most 4, for a trainable model on the CPU; 0: in this process).
+    plan: the subjects to evaluate (a BIDS data set: plan_bids_evaluation); None reads
+    pDDPM's split files of `data_dir`."""
+    if plan is None:
+        plan = plan_evaluation(data_dir, datasets, healthy_test, max_volumes)
     out = Path(out_dir)
     if out.exists() and not out.is_dir():
         raise DataError(f"output {out} exists and is not a folder")

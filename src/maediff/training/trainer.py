@@ -43,6 +43,7 @@ from tqdm.auto import tqdm
 from .. import __version__
 from ..config import Config, describe, load_config, save_config, to_dict
 from ..data.augment import augment_intensity
+from ..data.bids import is_bids, read_bids, split_every
 from ..data.datasets import SliceSet, load_volumes
 from ..data.preprocess import learn_landmarks, nyul_standardise
 from ..data.splits import Subject, read_inputs, read_pddpm_split
@@ -118,12 +119,29 @@ def training_subjects(
     data_dir: str | Path | None = None,
     train_list: str | Path | None = None,
     val_list: str | Path | None = None,
+    participants: dict[str, str] | None = None,
 ) -> tuple[list[Subject], list[Subject], str]:
-    """Subjects from pDDPM's layout (IXI fold cfg.data.fold) or from explicit lists;
-    every listed file is checked before anything is loaded."""
+    """Subjects from pDDPM's layout (IXI fold cfg.data.fold), from explicit lists, or
+    from a BIDS data set (its scans without lesion labels among `participants`; without
+    a validation list every 10th subject validates); every listed file is checked before
+    anything is loaded."""
     if train_list is not None:
-        train = read_inputs(train_list)
-        val = read_inputs(val_list) if val_list is not None else []
+        if is_bids(train_list):  # healthy scans (no lesion labels) of the chosen participants
+            train = read_bids(train_list, participants, lesions=False)
+            if val_list is None:
+                train, val = split_every(train, 0.1)
+                return (
+                    train,
+                    val,
+                    f"BIDS {train_list} ({len(train)} volumes), validation every 10th subject ({len(val)})",
+                )
+        else:
+            train = read_inputs(train_list, participants)
+        val = (
+            read_inputs(val_list, participants, lesions=False if is_bids(val_list) else None)
+            if val_list is not None
+            else []
+        )
         return (
             train,
             val,
@@ -138,12 +156,17 @@ def training_subjects(
 
 
 def prepare_training_data(
-    cfg: Config, data_dir=None, train_list=None, val_list=None, progress: bool = True
+    cfg: Config,
+    data_dir=None,
+    train_list=None,
+    val_list=None,
+    progress: bool = True,
+    participants: dict[str, str] | None = None,
 ) -> TrainingData:
     """Load the training (and validation) volumes. The histogram landmarks are learned
     from the training volumes (or taken from data.landmarks when set); with
     data.standardise="nyul" every volume is then standardised onto them."""
-    train_s, val_s, desc = training_subjects(cfg, data_dir, train_list, val_list)
+    train_s, val_s, desc = training_subjects(cfg, data_dir, train_list, val_list, participants)
     size, frac = cfg.geometry.image_size, cfg.data.min_brain_fraction
     raw = replace(cfg.data, standardise="none")
     train_v = load_volumes(train_s, raw, "loading train", progress)
@@ -158,6 +181,7 @@ def prepare_training_data(
         "data_dir": str(data_dir) if data_dir else None,
         "train_list": str(train_list) if train_list else None,
         "val_list": str(val_list) if val_list else None,
+        "participants": participants,
     }
     return TrainingData(train, val, desc, sources, landmarks)
 
