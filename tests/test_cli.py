@@ -182,12 +182,29 @@ def test_cli_errors_are_clear(argv, message, capsys):
     assert message in capsys.readouterr().err
 
 
-def test_every_subcommand_has_help(capsys):
-    for cmd in ("synth", "train", "detect", "evaluate", "report", "demo"):
+def _subcommands() -> list[str]:
+    import argparse
+
+    from maediff.cli import build_parser
+
+    (action,) = [a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction)]
+    return sorted(action.choices)
+
+
+def test_every_subcommand_has_help_and_is_documented(capsys):
+    """Read from the parser itself: a new subcommand is checked without editing a list."""
+    from pathlib import Path
+
+    cmds = _subcommands()
+    assert {"train", "detect", "evaluate", "report", "benchmark", "preprocess", "demo"} <= set(cmds)
+    root = Path(__file__).resolve().parents[1]
+    docs = "\n".join(p.read_text() for p in [root / "README.md", *(root / "docs").glob("*.md")])
+    for cmd in cmds:
         with pytest.raises(SystemExit) as e:
             main([cmd, "--help"])
         assert e.value.code == 0
         assert "usage: maediff " + cmd in capsys.readouterr().out
+        assert f"maediff {cmd}" in docs, f"`maediff {cmd}` is in no README or docs page"
 
 
 def test_bids_output_names():

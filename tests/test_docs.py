@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from maediff.cli import build_parser
-from maediff.config import PRESETS
+from maediff.config import PRESETS, apply_overrides, get_preset
 
 ROOT = Path(__file__).resolve().parents[1]
 DOCS = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
@@ -37,17 +37,44 @@ def test_the_docs_show_commands():
     assert "README.md" in names and len(ALL) >= 10
 
 
-@pytest.mark.parametrize("doc, command", ALL, ids=[f"{d}:{c[:40]}" for d, c in ALL])
-def test_documented_command_parses(doc, command):
+def check_command(command: str) -> None:
+    """A documented command: it parses, every preset it names (--preset, or a
+    `--scale`d model of `benchmark --models`) exists, and its --set overrides apply to
+    that preset's configuration. Raises AssertionError (or ValueError) otherwise."""
     argv = shlex.split(command)
+    for i, tok in enumerate(argv[:-1]):  # read from the text: argparse's choices come later
+        if tok == "--preset":
+            assert argv[i + 1] in PRESETS, f"preset {argv[i + 1]!r} does not exist"
     try:
         args = build_parser().parse_args(argv)
-    except SystemExit as e:  # argparse exits on an unknown command or flag
-        raise AssertionError(f"{doc}: `maediff {command}` does not parse") from e
-    for flag in ("preset",):
-        value = getattr(args, flag, None)
-        if value is not None:
-            assert value in PRESETS
+    except SystemExit as e:  # argparse exits on an unknown command, flag or choice
+        raise AssertionError(f"`maediff {command}` does not parse") from e
+    sets = [s for s in (getattr(args, "set", None) or []) if "=" in s]
+    if sets and args.command in ("train", "demo", "benchmark"):
+        preset = getattr(args, "preset", None) or "cpu"
+        apply_overrides(get_preset(preset), sets)  # raises on an unknown key or bad value
+
+
+@pytest.mark.parametrize("doc, command", ALL, ids=[f"{d}:{c[:40]}" for d, c in ALL])
+def test_documented_command_parses(doc, command):
+    try:
+        check_command(command)
+    except (AssertionError, ValueError) as e:
+        raise AssertionError(f"{doc}: {e}") from e
+
+
+@pytest.mark.parametrize(
+    "command",
+    [
+        "train --data d --run r --preset maediff-huge",  # no such preset
+        "demo --set unet.nope=1",  # no such config key
+        "benchmark --table 1 --scale cpu --frobnicate",  # no such flag
+        "frobnicate --data d",  # no such subcommand
+    ],
+)
+def test_the_command_check_catches_what_it_should(command):
+    with pytest.raises((AssertionError, ValueError)):
+        check_command(command)
 
 
 def test_readme_opens_with_the_demo_and_the_test_command():

@@ -3,7 +3,8 @@ from dataclasses import replace
 import pytest
 import torch
 
-from maediff.config import get_preset
+from maediff.config import get_preset, validate
+from maediff.models import build_model
 from maediff.models.maediff import MAEDiff, from_model_range, to_model_range
 
 
@@ -215,3 +216,84 @@ def test_preconditioning_starts_from_the_linear_estimate_by_hand():
     plain = MAEDiff(get_preset("tiny")).eval()
     with torch.no_grad():
         assert torch.all(plain.denoise(x, t, k, x) == 0)  # zero-initialised output, no skip
+
+
+def _guided_models(quantile):
+    """The same weights: Alg. 2 at the full stride, guided selection, Alg. 2 at stride p."""
+    from dataclasses import replace
+
+    from conftest import draw_zero_layers
+
+    cfg = get_preset("maediff-tiny")
+    full = draw_zero_layers(build_model(cfg), torch.Generator().manual_seed(0)).eval()
+    inf = replace(cfg.inference, patch_selection="guided", guided_quantile=quantile)
+    guided = build_model(replace(cfg, inference=inf)).eval()
+    g = cfg.geometry
+    coarse = build_model(replace(cfg, geometry=replace(g, stride=g.patch_size))).eval()
+    for m in (guided, coarse):
+        m.load_state_dict(full.state_dict())
+    return full, guided, coarse
+
+
+def test_guided_selection_keeps_alg2_in_flagged_cells_and_the_coarse_pass_elsewhere():
+    full, guided, coarse = _guided_models(0.8)
+    g = torch.Generator().manual_seed(3)
+    x = torch.rand(4, 1, 32, 32, generator=g)
+    x[1, :, 4:12, 16:24] = 1.0  # a bright square: an anomaly for the coarse pass
+    noise = torch.randn(4, 1, 32, 32, generator=g)
+    a, b, c = (m.reconstruct(x, noise=noise) for m in (full, guided, coarse))
+    info = guided.last_guided
+    assert 0 < info["fraction"] < 1
+    r = full.cfg.geometry.grid_size
+    flagged = info["flagged"].float().repeat_interleave(r, -1).repeat_interleave(r, -2) > 0
+    assert flagged.any()
+    assert torch.allclose(b[flagged], a[flagged], atol=1e-6)  # exactly Alg. 2 there
+    covered = (
+        guided.grid.stitch_selected(
+            torch.ones(4, guided.grid.num_patches, 1, 16, 16), info["chosen"]
+        )[1]
+        > 0
+    )
+    assert (~covered).any()
+    assert torch.allclose(b[~covered], c[~covered], atol=1e-6)  # the stride-p pass elsewhere
+    # quantile 0: every cell but the lowest is flagged, so every patch is denoised
+    full0, guided0, _ = _guided_models(0.0)
+    want = full0.reconstruct(x, noise=noise)
+    assert torch.allclose(guided0.reconstruct(x, noise=noise), want, atol=1e-6)
+    assert guided0.last_guided["fraction"] == 1.0
+
+
+def test_guided_selection_needs_a_tiling_and_maediff():
+    from dataclasses import replace
+
+    cfg = get_preset("maediff-tiny")
+    inf = replace(cfg.inference, patch_selection="guided")
+    with pytest.raises(ValueError, match="tiles the slice"):
+        validate(replace(cfg, inference=inf, geometry=replace(cfg.geometry, image_size=40)))
+    with pytest.raises(ValueError, match="MAEDiff / pDDPM option"):
+        validate(replace(get_preset("dae-tiny"), inference=inf))
+
+
+@pytest.mark.parametrize("steps", [1, 3])
+def test_anoddpm_honours_the_brain_mask(steps):
+    """Slices without brain keep the input (inference.skip_empty_patches), in one step
+    and in the iterative reverse process; the others are reconstructed as without it."""
+    from conftest import draw_zero_layers
+
+    cfg = get_preset("anoddpm-tiny")
+    cfg = replace(cfg, diffusion=replace(cfg.diffusion, sample_steps=steps))
+    model = draw_zero_layers(build_model(cfg), torch.Generator().manual_seed(0)).eval()
+    x = torch.rand(3, 1, 32, 32, generator=torch.Generator().manual_seed(1))
+    brain = torch.zeros_like(x)
+    brain[0, :, 8:24, 8:24] = 1
+    brain[2, :, 4:9, 4:9] = 1
+    noise = torch.randn(x.shape, generator=torch.Generator().manual_seed(2))
+    with_mask = model.reconstruct(
+        x, noise=noise, generator=torch.Generator().manual_seed(3), brain_mask=brain
+    )
+    assert torch.equal(with_mask[1], x[1])
+    if steps == 1:  # one prediction per slice: the brain slices are unchanged by the mask
+        without = model.reconstruct(x, noise=noise)
+        assert torch.allclose(with_mask[[0, 2]], without[[0, 2]], atol=1e-6)
+    else:
+        assert not torch.allclose(with_mask[0], x[0])

@@ -366,6 +366,13 @@ class InferenceConfig:
     # `ensemble_t` (empty: diffusion.t_test alone); one batched pass over all members
     ensemble_t: tuple[int, ...] = ()
     ensemble_draws: int = 1
+    # lesion-guided patch selection (beyond the paper, its future work; docs/method.md
+    # §Guided patches): "all" denoises every patch position (Alg. 2); "guided" first
+    # reconstructs at stride s = p (non-overlapping patches), flags the grid cells whose
+    # mean coarse anomaly lies above the `guided_quantile` of the brain cells, and
+    # denoises at the full stride only the patches that cover a flagged cell
+    patch_selection: str = "all"
+    guided_quantile: float = 0.9
     channels_last: str = "auto"
     compile: str = "auto"
 
@@ -379,6 +386,14 @@ class InferenceConfig:
         _check(
             all(isinstance(t, int) and t >= 1 for t in self.ensemble_t),
             f"inference.ensemble_t={self.ensemble_t} must hold timesteps >= 1",
+        )
+        _check(
+            self.patch_selection in ("all", "guided"),
+            f"inference.patch_selection={self.patch_selection!r} must be 'all' or 'guided'",
+        )
+        _check(
+            0.0 <= self.guided_quantile < 1.0,
+            f"inference.guided_quantile={self.guided_quantile} must be in [0, 1)",
         )
         _speed_settings("inference", self.channels_last, self.compile)
 
@@ -574,6 +589,16 @@ def validate(cfg: Config) -> None:
             f"with the MAE enabled the patch (p={p}) must leave visible cells in the image ({H})",
         )
     inf = cfg.inference
+    _check(
+        inf.patch_selection == "all" or cfg.model == "maediff",
+        f"inference.patch_selection='guided' is a MAEDiff / pDDPM option (model={cfg.model!r})",
+    )
+    if inf.patch_selection == "guided":
+        _check(
+            (H - p) % p == 0 and p % g.stride == 0,
+            f"guided patch selection tiles the slice with the patches at stride p: needs "
+            f"(image_size - patch_size) % patch_size == 0 and patch_size % stride == 0 ({g})",
+        )
     _check(
         (not inf.ensemble_t and inf.ensemble_draws == 1) or cfg.model == "maediff",
         f"noise ensembles (inference.ensemble_t / ensemble_draws) are a MAEDiff / pDDPM option (model={cfg.model!r})",

@@ -93,6 +93,18 @@ class PatchGrid:
         count = self.coverage(patches.device).to(total.dtype)
         return torch.where(count > 0, total / count.clamp_min(1), torch.zeros_like(total))
 
+    def stitch_selected(self, patches: Tensor, selected: Tensor) -> tuple[Tensor, Tensor]:
+        """Average only the selected patches: patches (B, K, C, p, p), selected (B, K)
+        bool -> (images (B, C, H, W), count (B, 1, H, W) of selected patches per pixel);
+        pixels no selected patch covers are 0 with count 0."""
+        B, K, C, p, _ = patches.shape
+        w = selected.to(patches.dtype)
+        cols = (patches * w[:, :, None, None, None]).reshape(B, K, C * p * p).transpose(1, 2)
+        total = F.fold(cols, (self.H, self.W), kernel_size=p, stride=self.s)
+        ones = w[:, :, None].expand(B, K, p * p).transpose(1, 2)
+        count = F.fold(ones, (self.H, self.W), kernel_size=p, stride=self.s)
+        return torch.where(count > 0, total / count.clamp_min(1), torch.zeros_like(total)), count
+
     def _check_size(self, H: int, W: int) -> None:
         if (H, W) != (self.H, self.W):
             raise ValueError(f"images are {H}x{W} but the geometry expects {self.H}x{self.W}")

@@ -53,9 +53,28 @@ class AnoDDPM(MAEDiff):
         progress: Callable[[int], None] | None = None,
         brain_mask: Tensor | None = None,
     ) -> Tensor:
+        """Alg. 2 with one patch (sample_steps 1) or the iterative reverse process;
+        with `brain_mask`, slices without brain keep the input in both (as the patch
+        models' empty patches do)."""
         if self.cfg.diffusion.sample_steps == 1:
-            return super().reconstruct(slices, generator, noise, batch_size, amp, progress)
+            return super().reconstruct(
+                slices, generator, noise, batch_size, amp, progress, brain_mask
+            )
         self.check_images(slices)
+        if brain_mask is not None:
+            if brain_mask.shape != slices.shape:
+                raise ValueError(
+                    f"brain_mask must have the shape of the slices {tuple(slices.shape)}, got {tuple(brain_mask.shape)}"
+                )
+            keep = brain_mask.flatten(1).amax(1) > 0
+            if not bool(keep.all()):
+                out = slices.to(self.device, torch.float32).clone()
+                if bool(keep.any()):
+                    sub_noise = None if noise is None else noise[keep]
+                    out[keep.to(out.device)] = self.reconstruct(
+                        slices[keep], generator, sub_noise, batch_size, amp, progress
+                    )
+                return out
         S, dev = slices.shape[0], self.device
         amp = resolve_amp(amp or self.cfg.inference.amp, dev)
         x = to_model_range(slices.to(dev, torch.float32))

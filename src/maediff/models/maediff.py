@@ -14,6 +14,7 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from ..config import Config
@@ -139,6 +140,57 @@ class MAEDiff(AnomalyModel):
 
     # ------------------------------------------------------------------ Alg. 2
 
+    def coarse_patches(self) -> Tensor:
+        """Patch positions at stride s = p, which tile the slice: (K,) bool."""
+        p = self.cfg.geometry.patch_size
+        return (self.grid.positions % p == 0).all(1)
+
+    def guided_pass(
+        self, x: Tensor, patches: Tensor, pairs: Tensor, run, brain: Tensor | None
+    ) -> Tensor:
+        """Lesion-guided patch selection (inference.patch_selection="guided").
+
+        1. Every (row, patch) pair of the coarse positions (stride p, a tiling) is
+           denoised: a first reconstruction, each pixel from one patch.
+        2. Its anomaly |x - rec| (inside the brain, when a mask is given) is averaged
+           over each r x r grid cell; cells above the `guided_quantile` of the brain
+           cells' values (over all rows of this call: the volume) are flagged.
+        3. Every patch that covers a flagged cell is denoised as well. A pixel covered
+           by selected patches gets their average (a pixel of a flagged cell: exactly
+           Alg. 2's average over every patch at the full stride), any other pixel the
+           coarse reconstruction. Returns the result in model range, (R, 1, H, W)."""
+        K, r = self.grid.num_patches, self.cfg.geometry.grid_size
+        coarse = self.coarse_patches().to(x.device)
+        wanted = torch.zeros(x.shape[0] * K, dtype=torch.bool, device=x.device)
+        wanted[pairs] = True  # pairs skipped for holding no brain stay skipped
+        run(torch.nonzero(wanted & coarse.repeat(x.shape[0])).flatten())
+        rough, _ = self.grid.stitch_selected(patches, coarse[None].expand(x.shape[0], K))
+        anomaly = (x - rough).abs() if brain is None else (x - rough).abs() * brain
+        cells = F.avg_pool2d(anomaly, r)  # (R, 1, H/r, W/r)
+        inside = (
+            F.avg_pool2d(brain, r) > 0
+            if brain is not None
+            else torch.ones_like(cells, dtype=torch.bool)
+        )
+        if bool(inside.any()):
+            tau = torch.quantile(cells[inside].float(), self.cfg.inference.guided_quantile)
+            flagged = (cells > tau) & inside
+        else:
+            flagged = torch.zeros_like(inside)
+        masked = self.masked_cells.view(K, *flagged.shape[-2:]).to(x.device)  # (K, h, w)
+        chosen = (flagged[:, 0, None] & masked[None]).flatten(2).any(-1)  # (R, K)
+        chosen = chosen.flatten() & wanted
+        run(torch.nonzero(chosen & ~coarse.repeat(x.shape[0])).flatten())
+        fine, count = self.grid.stitch_selected(patches, chosen.view(-1, K))
+        # for inspection (tests, the guided benchmark): the flagged cells (R, 1, h, w),
+        # the chosen pairs (R, K) and the share of the pairs Alg. 2 would denoise
+        self.last_guided = {
+            "flagged": flagged,
+            "chosen": chosen.view(-1, K),
+            "fraction": float(chosen.float().sum() / wanted.float().sum().clamp_min(1)),
+        }
+        return torch.where(count > 0, fine, rough)
+
     def compile_targets(self) -> list[torch.nn.Module]:
         return [self.net]
 
@@ -164,6 +216,7 @@ class MAEDiff(AnomalyModel):
         amp: str | None = None,
         progress: Callable[[int], None] | None = None,
         brain_mask: Tensor | None = None,
+        guide_mask: Tensor | None = None,
     ) -> Tensor:
         """Healthy reconstruction of every slice (paper Alg. 2) at t = t_test.
 
@@ -176,6 +229,10 @@ class MAEDiff(AnomalyModel):
         brain_mask (S, 1, H, W), optional: pairs whose patch holds no brain pixel are
         skipped and their pixels keep the input. Every patch covering a brain pixel
         holds that pixel, so brain pixels get exactly the full Alg. 2 result.
+
+        guide_mask (S, 1, H, W), optional: the brain, for inference.patch_selection
+        "guided" only (where it looks for anomalies; `guided_pass`); brain_mask serves
+        when it is not given.
 
         Noise ensembles (inference.ensemble_t / ensemble_draws, E members): every member
         is a slice of its own with its own noise field and t, all (member, slice, patch)
@@ -214,14 +271,23 @@ class MAEDiff(AnomalyModel):
             )  # (S, K)
             pairs = torch.nonzero(has_brain.repeat(E, 1).flatten()).flatten()
         t_rows = t_rows.to(dev)
-        for chunk in pairs.split(batch_size):
-            s, k = chunk // K, chunk % K
-            with autocast_context(dev, amp):
-                pred = self.denoise(self.noised_input(x[s], x_t[s], k), t_rows[s], k, x[s])
-            patches[s, k] = self.grid.crop(pred.float(), k)
-            if progress is not None:
-                progress(len(chunk))
-        rec = from_model_range(self.grid.stitch(patches))
+
+        def run(chosen: Tensor) -> None:  # denoise these (row, patch) pairs into `patches`
+            for chunk in chosen.split(batch_size):
+                s, k = chunk // K, chunk % K
+                with autocast_context(dev, amp):
+                    pred = self.denoise(self.noised_input(x[s], x_t[s], k), t_rows[s], k, x[s])
+                patches[s, k] = self.grid.crop(pred.float(), k)
+                if progress is not None:
+                    progress(len(chunk))
+
+        if self.cfg.inference.patch_selection == "guided":
+            where = guide_mask if guide_mask is not None else brain_mask
+            brain = None if where is None else where.to(dev, torch.float32).repeat(E, 1, 1, 1)
+            rec = from_model_range(self.guided_pass(x, patches, pairs, run, brain))
+        else:
+            run(pairs)
+            rec = from_model_range(self.grid.stitch(patches))
         if E == 1:
             return rec
         d = slices.to(dev, torch.float32)[None] - rec.view(E, *slices.shape)  # (E, S, 1, H, W)

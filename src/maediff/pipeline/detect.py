@@ -67,13 +67,22 @@ def reconstruct_volume(
     skip = (
         model.cfg.inference.skip_empty_patches if skip_empty_patches is None else skip_empty_patches
     )
-    brain = None
-    if skip and isinstance(volume, PreparedVolume):
-        brain = (volume_to_slices(volume.brain_mask.astype(np.float32), size) > 0).float()
+    brain, extra = None, {}
+    if isinstance(volume, PreparedVolume):
+        mask = (volume_to_slices(volume.brain_mask.astype(np.float32), size) > 0).float()
+        brain = mask if skip else None
+        if getattr(model.cfg.inference, "patch_selection", "all") == "guided":
+            extra["guide_mask"] = mask  # where guided selection looks for anomalies
     desc = f"reconstructing {small.shape[0]} slices"
     with tqdm(total=None, desc=desc, unit="step", disable=not progress, leave=False) as bar:
         rec_small = model.reconstruct(
-            small, generator, batch_size=batch_size, amp=amp, progress=bar.update, brain_mask=brain
+            small,
+            generator,
+            batch_size=batch_size,
+            amp=amp,
+            progress=bar.update,
+            brain_mask=brain,
+            **extra,
         )
     # the model computes where its weights are (a GPU): the residual is taken on the CPU,
     # where the input slices are
