@@ -289,6 +289,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 def _add_config_args(p: argparse.ArgumentParser) -> None:
+    from . import models  # noqa: F401  (loads the plug-in models and their presets)
     from .config import PRESETS
 
     p.add_argument(

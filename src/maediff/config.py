@@ -568,13 +568,31 @@ def validate_geometry(g: GeometryConfig) -> None:
 
 
 MODEL_KINDS = ("maediff", "anoddpm", "thresh", "ae", "vae", "svae", "dae", "fanogan")
+# kinds registered by models of other packages (entry point group `maediff.models`,
+# docs/plugins.md): models.register_model adds them
+PLUGIN_KINDS: list[str] = []
+
+
+def register_kind(kind: str) -> None:
+    if kind not in MODEL_KINDS and kind not in PLUGIN_KINDS:
+        PLUGIN_KINDS.append(kind)
+
+
+def _known_kinds() -> tuple[str, ...]:
+    if not PLUGIN_KINDS:  # a saved run of a plug-in model: its package registers it
+        import importlib
+
+        importlib.import_module("maediff.models")
+    return (*MODEL_KINDS, *PLUGIN_KINDS)
 
 
 def validate(cfg: Config) -> None:
     """Checks across sections (each section checks its own values when built)."""
     g, u, d = cfg.geometry, cfg.unet, cfg.diffusion
     H, p = g.image_size, g.patch_size
-    _check(cfg.model in MODEL_KINDS, f"model={cfg.model!r} must be one of {MODEL_KINDS}")
+    if cfg.model not in MODEL_KINDS:
+        kinds = _known_kinds()
+        _check(cfg.model in kinds, f"model={cfg.model!r} must be one of {kinds}")
     downs = 2 ** (len(u.channel_mult) - 1)
     _check(
         H % downs == 0, f"image_size {H} must be divisible by the U-Net downsampling factor {downs}"
@@ -854,7 +872,26 @@ def _build_presets() -> dict[str, Any]:
 PRESETS = _build_presets()
 
 
+def register_preset(model: str, delta: Any, row: str) -> None:
+    """Presets MODEL, MODEL-cpu and MODEL-tiny for a model of another package: `delta`
+    maps the shared default configuration to this model's (at least `model=`), `row` is
+    its name in tables. The scales apply on top, as for the built-in models."""
+    if model in MODEL_DELTAS:
+        raise ValueError(f"a preset named {model!r} exists already")
+    if not row or row in DISPLAY_NAMES.values():
+        raise ValueError(f"row name {row!r} is empty or taken")
+    MODEL_DELTAS[model] = delta
+    DISPLAY_NAMES[model] = row
+    for scale, fn in SCALES.items():
+        name = preset_name(model, scale)
+        PRESETS[name] = lambda d=delta, f=fn, n=name: replace(f(d(Config())), name=n)
+
+
 def get_preset(name: str) -> Config:
+    if name not in PRESETS:  # a plug-in's preset: importing the models loads the plug-ins
+        import importlib
+
+        importlib.import_module("maediff.models")
     if name not in PRESETS:
         raise ValueError(f"unknown preset {name!r}; choose one of {sorted(PRESETS)}")
     return PRESETS[name]()
@@ -1025,6 +1062,7 @@ def describe(cfg: Config) -> str:
 
 __all__ = [
     "DISPLAY_NAMES",
+    "register_preset",
     "with_update_budget",
     "TABLE1",
     "TABLE2",
