@@ -133,3 +133,36 @@ def test_report_table_renders_the_marks_as_html():
         and "**" not in page
         and "&lt;u&gt;" not in page
     )
+
+
+@pytest.mark.slow
+def test_bench_guided_runs_on_a_trained_model(tiny_bench, tmp_path):
+    """benchmarks/bench_guided.py (docs/results.md): Alg. 2 and guided selection on the
+    same model, through the whole protocol."""
+    import importlib.util
+    from dataclasses import replace
+    from pathlib import Path
+
+    from maediff.config import get_preset
+    from maediff.training.trainer import prepare_training_data, train
+
+    cfg = get_preset("maediff-tiny")
+    cfg = replace(cfg, train=replace(cfg.train, max_steps=2))
+    train(
+        cfg,
+        prepare_training_data(cfg, tiny_bench, progress=False),
+        tmp_path / "run",
+        device="cpu",
+        progress=False,
+    )
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_guided.py"
+    spec = importlib.util.spec_from_file_location("bench_guided", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    full = mod.run(str(tmp_path / "run"), str(tiny_bench), 1, [], 0)
+    over = ["inference.patch_selection=guided", "inference.guided_quantile=0.9"]
+    guided = mod.run(str(tmp_path / "run"), str(tiny_bench), 1, over, 0)
+    assert full["pairs_denoised"] == 1.0 and 0 < guided["pairs_denoised"] < 1
+    assert guided["volumes"] == full["volumes"] == 5
+    for key in ("Brats21_dice", "MSLUB_auprc", "IXI_l1", "seconds_per_volume"):
+        assert guided[key] >= 0 and full[key] >= 0
