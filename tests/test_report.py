@@ -134,3 +134,23 @@ def test_pipeline_reexports_the_report_functions():
 
     for name in ("write_report", "load_summary", "table_rows", "ANOMALY_SETS"):
         assert getattr(evaluate, name) is getattr(runs, name)
+
+
+@pytest.mark.slow
+def test_combined_legends_keep_multi_word_model_names(tmp_path):
+    """The combined PR and Dice figures name each series "RUN DATASET"; a model label
+    with spaces (Table 2's rows, "pDDPM s48") keeps all its words and its data set."""
+    from maediff.evaluation.runs import combined_series
+
+    write_layout(tmp_path / "data", n_val=1, n_test=2)
+    kw = {"datasets": ("Brats21",), "healthy_test": False}
+    thresh = build_model(replace(get_preset("thresh"), data=IdentityModel().cfg.data))
+    labels = ["U-Net + Att. + MAE", "pDDPM s48"]
+    for i, label in enumerate(labels):
+        model = thresh if i == 0 else IdentityModel()
+        _evaluate(model, tmp_path / "data", tmp_path / f"eval{i}", label=label, **kw)
+    summaries = [load_summary(tmp_path / f"eval{i}") for i in range(2)]
+    curves, dice = combined_series(summaries, tmp_path)
+    want = {f"{label} Brats21" for label in labels}
+    assert set(curves) == want and set(dice) == want
+    assert all(sc is not None and lab is not None for sc, lab in curves.values())

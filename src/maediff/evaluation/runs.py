@@ -234,6 +234,21 @@ def lesion_tables(summaries: Sequence[dict[str, Any]]) -> str:
 
 def _combined_figures(summaries: Sequence[dict[str, Any]], out: Path) -> list[Path]:
     """PR curves and per-subject Dice of all summaries in one figure each."""
+    curves, dice = combined_series(summaries, out)
+    images = []
+    complete = {k: v for k, v in curves.items() if v[0] is not None and v[1] is not None}
+    if complete:
+        images.append(figure_pr_curves(complete, out / "pr_curves_all.png"))
+    if dice:
+        images.append(figure_dice_distribution(dice, out / "dice_per_subject_all.png"))
+    return images
+
+
+def combined_series(
+    summaries: Sequence[dict[str, Any]], out: Path
+) -> tuple[dict[str, tuple[np.ndarray | None, np.ndarray | None]], dict[str, list[float]]]:
+    """The combined figures' series, keyed by their legend labels "RUN DATASET": PR
+    curve (scores, labels) and per-subject Dice of every summary and data set."""
     curves: dict[str, tuple[np.ndarray | None, np.ndarray | None]] = {}
     dice: dict[str, list[float]] = {}
     for s, tag in zip(summaries, _run_tags(summaries)):
@@ -256,13 +271,7 @@ def _combined_figures(summaries: Sequence[dict[str, Any]], out: Path) -> list[Pa
                         float(r["dice"]) if r.get("dice") else float("nan")
                         for r in csv.DictReader(fh)
                     ]
-    images = []
-    complete = {k: v for k, v in curves.items() if v[0] is not None and v[1] is not None}
-    if complete:
-        images.append(figure_pr_curves(complete, out / "pr_curves_all.png"))
-    if dice:
-        images.append(figure_dice_distribution(dice, out / "dice_per_subject_all.png"))
-    return images
+    return curves, dice
 
 
 __all__ = [
