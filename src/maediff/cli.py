@@ -9,6 +9,7 @@ from pathlib import Path
 
 from . import __version__
 from .data.io import DataError
+from .names import ANOMALY_SETS, TUMOUR
 from .training.checkpoint import CheckpointError
 
 EPILOG = "Cite: Xu, Wang, Du. MAEDiff: Masked Autoencoder-enhanced Diffusion Models for Unsupervised Anomaly Detection in Brain Images (2024)."
@@ -393,7 +394,7 @@ def _add_threshold_args(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument(
         "--threshold-dataset",
-        default="Brats21",
+        default=TUMOUR,
         help="which data set's threshold --threshold-from uses",
     )
 
@@ -447,7 +448,7 @@ def _parser_evaluate(p: argparse.ArgumentParser) -> None:
         "every --val-fraction-th subject chooses the threshold)",
     )
     p.add_argument("-o", "--output", required=True, help="output folder")
-    p.add_argument("--datasets", nargs="+", default=["Brats21", "MSLUB"])
+    p.add_argument("--datasets", nargs="+", default=list(ANOMALY_SETS))
     p.add_argument(
         "--participants",
         nargs="+",

@@ -27,13 +27,15 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 from scipy.stats import wilcoxon  # noqa: E402
 
+from ..names import HEALTHY, MS, TUMOUR  # noqa: E402
+
 # (data set, metric, header, scale, higher is better)
 COLUMNS = (
-    ("Brats21", "dice", "BraTS21 Dice (%)", 100.0, True),
-    ("Brats21", "auprc", "BraTS21 AUPRC (%)", 100.0, True),
-    ("MSLUB", "dice", "MSLUB Dice (%)", 100.0, True),
-    ("MSLUB", "auprc", "MSLUB AUPRC (%)", 100.0, True),
-    ("IXI", "l1", "IXI l1 (1e-3)", 1000.0, False),
+    (TUMOUR, "dice", "BraTS21 Dice (%)", 100.0, True),
+    (TUMOUR, "auprc", "BraTS21 AUPRC (%)", 100.0, True),
+    (MS, "dice", "MSLUB Dice (%)", 100.0, True),
+    (MS, "auprc", "MSLUB AUPRC (%)", 100.0, True),
+    (HEALTHY, "l1", "IXI l1 (1e-3)", 1000.0, False),
 )
 
 

@@ -22,6 +22,7 @@ from typing import Any
 
 import numpy as np
 
+from ..names import ANOMALY_SETS, HEALTHY
 from .aggregate import combine_runs, write_atomic
 from .lesions import lesion_markdown
 from .postprocess import remove_small_components
@@ -33,8 +34,6 @@ from .report import (
     results_table,
     write_html,
 )
-
-ANOMALY_SETS = ("Brats21", "MSLUB")
 
 
 def load_summary(path: str | Path) -> dict[str, Any]:
@@ -105,7 +104,9 @@ def table_rows(summaries: Sequence[dict[str, Any]]) -> tuple[list[dict], list[st
     groups: dict[str, tuple[str, list[dict]]] = {}
     for s, (key, label) in zip(summaries, _group_labels(summaries)):
         groups.setdefault(key, (label, []))[1].append(s)
-    datasets = [ds for ds in (*ANOMALY_SETS, "IXI") if any(ds in s["datasets"] for s in summaries)]
+    datasets = [
+        ds for ds in (*ANOMALY_SETS, HEALTHY) if any(ds in s["datasets"] for s in summaries)
+    ]
     rows = []
     for label, group in groups.values():
         row: dict[str, Any] = {
@@ -146,8 +147,8 @@ def write_report(summaries: Sequence[dict[str, Any]], out_dir: str | Path) -> Pa
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     rows, datasets = table_rows(summaries)
-    anomaly = [d for d in datasets if d != "IXI"]
-    md, csv_text = results_table(rows, anomaly, ["IXI"] if "IXI" in datasets else [])
+    anomaly = [d for d in datasets if d != HEALTHY]
+    md, csv_text = results_table(rows, anomaly, [HEALTHY] if HEALTHY in datasets else [])
     write_atomic(out / "results.md", md)
     write_atomic(out / "results.csv", csv_text)
     sections: list[dict[str, Any]] = [
@@ -263,7 +264,7 @@ def combined_series(
                     label = f"{tag} {ds}"
                     sc, lab = curves.get(label, (None, None))
                     curves[label] = (z[key], lab) if part == "scores" else (sc, z[key])
-        for ds in [d for d in s["datasets"] if d != "IXI"]:
+        for ds in [d for d in s["datasets"] if d != HEALTHY]:
             f = src / f"{ds}_test_subjects.csv"
             if f.exists():
                 with f.open(newline="") as fh:

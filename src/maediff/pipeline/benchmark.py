@@ -70,6 +70,7 @@ from ..evaluation.report import write_html
 from ..evaluation.runs import load_summary
 from ..models import MODELS
 from ..models.maediff import MAEDiff
+from ..names import ANOMALY_SETS, MS, TUMOUR
 from ..training.checkpoint import load_model
 from ..training.trainer import load_run_config, prepare_training_data, train
 from .detect import reconstruct_volume
@@ -80,7 +81,7 @@ REFERENCE = {"1": "maediff", "2": "ablation-unet-att-mae"}
 # Table rows whose configuration is another row's (only the preset name differs): a
 # finished run of either serves both tables, and the report says so.
 EQUIVALENT = {"ablation-unet": "pddpm-s16", "ablation-unet-att-mae": "maediff"}
-FIGURE_SUBJECTS = (("Brats21", 2), ("MSLUB", 1))  # test volumes shown in Figure 3
+FIGURE_SUBJECTS = ((TUMOUR, 2), (MS, 1))  # test volumes shown in Figure 3
 
 
 @dataclass(frozen=True)
@@ -466,7 +467,7 @@ def per_subject_means(out: Path, runs: list[tuple[RunSpec, dict]]) -> dict[str, 
     """'DATASET/metric' -> subject -> value averaged over the model's runs."""
     acc: dict[str, dict[str, list[float]]] = {}
     for spec, _ in runs:
-        for ds in ("Brats21", "MSLUB"):
+        for ds in ANOMALY_SETS:
             f = out / "runs" / spec.key / "eval" / f"{ds}_test_subjects.csv"
             if not f.exists():
                 continue

@@ -40,6 +40,7 @@ from ..evaluation.lesions import lesion_summary
 from ..evaluation.protocol import EvalSettings, VolumeResult, evaluate_healthy, evaluate_split
 from ..evaluation.report import figure_dice_distribution, figure_dice_vs_volume, figure_pr_curves
 from ..evaluation.runs import ANOMALY_SETS, example_figure, load_summary, table_rows, write_report
+from ..names import HEALTHY
 from .detect import reconstruct_subject
 from .workers import ReconstructionPool, auto_workers
 
@@ -154,7 +155,7 @@ def plan_evaluation(
                 "the threshold search needs lesion labels"
             )
         anomaly[ds] = (val, test)
-    ixi = _limit(read_pddpm_split(data_dir, "IXI", "test"), max_volumes) if healthy_test else None
+    ixi = _limit(read_pddpm_split(data_dir, HEALTHY, "test"), max_volumes) if healthy_test else None
     return EvalPlan(anomaly, ixi)
 
 
@@ -361,9 +362,9 @@ def _run(
         write_subject_csv(
             records,
             out / "IXI_test_subjects.csv",
-            {"model": label, "dataset": "IXI", "split": "test", "fold": fold},
+            {"model": label, "dataset": HEALTHY, "split": "test", "fold": fold},
         )
-        summary["datasets"]["IXI"] = {
+        summary["datasets"][HEALTHY] = {
             "n_test": len(subjects),
             "metrics": summarise(records, ("l1",)),
             "excluded": exclusions(records, ("l1",)),

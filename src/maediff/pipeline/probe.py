@@ -34,6 +34,7 @@ import torch
 from ..config import Config
 from ..data.datasets import load_subject, volume_to_slices
 from ..data.splits import read_pddpm_split
+from ..names import HEALTHY
 
 PROBE_SEED = 20240101  # the shared draws: the same for every model and run
 PROBE_BANDS = 4
@@ -53,7 +54,7 @@ def probe_slices(
     (n, 1, H, W) images in [0, 1] and brain masks (bool). From each of the first
     `volumes` volumes, `per_volume` axial slices evenly spaced among those whose brain
     covers at least `min_brain_fraction` of the slice."""
-    subjects = read_pddpm_split(data_dir, "IXI", "val", fold=cfg.data.fold)[:volumes]
+    subjects = read_pddpm_split(data_dir, HEALTHY, "val", fold=cfg.data.fold)[:volumes]
     if not subjects:
         raise ValueError(f"{data_dir} has no healthy validation volumes (IXI val) to probe")
     size = cfg.geometry.image_size

@@ -50,6 +50,7 @@ from ..data.splits import Subject, read_inputs, read_pddpm_split
 from ..device import autocast_context, resolve_device, speed_up
 from ..models import MODELS, AnomalyModel, build_model, count_parameters
 from ..models.base import Phase
+from ..names import HEALTHY
 from .checkpoint import CheckpointError, TrainState, model_card, save_weights
 
 LOG_FIELDS = ["step", "epoch", "phase", "time_s", "train_loss", "val_loss", "lr", "steps_per_s"]
@@ -150,8 +151,8 @@ def training_subjects(
     if data_dir is None:
         raise ValueError("give a data folder in pDDPM's layout or a list of training scans")
     fold = cfg.data.fold
-    train = read_pddpm_split(data_dir, "IXI", "train", fold)
-    val = read_pddpm_split(data_dir, "IXI", "val", fold)
+    train = read_pddpm_split(data_dir, HEALTHY, "train", fold)
+    val = read_pddpm_split(data_dir, HEALTHY, "val", fold)
     return train, val, f"{data_dir}: IXI fold {fold} ({len(train)} train / {len(val)} val volumes)"
 
 
