@@ -153,3 +153,33 @@ def test_update_budget_gives_fanogan_as_many_generator_and_encoder_updates(
     trainer.train(cfg, data, tmp_path / "run", device="cpu", progress=False)
     assert groups.count("generator") == 3 and groups.count("encoder") == 3
     assert groups.count("critic") == 3 * cfg.fanogan.n_critic
+
+
+def test_compare_probes_pairs_runs_by_fold_and_seed(tmp_path):
+    """benchmarks/compare_probes.py: differences per seed and per draw, by hand."""
+    import importlib.util
+    import json
+    from pathlib import Path
+
+    def write(folder, run, draws, share=None):
+        d = tmp_path / folder / run
+        d.mkdir(parents=True)
+        rec = {"probe": {"l1": sum(draws) / len(draws), "per_draw": draws}}
+        if share is not None:
+            rec["mae"] = {"input_share": share}
+        (d / "probe.json").write_text(json.dumps(rec))
+
+    write("ref", "fold0-seed0", [0.10, 0.20])
+    write("ref", "fold0-seed1", [0.30, 0.30])
+    write("var", "fold0-seed0", [0.12, 0.20], share=0.1)
+    write("var", "fold0-seed1", [0.26, 0.30], share=0.3)
+    write("var", "fold0-seed2", [9.0, 9.0], share=0.5)  # no reference run: left out
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "compare_probes.py"
+    spec = importlib.util.spec_from_file_location("compare_probes", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    (row,) = mod.compare(tmp_path / "ref", {"v": tmp_path / "var"})
+    assert row["runs"] == ["fold0-seed0", "fold0-seed1"]
+    assert row["diff_mean"] == pytest.approx((0.01 - 0.02) / 2)  # +0.01, -0.02
+    assert row["draw_diff"] == pytest.approx((0.02 + 0 - 0.04 + 0) / 4)
+    assert row["input_share"] == pytest.approx(0.2)
