@@ -352,6 +352,15 @@ def _parser_synth(p: argparse.ArgumentParser) -> None:
     p.add_argument("-q", "--quiet", action="store_true")
 
 
+def _add_participants(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--participants",
+        nargs="+",
+        metavar="COLUMN=VALUE",
+        help="BIDS input: only participants whose participants.tsv row has these values",
+    )
+
+
 def _parser_train(p: argparse.ArgumentParser) -> None:
     p.add_argument("--data", help="data folder in pDDPM's layout (Train/ixi, splits/)")
     p.add_argument(
@@ -363,12 +372,7 @@ def _parser_train(p: argparse.ArgumentParser) -> None:
         "--val-list",
         help="validation scans for --train-list (BIDS without it: every 10th subject)",
     )
-    p.add_argument(
-        "--participants",
-        nargs="+",
-        metavar="COLUMN=VALUE",
-        help="BIDS input: only participants whose participants.tsv row has these values",
-    )
+    _add_participants(p)
     p.add_argument(
         "--run-dir",
         "--run",
@@ -412,12 +416,7 @@ def _parser_detect(p: argparse.ArgumentParser) -> None:
         required=True,
         help="output folder (for a BIDS input: a derivatives data set, e.g. DS/derivatives/maediff)",
     )
-    p.add_argument(
-        "--participants",
-        nargs="+",
-        metavar="COLUMN=VALUE",
-        help="BIDS input: only participants whose participants.tsv row has these values",
-    )
+    _add_participants(p)
 
     p.add_argument("--model", required=True, help="run folder or .safetensors checkpoint")
     p.add_argument("--overwrite", action="store_true", help="redo scans whose outputs exist")
@@ -449,12 +448,7 @@ def _parser_evaluate(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("-o", "--output", required=True, help="output folder")
     p.add_argument("--datasets", nargs="+", default=list(ANOMALY_SETS))
-    p.add_argument(
-        "--participants",
-        nargs="+",
-        metavar="COLUMN=VALUE",
-        help="BIDS input: only participants whose participants.tsv row has these values",
-    )
+    _add_participants(p)
     p.add_argument(
         "--val-fraction",
         type=float,
