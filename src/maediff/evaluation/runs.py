@@ -166,7 +166,7 @@ def write_report(summaries: Sequence[dict[str, Any]], out_dir: str | Path) -> Pa
         sections.append(
             {
                 "heading": "Results by lesion",
-                "table": lesion_md,
+                "table": lesion_md.split("\n\n")[0],
                 "text": "Lesion-wise detection pooled over the test volumes of each run (first table), and Dice and AUPRC of the test volumes grouped by their total lesion volume (second table); "
                 + next(
                     d["lesions"]["rule"]
@@ -175,6 +175,13 @@ def write_report(summaries: Sequence[dict[str, Any]], out_dir: str | Path) -> Pa
                     if "lesions" in d
                 )
                 + ".",
+            }
+        )
+        # the second table in a section of its own: the page renders one table per section
+        sections.append(
+            {
+                "heading": "Dice and AUPRC by lesion volume",
+                "table": lesion_md.split("\n\n", 1)[1].strip(),
             }
         )
     for idx, (s, tag) in enumerate(zip(summaries, _run_tags(summaries)), 1):
