@@ -21,7 +21,7 @@ import torch
 
 from maediff.config import apply_overrides, get_preset
 from maediff.models import build_model
-from maediff.pipeline.evaluate import evaluate_model
+from maediff.pipeline.evaluate import EvaluationSummary, evaluate_model
 
 # the `cpu` preset of the previous release (0.2.0)
 PREVIOUS = [
@@ -44,7 +44,9 @@ def _model(overrides: list[str]):
     return model
 
 
-def _evaluate(model, data: Path, volumes: int, workers: int) -> tuple[float, dict, int]:
+def _evaluate(
+    model, data: Path, volumes: int, workers: int
+) -> tuple[float, EvaluationSummary, int]:
     with tempfile.TemporaryDirectory() as tmp:
         t = time.perf_counter()
         s = evaluate_model(
@@ -58,10 +60,11 @@ def _evaluate(model, data: Path, volumes: int, workers: int) -> tuple[float, dic
             figures=False,
         )
         dt = time.perf_counter() - t
-    n = sum(d["n_test"] for d in s["datasets"].values()) + sum(
-        int(d["threshold_source"].split("(")[1].split()[0])
-        for d in s["datasets"].values()
-        if "threshold_source" in d
+    s = EvaluationSummary.from_json(s)
+    n = sum(d.n_test for d in s.datasets.values()) + sum(
+        int(d.threshold_source.split("(")[1].split()[0])
+        for d in s.datasets.values()
+        if d.threshold_source is not None
     )
     return dt, s, n
 
@@ -98,10 +101,10 @@ def main() -> None:
         print(f"| {name} | {procs} | {n} | {med:.2f} | {base / med:.2f}x |")
     a, b = summaries[("current cpu preset", 0)], summaries[("current cpu preset", 2)]
     diff = max(
-        abs(a["datasets"][ds]["metrics"][m]["mean"] - b["datasets"][ds]["metrics"][m]["mean"])
-        for ds in a["datasets"]
-        for m in a["datasets"][ds]["metrics"]
-        if a["datasets"][ds]["metrics"][m].get("mean") is not None
+        abs(a.mean(ds, m) - b.mean(ds, m))
+        for ds, d in a.datasets.items()
+        for m in d.metrics
+        if b.mean(ds, m) is not None
     )
     print(f"\nlargest difference of a mean metric, workers vs in process: {diff:.2e}")
 

@@ -20,7 +20,7 @@ import torch
 
 from maediff.data.datasets import load_subject
 from maediff.pipeline.detect import reconstruct_volume
-from maediff.pipeline.evaluate import evaluate_model, plan_evaluation
+from maediff.pipeline.evaluate import EvaluationSummary, evaluate_model, plan_evaluation
 from maediff.training.checkpoint import load_model
 
 
@@ -42,17 +42,17 @@ def run(model_dir: str, data: str, volumes: int, overrides: list[str], seed: int
             figures=False,
         )
         seconds = time.perf_counter() - t0
+    s = EvaluationSummary.from_json(s)
     row = {
         "setting": " ".join(overrides) or "Alg. 2 (all patches)",
         "seconds_per_volume": seconds / n,
         "volumes": n,
     }
     for ds in ("Brats21", "MSLUB"):
-        m = s["datasets"][ds]["metrics"]
-        row[f"{ds}_dice"] = 100 * m["dice"]["mean"]
-        row[f"{ds}_auprc"] = 100 * m["auprc"]["mean"]
-        row[f"{ds}_lesion_f1"] = 100 * (s["datasets"][ds]["lesions"]["lesion_f1"] or 0.0)
-    row["IXI_l1"] = 1000 * s["datasets"]["IXI"]["metrics"]["l1"]["mean"]
+        row[f"{ds}_dice"] = 100 * s.mean(ds, "dice")
+        row[f"{ds}_auprc"] = 100 * s.mean(ds, "auprc")
+        row[f"{ds}_lesion_f1"] = 100 * (s.datasets[ds].lesions.lesion_f1 or 0.0)
+    row["IXI_l1"] = 1000 * s.mean("IXI", "l1")
     if getattr(model.cfg.inference, "patch_selection", "all") == "guided":
         fractions = []
         for subj in plan.anomaly["Brats21"][1][:2] + plan.anomaly["MSLUB"][1][:2]:

@@ -15,11 +15,12 @@ nyul (data.standardise=nyul), ens (inference.ensemble_t=[250,500,750]).
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import subprocess
 import sys
 from pathlib import Path
+
+from maediff.evaluation.summary import EvaluationSummary
 
 VARIANTS = {"base": [], "aug": ["augment.enabled=true"], "onB": []}
 TRAIN_SITE = {"base": "A", "aug": "A", "onB": "B"}
@@ -60,10 +61,8 @@ def evaluate(rd: Path, site: str, data: Path, option: str, max_volumes: int, see
 
 
 def metrics(ev: Path) -> tuple[float, float, float]:
-    s = json.loads((ev / "summary.json").read_text())
-    d = s["datasets"]["Brats21"]
-    m = d["metrics"]
-    return 100 * m["dice"]["mean"], 100 * m["auprc"]["mean"], d["seconds"]
+    d = EvaluationSummary.read(ev).datasets["Brats21"]
+    return 100 * d.mean("dice"), 100 * d.mean("auprc"), d.seconds
 
 
 def main() -> None:

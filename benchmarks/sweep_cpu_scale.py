@@ -26,7 +26,7 @@ from pathlib import Path
 import torch
 
 from maediff.config import apply_overrides, get_preset
-from maediff.pipeline.evaluate import evaluate_model
+from maediff.pipeline.evaluate import EvaluationSummary, evaluate_model
 from maediff.training.checkpoint import load_model
 from maediff.training.trainer import prepare_training_data, train
 
@@ -124,16 +124,16 @@ def run_variant(name: str, data_dir: Path, out: Path, volumes: int, seed: int) -
         figures=False,
     )
     eval_s = time.perf_counter() - t0
+    summary = EvaluationSummary.from_json(summary)
     row = {"variant": name, "steps": s["steps"], "parameters": s["parameters"]}
     row["best_val_loss"] = s["best_val_loss"]
-    for ds, d in summary["datasets"].items():
-        m = d["metrics"]
+    for ds, d in summary.datasets.items():
         if ds == "IXI":
-            row["IXI_l1"] = m["l1"]["mean"]
+            row["IXI_l1"] = d.mean("l1")
             continue
-        row[f"{ds}_val_dice"] = float(re.search(r"pooled Dice ([0-9.]+)", d["threshold_source"])[1])
-        row[f"{ds}_dice"] = m["dice"]["mean"]
-        row[f"{ds}_auprc"] = m["auprc"]["mean"]
+        row[f"{ds}_val_dice"] = float(re.search(r"pooled Dice ([0-9.]+)", d.threshold_source)[1])
+        row[f"{ds}_dice"] = d.mean("dice")
+        row[f"{ds}_auprc"] = d.mean("auprc")
     row.update(train_s=round(train_s, 1), eval_s=round(eval_s, 1), threads=torch.get_num_threads())
     result.write_text(json.dumps(row, indent=2))
     return row

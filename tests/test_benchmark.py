@@ -88,10 +88,11 @@ def test_benchmark_probes_diffusion_models_and_states_budgets(tiny_bench, tmp_pa
 def _summary(d_brats, l1):
     m = {"mean": d_brats}
     return {
+        "model": "M",
         "datasets": {
             "Brats21": {"metrics": {"dice": m, "auprc": m}},
             "IXI": {"metrics": {"l1": {"mean": l1}}},
-        }
+        },
     }
 
 

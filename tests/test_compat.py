@@ -27,7 +27,7 @@ def test_a_0_2_0_checkpoint_reconstructs_the_same_maps():
 
 def test_a_0_2_0_evaluation_reads_and_reports(tmp_path):
     s = load_summary(FIXTURE / "eval")
-    assert s["model"] == "MAEDiff" and "lesions" not in s["datasets"]["Brats21"]
+    assert s.model == "MAEDiff" and s.datasets["Brats21"].lesions is None
     page = write_report([s, load_summary(FIXTURE / "eval")], tmp_path)
     text = (tmp_path / "results.md").read_text()
     assert "MAEDiff" in text and page.exists()

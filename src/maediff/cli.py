@@ -101,9 +101,10 @@ def _threshold(args: argparse.Namespace) -> float | None:
 
         s = load_summary(args.threshold_from)
         ds = args.threshold_dataset
-        if ds not in s["datasets"] or "threshold" not in s["datasets"][ds]:
+        d = s.datasets.get(ds)
+        if d is None or d.threshold is None:
             raise ValueError(f"{args.threshold_from} has no threshold for data set {ds!r}")
-        return float(s["datasets"][ds]["threshold"])
+        return float(d.threshold)
     return None
 
 
@@ -174,7 +175,7 @@ def _evaluation_model(args: argparse.Namespace):
 def cmd_evaluate(args: argparse.Namespace) -> int:
     from .config import display_name
     from .data.bids import is_bids, parse_participants
-    from .pipeline.evaluate import evaluate_model, plan_bids_evaluation
+    from .pipeline.evaluate import EvaluationSummary, evaluate_model, plan_bids_evaluation
 
     plan = None
     if is_bids(args.data):
@@ -201,8 +202,9 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         progress=not args.quiet,
         plan=plan,
     )
+    s = EvaluationSummary.from_json(s)
     print((Path(args.output) / "results.md").read_text())
-    print(f"report: {Path(args.output) / 'report.html'} ({s['seconds']:.0f} s)")
+    print(f"report: {Path(args.output) / 'report.html'} ({s.seconds:.0f} s)")
     return 0
 
 
@@ -290,17 +292,15 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 def _add_config_args(p: argparse.ArgumentParser) -> None:
-    from . import models  # noqa: F401  (loads the plug-in models and their presets)
-    from .config import PRESETS
+    from .config import model_names, preset_names  # (loads the models and the plug-ins)
 
     p.add_argument(
         "--preset",
         default="cpu",
-        choices=sorted(PRESETS),
+        choices=sorted(preset_names()),
         metavar="PRESET",
-        help="MODEL (paper scale), MODEL-cpu or MODEL-tiny; MODEL one of thresh, ae, vae, svae, dae, "
-        "fanogan, anoddpm, pddpm-s48, pddpm-s16, maediff, ablation-unet[-att][-mae]; "
-        "'paper' = maediff, 'cpu' = maediff-cpu (default: cpu)",
+        help="MODEL (paper scale), MODEL-cpu or MODEL-tiny; MODEL one of "
+        f"{', '.join(model_names())}; 'paper' = maediff, 'cpu' = maediff-cpu",
     )
     p.add_argument(
         "--config", help="YAML/JSON config file (overrides --preset; may start with 'preset: NAME')"

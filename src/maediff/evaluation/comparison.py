@@ -1,23 +1,22 @@
 """Comparing models (the paper's Tables 1 and 2 and Figure 3) from evaluation results.
 
-    table = comparison_table(rows)           # rows: model -> list of summary.json dicts
+    table = comparison_table(rows)           # rows: model -> the summaries of its runs
     md, csv_text = table.markdown(), table.csv()
     tests = paired_tests(per_subject, reference="MAEDiff")
     figure_comparison(examples, "figure3.png")
 
 Pure functions on results and arrays: nothing here imports torch or a model.
-Each cell is the mean ± std over runs (folds or seeds) of each run's per-volume mean;
-in every column the best value is bold and the second best underlined (higher is
-better for Dice and AUPRC, lower for l1).
+The table is the one `maediff report` draws (evaluation/tables.py: each cell the mean ±
+std over runs, folds or seeds, of each run's per-volume mean) in the columns of the
+paper's tables; this module adds its marks: in every column the best value is bold and
+the second best underlined (higher is better for Dice and AUPRC, lower for l1).
 """
 
 from __future__ import annotations
 
-import csv
-import io
 import math
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import matplotlib
@@ -27,84 +26,54 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 from scipy.stats import wilcoxon  # noqa: E402
 
-from ..names import HEALTHY, MS, TUMOUR  # noqa: E402
+from .summary import EvaluationSummary  # noqa: E402
+from .tables import TABLE_COLUMNS, MetricTable, build_table  # noqa: E402
 
-# (data set, metric, header, scale, higher is better)
-COLUMNS = (
-    (TUMOUR, "dice", "BraTS21 Dice (%)", 100.0, True),
-    (TUMOUR, "auprc", "BraTS21 AUPRC (%)", 100.0, True),
-    (MS, "dice", "MSLUB Dice (%)", 100.0, True),
-    (MS, "auprc", "MSLUB AUPRC (%)", 100.0, True),
-    (HEALTHY, "l1", "IXI l1 (1e-3)", 1000.0, False),
-)
+# (data set, metric, header, scale, higher is better): tables.Column
+COLUMNS = TABLE_COLUMNS
 
 
 @dataclass
-class ComparisonTable:
-    models: list[str]
-    runs: list[int]  # number of runs behind each row
-    values: np.ndarray  # (models, columns, 2): mean and std, NaN where missing
-    columns: tuple = COLUMNS
-    notes: list[str] = field(default_factory=list)
+class ComparisonTable(MetricTable):
+    """The metric table with a runs column and the best / second marks."""
+
+    @property
+    def models(self) -> list[str]:
+        return self.labels
 
     def ranks(self) -> np.ndarray:
         """(models, columns) rank of each mean in its column: 0 best, 1 second, ... (-1 missing)."""
-        out = np.full(self.values.shape[:2], -1)
+        values = self.values
+        out = np.full(values.shape[:2], -1)
         for j, col in enumerate(self.columns):
-            means = self.values[:, j, 0]
+            means = values[:, j, 0]
             ok = np.flatnonzero(~np.isnan(means))
-            order = ok[np.argsort(-means[ok] if col[4] else means[ok], kind="stable")]
+            order = ok[np.argsort(-means[ok] if col.higher_is_better else means[ok], kind="stable")]
             out[order, j] = np.arange(order.size)
         return out
 
     def cell(self, i: int, j: int) -> str:
-        mean, std = self.values[i, j]
-        if math.isnan(mean):
-            return "-"
-        return f"{mean:.2f} ± {std:.2f}" if self.runs[i] > 1 else f"{mean:.2f}"
+        return self.text(i, j)
 
-    def markdown(self) -> str:
+    def markdown(self, runs: str = "column", mark=None) -> str:
         ranks = self.ranks()
-        head = ["Model", "runs"] + [c[2] for c in self.columns]
-        lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-        for i, m in enumerate(self.models):
-            cells = []
-            for j in range(len(self.columns)):
-                c = self.cell(i, j)
-                cells.append(
-                    f"**{c}**" if ranks[i, j] == 0 else f"<u>{c}</u>" if ranks[i, j] == 1 else c
-                )
-            lines.append("| " + " | ".join([m, str(self.runs[i]), *cells]) + " |")
-        return "\n".join(lines) + "\n"
 
-    def csv(self) -> str:
-        buf = io.StringIO()
-        w = csv.writer(buf)
-        w.writerow(
-            ["model", "runs"]
-            + [f"{c[0]}_{c[1]}_{s}" for c in self.columns for s in ("mean", "std")]
-        )
-        for i, m in enumerate(self.models):
-            vals = [f"{v * 1:.4f}" if not math.isnan(v) else "" for v in self.values[i].ravel()]
-            w.writerow([m, self.runs[i], *vals])
-        return buf.getvalue()
+        def best_second(i: int, j: int, c: str) -> str:
+            return f"**{c}**" if ranks[i, j] == 0 else f"<u>{c}</u>" if ranks[i, j] == 1 else c
+
+        return super().markdown(runs, mark or best_second)
+
+    def csv(self, runs: str = "column") -> str:
+        """model, runs, mean and std of every column (4 decimals)."""
+        return self.values_csv()
 
 
-def comparison_table(rows: Mapping[str, Sequence[Mapping]]) -> ComparisonTable:
-    """rows: model name -> the summary.json dicts of its runs (folds or seeds)."""
-    models = list(rows)
-    values = np.full((len(models), len(COLUMNS), 2), np.nan)
-    for i, m in enumerate(models):
-        for j, (ds, metric, _, scale, _) in enumerate(COLUMNS):
-            per_run = [
-                s["datasets"][ds]["metrics"][metric]["mean"]
-                for s in rows[m]
-                if ds in s.get("datasets", {}) and metric in s["datasets"][ds].get("metrics", {})
-            ]
-            if per_run:
-                v = np.asarray(per_run, dtype=float) * scale
-                values[i, j] = (v.mean(), v.std())
-    return ComparisonTable(models, [len(rows[m]) for m in models], values)
+def comparison_table(
+    rows: Mapping[str, Sequence[EvaluationSummary | Mapping]],
+) -> ComparisonTable:
+    """rows: model name -> the summaries (or summary.json dicts) of its runs."""
+    t = build_table(rows, COLUMNS)
+    return ComparisonTable(t.labels, t.runs, t.columns, t.cells)
 
 
 # ------------------------------------------------------------------ paired tests

@@ -5,9 +5,7 @@ gathered in one HTML page. Pure matplotlib on arrays; nothing here imports the m
 
 from __future__ import annotations
 
-import csv
 import html
-import io
 import math
 import os
 import urllib.parse
@@ -22,9 +20,16 @@ import numpy as np  # noqa: E402
 
 from .aggregate import write_atomic  # noqa: E402
 from .metrics import precision_recall_curve  # noqa: E402
+from .tables import (  # noqa: E402
+    ANOMALY_METRICS,
+    HEALTHY_METRICS,
+    csv_table,
+    dataset_columns,
+    markdown_table,
+)
 
-ANOMALY_COLUMNS = (("dice", "Dice (%)", 100.0), ("auprc", "AUPRC (%)", 100.0))
-HEALTHY_COLUMNS = (("l1", "l1 (1e-3)", 1000.0),)
+ANOMALY_COLUMNS = tuple(m[:3] for m in ANOMALY_METRICS)  # (metric, header, scale)
+HEALTHY_COLUMNS = tuple(m[:3] for m in HEALTHY_METRICS)
 
 
 def _cell(summary: Mapping | None, key: str, scale: float) -> str:
@@ -38,28 +43,17 @@ def _cell(summary: Mapping | None, key: str, scale: float) -> str:
 def results_table(
     rows: Sequence[Mapping], anomaly_sets: Sequence[str], healthy_sets: Sequence[str] = ()
 ) -> tuple[str, str]:
-    """Rows: {"model": name, DATASET: summary, ...} where a summary maps metric ->
-    {"mean", "std"}. Returns (Markdown, CSV) with columns dataset x metric."""
-    header = ["Model"]
-    spec = []
-    for ds in anomaly_sets:
-        for key, label, scale in ANOMALY_COLUMNS:
-            header.append(f"{ds} {label}")
-            spec.append((ds, key, scale))
-    for ds in healthy_sets:
-        for key, label, scale in HEALTHY_COLUMNS:
-            header.append(f"{ds} {label}")
-            spec.append((ds, key, scale))
+    """Rows of numbers already combined: {"model": name, DATASET: summary, ...} where a
+    summary maps metric -> {"mean", "std"} (the std shown where it is not 0). Returns
+    (Markdown, CSV) with columns dataset x metric. The report and the benchmark build
+    their tables from evaluation summaries instead (evaluation/tables.py)."""
+    columns = dataset_columns(anomaly_sets, healthy_sets)
+    header = ["Model", *(c.header for c in columns)]
     body = [
-        [str(r["model"])] + [_cell(r.get(ds), key, scale) for ds, key, scale in spec] for r in rows
+        [str(r["model"])] + [_cell(r.get(c.dataset), c.metric, c.scale) for c in columns]
+        for r in rows
     ]
-    md = "| " + " | ".join(header) + " |\n|" + "---|" * len(header) + "\n"
-    md += "".join("| " + " | ".join(line) + " |\n" for line in body)
-    buf = io.StringIO()
-    w = csv.writer(buf)
-    w.writerow(header)
-    w.writerows(body)
-    return md, buf.getvalue()
+    return markdown_table(header, body), csv_table(header, body)
 
 
 def pick_slices(segmentation: np.ndarray | None, scores: np.ndarray, n: int = 3) -> list[int]:

@@ -7,23 +7,23 @@ figures and one HTML page.
 This is what `maediff report` runs; like the rest of evaluation/ it imports neither
 torch nor a model (tested), so drawing tables of finished evaluations stays light.
 Evaluations of one model label on one data folder (folds, seeds) form one row, mean
-± std over runs; the data folder is named in the row when the report holds several.
+± std over runs (the table of evaluation/tables.py, which the benchmark draws too);
+the data folder is named in the row when the report holds several.
 """
 
 from __future__ import annotations
 
 import csv
-import json
 import re
 import shutil
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from ..names import ANOMALY_SETS, HEALTHY
-from .aggregate import combine_runs, write_atomic
+from .aggregate import write_atomic
 from .lesions import lesion_markdown
 from .postprocess import remove_small_components
 from .protocol import EvalSettings, VolumeResult, score_volume
@@ -31,23 +31,15 @@ from .report import (
     figure_dice_distribution,
     figure_examples,
     figure_pr_curves,
-    results_table,
     write_html,
 )
+from .summary import DatasetResult, EvaluationSummary, as_summaries, split_curve_key
+from .tables import Column, MetricTable, build_table, dataset_columns, datasets_of
 
 
-def load_summary(path: str | Path) -> dict[str, Any]:
-    """summary.json of an evaluation (its folder or the file); `_dir` records the folder."""
-    p = Path(path)
-    f = p / "summary.json" if p.is_dir() else p
-    if not f.exists():
-        raise ValueError(f"{p} holds no summary.json (run `maediff evaluate` first)")
-    try:
-        s = json.loads(f.read_text())
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{f} is not valid JSON: {e}") from e
-    s["_dir"] = str(f.parent.resolve())
-    return s
+def load_summary(path: str | Path) -> EvaluationSummary:
+    """summary.json of an evaluation (its folder or the file); `folder` records the folder."""
+    return EvaluationSummary.read(path)
 
 
 def example_figure(
@@ -71,12 +63,11 @@ def example_figure(
     return figure_examples(ex, path)
 
 
-def _data_key(s: dict[str, Any]) -> str:
-    d = s.get("data_dir")
-    return str(Path(d).resolve()) if d else ""
+def _data_key(s: EvaluationSummary) -> str:
+    return str(Path(s.data_dir).resolve()) if s.data_dir else ""
 
 
-def _data_names(summaries: Sequence[dict[str, Any]]) -> dict[str, str]:
+def _data_names(summaries: Sequence[EvaluationSummary]) -> dict[str, str]:
     """Resolved data folder -> the name shown: its folder name, or the whole path when
     two folders share a name."""
     keys = sorted({_data_key(s) for s in summaries})
@@ -84,7 +75,7 @@ def _data_names(summaries: Sequence[dict[str, Any]]) -> dict[str, str]:
     return {k: base[k] if list(base.values()).count(base[k]) == 1 else k for k in keys}
 
 
-def _group_labels(summaries: Sequence[dict[str, Any]]) -> list[tuple[str, str]]:
+def _group_labels(summaries: Sequence[EvaluationSummary]) -> list[tuple[str, str]]:
     """(group key, display label) of each summary: the model label, plus the data
     folder when the summaries come from more than one."""
     names = _data_names(summaries)
@@ -92,35 +83,58 @@ def _group_labels(summaries: Sequence[dict[str, Any]]) -> list[tuple[str, str]]:
     out = []
     for s in summaries:
         key = _data_key(s)
-        label = f"{s['model']} — {names[key]}" if several else str(s["model"])
-        out.append((f"{s['model']}\0{key}", label))
+        label = f"{s.model} — {names[key]}" if several else s.model
+        out.append((f"{s.model}\0{key}", label))
     return out
 
 
-def table_rows(summaries: Sequence[dict[str, Any]]) -> tuple[list[dict], list[str]]:
-    """One row per (model label, data folder); several summaries of one group (folds,
-    seeds) are combined as mean +- std of their per-volume means. Data sets of
-    different folders are never averaged together."""
-    groups: dict[str, tuple[str, list[dict]]] = {}
+def report_rows(
+    summaries: Sequence[EvaluationSummary | Mapping],
+) -> list[tuple[str, list[EvaluationSummary]]]:
+    """The report's rows: one per (model label, data folder), with the summaries of its
+    runs (folds, seeds). Data sets of different folders are never averaged together."""
+    summaries = as_summaries(summaries)
+    groups: dict[str, tuple[str, list[EvaluationSummary]]] = {}
     for s, (key, label) in zip(summaries, _group_labels(summaries)):
         groups.setdefault(key, (label, []))[1].append(s)
-    datasets = [
-        ds for ds in (*ANOMALY_SETS, HEALTHY) if any(ds in s["datasets"] for s in summaries)
-    ]
+    return list(groups.values())
+
+
+def report_table(summaries: Sequence[EvaluationSummary | Mapping]) -> MetricTable:
+    """The report's table: Dice and AUPRC of every anomaly set the summaries hold, l1 of
+    the healthy set; shown with runs="label" ("MAEDiff (3 runs)")."""
+    summaries = as_summaries(summaries)
+    return build_table(report_rows(summaries), dataset_columns(*datasets_of(summaries)))
+
+
+def table_rows(summaries: Sequence[EvaluationSummary | Mapping]) -> tuple[list[dict], list[str]]:
+    """The report's rows as dicts (callers of 0.4): {"model": row name, DATASET: metric ->
+    {"mean", "std", "n"}} over the runs of the row (unscaled, every metric the runs
+    share a data set in), and the data sets."""
+    summaries = as_summaries(summaries)
+    anomaly, healthy = datasets_of(summaries)
+    datasets = [*anomaly, *healthy]
+    metrics = {
+        ds: sorted({m for s in summaries if ds in s.datasets for m in s.datasets[ds].metrics})
+        for ds in datasets
+    }
+    columns = [Column(ds, m, m, 1.0) for ds in datasets for m in metrics[ds]]
+    table = build_table(report_rows(summaries), columns)
     rows = []
-    for label, group in groups.values():
-        row: dict[str, Any] = {
-            "model": label if len(group) == 1 else f"{label} ({len(group)} runs)"
-        }
-        for ds in datasets:
-            parts = [s["datasets"][ds]["metrics"] for s in group if ds in s["datasets"]]
-            if parts:
-                row[ds] = parts[0] if len(parts) == 1 else combine_runs(parts)
+    for i in range(len(table.labels)):
+        row: dict[str, Any] = {"model": table.label(i, runs="label")}
+        for col, c in zip(columns, table.cells[i]):
+            if c is not None:
+                row.setdefault(col.dataset, {})[col.metric] = {
+                    "mean": c.mean,
+                    "std": c.std,
+                    "n": c.n,
+                }
         rows.append(row)
     return rows, datasets
 
 
-def _run_tags(summaries: Sequence[dict[str, Any]]) -> list[str]:
+def _run_tags(summaries: Sequence[EvaluationSummary]) -> list[str]:
     """A label per summary for figure legends: the row label, numbered when repeated."""
     labels = [label for _, label in _group_labels(summaries)]
     return [
@@ -132,30 +146,30 @@ def _safe(name: str) -> str:
     return re.sub(r"[^A-Za-z0-9._-]+", "_", name).strip("_") or "run"
 
 
-def _exclusion_text(d: dict[str, Any]) -> str:
-    ex = d.get("excluded") or {}
+def _exclusion_text(d: DatasetResult) -> str:
+    ex = d.excluded or {}
     if not ex:
         return ""
-    parts = [f"{m} {v['n']} ({v['reason']})" for m, v in ex.items()]
+    parts = [f"{m} {v.n} ({v.reason})" for m, v in ex.items()]
     return "; left out of the means: " + ", ".join(parts)
 
 
-def write_report(summaries: Sequence[dict[str, Any]], out_dir: str | Path) -> Path:
+def write_report(summaries: Sequence[EvaluationSummary | Mapping], out_dir: str | Path) -> Path:
     """Table 1 style Markdown + CSV and one HTML page with the figures of each summary.
     Figures of summaries saved elsewhere are copied next to the page; every image is
     referenced relative to the page, so the folder can be moved or served as is."""
+    summaries = as_summaries(summaries)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    rows, datasets = table_rows(summaries)
-    anomaly = [d for d in datasets if d != HEALTHY]
-    md, csv_text = results_table(rows, anomaly, [HEALTHY] if HEALTHY in datasets else [])
+    table = report_table(summaries)
+    md = table.markdown(runs="label")
     write_atomic(out / "results.md", md)
-    write_atomic(out / "results.csv", csv_text)
+    write_atomic(out / "results.csv", table.csv(runs="label"))
     sections: list[dict[str, Any]] = [
         {
             "heading": "Results",
             "table": md,
-            "text": "Dice with the threshold chosen on the pooled unhealthy validation volumes of each data set; AUPRC per volume, averaged; l1 on healthy test volumes, in units of 1e-3. Means over volumes (volumes where a metric is undefined are left out, counted below); with several runs of one model on one data folder, mean ± std over runs.",
+            "text": "Dice with the threshold chosen on the pooled unhealthy validation volumes of each data set; AUPRC per volume, averaged; l1 on healthy test volumes, in units of 1e-3. Means over volumes (volumes where a metric is undefined are left out, counted below); with several runs of one model on one data folder, mean ± std over runs (one run: its mean; the std over its volumes is in its summary.json).",
         }
     ]
     if len(summaries) > 1:
@@ -169,10 +183,10 @@ def write_report(summaries: Sequence[dict[str, Any]], out_dir: str | Path) -> Pa
                 "table": lesion_md.split("\n\n")[0],
                 "text": "Lesion-wise detection pooled over the test volumes of each run (first table), and Dice and AUPRC of the test volumes grouped by their total lesion volume (second table); "
                 + next(
-                    d["lesions"]["rule"]
+                    d.lesions.rule
                     for sm in summaries
-                    for d in sm["datasets"].values()
-                    if "lesions" in d
+                    for d in sm.datasets.values()
+                    if d.lesions is not None
                 )
                 + ".",
             }
@@ -185,43 +199,42 @@ def write_report(summaries: Sequence[dict[str, Any]], out_dir: str | Path) -> Pa
             }
         )
     for idx, (s, tag) in enumerate(zip(summaries, _run_tags(summaries)), 1):
-        src = Path(s.get("_dir") or out)  # folder holding this summary's figures
+        src = s.folder or out  # folder holding this summary's figures
         lines = [
-            f"config: {s.get('config') or 'none (baseline)'}  checkpoint: {s.get('checkpoint') or 'none'}",
-            f"data: {s.get('data_dir')}  fold: {s.get('fold')}",
+            f"config: {s.config or 'none (baseline)'}  checkpoint: {s.checkpoint or 'none'}",
+            f"data: {s.data_dir}  fold: {s.fold}",
         ]
-        for ds, d in s["datasets"].items():
-            if "threshold" in d:
-                m = d["metrics"]
-                oracle = m.get("oracle_best_dice", {}).get("mean", float("nan"))
+        for ds, d in s.datasets.items():
+            if d.has_threshold:
+                oracle = d.mean("oracle_best_dice")
+                oracle = float("nan") if oracle is None else oracle
                 lines.append(
-                    f"{ds}: threshold {d['threshold']:.4f} from {d['threshold_source']}; {d['n_test']} test volumes; oracle best Dice (upper bound, not a result) {oracle:.4f}"
+                    f"{ds}: threshold {d.threshold:.4f} from {d.threshold_source}; {d.n_test} test volumes; oracle best Dice (upper bound, not a result) {oracle:.4f}"
                     + _exclusion_text(d)
                 )
             else:
-                lines.append(f"{ds}: {d.get('n_test')} test volumes" + _exclusion_text(d))
+                lines.append(f"{ds}: {d.n_test} test volumes" + _exclusion_text(d))
         images = []
-        figs = s.get("figures", {})
-        names = [*figs.get("examples", []), figs.get("pr_curves"), figs.get("dice")]
-        for name in [*names, figs.get("dice_vs_volume")]:
-            if name and (src / name).exists():
+        for name in s.figures.names() if s.figures else []:
+            if (src / name).exists():
                 same = src.resolve() == out.resolve()
-                target = out / (name if same else f"{idx}-{_safe(s['model'])}_{name}")
+                target = out / (name if same else f"{idx}-{_safe(s.model)}_{name}")
                 if not same:
                     shutil.copyfile(src / name, target)
                 images.append(target)
         sections.append(
-            {"heading": f"{tag} (fold {s.get('fold')})", "pre": "\n".join(lines), "images": images}
+            {"heading": f"{tag} (fold {s.fold})", "pre": "\n".join(lines), "images": images}
         )
     return write_html(out / "report.html", "maediff report", sections)
 
 
-def lesion_tables(summaries: Sequence[dict[str, Any]]) -> str:
+def lesion_tables(summaries: Sequence[EvaluationSummary | Mapping]) -> str:
     """Markdown: lesion-wise detection and Dice / AUPRC by lesion load, one row per run
     and data set ('' for summaries written before results by lesion existed)."""
-    by_run: dict[str, dict[str, dict]] = {}
+    summaries = as_summaries(summaries)
+    by_run: dict[str, dict[str, Any]] = {}
     for s, tag in zip(summaries, _run_tags(summaries)):
-        per_ds = {ds: d["lesions"] for ds, d in s["datasets"].items() if "lesions" in d}
+        per_ds = {ds: d.lesions for ds, d in s.datasets.items() if d.lesions is not None}
         if per_ds:
             by_run[tag] = per_ds
     if not by_run:
@@ -230,17 +243,17 @@ def lesion_tables(summaries: Sequence[dict[str, Any]]) -> str:
     lines.append("|---|---|---|---|---|---|")
     for tag, per_ds in by_run.items():
         for ds, d in per_ds.items():
-            for b in d["by_volume_load"]:
-                if b["n"]:
+            for b in d.by_volume_load:
+                if b.n:
                     dice, auprc = (
-                        "-" if b[k] is None or b[k] != b[k] else f"{100 * b[k]:.1f}"
-                        for k in ("dice", "auprc")
+                        "-" if v is None or v != v else f"{100 * v:.1f}" for v in (b.dice, b.auprc)
                     )
-                    lines.append(f"| {tag} | {ds} | {b['band']} | {b['n']} | {dice} | {auprc} |")
-    return lesion_markdown(by_run) + "\n".join(lines) + "\n"
+                    lines.append(f"| {tag} | {ds} | {b.band} | {b.n} | {dice} | {auprc} |")
+    table = {tag: {ds: d.to_json() for ds, d in per_ds.items()} for tag, per_ds in by_run.items()}
+    return lesion_markdown(table) + "\n".join(lines) + "\n"
 
 
-def _combined_figures(summaries: Sequence[dict[str, Any]], out: Path) -> list[Path]:
+def _combined_figures(summaries: Sequence[EvaluationSummary], out: Path) -> list[Path]:
     """PR curves and per-subject Dice of all summaries in one figure each."""
     curves, dice = combined_series(summaries, out)
     images = []
@@ -253,25 +266,23 @@ def _combined_figures(summaries: Sequence[dict[str, Any]], out: Path) -> list[Pa
 
 
 def combined_series(
-    summaries: Sequence[dict[str, Any]], out: Path
+    summaries: Sequence[EvaluationSummary | Mapping], out: Path
 ) -> tuple[dict[str, tuple[np.ndarray | None, np.ndarray | None]], dict[str, list[float]]]:
     """The combined figures' series, keyed by their legend labels "RUN DATASET": PR
     curve (scores, labels) and per-subject Dice of every summary and data set."""
+    summaries = as_summaries(summaries)
     curves: dict[str, tuple[np.ndarray | None, np.ndarray | None]] = {}
     dice: dict[str, list[float]] = {}
     for s, tag in zip(summaries, _run_tags(summaries)):
-        src = Path(s.get("_dir") or out)
+        src = s.folder or out
         if (src / "curves.npz").exists():
             with np.load(src / "curves.npz") as z:
                 for key in z.files:
-                    name, part = key.rsplit("|", 1)
-                    # keys are "MODEL LABEL DATASET": the label may hold spaces, the
-                    # data set is one of the summary's
-                    ds = next((d for d in s["datasets"] if name.endswith(f" {d}")), name)
+                    ds, part = split_curve_key(key, s.datasets)
                     label = f"{tag} {ds}"
                     sc, lab = curves.get(label, (None, None))
                     curves[label] = (z[key], lab) if part == "scores" else (sc, z[key])
-        for ds in [d for d in s["datasets"] if d != HEALTHY]:
+        for ds in [d for d in s.datasets if d != HEALTHY]:
             f = src / f"{ds}_test_subjects.csv"
             if f.exists():
                 with f.open(newline="") as fh:
@@ -286,6 +297,8 @@ __all__ = [
     "ANOMALY_SETS",
     "example_figure",
     "load_summary",
+    "report_rows",
+    "report_table",
     "table_rows",
     "write_report",
 ]

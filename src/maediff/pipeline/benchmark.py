@@ -68,6 +68,8 @@ from ..evaluation.comparison import (
 from ..evaluation.lesions import lesion_markdown, merge_runs
 from ..evaluation.report import write_html
 from ..evaluation.runs import load_summary
+from ..evaluation.summary import SUMMARY_FILE, EvaluationSummary
+from ..evaluation.tables import mean_std_text
 from ..models import MODELS
 from ..models.maediff import MAEDiff
 from ..names import ANOMALY_SETS, MS, TUMOUR
@@ -229,7 +231,7 @@ def check_run_config(folder: Path, cfg: Config) -> None:
 
 
 def is_done(folder: Path) -> bool:
-    return (folder / "eval" / "summary.json").exists()
+    return (folder / "eval" / SUMMARY_FILE).exists()
 
 
 def execute_run(
@@ -309,6 +311,24 @@ def figure_subjects(data: Path) -> list:
     return out
 
 
+FIGURE_PARTS = ("image", "segmentation", "reconstruction", "brain")
+
+
+def figure_key(index: int | str, subject: str, part: str) -> str:
+    """The key of one slice of figure3.npz: "INDEX|SUBJECT|PART"."""
+    if part not in FIGURE_PARTS:
+        raise ValueError(f"figure part {part!r} is not one of {FIGURE_PARTS}")
+    return f"{index}|{subject}|{part}"
+
+
+def split_figure_key(key: str) -> tuple[str, str, str]:
+    """(index, subject, part) of a figure3.npz key."""
+    parts = key.split("|")
+    if len(parts) != 3 or parts[2] not in FIGURE_PARTS:
+        raise ValueError(f"figure3.npz key {key!r} is not 'INDEX|SUBJECT|PART'")
+    return parts[0], parts[1], parts[2]
+
+
 @torch.no_grad()
 def save_figure_slices(model, data: Path, path: Path, seed: int) -> None:
     """For Figure 3: the axial slice with the most lesion voxels of a few test volumes."""
@@ -323,14 +343,14 @@ def save_figure_slices(model, data: Path, path: Path, seed: int) -> None:
             if vol.segmentation is not None
             else vol.image.shape[2] // 2
         )
-        arrays[f"{i}|{s.name}|image"] = vol.image[..., z]
-        arrays[f"{i}|{s.name}|segmentation"] = (
+        arrays[figure_key(i, s.name, "image")] = vol.image[..., z]
+        arrays[figure_key(i, s.name, "segmentation")] = (
             vol.segmentation[..., z]
             if vol.segmentation is not None
             else np.zeros_like(vol.image[..., z])
         )
-        arrays[f"{i}|{s.name}|reconstruction"] = rec[..., z]
-        arrays[f"{i}|{s.name}|brain"] = vol.brain_mask[..., z].astype(np.float32)
+        arrays[figure_key(i, s.name, "reconstruction")] = rec[..., z]
+        arrays[figure_key(i, s.name, "brain")] = vol.brain_mask[..., z].astype(np.float32)
     tmp = path.with_name(f".{path.stem}.tmp.npz")
     np.savez_compressed(tmp, **arrays)
     tmp.replace(path)
@@ -447,11 +467,13 @@ def _run_all(plan, todo: list[RunSpec], out: Path, data: Path, device: str, prog
 # ------------------------------------------------------------------ tables and figure
 
 
-def finished_runs(plan: BenchmarkPlan, out: Path) -> dict[str, list[tuple[RunSpec, dict]]]:
+def finished_runs(
+    plan: BenchmarkPlan, out: Path
+) -> dict[str, list[tuple[RunSpec, EvaluationSummary]]]:
     """model -> its finished runs; a row with no run of its own takes those of its
     EQUIVALENT row (same configuration), in either direction."""
     twins = {**EQUIVALENT, **{v: k for k, v in EQUIVALENT.items()}}
-    found: dict[str, list[tuple[RunSpec, dict]]] = {}
+    found: dict[str, list[tuple[RunSpec, EvaluationSummary]]] = {}
     for spec in plan.runs():
         for model in (spec.model, twins.get(spec.model)):
             src = RunSpec(model, spec.fold, spec.seed) if model else None
@@ -463,7 +485,9 @@ def finished_runs(plan: BenchmarkPlan, out: Path) -> dict[str, list[tuple[RunSpe
     return found
 
 
-def per_subject_means(out: Path, runs: list[tuple[RunSpec, dict]]) -> dict[str, dict[str, float]]:
+def per_subject_means(
+    out: Path, runs: list[tuple[RunSpec, EvaluationSummary]]
+) -> dict[str, dict[str, float]]:
     """'DATASET/metric' -> subject -> value averaged over the model's runs."""
     acc: dict[str, dict[str, list[float]]] = {}
     for spec, _ in runs:
@@ -586,10 +610,7 @@ def _probe(out: Path, spec: RunSpec) -> dict | None:
 
 
 def _mean_std(v: Sequence[float], scale: float = 1.0, digits: int = 2) -> str:
-    a = np.asarray(v, dtype=float) * scale
-    if len(a) == 0:
-        return "-"
-    return f"{a.mean():.{digits}f} ± {a.std():.{digits}f}" if len(a) > 1 else f"{a[0]:.{digits}f}"
+    return mean_std_text(np.asarray(v, dtype=float) * scale, digits)
 
 
 def probe_table(plan: BenchmarkPlan, out: Path, found) -> str:
@@ -633,9 +654,9 @@ def lesion_table(plan: BenchmarkPlan, found) -> str:
     for m in plan.models:
         per_ds: dict[str, list[dict]] = {}
         for _, s in found.get(m, []):
-            for ds, d in s["datasets"].items():
-                if "lesions" in d:
-                    per_ds.setdefault(ds, []).append(d["lesions"])
+            for ds, d in s.datasets.items():
+                if d.lesions is not None:
+                    per_ds.setdefault(ds, []).append(d.lesions.to_json())
         if per_ds:
             by_model[DISPLAY_NAMES[m]] = {ds: merge_runs(v) for ds, v in per_ds.items()}
     return lesion_markdown(by_model)
@@ -683,16 +704,15 @@ def _figure3(plan: BenchmarkPlan, out: Path, found) -> Path | None:
         names.append(DISPLAY_NAMES[m])
         with np.load(f) as z:
             for key in z.files:
-                idx, subject, part = key.split("|")
+                idx, subject, part = split_figure_key(key)
                 ex = examples.setdefault(idx, {"title": subject, "models": {}})
                 if part in ("image", "segmentation", "brain"):
                     ex[part] = z[key]
                 else:
                     rec = z[key]
-                    ex["models"][DISPLAY_NAMES[m]] = (
-                        rec,
-                        np.abs(z[f"{idx}|{subject}|image"] - rec) * z[f"{idx}|{subject}|brain"],
-                    )
+                    image = z[figure_key(idx, subject, "image")]
+                    brain = z[figure_key(idx, subject, "brain")]
+                    ex["models"][DISPLAY_NAMES[m]] = (rec, np.abs(image - rec) * brain)
     if not examples:
         return None
     return figure_comparison([examples[k] for k in sorted(examples)], names, out / "figure3.png")

@@ -11,8 +11,9 @@ reconstruction is zero, so the anomaly map is the image itself.
 Every split file of every data set is read (and every file it lists checked) before
 the first volume is computed, and the output folder appears only when everything is
 written: results go to a hidden sibling folder that is renamed into place at the end
-and removed on failure. The report assembly lives in evaluation/runs.py (no torch);
-it is re-exported here for callers of this module.
+and removed on failure. The summary is an EvaluationSummary (evaluation/summary.py),
+written as its `to_json()`. The report assembly lives in evaluation/runs.py (no
+torch); it is re-exported here for callers of this module.
 """
 
 from __future__ import annotations
@@ -35,11 +36,22 @@ from ..config import DataConfig
 from ..data.bids import is_bids, read_bids, split_every
 from ..data.io import DataError
 from ..data.splits import Subject, read_pddpm_split
-from ..evaluation.aggregate import exclusions, summarise, write_json, write_subject_csv
+from ..evaluation.aggregate import METRICS, exclusions, summarise, write_json, write_subject_csv
 from ..evaluation.lesions import lesion_summary
 from ..evaluation.protocol import EvalSettings, VolumeResult, evaluate_healthy, evaluate_split
 from ..evaluation.report import figure_dice_distribution, figure_dice_vs_volume, figure_pr_curves
 from ..evaluation.runs import ANOMALY_SETS, example_figure, load_summary, table_rows, write_report
+from ..evaluation.summary import (
+    SUMMARY_FILE,
+    DatasetResult,
+    EvaluationSummary,
+    Exclusion,
+    Figures,
+    LesionResult,
+    MetricStats,
+    Scoring,
+    curve_key,
+)
 from ..names import HEALTHY
 from .detect import reconstruct_subject
 from .workers import ReconstructionPool, auto_workers
@@ -50,6 +62,7 @@ if TYPE_CHECKING:
 __all__ = [
     "ANOMALY_SETS",
     "EvalPlan",
+    "EvaluationSummary",
     "evaluate_model",
     "load_summary",
     "plan_bids_evaluation",
@@ -221,7 +234,9 @@ def evaluate_model(
     workers: int | None = None,
     plan: EvalPlan | None = None,
 ) -> dict[str, Any]:
-    """Run the protocol (docs/evaluation.md §1) on every data set and write the results.
+    """Run the protocol (docs/evaluation.md §1) on every data set and write the results;
+    returns the dict written as OUT/summary.json (EvaluationSummary.from_json of it, or
+    load_summary(OUT), gives the typed summary).
 
     workers: processes that reconstruct the volumes, one thread each (None: one per
     torch thread, at most 4, for a trainable model on the CPU; 0: in this process).
@@ -234,29 +249,29 @@ def evaluate_model(
         raise DataError(f"output {out} exists and is not a folder")
     data_cfg = data_cfg or model.cfg.data
     info = getattr(model, "checkpoint_info", {})
-    summary: dict[str, Any] = {
-        "model": label,
-        "checkpoint": info.get("path"),
-        "config": model.cfg.name,
-        "data_dir": str(Path(data_dir).resolve()),
-        "fold": fold,
-        "datasets": {},
-        "settings": settings.__dict__,
-        "scoring": {  # test-time options that change the maps (duck-typed models lack them)
-            "ensemble_t": list(getattr(model.cfg.inference, "ensemble_t", ())),
-            "ensemble_draws": getattr(model.cfg.inference, "ensemble_draws", 1),
-            "standardise": getattr(data_cfg, "standardise", "none"),
-            "speed": info.get("speed", []),
-        },
-    }
+    if workers is None:
+        workers = auto_workers(model, len(plan.subjects()))
+    summary = EvaluationSummary(
+        model=label,
+        checkpoint=info.get("path"),
+        config=model.cfg.name,
+        data_dir=str(Path(data_dir).resolve()),
+        fold=fold,
+        datasets={},
+        settings=settings,
+        scoring=Scoring(  # test-time options that change the maps (duck-typed models lack them)
+            ensemble_t=list(getattr(model.cfg.inference, "ensemble_t", ())),
+            ensemble_draws=getattr(model.cfg.inference, "ensemble_draws", 1),
+            standardise=getattr(data_cfg, "standardise", "none"),
+            speed=list(info.get("speed", [])),
+            workers=workers,
+        ),
+    )
     base = out.resolve()
     base.parent.mkdir(parents=True, exist_ok=True)
     stage = base.parent / f".{base.name}.partial-{os.getpid()}"
     shutil.rmtree(stage, ignore_errors=True)
     stage.mkdir()
-    if workers is None:
-        workers = auto_workers(model, len(plan.subjects()))
-    summary["scoring"]["workers"] = workers
     pool = ReconstructionPool(model, workers) if workers else None
     try:
         _run(
@@ -275,7 +290,7 @@ def evaluate_model(
             pool,
             drawn_lesions(data_dir),
         )
-        write_json(summary, stage / "summary.json")
+        write_json(summary.to_json(), stage / SUMMARY_FILE)
         write_report([summary], stage)
         _publish(stage, base)
     except BaseException:
@@ -284,14 +299,14 @@ def evaluate_model(
     finally:
         if pool is not None:
             pool.close()
-    return summary
+    return summary.to_json()
 
 
 def _run(
     model: AnomalyModel,
     plan: EvalPlan,
     out: Path,
-    summary: dict[str, Any],
+    summary: EvaluationSummary,
     data_cfg: DataConfig,
     settings: EvalSettings,
     label: str,
@@ -331,18 +346,18 @@ def _run(
         }
         write_subject_csv(outcome.records, out / f"{ds}_test_subjects.csv", context)
         write_subject_csv(outcome.lesions, out / f"{ds}_test_lesions.csv", context)
-        summary["datasets"][ds] = {
-            "threshold": outcome.threshold,
-            "threshold_source": f"{ds} val ({len(val)} volumes, pooled Dice {outcome.val_dice:.4f})",
-            "n_test": len(test),
-            "metrics": summarise(outcome.records),
-            "excluded": exclusions(outcome.records),
-            "lesions": lesion_summary(
-                outcome.records, outcome.lesions, overlap=settings.lesion_overlap
+        summary.datasets[ds] = DatasetResult(
+            threshold=outcome.threshold,
+            threshold_source=f"{ds} val ({len(val)} volumes, pooled Dice {outcome.val_dice:.4f})",
+            n_test=len(test),
+            metrics=_metrics(outcome.records),
+            excluded=_excluded(outcome.records),
+            lesions=LesionResult.from_json(
+                lesion_summary(outcome.records, outcome.lesions, overlap=settings.lesion_overlap)
             ),
-            "seconds": round(time.perf_counter() - t0, 1),
-            "note": "oracle_best_dice chooses the threshold on each test volume itself: an upper bound, not a result",
-        }
+            seconds=round(time.perf_counter() - t0, 1),
+            note="oracle_best_dice chooses the threshold on each test volume itself: an upper bound, not a result",
+        )
         curves[f"{label} {ds}"] = (outcome.curve_scores, outcome.curve_labels)
         dice_dists[f"{label} {ds}"] = [r.get("dice", float("nan")) for r in outcome.records]
         by_volume[ds] = [
@@ -364,23 +379,29 @@ def _run(
             out / "IXI_test_subjects.csv",
             {"model": label, "dataset": HEALTHY, "split": "test", "fold": fold},
         )
-        summary["datasets"][HEALTHY] = {
-            "n_test": len(subjects),
-            "metrics": summarise(records, ("l1",)),
-            "excluded": exclusions(records, ("l1",)),
-        }
-    summary["seconds"] = round(time.perf_counter() - start, 1)
+        summary.datasets[HEALTHY] = DatasetResult(
+            n_test=len(subjects),
+            metrics=_metrics(records, ("l1",)),
+            excluded=_excluded(records, ("l1",)),
+        )
+    summary.seconds = round(time.perf_counter() - start, 1)
     if figures and curves:
-        summary["figures"] = {
-            "examples": [p.name for p in examples_png],
-            "pr_curves": figure_pr_curves(curves, out / "pr_curves.png").name,
-            "dice": figure_dice_distribution(dice_dists, out / "dice_per_subject.png").name,
-            "dice_vs_volume": figure_dice_vs_volume(
-                by_volume, label, out / "dice_vs_volume.png"
-            ).name,
-        }
+        summary.figures = Figures(
+            examples=[p.name for p in examples_png],
+            pr_curves=figure_pr_curves(curves, out / "pr_curves.png").name,
+            dice=figure_dice_distribution(dice_dists, out / "dice_per_subject.png").name,
+            dice_vs_volume=figure_dice_vs_volume(by_volume, label, out / "dice_vs_volume.png").name,
+        )
         np.savez_compressed(
             out / "curves.npz",
-            **{f"{k}|scores": v[0] for k, v in curves.items()},
-            **{f"{k}|labels": v[1] for k, v in curves.items()},
+            **{curve_key(k, "scores"): v[0] for k, v in curves.items()},
+            **{curve_key(k, "labels"): v[1] for k, v in curves.items()},
         )
+
+
+def _metrics(records: Sequence[dict], metrics: Sequence[str] = METRICS) -> dict[str, MetricStats]:
+    return {k: MetricStats(**v) for k, v in summarise(records, metrics).items()}
+
+
+def _excluded(records: Sequence[dict], metrics: Sequence[str] = METRICS) -> dict[str, Exclusion]:
+    return {k: Exclusion(**v) for k, v in exclusions(records, metrics).items()}
