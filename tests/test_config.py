@@ -1,4 +1,5 @@
 from dataclasses import replace
+from pathlib import Path
 
 import pytest
 
@@ -8,8 +9,6 @@ from maediff.config import (
     TABLE2,
     Config,
     GeometryConfig,
-    MAEConfig,
-    UNetConfig,
     apply_overrides,
     display_name,
     from_dict,
@@ -20,6 +19,8 @@ from maediff.config import (
     split_preset_name,
     to_dict,
 )
+from maediff.models.mae import MAEConfig
+from maediff.models.unet import UNetConfig
 
 
 @pytest.mark.parametrize("name", sorted(PRESETS))
@@ -155,3 +156,44 @@ def test_overrides_read_exponent_floats_without_a_dot():
     assert cfg.train.lr == 1e-3 and cfg.train.ema_decay == 0.99
     with pytest.raises(ValueError, match="must be a number"):
         apply_overrides(get_preset("tiny"), ["train.lr=fast"])
+
+
+OLD = Path(__file__).resolve().parent / "fixtures" / "v0.4.0"
+
+
+@pytest.mark.parametrize("name", ["anoddpm-tiny", "dae-cpu", "fanogan-tiny"])
+def test_a_0_4_0_config_with_every_section_loads_as_its_own_model(name):
+    import yaml
+
+    old = yaml.safe_load((OLD / f"{name}.yaml").read_text())
+    assert {"dae", "fanogan", "svae", "autoencoder"} <= set(old)  # every model's sections
+    cfg = load_config(OLD / f"{name}.yaml")
+    assert cfg.train.lr == 0.002 and cfg.name == name
+    # equal to today's preset with the same override, sections of other models dropped
+    assert cfg == apply_overrides(get_preset(name), ["train.lr=0.002"])
+    kept = to_dict(cfg)
+    assert set(kept) < set(old)
+    for k, v in kept.items():  # options added since take their defaults (0.4.0 behaviour)
+        if not isinstance(v, dict):
+            assert old[k] == v, k
+            continue
+        added = {f: v[f] for f in set(v) - set(old[k])}
+        assert added == ({"clamp": False} if k == "inference" else {}), k
+        assert {f: x for f, x in v.items() if f not in added} == old[k], k
+
+
+@pytest.mark.parametrize("name", sorted(PRESETS))
+def test_every_preset_saves_and_loads_to_itself(name, tmp_path):
+    cfg = get_preset(name)
+    save_config(cfg, tmp_path / "c.yaml")
+    assert load_config(tmp_path / "c.yaml") == cfg
+
+
+def test_changing_the_model_by_override_gives_its_sections():
+    cfg = apply_overrides(get_preset("maediff-tiny"), ["model=dae", "dae.noise_std=0.1"])
+    assert cfg.section_names == ("dae",) and cfg.dae.noise_std == 0.1
+    assert cfg.geometry == get_preset("maediff-tiny").geometry  # shared sections kept
+    with pytest.raises(ValueError, match="unknown config section 'unet.model_channels'"):
+        apply_overrides(cfg, ["unet.model_channels=8"])
+    with pytest.raises(ValueError, match="unknown config key"):
+        from_dict({"model": "dae", "nonsense": {}})

@@ -3,7 +3,7 @@ import math
 import pytest
 import torch
 
-from maediff.config import DiffusionConfig
+from maediff.diffusion.process import DiffusionConfig
 from maediff.diffusion.process import GaussianDiffusion, cosine_betas, linear_betas
 
 

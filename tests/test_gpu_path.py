@@ -21,7 +21,8 @@ from torch.utils._pytree import tree_leaves
 
 import maediff.training.checkpoint as checkpoint
 import maediff.training.trainer as trainer
-from maediff.config import NoiseConfig, get_preset
+from maediff.config import get_preset
+from maediff.diffusion.noise import NoiseConfig
 from maediff.device import compile_with_fallback, resolve_amp, resolve_device
 from maediff.diffusion import noise as noise_module
 from maediff.diffusion.noise import NoiseSampler
@@ -266,8 +267,11 @@ def _recording_all_reduce(seen: list):
     return fake
 
 
-def _fake_run(dev: torch.device, used: float = 0.1) -> SimpleNamespace:
-    model = SimpleNamespace(phases=(Phase("a", 0.5), Phase("b", 0.5)), enter_phase=lambda p: None)
+TWO_PHASES = (Phase("a", 0.5), Phase("b", 0.5))
+
+
+def _fake_run(dev: torch.device, used: float = 0.1, phases=TWO_PHASES) -> SimpleNamespace:
+    model = SimpleNamespace(phases=phases, enter_phase=lambda p: None)
     return SimpleNamespace(
         model=model,
         cfg=get_preset("tiny"),
@@ -284,12 +288,12 @@ def test_all_reduced_flags_live_on_the_training_device(monkeypatch):
     """NCCL reduces CUDA tensors only: the stop flag and the phase budget are created on
     run.dev ('meta' stands for the GPU), not on the CPU."""
     seen: list = []
-    monkeypatch.setattr(trainer.dist, "all_reduce", _recording_all_reduce(seen))
+    monkeypatch.setattr(dist, "all_reduce", _recording_all_reduce(seen))
     meta = torch.device("meta")
-    with pytest.raises(Reduced):
-        trainer.end_of_epoch(_fake_run(meta), stopped=False)
-    with pytest.raises(Reduced):
-        trainer._advance_phase(_fake_run(meta))
+    with pytest.raises(Reduced):  # the end of an epoch: do the ranks stop?
+        trainer._stop(_fake_run(meta, phases=(Phase("a", 1.0),)), last_batch=True)
+    with pytest.raises(Reduced):  # after a step: the budget used, for the phase change
+        trainer._stop(_fake_run(meta), last_batch=False)
     assert seen == [meta, meta]
 
 
@@ -297,7 +301,10 @@ def _gloo_worker(rank: int, store: str, out: str) -> None:
     dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=2)
     try:
         run = _fake_run(torch.device("cpu"), used=0.7 if rank == 1 else 0.2)
-        advanced = trainer._advance_phase(run)  # rank 1 passed the phase boundary (0.5)
+        stop = trainer._stop(run, last_batch=False)  # rank 1 passed the phase boundary (0.5)
+        advanced = stop.phase is not None
+        if advanced:
+            trainer._enter_phase(run, stop.phase)
         Path(f"{out}.{rank}").write_text(f"{advanced} {run.state.phase}")
     finally:
         dist.destroy_process_group()

@@ -297,3 +297,45 @@ def test_anoddpm_honours_the_brain_mask(steps):
         assert torch.allclose(with_mask[[0, 2]], without[[0, 2]], atol=1e-6)
     else:
         assert not torch.allclose(with_mask[0], x[0])
+
+
+# --------------------------------------------------------------------------- the one driver
+
+
+@pytest.mark.parametrize(
+    "name", ["thresh", "ae", "vae", "svae", "dae", "fanogan", "anoddpm", "maediff"]
+)
+def test_every_model_treats_range_and_empty_slices_the_same_way(name):
+    """models/base.py's reconstruct serves every model: inference.clamp clamps all of
+    them to [0, 1] (off: the model's output as it is), and with a brain mask a slice
+    without brain keeps the input while the others are as without the mask."""
+    from dataclasses import replace
+
+    from maediff.models import build_model
+
+    cfg = get_preset(f"{name}-tiny")
+    torch.manual_seed(0)
+    model = build_model(cfg).eval()
+    outs = [m for m in model.modules() if isinstance(m, torch.nn.Conv2d) and m.out_channels == 1]
+    if outs and outs[-1].bias is not None:  # push the output layer past the image range
+        with torch.no_grad():
+            outs[-1].bias += 3.0
+    H = cfg.geometry.image_size
+    x = torch.rand(3, 1, H, H) * 0.2 + 0.8
+    g = lambda: torch.Generator().manual_seed(1)  # noqa: E731
+    raw = model.reconstruct(x, g())
+    model.cfg = replace(cfg, inference=replace(cfg.inference, clamp=True))
+    clamped = model.reconstruct(x, g())
+    assert 0 <= clamped.min() and clamped.max() <= 1
+    assert torch.equal(clamped, raw.clamp(0, 1))
+    if name not in ("thresh", "fanogan"):  # the image itself; a tanh generator
+        assert not torch.equal(raw, clamped), "the test needs an output outside [0, 1]"
+    model.cfg = cfg
+    brain = torch.ones_like(x)
+    brain[1] = 0
+    masked = model.reconstruct(x, g(), brain_mask=brain)
+    assert torch.equal(masked[1], x[1])
+    if not model.draws_noise:  # the diffusion models draw their noise per slice
+        assert torch.allclose(masked[[0, 2]], raw[[0, 2]], atol=1e-6)
+    with pytest.raises(ValueError, match="brain_mask must have the shape"):
+        model.reconstruct(x, g(), brain_mask=brain[:2])

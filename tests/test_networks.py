@@ -159,7 +159,7 @@ def test_up_sampling_blocks_take_the_finer_width_with_up_width_next():
 
 
 def test_head_width_is_checked_only_where_attention_runs():
-    from maediff.config import UNetConfig
+    from maediff.models.unet import UNetConfig
 
     # 16 channels at full resolution, no attention there: 32-channel heads are fine
     UNetConfig(model_channels=16, channel_mult=(1, 2, 4), num_head_channels=32, norm_groups=8)

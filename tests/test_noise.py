@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 import torch
 
-from maediff.config import NoiseConfig
+from maediff.diffusion.noise import NoiseConfig
 from maediff.diffusion.noise import NoiseSampler, opensimplex2, random_permutations, simplex_octaves
 
 

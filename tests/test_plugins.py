@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import yaml
 
 DOC = Path(__file__).resolve().parents[1] / "docs" / "plugins.md"
 
@@ -68,6 +69,19 @@ def test_the_plugin_example_trains_evaluates_detects_and_benchmarks(tiny_bench, 
         assert res.returncode == 0, f"{line}\n{res.stderr[-3000:]}"
     run = tmp_path / "runs" / "tinyae"
     assert (run / "last.safetensors").exists()
+    # the run's configuration: the shared sections and the model's own, in its own width
+    saved = yaml.safe_load((run / "config.yaml").read_text())
+    assert list(saved) == [
+        "name",
+        "model",
+        "geometry",
+        "tinyae",
+        "train",
+        "data",
+        "inference",
+        "augment",
+    ]
+    assert saved["tinyae"] == {"width": 8}
     summary = json.loads((run / "eval" / "summary.json").read_text())
     assert summary["model"] == "Tiny AE" and "Brats21" in summary["datasets"]
     assert (tmp_path / "maps" / f"{first.name.removesuffix('.nii.gz')}_anomaly.nii.gz").exists()

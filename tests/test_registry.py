@@ -1,14 +1,24 @@
 """Every model of the registry through the shared trainer, checkpoints, evaluation and
 benchmark: one contract, tested once per model on the tiny scale."""
 
-from dataclasses import fields, is_dataclass, replace
+from dataclasses import fields, replace
 from pathlib import Path
 
 import pytest
 import torch
 
 import maediff.training.trainer as trainer
-from maediff.config import MODEL_KINDS, TABLE1, Config, apply_overrides, get_preset
+from maediff.config import (
+    SECTIONS,
+    SHARED_SECTIONS,
+    SPECS,
+    Config,
+    apply_overrides,
+    get_preset,
+    model_names,
+    model_spec,
+    to_dict,
+)
 from maediff.models import MODELS, build_model
 from maediff.training.checkpoint import TrainState, load_model, read_checkpoint
 from maediff.training.trainer import prepare_training_data, train
@@ -24,11 +34,29 @@ def _tiny(model: str, *extra: str) -> Config:
     )
 
 
-def test_registry_holds_every_model_of_the_config():
-    assert sorted(MODELS) == sorted(MODEL_KINDS)
-    for name in TABLE1:
+def test_the_names_of_a_model_follow_one_rule():
+    """Every registry key is also a preset name (the model's own row); further
+    presets of the same class are variants; preset names are lower-case words joined by
+    '-', and row names are unique."""
+    from maediff.config import preset_info
+
+    rows = []
+    for key, spec in SPECS.items():
+        names = [p.name for p in spec.presets]
+        assert key in names, f"model {key!r} has no preset of its own name: {names}"
+        for n in names:
+            assert n == n.lower() and " " not in n and preset_info(n).row
+            rows.append(preset_info(n).row)
+    assert len(rows) == len(set(rows))
+
+
+def test_every_preset_builds_its_model_with_its_own_sections_only():
+    assert sorted(MODELS) == sorted(SPECS)  # one decorator fills both
+    for name in model_names():
         cfg = get_preset(f"{name}-tiny")
         assert build_model(cfg).cfg.model == cfg.model
+        own = model_spec(cfg.model).sections
+        assert list(to_dict(cfg)) == ["name", "model", "geometry", *own, *SHARED_SECTIONS[1:]]
     with pytest.raises(ValueError, match="model='nope'"):
         Config(model="nope")
 
@@ -40,7 +68,8 @@ def config_reads(sources: dict) -> set[tuple[str, str]]:
     such a parameter as `self.attr`."""
     import ast
 
-    by_class = {type(getattr(Config(), f.name)).__name__: f.name for f in fields(Config)}
+    by_class = {type(getattr(Config(), n)).__name__: n for n in SHARED_SECTIONS}
+    by_class.update({s.cls.__name__: n for n, s in SECTIONS.items()})
 
     def annotated(arg: ast.arg) -> str | None:
         a = arg.annotation
@@ -115,20 +144,18 @@ def config_reads(sources: dict) -> set[tuple[str, str]]:
 def unread_fields(sources: dict) -> list[str]:
     reads = config_reads(sources)
     unused = []
-    for section in fields(Config):
-        default = getattr(Config(), section.name)
-        if is_dataclass(default):
-            unused += [
-                f"{section.name}.{f.name}"
-                for f in fields(default)
-                if (section.name, f.name) not in reads
-            ]
+    types = {n: type(getattr(Config(), n)) for n in SHARED_SECTIONS}
+    types.update({n: s.cls for n, s in SECTIONS.items()})
+    for name, cls in types.items():
+        unused += [f"{name}.{f.name}" for f in fields(cls) if (name, f.name) not in reads]
     return unused
 
 
 def test_every_config_field_is_read_by_some_code():
-    """A field that no module besides config.py reads as `.section.field` (or through a
-    local name bound to `.section`) is an option that does nothing."""
+    """A field that no module reads as `.section.field` (or through a local name bound to
+    `.section`) is an option that does nothing. Sections are declared beside the code
+    that reads them; their own checks (`self.field` in __post_init__) and the scales'
+    `lambda s: replace(s, ...)` are not reads."""
     sources = {p: p.read_text() for p in SRC.rglob("*.py") if p.name != "config.py"}
     assert not unread_fields(sources), f"config fields no code reads: {unread_fields(sources)}"
     # the check sees a field disappear: drop every read of train.warmup_steps

@@ -1,7 +1,13 @@
-"""Typed configuration with the paper's defaults, presets, YAML load/save.
+"""Typed configuration: the shared sections, the model registry's specs, presets,
+scales, YAML load/save.
 
-Every default of the method lives here (paper §4.3, docs/method.md, docs/data.md). Variants are
-presets built from the paper configuration with `dataclasses.replace`, never copies.
+A Config holds the sections every model shares (geometry, train, data, inference,
+augment) and the sections of its model: each model module declares its section types
+(`register_section`, beside the code that reads them) and its spec with
+`models.register_model(KEY, sections=..., presets=..., check=..., describe=...)`. The
+defaults of the method live in those dataclasses (paper §4.3, docs/method.md,
+docs/data.md). Presets are small deltas over a model's default configuration, built
+with `dataclasses.replace`, never copies; a scale (paper, cpu, tiny) applies on top.
 
     cfg = get_preset("cpu")
     cfg = apply_overrides(cfg, ["train.lr=2e-4", "geometry.stride=16"])
@@ -11,6 +17,7 @@ presets built from the paper configuration with `dataclasses.replace`, never cop
 from __future__ import annotations
 
 import json
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, fields, is_dataclass, replace
 from pathlib import Path
 from typing import Any, get_type_hints
@@ -19,9 +26,10 @@ import yaml
 
 # --------------------------------------------------------------------------- sections
 #
-# Each section checks its own values when it is built (`__post_init__`); checks that
-# involve two sections (the U-Net against the image size, ...) are in `validate`, which
-# Config runs. Every message names the offending value.
+# The shared sections. Each section checks its own values when it is built
+# (`__post_init__`); checks that involve two sections (the U-Net against the image
+# size, ...) are the model's `check` and `validate`, which Config runs. Every message
+# names the offending value.
 
 
 def _check(cond: bool, msg: str) -> None:
@@ -71,179 +79,6 @@ class GeometryConfig:
 
     def __post_init__(self) -> None:
         validate_geometry(self)
-
-
-@dataclass(frozen=True)
-class UNetConfig:
-    """pDDPM / ADM diffusion U-Net (docs/method.md §Networks)."""
-
-    in_channels: int = 1
-    out_channels: int = 1
-    model_channels: int = 128
-    channel_mult: tuple[int, ...] = (1, 2, 2)
-    num_res_blocks: int = 3
-    # Global self-attention in encoder and decoder at these downsampling factors
-    # (1 = full resolution, 2 = H/2, 4 = H/4). The middle block always has one.
-    attention_levels: tuple[int, ...] = (2, 4)  # Table 2 "Att." (the published MAEDiff)
-    num_head_channels: int = 64
-    norm_groups: int = 32
-    dropout: float = 0.0
-    # Feed the visible region x^_0 and the patch mask as two extra input channels
-    # (paper Eq. 8-9 leave this open; off = the noised image alone, docs/method.md §Networks).
-    condition_channels: bool = False
-    # width of each up-sampling residual block: "same" (ADM, pDDPM: the coarser level's)
-    # or "next" (the finer level's, which the blocks after it have anyway); at the `cpu`
-    # scale "same" puts a third of the FLOPs into one block at H/2 -> H
-    up_width: str = "same"
-
-    def __post_init__(self) -> None:
-        _check(
-            self.up_width in ("same", "next"),
-            f"unet.up_width={self.up_width!r} must be 'same' or 'next'",
-        )
-        _check(
-            self.model_channels > 0 and len(self.channel_mult) > 0,
-            f"unet.channel_mult={self.channel_mult!r} must be non-empty",
-        )
-        levels = {2**i for i in range(len(self.channel_mult))}
-        # attention runs at the listed levels and in the middle block (the deepest level)
-        attended = {len(self.channel_mult) - 1} | {
-            i for i in range(len(self.channel_mult)) if 2**i in self.attention_levels
-        }
-        for i, w in enumerate(self.model_channels * k for k in self.channel_mult):
-            _check(
-                w % self.norm_groups == 0,
-                f"unet.norm_groups={self.norm_groups} does not divide channel width {w}",
-            )
-            _check(
-                i not in attended or w % self.num_head_channels == 0,
-                f"unet.num_head_channels={self.num_head_channels} does not divide channel width {w} (attention at level {2**i})",
-            )
-        for a in self.attention_levels:
-            _check(
-                a in levels,
-                f"unet.attention_levels entry {a} is not one of the U-Net's downsampling factors {sorted(levels)}",
-            )
-        _check(self.num_res_blocks >= 1, f"unet.num_res_blocks={self.num_res_blocks} must be >= 1")
-        _check(0.0 <= self.dropout < 1.0, f"unet.dropout={self.dropout} must be in [0, 1)")
-
-
-@dataclass(frozen=True)
-class MAEConfig:
-    """MAE module on the U-Net encoder feature map (paper §3.3, §4.3)."""
-
-    enabled: bool = True
-    enc_dim: int = 384  # d1
-    enc_depth: int = 12
-    enc_heads: int = 6
-    dec_dim: int = 512  # d2
-    dec_depth: int = 8
-    dec_heads: int = 16
-    mlp_ratio: float = 4.0
-    timestep: bool = False  # add the timestep embedding to the decoder tokens
-    # Zero-initialise the last upsampling layer, so that the branch adds nothing at step 0
-    # and MAEDiff starts as the plain U-Net (as ControlNet-style adapters do). Off: the
-    # paper's description, whose random upsampler perturbs f from the first step.
-    zero_init: bool = False
-    # Beyond the paper (docs/method.md §MAE token variants), both off by default:
-    # tokens: what the encoder's visible tokens are cut from. "features" (the paper): the
-    # U-Net encoder feature map f of the noised input, whose visible cells depend on the
-    # noised patch through the convolutions' receptive field; "clean": the clean visible
-    # region x^_0 itself (the r x r pixels of each visible cell), independent of the patch.
-    tokens: str = "features"
-    # token_norm: LayerNorm on the token embeddings before the position embedding is added
-    # (a linear patchify of f starts about a sixth of the sin-cos embedding's size)
-    token_norm: bool = False
-
-    def __post_init__(self) -> None:
-        _check(
-            self.tokens in ("features", "clean"),
-            f"mae.tokens={self.tokens!r} must be 'features' or 'clean'",
-        )
-        _check(
-            self.enc_dim % self.enc_heads == 0,
-            f"mae.enc_heads={self.enc_heads} does not divide mae.enc_dim={self.enc_dim}",
-        )
-        _check(
-            self.dec_dim % self.dec_heads == 0,
-            f"mae.dec_heads={self.dec_heads} does not divide mae.dec_dim={self.dec_dim}",
-        )
-        _check(
-            self.enc_depth >= 1 and self.dec_depth >= 1,
-            f"mae depths must be >= 1 (enc_depth={self.enc_depth}, dec_depth={self.dec_depth})",
-        )
-
-
-@dataclass(frozen=True)
-class DiffusionConfig:
-    """Forward process (paper Eq. 1-3, §4.3)."""
-
-    schedule: str = "linear"  # "linear" (paper) or "cosine" (pDDPM code)
-    beta_start: float = 1e-4
-    beta_end: float = 2e-2
-    cosine_s: float = 0.008
-    timesteps: int = 1000  # T
-    t_test: int = 500  # 1-based: alpha_bar(t) = alphas_cumprod[t - 1]
-    t_train_min: int = 1  # training t ~ U{t_train_min .. t_train_max}
-    t_train_max: int = 1000
-    # Reverse steps from t_test at test time. 1: one x0 prediction (MAEDiff, pDDPM and
-    # pDDPM's AnoDDPM); >1 (anoddpm only): the original AnoDDPM's iterative sampling.
-    sample_steps: int = 1
-    # beyond the paper (docs/method.md §Preconditioning): inside the noised patch, feed
-    # the network x~_t / sqrt(a^2 sd^2 + b^2 sn^2) and predict x0 as the linear estimate
-    # a sd^2 x~_t / (a^2 sd^2 + b^2 sn^2) plus b sn sd / sqrt(...) times the network output
-    # (a = sqrt(alpha_bar), b = sqrt(1 - alpha_bar), sd = sigma_data, sn = the noise's std)
-    precondition: bool = False
-    sigma_data: float = 0.5  # std of the images in the model range [-1, 1]
-
-    def __post_init__(self) -> None:
-        _check(self.sigma_data > 0, f"diffusion.sigma_data={self.sigma_data} must be > 0")
-        _check(
-            self.schedule in ("linear", "cosine"),
-            f"diffusion.schedule={self.schedule!r} must be 'linear' or 'cosine'",
-        )
-        T = self.timesteps
-        _check(T >= 2, f"diffusion.timesteps={T} must be >= 2")
-        _check(
-            0 < self.beta_start < self.beta_end < 1,
-            f"diffusion betas must satisfy 0 < beta_start ({self.beta_start}) < beta_end ({self.beta_end}) < 1",
-        )
-        _check(1 <= self.t_test <= T, f"diffusion.t_test={self.t_test} must be in 1..{T}")
-        _check(
-            1 <= self.sample_steps <= self.t_test,
-            f"diffusion.sample_steps={self.sample_steps} must be in 1..t_test ({self.t_test})",
-        )
-        _check(
-            1 <= self.t_train_min <= self.t_train_max <= T,
-            f"diffusion training range t_train_min={self.t_train_min}..t_train_max={self.t_train_max} must lie in 1..{T}",
-        )
-
-
-@dataclass(frozen=True)
-class NoiseConfig:
-    """Noise of the forward process (paper Alg. 1, docs/method.md §Noise)."""
-
-    kind: str = "simplex"  # "simplex" or "gaussian"
-    octaves: int = 6
-    persistence: float = 0.8
-    frequency: float = 2.0**-6  # base frequency; doubled each octave
-    # Scale each field to zero mean and unit std. The reference sums the octaves
-    # without normalising (std about 0.5-0.6); False keeps that noise level.
-    normalise: bool = False
-    # Reference parity: one field drawn per call and repeated over the batch.
-    shared: bool = False
-    # 0: draw fresh fields every call. >0: a seeded bank of that many fields, each
-    # use taking a random one with a random flip, 90-degree rotation and roll.
-    bank_size: int = 0
-
-    def __post_init__(self) -> None:
-        _check(
-            self.kind in ("simplex", "gaussian"),
-            f"noise.kind={self.kind!r} must be 'simplex' or 'gaussian'",
-        )
-        _check(self.octaves >= 1, f"noise.octaves={self.octaves} must be >= 1")
-        _check(self.frequency > 0, f"noise.frequency={self.frequency} must be > 0")
-        _check(self.bank_size >= 0, f"noise.bank_size={self.bank_size} must be >= 0")
 
 
 @dataclass(frozen=True)
@@ -373,6 +208,10 @@ class InferenceConfig:
     # denoises at the full stride only the patches that cover a flagged cell
     patch_selection: str = "all"
     guided_quantile: float = 0.9
+    # the reconstruction's range, the same for every model (models/base.py, the one
+    # driver): false (default) keeps the model's output as it is, as pDDPM's evaluation
+    # does for its diffusion models; true clamps it to the image range [0, 1]
+    clamp: bool = False
     channels_last: str = "auto"
     compile: str = "auto"
 
@@ -427,122 +266,245 @@ class AugmentConfig:
         )
 
 
-@dataclass(frozen=True)
-class AutoencoderConfig:
-    """Convolutional encoder-decoder with a dense bottleneck: AE and VAE (Baur et al.
-    2021), and the slice VAE inside SVAE (Behrendt et al. 2022). docs/baselines.md."""
-
-    # widths of the stride-2 stages; Baur's unified encoder: min(128, 32 * 2^i), 4 stages
-    channels: tuple[int, ...] = (32, 64, 128, 128)
-    kernel_size: int = 5  # of the stride-2 (transposed) convolutions (Baur: 5)
-    latent_dim: int = 128  # z (Baur's dense models: zDim = 128)
-    loss: str = "l1"  # reconstruction loss: "l1" (Baur) or "l2"
-    # VAE / SVAE: weight of KL(q(z|x) || N(0, I)) against the reconstruction error summed
-    # over pixels (1.0 = Baur's objective; the loss is then divided by the pixel count)
-    kl_weight: float = 1.0
-    dropout: float = 0.2  # on the dense bottleneck while training (Baur: 0.2)
-
-    def __post_init__(self) -> None:
-        _positive_widths("autoencoder.channels", self.channels)
-        _check(
-            self.kernel_size >= 1 and self.kernel_size % 2 == 1,
-            f"autoencoder.kernel_size={self.kernel_size} must be odd and >= 1",
-        )
-        _check(self.latent_dim >= 1, f"autoencoder.latent_dim={self.latent_dim} must be >= 1")
-        _check(self.loss in ("l1", "l2"), f"autoencoder.loss={self.loss!r} must be 'l1' or 'l2'")
-        _check(self.kl_weight >= 0, f"autoencoder.kl_weight={self.kl_weight} must be >= 0")
-        _check(0 <= self.dropout < 1, f"autoencoder.dropout={self.dropout} must be in [0, 1)")
+# --------------------------------------------------------------------------- the registry
+#
+# A model is declared once, in its own module (maediff/models/*.py or a plug-in's):
+# `@register_model(KEY, sections=..., presets=..., ...)` on its class fills a ModelSpec
+# here. The configuration reads everything about a model from its spec: which sections
+# a Config of that model holds (and saves), its checks, its presets, their row names and
+# table places, its one-line description. A section type is declared beside the code
+# that reads it, with `register_section`, together with its share of each scale.
+# This module imports no model: a spec it does not know yet is looked up by importing
+# maediff.models, whose import registers the built-in models and the plug-ins.
 
 
 @dataclass(frozen=True)
-class SVAEConfig:
-    """Transformer over the slice latents of one volume (Behrendt et al. 2022)."""
+class Section:
+    """A configuration section a model can hold: its type and what each scale makes of it."""
 
-    depth: int = 4  # transformer blocks
-    heads: int = 8  # attention heads; must divide autoencoder.latent_dim
-    mlp_ratio: float = 4.0  # hidden width of the block MLP / latent_dim
-    dropout: float = 0.1  # on the residual branches while training
-
-    def __post_init__(self) -> None:
-        _check(self.depth >= 1, f"svae.depth={self.depth} must be >= 1")
-        _check(self.heads >= 1, f"svae.heads={self.heads} must be >= 1")
-        _check(self.mlp_ratio > 0, f"svae.mlp_ratio={self.mlp_ratio} must be > 0")
-        _check(0 <= self.dropout < 1, f"svae.dropout={self.dropout} must be in [0, 1)")
+    name: str
+    cls: type
+    scales: Mapping[str, Callable[[Any], Any]] = field(default_factory=dict)  # "cpu", "tiny"
 
 
 @dataclass(frozen=True)
-class DAEConfig:
-    """Denoising U-Net with coarse noise (Kascenas et al. 2022)."""
+class Preset:
+    """A named configuration of a model (`NAME`, `NAME-cpu`, `NAME-tiny`): a row of a table.
 
-    noise_res: int = 16  # Gaussian noise drawn at noise_res x noise_res, upsampled
-    noise_std: float = 0.2  # std of that noise (intensities in [0, 1])
-    # U-Net widths per level (Kascenas: depth 4, first width 2^6 = 64, doubling)
-    channels: tuple[int, ...] = (64, 128, 256, 512)
+    `delta` maps the model's default configuration (Config(model=KEY)) to this one;
+    `table` is ("1" or "2", position), the row's place in the paper's tables; `same_as`
+    names a preset of the other table with the same configuration (Table 2's U-Net is
+    Table 1's pDDPM s16); `reference` marks the row the benchmark tests the others
+    against."""
 
-    def __post_init__(self) -> None:
-        _positive_widths("dae.channels", self.channels)
-        _check(self.noise_res >= 1, f"dae.noise_res={self.noise_res} must be >= 1")
-        _check(self.noise_std >= 0, f"dae.noise_std={self.noise_std} must be >= 0")
-
-
-@dataclass(frozen=True)
-class FAnoGANConfig:
-    """WGAN-GP then an izi_f encoder (Schlegl et al. 2019)."""
-
-    latent_dim: int = 128  # z (Schlegl: ZDIM = 128)
-    # input-conv width, then the output width of each residual (re)sampling block of the
-    # critic and encoder; the generator mirrors it (Schlegl, DIM = 64: 64, 128, 256, 512, 512)
-    channels: tuple[int, ...] = (64, 128, 256, 512, 512)
-    n_critic: int = 5  # critic updates per generator update
-    gp_weight: float = 10.0  # lambda of the gradient penalty
-    feature_weight: float = 1.0  # kappa of the izi_f loss
-    gan_fraction: float = 0.7  # share of the training budget spent on the WGAN stage
-    beta1: float = 0.0  # Adam betas of the GAN stage (WGAN-GP: 0.0, 0.9)
-    beta2: float = 0.9
-    encoder_lr: float = 5e-5  # learning rate of the encoder stage (Schlegl: 5e-5)
-
-    def __post_init__(self) -> None:
-        _positive_widths("fanogan.channels", self.channels)
-        _check(
-            len(self.channels) >= 2, f"fanogan.channels={self.channels!r} needs at least 2 entries"
-        )
-        _check(self.latent_dim >= 1, f"fanogan.latent_dim={self.latent_dim} must be >= 1")
-        _check(self.n_critic >= 1, f"fanogan.n_critic={self.n_critic} must be >= 1")
-        _check(self.gp_weight >= 0, f"fanogan.gp_weight={self.gp_weight} must be >= 0")
-        _check(
-            self.feature_weight >= 0, f"fanogan.feature_weight={self.feature_weight} must be >= 0"
-        )
-        _check(
-            0.0 < self.gan_fraction < 1.0,
-            f"fanogan.gan_fraction={self.gan_fraction} must be in (0, 1)",
-        )
-        _check(
-            0 <= self.beta1 < 1 and 0 <= self.beta2 < 1,
-            f"fanogan betas ({self.beta1}, {self.beta2}) must be in [0, 1)",
-        )
-        _check(self.encoder_lr > 0, f"fanogan.encoder_lr={self.encoder_lr} must be > 0")
+    name: str
+    row: str
+    delta: Callable[[Any], Any] | None = None
+    table: tuple[str, int] | None = None
+    same_as: str | None = None
+    reference: bool = False
 
 
 @dataclass(frozen=True)
+class ModelSpec:
+    """Everything the configuration knows of a model, from its `register_model`."""
+
+    key: str
+    sections: tuple[str, ...] = ()
+    presets: tuple[Preset, ...] = ()
+    # cross-section checks of this model: (cfg) -> None, raising ValueError
+    check: Callable[[Any], None] | None = None
+    # one line for logs and model cards: (cfg) -> str
+    describe: Callable[[Any], str] | None = None
+    # the step budget that gives each reconstructing part `updates` optimizer updates:
+    # (cfg, updates) -> cfg; None: one part, steps = updates (docs/baselines.md §Budgets)
+    update_budget: Callable[[Any, int], Any] | None = None
+    # inference options beyond Alg. 2 the model implements: "guided_patches",
+    # "noise_ensembles" (InferenceConfig), "iterative_sampling" (diffusion.sample_steps)
+    options: tuple[str, ...] = ()
+
+
+SECTIONS: dict[str, Section] = {}
+SPECS: dict[str, ModelSpec] = {}
+_PRESETS: dict[str, tuple[str, Preset]] = {}  # preset name -> (model key, preset)
+
+
+def register_section(
+    name: str, cls: type, *, cpu: Callable | None = None, tiny: Callable | None = None
+) -> type:
+    """Declare a configuration section `name` of type `cls` (a frozen dataclass) and
+    what the `cpu` and `tiny` scales make of it ((section) -> section)."""
+    if name in SHARED_SECTIONS or name in ("name", "model", "sections", "preset"):
+        raise ValueError(f"config section name {name!r} is reserved")
+    old = SECTIONS.get(name)
+    if old is not None and old.cls is not cls:
+        raise ValueError(f"config section {name!r} is declared twice ({old.cls} and {cls})")
+    if not is_dataclass(cls):
+        raise TypeError(f"config section {name!r} must be a dataclass, got {cls!r}")
+    scales = {k: v for k, v in (("cpu", cpu), ("tiny", tiny)) if v is not None}
+    SECTIONS[name] = Section(name, cls, scales)
+    return cls
+
+
+def register_spec(spec: ModelSpec) -> None:
+    """Add a model's spec and its presets (called by models.register_model)."""
+    if spec.key in SPECS:
+        raise ValueError(f"model {spec.key!r} is registered twice")
+    missing = [s for s in spec.sections if s not in SECTIONS]
+    if missing:
+        raise ValueError(
+            f"model {spec.key!r} names config section(s) {missing} that no register_section declares"
+        )
+    for p in spec.presets:
+        _check_preset_name(p.name)
+        if p.name in _PRESETS or p.name in ALIASES:
+            raise ValueError(f"a preset named {p.name!r} exists already")
+        if any(q.row == p.row for _, q in _PRESETS.values()):
+            raise ValueError(f"row name {p.row!r} of preset {p.name!r} is taken")
+    SPECS[spec.key] = spec
+    for p in spec.presets:
+        _PRESETS[p.name] = (spec.key, p)
+
+
+def _check_preset_name(name: str) -> None:
+    ok = name and name == name.lower() and all(c.isalnum() or c == "-" for c in name)
+    _check(bool(ok), f"preset name {name!r} must be lower-case letters, digits and '-'")
+    for scale in SCALES:
+        _check(not name.endswith(f"-{scale}"), f"preset name {name!r} must not end in a scale name")
+
+
+def _load_models() -> None:
+    import importlib
+
+    importlib.import_module("maediff.models")
+
+
+def model_spec(key: str) -> ModelSpec:
+    if key not in SPECS:  # the built-in models and the plug-ins register on import
+        _load_models()
+    if key not in SPECS:
+        raise ValueError(f"model={key!r} must be one of {tuple(SPECS)}")
+    return SPECS[key]
+
+
+def section_type(name: str) -> type:
+    if name not in SECTIONS:
+        _load_models()
+    if name not in SECTIONS:
+        raise ValueError(f"unknown config section {name!r}")
+    return SECTIONS[name].cls
+
+
+def presets_of_table(table: str) -> tuple[str, ...]:
+    """The preset names of the paper's Table `table` ("1" or "2"), in row order."""
+    _load_models()
+    rows = [
+        (p.table[1], name) for name, (_, p) in _PRESETS.items() if p.table and p.table[0] == table
+    ]
+    return tuple(name for _, name in sorted(rows))
+
+
+def preset_info(name: str) -> Preset:
+    """The declaration of preset `name` (a model name, without a scale)."""
+    if name not in _PRESETS:
+        _load_models()
+    if name not in _PRESETS:
+        raise ValueError(f"unknown model {name!r}; choose one of {sorted(_PRESETS)}")
+    return _PRESETS[name][1]
+
+
+def model_names() -> tuple[str, ...]:
+    """Every preset model name (without a scale): the rows of Table 1, then of Table 2,
+    then the others (plug-ins) in registration order."""
+    _load_models()
+    order = {n: (p.table or ("3", i)) for i, (n, (_, p)) in enumerate(_PRESETS.items())}
+    return tuple(sorted(_PRESETS, key=lambda n: order[n]))
+
+
+# --------------------------------------------------------------------------- Config
+
+SHARED_SECTIONS = ("geometry", "train", "data", "inference", "augment")
+
+
+@dataclass(frozen=True, init=False)
 class Config:
-    name: str = "paper"
-    model: str = "maediff"  # key of the model registry (maediff.models.MODELS)
-    geometry: GeometryConfig = field(default_factory=GeometryConfig)
-    unet: UNetConfig = field(default_factory=UNetConfig)
-    mae: MAEConfig = field(default_factory=MAEConfig)
-    diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
-    noise: NoiseConfig = field(default_factory=NoiseConfig)
-    train: TrainConfig = field(default_factory=TrainConfig)
-    data: DataConfig = field(default_factory=DataConfig)
-    inference: InferenceConfig = field(default_factory=InferenceConfig)
-    augment: AugmentConfig = field(default_factory=AugmentConfig)
-    autoencoder: AutoencoderConfig = field(default_factory=AutoencoderConfig)
-    svae: SVAEConfig = field(default_factory=SVAEConfig)
-    dae: DAEConfig = field(default_factory=DAEConfig)
-    fanogan: FAnoGANConfig = field(default_factory=FAnoGANConfig)
+    """A whole configuration: the shared sections plus the sections of model `model`.
 
-    def __post_init__(self) -> None:
+    The model's own sections (`cfg.unet`, `cfg.dae`, ...) read as attributes, and
+    `dataclasses.replace(cfg, unet=...)` replaces one. Changing `model` keeps the carried
+    sections the new model also has and gives the others their defaults."""
+
+    name: str
+    model: str
+    geometry: GeometryConfig
+    train: TrainConfig
+    data: DataConfig
+    inference: InferenceConfig
+    augment: AugmentConfig
+    sections: tuple[tuple[str, Any], ...]  # (name, section) of the model's own sections
+
+    def __init__(
+        self,
+        name: str = "paper",
+        model: str = "maediff",
+        geometry: GeometryConfig | None = None,
+        train: TrainConfig | None = None,
+        data: DataConfig | None = None,
+        inference: InferenceConfig | None = None,
+        augment: AugmentConfig | None = None,
+        sections: Any = (),
+        **own: Any,
+    ) -> None:
+        spec = model_spec(model)
+        wrong = [k for k in own if k not in spec.sections]
+        if wrong:
+            raise ValueError(
+                f"config section(s) {wrong} do not belong to model {model!r}, whose sections "
+                f"are {list(spec.sections) or 'none'}"
+            )
+        carried = dict(sections)
+        held = []
+        for k in spec.sections:
+            cls = section_type(k)
+            v = own.get(k, carried.get(k))
+            if v is None:
+                v = cls()
+            elif not isinstance(v, cls):
+                raise TypeError(f"config section {k!r} must be a {cls.__name__}, got {v!r}")
+            held.append((k, v))
+        values = {
+            "name": name,
+            "model": model,
+            "geometry": geometry if geometry is not None else GeometryConfig(),
+            "train": train if train is not None else TrainConfig(),
+            "data": data if data is not None else DataConfig(),
+            "inference": inference if inference is not None else InferenceConfig(),
+            "augment": augment if augment is not None else AugmentConfig(),
+            "sections": tuple(held),
+        }
+        for k, v in values.items():
+            object.__setattr__(self, k, v)
         validate(self)
+
+    def __getattr__(self, name: str) -> Any:  # only for names that are not fields
+        if name.startswith("__"):
+            raise AttributeError(name)
+        for k, v in self.__dict__.get("sections", ()):
+            if k == name:
+                return v
+        model = self.__dict__.get("model")
+        held = [k for k, _ in self.__dict__.get("sections", ())]
+        raise AttributeError(
+            f"a {model!r} configuration has no section {name!r} (its own sections: {held or 'none'})"
+        )
+
+    @property
+    def section_names(self) -> tuple[str, ...]:
+        return tuple(k for k, _ in self.sections)
+
+    def section(self, name: str) -> Any:
+        """The model's section `name`, or None when this model has none."""
+        return dict(self.sections).get(name)
 
 
 # --------------------------------------------------------------------------- validation
@@ -567,48 +529,23 @@ def validate_geometry(g: GeometryConfig) -> None:
     )
 
 
-MODEL_KINDS = ("maediff", "anoddpm", "thresh", "ae", "vae", "svae", "dae", "fanogan")
-# kinds registered by models of other packages (entry point group `maediff.models`,
-# docs/plugins.md): models.register_model adds them
-PLUGIN_KINDS: list[str] = []
-
-
-def register_kind(kind: str) -> None:
-    if kind not in MODEL_KINDS and kind not in PLUGIN_KINDS:
-        PLUGIN_KINDS.append(kind)
-
-
-def _known_kinds() -> tuple[str, ...]:
-    if not PLUGIN_KINDS:  # a saved run of a plug-in model: its package registers it
-        import importlib
-
-        importlib.import_module("maediff.models")
-    return (*MODEL_KINDS, *PLUGIN_KINDS)
+def check_downsampling(cfg: Config, name: str, n: int) -> None:
+    """image_size must be divisible by 2^n, the downsampling of section field `name`."""
+    H = cfg.geometry.image_size
+    _check(
+        H % 2**n == 0,
+        f"image_size {H} must be divisible by 2^{n} = {2**n}, the downsampling of {name}",
+    )
 
 
 def validate(cfg: Config) -> None:
-    """Checks across sections (each section checks its own values when built)."""
-    g, u, d = cfg.geometry, cfg.unet, cfg.diffusion
+    """Checks across sections: the inference options the model implements, then the
+    model's own checks (each section checks its own values when built)."""
+    spec = model_spec(cfg.model)
+    inf, g = cfg.inference, cfg.geometry
     H, p = g.image_size, g.patch_size
-    if cfg.model not in MODEL_KINDS:
-        kinds = _known_kinds()
-        _check(cfg.model in kinds, f"model={cfg.model!r} must be one of {kinds}")
-    downs = 2 ** (len(u.channel_mult) - 1)
     _check(
-        H % downs == 0, f"image_size {H} must be divisible by the U-Net downsampling factor {downs}"
-    )
-    if cfg.mae.enabled and cfg.model == "maediff":
-        _check(
-            downs == 4,
-            f"the MAE needs the U-Net encoder output at H/4, but channel_mult={u.channel_mult} gives H/{downs}",
-        )
-        _check(
-            p < H,
-            f"with the MAE enabled the patch (p={p}) must leave visible cells in the image ({H})",
-        )
-    inf = cfg.inference
-    _check(
-        inf.patch_selection == "all" or cfg.model == "maediff",
+        inf.patch_selection == "all" or "guided_patches" in spec.options,
         f"inference.patch_selection='guided' is a MAEDiff / pDDPM option (model={cfg.model!r})",
     )
     if inf.patch_selection == "guided":
@@ -618,114 +555,25 @@ def validate(cfg: Config) -> None:
             f"(image_size - patch_size) % patch_size == 0 and patch_size % stride == 0 ({g})",
         )
     _check(
-        (not inf.ensemble_t and inf.ensemble_draws == 1) or cfg.model == "maediff",
+        (not inf.ensemble_t and inf.ensemble_draws == 1) or "noise_ensembles" in spec.options,
         f"noise ensembles (inference.ensemble_t / ensemble_draws) are a MAEDiff / pDDPM option (model={cfg.model!r})",
     )
+    d = cfg.section("diffusion")
     _check(
-        d.sample_steps == 1 or cfg.model == "anoddpm",
-        f"diffusion.sample_steps={d.sample_steps}: iterative sampling is an AnoDDPM option (model={cfg.model!r})",
+        d is None or d.sample_steps == 1 or "iterative_sampling" in spec.options,
+        f"diffusion.sample_steps={getattr(d, 'sample_steps', 1)}: iterative sampling is an AnoDDPM option (model={cfg.model!r})",
     )
-    a = cfg.autoencoder
-    _check(
-        a.latent_dim % cfg.svae.heads == 0,
-        f"svae.heads={cfg.svae.heads} must divide autoencoder.latent_dim={a.latent_dim}",
-    )
-    _check(
-        cfg.dae.noise_res <= H,
-        f"dae.noise_res={cfg.dae.noise_res} must be in 1..image_size ({H})",
-    )
-    downsampling = {  # image-size checks only for the model that uses the section
-        "ae": ("autoencoder.channels", len(a.channels)),
-        "vae": ("autoencoder.channels", len(a.channels)),
-        "svae": ("autoencoder.channels", len(a.channels)),
-        "dae": ("dae.channels", len(cfg.dae.channels) - 1),
-        "fanogan": ("fanogan.channels", len(cfg.fanogan.channels) - 1),
-    }
-    if cfg.model in downsampling:
-        name, n = downsampling[cfg.model]
-        _check(
-            H % 2**n == 0,
-            f"image_size {H} must be divisible by 2^{n} = {2**n}, the downsampling of {name}",
-        )
+    if spec.check is not None:
+        spec.check(cfg)
 
 
 # --------------------------------------------------------------------------- presets
 #
-# A preset is a model (a row of the paper's Table 1 or 2) at a scale. The model is a
-# small delta over the paper's MAEDiff (Config()); the scale is one function applied to
-# any model: `paper` (the published sizes), `cpu` (trains in minutes on 2 cores) and
-# `tiny` (unit tests). Preset names: MODEL (paper scale), MODEL-cpu, MODEL-tiny.
-
-
-def _unet(cfg: Config, **kw: Any) -> Config:
-    return replace(cfg, unet=replace(cfg.unet, **kw))
-
-
-def _diffusion_variant(
-    cfg: Config, *, mae: bool, attention: bool, stride: int | None = None
-) -> Config:
-    """Table 2: U-Net (+ global attention at H/2, H/4) (+ MAE); pDDPM = U-Net, no MAE."""
-    cfg = replace(cfg, mae=replace(cfg.mae, enabled=mae))
-    cfg = _unet(cfg, attention_levels=(2, 4) if attention else ())
-    return replace(cfg, geometry=replace(cfg.geometry, stride=stride or cfg.geometry.stride))
-
-
-def _anoddpm(cfg: Config) -> Config:
-    """AnoDDPM as pDDPM reimplements it: the same U-Net and training, the whole slice
-    noised (one patch covering the image), reconstructed from t_test."""
-    cfg = _diffusion_variant(cfg, mae=False, attention=False)
-    g = cfg.geometry
-    return replace(cfg, model="anoddpm", geometry=replace(g, patch_size=g.image_size))
-
-
-MODEL_DELTAS: dict[str, Any] = {
-    "thresh": lambda c: replace(c, model="thresh"),
-    "ae": lambda c: replace(c, model="ae"),
-    "vae": lambda c: replace(c, model="vae"),
-    # a batch is whole volumes: 4 volumes of 50 slices = 200 slices per step
-    "svae": lambda c: replace(c, model="svae", train=replace(c.train, batch_size=4)),
-    # Kascenas et al.: Adam with weight decay 1e-5 (their AMSGrad variant is not offered)
-    "dae": lambda c: replace(c, model="dae", train=replace(c.train, weight_decay=1e-5)),
-    "fanogan": lambda c: replace(c, model="fanogan"),
-    "anoddpm": _anoddpm,
-    "pddpm-s48": lambda c: _diffusion_variant(c, mae=False, attention=False, stride=48),
-    "pddpm-s16": lambda c: _diffusion_variant(c, mae=False, attention=False, stride=16),
-    "maediff": lambda c: c,  # = Table 2 "U-Net + Att. + MAE" (the published numbers)
-    "ablation-unet": lambda c: _diffusion_variant(c, mae=False, attention=False),
-    "ablation-unet-att": lambda c: _diffusion_variant(c, mae=False, attention=True),
-    "ablation-unet-mae": lambda c: _diffusion_variant(c, mae=True, attention=False),
-    "ablation-unet-att-mae": lambda c: _diffusion_variant(c, mae=True, attention=True),
-}
-# Row names of the paper's tables
-DISPLAY_NAMES = {
-    "thresh": "Thresh",
-    "ae": "AE",
-    "vae": "VAE",
-    "svae": "SVAE",
-    "dae": "DAE",
-    "fanogan": "f-AnoGAN",
-    "anoddpm": "AnoDDPM",
-    "pddpm-s48": "pDDPM s48",
-    "pddpm-s16": "pDDPM s16",
-    "maediff": "MAEDiff",
-    "ablation-unet": "U-Net",
-    "ablation-unet-att": "U-Net + Att.",
-    "ablation-unet-mae": "U-Net + MAE",
-    "ablation-unet-att-mae": "U-Net + Att. + MAE",
-}
-TABLE1 = (
-    "thresh",
-    "ae",
-    "vae",
-    "svae",
-    "dae",
-    "fanogan",
-    "anoddpm",
-    "pddpm-s48",
-    "pddpm-s16",
-    "maediff",
-)
-TABLE2 = ("ablation-unet", "ablation-unet-att", "ablation-unet-mae", "ablation-unet-att-mae")
+# A preset is a model (a row of the paper's Table 1 or 2) at a scale. Its model module
+# declares it (`Preset`: a small delta over the model's default configuration); the
+# scale is one function applied to any model: `paper` (the published sizes), `cpu`
+# (trains in minutes on 2 cores) and `tiny` (unit tests). Preset names: MODEL (paper
+# scale), MODEL-cpu, MODEL-tiny.
 
 
 def _rescale_geometry(g: GeometryConfig, size: int, grid: int) -> GeometryConfig:
@@ -746,46 +594,34 @@ CPU_STEPS = 300
 def with_update_budget(cfg: Config, updates: int) -> Config:
     """The step budget that gives each part producing the reconstruction `updates`
     optimizer updates (docs/baselines.md §Budgets): the unit every model of a table
-    shares. One step updates one part; most models have one part, so steps = updates.
-    f-AnoGAN cycles n_critic critic steps and one generator step, then trains its
-    encoder: (n_critic + 1) * updates GAN steps, then `updates` encoder steps."""
+    shares. One step updates one part; most models have one part, so steps = updates;
+    a model with several (f-AnoGAN) says how in its spec's `update_budget`."""
     if updates < 1:
         raise ValueError(f"the update budget must be >= 1, got {updates}")
     t = replace(cfg.train, max_steps=updates, max_minutes=0.0, epochs=max(cfg.train.epochs, 100000))
-    if cfg.model == "fanogan":
-        gan = (cfg.fanogan.n_critic + 1) * updates
-        t = replace(t, max_steps=gan + updates)
-        cfg = replace(cfg, fanogan=replace(cfg.fanogan, gan_fraction=gan / (gan + updates)))
-    return replace(cfg, train=t)
+    cfg = replace(cfg, train=t)
+    spec = model_spec(cfg.model)
+    return spec.update_budget(cfg, updates) if spec.update_budget else cfg
+
+
+def _scale_sections(cfg: Config, scale: str) -> Config:
+    """Each of the model's own sections as the scale makes it (its register_section)."""
+    new = {}
+    for k, v in cfg.sections:
+        fn = SECTIONS[k].scales.get(scale)
+        new[k] = fn(v) if fn is not None else v
+    return replace(cfg, **new)
 
 
 def _cpu_scale(cfg: Config) -> Config:
     """The paper's structure (K=16, N=36, global attention at H/2 and H/4, the MAE) at
-    48x48 with narrow networks: a demo in about 12 minutes on 2 fp32 cores.
-
-    U-Net widths 16, 32, 64 (multipliers 1, 2, 4) with one residual block per level and
-    up-sampling blocks at the finer level's width: 0.49 GFLOP per (slice, patch) pair,
-    a third of the previous 32 x (1, 2, 2) with ADM's up-sampling widths (1.49), whose
-    H/2 -> H block alone was a third of the cost. Adam with warm-up and cosine decay
-    over the step budget and an EMA of the weights."""
+    48x48 with narrow networks: a demo in about 12 minutes on 2 fp32 cores. The shared
+    sections are scaled here: 48x48 slices, Adam at 1e-3 with warm-up, cosine decay over
+    the step budget and an EMA of the weights; each model section scales itself (the
+    U-Net's widths: models/unet.py)."""
     cfg = replace(
         cfg,
         geometry=_rescale_geometry(cfg.geometry, 48, 8),
-        unet=replace(
-            cfg.unet,
-            model_channels=16,
-            channel_mult=(1, 2, 4),
-            num_res_blocks=1,
-            num_head_channels=32,
-            norm_groups=8,
-            up_width="next",
-        ),
-        mae=replace(
-            cfg.mae, enc_dim=128, enc_depth=4, enc_heads=4, dec_dim=128, dec_depth=2, dec_heads=4
-        ),
-        # 48x48 slices of the protocol's 96x96: double the per-pixel frequency so the
-        # noise keeps the physical scale of the paper's 2^-6 at 96x96
-        noise=replace(cfg.noise, frequency=2.0 * cfg.noise.frequency),
         train=replace(
             cfg.train,
             lr=1e-3,
@@ -799,15 +635,9 @@ def _cpu_scale(cfg: Config) -> Config:
             val_every=10,
         ),
         inference=replace(cfg.inference, batch_size=32, amp="auto"),
-        autoencoder=replace(cfg.autoencoder, channels=(16, 32, 64, 64), latent_dim=64),
-        svae=replace(cfg.svae, depth=2, heads=4),
-        # same noise cell size in pixels (6) as 16 cells at 96x96
-        dae=replace(cfg.dae, noise_res=cfg.dae.noise_res // 2, channels=(8, 16, 32, 64)),
-        # encoder lr: half the GAN's train.lr, as Schlegl's 5e-5 vs 1e-4
-        fanogan=replace(cfg.fanogan, latent_dim=64, channels=(8, 16, 32, 64, 64), encoder_lr=5e-4),
     )
     # the same number of updates of every reconstructing part, for every model
-    return with_update_budget(cfg, CPU_STEPS)
+    return with_update_budget(_scale_sections(cfg, "cpu"), CPU_STEPS)
 
 
 def _tiny_scale(cfg: Config) -> Config:
@@ -816,23 +646,14 @@ def _tiny_scale(cfg: Config) -> Config:
     t_test = 500): a shorter schedule with the same betas hardly noises the input
     (alpha_bar(10) = 0.95 at T = 20), and the diffusion models then reconstruct the
     lesions too."""
-    return replace(
+    cfg = replace(
         cfg,
         geometry=_rescale_geometry(cfg.geometry, 32, 8),
-        unet=replace(
-            cfg.unet, model_channels=16, num_res_blocks=1, num_head_channels=16, norm_groups=8
-        ),
-        mae=replace(
-            cfg.mae, enc_dim=32, enc_depth=2, enc_heads=2, dec_dim=32, dec_depth=2, dec_heads=2
-        ),
         train=replace(cfg.train, lr=1e-3, batch_size=8, epochs=2),
         data=replace(cfg.data, volume_shape=(32, 32, 8), spacing=6.0),
         inference=replace(cfg.inference, batch_size=64),
-        autoencoder=replace(cfg.autoencoder, channels=(8, 16, 32), latent_dim=32),
-        svae=replace(cfg.svae, depth=1, heads=2),
-        dae=replace(cfg.dae, noise_res=4, channels=(8, 16, 32)),
-        fanogan=replace(cfg.fanogan, latent_dim=16, channels=(8, 8, 16, 16), encoder_lr=1e-2),
     )
+    return _scale_sections(cfg, "tiny")
 
 
 SCALES: dict[str, Any] = {"paper": lambda c: c, "cpu": _cpu_scale, "tiny": _tiny_scale}
@@ -853,54 +674,67 @@ def split_preset_name(name: str) -> tuple[str, str]:
 
 
 def display_name(cfg: Config) -> str:
-    """The table row of a configuration: its preset's row name, else the model's."""
+    """The table row of a configuration: its preset's row name, else its model's."""
     base, _ = split_preset_name(cfg.name)
-    return DISPLAY_NAMES.get(base) or DISPLAY_NAMES.get(cfg.model, cfg.name)
+    if base not in _PRESETS or cfg.model not in SPECS:
+        _load_models()
+    if base in _PRESETS:
+        return _PRESETS[base][1].row
+    if cfg.model in _PRESETS:
+        return _PRESETS[cfg.model][1].row
+    return cfg.name
 
 
-def _build_presets() -> dict[str, Any]:
-    presets: dict[str, Any] = {}
-    for model, delta in MODEL_DELTAS.items():
-        for scale, fn in SCALES.items():
-            name = preset_name(model, scale)
-            presets[name] = lambda d=delta, f=fn, n=name: replace(f(d(Config())), name=n)
-    for alias, target in ALIASES.items():
-        presets[alias] = lambda t=target, a=alias: replace(presets[t](), name=a)
-    return presets
+def _build(name: str) -> Config:
+    base, scale = split_preset_name(name)
+    key, p = _PRESETS[base]
+    cfg = Config(model=key)
+    if p.delta is not None:
+        cfg = p.delta(cfg)
+    return replace(SCALES[scale](cfg), name=name)
 
 
-PRESETS = _build_presets()
+def preset_names() -> list[str]:
+    """Every preset name: each model at each scale, and the aliases."""
+    _load_models()
+    return [preset_name(m, s) for m in _PRESETS for s in SCALES] + list(ALIASES)
 
 
 def register_preset(model: str, delta: Any, row: str) -> None:
-    """Presets MODEL, MODEL-cpu and MODEL-tiny for a model of another package: `delta`
-    maps the shared default configuration to this model's (at least `model=`), `row` is
-    its name in tables. The scales apply on top, as for the built-in models."""
-    if model in MODEL_DELTAS:
+    """Presets MODEL, MODEL-cpu and MODEL-tiny for a model of another package declared
+    without `presets=` in its register_model: `delta` maps the default configuration
+    Config() to this model's (at least `model=`), `row` is its name in tables. The
+    scales apply on top, as for the built-in models."""
+    if model in _PRESETS or model in ALIASES:
         raise ValueError(f"a preset named {model!r} exists already")
-    if not row or row in DISPLAY_NAMES.values():
+    if not row or any(q.row == row for _, q in _PRESETS.values()):
         raise ValueError(f"row name {row!r} is empty or taken")
-    MODEL_DELTAS[model] = delta
-    DISPLAY_NAMES[model] = row
-    for scale, fn in SCALES.items():
-        name = preset_name(model, scale)
-        PRESETS[name] = lambda d=delta, f=fn, n=name: replace(f(d(Config())), name=n)
+    _check_preset_name(model)
+    probe = delta(Config())
+    _PRESETS[model] = (probe.model, Preset(model, row, lambda c: delta(Config())))
 
 
 def get_preset(name: str) -> Config:
-    if name not in PRESETS:  # a plug-in's preset: importing the models loads the plug-ins
-        import importlib
-
-        importlib.import_module("maediff.models")
-    if name not in PRESETS:
-        raise ValueError(f"unknown preset {name!r}; choose one of {sorted(PRESETS)}")
-    return PRESETS[name]()
+    base, scale = split_preset_name(name)
+    if base not in _PRESETS:  # the built-in models and the plug-ins register on import
+        _load_models()
+    if (
+        base not in _PRESETS
+        or scale not in SCALES
+        or preset_name(base, scale) != ALIASES.get(name, name)
+    ):
+        raise ValueError(f"unknown preset {name!r}; choose one of {sorted(preset_names())}")
+    cfg = _build(ALIASES.get(name, name))
+    return replace(cfg, name=name)
 
 
 # --------------------------------------------------------------------------- (de)serialisation
 
 
 def to_dict(cfg: Config) -> dict[str, Any]:
+    """The configuration as plain data: name, model, geometry, the model's own sections,
+    then train, data, inference, augment (what config.yaml holds)."""
+
     def conv(v: Any) -> Any:
         if is_dataclass(v):
             return {f.name: conv(getattr(v, f.name)) for f in fields(v)}
@@ -908,7 +742,12 @@ def to_dict(cfg: Config) -> dict[str, Any]:
             return [conv(x) for x in v]
         return v
 
-    return conv(cfg)
+    out: dict[str, Any] = {"name": cfg.name, "model": cfg.model, "geometry": conv(cfg.geometry)}
+    for k, v in cfg.sections:
+        out[k] = conv(v)
+    for k in SHARED_SECTIONS[1:]:
+        out[k] = conv(getattr(cfg, k))
+    return out
 
 
 def _coerce(value: Any, hint: Any, where: str) -> Any:
@@ -949,35 +788,72 @@ def _coerce(value: Any, hint: Any, where: str) -> Any:
     return value
 
 
-def _from_dict(cls: Any, data: dict[str, Any], prefix: str) -> Any:
+def _section_from_dict(cls: Any, data: Any, name: str) -> Any:
     if not isinstance(data, dict):
-        raise ValueError(
-            f"config section {prefix or 'root'!r} must be a mapping, got {type(data).__name__}"
-        )
+        raise ValueError(f"config section {name!r} must be a mapping, got {type(data).__name__}")
     hints = get_type_hints(cls)
     names = {f.name for f in fields(cls)}
     unknown = sorted(set(data) - names)
     if unknown:
-        raise ValueError(f"unknown config key(s) {', '.join(prefix + k for k in unknown)}")
-    kwargs = {}
+        raise ValueError(f"unknown config key(s) {', '.join(f'{name}.{k}' for k in unknown)}")
+    return cls(**{k: _coerce(v, hints[k], f"{name}.{k}") for k, v in data.items()})
+
+
+_SHARED_TYPES = {
+    "geometry": GeometryConfig,
+    "train": TrainConfig,
+    "data": DataConfig,
+    "inference": InferenceConfig,
+    "augment": AugmentConfig,
+}
+
+
+def _from_full_dict(data: dict[str, Any]) -> Config:
+    """A Config from a complete dict (every section of the model present). Sections of
+    other models are ignored: configurations written before 0.5.0 hold every model's."""
+    if not isinstance(data, dict):
+        raise ValueError(f"a configuration must be a mapping, got {type(data).__name__}")
+    model = data.get("model", "maediff")
+    name = data.get("name", "paper")
+    for k, v in (("model", model), ("name", name)):
+        if not isinstance(v, str):
+            raise ValueError(f"{k}={v!r} must be a string")
+    spec = model_spec(model)
+    kwargs: dict[str, Any] = {"name": name, "model": model}
+    unknown = []
     for k, v in data.items():
-        hint = hints[k]
-        if is_dataclass(hint):
-            kwargs[k] = _from_dict(hint, v, f"{prefix}{k}.")
-        else:
-            kwargs[k] = _coerce(v, hint, prefix + k)
-    return cls(**kwargs)
+        if k in ("name", "model"):
+            continue
+        if k in _SHARED_TYPES:
+            kwargs[k] = _section_from_dict(_SHARED_TYPES[k], v, k)
+        elif k in spec.sections:
+            kwargs[k] = _section_from_dict(section_type(k), v, k)
+        elif k not in SECTIONS:
+            unknown.append(k)
+    if unknown:
+        raise ValueError(f"unknown config key(s) {', '.join(sorted(unknown))}")
+    return Config(**kwargs)
 
 
 def from_dict(data: dict[str, Any]) -> Config:
-    """Build a Config from a (possibly partial) nested dict; missing keys keep defaults.
+    """Build a Config from a (possibly partial) nested dict; missing keys keep the
+    defaults of its model (`model`, default maediff).
 
-    A top-level `preset: NAME` key starts from that preset instead of the paper defaults.
-    """
+    A top-level `preset: NAME` key starts from that preset instead. Sections that belong
+    to other models are ignored (files written before 0.5.0 carry every model's)."""
+    if not isinstance(data, dict):
+        raise ValueError(f"a configuration must be a mapping, got {type(data).__name__}")
     data = dict(data)
-    base = to_dict(get_preset(data.pop("preset"))) if "preset" in data else to_dict(Config())
-    merged = _deep_merge(base, data)
-    return _from_dict(Config, merged, "")
+    if "preset" in data:
+        base = get_preset(data.pop("preset"))
+        if "model" in data and data["model"] != base.model:
+            base = replace(base, model=data["model"])
+    else:
+        model = data.get("model", "maediff")
+        if not isinstance(model, str):
+            raise ValueError(f"model={model!r} must be a string")
+        base = Config(model=model)
+    return _from_full_dict(_deep_merge(to_dict(base), data))
 
 
 def _deep_merge(base: dict[str, Any], upd: dict[str, Any]) -> dict[str, Any]:
@@ -1022,7 +898,8 @@ def save_config(cfg: Config, path: str | Path) -> None:
 
 
 def apply_overrides(cfg: Config, overrides: list[str]) -> Config:
-    """Apply `section.key=value` overrides; values are parsed as YAML scalars/lists."""
+    """Apply `section.key=value` overrides; values are parsed as YAML scalars/lists.
+    `model=KEY` changes the model (its sections start from their defaults)."""
     data = to_dict(cfg)
     for item in overrides:
         if "=" not in item:
@@ -1032,60 +909,88 @@ def apply_overrides(cfg: Config, overrides: list[str]) -> Config:
         node = data
         for part in parts[:-1]:
             if not isinstance(node.get(part), dict):
-                raise ValueError(f"unknown config section {key!r} in override {item!r}")
+                held = ", ".join(k for k, v in data.items() if isinstance(v, dict))
+                raise ValueError(
+                    f"unknown config section {key!r} in override {item!r} (a {data['model']!r} "
+                    f"configuration has {held})"
+                )
             node = node[part]
         if parts[-1] not in node:
             raise ValueError(f"unknown config key {key!r} in override {item!r}")
         node[parts[-1]] = yaml.safe_load(raw)
-    return _from_dict(Config, data, "")
+        if parts == ["model"]:  # the new model's sections: carried where shared, else defaults
+            new = replace(cfg, model=node["model"])
+            data = {**to_dict(new), **{k: v for k, v in data.items() if k in _SHARED_TYPES}}
+            data["model"], data["name"] = new.model, cfg.name
+    return _from_full_dict(data)
 
 
 def describe(cfg: Config) -> str:
-    """One-line summary used in logs and model cards."""
-    g, a = cfg.geometry, cfg.autoencoder
-    size = f"{cfg.name} ({cfg.model}): {g.image_size}x{g.image_size}"
-    if cfg.model in ("ae", "vae", "svae"):
-        return f"{size}, conv {list(a.channels)}, z={a.latent_dim}"
-    if cfg.model == "fanogan":
-        return f"{size}, WGAN-GP + izi_f encoder, widths {list(cfg.fanogan.channels)}, z={cfg.fanogan.latent_dim}"
-    if cfg.model == "dae":
-        return f"{size}, U-Net {list(cfg.dae.channels)}, coarse noise {cfg.dae.noise_res}x{cfg.dae.noise_res} std {cfg.dae.noise_std}"
-    if cfg.model == "thresh":
-        return size
-    return (
-        f"{cfg.name}: {g.image_size}x{g.image_size}, p={g.patch_size} s={g.stride} r={g.grid_size} "
-        f"(K={g.num_patches}, N={g.num_cells}), U-Net {cfg.unet.model_channels}x{list(cfg.unet.channel_mult)}"
-        f" x{cfg.unet.num_res_blocks}, att={list(cfg.unet.attention_levels)}, MAE={'on' if cfg.mae.enabled else 'off'}, "
-        f"{cfg.diffusion.schedule} T={cfg.diffusion.timesteps} t_test={cfg.diffusion.t_test}, noise={cfg.noise.kind}"
-    )
+    """One-line summary used in logs and model cards (the model's spec writes it)."""
+    spec = model_spec(cfg.model)
+    if spec.describe is not None:
+        return spec.describe(cfg)
+    g = cfg.geometry
+    return f"{cfg.name} ({cfg.model}): {g.image_size}x{g.image_size}"
+
+
+# names that moved to the model modules (0.5.0) and the registry's views, read lazily
+_MOVED_SECTIONS = {
+    "UNetConfig": "unet",
+    "MAEConfig": "mae",
+    "DiffusionConfig": "diffusion",
+    "NoiseConfig": "noise",
+    "AutoencoderConfig": "autoencoder",
+    "SVAEConfig": "svae",
+    "DAEConfig": "dae",
+    "FAnoGANConfig": "fanogan",
+}
+
+
+def __getattr__(name: str) -> Any:
+    if name in _MOVED_SECTIONS:
+        return section_type(_MOVED_SECTIONS[name])
+    if name == "PRESETS":  # preset name -> a function that builds it
+        return {n: (lambda n=n: get_preset(n)) for n in preset_names()}
+    if name == "DISPLAY_NAMES":
+        _load_models()
+        return {n: p.row for n, (_, p) in _PRESETS.items()}
+    if name == "MODEL_DELTAS":  # before 0.5.0: model name -> delta; now the presets
+        _load_models()
+        return {n: p for n, (_, p) in _PRESETS.items()}
+    if name in ("TABLE1", "TABLE2"):
+        return presets_of_table(name[-1])
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 __all__ = [
-    "DISPLAY_NAMES",
+    "SECTIONS",
+    "SPECS",
+    "ModelSpec",
+    "Preset",
+    "Section",
     "register_preset",
+    "register_section",
+    "register_spec",
     "with_update_budget",
-    "TABLE1",
-    "TABLE2",
-    "AutoencoderConfig",
-    "Config",
-    "DAEConfig",
-    "FAnoGANConfig",
-    "SVAEConfig",
-    "DataConfig",
-    "DiffusionConfig",
-    "GeometryConfig",
     "AugmentConfig",
+    "Config",
+    "DataConfig",
+    "GeometryConfig",
     "InferenceConfig",
     "NYUL_PERCENTILES",
-    "MAEConfig",
-    "NoiseConfig",
-    "PRESETS",
     "TrainConfig",
-    "UNetConfig",
     "apply_overrides",
+    "check_downsampling",
     "describe",
     "display_name",
+    "model_names",
+    "model_spec",
+    "preset_info",
     "preset_name",
+    "preset_names",
+    "presets_of_table",
+    "section_type",
     "split_preset_name",
     "from_dict",
     "get_preset",

@@ -170,6 +170,7 @@ def speed_up(
     if cl:
         model.to(memory_format=torch.channels_last)
     if comp:
+        # an AnomalyModel names its targets; any other module is compiled whole
         for m in getattr(model, "compile_targets", lambda: [model])():
             compile_with_fallback(m)
     if cuda:

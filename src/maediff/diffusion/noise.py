@@ -20,11 +20,48 @@ Octaves follow AnoDDPM / pDDPM (docs/method.md §Noise): the coordinates of octa
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass, replace
 
 import torch
 from torch import Tensor
 
-from ..config import NoiseConfig
+from ..config import _check, register_section
+
+
+@dataclass(frozen=True)
+class NoiseConfig:
+    """Noise of the forward process (paper Alg. 1, docs/method.md §Noise)."""
+
+    kind: str = "simplex"  # "simplex" or "gaussian"
+    octaves: int = 6
+    persistence: float = 0.8
+    frequency: float = 2.0**-6  # base frequency; doubled each octave
+    # Scale each field to zero mean and unit std. The reference sums the octaves
+    # without normalising (std about 0.5-0.6); False keeps that noise level.
+    normalise: bool = False
+    # Reference parity: one field drawn per call and repeated over the batch.
+    shared: bool = False
+    # 0: draw fresh fields every call. >0: a seeded bank of that many fields, each
+    # use taking a random one with a random flip, 90-degree rotation and roll.
+    bank_size: int = 0
+
+    def __post_init__(self) -> None:
+        _check(
+            self.kind in ("simplex", "gaussian"),
+            f"noise.kind={self.kind!r} must be 'simplex' or 'gaussian'",
+        )
+        _check(self.octaves >= 1, f"noise.octaves={self.octaves} must be >= 1")
+        _check(self.frequency > 0, f"noise.frequency={self.frequency} must be > 0")
+        _check(self.bank_size >= 0, f"noise.bank_size={self.bank_size} must be >= 0")
+
+
+register_section(
+    "noise",
+    NoiseConfig,
+    # 48x48 slices of the protocol's 96x96: double the per-pixel frequency so the
+    # noise keeps the physical scale of the paper's 2^-6 at 96x96
+    cpu=lambda n: replace(n, frequency=2.0 * n.frequency),
+)
 
 # OpenSimplex 2-D constants
 STRETCH_2D = (1.0 / math.sqrt(3.0) - 1.0) / 2.0  # -0.2113...

@@ -8,11 +8,61 @@ alpha_bar(t) = prod_{s=1..t} (1 - beta_s) = alphas_cumprod[t - 1].
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 
-from ..config import DiffusionConfig
+from ..config import _check, register_section
+
+
+@dataclass(frozen=True)
+class DiffusionConfig:
+    """Forward process (paper Eq. 1-3, §4.3)."""
+
+    schedule: str = "linear"  # "linear" (paper) or "cosine" (pDDPM code)
+    beta_start: float = 1e-4
+    beta_end: float = 2e-2
+    cosine_s: float = 0.008
+    timesteps: int = 1000  # T
+    t_test: int = 500  # 1-based: alpha_bar(t) = alphas_cumprod[t - 1]
+    t_train_min: int = 1  # training t ~ U{t_train_min .. t_train_max}
+    t_train_max: int = 1000
+    # Reverse steps from t_test at test time. 1: one x0 prediction (MAEDiff, pDDPM and
+    # pDDPM's AnoDDPM); >1 (anoddpm only): the original AnoDDPM's iterative sampling.
+    sample_steps: int = 1
+    # beyond the paper (docs/method.md §Preconditioning): inside the noised patch, feed
+    # the network x~_t / sqrt(a^2 sd^2 + b^2 sn^2) and predict x0 as the linear estimate
+    # a sd^2 x~_t / (a^2 sd^2 + b^2 sn^2) plus b sn sd / sqrt(...) times the network output
+    # (a = sqrt(alpha_bar), b = sqrt(1 - alpha_bar), sd = sigma_data, sn = the noise's std)
+    precondition: bool = False
+    sigma_data: float = 0.5  # std of the images in the model range [-1, 1]
+
+    def __post_init__(self) -> None:
+        _check(self.sigma_data > 0, f"diffusion.sigma_data={self.sigma_data} must be > 0")
+        _check(
+            self.schedule in ("linear", "cosine"),
+            f"diffusion.schedule={self.schedule!r} must be 'linear' or 'cosine'",
+        )
+        T = self.timesteps
+        _check(T >= 2, f"diffusion.timesteps={T} must be >= 2")
+        _check(
+            0 < self.beta_start < self.beta_end < 1,
+            f"diffusion betas must satisfy 0 < beta_start ({self.beta_start}) < beta_end ({self.beta_end}) < 1",
+        )
+        _check(1 <= self.t_test <= T, f"diffusion.t_test={self.t_test} must be in 1..{T}")
+        _check(
+            1 <= self.sample_steps <= self.t_test,
+            f"diffusion.sample_steps={self.sample_steps} must be in 1..t_test ({self.t_test})",
+        )
+        _check(
+            1 <= self.t_train_min <= self.t_train_max <= T,
+            f"diffusion training range t_train_min={self.t_train_min}..t_train_max={self.t_train_max} must lie in 1..{T}",
+        )
+
+
+# the schedule is the paper's at every scale (see config._tiny_scale)
+register_section("diffusion", DiffusionConfig)
 
 
 def linear_betas(timesteps: int, beta_start: float = 1e-4, beta_end: float = 2e-2) -> Tensor:

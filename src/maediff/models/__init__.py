@@ -1,34 +1,62 @@
 """The model registry: every row of the paper's Tables 1 and 2 is a registered class
-plus a configuration (see maediff.config presets).
+plus a preset (a named configuration of it).
 
     model = build_model(get_preset("dae-cpu"))     # cfg.model == "dae"
 
-A new model is one module here with `@register_model("name")` on an AnomalyModel
-subclass, and a delta in config.MODEL_DELTAS; the trainer, checkpoints, detection and
-the evaluation need no change. A model of another package registers the same way from
-its own module, named by an entry point of the group `maediff.models`, and adds its
-presets with config.register_preset (docs/plugins.md).
+A model is one module: its configuration section (a dataclass declared with
+config.register_section, with what each scale makes of it) and its class with
+
+    @register_model("dae", sections=("dae",), presets=(Preset("dae", "DAE", ...),),
+                    check=..., describe=...)
+
+The configuration, validation, presets, row names, the paper's tables, the CLI and the
+benchmark read the model from there; the trainer, checkpoints, detection and the
+evaluation need no change. A model of another package registers the same way from its
+own module, named by an entry point of the group `maediff.models` (docs/plugins.md).
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
 
-from ..config import Config, register_kind
+from ..config import Config, ModelSpec, Preset, register_spec
 from .base import AnomalyModel, OptimizerGroup, Phase, count_parameters
 
 MODELS: dict[str, type[AnomalyModel]] = {}
 
 
-def register_model(name: str) -> Callable[[type[AnomalyModel]], type[AnomalyModel]]:
+def register_model(
+    name: str,
+    *,
+    sections: tuple[str, ...] = (),
+    presets: tuple[Preset, ...] = (),
+    check: Callable[[Config], None] | None = None,
+    describe: Callable[[Config], str] | None = None,
+    update_budget: Callable[[Config, int], Config] | None = None,
+    options: tuple[str, ...] = (),
+) -> Callable[[type[AnomalyModel]], type[AnomalyModel]]:
+    """Register an AnomalyModel subclass as model `name` (a Config's `model`), with
+    everything the configuration needs to know of it (config.ModelSpec): the config
+    sections it reads, its presets, its cross-section checks and its description."""
+
     def add(cls: type[AnomalyModel]) -> type[AnomalyModel]:
         if name in MODELS:
             raise ValueError(f"model {name!r} is registered twice")
         if not (isinstance(cls, type) and issubclass(cls, AnomalyModel)):
             raise TypeError(f"register_model({name!r}) needs an AnomalyModel subclass, got {cls!r}")
+        register_spec(
+            ModelSpec(
+                name,
+                tuple(sections),
+                tuple(presets),
+                check,
+                describe,
+                update_budget,
+                tuple(options),
+            )
+        )
         MODELS[name] = cls
         cls.registry_name = name
-        register_kind(name)
         return cls
 
     return add
@@ -63,7 +91,7 @@ def build_model(cfg: Config) -> AnomalyModel:
     return MODELS[cfg.model](cfg)
 
 
-# importing the modules fills the registry (tests check it against config.MODEL_KINDS)
+# importing the modules fills the registry
 from . import anoddpm, autoencoders, dae, fanogan, maediff, svae, thresh  # noqa: E402,F401
 from .maediff import MAEDiff  # noqa: E402
 
@@ -75,6 +103,7 @@ __all__ = [
     "PLUGINS",
     "MAEDiff",
     "OptimizerGroup",
+    "Preset",
     "Phase",
     "build_model",
     "count_parameters",

@@ -11,28 +11,45 @@ noise (GaussianDiffusion.posterior_step); the last x0 prediction is returned.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from dataclasses import replace
 
 import torch
 from torch import Tensor
 
-from ..config import Config
-from ..device import autocast_context, resolve_amp
+from ..config import Config, Preset
 from . import register_model
-from .base import batched
-from .maediff import MAEDiff, from_model_range, to_model_range
+from .base import Reconstruction, batched
+from .maediff import MAEDiff, check_unet, describe_diffusion, from_model_range, to_model_range
 
 
-@register_model("anoddpm")
+def _whole_slice(cfg: Config) -> Config:
+    """AnoDDPM as pDDPM reimplements it: the same U-Net (no attention) and training,
+    the whole slice noised (one patch covering the image), reconstructed from t_test."""
+    g = cfg.geometry
+    return replace(
+        cfg,
+        geometry=replace(g, patch_size=g.image_size),
+        unet=replace(cfg.unet, attention_levels=()),
+    )
+
+
+@register_model(
+    "anoddpm",
+    sections=("unet", "diffusion", "noise"),
+    presets=(Preset("anoddpm", "AnoDDPM", _whole_slice, table=("1", 70)),),
+    check=check_unet,
+    describe=describe_diffusion,
+    options=("iterative_sampling",),
+)
 class AnoDDPM(MAEDiff):
     description = "whole-slice simplex diffusion (AnoDDPM, as reimplemented by pDDPM)"
 
     def __init__(self, cfg: Config):
         g = cfg.geometry
-        if g.patch_size != g.image_size or cfg.mae.enabled:
+        if g.patch_size != g.image_size:
             raise ValueError(
                 f"anoddpm noises the whole slice: geometry.patch_size={g.patch_size} must equal "
-                f"image_size={g.image_size} and mae.enabled must be false (use the anoddpm presets)"
+                f"image_size={g.image_size} (use the anoddpm presets)"
             )
         super().__init__(cfg)
 
@@ -42,43 +59,21 @@ class AnoDDPM(MAEDiff):
         ts = torch.linspace(t0, 0, n + 1).round().long().tolist()
         return sorted(set(ts), reverse=True)
 
-    @torch.no_grad()
-    def reconstruct(
-        self,
-        slices: Tensor,
-        generator: torch.Generator | None = None,
-        noise: Tensor | None = None,
-        batch_size: int | None = None,
-        amp: str | None = None,
-        progress: Callable[[int], None] | None = None,
-        brain_mask: Tensor | None = None,
-    ) -> Tensor:
+    def reconstruct_slices(self, slices: Tensor, run: Reconstruction) -> Tensor:
         """Alg. 2 with one patch (sample_steps 1) or the iterative reverse process;
-        with `brain_mask`, slices without brain keep the input in both (as the patch
-        models' empty patches do)."""
+        slices without brain are not computed (the driver keeps their input). In the
+        iterative process each computed slice's noise comes from `run.noise` or is
+        drawn, and progress counts slices per reverse step."""
         if self.cfg.diffusion.sample_steps == 1:
-            return super().reconstruct(
-                slices, generator, noise, batch_size, amp, progress, brain_mask
-            )
-        self.check_images(slices)
-        if brain_mask is not None:
-            if brain_mask.shape != slices.shape:
-                raise ValueError(
-                    f"brain_mask must have the shape of the slices {tuple(slices.shape)}, got {tuple(brain_mask.shape)}"
-                )
-            keep = brain_mask.flatten(1).amax(1) > 0
-            if not bool(keep.all()):
-                out = slices.to(self.device, torch.float32).clone()
-                if bool(keep.any()):
-                    sub_noise = None if noise is None else noise[keep]
-                    out[keep.to(out.device)] = self.reconstruct(
-                        slices[keep], generator, sub_noise, batch_size, amp, progress
-                    )
-                return out
-        S, dev = slices.shape[0], self.device
-        amp = resolve_amp(amp or self.cfg.inference.amp, dev)
-        x = to_model_range(slices.to(dev, torch.float32))
-        noise = self.noise(S, generator, device=dev) if noise is None else noise.to(dev)
+            return super().reconstruct_slices(slices, run)
+        keep = run.has_brain
+        out = slices.clone()
+        if not bool(keep.any()):
+            return out
+        x = to_model_range(slices[keep])
+        S, dev = x.shape[0], run.device
+        noise = run.noise
+        noise = self.noise(S, run.generator, device=dev) if noise is None else noise[keep].to(dev)
         ts = self.timesteps()
         x_t = self.diffusion.q_sample(x, torch.full((S,), ts[0], dtype=torch.long), noise)
         k = torch.zeros(S, dtype=torch.long, device=dev)
@@ -86,16 +81,17 @@ class AnoDDPM(MAEDiff):
         for t, t_prev in zip(ts[:-1], ts[1:]):
             tt = torch.full((S,), t, dtype=torch.long, device=dev)
             parts = []
-            for b in batched(S, batch_size or self.cfg.inference.batch_size):
-                with autocast_context(dev, amp):
+            for b in batched(S, run.batch_size):
+                with run.autocast():
                     parts.append(self.denoise(x_t[b], tt[b], k[b], x[b]).float())
             x0 = torch.cat(parts).clamp(-1, 1)
             if t_prev > 0:
-                z = self.noise(S, generator, device=dev)
+                z = self.noise(S, run.generator, device=dev)
                 x_t = self.diffusion.posterior_step(x_t, tt, torch.full_like(tt, t_prev), x0, z)
-            if progress is not None:
-                progress(S)
-        return from_model_range(x0)
+            if run.progress is not None:
+                run.progress(S)
+        out[keep] = from_model_range(x0)
+        return out
 
 
 __all__ = ["AnoDDPM"]

@@ -8,7 +8,8 @@ LeakyReLU; then a 1x1 convolution to C/8 channels (C = last width) and a flatten
 F = C/8 * (H / 2^L)^2. Decoder: dense to F, 1x1 convolution back to C, GroupNorm, ReLU,
 then per stage a k x k transposed convolution of stride 2 (widths: the encoder's in
 reverse, shifted by one stage, ending at channels[0]), GroupNorm, LeakyReLU, and a 1x1
-convolution to one channel with no activation; reconstruct() clamps to [0, 1].
+convolution to one channel with no activation (reconstruct keeps its output as it is
+unless inference.clamp).
 
 Objective per image (Baur): the reconstruction error summed over pixels (l1 or l2)
 + kl_weight * KL(q(z|x) || N(0, I)) for the VAE, divided by the pixel count. Dropout on
@@ -19,13 +20,56 @@ generator.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass, replace
 
 import torch
 from torch import Tensor, nn
 
-from ..config import AutoencoderConfig, Config
+from ..config import (
+    Config,
+    Preset,
+    _check,
+    _positive_widths,
+    check_downsampling,
+    register_section,
+)
 from . import register_model
 from .base import AnomalyModel
+
+
+@dataclass(frozen=True)
+class AutoencoderConfig:
+    """Convolutional encoder-decoder with a dense bottleneck: AE and VAE (Baur et al.
+    2021), and the slice VAE inside SVAE (Behrendt et al. 2022). docs/baselines.md."""
+
+    # widths of the stride-2 stages; Baur's unified encoder: min(128, 32 * 2^i), 4 stages
+    channels: tuple[int, ...] = (32, 64, 128, 128)
+    kernel_size: int = 5  # of the stride-2 (transposed) convolutions (Baur: 5)
+    latent_dim: int = 128  # z (Baur's dense models: zDim = 128)
+    loss: str = "l1"  # reconstruction loss: "l1" (Baur) or "l2"
+    # VAE / SVAE: weight of KL(q(z|x) || N(0, I)) against the reconstruction error summed
+    # over pixels (1.0 = Baur's objective; the loss is then divided by the pixel count)
+    kl_weight: float = 1.0
+    dropout: float = 0.2  # on the dense bottleneck while training (Baur: 0.2)
+
+    def __post_init__(self) -> None:
+        _positive_widths("autoencoder.channels", self.channels)
+        _check(
+            self.kernel_size >= 1 and self.kernel_size % 2 == 1,
+            f"autoencoder.kernel_size={self.kernel_size} must be odd and >= 1",
+        )
+        _check(self.latent_dim >= 1, f"autoencoder.latent_dim={self.latent_dim} must be >= 1")
+        _check(self.loss in ("l1", "l2"), f"autoencoder.loss={self.loss!r} must be 'l1' or 'l2'")
+        _check(self.kl_weight >= 0, f"autoencoder.kl_weight={self.kl_weight} must be >= 0")
+        _check(0 <= self.dropout < 1, f"autoencoder.dropout={self.dropout} must be in [0, 1)")
+
+
+register_section(
+    "autoencoder",
+    AutoencoderConfig,
+    cpu=lambda a: replace(a, channels=(16, 32, 64, 64), latent_dim=64),
+    tiny=lambda a: replace(a, channels=(8, 16, 32), latent_dim=32),
+)
 
 LEAKY_SLOPE = 0.3  # tf.keras LeakyReLU default, which Baur's layers use
 
@@ -131,7 +175,22 @@ class ConvAutoencoder(nn.Module):
 # --------------------------------------------------------------------------- models
 
 
-@register_model("ae")
+def _describe_ae(cfg: Config) -> str:
+    g, a = cfg.geometry, cfg.autoencoder
+    return f"{cfg.name} ({cfg.model}): {g.image_size}x{g.image_size}, conv {list(a.channels)}, z={a.latent_dim}"
+
+
+def check_autoencoder(cfg: Config) -> None:
+    check_downsampling(cfg, "autoencoder.channels", len(cfg.autoencoder.channels))
+
+
+@register_model(
+    "ae",
+    sections=("autoencoder",),
+    presets=(Preset("ae", "AE", table=("1", 20)),),
+    check=check_autoencoder,
+    describe=_describe_ae,
+)
 class AE(AnomalyModel):
     """Dense-bottleneck autoencoder (Baur et al. 2021): anomaly map = |x - D(E(x))|."""
 
@@ -171,7 +230,13 @@ class AE(AnomalyModel):
         return self.net.decode(self.net.encode(x)[0])
 
 
-@register_model("vae")
+@register_model(
+    "vae",
+    sections=("autoencoder",),
+    presets=(Preset("vae", "VAE", table=("1", 30)),),
+    check=check_autoencoder,
+    describe=_describe_ae,
+)
 class VAE(AE):
     """Dense-bottleneck VAE (Baur et al. 2021): trained with the reparameterisation trick,
     reconstructs from the posterior mean."""

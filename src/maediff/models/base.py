@@ -3,7 +3,14 @@ format, `detect` and `evaluate` serve them all (the contract, in one place).
 
     model = build_model(cfg)                       # cfg.model picks the class
     loss = model(batch, generator, group="model")  # training objective (DDP calls forward)
-    rec = model.reconstruct(slices, generator)     # (S, 1, H, W) in [0, 1] -> same
+    rec = model.reconstruct(slices, generator)     # (S, 1, H, W) in [0, 1] -> same shape
+
+`reconstruct` is the one reconstruction driver of every model: it checks the input,
+resolves device, autocast and batch size, runs without autograd, keeps the input in
+slices without brain (`brain_mask`), and treats the range the same way for all models
+(`inference.clamp`). A model writes only its procedure, `reconstruct_slices(x, run)`,
+using `run.batches(...)` (batching and progress) and `run.autocast()`; a one-pass model
+writes only `reconstruct_batch(x)`.
 
 A model trains in one or more phases (f-AnoGAN: the WGAN, then the encoder). Each
 phase takes a share of the training budget and cycles through optimizer groups, one
@@ -13,9 +20,9 @@ group per step (WGAN-GP: five critic steps, one generator step). Batches are sli
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import torch
 from torch import Tensor, nn
@@ -50,6 +57,9 @@ class AnomalyModel(nn.Module):
     def __init__(self, cfg: Config):
         super().__init__()
         self.cfg = cfg
+        # where the weights came from and the speed settings applied (load_model fills it;
+        # the evaluation records it)
+        self.checkpoint_info: dict[str, Any] = {}
 
     # ------------------------------------------------------------------ training contract
 
@@ -80,6 +90,8 @@ class AnomalyModel(nn.Module):
 
     # ------------------------------------------------------------------ inference contract
 
+    draws_noise: ClassVar[bool] = False  # True: reconstruct takes `noise` (diffusion models)
+
     def reconstruct(
         self,
         slices: Tensor,
@@ -89,36 +101,76 @@ class AnomalyModel(nn.Module):
         amp: str | None = None,
         progress: Callable[[int], None] | None = None,
         brain_mask: Tensor | None = None,
+        **options: Any,
     ) -> Tensor:
-        """Healthy reconstruction of the slices of one volume: (S, 1, H, W) in [0, 1] -> same.
-        `progress(n)` reports n more units of work done (slices, or (slice, patch) pairs
-        for patch models); `brain_mask` (S, 1, H, W) lets a model skip empty regions.
+        """Healthy reconstruction of the slices of one volume: (S, 1, H, W) in [0, 1] ->
+        the same shape, on the model's device. The one driver of every model:
 
-        The default serves one-pass models: `reconstruct_batch` on `batch_size` slices at
-        a time under autocast; models with their own procedure (Alg. 2, a sequence over
-        slices) override this method."""
+        - `batch_size` (default inference.batch_size) inputs per forward pass and `amp`
+          (default inference.amp) autocast reach the model's procedure as `run`;
+          `progress(n)` reports n more units of work done (slices, or (slice, patch)
+          pairs for patch models);
+        - `brain_mask` (S, 1, H, W): a slice without brain keeps the input, for every
+          model (a procedure may also skip the work there: `run.has_brain`, and patch
+          models skip patches without brain);
+        - the range: with inference.clamp the result is clamped to [0, 1], for every
+          model; without it (the default, as pDDPM's evaluation) it is the model's
+          output as it is.
+
+        `options` go to the procedure (MAEDiff: `guide_mask`)."""
         self.check_images(slices)
-        if noise is not None:
+        if slices.dim() != 4:
+            raise ValueError(
+                f"reconstruct takes the slices of one volume (S, 1, H, W), got {tuple(slices.shape)}"
+            )
+        if noise is not None and not self.draws_noise:
             raise ValueError(
                 f"{self.registry_name} draws no noise at reconstruction; pass noise=None"
             )
+        if brain_mask is not None and tuple(brain_mask.shape) != tuple(slices.shape):
+            raise ValueError(
+                f"brain_mask must have the shape of the slices {tuple(slices.shape)}, got {tuple(brain_mask.shape)}"
+            )
         dev = self.device
-        amp = resolve_amp(amp or self.cfg.inference.amp, dev)
-        parts = [torch.zeros((0, *slices.shape[1:]), device=dev)]
+        run = Reconstruction(
+            device=dev,
+            amp=resolve_amp(amp or self.cfg.inference.amp, dev),
+            batch_size=batch_size or self.cfg.inference.batch_size,
+            progress=progress,
+            generator=generator,
+            noise=noise,
+            brain=None if brain_mask is None else brain_mask.to(dev, torch.float32),
+            slices=slices.shape[0],
+        )
+        x = slices.to(dev, torch.float32)
         with torch.no_grad():
-            for b in batched(slices.shape[0], batch_size or self.cfg.inference.batch_size):
-                with autocast_context(dev, amp):
-                    rec = self.reconstruct_batch(slices[b].to(dev, torch.float32))
-                parts.append(rec.float().clamp(0, 1))
-                if progress is not None:
-                    progress(b.stop - b.start)
-        return torch.cat(parts)
+            rec = self.reconstruct_slices(x, run, **options).float()
+            if run.brain is not None and not bool(run.has_brain.all()):
+                rec = torch.where(run.has_brain[:, None, None, None], rec, x)
+        return rec.clamp(0, 1) if self.cfg.inference.clamp else rec
+
+    def reconstruct_slices(self, x: Tensor, run: Reconstruction) -> Tensor:
+        """The model's procedure: (S, 1, H, W) float32 on the device, in [0, 1] -> its
+        reconstruction. This default serves one-pass models: `reconstruct_batch` on
+        `run.batch_size` slices at a time under autocast, slices without brain skipped;
+        models with their own procedure (Alg. 2, a sequence over slices) override it."""
+        out = x.clone()
+        todo = torch.nonzero(run.has_brain).flatten()
+        for idx in run.batches(todo):
+            with run.autocast():
+                out[idx] = self.reconstruct_batch(x[idx]).float()
+        return out
 
     def reconstruct_batch(self, x: Tensor) -> Tensor:
         """One-pass models: (B, 1, H, W) in [0, 1] -> their reconstructions."""
         raise NotImplementedError(
-            f"{type(self).__name__} defines neither reconstruct nor reconstruct_batch"
+            f"{type(self).__name__} defines neither reconstruct_slices nor reconstruct_batch"
         )
+
+    def compile_targets(self) -> list[nn.Module]:
+        """The submodules worth `torch.compile` (device.speed_up): the whole model by
+        default; models with a procedure around one network name that network."""
+        return [self]
 
     # ------------------------------------------------------------------ helpers
 
@@ -155,4 +207,48 @@ def batched(n: int, batch_size: int) -> list[slice]:
     return [slice(i, min(i + batch_size, n)) for i in range(0, n, batch_size)]
 
 
-__all__ = ["AnomalyModel", "OptimizerGroup", "Phase", "batched", "count_parameters"]
+@dataclass
+class Reconstruction:
+    """What one `reconstruct` call gives the model's procedure."""
+
+    device: torch.device
+    amp: str  # resolved: "none", "bf16" or "fp16"
+    batch_size: int
+    progress: Callable[[int], None] | None
+    generator: torch.Generator | None
+    noise: Tensor | None  # given noise fields (diffusion models), else None: draw them
+    brain: Tensor | None  # (S, 1, H, W) float on the device, or None
+    slices: int  # S
+
+    def autocast(self):
+        return autocast_context(self.device, self.amp)
+
+    @property
+    def has_brain(self) -> Tensor:
+        """(S,) bool on the device: slices holding brain (all, without a brain mask)."""
+        if self.brain is None:
+            return torch.ones(self.slices, dtype=torch.bool, device=self.device)
+        return self.brain.flatten(1).amax(1) > 0
+
+    def batches(self, items: int | Tensor) -> Iterator[slice | Tensor]:
+        """`items` (a count, or a 1-d index tensor) in chunks of batch_size; after each
+        chunk's work (when the loop asks for the next) `progress` hears its size."""
+        chunks = (
+            batched(items, self.batch_size)
+            if isinstance(items, int)
+            else list(items.split(self.batch_size))
+        )
+        for c in chunks:
+            yield c
+            if self.progress is not None:
+                self.progress(c.stop - c.start if isinstance(c, slice) else len(c))
+
+
+__all__ = [
+    "AnomalyModel",
+    "OptimizerGroup",
+    "Phase",
+    "Reconstruction",
+    "batched",
+    "count_parameters",
+]

@@ -14,14 +14,40 @@ the skip and the same two-conv block; a 1x1 output convolution, no activation.
 
 from __future__ import annotations
 
+from dataclasses import dataclass, replace
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..config import Config
+from ..config import Config, Preset, _check, _positive_widths, check_downsampling, register_section
 from . import register_model
 from .autoencoders import check_group
 from .base import AnomalyModel
+
+
+@dataclass(frozen=True)
+class DAEConfig:
+    """Denoising U-Net with coarse noise (Kascenas et al. 2022)."""
+
+    noise_res: int = 16  # Gaussian noise drawn at noise_res x noise_res, upsampled
+    noise_std: float = 0.2  # std of that noise (intensities in [0, 1])
+    # U-Net widths per level (Kascenas: depth 4, first width 2^6 = 64, doubling)
+    channels: tuple[int, ...] = (64, 128, 256, 512)
+
+    def __post_init__(self) -> None:
+        _positive_widths("dae.channels", self.channels)
+        _check(self.noise_res >= 1, f"dae.noise_res={self.noise_res} must be >= 1")
+        _check(self.noise_std >= 0, f"dae.noise_std={self.noise_std} must be >= 0")
+
+
+register_section(
+    "dae",
+    DAEConfig,
+    # the same noise cell size in pixels (6) as 16 cells at 96x96
+    cpu=lambda d: replace(d, noise_res=d.noise_res // 2, channels=(8, 16, 32, 64)),
+    tiny=lambda d: replace(d, noise_res=4, channels=(8, 16, 32)),
+)
 
 
 def middle_divisor_groups(channels: int) -> int:
@@ -77,7 +103,37 @@ class PlainUNet(nn.Module):
         return self.out(x)
 
 
-@register_model("dae")
+def _check_dae(cfg: Config) -> None:
+    H = cfg.geometry.image_size
+    _check(
+        cfg.dae.noise_res <= H, f"dae.noise_res={cfg.dae.noise_res} must be in 1..image_size ({H})"
+    )
+    check_downsampling(cfg, "dae.channels", len(cfg.dae.channels) - 1)
+
+
+def _describe_dae(cfg: Config) -> str:
+    g, d = cfg.geometry, cfg.dae
+    return (
+        f"{cfg.name} ({cfg.model}): {g.image_size}x{g.image_size}, U-Net {list(d.channels)}, "
+        f"coarse noise {d.noise_res}x{d.noise_res} std {d.noise_std}"
+    )
+
+
+@register_model(
+    "dae",
+    sections=("dae",),
+    presets=(
+        # Kascenas et al.: Adam with weight decay 1e-5 (their AMSGrad variant is not offered)
+        Preset(
+            "dae",
+            "DAE",
+            lambda c: replace(c, train=replace(c.train, weight_decay=1e-5)),
+            table=("1", 50),
+        ),
+    ),
+    check=_check_dae,
+    describe=_describe_dae,
+)
 class DAE(AnomalyModel):
     description = "denoising U-Net with coarse Gaussian noise (Kascenas et al. 2022)"
 

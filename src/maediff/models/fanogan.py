@@ -19,15 +19,63 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass, replace
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..config import Config
+from ..config import Config, Preset, _check, _positive_widths, check_downsampling, register_section
 from . import register_model
 from .autoencoders import check_group
 from .base import AnomalyModel, OptimizerGroup, Phase
+
+
+@dataclass(frozen=True)
+class FAnoGANConfig:
+    """WGAN-GP then an izi_f encoder (Schlegl et al. 2019)."""
+
+    latent_dim: int = 128  # z (Schlegl: ZDIM = 128)
+    # input-conv width, then the output width of each residual (re)sampling block of the
+    # critic and encoder; the generator mirrors it (Schlegl, DIM = 64: 64, 128, 256, 512, 512)
+    channels: tuple[int, ...] = (64, 128, 256, 512, 512)
+    n_critic: int = 5  # critic updates per generator update
+    gp_weight: float = 10.0  # lambda of the gradient penalty
+    feature_weight: float = 1.0  # kappa of the izi_f loss
+    gan_fraction: float = 0.7  # share of the training budget spent on the WGAN stage
+    beta1: float = 0.0  # Adam betas of the GAN stage (WGAN-GP: 0.0, 0.9)
+    beta2: float = 0.9
+    encoder_lr: float = 5e-5  # learning rate of the encoder stage (Schlegl: 5e-5)
+
+    def __post_init__(self) -> None:
+        _positive_widths("fanogan.channels", self.channels)
+        _check(
+            len(self.channels) >= 2, f"fanogan.channels={self.channels!r} needs at least 2 entries"
+        )
+        _check(self.latent_dim >= 1, f"fanogan.latent_dim={self.latent_dim} must be >= 1")
+        _check(self.n_critic >= 1, f"fanogan.n_critic={self.n_critic} must be >= 1")
+        _check(self.gp_weight >= 0, f"fanogan.gp_weight={self.gp_weight} must be >= 0")
+        _check(
+            self.feature_weight >= 0, f"fanogan.feature_weight={self.feature_weight} must be >= 0"
+        )
+        _check(
+            0.0 < self.gan_fraction < 1.0,
+            f"fanogan.gan_fraction={self.gan_fraction} must be in (0, 1)",
+        )
+        _check(
+            0 <= self.beta1 < 1 and 0 <= self.beta2 < 1,
+            f"fanogan betas ({self.beta1}, {self.beta2}) must be in [0, 1)",
+        )
+        _check(self.encoder_lr > 0, f"fanogan.encoder_lr={self.encoder_lr} must be > 0")
+
+
+register_section(
+    "fanogan",
+    FAnoGANConfig,
+    # encoder lr: half the GAN's train.lr, as Schlegl's 5e-5 vs 1e-4
+    cpu=lambda f: replace(f, latent_dim=64, channels=(8, 16, 32, 64, 64), encoder_lr=5e-4),
+    tiny=lambda f: replace(f, latent_dim=16, channels=(8, 8, 16, 16), encoder_lr=1e-2),
+)
 
 
 def layer_norm(channels: int) -> nn.GroupNorm:
@@ -109,7 +157,38 @@ class Generator(nn.Module):
         return self.out(self.blocks(h))
 
 
-@register_model("fanogan")
+def _check_fanogan(cfg: Config) -> None:
+    check_downsampling(cfg, "fanogan.channels", len(cfg.fanogan.channels) - 1)
+
+
+def _describe_fanogan(cfg: Config) -> str:
+    g, f = cfg.geometry, cfg.fanogan
+    return (
+        f"{cfg.name} ({cfg.model}): {g.image_size}x{g.image_size}, WGAN-GP + izi_f encoder, "
+        f"widths {list(f.channels)}, z={f.latent_dim}"
+    )
+
+
+def fanogan_update_budget(cfg: Config, updates: int) -> Config:
+    """`updates` generator and encoder updates (docs/baselines.md §Budgets): the WGAN
+    cycles n_critic critic steps and one generator step, so (n_critic + 1) * updates
+    GAN steps, then `updates` encoder steps."""
+    gan = (cfg.fanogan.n_critic + 1) * updates
+    return replace(
+        cfg,
+        train=replace(cfg.train, max_steps=gan + updates),
+        fanogan=replace(cfg.fanogan, gan_fraction=gan / (gan + updates)),
+    )
+
+
+@register_model(
+    "fanogan",
+    sections=("fanogan",),
+    presets=(Preset("fanogan", "f-AnoGAN", table=("1", 60)),),
+    check=_check_fanogan,
+    describe=_describe_fanogan,
+    update_budget=fanogan_update_budget,
+)
 class FAnoGAN(AnomalyModel):
     description = "WGAN-GP with an izi_f encoder (f-AnoGAN, Schlegl et al. 2019)"
 

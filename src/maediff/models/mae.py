@@ -14,12 +14,72 @@ encoder feature map f: (B, C, H/4, W/4), cut into (r/4) x (r/4) cells -> N token
 
 from __future__ import annotations
 
+from dataclasses import dataclass, replace
+
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..config import GeometryConfig, MAEConfig
+from ..config import GeometryConfig, _check, register_section
+
+
+@dataclass(frozen=True)
+class MAEConfig:
+    """MAE module on the U-Net encoder feature map (paper §3.3, §4.3)."""
+
+    enabled: bool = True
+    enc_dim: int = 384  # d1
+    enc_depth: int = 12
+    enc_heads: int = 6
+    dec_dim: int = 512  # d2
+    dec_depth: int = 8
+    dec_heads: int = 16
+    mlp_ratio: float = 4.0
+    timestep: bool = False  # add the timestep embedding to the decoder tokens
+    # Zero-initialise the last upsampling layer, so that the branch adds nothing at step 0
+    # and MAEDiff starts as the plain U-Net (as ControlNet-style adapters do). Off: the
+    # paper's description, whose random upsampler perturbs f from the first step.
+    zero_init: bool = False
+    # Beyond the paper (docs/method.md §MAE token variants), both off by default:
+    # tokens: what the encoder's visible tokens are cut from. "features" (the paper): the
+    # U-Net encoder feature map f of the noised input, whose visible cells depend on the
+    # noised patch through the convolutions' receptive field; "clean": the clean visible
+    # region x^_0 itself (the r x r pixels of each visible cell), independent of the patch.
+    tokens: str = "features"
+    # token_norm: LayerNorm on the token embeddings before the position embedding is added
+    # (a linear patchify of f starts about a sixth of the sin-cos embedding's size)
+    token_norm: bool = False
+
+    def __post_init__(self) -> None:
+        _check(
+            self.tokens in ("features", "clean"),
+            f"mae.tokens={self.tokens!r} must be 'features' or 'clean'",
+        )
+        _check(
+            self.enc_dim % self.enc_heads == 0,
+            f"mae.enc_heads={self.enc_heads} does not divide mae.enc_dim={self.enc_dim}",
+        )
+        _check(
+            self.dec_dim % self.dec_heads == 0,
+            f"mae.dec_heads={self.dec_heads} does not divide mae.dec_dim={self.dec_dim}",
+        )
+        _check(
+            self.enc_depth >= 1 and self.dec_depth >= 1,
+            f"mae depths must be >= 1 (enc_depth={self.enc_depth}, dec_depth={self.dec_depth})",
+        )
+
+
+register_section(
+    "mae",
+    MAEConfig,
+    cpu=lambda m: replace(
+        m, enc_dim=128, enc_depth=4, enc_heads=4, dec_dim=128, dec_depth=2, dec_heads=4
+    ),
+    tiny=lambda m: replace(
+        m, enc_dim=32, enc_depth=2, enc_heads=2, dec_dim=32, dec_depth=2, dec_heads=2
+    ),
+)
 
 
 def sincos_pos_embed_2d(dim: int, grid: int) -> Tensor:

@@ -11,19 +11,18 @@ Images enter and leave in [0, 1]; the diffusion runs on [-1, 1] (docs/method.md 
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from dataclasses import replace
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ..config import Config
-from ..device import autocast_context, resolve_amp
+from ..config import Config, Preset, _check
 from ..diffusion.noise import NoiseSampler
 from ..diffusion.patches import PatchGrid
 from ..diffusion.process import GaussianDiffusion
 from . import register_model
-from .base import AnomalyModel
+from .base import AnomalyModel, Reconstruction
 from .unet import UNet
 
 
@@ -35,17 +34,118 @@ def from_model_range(x: Tensor) -> Tensor:
     return (x + 1) / 2
 
 
-@register_model("maediff")
+def check_unet(cfg: Config) -> None:
+    """The U-Net against the image size (both diffusion models)."""
+    downs = 2 ** (len(cfg.unet.channel_mult) - 1)
+    H = cfg.geometry.image_size
+    _check(
+        H % downs == 0, f"image_size {H} must be divisible by the U-Net downsampling factor {downs}"
+    )
+
+
+def _check_maediff(cfg: Config) -> None:
+    check_unet(cfg)
+    if cfg.mae.enabled:
+        downs = 2 ** (len(cfg.unet.channel_mult) - 1)
+        H, p = cfg.geometry.image_size, cfg.geometry.patch_size
+        _check(
+            downs == 4,
+            f"the MAE needs the U-Net encoder output at H/4, but channel_mult={cfg.unet.channel_mult} gives H/{downs}",
+        )
+        _check(
+            p < H,
+            f"with the MAE enabled the patch (p={p}) must leave visible cells in the image ({H})",
+        )
+
+
+def describe_diffusion(cfg: Config) -> str:
+    g, u, d = cfg.geometry, cfg.unet, cfg.diffusion
+    mae = cfg.section("mae")
+    return (
+        f"{cfg.name}: {g.image_size}x{g.image_size}, p={g.patch_size} s={g.stride} r={g.grid_size} "
+        f"(K={g.num_patches}, N={g.num_cells}), U-Net {u.model_channels}x{list(u.channel_mult)}"
+        f" x{u.num_res_blocks}, att={list(u.attention_levels)}, "
+        f"MAE={'on' if mae is not None and mae.enabled else 'off'}, "
+        f"{d.schedule} T={d.timesteps} t_test={d.t_test}, noise={cfg.noise.kind}"
+    )
+
+
+def variant(cfg: Config, *, mae: bool, attention: bool, stride: int | None = None) -> Config:
+    """Table 2: U-Net (+ global attention at H/2, H/4) (+ MAE); pDDPM = U-Net, no MAE."""
+    cfg = replace(
+        cfg,
+        mae=replace(cfg.mae, enabled=mae),
+        unet=replace(cfg.unet, attention_levels=(2, 4) if attention else ()),
+    )
+    return replace(cfg, geometry=replace(cfg.geometry, stride=stride or cfg.geometry.stride))
+
+
+@register_model(
+    "maediff",
+    sections=("unet", "mae", "diffusion", "noise"),
+    presets=(
+        Preset(
+            "pddpm-s48",
+            "pDDPM s48",
+            lambda c: variant(c, mae=False, attention=False, stride=48),
+            table=("1", 80),
+        ),
+        Preset(
+            "pddpm-s16",
+            "pDDPM s16",
+            lambda c: variant(c, mae=False, attention=False, stride=16),
+            table=("1", 90),
+            same_as="ablation-unet",
+        ),
+        # = Table 2 "U-Net + Att. + MAE" (the published numbers)
+        Preset(
+            "maediff", "MAEDiff", table=("1", 100), same_as="ablation-unet-att-mae", reference=True
+        ),
+        Preset(
+            "ablation-unet",
+            "U-Net",
+            lambda c: variant(c, mae=False, attention=False),
+            table=("2", 10),
+            same_as="pddpm-s16",
+        ),
+        Preset(
+            "ablation-unet-att",
+            "U-Net + Att.",
+            lambda c: variant(c, mae=False, attention=True),
+            table=("2", 20),
+        ),
+        Preset(
+            "ablation-unet-mae",
+            "U-Net + MAE",
+            lambda c: variant(c, mae=True, attention=False),
+            table=("2", 30),
+        ),
+        Preset(
+            "ablation-unet-att-mae",
+            "U-Net + Att. + MAE",
+            lambda c: variant(c, mae=True, attention=True),
+            table=("2", 40),
+            same_as="maediff",
+            reference=True,
+        ),
+    ),
+    check=_check_maediff,
+    describe=describe_diffusion,
+    options=("guided_patches", "noise_ensembles"),
+)
 class MAEDiff(AnomalyModel):
     """Patch diffusion with an optional MAE branch. Without the MAE it is pDDPM; the
     Table 2 ablations are configurations of this class (config presets)."""
+
+    draws_noise = True
 
     description = "patch diffusion (pDDPM) with a masked-autoencoder branch (MAEDiff)"
 
     def __init__(self, cfg: Config):
         super().__init__(cfg)
         g = cfg.geometry
-        self.net = UNet(cfg.unet, g, cfg.mae if cfg.mae.enabled else None)
+        mae = cfg.section("mae")  # AnoDDPM, a subclass, has none
+        self.net = UNet(cfg.unet, g, mae if mae is not None and mae.enabled else None)
         self.diffusion = GaussianDiffusion(cfg.diffusion)
         self.grid = PatchGrid(g)
         self.noise = NoiseSampler(cfg.noise, (g.image_size, g.image_size))
@@ -54,6 +154,7 @@ class MAEDiff(AnomalyModel):
         )  # (K, 1, H, W)
         self.register_buffer("masked_cells", self.grid.masked_cells(), persistent=False)  # (K, N)
         self.noise_std = self._noise_std() if cfg.diffusion.precondition else 1.0
+        self.last_guided: dict | None = None  # the last guided pass, for inspection
         # every patch covers the same (p/r)^2 cells: the MAE's visible count is known here,
         # so no step reads the mask back from the GPU to count it
         self.num_visible = g.num_cells - (g.patch_size // g.grid_size) ** 2
@@ -206,33 +307,25 @@ class MAEDiff(AnomalyModel):
                 )
         return [t for t in ts for _ in range(inf.ensemble_draws)]
 
-    @torch.no_grad()
-    def reconstruct(
-        self,
-        slices: Tensor,
-        generator: torch.Generator | None = None,
-        noise: Tensor | None = None,
-        batch_size: int | None = None,
-        amp: str | None = None,
-        progress: Callable[[int], None] | None = None,
-        brain_mask: Tensor | None = None,
-        guide_mask: Tensor | None = None,
+    def reconstruct_slices(
+        self, slices: Tensor, run: Reconstruction, guide_mask: Tensor | None = None
     ) -> Tensor:
-        """Healthy reconstruction of every slice (paper Alg. 2) at t = t_test.
+        """Healthy reconstruction of every slice (paper Alg. 2) at t = t_test, through
+        the one driver `reconstruct` (models/base.py: batching, autocast, progress, the
+        brain mask, the range).
 
-        slices: (S, 1, H, W) in [0, 1] -> (S, 1, H, W) in [0, 1]. Each slice gets one
-        noise field (or `noise`, (S, 1, H, W)); every (slice, patch) pair is denoised,
+        slices: (S, 1, H, W) in [0, 1] -> (S, 1, H, W). Each slice gets one noise field
+        (or the given `noise`, (S, 1, H, W)); every (slice, patch) pair is denoised,
         `batch_size` pairs per forward pass; overlapping predictions are averaged
-        (sum and count over all patches, divided once). `progress(n)` is called with the
-        number of pairs finished after each pass.
+        (sum and count over all patches, divided once). Progress counts pairs.
 
-        brain_mask (S, 1, H, W), optional: pairs whose patch holds no brain pixel are
-        skipped and their pixels keep the input. Every patch covering a brain pixel
-        holds that pixel, so brain pixels get exactly the full Alg. 2 result.
+        With a brain mask, pairs whose patch holds no brain pixel are skipped and their
+        pixels keep the input. Every patch covering a brain pixel holds that pixel, so
+        brain pixels get exactly the full Alg. 2 result.
 
         guide_mask (S, 1, H, W), optional: the brain, for inference.patch_selection
-        "guided" only (where it looks for anomalies; `guided_pass`); brain_mask serves
-        when it is not given.
+        "guided" only (where it looks for anomalies; `guided_pass`); the brain mask
+        serves when it is not given.
 
         Noise ensembles (inference.ensemble_t / ensemble_draws, E members): every member
         is a slice of its own with its own noise field and t, all (member, slice, patch)
@@ -241,17 +334,15 @@ class MAEDiff(AnomalyModel):
         |x - result| is the mean of the members' anomaly maps; where the members agree
         in sign it equals their mean reconstruction.
         """
-        self.check_images(slices)
         S = slices.shape[0]
-        dev = self.device
+        dev = run.device
         K = self.grid.num_patches
         ts = self.ensemble_timesteps()
         E = len(ts)
-        batch_size = batch_size or self.cfg.inference.batch_size
-        amp = resolve_amp(amp or self.cfg.inference.amp, dev)
-        x = to_model_range(slices.to(dev, torch.float32)).repeat(E, 1, 1, 1)  # (E*S, ...)
+        x = to_model_range(slices).repeat(E, 1, 1, 1)  # (E*S, ...)
+        noise = run.noise
         if noise is None:
-            noise = self.noise(E * S, generator, device=dev)
+            noise = self.noise(E * S, run.generator, device=dev)
         elif noise.shape != x.shape:
             raise ValueError(
                 f"noise must have the shape {tuple(x.shape)} ({E} ensemble member(s) x the slices {tuple(slices.shape)}), got {tuple(noise.shape)}"
@@ -259,40 +350,32 @@ class MAEDiff(AnomalyModel):
         t_rows = torch.tensor(ts, dtype=torch.long).repeat_interleave(S)  # (E*S,)
         x_t = self.diffusion.q_sample(x, t_rows, noise.to(dev, torch.float32))
         patches = self.grid.extract(x)  # (E*S, K, 1, p, p); skipped pairs keep the input
-        if brain_mask is None:
+        if run.brain is None:
             pairs = torch.arange(E * S * K, device=dev)
         else:
-            if brain_mask.shape != slices.shape:
-                raise ValueError(
-                    f"brain_mask must have the shape of the slices {tuple(slices.shape)}, got {tuple(brain_mask.shape)}"
-                )
-            has_brain = (
-                self.grid.extract(brain_mask.to(dev, torch.float32)).flatten(2).amax(-1) > 0
-            )  # (S, K)
+            has_brain = self.grid.extract(run.brain).flatten(2).amax(-1) > 0  # (S, K)
             pairs = torch.nonzero(has_brain.repeat(E, 1).flatten()).flatten()
         t_rows = t_rows.to(dev)
 
-        def run(chosen: Tensor) -> None:  # denoise these (row, patch) pairs into `patches`
-            for chunk in chosen.split(batch_size):
+        def denoise_pairs(chosen: Tensor) -> None:  # these (row, patch) pairs -> `patches`
+            for chunk in run.batches(chosen):
                 s, k = chunk // K, chunk % K
-                with autocast_context(dev, amp):
+                with run.autocast():
                     pred = self.denoise(self.noised_input(x[s], x_t[s], k), t_rows[s], k, x[s])
                 patches[s, k] = self.grid.crop(pred.float(), k)
-                if progress is not None:
-                    progress(len(chunk))
 
         if self.cfg.inference.patch_selection == "guided":
-            where = guide_mask if guide_mask is not None else brain_mask
+            where = guide_mask if guide_mask is not None else run.brain
             brain = None if where is None else where.to(dev, torch.float32).repeat(E, 1, 1, 1)
-            rec = from_model_range(self.guided_pass(x, patches, pairs, run, brain))
+            rec = from_model_range(self.guided_pass(x, patches, pairs, denoise_pairs, brain))
         else:
-            run(pairs)
+            denoise_pairs(pairs)
             rec = from_model_range(self.grid.stitch(patches))
         if E == 1:
             return rec
-        d = slices.to(dev, torch.float32)[None] - rec.view(E, *slices.shape)  # (E, S, 1, H, W)
+        d = slices[None] - rec.view(E, *slices.shape)  # (E, S, 1, H, W)
         sign = torch.where(d.mean(0) >= 0, 1.0, -1.0)
-        return slices.to(dev, torch.float32) - sign * d.abs().mean(0)
+        return slices - sign * d.abs().mean(0)
 
 
 __all__ = ["MAEDiff", "from_model_range", "to_model_range"]

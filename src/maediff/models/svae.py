@@ -12,25 +12,49 @@ sequence with z = mu. Positions are sinusoidal in the slice index, so any S work
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from dataclasses import dataclass, replace
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..config import Config, SVAEConfig
-from ..device import autocast_context, resolve_amp
+from ..config import Config, Preset, _check, check_downsampling, register_section
 from . import register_model
 from .autoencoders import (
     ConvAutoencoder,
+    _describe_ae,
     check_group,
     dropout,
     kl_divergence,
     reconstruction_error,
     reparameterise,
 )
-from .base import AnomalyModel, batched
+from .base import AnomalyModel, Reconstruction, batched
 from .unet import timestep_embedding
+
+
+@dataclass(frozen=True)
+class SVAEConfig:
+    """Transformer over the slice latents of one volume (Behrendt et al. 2022)."""
+
+    depth: int = 4  # transformer blocks
+    heads: int = 8  # attention heads; must divide autoencoder.latent_dim
+    mlp_ratio: float = 4.0  # hidden width of the block MLP / latent_dim
+    dropout: float = 0.1  # on the residual branches while training
+
+    def __post_init__(self) -> None:
+        _check(self.depth >= 1, f"svae.depth={self.depth} must be >= 1")
+        _check(self.heads >= 1, f"svae.heads={self.heads} must be >= 1")
+        _check(self.mlp_ratio > 0, f"svae.mlp_ratio={self.mlp_ratio} must be > 0")
+        _check(0 <= self.dropout < 1, f"svae.dropout={self.dropout} must be in [0, 1)")
+
+
+register_section(
+    "svae",
+    SVAEConfig,
+    cpu=lambda s: replace(s, depth=2, heads=4),
+    tiny=lambda s: replace(s, depth=1, heads=2),
+)
 
 
 class Block(nn.Module):
@@ -74,7 +98,30 @@ class SliceContext(nn.Module):
         return z + self.out(self.norm(h))
 
 
-@register_model("svae")
+def _check_svae(cfg: Config) -> None:
+    a = cfg.autoencoder
+    _check(
+        a.latent_dim % cfg.svae.heads == 0,
+        f"svae.heads={cfg.svae.heads} must divide autoencoder.latent_dim={a.latent_dim}",
+    )
+    check_downsampling(cfg, "autoencoder.channels", len(a.channels))
+
+
+@register_model(
+    "svae",
+    sections=("autoencoder", "svae"),
+    presets=(
+        # a batch is whole volumes: 4 volumes of 50 slices = 200 slices per step
+        Preset(
+            "svae",
+            "SVAE",
+            lambda c: replace(c, train=replace(c.train, batch_size=4)),
+            table=("1", 40),
+        ),
+    ),
+    check=_check_svae,
+    describe=_describe_ae,
+)
 class SVAE(AnomalyModel):
     input_kind = "volumes"
     description = "slice VAE with a transformer over the slices of a volume (Behrendt et al. 2022)"
@@ -122,42 +169,21 @@ class SVAE(AnomalyModel):
     def validation_loss(self, x0: Tensor, generator: torch.Generator | None = None) -> Tensor:
         return self.objective(x0, generator, None, train=False)
 
-    @torch.no_grad()
-    def reconstruct(
-        self,
-        slices: Tensor,
-        generator: torch.Generator | None = None,
-        noise: Tensor | None = None,
-        batch_size: int | None = None,
-        amp: str | None = None,
-        progress: Callable[[int], None] | None = None,
-        brain_mask: Tensor | None = None,
-    ) -> Tensor:
+    def reconstruct_slices(self, slices: Tensor, run: Reconstruction) -> Tensor:
         """All S slices of one volume (S, 1, H, W) -> (S, 1, H, W): posterior means of every
-        slice, the transformer over the whole sequence, then the decoder per slice."""
-        self.check_images(slices)
-        if slices.dim() != 4:
-            raise ValueError(
-                f"reconstruct takes the slices of one volume (S, 1, H, W), got {tuple(slices.shape)}"
-            )
-        if noise is not None:
-            raise ValueError("svae draws no noise at reconstruction; pass noise=None")
-        dev, S = self.device, slices.shape[0]
-        amp = resolve_amp(amp or self.cfg.inference.amp, dev)
-        chunks = batched(S, batch_size or self.cfg.inference.batch_size)
-        mu = [torch.zeros(0, self.cfg.autoencoder.latent_dim, device=dev)]
-        for b in chunks:
-            with autocast_context(dev, amp):
-                mu.append(self.net.encode(slices[b].to(dev, torch.float32))[0].float())
-        with autocast_context(dev, amp):
+        slice, the transformer over the whole sequence (slices without brain included:
+        they are the context), then the decoder per slice with brain."""
+        mu = [torch.zeros(0, self.cfg.autoencoder.latent_dim, device=run.device)]
+        for b in batched(slices.shape[0], run.batch_size):
+            with run.autocast():
+                mu.append(self.net.encode(slices[b])[0].float())
+        with run.autocast():
             z = self.context(torch.cat(mu)[None]).float()[0]  # (S, D)
-        out = [torch.zeros(0, *slices.shape[1:], device=dev)]
-        for b in chunks:
-            with autocast_context(dev, amp):
-                out.append(self.net.decode(z[b]).float().clamp(0, 1))
-            if progress is not None:
-                progress(b.stop - b.start)
-        return torch.cat(out)
+        out = slices.clone()
+        for idx in run.batches(torch.nonzero(run.has_brain).flatten()):
+            with run.autocast():
+                out[idx] = self.net.decode(z[idx]).float()
+        return out
 
 
 __all__ = ["SVAE", "SliceContext"]

@@ -7,11 +7,15 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from ..config import Preset
 from . import register_model
 from .base import AnomalyModel
 
 
-@register_model("thresh")
+@register_model(
+    "thresh",
+    presets=(Preset("thresh", "Thresh", table=("1", 10)),),
+)
 class Thresh(AnomalyModel):
     trainable = False
     any_size = True  # works on the volume's own slices, never resized

@@ -14,13 +14,89 @@ of the levels listed in `attention_levels` (Table 2 "Att.").
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass, replace
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..config import GeometryConfig, MAEConfig, UNetConfig
-from .mae import MAE
+from ..config import GeometryConfig, _check, register_section
+from .mae import MAE, MAEConfig
+
+
+@dataclass(frozen=True)
+class UNetConfig:
+    """pDDPM / ADM diffusion U-Net (docs/method.md §Networks)."""
+
+    in_channels: int = 1
+    out_channels: int = 1
+    model_channels: int = 128
+    channel_mult: tuple[int, ...] = (1, 2, 2)
+    num_res_blocks: int = 3
+    # Global self-attention in encoder and decoder at these downsampling factors
+    # (1 = full resolution, 2 = H/2, 4 = H/4). The middle block always has one.
+    attention_levels: tuple[int, ...] = (2, 4)  # Table 2 "Att." (the published MAEDiff)
+    num_head_channels: int = 64
+    norm_groups: int = 32
+    dropout: float = 0.0
+    # Feed the visible region x^_0 and the patch mask as two extra input channels
+    # (paper Eq. 8-9 leave this open; off = the noised image alone, docs/method.md §Networks).
+    condition_channels: bool = False
+    # width of each up-sampling residual block: "same" (ADM, pDDPM: the coarser level's)
+    # or "next" (the finer level's, which the blocks after it have anyway); at the `cpu`
+    # scale "same" puts a third of the FLOPs into one block at H/2 -> H
+    up_width: str = "same"
+
+    def __post_init__(self) -> None:
+        _check(
+            self.up_width in ("same", "next"),
+            f"unet.up_width={self.up_width!r} must be 'same' or 'next'",
+        )
+        _check(
+            self.model_channels > 0 and len(self.channel_mult) > 0,
+            f"unet.channel_mult={self.channel_mult!r} must be non-empty",
+        )
+        levels = {2**i for i in range(len(self.channel_mult))}
+        # attention runs at the listed levels and in the middle block (the deepest level)
+        attended = {len(self.channel_mult) - 1} | {
+            i for i in range(len(self.channel_mult)) if 2**i in self.attention_levels
+        }
+        for i, w in enumerate(self.model_channels * k for k in self.channel_mult):
+            _check(
+                w % self.norm_groups == 0,
+                f"unet.norm_groups={self.norm_groups} does not divide channel width {w}",
+            )
+            _check(
+                i not in attended or w % self.num_head_channels == 0,
+                f"unet.num_head_channels={self.num_head_channels} does not divide channel width {w} (attention at level {2**i})",
+            )
+        for a in self.attention_levels:
+            _check(
+                a in levels,
+                f"unet.attention_levels entry {a} is not one of the U-Net's downsampling factors {sorted(levels)}",
+            )
+        _check(self.num_res_blocks >= 1, f"unet.num_res_blocks={self.num_res_blocks} must be >= 1")
+        _check(0.0 <= self.dropout < 1.0, f"unet.dropout={self.dropout} must be in [0, 1)")
+
+
+register_section(
+    "unet",
+    UNetConfig,
+    # 16 x (1, 2, 4), one residual block per level, up-sampling blocks at the finer
+    # level's width: 0.49 GFLOP per (slice, patch) pair at 48x48 (docs/results.md)
+    cpu=lambda u: replace(
+        u,
+        model_channels=16,
+        channel_mult=(1, 2, 4),
+        num_res_blocks=1,
+        num_head_channels=32,
+        norm_groups=8,
+        up_width="next",
+    ),
+    tiny=lambda u: replace(
+        u, model_channels=16, num_res_blocks=1, num_head_channels=16, norm_groups=8
+    ),
+)
 
 
 def timestep_embedding(t: Tensor, dim: int, max_period: float = 10000.0) -> Tensor:
