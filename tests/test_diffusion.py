@@ -3,8 +3,7 @@ import math
 import pytest
 import torch
 
-from maediff.diffusion.process import DiffusionConfig
-from maediff.diffusion.process import GaussianDiffusion, cosine_betas, linear_betas
+from maediff.diffusion.process import DiffusionConfig, GaussianDiffusion, cosine_betas, linear_betas
 
 
 def test_linear_schedule_goldens():

@@ -22,10 +22,9 @@ from torch.utils._pytree import tree_leaves
 import maediff.training.checkpoint as checkpoint
 import maediff.training.trainer as trainer
 from maediff.config import get_preset
-from maediff.diffusion.noise import NoiseConfig
 from maediff.device import compile_with_fallback, resolve_amp, resolve_device
 from maediff.diffusion import noise as noise_module
-from maediff.diffusion.noise import NoiseSampler
+from maediff.diffusion.noise import NoiseConfig, NoiseSampler
 from maediff.models import build_model
 from maediff.models.base import Phase
 from maediff.models.mae import MAE

@@ -2,8 +2,13 @@ import numpy as np
 import pytest
 import torch
 
-from maediff.diffusion.noise import NoiseConfig
-from maediff.diffusion.noise import NoiseSampler, opensimplex2, random_permutations, simplex_octaves
+from maediff.diffusion.noise import (
+    NoiseConfig,
+    NoiseSampler,
+    opensimplex2,
+    random_permutations,
+    simplex_octaves,
+)
 
 
 def _reference_perm(seed):
