@@ -4,6 +4,10 @@ training setup of docs/method.md, "Training").
     data = prepare_training_data(cfg, data_dir="DATA")        # pDDPM layout, IXI fold
     summary = train(cfg, data, "runs/cpu-fold0", device="auto")
 
+Training data and its epochs live in training/data.py, the run log (log.csv,
+TensorBoard) in training/logging.py, what torchrun needs in training/distributed.py;
+the names other modules use can be imported from here as well.
+
 The loop knows only the model contract of models/base.py: `loss = model(batch, g,
 group=...)` per optimizer group, phases that share the budget (f-AnoGAN: WGAN, then
 encoder), slices or whole volumes as batches. An epoch is pDDPM's: train.slices_per_volume
@@ -26,12 +30,9 @@ train.batch_size) and rank 0 validates, logs and writes checkpoints.
 
 from __future__ import annotations
 
-import csv
 import json
 import math
-import os
 import time
-from collections.abc import Iterator
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -43,148 +44,20 @@ from tqdm.auto import tqdm
 from .. import __version__
 from ..config import Config, describe, load_config, save_config, to_dict
 from ..data.augment import augment_intensity
-from ..data.bids import is_bids, read_bids, split_every
-from ..data.datasets import SliceSet, load_volumes
-from ..data.preprocess import learn_landmarks, nyul_standardise
-from ..data.splits import Subject, read_inputs, read_pddpm_split
+from ..data.datasets import SliceSet
 from ..device import autocast_context, resolve_device, speed_up
 from ..models import MODELS, AnomalyModel, build_model, count_parameters
 from ..models.base import Phase
-from ..names import HEALTHY
 from .checkpoint import CheckpointError, TrainState, model_card, save_weights
-
-LOG_FIELDS = ["step", "epoch", "phase", "time_s", "train_loss", "val_loss", "lr", "steps_per_s"]
-
-
-# ------------------------------------------------------------------ setup
-
-
-@dataclass
-class Distributed:
-    rank: int = 0
-    world: int = 1
-    local_rank: int = 0
-
-    @property
-    def main(self) -> bool:
-        return self.rank == 0
-
-
-def distributed_backend(device_name: str) -> str:
-    """NCCL for any CUDA device ("auto" with a GPU, "cuda", "cuda:1"), gloo otherwise."""
-    cuda = device_name == "auto" or torch.device(device_name).type == "cuda"
-    return "nccl" if cuda and torch.cuda.is_available() else "gloo"
-
-
-def setup_distributed(device_name: str) -> Distributed:
-    """Join the process group that torchrun describes in the environment, if any."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world <= 1:
-        return Distributed()
-    rank, local = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
-    if not dist.is_initialized():
-        backend = distributed_backend(device_name)
-        if backend == "nccl":
-            torch.cuda.set_device(local)
-        dist.init_process_group(backend)
-    return Distributed(rank, world, local)
-
-
-def wrap_distributed(
-    model: AnomalyModel, dev: torch.device, find_unused_parameters: bool
-) -> torch.nn.Module:
-    """DistributedDataParallel around `model` (in a process group). On CUDA, BatchNorm
-    layers (f-AnoGAN's generator and encoder) become SyncBatchNorm first, so that their
-    statistics are those of the global batch as on one GPU; the conversion keeps the
-    parameters (the optimizers hold them) and the state-dict keys."""
-    if dev.type == "cuda":
-        model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
-    return torch.nn.parallel.DistributedDataParallel(
-        model,
-        device_ids=[dev.index] if dev.type == "cuda" else None,
-        find_unused_parameters=find_unused_parameters,
-    )
-
-
-@dataclass
-class TrainingData:
-    train: SliceSet
-    val: SliceSet | None
-    description: str
-    sources: dict[str, str | None] = field(default_factory=dict)  # written to run.json
-    landmarks: tuple[float, ...] = ()  # histogram landmarks of the training volumes
-
-
-def training_subjects(
-    cfg: Config,
-    data_dir: str | Path | None = None,
-    train_list: str | Path | None = None,
-    val_list: str | Path | None = None,
-    participants: dict[str, str] | None = None,
-) -> tuple[list[Subject], list[Subject], str]:
-    """Subjects from pDDPM's layout (IXI fold cfg.data.fold), from explicit lists, or
-    from a BIDS data set (its scans without lesion labels among `participants`; without
-    a validation list every 10th subject validates); every listed file is checked before
-    anything is loaded."""
-    if train_list is not None:
-        if is_bids(train_list):  # healthy scans (no lesion labels) of the chosen participants
-            train = read_bids(train_list, participants, lesions=False)
-            if val_list is None:
-                train, val = split_every(train, 0.1)
-                return (
-                    train,
-                    val,
-                    f"BIDS {train_list} ({len(train)} volumes), validation every 10th subject ({len(val)})",
-                )
-        else:
-            train = read_inputs(train_list, participants)
-        val = (
-            read_inputs(val_list, participants, lesions=False if is_bids(val_list) else None)
-            if val_list is not None
-            else []
-        )
-        return (
-            train,
-            val,
-            f"{train_list} ({len(train)} volumes), validation {val_list or 'none'} ({len(val)})",
-        )
-    if data_dir is None:
-        raise ValueError("give a data folder in pDDPM's layout or a list of training scans")
-    fold = cfg.data.fold
-    train = read_pddpm_split(data_dir, HEALTHY, "train", fold)
-    val = read_pddpm_split(data_dir, HEALTHY, "val", fold)
-    return train, val, f"{data_dir}: IXI fold {fold} ({len(train)} train / {len(val)} val volumes)"
-
-
-def prepare_training_data(
-    cfg: Config,
-    data_dir=None,
-    train_list=None,
-    val_list=None,
-    progress: bool = True,
-    participants: dict[str, str] | None = None,
-) -> TrainingData:
-    """Load the training (and validation) volumes. The histogram landmarks are learned
-    from the training volumes (or taken from data.landmarks when set); with
-    data.standardise="nyul" every volume is then standardised onto them."""
-    train_s, val_s, desc = training_subjects(cfg, data_dir, train_list, val_list, participants)
-    size, frac = cfg.geometry.image_size, cfg.data.min_brain_fraction
-    raw = replace(cfg.data, standardise="none")
-    train_v = load_volumes(train_s, raw, "loading train", progress)
-    val_v = load_volumes(val_s, raw, "loading val", progress) if val_s else []
-    landmarks = cfg.data.landmarks or learn_landmarks(train_v)
-    if cfg.data.standardise == "nyul":
-        for v in (*train_v, *val_v):
-            v.image = nyul_standardise(v.image, v.brain_mask, landmarks)
-    train = SliceSet(train_v, size, frac)
-    val = SliceSet(val_v, size, frac) if val_v else None
-    sources = {
-        "data_dir": str(data_dir) if data_dir else None,
-        "train_list": str(train_list) if train_list else None,
-        "val_list": str(val_list) if val_list else None,
-        "participants": participants,
-    }
-    return TrainingData(train, val, desc, sources, landmarks)
+from .data import (
+    TrainingData,
+    epoch_batches,
+    prepare_training_data,
+    steps_per_epoch,
+    training_subjects,
+)
+from .distributed import Distributed, distributed_backend, setup_distributed, wrap_distributed
+from .logging import LOG_FIELDS, RunLog, plot_progress
 
 
 def build_optimizers(model: AnomalyModel, cfg: Config) -> dict[str, torch.optim.Optimizer]:
@@ -243,27 +116,6 @@ class swapped_in:
 # ------------------------------------------------------------------ batches
 
 
-def epoch_batches(
-    data: SliceSet, model: AnomalyModel, cfg: Config, gen: torch.Generator, per_rank: int, ddp
-) -> Iterator[torch.Tensor]:
-    """One epoch of this rank's batches: slices (B, 1, H, W) or volumes (B, S, 1, H, W)."""
-    if model.input_kind == "volumes":
-        return data.volume_batches(_shard(data.volume_order(gen), ddp), per_rank)
-    pairs = data.epoch_indices(gen, cfg.data.all_slices, cfg.train.slices_per_volume)
-    return data.batches(_shard(pairs, ddp), per_rank)
-
-
-def steps_per_epoch(
-    data: SliceSet, model: AnomalyModel, cfg: Config, per_rank: int, world: int
-) -> int:
-    n = (
-        len(data)
-        if model.input_kind == "volumes"
-        else data.epoch_size(cfg.data.all_slices, cfg.train.slices_per_volume)
-    )
-    return math.ceil(math.ceil(n / world) / per_rank)
-
-
 @torch.no_grad()
 def validation_loss(
     model: AnomalyModel,
@@ -289,76 +141,6 @@ def validation_loss(
         n += len(batch)
     model.train()
     return total / max(n, 1)
-
-
-# ------------------------------------------------------------------ logging
-
-
-class RunLog:
-    """CSV log (always) and TensorBoard (when the tensorboard package is installed)."""
-
-    def __init__(self, run_dir: Path, enabled: bool):
-        self.path = run_dir / "log.csv"
-        self.enabled = enabled
-        self.tb = None
-        if not enabled:
-            return
-        if not self.path.exists():
-            with self.path.open("w", newline="") as f:
-                csv.writer(f).writerow(LOG_FIELDS)
-        try:
-            from torch.utils.tensorboard import SummaryWriter
-
-            self.tb = SummaryWriter(str(run_dir / "tb"))
-        except ImportError:
-            self.tb = None
-
-    def truncate_after(self, step: int) -> None:
-        """Drop rows written after the checkpoint we resume from."""
-        if not (self.enabled and self.path.exists()):
-            return
-        rows = list(csv.DictReader(self.path.open()))
-        keep = [r for r in rows if int(r["step"]) <= step]
-        with self.path.open("w", newline="") as f:
-            w = csv.DictWriter(f, fieldnames=LOG_FIELDS)
-            w.writeheader()
-            w.writerows(keep)
-
-    def write(self, **row: Any) -> None:
-        if not self.enabled:
-            return
-        with self.path.open("a", newline="") as f:
-            csv.DictWriter(f, fieldnames=LOG_FIELDS).writerow(
-                {k: row.get(k, "") for k in LOG_FIELDS}
-            )
-        if self.tb is not None:
-            for k in ("train_loss", "val_loss", "lr", "steps_per_s"):
-                if row.get(k) not in (None, ""):
-                    self.tb.add_scalar(k, float(row[k]), int(row["step"]))
-
-    def close(self) -> None:
-        if self.tb is not None:
-            self.tb.close()
-
-
-def plot_progress(run_dir: Path) -> Path | None:
-    from ..evaluation.report import figure_curves
-
-    path = run_dir / "log.csv"
-    if not path.exists():
-        return None
-    rows = list(csv.DictReader(path.open()))
-    if not rows:
-        return None
-
-    def col(name):
-        return [float(r[name]) if r[name] not in ("", None) else float("nan") for r in rows]
-
-    return figure_curves(
-        {"train loss": col("train_loss"), "validation loss": col("val_loss")},
-        col("step"),
-        run_dir / "progress.png",
-    )
 
 
 # ------------------------------------------------------------------ the loop
@@ -729,16 +511,6 @@ def _finish(run: Run) -> dict[str, Any]:
     return summary
 
 
-def _shard(pairs: list, ddp: Distributed) -> list:
-    """This rank's share of an epoch; padded by repeating so every rank takes the same
-    number of steps (DistributedDataParallel needs matching backward passes)."""
-    if ddp.world == 1:
-        return pairs
-    n = math.ceil(len(pairs) / ddp.world) * ddp.world
-    padded = (pairs * math.ceil(n / len(pairs)))[:n]
-    return padded[ddp.rank :: ddp.world]
-
-
 def _finite(v: Any) -> Any:
     if isinstance(v, dict):
         return {k: _finite(x) for k, x in v.items()}
@@ -765,13 +537,23 @@ def load_run_config(run_dir: str | Path) -> Config:
 
 
 __all__ = [
+    "LOG_FIELDS",
+    "Distributed",
     "Run",
+    "RunLog",
     "TrainingData",
     "build_optimizers",
+    "distributed_backend",
     "end_of_epoch",
+    "epoch_batches",
     "load_run_config",
+    "plot_progress",
     "prepare_training_data",
     "read_run_sources",
+    "setup_distributed",
+    "steps_per_epoch",
     "train",
     "train_one_epoch",
+    "training_subjects",
+    "wrap_distributed",
 ]

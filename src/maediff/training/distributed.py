@@ -1,0 +1,85 @@
+"""Several processes under torchrun: joining the process group, DistributedDataParallel
+around the model, each rank's share of an epoch.
+
+    ddp = setup_distributed("auto")            # one process: Distributed(0, 1, 0)
+    net = wrap_distributed(model, dev, find_unused_parameters=False)
+
+The trainer (training/trainer.py) uses these; rank 0 validates, logs and writes files.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+from ..models import AnomalyModel
+
+
+@dataclass
+class Distributed:
+    rank: int = 0
+    world: int = 1
+    local_rank: int = 0
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+
+def distributed_backend(device_name: str) -> str:
+    """NCCL for any CUDA device ("auto" with a GPU, "cuda", "cuda:1"), gloo otherwise."""
+    cuda = device_name == "auto" or torch.device(device_name).type == "cuda"
+    return "nccl" if cuda and torch.cuda.is_available() else "gloo"
+
+
+def setup_distributed(device_name: str) -> Distributed:
+    """Join the process group that torchrun describes in the environment, if any."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return Distributed()
+    rank, local = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
+    if not dist.is_initialized():
+        backend = distributed_backend(device_name)
+        if backend == "nccl":
+            torch.cuda.set_device(local)
+        dist.init_process_group(backend)
+    return Distributed(rank, world, local)
+
+
+def wrap_distributed(
+    model: AnomalyModel, dev: torch.device, find_unused_parameters: bool
+) -> torch.nn.Module:
+    """DistributedDataParallel around `model` (in a process group). On CUDA, BatchNorm
+    layers (f-AnoGAN's generator and encoder) become SyncBatchNorm first, so that their
+    statistics are those of the global batch as on one GPU; the conversion keeps the
+    parameters (the optimizers hold them) and the state-dict keys."""
+    if dev.type == "cuda":
+        model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    return torch.nn.parallel.DistributedDataParallel(
+        model,
+        device_ids=[dev.index] if dev.type == "cuda" else None,
+        find_unused_parameters=find_unused_parameters,
+    )
+
+
+def shard(items: list, ddp: Distributed) -> list:
+    """This rank's share of an epoch; padded by repeating so every rank takes the same
+    number of steps (DistributedDataParallel needs matching backward passes)."""
+    if ddp.world == 1:
+        return items
+    n = math.ceil(len(items) / ddp.world) * ddp.world
+    padded = (items * math.ceil(n / len(items)))[:n]
+    return padded[ddp.rank :: ddp.world]
+
+
+__all__ = [
+    "Distributed",
+    "distributed_backend",
+    "setup_distributed",
+    "shard",
+    "wrap_distributed",
+]

@@ -1,0 +1,87 @@
+"""The run log: `log.csv` (always, written by rank 0) and TensorBoard (`tb/`, when the
+tensorboard package is installed), and the curves drawn from it (`progress.png`).
+
+    log = RunLog(run_dir, enabled=True)
+    log.write(step=10, epoch=0, phase="train", train_loss="0.41", lr="0.0001")
+
+The trainer (training/trainer.py) writes the rows.
+"""
+
+from __future__ import annotations
+
+import csv
+from pathlib import Path
+from typing import Any
+
+LOG_FIELDS = ["step", "epoch", "phase", "time_s", "train_loss", "val_loss", "lr", "steps_per_s"]
+
+
+class RunLog:
+    """CSV log (always) and TensorBoard (when the tensorboard package is installed)."""
+
+    def __init__(self, run_dir: Path, enabled: bool):
+        self.path = run_dir / "log.csv"
+        self.enabled = enabled
+        self.tb = None
+        if not enabled:
+            return
+        if not self.path.exists():
+            with self.path.open("w", newline="") as f:
+                csv.writer(f).writerow(LOG_FIELDS)
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.tb = SummaryWriter(str(run_dir / "tb"))
+        except ImportError:
+            self.tb = None
+
+    def truncate_after(self, step: int) -> None:
+        """Drop rows written after the checkpoint we resume from."""
+        if not (self.enabled and self.path.exists()):
+            return
+        rows = list(csv.DictReader(self.path.open()))
+        keep = [r for r in rows if int(r["step"]) <= step]
+        with self.path.open("w", newline="") as f:
+            w = csv.DictWriter(f, fieldnames=LOG_FIELDS)
+            w.writeheader()
+            w.writerows(keep)
+
+    def write(self, **row: Any) -> None:
+        if not self.enabled:
+            return
+        with self.path.open("a", newline="") as f:
+            csv.DictWriter(f, fieldnames=LOG_FIELDS).writerow(
+                {k: row.get(k, "") for k in LOG_FIELDS}
+            )
+        if self.tb is not None:
+            for k in ("train_loss", "val_loss", "lr", "steps_per_s"):
+                if row.get(k) not in (None, ""):
+                    self.tb.add_scalar(k, float(row[k]), int(row["step"]))
+
+    def close(self) -> None:
+        if self.tb is not None:
+            self.tb.close()
+
+
+def plot_progress(run_dir: Path) -> Path | None:
+    """progress.png: the training and validation losses of log.csv over the steps."""
+    from ..evaluation.report import figure_curves
+
+    path = run_dir / "log.csv"
+    if not path.exists():
+        return None
+    rows = list(csv.DictReader(path.open()))
+    if not rows:
+        return None
+
+    def col(name):
+        return [float(r[name]) if r[name] not in ("", None) else float("nan") for r in rows]
+
+    return figure_curves(
+        {"train loss": col("train_loss"), "validation loss": col("val_loss")},
+        col("step"),
+        run_dir / "progress.png",
+    )
+
+
+__all__ = ["LOG_FIELDS", "RunLog", "plot_progress"]
