@@ -178,7 +178,7 @@ def _env(rank: int, world: int, port: int) -> None:
 
 def _ddp_steps_worker(rank: int, world: int, port: int, out: str) -> None:
     """Two DDP steps per model as the trainer wraps it (SyncBatchNorm for f-AnoGAN),
-    and a stop flag reduced on the GPU as end_of_epoch does."""
+    and a stop flag reduced on the GPU as the trainer's stopping rule does."""
     _env(rank, world, port)
     torch.cuda.set_device(rank)
     dist.init_process_group("nccl", rank=rank, world_size=world)

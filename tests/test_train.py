@@ -228,17 +228,17 @@ def test_resume_with_schedule_and_weight_average_is_exact(tiny_bench, tmp_path, 
     data = prepare_training_data(cfg, tiny_bench, progress=False)
     train(cfg, data, tmp_path / "ref", device="cpu", progress=False)
 
-    real = trainer.end_of_epoch
+    real = trainer._checkpoint
 
-    def interrupted(run, stopped):
-        real(run, stopped)
+    def interrupted(run):  # stop right after the checkpoint at the end of epoch 3
+        real(run)
         if run.state.epoch == 3:
             raise KeyboardInterrupt
 
-    monkeypatch.setattr(trainer, "end_of_epoch", interrupted)
+    monkeypatch.setattr(trainer, "_checkpoint", interrupted)
     with pytest.raises(KeyboardInterrupt):
         train(cfg, data, tmp_path / "run", device="cpu", progress=False)
-    monkeypatch.setattr(trainer, "end_of_epoch", real)
+    monkeypatch.setattr(trainer, "_checkpoint", real)
     train(cfg, data, tmp_path / "run", device="cpu", resume=True, progress=False)
     a, b = (
         _weights(tmp_path / "ref" / "last.safetensors"),

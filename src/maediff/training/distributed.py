@@ -1,10 +1,11 @@
 """Several processes under torchrun: joining the process group, DistributedDataParallel
-around the model, each rank's share of an epoch.
+around the model, each rank's share of an epoch, and the values the ranks agree on.
 
     ddp = setup_distributed("auto")            # one process: Distributed(0, 1, 0)
     net = wrap_distributed(model, dev, find_unused_parameters=False)
 
-The trainer (training/trainer.py) uses these; rank 0 validates, logs and writes files.
+Every reduction runs on the training device: NCCL reduces CUDA tensors only. The
+trainer (training/trainer.py) uses these; rank 0 validates, logs and writes files.
 """
 
 from __future__ import annotations
@@ -66,6 +67,13 @@ def wrap_distributed(
     )
 
 
+def largest_over_ranks(value: float, dev: torch.device) -> float:
+    """The largest `value` of all ranks (call it on every rank), reduced on `dev`."""
+    t = torch.tensor([value], dtype=torch.float64, device=dev)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return float(t.item())
+
+
 def shard(items: list, ddp: Distributed) -> list:
     """This rank's share of an epoch; padded by repeating so every rank takes the same
     number of steps (DistributedDataParallel needs matching backward passes)."""
@@ -76,9 +84,23 @@ def shard(items: list, ddp: Distributed) -> list:
     return padded[ddp.rank :: ddp.world]
 
 
+def barrier(ddp: Distributed) -> None:
+    """Wait for every rank (nothing in one process)."""
+    if ddp.world > 1:
+        dist.barrier()
+
+
+def leave_distributed(ddp: Distributed) -> None:
+    if ddp.world > 1:
+        dist.destroy_process_group()
+
+
 __all__ = [
     "Distributed",
+    "barrier",
     "distributed_backend",
+    "largest_over_ranks",
+    "leave_distributed",
     "setup_distributed",
     "shard",
     "wrap_distributed",

@@ -2,9 +2,12 @@
 tensorboard package is installed), and the curves drawn from it (`progress.png`).
 
     log = RunLog(run_dir, enabled=True)
-    log.write(step=10, epoch=0, phase="train", train_loss="0.41", lr="0.0001")
+    log.train(step=10, epoch=0, phase="train", elapsed_s=3.2, loss=0.41, lr=1e-4, steps_per_s=3.1)
+    log.validation(step=12, epoch=1, phase="train", elapsed_s=3.9, loss=0.38, lr=1e-4)
 
-The trainer (training/trainer.py) writes the rows.
+A training row carries the smoothed training loss, the learning rate of the last step
+and the speed since the previous training row; a validation row the validation loss.
+The trainer (training/trainer.py) writes them.
 """
 
 from __future__ import annotations
@@ -45,6 +48,40 @@ class RunLog:
             w = csv.DictWriter(f, fieldnames=LOG_FIELDS)
             w.writeheader()
             w.writerows(keep)
+
+    def train(
+        self,
+        step: int,
+        epoch: int,
+        phase: str,
+        elapsed_s: float,
+        loss: float,
+        lr: float,
+        steps_per_s: float,
+    ) -> None:
+        """A training row: `loss` smoothed over the last steps, `lr` (train.lr times the
+        schedule) at the last step."""
+        self.write(
+            step=step,
+            epoch=epoch,
+            phase=phase,
+            time_s=f"{elapsed_s:.1f}",
+            train_loss=f"{loss:.6f}",
+            lr=f"{lr:.6g}",
+            steps_per_s=f"{steps_per_s:.3f}",
+        )
+
+    def validation(
+        self, step: int, epoch: int, phase: str, elapsed_s: float, loss: float, lr: float
+    ) -> None:
+        self.write(
+            step=step,
+            epoch=epoch,
+            phase=phase,
+            time_s=f"{elapsed_s:.1f}",
+            val_loss=f"{loss:.6f}",
+            lr=f"{lr:.6g}",
+        )
 
     def write(self, **row: Any) -> None:
         if not self.enabled:

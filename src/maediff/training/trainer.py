@@ -4,17 +4,21 @@ training setup of docs/method.md, "Training").
     data = prepare_training_data(cfg, data_dir="DATA")        # pDDPM layout, IXI fold
     summary = train(cfg, data, "runs/cpu-fold0", device="auto")
 
-Training data and its epochs live in training/data.py, the run log (log.csv,
-TensorBoard) in training/logging.py, what torchrun needs in training/distributed.py;
-the names other modules use can be imported from here as well.
+`train` reads top to bottom: the setup, then one loop over steps in which the epochs
+are the data running out, one stopping rule (`_stop`: the step, epoch and time
+budgets, and the end of each phase's share), then the phase change, validation,
+checkpoints and the log as calls. The loop knows only the model contract of
+models/base.py: `loss = model(batch, g, group=...)` per optimizer group, phases that
+share the budget (f-AnoGAN: WGAN, then encoder), slices or whole volumes as batches.
+The validation loss is computed on fixed draws, so it is comparable between epochs;
+the weights with the lowest validation loss in the last phase are kept as
+`best.safetensors`.
 
-The loop knows only the model contract of models/base.py: `loss = model(batch, g,
-group=...)` per optimizer group, phases that share the budget (f-AnoGAN: WGAN, then
-encoder), slices or whole volumes as batches. An epoch is pDDPM's: train.slices_per_volume
-random axial slices per training volume (or every slice with data.all_slices), shuffled;
-volume models see every training volume once. The validation loss is computed on fixed
-draws, so it is comparable between epochs; the weights with the lowest validation loss
-in the last phase are kept as `best.safetensors`.
+Around it: training/data.py loads the training data and cuts epochs into batches,
+training/logging.py writes log.csv and TensorBoard, training/distributed.py holds
+what torchrun needs, training/checkpoint.py the files. The names other modules use
+(`prepare_training_data`, `TrainingData`, `RunLog`, `setup_distributed`, ...) can be
+imported from here as well.
 
 Run folder: config.yaml, run.json (where the data came from, for --resume),
 best/last.safetensors (weights + config), last.state.safetensors (TrainState:
@@ -33,12 +37,12 @@ from __future__ import annotations
 import json
 import math
 import time
-from dataclasses import dataclass, field, replace
+from collections.abc import Iterator
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
 import torch
-import torch.distributed as dist
 from tqdm.auto import tqdm
 
 from .. import __version__
@@ -56,94 +60,260 @@ from .data import (
     steps_per_epoch,
     training_subjects,
 )
-from .distributed import Distributed, distributed_backend, setup_distributed, wrap_distributed
+from .distributed import (
+    Distributed,
+    barrier,
+    distributed_backend,
+    largest_over_ranks,
+    leave_distributed,
+    setup_distributed,
+    wrap_distributed,
+)
 from .logging import LOG_FIELDS, RunLog, plot_progress
 
-
-def build_optimizers(model: AnomalyModel, cfg: Config) -> dict[str, torch.optim.Optimizer]:
-    """One optimizer per group the model declares (train.optimizer, train.lr by default)."""
-    cls = {"adam": torch.optim.Adam, "adamw": torch.optim.AdamW}[cfg.train.optimizer]
-    out = {}
-    for name, g in model.optimizer_groups().items():
-        kw: dict[str, Any] = {"lr": g.lr or cfg.train.lr, "weight_decay": cfg.train.weight_decay}
-        if g.betas is not None:
-            kw["betas"] = g.betas
-        out[name] = cls(g.params, **kw)
-        for pg in out[name].param_groups:
-            pg.setdefault("initial_lr", pg["lr"])  # the schedule scales this one
-    return out
-
-
-# ------------------------------------------------------------------ weight averaging
-
-
-def init_ema(model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    return {
-        k: v.detach().clone().float()
-        for k, v in model.state_dict().items()
-        if v.is_floating_point()
-    }
-
-
-@torch.no_grad()
-def update_ema(ema: dict[str, torch.Tensor], model: torch.nn.Module, decay: float, n: int) -> None:
-    """ema <- d * ema + (1 - d) * weights, with d = min(decay, (1 + n) / (10 + n))."""
-    d = min(decay, (1 + n) / (10 + n))
-    sd = model.state_dict()
-    keys = list(ema)
-    torch._foreach_lerp_([ema[k] for k in keys], [sd[k].detach().float() for k in keys], 1 - d)
-
-
-class swapped_in:
-    """Context: the model holds the averaged weights inside, its own weights after."""
-
-    def __init__(self, model: torch.nn.Module, ema: dict[str, torch.Tensor] | None):
-        self.model, self.ema, self.saved = model, ema, None
-
-    def __enter__(self):
-        if self.ema is not None:
-            sd = self.model.state_dict()
-            self.saved = {k: sd[k].detach().clone() for k in self.ema}
-            self.model.load_state_dict(self.ema, strict=False)
-        return self.model
-
-    def __exit__(self, *exc):
-        if self.saved is not None:
-            self.model.load_state_dict(self.saved, strict=False)
-        return False
-
-
-# ------------------------------------------------------------------ batches
-
-
-@torch.no_grad()
-def validation_loss(
-    model: AnomalyModel,
-    val: SliceSet,
-    cfg: Config,
-    device: torch.device,
-    slices_per_volume: int = 4,
-) -> float:
-    """Mean validation loss over fixed draws: the same slices (or volumes) and random
-    inputs (t, noise, patches) every call."""
-    model.eval()
-    g = torch.Generator().manual_seed(cfg.train.seed + 7919)
-    if model.input_kind == "volumes":
-        batches = val.volume_batches(list(range(len(val))), cfg.train.batch_size)
-    else:
-        pairs = [p for _ in range(slices_per_volume) for p in val.epoch_indices(g)]
-        batches = val.batches(pairs, cfg.train.batch_size)
-    total, n = 0.0, 0
-    for batch in batches:
-        with autocast_context(device, cfg.train.amp):
-            loss = model.validation_loss(batch.to(device), g)
-        total += float(loss) * len(batch)
-        n += len(batch)
-    model.train()
-    return total / max(n, 1)
-
-
 # ------------------------------------------------------------------ the loop
+
+
+def train(
+    cfg: Config,
+    data: TrainingData,
+    run_dir: str | Path,
+    device: str = "auto",
+    resume: bool = False,
+    progress: bool = True,
+    log_every: int = 10,
+) -> dict[str, Any]:
+    """Train the model `cfg.model`; returns the summary also written to train_summary.json.
+
+    One loop over steps; the stopping rule `_stop`, asked after every step, says
+    whether the phase, the epoch or the run ends there."""
+    run = _setup(cfg, data, Path(run_dir), device, resume)
+    st, t = run.state, run.cfg.train
+    bar = _progress_bar(run, progress)
+    run.model.train()
+    run.model.enter_phase(run.phase)
+    batches = _epoch(run)  # drawn when its first batch is taken
+    stop = _stop(run)  # a resumed run may have nothing left to do
+    while not stop.run:
+        batch, last_batch = next(batches)
+        loss = _step(run, batch.to(run.dev), run.group)  # forward, backward, update, EMA
+        _count(run, loss)
+        bar.update()
+        bar.set_postfix(phase=run.phase.name, loss=f"{run.loss_ema:.4f}")
+        if st.step % log_every == 0:
+            _log_train(run)
+        stop = _stop(run, last_batch)
+        if stop.phase is not None:  # f-AnoGAN: from the WGAN to the encoder
+            _enter_phase(run, stop.phase)
+            if run.ddp.main:
+                _checkpoint(run)
+        if stop.epoch:
+            st.epoch += 1
+            if run.validates and (st.epoch % t.val_every == 0 or stop.run):
+                _validate(run)
+            if run.ddp.main and (st.epoch % t.checkpoint_every == 0 or stop.run):
+                _checkpoint(run)
+            barrier(run.ddp)
+            batches = _epoch(run)  # a phase change drops the rest of the epoch
+    bar.close()
+    return _finish(run)
+
+
+@dataclass(frozen=True)
+class Stop:
+    """What ends after a step: the answer of `_stop`."""
+
+    phase: int | None = None  # the phase to enter now: the current one's share is spent
+    epoch: bool = False  # the epoch: its batches ran out, or the phase or the run ends
+    run: bool = False
+
+
+def _stop(run: Run, last_batch: bool | None = None) -> Stop:
+    """The one stopping rule. Asked after every step (`last_batch`: this rank's batches of
+    the epoch ran out) and once before the first (None), where a resumed run may find
+    its budget spent.
+
+    - The phase ends when the budget used (`Run.budget_used`) reaches the end of its
+      share (the fractions of model.phases); the ranks go by the largest.
+    - The epoch ends when its batches run out, with the phase, and with the run.
+    - The run ends after train.max_steps steps, or at the end of an epoch once
+      train.epochs epochs are done or train.max_minutes have passed (time is looked
+      at when an epoch ends). The ranks stop together: their clocks differ, and the
+      first to run out of time stops them all.
+    """
+    st, t = run.state, run.cfg.train
+    steps_spent = t.max_steps > 0 and st.step >= t.max_steps
+    time_spent = t.max_minutes > 0 and st.elapsed_s >= 60 * t.max_minutes
+    if last_batch is None:  # at the end of an epoch, counted already
+        return Stop(run=st.epoch >= t.epochs or steps_spent or time_spent)
+    bounds, acc = [], 0.0  # where each phase but the last ends, as a budget fraction
+    for ph in run.model.phases[:-1]:
+        acc += ph.fraction
+        bounds.append(acc)
+    phase = None
+    if bounds:
+        used = run.budget_used()
+        if run.ddp.world > 1:
+            used = largest_over_ranks(used, run.dev)
+        target = sum(used >= b for b in bounds)
+        phase = target if target > st.phase else None
+    epoch = last_batch or phase is not None or steps_spent
+    done = steps_spent or (epoch and (st.epoch + 1 >= t.epochs or time_spent))
+    if epoch and run.ddp.world > 1:
+        agreed = largest_over_ranks(float(done), run.dev) > 0
+        if agreed and not done and t.max_minutes > 0:
+            # another rank's time ran out first: this one's counts as spent too, so
+            # that a resumed run stops here as well
+            st.elapsed_s = max(st.elapsed_s, 60 * t.max_minutes)
+        done = agreed
+    return Stop(phase, epoch, done)
+
+
+def _epoch(run: Run) -> Iterator[tuple[torch.Tensor, bool]]:
+    """This rank's batches of the next epoch, each with whether it is the epoch's last.
+    The epoch's order is drawn from the data generator when its first batch is taken
+    (after the previous epoch's checkpoint, so a resumed run draws it again)."""
+    batches = epoch_batches(
+        run.data.train, run.model, run.cfg, run.gens["data"], run.per_rank, run.ddp
+    )
+    batch = next(batches)
+    for following in batches:
+        yield batch, False
+        batch = following
+    yield batch, True
+
+
+def _step(run: Run, batch: torch.Tensor, group: str) -> float:
+    """One update of the optimizer `group`: learning rate of the schedule, forward,
+    backward (scaled with fp16), clipping, step, weight average; the loss."""
+    opt = run.optimizers[group]
+    f = run.lr_factor()
+    for pg in opt.param_groups:
+        pg["lr"] = pg["initial_lr"] * f
+    run.lr_now = run.cfg.train.lr * f
+    run.model.zero_grad(set_to_none=True)
+    if run.cfg.augment.enabled and batch.dim() == 4:
+        batch = augment_intensity(batch, run.cfg.augment, run.gens["noise"])
+    with autocast_context(run.dev, run.cfg.train.amp):
+        loss = run.net(batch, run.gens["noise"], group=group)
+    scaler = run.scaler
+    if scaler is not None:
+        scaler.scale(loss).backward()
+        scaler.unscale_(opt)
+    else:
+        loss.backward()
+    if run.cfg.train.grad_clip > 0:
+        params = [p for g in opt.param_groups for p in g["params"]]
+        torch.nn.utils.clip_grad_norm_(params, run.cfg.train.grad_clip)
+    if scaler is not None:
+        scaler.step(opt)
+        scaler.update()
+    else:
+        opt.step()
+    if run.ema is not None:
+        update_ema(run.ema, run.model, run.cfg.train.ema_decay, run.state.phase_step)
+    value = float(loss.detach())
+    if not math.isfinite(value):
+        raise FloatingPointError(
+            f"training loss ({group}) became {value}; lower train.lr or use train.amp=none"
+        )
+    return value
+
+
+def _count(run: Run, loss: float) -> None:
+    """The counters and the clock after a step; the training loss smoothed within the phase."""
+    st = run.state
+    st.step += 1
+    st.phase_step += 1
+    st.last_train_loss = loss
+    st.elapsed_s = time.perf_counter() - run.start
+    run.loss_ema = (
+        loss if run.loss_ema is None or st.phase_step == 1 else 0.95 * run.loss_ema + 0.05 * loss
+    )
+
+
+def _log_train(run: Run) -> None:
+    """A training row of log.csv, with the speed since the previous one."""
+    st, (t0, step0), now = run.state, run.window, time.perf_counter()
+    run.log.train(
+        st.step,
+        st.epoch,
+        run.phase.name,
+        st.elapsed_s,
+        run.loss_ema,
+        run.lr_now,
+        (st.step - step0) / max(now - t0, 1e-9),
+    )
+    run.window = (now, st.step)
+
+
+def _enter_phase(run: Run, phase: int) -> None:
+    """Start phase `phase` (the model freezes what it keeps fixed); the best weights are
+    chosen within the last phase."""
+    st = run.state
+    st.phase, st.phase_step = phase, 0
+    st.best_val_loss = math.inf
+    run.model.enter_phase(run.model.phases[phase])
+
+
+def _validate(run: Run) -> None:
+    """The validation loss of the (averaged) weights, logged; the lowest so far is
+    written as best.safetensors."""
+    st = run.state
+    with swapped_in(run.model, run.ema):
+        v = validation_loss(run.model, run.data.val, run.cfg, run.dev)
+        if v < st.best_val_loss:
+            st.best_val_loss = v
+            save_weights(
+                run.model, run.run_dir / "best.safetensors", {**run.extra(), "val_loss": v}
+            )
+    run.log.validation(st.step, st.epoch, run.phase.name, st.elapsed_s, v, run.lr_now)
+
+
+def _checkpoint(run: Run) -> None:
+    """last.state.safetensors (all a resumed run needs, one atomic file) and
+    last.safetensors (the weights for users)."""
+    run.state.save(
+        run.run_dir / "last.state.safetensors",
+        run.model,
+        run.optimizers,
+        run.gens,
+        run.scaler.state_dict() if run.scaler else None,
+        run.ema,
+    )
+    with swapped_in(run.model, run.ema):
+        save_weights(run.model, run.run_dir / "last.safetensors", run.extra())
+
+
+def _finish(run: Run) -> dict[str, Any]:
+    st, cfg = run.state, run.cfg
+    summary = {
+        "config": describe(cfg),
+        "model": cfg.model,
+        "steps": st.step,
+        "epochs": st.epoch,
+        "minutes": round(st.elapsed_s / 60, 2),
+        "best_val_loss": st.best_val_loss,
+        "final_train_loss": run.loss_ema,
+        "parameters": count_parameters(run.model),
+        "device": str(run.dev),
+        "world_size": run.ddp.world,
+        "data": run.data.description,
+    }
+    if run.ddp.main:
+        if run.data.val is None or not (run.run_dir / "best.safetensors").exists():
+            with swapped_in(run.model, run.ema):  # last is best
+                save_weights(run.model, run.run_dir / "best.safetensors", run.extra())
+        _checkpoint(run)
+        (run.run_dir / "model_card.md").write_text(model_card(cfg, run.extra()))
+        (run.run_dir / "train_summary.json").write_text(json.dumps(_finite(summary), indent=2))
+        plot_progress(run.run_dir)
+    run.log.close()
+    leave_distributed(run.ddp)
+    return summary
+
+
+# ------------------------------------------------------------------ setup
 
 
 @dataclass
@@ -162,15 +332,15 @@ class Run:
     scaler: Any
     log: RunLog
     state: TrainState
-    per_rank: int
-    total_steps: int
-    start: float = 0.0
-    loss_ema: float | None = None
+    per_rank: int  # batch size of each rank
+    total_steps: int  # the step budget: train.max_steps, or train.epochs epochs
+    start: float = 0.0  # perf_counter() when the run (its first part, if resumed) began
+    loss_ema: float | None = None  # the training loss, smoothed within the phase
     # the averaged weights (train.ema_decay > 0): a float copy of every floating-point
     # entry of the model's state dict
     ema: dict[str, torch.Tensor] | None = None
     lr_now: float = 0.0  # train.lr times the schedule's factor at the last step
-    window: list[float] = field(default_factory=lambda: [time.perf_counter(), 0])
+    window: tuple[float, int] = (0.0, 0)  # time and step of the last training row
 
     @property
     def phase(self) -> Phase:
@@ -179,6 +349,17 @@ class Run:
     @property
     def last_phase(self) -> bool:
         return self.state.phase == len(self.model.phases) - 1
+
+    @property
+    def group(self) -> str:
+        """The optimizer group of the next step: the phase's groups, one step each."""
+        groups = self.phase.groups
+        return groups[self.state.phase_step % len(groups)]
+
+    @property
+    def validates(self) -> bool:
+        """Validation runs on rank 0, with validation data, in the last phase."""
+        return self.ddp.main and self.data.val is not None and self.last_phase
 
     def budget_used(self) -> float:
         """Fraction of the training budget spent: steps (max_steps or epochs) or minutes."""
@@ -218,35 +399,6 @@ def noise_generator(cfg: Config, rank: int, step: int = 0) -> torch.Generator:
     """Each rank draws its own training noise; a resumed non-zero rank reseeds by step
     (only rank 0's generator states are saved)."""
     return torch.Generator().manual_seed(cfg.train.seed * 1000 + 17 + rank + step)
-
-
-def train(
-    cfg: Config,
-    data: TrainingData,
-    run_dir: str | Path,
-    device: str = "auto",
-    resume: bool = False,
-    progress: bool = True,
-    log_every: int = 10,
-) -> dict[str, Any]:
-    """Train the model `cfg.model`; returns the summary also written to train_summary.json."""
-    run = _setup(cfg, data, Path(run_dir), device, resume)
-    bar = tqdm(
-        total=None if cfg.train.max_minutes and not cfg.train.max_steps else run.total_steps,
-        initial=min(run.state.step, run.total_steps),
-        desc=f"training {cfg.name}"
-        + (f" ({cfg.train.max_minutes:g} min budget)" if cfg.train.max_minutes else ""),
-        unit="step",
-        disable=not (progress and run.ddp.main),
-        dynamic_ncols=True,
-    )
-    run.model.train()
-    run.model.enter_phase(run.phase)
-    while not _finished(run):
-        stopped = train_one_epoch(run, bar, log_every)
-        end_of_epoch(run, stopped)
-    bar.close()
-    return _finish(run)
 
 
 def _setup(cfg: Config, data: TrainingData, run_dir: Path, device: str, resume: bool) -> Run:
@@ -312,203 +464,109 @@ def _setup(cfg: Config, data: TrainingData, run_dir: Path, device: str, resume: 
         per_rank,
         total,
         ema=ema,
+        window=(time.perf_counter(), state.step),
     )
     run.start = time.perf_counter() - state.elapsed_s
     return run
 
 
-def _finished(run: Run) -> bool:
+def _progress_bar(run: Run, progress: bool) -> tqdm:
     t = run.cfg.train
-    return (
-        run.state.epoch >= t.epochs
-        or (t.max_steps > 0 and run.state.step >= t.max_steps)
-        or (t.max_minutes > 0 and run.state.elapsed_s >= 60 * t.max_minutes)
+    return tqdm(
+        total=None if t.max_minutes and not t.max_steps else run.total_steps,
+        initial=min(run.state.step, run.total_steps),
+        desc=f"training {run.cfg.name}"
+        + (f" ({t.max_minutes:g} min budget)" if t.max_minutes else ""),
+        unit="step",
+        disable=not (progress and run.ddp.main),
+        dynamic_ncols=True,
     )
 
 
-def train_one_epoch(run: Run, bar, log_every: int) -> bool:
-    """One pass over this rank's share of the epoch; True when the budget ran out inside it."""
-    for batch in epoch_batches(
-        run.data.train, run.model, run.cfg, run.gens["data"], run.per_rank, run.ddp
-    ):
-        group = run.phase.groups[run.state.phase_step % len(run.phase.groups)]
-        loss = _step(run, batch.to(run.dev), group)
-        st = run.state
-        st.step += 1
-        st.phase_step += 1
-        st.last_train_loss = loss
-        st.elapsed_s = time.perf_counter() - run.start
-        run.window[1] += 1
-        run.loss_ema = (
-            loss
-            if run.loss_ema is None or st.phase_step == 1
-            else 0.95 * run.loss_ema + 0.05 * loss
-        )
-        bar.update()
-        bar.set_postfix(phase=run.phase.name, loss=f"{run.loss_ema:.4f}")
-        if st.step % log_every == 0:
-            _log_train(run)
-        if _advance_phase(run):
-            return False
-        if run.cfg.train.max_steps and st.step >= run.cfg.train.max_steps:
-            return True
-    return False
+def build_optimizers(model: AnomalyModel, cfg: Config) -> dict[str, torch.optim.Optimizer]:
+    """One optimizer per group the model declares (train.optimizer, train.lr by default)."""
+    cls = {"adam": torch.optim.Adam, "adamw": torch.optim.AdamW}[cfg.train.optimizer]
+    out = {}
+    for name, g in model.optimizer_groups().items():
+        kw: dict[str, Any] = {"lr": g.lr or cfg.train.lr, "weight_decay": cfg.train.weight_decay}
+        if g.betas is not None:
+            kw["betas"] = g.betas
+        out[name] = cls(g.params, **kw)
+        for pg in out[name].param_groups:
+            pg.setdefault("initial_lr", pg["lr"])  # the schedule scales this one
+    return out
 
 
-def _advance_phase(run: Run) -> bool:
-    """Move to the next phase when its share of the budget is used; checkpoint there."""
-    bounds, acc = [], 0.0
-    for ph in run.model.phases[:-1]:
-        acc += ph.fraction
-        bounds.append(acc)
-    used = run.budget_used()
-    if run.ddp.world > 1 and len(bounds):
-        t = torch.tensor([used], dtype=torch.float64, device=run.dev)  # NCCL: CUDA tensors
-        dist.all_reduce(t, op=dist.ReduceOp.MAX)
-        used = float(t)
-    target = sum(used >= b for b in bounds)
-    if target <= run.state.phase:
-        return False
-    run.state.phase, run.state.phase_step = target, 0
-    run.state.best_val_loss = math.inf
-    run.model.enter_phase(run.phase)
-    if run.ddp.main:
-        _checkpoint(run)
-    return True
+# ------------------------------------------------------------------ weight averaging
 
 
-def _step(run: Run, batch: torch.Tensor, group: str) -> float:
-    opt = run.optimizers[group]
-    f = run.lr_factor()
-    for pg in opt.param_groups:
-        pg["lr"] = pg["initial_lr"] * f
-    run.lr_now = run.cfg.train.lr * f
-    run.model.zero_grad(set_to_none=True)
-    if run.cfg.augment.enabled and batch.dim() == 4:
-        batch = augment_intensity(batch, run.cfg.augment, run.gens["noise"])
-    with autocast_context(run.dev, run.cfg.train.amp):
-        loss = run.net(batch, run.gens["noise"], group=group)
-    scaler = run.scaler
-    if scaler is not None:
-        scaler.scale(loss).backward()
-        scaler.unscale_(opt)
-    else:
-        loss.backward()
-    if run.cfg.train.grad_clip > 0:
-        params = [p for g in opt.param_groups for p in g["params"]]
-        torch.nn.utils.clip_grad_norm_(params, run.cfg.train.grad_clip)
-    if scaler is not None:
-        scaler.step(opt)
-        scaler.update()
-    else:
-        opt.step()
-    if run.ema is not None:
-        update_ema(run.ema, run.model, run.cfg.train.ema_decay, run.state.phase_step)
-    value = float(loss.detach())
-    if not math.isfinite(value):
-        raise FloatingPointError(
-            f"training loss ({group}) became {value}; lower train.lr or use train.amp=none"
-        )
-    return value
-
-
-def _log_train(run: Run) -> None:
-    now = time.perf_counter()
-    t0, n = run.window
-    run.log.write(
-        step=run.state.step,
-        epoch=run.state.epoch,
-        phase=run.phase.name,
-        time_s=f"{run.state.elapsed_s:.1f}",
-        train_loss=f"{run.loss_ema:.6f}",
-        lr=f"{run.lr_now:.6g}",  # train.lr times the schedule, at the last step
-        steps_per_s=f"{n / max(now - t0, 1e-9):.3f}",
-    )
-    run.window = [now, 0]
-
-
-def end_of_epoch(run: Run, stopped: bool) -> None:
-    """Count the epoch; validate, keep the best weights and checkpoint on schedule."""
-    st, t = run.state, run.cfg.train
-    st.epoch += 1
-    st.elapsed_s = time.perf_counter() - run.start
-    if run.ddp.world > 1:  # every rank must agree to stop (time budgets differ by rank)
-        flag = torch.tensor([float(stopped or _finished(run))], device=run.dev)  # NCCL: on GPU
-        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-        stopped = bool(flag.item())
-    if stopped and not _finished(run) and t.max_minutes:
-        # another rank's time budget ran out first: end this rank's loop with it
-        st.elapsed_s = max(st.elapsed_s, 60 * t.max_minutes)
-    last = stopped or _finished(run)
-    if (
-        run.ddp.main
-        and run.data.val is not None
-        and run.last_phase
-        and (st.epoch % t.val_every == 0 or last)
-    ):
-        with swapped_in(run.model, run.ema):
-            v = validation_loss(run.model, run.data.val, run.cfg, run.dev)
-            if v < st.best_val_loss:
-                st.best_val_loss = v
-                save_weights(
-                    run.model, run.run_dir / "best.safetensors", {**run.extra(), "val_loss": v}
-                )
-        run.log.write(
-            step=st.step,
-            epoch=st.epoch,
-            phase=run.phase.name,
-            time_s=f"{st.elapsed_s:.1f}",
-            val_loss=f"{v:.6f}",
-            lr=f"{run.lr_now:.6g}",
-        )
-    if run.ddp.main and (st.epoch % t.checkpoint_every == 0 or last):
-        _checkpoint(run)
-    if run.ddp.world > 1:
-        dist.barrier()
-
-
-def _checkpoint(run: Run) -> None:
-    """last.state.safetensors (all a resumed run needs, one atomic file) and
-    last.safetensors (the weights for users)."""
-    run.state.save(
-        run.run_dir / "last.state.safetensors",
-        run.model,
-        run.optimizers,
-        run.gens,
-        run.scaler.state_dict() if run.scaler else None,
-        run.ema,
-    )
-    with swapped_in(run.model, run.ema):
-        save_weights(run.model, run.run_dir / "last.safetensors", run.extra())
-
-
-def _finish(run: Run) -> dict[str, Any]:
-    st, cfg = run.state, run.cfg
-    summary = {
-        "config": describe(cfg),
-        "model": cfg.model,
-        "steps": st.step,
-        "epochs": st.epoch,
-        "minutes": round(st.elapsed_s / 60, 2),
-        "best_val_loss": st.best_val_loss,
-        "final_train_loss": run.loss_ema,
-        "parameters": count_parameters(run.model),
-        "device": str(run.dev),
-        "world_size": run.ddp.world,
-        "data": run.data.description,
+def init_ema(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {
+        k: v.detach().clone().float()
+        for k, v in model.state_dict().items()
+        if v.is_floating_point()
     }
-    if run.ddp.main:
-        if run.data.val is None or not (run.run_dir / "best.safetensors").exists():
-            with swapped_in(run.model, run.ema):  # last is best
-                save_weights(run.model, run.run_dir / "best.safetensors", run.extra())
-        _checkpoint(run)
-        (run.run_dir / "model_card.md").write_text(model_card(cfg, run.extra()))
-        (run.run_dir / "train_summary.json").write_text(json.dumps(_finite(summary), indent=2))
-        plot_progress(run.run_dir)
-    run.log.close()
-    if run.ddp.world > 1:
-        dist.destroy_process_group()
-    return summary
+
+
+@torch.no_grad()
+def update_ema(ema: dict[str, torch.Tensor], model: torch.nn.Module, decay: float, n: int) -> None:
+    """ema <- d * ema + (1 - d) * weights, with d = min(decay, (1 + n) / (10 + n))."""
+    d = min(decay, (1 + n) / (10 + n))
+    sd = model.state_dict()
+    keys = list(ema)
+    torch._foreach_lerp_([ema[k] for k in keys], [sd[k].detach().float() for k in keys], 1 - d)
+
+
+class swapped_in:
+    """Context: the model holds the averaged weights inside, its own weights after."""
+
+    def __init__(self, model: torch.nn.Module, ema: dict[str, torch.Tensor] | None):
+        self.model, self.ema, self.saved = model, ema, None
+
+    def __enter__(self):
+        if self.ema is not None:
+            sd = self.model.state_dict()
+            self.saved = {k: sd[k].detach().clone() for k in self.ema}
+            self.model.load_state_dict(self.ema, strict=False)
+        return self.model
+
+    def __exit__(self, *exc):
+        if self.saved is not None:
+            self.model.load_state_dict(self.saved, strict=False)
+        return False
+
+
+# ------------------------------------------------------------------ validation
+
+
+@torch.no_grad()
+def validation_loss(
+    model: AnomalyModel,
+    val: SliceSet,
+    cfg: Config,
+    device: torch.device,
+    slices_per_volume: int = 4,
+) -> float:
+    """Mean validation loss over fixed draws: the same slices (or volumes) and random
+    inputs (t, noise, patches) every call."""
+    model.eval()
+    g = torch.Generator().manual_seed(cfg.train.seed + 7919)
+    if model.input_kind == "volumes":
+        batches = val.volume_batches(list(range(len(val))), cfg.train.batch_size)
+    else:
+        pairs = [p for _ in range(slices_per_volume) for p in val.epoch_indices(g)]
+        batches = val.batches(pairs, cfg.train.batch_size)
+    total, n = 0.0, 0
+    for batch in batches:
+        with autocast_context(device, cfg.train.amp):
+            loss = model.validation_loss(batch.to(device), g)
+        total += float(loss) * len(batch)
+        n += len(batch)
+    model.train()
+    return total / max(n, 1)
+
+
+# ------------------------------------------------------------------ run folders
 
 
 def _finite(v: Any) -> Any:
@@ -541,19 +599,22 @@ __all__ = [
     "Distributed",
     "Run",
     "RunLog",
+    "Stop",
     "TrainingData",
     "build_optimizers",
     "distributed_backend",
-    "end_of_epoch",
     "epoch_batches",
+    "init_ema",
     "load_run_config",
     "plot_progress",
     "prepare_training_data",
     "read_run_sources",
     "setup_distributed",
     "steps_per_epoch",
+    "swapped_in",
     "train",
-    "train_one_epoch",
     "training_subjects",
+    "update_ema",
+    "validation_loss",
     "wrap_distributed",
 ]
