@@ -51,7 +51,7 @@ import torch.nn.functional as F
 from torch.utils.flop_counter import FlopCounterMode
 
 from maediff import __version__
-from maediff.config import DISPLAY_NAMES, get_preset, preset_name, split_preset_name
+from maediff.config import get_preset, preset_info, preset_name, split_preset_name
 from maediff.device import autocast_context, cuda_bf16_native, resolve_amp, resolve_device, speed_up
 from maediff.models import build_model
 from maediff.models.maediff import to_model_range
@@ -230,7 +230,7 @@ def train_row(
     k = max(1, len(values) // 3)
     row = {
         "preset": preset,
-        "model": DISPLAY_NAMES[split_preset_name(preset)[0]],
+        "model": preset_info(split_preset_name(preset)[0]).row,
         "mode": "compiled" if compiled else "eager",
         "amp": amp,
         "batch": B,
@@ -409,7 +409,7 @@ def markdown(report: dict[str, Any]) -> str:
         f"matmul peak {peak['dtype']}: {peak['tflops']:.3g} TFLOP/s; scale {report['scale']}"
     )
     presets = [preset_name(m, report["scale"]) for m in MODELS]
-    lines = [head, "", "| measurement | " + " | ".join(DISPLAY_NAMES[m] for m in MODELS) + " |"]
+    lines = [head, "", "| measurement | " + " | ".join(preset_info(m).row for m in MODELS) + " |"]
     lines.append("|---" * (len(MODELS) + 1) + "|")
 
     def add(label: str, cell: Callable[[str], str]) -> None:

@@ -19,12 +19,16 @@ import time
 
 import torch
 
-from maediff.config import TABLE1, TABLE2, get_preset, preset_name
+from maediff.config import get_preset, preset_name, presets_of_table
 from maediff.device import autocast_context, resolve_amp
 from maediff.models import MODELS, build_model, count_parameters
 from maediff.training.trainer import build_optimizers
 
-UNIQUE = [m for m in (*TABLE1, *TABLE2) if m not in ("ablation-unet", "ablation-unet-att-mae")]
+UNIQUE = [
+    m
+    for m in (*presets_of_table("1"), *presets_of_table("2"))
+    if m not in ("ablation-unet", "ablation-unet-att-mae")
+]
 
 
 def train_step_seconds(model, cfg, steps: int, repeats: int) -> float:

@@ -1,6 +1,8 @@
 """`maediff benchmark` end to end on the tiny scale: runs, resume, refusal, tables,
 Figure 3, and two processes filling one folder."""
 
+import json
+import shutil
 import subprocess
 import sys
 
@@ -38,6 +40,13 @@ def test_benchmark_runs_resumes_and_refuses_changes(tiny_bench, tmp_path, capsys
     capsys.readouterr()
     assert main(argv) == 0  # everything finished: nothing is trained again
     assert capsys.readouterr().out.count(": done") == 4
+    # an evaluation removed (a protocol change): evaluated again, its training time kept
+    run = out / "runs" / "pddpm-s48" / "fold0-seed0"
+    before = json.loads((run / "timing.json").read_text())
+    shutil.rmtree(run / "eval")
+    assert main(argv) == 0 and (run / "eval" / "summary.json").exists()
+    after = json.loads((run / "timing.json").read_text())
+    assert (after["train_steps"], after["train_s"]) == (before["train_steps"], before["train_s"])
     changed = argv[:-1] + ["-q", "--set", "train.lr=0.5"]
     assert main(changed) == 2
     assert "other shared settings" in capsys.readouterr().err

@@ -41,15 +41,14 @@ import numpy as np
 import torch
 
 from ..config import (
-    DISPLAY_NAMES,
-    MODEL_DELTAS,
-    TABLE1,
-    TABLE2,
     Config,
     apply_overrides,
     get_preset,
     load_config,
+    model_names,
+    preset_info,
     preset_name,
+    presets_of_table,
     save_config,
     to_dict,
     with_update_budget,
@@ -79,10 +78,25 @@ from .detect import reconstruct_volume
 from .evaluate import evaluate_model
 from .probe import mae_input_dependence, patch_probe, probe_slices
 
-REFERENCE = {"1": "maediff", "2": "ablation-unet-att-mae"}
-# Table rows whose configuration is another row's (only the preset name differs): a
-# finished run of either serves both tables, and the report says so.
-EQUIVALENT = {"ablation-unet": "pddpm-s16", "ablation-unet-att-mae": "maediff"}
+
+def row(model: str) -> str:
+    """The table row of a preset model name (its declaration's `row`)."""
+    return preset_info(model).row
+
+
+def reference_of(table: str | None) -> str:
+    """The row the paired tests compare against: the preset its model module marks as
+    the reference of that table (Table 1: MAEDiff), MAEDiff for --models."""
+    marked = [m for m in presets_of_table(table) if preset_info(m).reference] if table else []
+    return marked[0] if marked else "maediff"
+
+
+def twin_of(model: str) -> str | None:
+    """A row whose configuration is this one's (only the preset name differs; its
+    declaration's `same_as`): a finished run of either serves both tables."""
+    return preset_info(model).same_as
+
+
 FIGURE_SUBJECTS = ((TUMOUR, 2), (MS, 1))  # test volumes shown in Figure 3
 
 
@@ -126,10 +140,10 @@ class BenchmarkPlan:
     ) -> BenchmarkPlan:
         if bool(table) == bool(models):
             raise ValueError("give --table 1, --table 2 or --models NAME ..., one of them")
-        names = list({"1": TABLE1, "2": TABLE2}[table] if table else models)
-        unknown = [m for m in names if m not in MODEL_DELTAS]
+        names = list(presets_of_table(table) if table else models)
+        unknown = [m for m in names if m not in model_names()]
         if unknown:
-            raise ValueError(f"unknown model(s) {unknown}; choose from {list(MODEL_DELTAS)}")
+            raise ValueError(f"unknown model(s) {unknown}; choose from {list(model_names())}")
         if minutes is not None and steps is not None:
             raise ValueError("give one training budget: --minutes or --steps")
         for f in folds or []:
@@ -176,7 +190,7 @@ class BenchmarkPlan:
         return "each preset's own training budget"
 
     def reference(self) -> str | None:
-        ref = REFERENCE.get(self.table or "", "maediff")
+        ref = reference_of(self.table)
         return ref if ref in self.models else None
 
     def command(self, out: Path, device: str, index: int | None = None) -> str:
@@ -242,10 +256,17 @@ def execute_run(
     cfg = plan.config(spec)
     check_run_config(folder, cfg)
     timing: dict[str, Any] = {}
+    earlier = folder / "timing.json"  # a run trained before: its training time stays
+    if earlier.exists():
+        timing.update(
+            {k: v for k, v in json.loads(earlier.read_text()).items() if k.startswith("train")}
+        )
     t0 = time.perf_counter()
+    trained = False
     if MODELS[cfg.model].trainable:
         run_dir = folder / "train"
         if not (run_dir / "train_summary.json").exists():
+            trained = True
             resume = (run_dir / "last.state.safetensors").exists()
             if resume and to_dict(load_run_config(run_dir)) != to_dict(cfg):
                 raise ValueError(f"{run_dir} holds a training run of another configuration")
@@ -257,7 +278,8 @@ def execute_run(
         from ..models import build_model
 
         model = build_model(cfg).to(resolve_device(device))
-    timing["train_s"] = round(time.perf_counter() - t0, 1)
+    if trained or "train_s" not in timing:
+        timing["train_s"] = round(time.perf_counter() - t0, 1)
     if isinstance(model, MAEDiff) and not (folder / "probe.json").exists():
         t0 = time.perf_counter()
         write_probe(model, data, folder / "probe.json")
@@ -267,7 +289,7 @@ def execute_run(
         model,
         data,
         folder / "eval",
-        label=DISPLAY_NAMES[spec.model],
+        label=row(spec.model),
         fold=spec.fold,
         n_jobs=1,
         seed=spec.seed,
@@ -471,11 +493,10 @@ def finished_runs(
     plan: BenchmarkPlan, out: Path
 ) -> dict[str, list[tuple[RunSpec, EvaluationSummary]]]:
     """model -> its finished runs; a row with no run of its own takes those of its
-    EQUIVALENT row (same configuration), in either direction."""
-    twins = {**EQUIVALENT, **{v: k for k, v in EQUIVALENT.items()}}
+    twin row (same configuration, `twin_of`), in either direction."""
     found: dict[str, list[tuple[RunSpec, EvaluationSummary]]] = {}
     for spec in plan.runs():
-        for model in (spec.model, twins.get(spec.model)):
+        for model in (spec.model, twin_of(spec.model)):
             src = RunSpec(model, spec.fold, spec.seed) if model else None
             if src and is_done(out / "runs" / src.key):
                 found.setdefault(spec.model, []).append(
@@ -507,7 +528,7 @@ def per_subject_means(
 
 def collect(plan: BenchmarkPlan, out: Path) -> int:
     found = finished_runs(plan, out)
-    rows = {DISPLAY_NAMES[m]: [s for _, s in found[m]] for m in plan.models if m in found}
+    rows = {row(m): [s for _, s in found[m]] for m in plan.models if m in found}
     if not rows:
         print("no finished runs yet")
         return 0
@@ -517,9 +538,9 @@ def collect(plan: BenchmarkPlan, out: Path) -> int:
     ref = plan.reference()
     tests_md = ""
     if ref and ref in found:
-        per_subject = {DISPLAY_NAMES[m]: per_subject_means(out, found[m]) for m in found}
-        tests = paired_tests(per_subject, DISPLAY_NAMES[ref])
-        tests_md = tests_markdown(tests, DISPLAY_NAMES[ref])
+        per_subject = {row(m): per_subject_means(out, found[m]) for m in found}
+        tests = paired_tests(per_subject, row(ref))
+        tests_md = tests_markdown(tests, row(ref))
         write_atomic(out / "wilcoxon.md", tests_md)
         buf = ["model,key,n,median_diff,p"] + [
             f"{t['model']},{t['key']},{t['n']},{t['median_diff']:.6g},{t['p']:.6g}" for t in tests
@@ -567,7 +588,7 @@ def collect(plan: BenchmarkPlan, out: Path) -> int:
     if tests_md:
         sections.append(
             {
-                "heading": f"Paired tests against {DISPLAY_NAMES[ref]}",
+                "heading": f"Paired tests against {row(ref)}",
                 "table": tests_md,
                 "text": "Wilcoxon signed-rank over test subjects, per-subject values averaged over each model's runs; median difference in percentage points (model - reference).",
             }
@@ -591,7 +612,8 @@ def collect(plan: BenchmarkPlan, out: Path) -> int:
     return 0
 
 
-PROBE_REFERENCE = ("ablation-unet", "pddpm-s16")  # the plain U-Net (the same configuration)
+# the plain U-Net, whichever of its two names ran (the same configuration)
+PROBE_REFERENCE = ("ablation-unet", twin_of("ablation-unet"))
 PROBE_TEXT = (
     "In-patch l1 (x 100, image intensity units) of each diffusion model's x0 prediction on "
     "healthy validation slices, at draws of (t, noise field, patch position) fixed once and "
@@ -631,7 +653,7 @@ def probe_table(plan: BenchmarkPlan, out: Path, found) -> str:
         if m not in probes:
             continue
         runs = probes[m]
-        cells = [DISPLAY_NAMES[m], str(len(runs))]
+        cells = [row(m), str(len(runs))]
         cells.append(_mean_std([p["probe"]["l1"] for p in runs.values()], 100))
         for b in range(len(bands)):
             cells.append(_mean_std([p["probe"]["bands"][b]["l1"] for p in runs.values()], 100))
@@ -658,7 +680,7 @@ def lesion_table(plan: BenchmarkPlan, found) -> str:
                 if d.lesions is not None:
                     per_ds.setdefault(ds, []).append(d.lesions.to_json())
         if per_ds:
-            by_model[DISPLAY_NAMES[m]] = {ds: merge_runs(v) for ds, v in per_ds.items()}
+            by_model[row(m)] = {ds: merge_runs(v) for ds, v in per_ds.items()}
     return lesion_markdown(by_model)
 
 
@@ -687,7 +709,7 @@ def budget_table(plan: BenchmarkPlan, found) -> str:
     lines = ["| model | training budget |", "|---|---|"]
     for m in plan.models:
         spec = found[m][0][0] if m in found else RunSpec(m, plan.folds[0], plan.seeds[0])
-        lines.append(f"| {DISPLAY_NAMES[m]} | {budget_of(plan.config(spec))} |")
+        lines.append(f"| {row(m)} | {budget_of(plan.config(spec))} |")
     return "\n".join(lines) + "\n"
 
 
@@ -701,7 +723,7 @@ def _figure3(plan: BenchmarkPlan, out: Path, found) -> Path | None:
         f = out / "runs" / spec.key / "figure3.npz"
         if not f.exists():
             continue
-        names.append(DISPLAY_NAMES[m])
+        names.append(row(m))
         with np.load(f) as z:
             for key in z.files:
                 idx, subject, part = split_figure_key(key)
@@ -712,7 +734,7 @@ def _figure3(plan: BenchmarkPlan, out: Path, found) -> Path | None:
                     rec = z[key]
                     image = z[figure_key(idx, subject, "image")]
                     brain = z[figure_key(idx, subject, "brain")]
-                    ex["models"][DISPLAY_NAMES[m]] = (rec, np.abs(image - rec) * brain)
+                    ex["models"][row(m)] = (rec, np.abs(image - rec) * brain)
     if not examples:
         return None
     return figure_comparison([examples[k] for k in sorted(examples)], names, out / "figure3.png")
