@@ -9,7 +9,7 @@ import torch
 from maediff.config import DataConfig
 from maediff.data.datasets import SliceSet, load_subject, slices_to_volume, volume_to_slices
 from maediff.data.io import DataError, load_nifti, save_like
-from maediff.data.preprocess import curvature_flow, prepare_volume, rescale_percentiles
+from maediff.data.load import curvature_flow, prepare_volume, rescale_percentiles
 from maediff.data.splits import (
     Subject,
     read_folder,

@@ -11,7 +11,7 @@ from conftest import draw_zero_layers
 from maediff.config import NYUL_PERCENTILES, AugmentConfig, get_preset
 from maediff.data.augment import augment_intensity, gaussian_blur, random_curve
 from maediff.data.io import DataError
-from maediff.data.preprocess import learn_landmarks, nyul_landmarks, nyul_standardise
+from maediff.data.load import learn_landmarks, nyul_landmarks, nyul_standardise
 from maediff.models.maediff import MAEDiff
 
 

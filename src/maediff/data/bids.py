@@ -14,7 +14,7 @@ they exist for the same subject, session, acquisition and run:
 `participants` selects subjects by the columns of participants.tsv (all given columns
 must match; values compared as text): healthy subjects for training, patients for an
 evaluation. Where no brain mask exists the loader estimates one from the image, as for
-any scan (data/preprocess.py).
+any scan (data/load.py).
 
 Outputs of `detect` on a BIDS input go to a derivatives data set: `write_description`
 writes its dataset_description.json; the files keep the input's folders

@@ -20,7 +20,7 @@ from tqdm.auto import tqdm
 
 from ..config import DataConfig
 from .io import DataError, load_nifti
-from .preprocess import PreparedVolume, prepare_volume
+from .load import PreparedVolume, prepare_volume
 from .splits import Subject
 
 
