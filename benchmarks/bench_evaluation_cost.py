@@ -60,7 +60,6 @@ def _evaluate(
             figures=False,
         )
         dt = time.perf_counter() - t
-    s = EvaluationSummary.from_json(s)
     n = sum(d.n_test for d in s.datasets.values()) + sum(
         int(d.threshold_source.split("(")[1].split()[0])
         for d in s.datasets.values()

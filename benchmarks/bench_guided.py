@@ -20,7 +20,7 @@ import torch
 
 from maediff.data.datasets import load_subject
 from maediff.pipeline.detect import reconstruct_volume
-from maediff.pipeline.evaluate import EvaluationSummary, evaluate_model, plan_evaluation
+from maediff.pipeline.evaluate import evaluate_model, plan_evaluation
 from maediff.training.checkpoint import load_model
 
 
@@ -42,7 +42,6 @@ def run(model_dir: str, data: str, volumes: int, overrides: list[str], seed: int
             figures=False,
         )
         seconds = time.perf_counter() - t0
-    s = EvaluationSummary.from_json(s)
     row = {
         "setting": " ".join(overrides) or "Alg. 2 (all patches)",
         "seconds_per_volume": seconds / n,

@@ -26,7 +26,7 @@ from pathlib import Path
 import torch
 
 from maediff.config import apply_overrides, get_preset
-from maediff.pipeline.evaluate import EvaluationSummary, evaluate_model
+from maediff.pipeline.evaluate import evaluate_model
 from maediff.training.checkpoint import load_model
 from maediff.training.trainer import prepare_training_data, train
 
@@ -124,7 +124,6 @@ def run_variant(name: str, data_dir: Path, out: Path, volumes: int, seed: int) -
         figures=False,
     )
     eval_s = time.perf_counter() - t0
-    summary = EvaluationSummary.from_json(summary)
     row = {"variant": name, "steps": s["steps"], "parameters": s["parameters"]}
     row["best_val_loss"] = s["best_val_loss"]
     for ds, d in summary.datasets.items():

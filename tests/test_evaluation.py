@@ -338,6 +338,7 @@ def test_worker_processes_give_the_in_process_results(tiny_bench, tmp_path, gen)
     model = draw_zero_layers(build_model(get_preset("maediff-tiny")), gen).eval()
     here = evaluate_model(model, tiny_bench, tmp_path / "here", workers=0, progress=False)
     pooled = evaluate_model(model, tiny_bench, tmp_path / "pool", workers=2, progress=False)
+    here, pooled = here.to_json(), pooled.to_json()
     assert here["scoring"]["workers"] == 0 and pooled["scoring"]["workers"] == 2
     for ds, d in here["datasets"].items():
         p = pooled["datasets"][ds]

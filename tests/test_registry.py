@@ -253,9 +253,9 @@ def test_every_model_goes_through_the_protocol(model, tiny_bench, tmp_path):
     else:
         m = build_model(cfg)
     s = evaluate_model(m, tiny_bench, tmp_path / "eval", label=model, progress=False, figures=False)
-    assert set(s["datasets"]) == {"Brats21", "MSLUB", "IXI"}
-    assert 0.0 <= s["datasets"]["Brats21"]["metrics"]["auprc"]["mean"] <= 1.0
-    assert s["datasets"]["IXI"]["metrics"]["l1"]["mean"] > 0
+    assert set(s.datasets) == {"Brats21", "MSLUB", "IXI"}
+    assert 0.0 <= s.mean("Brats21", "auprc") <= 1.0
+    assert s.mean("IXI", "l1") > 0
 
 
 def test_a_model_without_training_refuses_to_train(tiny_bench, tmp_path):

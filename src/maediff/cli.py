@@ -175,7 +175,7 @@ def _evaluation_model(args: argparse.Namespace):
 def cmd_evaluate(args: argparse.Namespace) -> int:
     from .config import display_name
     from .data.bids import is_bids, parse_participants
-    from .pipeline.evaluate import EvaluationSummary, evaluate_model, plan_bids_evaluation
+    from .pipeline.evaluate import evaluate_model, plan_bids_evaluation
 
     plan = None
     if is_bids(args.data):
@@ -202,7 +202,6 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         progress=not args.quiet,
         plan=plan,
     )
-    s = EvaluationSummary.from_json(s)
     print((Path(args.output) / "results.md").read_text())
     print(f"report: {Path(args.output) / 'report.html'} ({s.seconds:.0f} s)")
     return 0
@@ -220,7 +219,7 @@ def cmd_report(args: argparse.Namespace) -> int:
 def cmd_preprocess(args: argparse.Namespace) -> int:
     from tqdm.auto import tqdm
 
-    from .data.raw import RawOptions, preprocess_scan
+    from .data.preprocess import RawOptions, preprocess_scan
     from .data.splits import read_inputs
 
     opts = RawOptions(

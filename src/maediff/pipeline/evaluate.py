@@ -233,10 +233,10 @@ def evaluate_model(
     figures: bool = True,
     workers: int | None = None,
     plan: EvalPlan | None = None,
-) -> dict[str, Any]:
+) -> EvaluationSummary:
     """Run the protocol (docs/evaluation.md §1) on every data set and write the results;
-    returns the dict written as OUT/summary.json (EvaluationSummary.from_json of it, or
-    load_summary(OUT), gives the typed summary).
+    returns the typed summary, whose `to_json()` is OUT/summary.json (load_summary(OUT)
+    reads it back).
 
     workers: processes that reconstruct the volumes, one thread each (None: one per
     torch thread, at most 4, for a trainable model on the CPU; 0: in this process).
@@ -299,7 +299,7 @@ def evaluate_model(
     finally:
         if pool is not None:
             pool.close()
-    return summary.to_json()
+    return summary
 
 
 def _run(
