@@ -177,7 +177,7 @@ def test_overfitting_one_batch_lowers_the_loss(mae_on):
 
     before = eval_loss()
     g = torch.Generator().manual_seed(0)
-    for _ in range(200):
+    for _ in range(80):  # 80 steps: about a quarter (MAE) and a third (no MAE) of the loss
         opt.zero_grad()
         model.loss(x, g).backward()
         opt.step()
