@@ -9,8 +9,9 @@ config.register_section, with what each scale makes of it) and its class with
     @register_model("dae", sections=("dae",), presets=(Preset("dae", "DAE", ...),),
                     check=..., describe=...)
 
-The configuration, validation, presets, row names, the paper's tables, the CLI and the
-benchmark read the model from there; the trainer, checkpoints, detection and the
+Every module of this package is imported when the registry loads, so a new built-in
+model is one new file. The configuration, validation, presets, row names, the paper's
+tables, the CLI and the benchmark read the model from there; the trainer, checkpoints, detection and the
 evaluation need no change. A model of another package registers the same way from its
 own module, named by an entry point of the group `maediff.models` (docs/plugins.md).
 """
@@ -91,8 +92,17 @@ def build_model(cfg: Config) -> AnomalyModel:
     return MODELS[cfg.model](cfg)
 
 
-# importing the modules fills the registry
-from . import anoddpm, autoencoders, dae, fanogan, maediff, svae, thresh  # noqa: E402,F401
+def _import_builtin_models() -> None:
+    """Import every module of this package: a model module registers itself, so a new
+    built-in model is one new file here and no list names it."""
+    import importlib
+    import pkgutil
+
+    for info in sorted(pkgutil.iter_modules(__path__), key=lambda m: m.name):
+        importlib.import_module(f"{__name__}.{info.name}")
+
+
+_import_builtin_models()
 from .maediff import MAEDiff  # noqa: E402
 
 PLUGINS = load_plugins()  # models of other packages, registered like the built-in ones
