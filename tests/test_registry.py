@@ -201,18 +201,33 @@ def _crash_after_checkpoints(monkeypatch, n: int) -> None:
 def test_resume_in_process_gives_the_same_weights(model, tiny_bench, tmp_path, monkeypatch):
     cfg = _tiny(model, "train.epochs=4")
     data = prepare_training_data(cfg, tiny_bench, progress=False)
-    train(cfg, data, tmp_path / "ref", device="cpu", progress=False)
+    kw = {"device": "cpu", "progress": False, "log_every": 1}
+    train(cfg, data, tmp_path / "ref", **kw)
     with monkeypatch.context() as m:
         _crash_after_checkpoints(m, 2)
         with pytest.raises(KeyboardInterrupt):
-            train(cfg, data, tmp_path / "run", device="cpu", progress=False)
+            train(cfg, data, tmp_path / "run", **kw)
     torch.manual_seed(123)  # the resumed run must not depend on the global state left behind
-    train(cfg, data, tmp_path / "run", device="cpu", progress=False, resume=True)
+    train(cfg, data, tmp_path / "run", resume=True, **kw)
     a = read_checkpoint(tmp_path / "ref" / "last.safetensors")[1]
     b = read_checkpoint(tmp_path / "run" / "last.safetensors")[1]
     assert a.keys() == b.keys()
     for k in a:
         assert torch.equal(a[k], b[k]), k
+    # and the log goes on as it was: the same rows, the smoothed loss included
+    assert _log_rows(tmp_path / "run") == _log_rows(tmp_path / "ref")
+
+
+def _log_rows(run_dir: Path) -> list[dict]:
+    import csv
+
+    with (run_dir / "log.csv").open() as f:
+        rows = [
+            {k: v for k, v in r.items() if k not in ("time_s", "steps_per_s")}
+            for r in csv.DictReader(f)
+        ]
+    assert any(r["train_loss"] for r in rows)
+    return rows
 
 
 @pytest.mark.slow
@@ -238,6 +253,26 @@ def test_fanogan_resumes_across_the_stage_boundary(tiny_bench, tmp_path, monkeyp
     assert frozen and trained
     assert all(torch.equal(after[k], boundary[k]) for k in frozen)  # G and D stay fixed
     assert any(not torch.equal(after[k], boundary[k]) for k in trained)
+
+
+@pytest.mark.slow
+def test_fanogan_resumes_exactly_from_the_stage_boundary_under_an_epoch_budget(
+    tiny_bench, tmp_path, monkeypatch
+):
+    """The stage-boundary checkpoint ends an epoch: it must count that epoch, or a run
+    resumed from it trains one epoch more than an uninterrupted one."""
+    cfg = _tiny("fanogan", "train.max_steps=0", "train.epochs=4", "train.checkpoint_every=1000")
+    data = prepare_training_data(cfg, tiny_bench, progress=False)
+    whole = train(cfg, data, tmp_path / "whole", device="cpu", progress=False)
+    with monkeypatch.context() as m:
+        _crash_after_checkpoints(m, 1)  # the first checkpoint is the stage boundary
+        with pytest.raises(KeyboardInterrupt):
+            train(cfg, data, tmp_path / "run", device="cpu", progress=False)
+    resumed = train(cfg, data, tmp_path / "run", device="cpu", progress=False, resume=True)
+    assert resumed["steps"] == whole["steps"] and resumed["epochs"] == whole["epochs"] == 4
+    a = read_checkpoint(tmp_path / "whole" / "last.safetensors")[1]
+    b = read_checkpoint(tmp_path / "run" / "last.safetensors")[1]
+    assert all(torch.equal(a[k], b[k]) for k in a)
 
 
 @pytest.mark.slow

@@ -181,6 +181,10 @@ class TrainState:
     elapsed_s: float = 0.0
     best_val_loss: float = math.inf  # within the last phase
     last_train_loss: float = math.nan
+    # the training loss smoothed within the phase (log.csv's train_loss): a resumed run
+    # goes on from it (None before the first step, and in states written before 0.5.0,
+    # whose resumed runs restart it)
+    smoothed_train_loss: float | None = None
 
     def public(self) -> dict[str, Any]:
         """What goes into the weights' metadata and the model card."""

@@ -103,12 +103,13 @@ def train(
         if st.step % log_every == 0:
             _log_train(run)
         stop = _stop(run, last_batch)
+        if stop.epoch:  # counted before the stage-boundary checkpoint, which ends it too
+            st.epoch += 1
         if stop.phase is not None:  # f-AnoGAN: from the WGAN to the encoder
             _enter_phase(run, stop.phase)
             if run.ddp.main:
                 _checkpoint(run)
         if stop.epoch:
-            st.epoch += 1
             if run.validates and (st.epoch % t.val_every == 0 or stop.run):
                 _validate(run)
             if run.ddp.main and (st.epoch % t.checkpoint_every == 0 or stop.run):
@@ -230,6 +231,7 @@ def _count(run: Run, loss: float) -> None:
     run.loss_ema = (
         loss if run.loss_ema is None or st.phase_step == 1 else 0.95 * run.loss_ema + 0.05 * loss
     )
+    st.smoothed_train_loss = run.loss_ema
 
 
 def _log_train(run: Run) -> None:
@@ -467,6 +469,8 @@ def _setup(cfg: Config, data: TrainingData, run_dir: Path, device: str, resume: 
         window=(time.perf_counter(), state.step),
     )
     run.start = time.perf_counter() - state.elapsed_s
+    if state.smoothed_train_loss is not None:  # a resumed run: its log goes on as it was
+        run.loss_ema = state.smoothed_train_loss
     return run
 
 
