@@ -22,6 +22,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from functools import cached_property
 from typing import Any, ClassVar
 
 import torch
@@ -223,9 +224,10 @@ class Reconstruction:
     def autocast(self):
         return autocast_context(self.device, self.amp)
 
-    @property
+    @cached_property
     def has_brain(self) -> Tensor:
-        """(S,) bool on the device: slices holding brain (all, without a brain mask)."""
+        """(S,) bool on the device: slices holding brain (all, without a brain mask);
+        computed once per call, for the driver and the procedure."""
         if self.brain is None:
             return torch.ones(self.slices, dtype=torch.bool, device=self.device)
         return self.brain.flatten(1).amax(1) > 0

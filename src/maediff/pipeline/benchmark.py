@@ -141,9 +141,10 @@ class BenchmarkPlan:
         if bool(table) == bool(models):
             raise ValueError("give --table 1, --table 2 or --models NAME ..., one of them")
         names = list(presets_of_table(table) if table else models)
-        unknown = [m for m in names if m not in model_names()]
+        known = model_names()
+        unknown = [m for m in names if m not in known]
         if unknown:
-            raise ValueError(f"unknown model(s) {unknown}; choose from {list(model_names())}")
+            raise ValueError(f"unknown model(s) {unknown}; choose from {list(known)}")
         if minutes is not None and steps is not None:
             raise ValueError("give one training budget: --minutes or --steps")
         for f in folds or []:
