@@ -925,13 +925,16 @@ def apply_overrides(cfg: Config, overrides: list[str]) -> Config:
     return _from_full_dict(data)
 
 
+def describe_size(cfg: Config) -> str:
+    """The start of every model's description: "NAME (MODEL): HxW"."""
+    g = cfg.geometry
+    return f"{cfg.name} ({cfg.model}): {g.image_size}x{g.image_size}"
+
+
 def describe(cfg: Config) -> str:
     """One-line summary used in logs and model cards (the model's spec writes it)."""
     spec = model_spec(cfg.model)
-    if spec.describe is not None:
-        return spec.describe(cfg)
-    g = cfg.geometry
-    return f"{cfg.name} ({cfg.model}): {g.image_size}x{g.image_size}"
+    return spec.describe(cfg) if spec.describe is not None else describe_size(cfg)
 
 
 # names that moved to the model modules (0.5.0) and the registry's views, read lazily
@@ -983,6 +986,7 @@ __all__ = [
     "apply_overrides",
     "check_downsampling",
     "describe",
+    "describe_size",
     "display_name",
     "model_names",
     "model_spec",

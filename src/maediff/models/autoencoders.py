@@ -31,6 +31,7 @@ from ..config import (
     _check,
     _positive_widths,
     check_downsampling,
+    describe_size,
     register_section,
 )
 from . import register_model
@@ -176,8 +177,8 @@ class ConvAutoencoder(nn.Module):
 
 
 def _describe_ae(cfg: Config) -> str:
-    g, a = cfg.geometry, cfg.autoencoder
-    return f"{cfg.name} ({cfg.model}): {g.image_size}x{g.image_size}, conv {list(a.channels)}, z={a.latent_dim}"
+    a = cfg.autoencoder
+    return f"{describe_size(cfg)}, conv {list(a.channels)}, z={a.latent_dim}"
 
 
 def check_autoencoder(cfg: Config) -> None:

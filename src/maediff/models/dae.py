@@ -20,7 +20,15 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..config import Config, Preset, _check, _positive_widths, check_downsampling, register_section
+from ..config import (
+    Config,
+    Preset,
+    _check,
+    _positive_widths,
+    check_downsampling,
+    describe_size,
+    register_section,
+)
 from . import register_model
 from .autoencoders import check_group
 from .base import AnomalyModel
@@ -112,9 +120,9 @@ def _check_dae(cfg: Config) -> None:
 
 
 def _describe_dae(cfg: Config) -> str:
-    g, d = cfg.geometry, cfg.dae
+    d = cfg.dae
     return (
-        f"{cfg.name} ({cfg.model}): {g.image_size}x{g.image_size}, U-Net {list(d.channels)}, "
+        f"{describe_size(cfg)}, U-Net {list(d.channels)}, "
         f"coarse noise {d.noise_res}x{d.noise_res} std {d.noise_std}"
     )
 

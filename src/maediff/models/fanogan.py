@@ -25,7 +25,15 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..config import Config, Preset, _check, _positive_widths, check_downsampling, register_section
+from ..config import (
+    Config,
+    Preset,
+    _check,
+    _positive_widths,
+    check_downsampling,
+    describe_size,
+    register_section,
+)
 from . import register_model
 from .autoencoders import check_group
 from .base import AnomalyModel, OptimizerGroup, Phase
@@ -162,9 +170,9 @@ def _check_fanogan(cfg: Config) -> None:
 
 
 def _describe_fanogan(cfg: Config) -> str:
-    g, f = cfg.geometry, cfg.fanogan
+    f = cfg.fanogan
     return (
-        f"{cfg.name} ({cfg.model}): {g.image_size}x{g.image_size}, WGAN-GP + izi_f encoder, "
+        f"{describe_size(cfg)}, WGAN-GP + izi_f encoder, "
         f"widths {list(f.channels)}, z={f.latent_dim}"
     )
 
