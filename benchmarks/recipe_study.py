@@ -1,6 +1,6 @@
 """Which training recipe learns faster per CPU-minute at the `cpu` scale, decided on
 validation only: each variant of the `cpu` preset is trained for a step budget with
-several seeds, then measured on the unhealthy validation volumes (the pooled Dice that
+several seeds, then measured on the unhealthy validation volumes, patches without brain skipped (the pooled Dice that
 the protocol's threshold search reaches, and the voxel-wise AUPRC of the pooled
 validation scores) and by the patch probe (pipeline/probe.py: in-patch l1 on healthy
 validation slices at shared draws). No test volume is read.
@@ -34,11 +34,12 @@ import numpy as np
 import torch
 
 from maediff.config import apply_overrides, get_preset
+from maediff.data.datasets import load_subject
 from maediff.data.splits import read_pddpm_split
 from maediff.evaluation.metrics import average_precision
 from maediff.evaluation.protocol import EvalSettings, VolumeResult, evaluate_split, score_volume
 from maediff.names import ANOMALY_SETS
-from maediff.pipeline.detect import reconstruct_subject
+from maediff.pipeline.detect import reconstruct_volume
 from maediff.pipeline.probe import patch_probe, probe_slices
 from maediff.training.checkpoint import load_model
 from maediff.training.trainer import prepare_training_data, train
@@ -70,10 +71,17 @@ def validation_metrics(model, data_dir: Path, seed: int) -> dict:
     for ds in ANOMALY_SETS:
         vols = []
         for s in read_pddpm_split(data_dir, ds, "val"):
-            name, image, brain, seg, rec, affine = reconstruct_subject(
-                model, s, model.cfg.data, seed
+            vol = load_subject(s, model.cfg.data)
+            # patches without brain are skipped (they keep the input): the maps inside
+            # the brain are Alg. 2's, for less work than the protocol's full pass
+            rec = reconstruct_volume(
+                model, vol, torch.Generator().manual_seed(seed), skip_empty_patches=True
             )
-            vols.append(VolumeResult(name, image, rec, brain, seg, affine, []))
+            vols.append(
+                VolumeResult(
+                    s.name, vol.image, rec, vol.brain_mask, vol.segmentation, vol.affine, []
+                )
+            )
         outcome = evaluate_split(vols, [], settings)
         scores = np.concatenate([score_volume(v, settings)[v.brain_mask > 0] for v in vols])
         labels = np.concatenate([v.segmentation[v.brain_mask > 0] > 0 for v in vols])

@@ -283,6 +283,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
         device=args.device,
         progress=not args.quiet,
         amp=args.amp,
+        model=args.model,
     )
     return 0
 
@@ -530,7 +531,17 @@ def _parser_benchmark(p: argparse.ArgumentParser) -> None:
 
 
 def _parser_demo(p: argparse.ArgumentParser) -> None:
-    p.add_argument("-o", "--output", default="maediff-demo")
+    p.add_argument(
+        "-o", "--output", default="maediff-demo", help="folder for everything the demo writes"
+    )
+    p.add_argument(
+        "--model",
+        choices=("shipped", "train", "both"),
+        default="shipped",
+        help="which MAEDiff to evaluate: the model that ships with the package (trained "
+        "longer on the same synthetic benchmark; no training here), one trained here for "
+        "the budget below, or both side by side",
+    )
     budget = p.add_mutually_exclusive_group()
     budget.add_argument(
         "--steps",
