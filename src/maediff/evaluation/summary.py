@@ -307,6 +307,8 @@ class Scoring:
     standardise: str = "none"
     speed: list[str] = field(default_factory=list)
     workers: int | None = None
+    t_test: int | None = None  # since 0.6: the diffusion models' test noise level
+    t_choice: dict[str, Any] | None = None  # since 0.6: t_test chosen on validation
 
     @classmethod
     def from_json(cls, d: Any, where: str = "scoring") -> Scoring:
@@ -317,6 +319,8 @@ class Scoring:
             d.get("standardise", "none"),
             list(d.get("speed") or []),
             d.get("workers"),
+            d.get("t_test"),
+            d.get("t_choice"),
         )
 
     def to_json(self) -> dict[str, Any]:
@@ -327,6 +331,8 @@ class Scoring:
             "speed": list(self.speed),
         }
         _put(out, "workers", self.workers)
+        _put(out, "t_test", self.t_test)
+        _put(out, "t_choice", self.t_choice)
         return out
 
 

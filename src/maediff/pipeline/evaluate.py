@@ -53,6 +53,7 @@ from ..evaluation.summary import (
     curve_key,
 )
 from ..names import HEALTHY
+from .choose_t import choose_t_test, with_t_test
 from .detect import reconstruct_subject
 from .workers import ReconstructionPool, auto_workers
 
@@ -233,6 +234,7 @@ def evaluate_model(
     figures: bool = True,
     workers: int | None = None,
     plan: EvalPlan | None = None,
+    t_candidates: Sequence[int] = (),
 ) -> EvaluationSummary:
     """Run the protocol (docs/evaluation.md §1) on every data set and write the results;
     returns the typed summary, whose `to_json()` is OUT/summary.json (load_summary(OUT)
@@ -241,7 +243,9 @@ def evaluate_model(
     workers: processes that reconstruct the volumes, one thread each (None: one per
     torch thread, at most 4, for a trainable model on the CPU; 0: in this process).
     plan: the subjects to evaluate (a BIDS data set: plan_bids_evaluation); None reads
-    pDDPM's split files of `data_dir`."""
+    pDDPM's split files of `data_dir`.
+    t_candidates: choose t_test among these on the validation volumes first
+    (pipeline/choose_t.py); the evaluation then runs at the chosen t."""
     if plan is None:
         plan = plan_evaluation(data_dir, datasets, healthy_test, max_volumes)
     out = Path(out_dir)
@@ -249,6 +253,10 @@ def evaluate_model(
         raise DataError(f"output {out} exists and is not a folder")
     data_cfg = data_cfg or model.cfg.data
     info = getattr(model, "checkpoint_info", {})
+    t_choice = None
+    if t_candidates:
+        t_choice = choose_t_test(model, plan, data_cfg, t_candidates, seed, settings, progress)
+        with_t_test(model, t_choice.chosen)
     if workers is None:
         workers = auto_workers(model, len(plan.subjects()))
     summary = EvaluationSummary(
@@ -265,6 +273,8 @@ def evaluate_model(
             standardise=getattr(data_cfg, "standardise", "none"),
             speed=list(info.get("speed", [])),
             workers=workers,
+            t_test=_t_test(model),
+            t_choice=t_choice.to_json() if t_choice else None,
         ),
     )
     base = out.resolve()
@@ -397,6 +407,12 @@ def _run(
             **{curve_key(k, "scores"): v[0] for k, v in curves.items()},
             **{curve_key(k, "labels"): v[1] for k, v in curves.items()},
         )
+
+
+def _t_test(model: AnomalyModel) -> int | None:
+    """The diffusion models' test noise level; None for others (and duck-typed models)."""
+    section = getattr(model.cfg, "section", None)
+    return getattr(section("diffusion"), "t_test", None) if callable(section) else None
 
 
 def _metrics(records: Sequence[dict], metrics: Sequence[str] = METRICS) -> dict[str, MetricStats]:
