@@ -209,7 +209,8 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         model,
         args.data,
         args.output,
-        label=args.label or display_name(model.cfg),
+        label=args.label
+        or display_name(model.cfg) + (" (normative)" if args.scoring == "normative" else ""),
         datasets=args.datasets,
         healthy_test=not args.no_ixi,
         fold=args.fold or 0,
@@ -220,6 +221,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         progress=not args.quiet,
         plan=plan,
         t_candidates=args.choose_t or (),
+        scoring=args.scoring,
     )
     if s.scoring.t_choice:
         from .pipeline.choose_t import TChoice
@@ -485,6 +487,14 @@ def _parser_evaluate(p: argparse.ArgumentParser) -> None:
         "--max-volumes", type=int, help="use only the first N volumes of each split (quick looks)"
     )
     p.add_argument("--jobs", type=int, default=1, help="processes for post-processing and metrics")
+    p.add_argument(
+        "--scoring",
+        choices=("residual", "normative"),
+        default="residual",
+        help="residual: the paper's |x - x_rec|; normative: the residual against healthy "
+        "residuals of the same intensity, fitted on healthy validation volumes "
+        "(docs/evaluation.md §3d)",
+    )
     p.add_argument(
         "--choose-t",
         type=int,
