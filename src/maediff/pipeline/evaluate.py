@@ -54,7 +54,7 @@ from ..evaluation.summary import (
 )
 from ..names import HEALTHY
 from .detect import reconstruct_subject
-from .workers import ReconstructionPool, auto_workers
+from .workers import ReconstructionPool, auto_workers, check_workers
 
 if TYPE_CHECKING:
     from ..models import AnomalyModel
@@ -251,6 +251,7 @@ def evaluate_model(
     info = getattr(model, "checkpoint_info", {})
     if workers is None:
         workers = auto_workers(model, len(plan.subjects()))
+    check_workers(model, workers)
     summary = EvaluationSummary(
         model=label,
         checkpoint=info.get("path"),
