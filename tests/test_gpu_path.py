@@ -5,6 +5,7 @@ tensors, the 'meta' device, monkeypatched device checks, gloo, torch.compile's
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import subprocess
@@ -357,23 +358,69 @@ def test_benchmark_refuses_torchrun_and_takes_the_local_rank(monkeypatch):
 
 
 @pytest.mark.slow
-def test_bench_gpu_runs_on_the_cpu(tmp_path):
-    """benchmarks/bench_gpu.py as CI runs it: the tiny scale, a few steps, one thread."""
-    out = tmp_path / "bench.json"
+def test_the_gpu_check_runs_on_the_cpu_and_its_checks_can_fail(tmp_path):
+    """benchmarks/gpu_check.sh as CI runs it (no CUDA: the tiny scale, bench_gpu.py only,
+    one thread): one JSON, the table; then bench_gpu's checks on that report, each
+    broken in turn."""
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, str(ROOT / "benchmarks" / "bench_gpu.py"), "--device", "cpu"]
-    cmd += ["--scale", "tiny", "--steps", "3", "--slices", "4", "--json", str(out)]
-    res = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=120)
-    assert res.returncode == 0, res.stderr[-3000:]
-    import json
-
-    report = json.loads(out.read_text())
-    assert report["environment"]["device"] == "cpu"
+    out = tmp_path / "check"
+    res = subprocess.run(
+        ["bash", str(ROOT / "benchmarks" / "gpu_check.sh"), str(out)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=240,
+    )
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    check = json.loads((out / "gpu_check.json").read_text())
+    assert check["steps"] == {
+        "fast GPU tests": "skipped",
+        "compiled bf16 MAEDiff": "skipped",
+        "bench_gpu.py": "passed",
+    }
+    report = check["bench_gpu"]
+    assert report["environment"]["device"] == "cpu" and report["failures"] == []
     assert {r["preset"] for r in report["training"]} == {"maediff-tiny", "pddpm-s16-tiny"}
     assert all(r["loss_finite"] and r["steps_per_s"] > 0 for r in report["training"])
-    assert all(r["seconds_per_volume"] > 0 for r in report["reconstruct"])
+    assert all(r["precision"] == "fp32" for r in report["training"])  # no TF32 on a CPU
+    assert all(r["on_device"] and r["seconds_per_volume"] > 0 for r in report["reconstruct"])
+    assert all(r["channels_last"]["speedup"] > 0 for r in report["reconstruct"])
     assert report["table1_gpu_hours"]["total"] > 0
-    assert "| " in res.stdout  # the Markdown table
+    rows = {r["preset"]: r for r in check["summary"]}
+    assert rows["maediff-tiny"]["forward_tflops"] > 0 and rows["maediff-tiny"]["step_s"] > 0
+    assert "| preset | forward TFLOP/s (share of peak) |" in res.stdout
+    # the checks fail on what they look for
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    try:
+        import bench_gpu
+    finally:
+        sys.path.pop(0)
+    broken = json.loads(json.dumps(report))
+    broken["training"][0].update(mode="compiled", compile_fallback=["RuntimeError: x"])
+    broken["training"][1].update(mode="compiled", compile_fallback=[], compiled_calls=0)
+    broken["training"][1]["loss_finite"] = False
+    broken["reconstruct"][0]["on_device"] = False
+    broken["reconstruct"][1]["max_map_diff_bf16_fp32"] = 0.5
+    found = bench_gpu.failures(broken)
+    for what in ("fell back to eager", "nothing ran compiled", "not finite", "left the device"):
+        assert any(what in f for f in found), (what, found)
+    assert any("bf16 maps differ" in f for f in found)
+    assert bench_gpu.amp_name("none", tf32=True) == "tf32"
+
+
+def test_a_compiled_bench_row_is_stopped_when_the_budget_is_spent():
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    try:
+        import bench_gpu
+    finally:
+        sys.path.pop(0)
+    t0 = time.perf_counter()
+    row = bench_gpu.bounded_train_row(
+        0.5, preset="maediff-tiny", dev=torch.device("cpu"), amp="none", compiled=True,
+        steps=1, warmup=1, seed=0,
+    )  # fmt: skip
+    assert row["skipped"].startswith("stopped after") and row["mode"] == "compiled"
+    assert time.perf_counter() - t0 < 30  # the child was stopped, not waited for
 
 
 # ================================================================== the second reading (issue 26)
