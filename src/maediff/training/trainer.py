@@ -26,10 +26,11 @@ counters, optimizers, generators), log.csv, tb/ (TensorBoard, when installed),
 progress.png, model_card.md, train_summary.json.
 
 Resuming (`resume=True`) restarts from the last checkpoint, written atomically every
-train.checkpoint_every epochs and at phase changes: on CPU with a fixed seed the resumed
-run ends with the same weights as an uninterrupted one. Multi-GPU: start the same command
-under `torchrun`; each process takes its share of every epoch (global batch =
-train.batch_size) and rank 0 validates, logs and writes checkpoints.
+train.checkpoint_every epochs (or train.checkpoint_every_minutes, at an epoch end) and at
+phase changes: on CPU with a fixed seed the resumed run ends with the same weights as an
+uninterrupted one. Multi-GPU: start the same command under `torchrun`; each process
+takes its share of every epoch (global batch = train.batch_size, divisible by the
+processes) and of every validation, and rank 0 logs and writes checkpoints.
 """
 
 from __future__ import annotations
