@@ -74,6 +74,8 @@ rows = []
 if report is not None:
     env, peak = report["environment"], report["peak"]
     for r in report["reconstruct"]:
+        if "skipped" in r:
+            continue
         amp = r["fastest_amp"]
         precision = amp if amp != "none" else ("tf32" if env["tf32"] else "fp32")
         rows.append(

@@ -766,3 +766,49 @@ def apply_overrides_tiny_ae():
     from maediff.config import apply_overrides
 
     return apply_overrides(get_preset("ae-tiny"), ["train.batch_size=4"])
+
+
+def _gloo_train_worker(rank: int, port: int, out: str) -> None:
+    os.environ.update(
+        MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), LOCAL_RANK=str(rank),
+        WORLD_SIZE="2",
+    )  # fmt: skip
+    torch.set_num_threads(1)
+    cfg = _tiny_cfg("train.max_steps=4", "train.epochs=1000")
+    summary = trainer.train(cfg, _small_data(8, 3), Path(out) / "run", device="cpu", progress=False)
+    Path(out, f"rank{rank}.json").write_text(json.dumps(summary))
+
+
+@pytest.mark.slow
+def test_two_ranks_over_gloo_train_and_validate_together(tmp_path):
+    """The trainer under torchrun's environment, two processes: each validates its
+    share and both get the same validation loss; rank 0 writes the files."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    torch.multiprocessing.spawn(_gloo_train_worker, args=(port, str(tmp_path)), nprocs=2)
+    summaries = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
+    assert [s["world_size"] for s in summaries] == [2, 2]
+    assert summaries[0]["best_val_loss"] == summaries[1]["best_val_loss"]
+    assert math.isfinite(summaries[0]["best_val_loss"])
+    assert (tmp_path / "run" / "best.safetensors").exists()
+    assert _validation_steps(tmp_path / "run")  # logged by rank 0
+
+
+def test_the_benchmark_forgets_compiled_graphs_between_runs(tmp_path, monkeypatch):
+    """Table 2 runs many models in one process: without a reset, the shared forwards
+    passed Dynamo's recompile limit and later models ran eager without a word."""
+    from maediff.pipeline import benchmark
+    from maediff.pipeline.benchmark import RunSpec
+
+    events = []
+    monkeypatch.setattr(benchmark, "reset_compiled", lambda: events.append("reset"))
+    monkeypatch.setattr(
+        benchmark, "execute_run", lambda plan, spec, *a: events.append(spec.model) or {}
+    )
+    plan = SimpleNamespace(budget=lambda: "test", scale="tiny")
+    todo = [RunSpec("maediff", 0, 0), RunSpec("pddpm-s16", 0, 0)]
+    benchmark._run_all(plan, todo, tmp_path, tmp_path, "cpu", False)
+    assert events == ["reset", "maediff", "reset", "pddpm-s16"]
