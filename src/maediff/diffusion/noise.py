@@ -26,6 +26,7 @@ import torch
 from torch import Tensor
 
 from ..config import _check, register_section
+from ..device import to_device
 
 
 @dataclass(frozen=True)
@@ -222,7 +223,8 @@ class NoiseSampler:
     ) -> Tensor:
         """n fields (n, 1, H, W) computed on `device`: the permutations are drawn on the
         CPU from `generator` and only their (n, 256) table is moved there."""
-        perm = random_permutations(n, generator).to(device)
+        perm = random_permutations(n, generator)
+        perm = to_device(perm, torch.device(device)) if device is not None else perm
         c = self.cfg
         f = simplex_octaves(perm, size or self.size, c.octaves, c.persistence, c.frequency)
         return f.unsqueeze(1)
@@ -271,7 +273,7 @@ class NoiseSampler:
             fields = fields - fields.mean(dim=(-2, -1), keepdim=True)
         if c.shared:
             fields = fields.expand(n, 1, H, W)
-        return fields.to(device=device, dtype=dtype)
+        return to_device(fields, dev).to(dtype)
 
 
 __all__ = ["NoiseSampler", "opensimplex2", "random_permutations", "simplex_octaves"]

@@ -56,7 +56,7 @@ from ..evaluation.summary import (
 from ..names import HEALTHY
 from .choose_t import choose_t_test, with_t_test
 from .detect import reconstruct_subject
-from .workers import ReconstructionPool, auto_workers
+from .workers import ReconstructionPool, auto_workers, check_workers
 
 if TYPE_CHECKING:
     from ..models import AnomalyModel
@@ -269,6 +269,7 @@ def evaluate_model(
         settings = replace(settings, normaliser=norm)
     if workers is None:
         workers = auto_workers(model, len(plan.subjects()))
+    check_workers(model, workers)
     summary = EvaluationSummary(
         model=label,
         checkpoint=info.get("path"),
