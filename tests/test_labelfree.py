@@ -115,3 +115,48 @@ def test_the_worked_example_runs(tiny_bench, tmp_path, monkeypatch, capsys):
     exec(doc_blocks("python")[0], {})
     printed = capsys.readouterr().out.split("\n")
     assert {ln.split()[0] for ln in printed if ln} == {"sub-08", "sub-09"}
+
+
+def test_evaluate_reports_label_free_results_beside_the_protocol(tiny_bench, tmp_path):
+    """Scan-level AUROC and Dice at thresholds set at FPRs on IXI val; the protocol's
+    threshold and Dice stay what they were."""
+    from maediff.config import get_preset
+    from maediff.data.datasets import load_subject
+    from maediff.data.splits import read_pddpm_split
+    from maediff.evaluation.protocol import EvalSettings, VolumeResult, score_volume
+    from maediff.evaluation.summary import EvaluationSummary
+    from maediff.models import build_model
+    from maediff.pipeline.evaluate import evaluate_model, plan_evaluation
+
+    model = build_model(get_preset("thresh-tiny"))
+    s = evaluate_model(
+        model, tiny_bench, tmp_path / "ev", label="Thresh", progress=False, figures=False,
+        workers=0, max_volumes=1,
+    )  # fmt: skip
+    plain = plan_evaluation(tiny_bench, max_volumes=1)
+    assert plain.healthy_val and plain.subjects()[: len(plain.healthy_val)] == plain.healthy_val
+    # the thresholds: pooled brain-voxel quantiles of the healthy validation volumes
+    cfg = model.cfg.data
+    pool = []
+    for sub in read_pddpm_split(tiny_bench, "IXI", "val", 0)[:1]:
+        v = load_subject(sub, cfg)
+        vr = VolumeResult(sub.name, v.image, np.zeros_like(v.image), v.brain_mask)
+        pool.append(score_volume(vr, EvalSettings())[v.brain_mask])
+    pooled = np.concatenate(pool)
+    for ds, d in s.anomaly.items():
+        f = d.label_free
+        assert f is not None and f.thresholds_source.startswith("IXI val fold 0")
+        assert [a.fpr for a in f.at_fpr] == [0.01, 0.05, 0.10]
+        for a in f.at_fpr:
+            assert a.threshold == pytest.approx(np.quantile(pooled, 1 - a.fpr), rel=1e-5)
+        assert 0 <= f.scan_auroc <= 1 and f.n_healthy == 1 and f.n_unhealthy == d.n_test
+        rows = list(csv.DictReader(open(tmp_path / "ev" / f"{ds}_test_subjects.csv")))
+        dice5 = [float(r["dice_fpr5"]) for r in rows if r["dice_fpr5"] not in ("", "nan")]
+        assert f.at_fpr[1].dice.mean == pytest.approx(np.mean(dice5), rel=1e-5)
+        assert d.threshold_source.startswith(f"{ds} val")  # the protocol's threshold stays
+    # the file reads back and dumps unchanged; the report has the table
+    saved = json.loads((tmp_path / "ev" / "summary.json").read_text())
+    assert EvaluationSummary.from_json(saved).to_json() == saved
+    assert "scan AUROC" in (tmp_path / "ev" / "labelfree.md").read_text()
+    healthy = list(csv.DictReader(open(tmp_path / "ev" / "IXI_test_subjects.csv")))
+    assert all(float(r["anomaly_score"]) > 0 for r in healthy)

@@ -307,6 +307,9 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         plan=plan,
     )
     print((Path(args.output) / "results.md").read_text())
+    free = Path(args.output) / "labelfree.md"
+    if free.exists():  # scan-level AUROC and Dice at false-positive-rate thresholds
+        print(free.read_text())
     print(f"report: {Path(args.output) / 'report.html'} ({s.seconds:.0f} s)")
     return 0
 
