@@ -160,3 +160,22 @@ def test_evaluate_reports_label_free_results_beside_the_protocol(tiny_bench, tmp
     assert "scan AUROC" in (tmp_path / "ev" / "labelfree.md").read_text()
     healthy = list(csv.DictReader(open(tmp_path / "ev" / "IXI_test_subjects.csv")))
     assert all(float(r["anomaly_score"]) > 0 for r in healthy)
+    # detect takes an evaluation's FPR threshold too
+    from maediff.training.checkpoint import save_weights
+
+    save_weights(model, tmp_path / "thresh.safetensors")
+    scan = sorted((tiny_bench / "Test" / "Brats21" / "t2").glob("*.nii.gz"))[0]
+    argv = ["detect", "-i", str(scan), "-o", str(tmp_path / "maps"), "--device", "cpu", "-q"]
+    argv += [
+        "--model",
+        str(tmp_path / "thresh.safetensors"),
+        "--threshold-from",
+        str(tmp_path / "ev"),
+    ]
+    assert main([*argv, "--fpr", "0.05"]) == 0
+    row = next(csv.DictReader(open(tmp_path / "maps" / "scores.csv")))
+    assert float(row["threshold"]) == pytest.approx(
+        s.anomaly["Brats21"].label_free.at_fpr[1].threshold, rel=1e-5
+    )
+    assert "5% FPR on IXI val fold 0 (1 healthy volumes)" in row["threshold_source"]
+    assert main([*argv, "--fpr", "0.02"]) == 2  # the evaluation has no such rate

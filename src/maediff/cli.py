@@ -143,6 +143,22 @@ def _calibration_source(path: str):
     return None
 
 
+def _evaluation_fpr_threshold(args: argparse.Namespace) -> tuple[float, str]:
+    """The threshold an evaluation set at --fpr on its healthy validation volumes."""
+    from .pipeline.evaluate import load_summary
+
+    d = load_summary(args.threshold_from).datasets.get(args.threshold_dataset)
+    free = d.label_free if d is not None else None
+    for a in free.at_fpr if free is not None else ():
+        if abs(a.fpr - args.fpr) < 1e-9:
+            how = f"{a.threshold:.4g}: {a.fpr:.0%} FPR on {free.thresholds_source} (evaluation {args.threshold_from})"
+            return a.threshold, how
+    raise ValueError(
+        f"{args.threshold_from} has no threshold at FPR {args.fpr:g} for data set "
+        f"{args.threshold_dataset!r} (evaluations since the label-free results have 0.01, 0.05, 0.1)"
+    )
+
+
 def _detect_threshold(args: argparse.Namespace, model):
     """(threshold, how it was set, calibration) for detect: --threshold, --threshold-from
     an evaluation, or a calibration (--threshold-from CALIB, or the model file's own)
@@ -161,7 +177,7 @@ def _detect_threshold(args: argparse.Namespace, model):
             )
     if cal is None:
         if args.fpr is not None:
-            raise ValueError("--fpr takes its threshold from a calibration (maediff calibrate)")
+            return (*_evaluation_fpr_threshold(args), None)
         t = _threshold(args)
         if t is None:
             return None, None, None
@@ -742,7 +758,7 @@ COMMANDS = [
         cmd_detect,
         _parser_detect,
         "anomaly maps for NIfTI scans, written in the scans' own space",
-        "For each scan: NAME_anomaly (|x - reconstruction|), NAME_score (post-processed), NAME_reconstruction and, with a threshold, NAME_prediction; NIfTI in the input's voxel grid, to overlay in a viewer. Brain masks are taken from NAME_mask files next to the scans (else image > 0).",
+        "For each scan: NAME_anomaly (|x - reconstruction|), NAME_score (post-processed), NAME_reconstruction and, with a threshold, NAME_prediction; NIfTI in the input's voxel grid, to overlay in a viewer; one row of scalar scores per scan in OUT/scores.csv (scores.tsv for BIDS output). Brain masks are taken from NAME_mask files next to the scans (else image > 0).",
     ),
     (
         "calibrate",
@@ -763,7 +779,7 @@ COMMANDS = [
         cmd_evaluate,
         _parser_evaluate,
         "the paper's protocol on a data set in pDDPM's layout",
-        "Threshold on the pooled unhealthy validation split, Dice/AUPRC/AUROC per test volume, l1 on healthy IXI test volumes; per-subject CSVs, summary.json and report.html.",
+        "Threshold on the pooled unhealthy validation split, Dice/AUPRC/AUROC per test volume, l1 on healthy IXI test volumes; beside them the scan-level AUROC and Dice at thresholds set at false-positive rates on healthy validation volumes; per-subject CSVs, summary.json and report.html.",
     ),
     (
         "report",

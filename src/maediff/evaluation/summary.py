@@ -268,7 +268,7 @@ class FixedFpr:
 
 @dataclass(frozen=True)
 class LabelFreeResult:
-    """What a user without lesion labels gets on one unhealthy data set (since 0.6):
+    """What a user without lesion labels gets on one unhealthy data set (added after 0.5.0):
     the scan-level AUROC of the scan score against the healthy test volumes, and Dice /
     lesion F1 at thresholds set at false-positive rates on healthy validation volumes
     (`thresholds_source` names them)."""
@@ -320,7 +320,7 @@ class DatasetResult:
     lesions: LesionResult | None = None  # None: written before results by lesion existed
     seconds: float | None = None
     note: str | None = None
-    label_free: LabelFreeResult | None = None  # None: written before 0.6, or no healthy scans
+    label_free: LabelFreeResult | None = None  # None: an older summary, or no healthy scans
 
     @property
     def has_threshold(self) -> bool:
