@@ -117,7 +117,7 @@ def test_the_worked_example_runs(tiny_bench, tmp_path, monkeypatch, capsys):
     assert {ln.split()[0] for ln in printed if ln} == {"sub-08", "sub-09"}
 
 
-def test_evaluate_reports_label_free_results_beside_the_protocol(tiny_bench, tmp_path):
+def test_evaluate_reports_label_free_results_beside_the_protocol(tiny_bench, tmp_path, capsys):
     """Scan-level AUROC and Dice at thresholds set at FPRs on IXI val; the protocol's
     threshold and Dice stay what they were."""
     from maediff.config import get_preset
@@ -179,3 +179,10 @@ def test_evaluate_reports_label_free_results_beside_the_protocol(tiny_bench, tmp
     )
     assert "5% FPR on IXI val fold 0 (1 healthy volumes)" in row["threshold_source"]
     assert main([*argv, "--fpr", "0.02"]) == 2  # the evaluation has no such rate
+    capsys.readouterr()
+    assert main([*argv, "--fpr", "0.05"]) == 0  # done with this threshold: skipped
+    assert "0 written, 1 skipped" in capsys.readouterr().out
+    assert main([*argv[:-2], "--threshold", "0.5"]) == 0  # another threshold: done again
+    assert "1 written, 0 skipped" in capsys.readouterr().out
+    row = next(csv.DictReader(open(tmp_path / "maps" / "scores.csv")))
+    assert row["threshold"] == "0.5" and "command line" in row["threshold_source"]

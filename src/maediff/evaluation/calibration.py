@@ -69,6 +69,9 @@ class FprThreshold:
     scans_flagged: int  # calibration scans with at least one predicted component
 
 
+_FIELDS = tuple(FprThreshold.__dataclass_fields__)  # keys a newer version may add are ignored
+
+
 @dataclass
 class Calibration:
     """calibration.json: thresholds at false-positive rates on healthy scans, the scans
@@ -136,7 +139,7 @@ class Calibration:
             )
         try:
             return cls(
-                thresholds=[FprThreshold(**t) for t in d["thresholds"]],
+                thresholds=[FprThreshold(**{k: t[k] for k in _FIELDS}) for t in d["thresholds"]],
                 scans=list(d["scans"]),
                 scan_scores=[float(s) for s in d["scan_scores"]],
                 n_voxels=int(d["n_voxels"]),
