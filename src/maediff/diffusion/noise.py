@@ -39,6 +39,9 @@ class NoiseConfig:
     # Scale each field to zero mean and unit std. The reference sums the octaves
     # without normalising (std about 0.5-0.6); False keeps that noise level.
     normalise: bool = False
+    # beyond the paper: subtract each field's own spatial mean (no rescaling), so that
+    # no slice-wide offset is shared by every patch of a slice (docs/method.md §Noise)
+    zero_mean: bool = False
     # Reference parity: one field drawn per call and repeated over the batch.
     shared: bool = False
     # 0: draw fresh fields every call. >0: a seeded bank of that many fields, each
@@ -264,6 +267,8 @@ class NoiseSampler:
             fields = self.simplex(1 if c.shared else n, generator, device=dev)
         if c.normalise and c.kind == "simplex":
             fields = _standardise(fields)
+        elif c.zero_mean:
+            fields = fields - fields.mean(dim=(-2, -1), keepdim=True)
         if c.shared:
             fields = fields.expand(n, 1, H, W)
         return fields.to(device=device, dtype=dtype)

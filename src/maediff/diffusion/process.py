@@ -28,6 +28,10 @@ class DiffusionConfig:
     t_test: int = 500  # 1-based: alpha_bar(t) = alphas_cumprod[t - 1]
     t_train_min: int = 1  # training t ~ U{t_train_min .. t_train_max}
     t_train_max: int = 1000
+    # beyond the paper: weight of the background pixels (x0 = 0, outside the skull-
+    # stripped brain) in the l1 of Eq. 9 inside the noised patch; 1 counts every pixel
+    # alike (the paper), 0 counts the brain only
+    background_weight: float = 1.0
     # Reverse steps from t_test at test time. 1: one x0 prediction (MAEDiff, pDDPM and
     # pDDPM's AnoDDPM); >1 (anoddpm only): the original AnoDDPM's iterative sampling.
     sample_steps: int = 1
@@ -39,6 +43,10 @@ class DiffusionConfig:
     sigma_data: float = 0.5  # std of the images in the model range [-1, 1]
 
     def __post_init__(self) -> None:
+        _check(
+            0.0 <= self.background_weight <= 1.0,
+            f"diffusion.background_weight={self.background_weight} must be in [0, 1]",
+        )
         _check(self.sigma_data > 0, f"diffusion.sigma_data={self.sigma_data} must be > 0")
         _check(
             self.schedule in ("linear", "cosine"),

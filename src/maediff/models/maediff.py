@@ -236,8 +236,16 @@ class MAEDiff(AnomalyModel):
         x_t = self.diffusion.q_sample(x, t, noise.to(x.device, x.dtype))
         t, k = t.to(x.device), k.to(x.device)
         pred = self.denoise(self.noised_input(x, x_t, k), t, k, x)
-        m = self.patch_masks[k]
-        return ((x - pred.float()).abs() * m).sum() / m.sum()
+        return self.patch_l1(x, pred.float(), self.patch_masks[k], x0)
+
+    def patch_l1(self, x: Tensor, pred: Tensor, m: Tensor, x0: Tensor) -> Tensor:
+        """Eq. 9: the mean of |x - pred| over the noised patch's pixels (m: (B, 1, H, W)).
+        With diffusion.background_weight w < 1 a background pixel (x0 = 0) counts w
+        times a brain pixel (a weighted mean; w = 1 is the paper's plain mean)."""
+        w = self.cfg.diffusion.background_weight
+        if w < 1.0:
+            m = m * torch.where(x0 > 0, 1.0, w).to(m.dtype)
+        return ((x - pred).abs() * m).sum() / m.sum().clamp_min(1e-8)
 
     # ------------------------------------------------------------------ Alg. 2
 

@@ -39,6 +39,7 @@ from ..data.splits import Subject, read_pddpm_split, split_csv_name
 from ..evaluation.aggregate import METRICS, exclusions, summarise, write_json, write_subject_csv
 from ..evaluation.labelfree import fixed_fpr_summary, fpr_thresholds, scan_auroc
 from ..evaluation.lesions import lesion_summary
+from ..evaluation.normative import BandNormaliser
 from ..evaluation.protocol import EvalSettings, VolumeResult, evaluate_healthy, evaluate_split
 from ..evaluation.report import figure_dice_distribution, figure_dice_vs_volume, figure_pr_curves
 from ..evaluation.runs import ANOMALY_SETS, example_figure, load_summary, table_rows, write_report
@@ -56,6 +57,7 @@ from ..evaluation.summary import (
     curve_key,
 )
 from ..names import HEALTHY
+from .choose_t import choose_t_test, with_t_test
 from .detect import reconstruct_subject
 from .workers import ReconstructionPool, auto_workers
 
@@ -258,6 +260,8 @@ def evaluate_model(
     figures: bool = True,
     workers: int | None = None,
     plan: EvalPlan | None = None,
+    t_candidates: Sequence[int] = (),
+    scoring: str = "residual",
 ) -> EvaluationSummary:
     """Run the protocol (docs/evaluation.md §1) on every data set and write the results;
     returns the typed summary, whose `to_json()` is OUT/summary.json (load_summary(OUT)
@@ -266,7 +270,12 @@ def evaluate_model(
     workers: processes that reconstruct the volumes, one thread each (None: one per
     torch thread, at most 4, for a trainable model on the CPU; 0: in this process).
     plan: the subjects to evaluate (a BIDS data set: plan_bids_evaluation); None reads
-    pDDPM's split files of `data_dir`."""
+    pDDPM's split files of `data_dir`.
+    t_candidates: choose t_test among these on the validation volumes first
+    (pipeline/choose_t.py); the evaluation then runs at the chosen t.
+    scoring: "residual" (the paper: |x - x_rec|) or "normative" (evaluation/normative.py:
+    against healthy residuals of the same intensity, fitted on the first
+    NORMATIVE_VOLUMES healthy validation volumes of the fold)."""
     if plan is None:
         plan = plan_evaluation(data_dir, datasets, healthy_test, max_volumes, fold)
     out = Path(out_dir)
@@ -274,6 +283,15 @@ def evaluate_model(
         raise DataError(f"output {out} exists and is not a folder")
     data_cfg = data_cfg or model.cfg.data
     info = getattr(model, "checkpoint_info", {})
+    t_choice = None
+    if t_candidates:
+        t_choice = choose_t_test(model, plan, data_cfg, t_candidates, seed, settings, progress)
+        with_t_test(model, t_choice.chosen)
+    if scoring not in ("residual", "normative"):
+        raise ValueError(f"scoring={scoring!r} must be 'residual' or 'normative'")
+    if scoring == "normative":
+        norm = fit_normaliser(model, data_dir, fold, data_cfg, seed, progress)
+        settings = replace(settings, normaliser=norm)
     if workers is None:
         workers = auto_workers(model, len(plan.subjects()))
     summary = EvaluationSummary(
@@ -290,6 +308,9 @@ def evaluate_model(
             standardise=getattr(data_cfg, "standardise", "none"),
             speed=list(info.get("speed", [])),
             workers=workers,
+            t_test=_t_test(model),
+            t_choice=t_choice.to_json() if t_choice else None,
+            normative=settings.normaliser.to_json() if settings.normaliser else None,
         ),
     )
     base = out.resolve()
@@ -494,6 +515,39 @@ def add_scan_auroc(
             d.label_free = replace(
                 d.label_free, scan_auroc=scan_auroc(healthy, unhealthy), n_healthy=len(healthy)
             )
+
+
+NORMATIVE_VOLUMES = 8  # healthy validation volumes that fit normative scoring
+
+
+def fit_normaliser(
+    model: AnomalyModel,
+    data_dir: str | Path,
+    fold: int,
+    data_cfg: DataConfig,
+    seed: int,
+    progress: bool = True,
+    volumes: int = NORMATIVE_VOLUMES,
+) -> BandNormaliser:
+    """Normative scoring's per-band healthy residual statistics, from the first `volumes`
+    healthy validation volumes (IXI val of `fold`) reconstructed as the protocol does.
+    Never from test volumes."""
+    subjects = read_pddpm_split(data_dir, HEALTHY, "val", fold)[:volumes]
+    if not subjects:
+        raise DataError(
+            f"{data_dir}: no healthy validation volumes (IXI val) to fit normative scoring"
+        )
+    healthy = []
+    for s in tqdm(subjects, desc="normative scoring", unit="vol", disable=not progress):
+        _, image, brain, _, rec, _ = reconstruct_subject(model, s, data_cfg, seed)
+        healthy.append((image, rec, brain))
+    return BandNormaliser.fit(healthy, names=[s.name for s in subjects])
+
+
+def _t_test(model: AnomalyModel) -> int | None:
+    """The diffusion models' test noise level; None for others (and duck-typed models)."""
+    section = getattr(model.cfg, "section", None)
+    return getattr(section("diffusion"), "t_test", None) if callable(section) else None
 
 
 def _metrics(records: Sequence[dict], metrics: Sequence[str] = METRICS) -> dict[str, MetricStats]:
