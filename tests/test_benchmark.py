@@ -37,6 +37,8 @@ def test_benchmark_runs_resumes_and_refuses_changes(tiny_bench, tmp_path, capsys
     assert not (out / "wilcoxon.md").exists()  # no MAEDiff among the models: nothing to pair with
     table = (out / "table.md").read_text()
     assert "| Thresh | 2 |" in table and "| pDDPM s48 | 2 |" in table
+    free = (out / "labelfree.md").read_text()  # scan AUROC, Dice at FPR thresholds per run
+    assert "scan AUROC" in free and free.count("| Brats21 |") == 4
     capsys.readouterr()
     assert main(argv) == 0  # everything finished: nothing is trained again
     assert capsys.readouterr().out.count(": done") == 4
@@ -173,6 +175,7 @@ def test_bench_guided_runs_on_a_trained_model(tiny_bench, tmp_path):
     over = ["inference.patch_selection=guided", "inference.guided_quantile=0.9"]
     guided = mod.run(str(tmp_path / "run"), str(tiny_bench), 1, over, 0)
     assert full["pairs_denoised"] == 1.0 and 0 < guided["pairs_denoised"] < 1
-    assert guided["volumes"] == full["volumes"] == 5
+    # val and test of both lesion sets, IXI test, and IXI val (its FPR thresholds)
+    assert guided["volumes"] == full["volumes"] == 6
     for key in ("Brats21_dice", "MSLUB_auprc", "IXI_l1", "seconds_per_volume"):
         assert guided[key] >= 0 and full[key] >= 0

@@ -140,6 +140,77 @@ def _inference_overrides(args: argparse.Namespace) -> list[str]:
     return overrides
 
 
+def _calibration_source(path: str):
+    """The calibration at `path` (a calibrate output, its JSON, or a model file that
+    carries one), or None when `path` is an evaluation."""
+    from .evaluation.calibration import CALIBRATION_FILE, Calibration
+
+    p = Path(path)
+    if (p / CALIBRATION_FILE).is_file() or (
+        p.is_file() and p.suffix == ".json" and p.name != "summary.json"
+    ):
+        return Calibration.read(p)
+    if p.is_file() and p.suffix == ".safetensors":
+        from .training.export import read_calibration
+
+        cal = read_calibration(p)
+        if cal is None:
+            raise ValueError(f"{p} carries no calibration (export it with --calibration)")
+        return cal
+    return None
+
+
+def _evaluation_fpr_threshold(args: argparse.Namespace) -> tuple[float, str]:
+    """The threshold an evaluation set at --fpr on its healthy validation volumes."""
+    from .pipeline.evaluate import load_summary
+
+    d = load_summary(args.threshold_from).datasets.get(args.threshold_dataset)
+    free = d.label_free if d is not None else None
+    for a in free.at_fpr if free is not None else ():
+        if abs(a.fpr - args.fpr) < 1e-9:
+            how = f"{a.threshold:.4g}: {a.fpr:.0%} FPR on {free.thresholds_source} (evaluation {args.threshold_from})"
+            return a.threshold, how
+    raise ValueError(
+        f"{args.threshold_from} has no threshold at FPR {args.fpr:g} for data set "
+        f"{args.threshold_dataset!r} (evaluations since the label-free results have 0.01, 0.05, 0.1)"
+    )
+
+
+def _detect_threshold(args: argparse.Namespace, model):
+    """(threshold, how it was set, calibration) for detect: --threshold, --threshold-from
+    an evaluation, or a calibration (--threshold-from CALIB, or the model file's own)
+    at --fpr, checked against the model."""
+    from .training.export import check_calibration, model_calibration
+
+    if args.fpr is not None and args.threshold is not None:
+        raise ValueError("give --threshold or --fpr, not both")
+    cal = _calibration_source(args.threshold_from) if args.threshold_from else None
+    if cal is None and args.fpr is not None and not args.threshold_from:
+        cal = model_calibration(model)
+        if cal is None:
+            raise ValueError(
+                f"--fpr needs a calibration: --threshold-from CALIB (maediff calibrate), or a model "
+                f"file that carries one; {args.model} carries none"
+            )
+    if cal is None:
+        if args.fpr is not None:
+            return (*_evaluation_fpr_threshold(args), None)
+        t = _threshold(args)
+        if t is None:
+            return None, None, None
+        how = (
+            "given on the command line (--threshold)"
+            if args.threshold is not None
+            else f"{args.threshold_dataset} validation threshold of the evaluation {args.threshold_from}"
+        )
+        return t, how, None
+    if args.fpr is None:
+        have = " ".join(f"{t.fpr:g}" for t in cal.thresholds)
+        raise ValueError(f"give --fpr, one of the calibration's rates: {have}")
+    check_calibration(cal, model, f"the calibration {args.threshold_from or args.model}")
+    return cal.threshold(args.fpr), cal.describe(args.fpr), cal
+
+
 def cmd_detect(args: argparse.Namespace) -> int:
     from .data.bids import is_bids, parse_participants
     from .data.splits import read_inputs
@@ -147,9 +218,15 @@ def cmd_detect(args: argparse.Namespace) -> int:
     from .training.checkpoint import load_model
 
     subjects = read_inputs(args.input, parse_participants(args.participants))
-    threshold = _threshold(args)
+    if args.threshold_from and _calibration_source(args.threshold_from) is None:
+        _threshold(args)  # a bad evaluation fails before the model loads
     overrides = _inference_overrides(args) + _t_test_from(args)
     model = load_model(args.model, _device(args.device), overrides)
+    threshold, how, cal = _detect_threshold(args, model)
+    if how:
+        print(f"threshold {how}")
+    for w in cal.warnings if cal else ():
+        print(f"warning: {w}", file=sys.stderr)
     report = detect_files(
         subjects,
         args.output,
@@ -161,6 +238,9 @@ def cmd_detect(args: argparse.Namespace) -> int:
         batch_size=args.batch_size,
         progress=not args.quiet,
         bids_source=args.input if is_bids(args.input) else None,
+        calibration=cal,
+        threshold_source=how,
+        input_root=args.input,
     )
     per_volume = report.seconds / max(len(report.written), 1)
     print(
@@ -170,6 +250,46 @@ def cmd_detect(args: argparse.Namespace) -> int:
     for path, err in report.failed:
         print(f"  FAILED {path}: {err}", file=sys.stderr)
     return 1 if report.failed else 0
+
+
+def cmd_calibrate(args: argparse.Namespace) -> int:
+    from .data.bids import parse_participants
+    from .data.splits import read_inputs
+    from .pipeline.calibrate import calibrate_files, calibration_text
+    from .training.checkpoint import load_model
+
+    participants = parse_participants(args.participants)
+    subjects = read_inputs(args.input, participants)
+    source = str(args.input) + (
+        " " + " ".join(f"{k}={v}" for k, v in participants.items()) if participants else ""
+    )
+    model = load_model(args.model, _device(args.device), _inference_overrides(args))
+    cal = calibrate_files(
+        subjects,
+        args.output,
+        model,
+        fprs=args.fpr,
+        seed=_seed(args, model),
+        n_boot=args.bootstrap,
+        source=source,
+        overwrite=args.overwrite,
+        batch_size=args.batch_size,
+        progress=not args.quiet,
+    )
+    print(calibration_text(cal))  # with its warnings
+    print(f"calibration: {Path(args.output) / 'calibration.json'}")
+    return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from .training.export import export_model, read_card
+
+    out = export_model(
+        args.run, args.output, args.calibration, which=args.which, overwrite=args.overwrite
+    )
+    print(read_card(out))
+    print(f"model file: {out} ({out.stat().st_size / 1e6:.1f} MB)")
+    return 0
 
 
 def _evaluation_model(args: argparse.Namespace):
@@ -228,6 +348,9 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
         print(TChoice.from_json(s.scoring.t_choice).describe())
     print((Path(args.output) / "results.md").read_text())
+    free = Path(args.output) / "labelfree.md"
+    if free.exists():  # scan-level AUROC and Dice at false-positive-rate thresholds
+        print(free.read_text())
     print(f"report: {Path(args.output) / 'report.html'} ({s.seconds:.0f} s)")
     return 0
 
@@ -419,7 +542,16 @@ def _parser_train(p: argparse.ArgumentParser) -> None:
 def _add_threshold_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--threshold", type=float, help="binarise the score map at this value")
     p.add_argument(
-        "--threshold-from", help="evaluation folder or summary.json to take the threshold from"
+        "--threshold-from",
+        help="take the threshold from an evaluation folder (or its summary.json), or from a "
+        "calibration (maediff calibrate's folder, or a model file that carries one) at --fpr",
+    )
+    _add_fpr(
+        p,
+        None,
+        None,
+        "false-positive rate of a calibration on healthy scans (--threshold-from CALIB, "
+        "or alone: the model file's own calibration)",
     )
     p.add_argument(
         "--threshold-dataset",
@@ -454,6 +586,51 @@ def _parser_detect(p: argparse.ArgumentParser) -> None:
     p.add_argument("--batch-size", type=int, help="inputs per forward pass")
     _add_set(p)
     _add_runtime_args(p, seed=None, amp=True)
+
+
+def _add_fpr(p: argparse.ArgumentParser, nargs: str | None, default, help_text: str) -> None:
+    p.add_argument(
+        "--fpr", type=float, nargs=nargs, default=default, metavar="RATE", help=help_text
+    )
+
+
+def _parser_calibrate(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", required=True, help="run folder or .safetensors model file")
+    p.add_argument(
+        "-i",
+        "--input",
+        required=True,
+        help="healthy scans: a folder of NIfTI files, a CSV (image, mask) or a BIDS data set",
+    )
+    p.add_argument("-o", "--output", required=True, help="folder for calibration.json")
+    _add_participants(p)
+    _add_fpr(
+        p,
+        "+",
+        [0.01, 0.05],
+        "false-positive rates: a threshold for each, exceeded by this share of healthy brain voxels",
+    )
+    p.add_argument(
+        "--bootstrap", type=int, default=1000, help="resamples of the scans for the interval"
+    )
+    p.add_argument("--overwrite", action="store_true", help="replace an existing calibration")
+    p.add_argument("--batch-size", type=int, help="inputs per forward pass")
+    _add_set(p)
+    _add_runtime_args(p, seed=None, amp=True)
+
+
+def _parser_export(p: argparse.ArgumentParser) -> None:
+    p.add_argument("run", help="run folder (or a model file to export again)")
+    p.add_argument(
+        "-o", "--output", required=True, help="the file to write, e.g. model.safetensors"
+    )
+    p.add_argument(
+        "--calibration", help="a calibration of this model to include (maediff calibrate's folder)"
+    )
+    p.add_argument(
+        "--which", choices=["best", "last"], default="best", help="which checkpoint of the run"
+    )
+    p.add_argument("--overwrite", action="store_true", help="replace an existing file")
 
 
 def _parser_evaluate(p: argparse.ArgumentParser) -> None:
@@ -634,14 +811,28 @@ COMMANDS = [
         cmd_detect,
         _parser_detect,
         "anomaly maps for NIfTI scans, written in the scans' own space",
-        "For each scan: NAME_anomaly (|x - reconstruction|), NAME_score (post-processed), NAME_reconstruction and, with a threshold, NAME_prediction; NIfTI in the input's voxel grid, to overlay in a viewer. Brain masks are taken from NAME_mask files next to the scans (else image > 0).",
+        "For each scan: NAME_anomaly (|x - reconstruction|), NAME_score (post-processed), NAME_reconstruction and, with a threshold, NAME_prediction; NIfTI in the input's voxel grid, to overlay in a viewer; one row of scalar scores per scan in OUT/scores.csv (scores.tsv for BIDS output). Brain masks are taken from NAME_mask files next to the scans (else image > 0).",
+    ),
+    (
+        "calibrate",
+        cmd_calibrate,
+        _parser_calibrate,
+        "thresholds at false-positive rates, set on healthy scans",
+        "Reconstruct healthy scans as detect does and store, per false-positive rate, the score threshold that this share of their brain voxels exceeds, with a bootstrap interval over scans, the scans used and the model's identity (calibration.json); detect --threshold-from CALIB --fpr RATE uses it.",
+    ),
+    (
+        "export",
+        cmd_export,
+        _parser_export,
+        "a trained model as one file to share",
+        "One safetensors file with the weights, configuration, maediff version, training data description, calibration (if any) and model card in its metadata; --model takes it wherever it takes a run folder.",
     ),
     (
         "evaluate",
         cmd_evaluate,
         _parser_evaluate,
         "the paper's protocol on a data set in pDDPM's layout",
-        "Threshold on the pooled unhealthy validation split, Dice/AUPRC/AUROC per test volume, l1 on healthy IXI test volumes; per-subject CSVs, summary.json and report.html.",
+        "Threshold on the pooled unhealthy validation split, Dice/AUPRC/AUROC per test volume, l1 on healthy IXI test volumes; beside them the scan-level AUROC and Dice at thresholds set at false-positive rates on healthy validation volumes; per-subject CSVs, summary.json and report.html.",
     ),
     (
         "report",

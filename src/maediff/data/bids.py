@@ -139,7 +139,7 @@ def read_bids(
             Path(mask[0].path) if mask else None,
             Path(seg[0].path) if seg else None,
             int(bool(seg)),
-            Path(f.path).parent.relative_to(root).as_posix(),
+            Path(f.path).parent.relative_to(root.resolve()).as_posix(),
         )
         if lesions is None or bool(seg) == lesions:
             subjects.append(s)

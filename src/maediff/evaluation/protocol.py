@@ -11,12 +11,13 @@ dropped one at a time, so memory does not grow with the size of the test split.
 from __future__ import annotations
 
 import zlib
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from concurrent.futures import Future, ProcessPoolExecutor
 from dataclasses import dataclass, field
 
 import numpy as np
 
+from .labelfree import fixed_fpr_metrics
 from .lesions import lesion_rows
 from .metrics import average_precision, best_dice, dice, roc_auc
 from .normative import BandNormaliser
@@ -126,9 +127,14 @@ def volume_score(scores: np.ndarray, brain_mask: np.ndarray, top_fraction: float
 
 
 def test_metrics(
-    v: VolumeResult, threshold: float, s: EvalSettings
+    v: VolumeResult,
+    threshold: float,
+    s: EvalSettings,
+    fpr_thresholds: Mapping[str, float] | None = None,
 ) -> tuple[dict, np.ndarray, np.ndarray]:
-    """Every per-volume metric for a test volume (steps 1-8), plus a voxel sample for curves."""
+    """Every per-volume metric for a test volume (steps 1-8), plus a voxel sample for
+    curves; with `fpr_thresholds` (key -> threshold set on healthy volumes) also Dice
+    and lesion counts at each (labelfree.fixed_fpr_metrics: dice_KEY, ...)."""
     scores = score_volume(v, s)
     rec = {"subject": v.name, **reconstruction_errors(v)}
     rec["anomaly_score"] = volume_score(scores, v.brain_mask, s.top_fraction)
@@ -148,6 +154,12 @@ def test_metrics(
     )
     rows, counts = lesion_rows(pred, gt, v.voxel_ml, s.lesion_overlap, v.affine, v.drawn)
     rec.update(counts)
+    if fpr_thresholds:
+        rec.update(
+            fixed_fpr_metrics(
+                scores, gt, fpr_thresholds, s.min_component, s.lesion_overlap, v.voxel_ml
+            )
+        )
     rec["_lesions"] = [{"subject": v.name, **r} for r in rows]
     rng = np.random.default_rng([s.seed, zlib.crc32(v.name.encode())])
     idx = np.flatnonzero(v.brain_mask.astype(bool).ravel() | gt.ravel())
@@ -180,7 +192,7 @@ def _val_scores(
 
 
 def _test_job(
-    args: tuple[VolumeResult, float, EvalSettings],
+    args: tuple[VolumeResult, float, EvalSettings, Mapping[str, float]],
 ) -> tuple[dict, np.ndarray, np.ndarray]:
     return test_metrics(*args)
 
@@ -192,12 +204,14 @@ def evaluate_split(
     healthy_val_volumes: Iterable[VolumeResult] = (),
     n_jobs: int = 1,
     on_test_volume: Callable[[dict], None] | None = None,
+    fpr_thresholds: Mapping[str, float] | None = None,
 ) -> EvalOutcome:
     """Threshold on the pooled unhealthy validation volumes, then metrics per test volume.
 
     healthy_val_volumes (optional) set thresholds at the false positive rates in
-    settings.fprs over their brain voxels; they are reported, the Dice threshold stays
-    the pooled-validation one. `on_test_volume(record)` is called as each test volume
+    settings.fprs over their brain voxels (or `fpr_thresholds` gives them, set once for
+    several data sets); each test volume is then also scored at them (dice_fpr1, ...),
+    the Dice threshold stays the pooled-validation one. `on_test_volume(record)` is called as each test volume
     finishes (progress bars).
     """
     pool = PooledVoxels()
@@ -221,7 +235,9 @@ def evaluate_split(
             _val_scores, ((v, settings) for v in healthy_val_volumes), n_jobs
         )
     ]
-    if healthy:
+    if fpr_thresholds is not None:
+        outcome.fpr_thresholds = dict(fpr_thresholds)
+    elif healthy:
         pooled = np.concatenate(healthy)
         outcome.fpr_thresholds = {
             f"fpr{int(round(f * 100))}": fpr_threshold(pooled, f) for f in settings.fprs
@@ -229,7 +245,9 @@ def evaluate_split(
 
     cs, cl = [], []
     for rec, sc, lab in _bounded_map(
-        _test_job, ((v, threshold, settings) for v in test_volumes), n_jobs
+        _test_job,
+        ((v, threshold, settings, outcome.fpr_thresholds) for v in test_volumes),
+        n_jobs,
     ):
         outcome.lesions.extend(rec.pop("_lesions", []))
         outcome.records.append(rec)
@@ -242,6 +260,20 @@ def evaluate_split(
     return outcome
 
 
-def evaluate_healthy(volumes: Iterable[VolumeResult]) -> list[dict]:
-    """Reconstruction error of healthy test volumes (step 8)."""
-    return [{"subject": v.name, **reconstruction_errors(v)} for v in volumes]
+def evaluate_healthy(
+    volumes: Iterable[VolumeResult],
+    settings: EvalSettings = EvalSettings(),
+    pool: list[np.ndarray] | None = None,
+) -> list[dict]:
+    """Reconstruction error of healthy volumes (step 8) and their scan score
+    (anomaly_score, for the scan-level AUROC); `pool`, when given, receives each
+    volume's brain-voxel scores (thresholds at false-positive rates)."""
+    records = []
+    for v in volumes:
+        scores = score_volume(v, settings)
+        if pool is not None:
+            pool.append(scores[v.brain_mask.astype(bool)].astype(np.float32))
+        rec = {"subject": v.name, **reconstruction_errors(v)}
+        rec["anomaly_score"] = volume_score(scores, v.brain_mask, settings.top_fraction)
+        records.append(rec)
+    return records

@@ -24,6 +24,7 @@ import numpy as np
 
 from ..names import ANOMALY_SETS, HEALTHY
 from .aggregate import write_atomic
+from .labelfree import labelfree_markdown
 from .lesions import lesion_markdown
 from .postprocess import remove_small_components
 from .protocol import EvalSettings, VolumeResult, score_volume
@@ -214,6 +215,10 @@ def write_report(summaries: Sequence[EvaluationSummary | Mapping], out_dir: str 
                 "table": lesion_md.split("\n\n", 1)[1].strip(),
             }
         )
+    free_md = labelfree_tables(summaries)
+    if free_md:
+        write_atomic(out / "labelfree.md", free_md)
+        sections.append({"heading": "Without lesion labels", "table": free_md, "text": FREE_TEXT})
     for idx, (s, tag) in enumerate(zip(summaries, _run_tags(summaries)), 1):
         src = s.folder or out  # folder holding this summary's figures
         lines = [
@@ -245,6 +250,37 @@ def write_report(summaries: Sequence[EvaluationSummary | Mapping], out_dir: str 
             {"heading": f"{tag} (fold {s.fold})", "pre": "\n".join(lines), "images": images}
         )
     return write_html(out / "report.html", "maediff report", sections)
+
+
+FREE_TEXT = (
+    "What a user without lesion labels gets (docs/evaluation.md, Label-free results): the "
+    "scan-level AUROC of the scan score (mean of the top 1 % brain-voxel scores) between the "
+    "healthy test volumes and the data set's test volumes, and Dice and lesion-wise F1 with "
+    "the threshold set at a false-positive rate on the brain voxels of healthy validation "
+    "volumes. The Results table keeps the protocol's threshold."
+)
+
+
+def labelfree_tables(summaries: Sequence[EvaluationSummary | Mapping]) -> str:
+    """Markdown: per run and data set the scan-level AUROC and Dice / lesion F1 at the
+    false-positive-rate thresholds ('' when no summary has them)."""
+    rows = []
+    for s, tag in zip(as_summaries(summaries), _run_tags(as_summaries(summaries))):
+        for ds, d in s.datasets.items():
+            f = d.label_free
+            if f is not None and (f.scan_auroc is not None or f.at_fpr):
+                at = [a.to_json() for a in f.at_fpr]
+                rows.append(
+                    {
+                        "run": tag,
+                        "dataset": ds,
+                        "scan_auroc": f.scan_auroc,
+                        "n_healthy": f.n_healthy,
+                        "n_unhealthy": f.n_unhealthy,
+                        "at_fpr": at,
+                    }
+                )
+    return labelfree_markdown(rows)
 
 
 def lesion_tables(summaries: Sequence[EvaluationSummary | Mapping]) -> str:

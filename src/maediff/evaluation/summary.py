@@ -230,6 +230,82 @@ class LesionResult:
         }
 
 
+@dataclass(frozen=True)
+class FixedFpr:
+    """Dice and lesion-wise detection at a threshold set at a false-positive rate on the
+    healthy validation volumes (evaluation/labelfree.py)."""
+
+    fpr: float
+    threshold: float
+    dice: MetricStats | None
+    lesion_f1: float | None
+    sensitivity: float | None
+    fp_per_volume: float | None
+
+    @classmethod
+    def from_json(cls, d: Any, where: str = "") -> FixedFpr:
+        d = _mapping(d, where)
+        dice = d.get("dice")
+        return cls(
+            _number(_required(d, "fpr", where), _where(where, "fpr"), optional=False),
+            _number(_required(d, "threshold", where), _where(where, "threshold"), optional=False),
+            None if dice is None else MetricStats.from_json(dice, _where(where, "dice")),
+            _number(d.get("lesion_f1"), _where(where, "lesion_f1")),
+            _number(d.get("sensitivity"), _where(where, "sensitivity")),
+            _number(d.get("fp_per_volume"), _where(where, "fp_per_volume")),
+        )
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "fpr": self.fpr,
+            "threshold": self.threshold,
+            "dice": None if self.dice is None else self.dice.to_json(),
+            "lesion_f1": self.lesion_f1,
+            "sensitivity": self.sensitivity,
+            "fp_per_volume": self.fp_per_volume,
+        }
+
+
+@dataclass(frozen=True)
+class LabelFreeResult:
+    """What a user without lesion labels gets on one unhealthy data set (added after 0.5.0):
+    the scan-level AUROC of the scan score against the healthy test volumes, and Dice /
+    lesion F1 at thresholds set at false-positive rates on healthy validation volumes
+    (`thresholds_source` names them)."""
+
+    scan_auroc: float | None
+    n_healthy: int
+    n_unhealthy: int
+    thresholds_source: str | None = None
+    at_fpr: tuple[FixedFpr, ...] = ()
+
+    @classmethod
+    def from_json(cls, d: Any, where: str = "") -> LabelFreeResult:
+        d = _mapping(d, where)
+        items = d.get("at_fpr") or []
+        if not isinstance(items, list):
+            raise ValueError(f"{_where(where, 'at_fpr')} is not a list")
+        return cls(
+            _number(d.get("scan_auroc"), _where(where, "scan_auroc")),
+            _number(d.get("n_healthy", 0), _where(where, "n_healthy"), optional=False),
+            _number(d.get("n_unhealthy", 0), _where(where, "n_unhealthy"), optional=False),
+            _text(d.get("thresholds_source"), _where(where, "thresholds_source")),
+            tuple(
+                FixedFpr.from_json(a, f"{_where(where, 'at_fpr')}[{i}]")
+                for i, a in enumerate(items)
+            ),
+        )
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "scan_auroc": self.scan_auroc,
+            "n_healthy": self.n_healthy,
+            "n_unhealthy": self.n_unhealthy,
+            "thresholds_source": self.thresholds_source,
+            "at_fpr": [a.to_json() for a in self.at_fpr],
+        }
+
+
 @dataclass
 class DatasetResult:
     """One data set of an evaluation. An anomaly set has its threshold (chosen on its
@@ -244,6 +320,7 @@ class DatasetResult:
     lesions: LesionResult | None = None  # None: written before results by lesion existed
     seconds: float | None = None
     note: str | None = None
+    label_free: LabelFreeResult | None = None  # None: an older summary, or no healthy scans
 
     @property
     def has_threshold(self) -> bool:
@@ -270,6 +347,7 @@ class DatasetResult:
                 for k, v in _mapping(d["excluded"], w).items()
             }
         lesions = d.get("lesions")
+        free = d.get("label_free")
         return cls(
             metrics=metrics,
             n_test=_number(d.get("n_test"), _where(where, "n_test")),
@@ -281,6 +359,9 @@ class DatasetResult:
             else LesionResult.from_json(lesions, _where(where, "lesions")),
             seconds=_number(d.get("seconds"), _where(where, "seconds")),
             note=_text(d.get("note"), _where(where, "note")),
+            label_free=None
+            if free is None
+            else LabelFreeResult.from_json(free, _where(where, "label_free")),
         )
 
     def to_json(self) -> dict[str, Any]:
@@ -295,6 +376,8 @@ class DatasetResult:
             out["lesions"] = self.lesions.to_json()
         _put(out, "seconds", self.seconds)
         _put(out, "note", self.note)
+        if self.label_free is not None:
+            out["label_free"] = self.label_free.to_json()
         return out
 
 
@@ -531,6 +614,8 @@ __all__ = [
     "EvaluationSummary",
     "Exclusion",
     "Figures",
+    "FixedFpr",
+    "LabelFreeResult",
     "LesionBand",
     "LesionResult",
     "LoadBand",

@@ -66,7 +66,7 @@ from ..evaluation.comparison import (
 )
 from ..evaluation.lesions import lesion_markdown, merge_runs
 from ..evaluation.report import write_html
-from ..evaluation.runs import load_summary
+from ..evaluation.runs import FREE_TEXT, labelfree_tables, load_summary
 from ..evaluation.summary import SUMMARY_FILE, EvaluationSummary
 from ..evaluation.tables import mean_std_text
 from ..models import MODELS
@@ -558,6 +558,9 @@ def collect(plan: BenchmarkPlan, out: Path) -> int:
     lesion_md = lesion_table(plan, found)
     if lesion_md:
         write_atomic(out / "lesions.md", lesion_md)
+    free_md = labelfree_tables([s for m in plan.models for _, s in found.get(m, [])])
+    if free_md:
+        write_atomic(out / "labelfree.md", free_md)
     sections = [
         {
             "heading": "Table",
@@ -580,6 +583,8 @@ def collect(plan: BenchmarkPlan, out: Path) -> int:
                 "text": "Lesion-wise detection of each model's runs: counts summed over runs (sensitivity by lesion volume: detected / lesions), lesion F1, sensitivity and false-positive components per volume averaged over runs (docs/evaluation.md, Results by lesion).",
             }
         )
+    if free_md:
+        sections.append({"heading": "Without lesion labels", "table": free_md, "text": FREE_TEXT})
     if probe_md:
         sections.append(
             {

@@ -30,8 +30,10 @@ from ..data.datasets import load_subject, slices_to_volume, volume_to_slices
 from ..data.io import DataError, save_like
 from ..data.load import PreparedVolume
 from ..data.splits import Subject
+from ..evaluation.calibration import Calibration
 from ..evaluation.postprocess import anomaly_scores, remove_small_components
 from ..evaluation.protocol import EvalSettings
+from .scores import ScoresTable, scan_scores_of
 
 if TYPE_CHECKING:
     from ..config import DataConfig
@@ -106,6 +108,22 @@ def reconstruct_subject(
     return subject.name, vol.image, vol.brain_mask, vol.segmentation, rec, vol.affine
 
 
+def anomaly_maps(
+    model: AnomalyModel,
+    vol: PreparedVolume,
+    generator: torch.Generator,
+    batch_size: int | None = None,
+    amp: str | None = None,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(reconstruction, |x - rec|, post-processed score map) of a prepared scan, (X, Y, Z)
+    on the model grid: what `detect` writes and `calibrate` sets thresholds on."""
+    rec = reconstruct_volume(model, vol, generator, batch_size, amp)
+    residual = np.abs(vol.image - rec)
+    post = EvalSettings()  # the protocol's post-processing (evaluation/postprocess.py)
+    scores = anomaly_scores(residual, vol.brain_mask, post.erosion_iterations, post.median_size)
+    return rec, residual, scores
+
+
 def output_paths(out_dir: str | Path, name: str, bids: bool = False) -> dict[str, Path]:
     """Output files of one input, named after it. BIDS style: NAME_desc-anomalymap_T2w.nii.gz
     for an input NAME_T2w (the last entity is kept as the suffix)."""
@@ -148,14 +166,18 @@ def detect_subject(
     bids: bool = False,
     batch_size: int | None = None,
     amp: str | None = None,
+    scan_record: dict | None = None,
+    calibration: Calibration | None = None,
+    threshold_source: str | None = None,
 ) -> dict[str, Path]:
     """One scan -> anomaly map (raw |x - rec|), post-processed score map, reconstruction
-    and, with a threshold, a binary prediction; all in the input file's voxel grid."""
+    and, with a threshold, a binary prediction; all in the input file's voxel grid.
+    `scan_record`, when given, receives the scan's scalar scores (pipeline/scores.py)."""
     vol = load_subject(subject, model.cfg.data)
-    rec = reconstruct_volume(model, vol, generator, batch_size, amp)
-    residual = np.abs(vol.image - rec)
+    rec, residual, scores = anomaly_maps(model, vol, generator, batch_size, amp)
     post = EvalSettings()  # the protocol's post-processing (evaluation/postprocess.py)
-    scores = anomaly_scores(residual, vol.brain_mask, post.erosion_iterations, post.median_size)
+    if scan_record is not None:
+        scan_record.update(scan_scores_of(vol, scores, threshold, calibration))
     maps = {"anomaly": residual, "score": scores, "reconstruction": rec}
     paths = subject_outputs(out_dir, subject, bids)
     written = {}
@@ -175,6 +197,8 @@ def detect_subject(
             sidecar = {"Sources": [source], "Description": SIDECAR_TEXT[key]}
             if key == "prediction":
                 sidecar["Threshold"] = threshold
+                if threshold_source:
+                    sidecar["ThresholdSource"] = threshold_source
             side = path.with_name(path.name.removesuffix(".nii.gz").removesuffix(".nii") + ".json")
             tmp = side.with_name(f".{side.name}.tmp")
             tmp.write_text(json.dumps(sidecar, indent=2) + "\n")
@@ -202,35 +226,51 @@ def detect_files(
     amp: str | None = None,
     progress: bool = True,
     bids_source: str | Path | None = None,
+    calibration: Calibration | None = None,
+    threshold_source: str | None = None,
+    input_root: str | Path | None = None,
 ) -> DetectReport:
     """Run detection on many scans; a bad file is reported and skipped, not fatal.
     bids_source: the BIDS data set the subjects come from; `out_dir` then becomes a
     derivatives data set (dataset_description.json, the input's sub-*/ses-*/anat
-    folders, BIDS names)."""
+    folders, BIDS names). Each scan's scalar scores go to OUT/scores.csv (scores.tsv
+    for BIDS output; pipeline/scores.py), written after every scan; `calibration` adds
+    each scan's percentile among its healthy scans, `threshold_source` says how the
+    threshold was set."""
     report = DetectReport()
     start = time.perf_counter()
     if bids_source is not None:  # a BIDS input: the outputs form a derivatives data set
         write_description(out_dir, bids_source)
+    table = ScoresTable.open(out_dir, bids=bids or bids_source is not None)
     for s in tqdm(subjects, desc="detecting", unit="scan", disable=not progress):
         paths = subject_outputs(out_dir, s, bids)
         wanted = [paths[k] for k in OUTPUTS] + (
             [paths["prediction"]] if threshold is not None else []
         )
-        if not overwrite and all(p.exists() for p in wanted):
+        done = table.current(s.name, threshold)  # its scores, with this threshold
+        if not overwrite and done and all(p.exists() for p in wanted):
             report.skipped.append(s.name)
             continue
         g = torch.Generator().manual_seed(seed)
+        record: dict = {}
         try:
-            detect_subject(model, s, out_dir, g, threshold, bids, batch_size, amp)
+            detect_subject(
+                model, s, out_dir, g, threshold, bids, batch_size, amp,
+                scan_record=record, calibration=calibration, threshold_source=threshold_source,
+            )  # fmt: skip
             report.written.append(s.name)
         except (DataError, ValueError, RuntimeError) as e:
             report.failed.append((str(s.image), str(e)))
+            continue
+        table.put(s, record, threshold, threshold_source, input_root)
+        table.write()
     report.seconds = time.perf_counter() - start
     return report
 
 
 __all__ = [
     "DetectReport",
+    "anomaly_maps",
     "detect_files",
     "detect_subject",
     "output_paths",

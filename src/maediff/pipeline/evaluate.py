@@ -35,8 +35,9 @@ from tqdm.auto import tqdm
 from ..config import DataConfig
 from ..data.bids import is_bids, read_bids, split_every
 from ..data.io import DataError
-from ..data.splits import Subject, read_pddpm_split
+from ..data.splits import Subject, read_pddpm_split, split_csv_name
 from ..evaluation.aggregate import METRICS, exclusions, summarise, write_json, write_subject_csv
+from ..evaluation.labelfree import fixed_fpr_summary, fpr_thresholds, scan_auroc
 from ..evaluation.lesions import lesion_summary
 from ..evaluation.normative import BandNormaliser
 from ..evaluation.protocol import EvalSettings, VolumeResult, evaluate_healthy, evaluate_split
@@ -48,6 +49,8 @@ from ..evaluation.summary import (
     EvaluationSummary,
     Exclusion,
     Figures,
+    FixedFpr,
+    LabelFreeResult,
     LesionResult,
     MetricStats,
     Scoring,
@@ -140,12 +143,24 @@ class EvalPlan:
 
     anomaly: dict[str, tuple[list[Subject], list[Subject]]]  # data set -> (val, test)
     healthy_test: list[Subject] | None  # IXI test, or None when not evaluated
+    # healthy validation volumes that set the thresholds at false-positive rates (IXI
+    # val of the fold; BIDS: the healthy test volumes themselves), None: none
+    healthy_val: list[Subject] | None = None
+    healthy_val_source: str = ""
+
+    @property
+    def healthy_val_is_test(self) -> bool:
+        return self.healthy_val is not None and self.healthy_val == self.healthy_test
 
     def subjects(self) -> list[Subject]:
-        """Every subject in the order the evaluation reads them: per data set its
-        validation then its test volumes, then the healthy test volumes."""
+        """Every subject in the order the evaluation reads them: the healthy validation
+        volumes (their thresholds are needed before the test volumes are scored), per
+        data set its validation then its test volumes, then the healthy test volumes
+        (read first, once, when they are also the healthy validation volumes)."""
         order = [s for val, test in self.anomaly.values() for s in (*val, *test)]
-        return [*order, *(self.healthy_test or [])]
+        if self.healthy_val_is_test:
+            return [*self.healthy_val, *order]
+        return [*(self.healthy_val or []), *order, *(self.healthy_test or [])]
 
 
 def plan_evaluation(
@@ -153,10 +168,13 @@ def plan_evaluation(
     datasets: Sequence[str] = ANOMALY_SETS,
     healthy_test: bool = True,
     max_volumes: int | None = None,
+    fold: int = 0,
 ) -> EvalPlan:
     """Read every split CSV up front (read_pddpm_split checks that the files it lists
     exist): a missing split, a missing avail_t2.csv or a missing scan fails here, in
-    seconds, instead of after hours of reconstruction."""
+    seconds, instead of after hours of reconstruction. The healthy validation split of
+    `fold` (IXI_val_fold{fold}.csv) sets the false-positive-rate thresholds; without
+    that file there are none."""
     anomaly = {}
     for ds in datasets:
         val = _limit(read_pddpm_split(data_dir, ds, "val"), max_volumes)
@@ -171,7 +189,11 @@ def plan_evaluation(
             )
         anomaly[ds] = (val, test)
     ixi = _limit(read_pddpm_split(data_dir, HEALTHY, "test"), max_volumes) if healthy_test else None
-    return EvalPlan(anomaly, ixi)
+    hv, source = None, ""
+    if (Path(data_dir) / "splits" / split_csv_name(HEALTHY, "val", fold)).is_file():
+        hv = _limit(read_pddpm_split(data_dir, HEALTHY, "val", fold), max_volumes) or None
+        source = f"{HEALTHY} val fold {fold}"
+    return EvalPlan(anomaly, ixi, hv, source)
 
 
 def plan_bids_evaluation(
@@ -202,7 +224,10 @@ def plan_bids_evaluation(
         raise DataError(f"{root / 'dataset_description.json'} is not valid JSON: {e}") from e
     name = re.sub(r"[^A-Za-z0-9]+", "", str(title)) or "BIDS"
     healthy = [s for s in everyone if s.seg is None] if healthy_test else []
-    return EvalPlan({name: (val, test)}, healthy or None)
+    # no separate healthy validation split: the healthy scans set the FPR thresholds and
+    # give l1; neither enters a Dice of the protocol's threshold
+    source = "the scans without lesion labels"
+    return EvalPlan({name: (val, test)}, healthy or None, healthy or None, source)
 
 
 def _publish(stage: Path, out: Path) -> None:
@@ -252,7 +277,7 @@ def evaluate_model(
     against healthy residuals of the same intensity, fitted on the first
     NORMATIVE_VOLUMES healthy validation volumes of the fold)."""
     if plan is None:
-        plan = plan_evaluation(data_dir, datasets, healthy_test, max_volumes)
+        plan = plan_evaluation(data_dir, datasets, healthy_test, max_volumes, fold)
     out = Path(out_dir)
     if out.exists() and not out.is_dir():
         raise DataError(f"output {out} exists and is not a folder")
@@ -346,6 +371,10 @@ def _run(
     if pool is not None:  # one queue over everything, so that no worker waits between splits
         stream = pool.map(plan.subjects(), data_cfg, seed)
     start = time.perf_counter()
+    thresholds, healthy_records = _healthy_validation(
+        plan, model, data_cfg, settings, label, seed, progress, stream
+    )
+    scan_scores: dict[str, list[float]] = {}
     for ds, (val, test) in plan.anomaly.items():
         bar = tqdm(
             total=len(val) + len(test), desc=f"{label} {ds}", unit="vol", disable=not progress
@@ -357,8 +386,10 @@ def _run(
             _volumes(test, model, data_cfg, seed, kept, 3, bar, stream, drawn),
             settings,
             n_jobs=n_jobs,
+            fpr_thresholds=thresholds,
         )
         bar.close()
+        scan_scores[ds] = [r.get("anomaly_score", float("nan")) for r in outcome.records]
         context = {
             "model": label,
             "dataset": ds,
@@ -379,6 +410,12 @@ def _run(
             ),
             seconds=round(time.perf_counter() - t0, 1),
             note="oracle_best_dice chooses the threshold on each test volume itself: an upper bound, not a result",
+            label_free=label_free_result(
+                outcome.records,
+                thresholds,
+                settings,
+                f"{plan.healthy_val_source} ({len(plan.healthy_val or [])} healthy volumes)",
+            ),
         )
         curves[f"{label} {ds}"] = (outcome.curve_scores, outcome.curve_labels)
         dice_dists[f"{label} {ds}"] = [r.get("dice", float("nan")) for r in outcome.records]
@@ -393,9 +430,15 @@ def _run(
             )
     if plan.healthy_test is not None:
         subjects = plan.healthy_test
-        bar = tqdm(total=len(subjects), desc=f"{label} IXI test", unit="vol", disable=not progress)
-        records = evaluate_healthy(_volumes(subjects, model, data_cfg, seed, None, 0, bar, stream))
-        bar.close()
+        records = healthy_records
+        if records is None:
+            bar = tqdm(
+                total=len(subjects), desc=f"{label} IXI test", unit="vol", disable=not progress
+            )
+            vols = _volumes(subjects, model, data_cfg, seed, None, 0, bar, stream)
+            records = evaluate_healthy(vols, settings)
+            bar.close()
+        add_scan_auroc(summary, scan_scores, [r["anomaly_score"] for r in records])
         write_subject_csv(
             records,
             out / "IXI_test_subjects.csv",
@@ -419,6 +462,60 @@ def _run(
             **{curve_key(k, "scores"): v[0] for k, v in curves.items()},
             **{curve_key(k, "labels"): v[1] for k, v in curves.items()},
         )
+
+
+def _healthy_validation(
+    plan: EvalPlan,
+    model: AnomalyModel,
+    data_cfg: DataConfig,
+    settings: EvalSettings,
+    label: str,
+    seed: int,
+    progress: bool,
+    stream: Iterator[tuple] | None,
+) -> tuple[dict[str, float] | None, list[dict] | None]:
+    """Thresholds at settings.fprs on the healthy validation volumes (None without
+    them), and their records when they are also the healthy test volumes (BIDS)."""
+    if not plan.healthy_val:
+        return None, None
+    subjects = plan.healthy_val
+    bar = tqdm(total=len(subjects), desc=f"{label} healthy val", unit="vol", disable=not progress)
+    pool: list[np.ndarray] = []
+    vols = _volumes(subjects, model, data_cfg, seed, None, 0, bar, stream)
+    records = evaluate_healthy(vols, settings, pool)
+    bar.close()
+    thresholds = fpr_thresholds(pool, settings.fprs)
+    return thresholds, records if plan.healthy_val_is_test else None
+
+
+def label_free_result(
+    records: Sequence[dict],
+    thresholds: dict[str, float] | None,
+    settings: EvalSettings,
+    source: str | None,
+) -> LabelFreeResult:
+    """Dice and lesion F1 at the FPR thresholds of one data set (the scan-level AUROC
+    is added once the healthy test volumes are scored: add_scan_auroc)."""
+    at = fixed_fpr_summary(records, thresholds, settings.fprs) if thresholds else []
+    return LabelFreeResult(
+        scan_auroc=None,
+        n_healthy=0,
+        n_unhealthy=len(records),
+        thresholds_source=source if thresholds else None,
+        at_fpr=tuple(FixedFpr.from_json(a) for a in at),
+    )
+
+
+def add_scan_auroc(
+    summary: EvaluationSummary, scan_scores: dict[str, list[float]], healthy: list[float]
+) -> None:
+    """Scan-level AUROC of each unhealthy test set against the healthy test volumes."""
+    for ds, unhealthy in scan_scores.items():
+        d = summary.datasets[ds]
+        if d.label_free is not None:
+            d.label_free = replace(
+                d.label_free, scan_auroc=scan_auroc(healthy, unhealthy), n_healthy=len(healthy)
+            )
 
 
 NORMATIVE_VOLUMES = 8  # healthy validation volumes that fit normative scoring

@@ -10,9 +10,11 @@ states) goes in a second safetensors file next to the weights (`last.state.safet
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
+import re
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -22,6 +24,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
+from .. import __version__
 from ..config import Config, apply_overrides, describe, from_dict, to_dict
 from ..device import speed_up
 from ..models import build_model
@@ -66,10 +69,41 @@ def _read(path: Path, expected_format: str) -> tuple[dict[str, torch.Tensor], di
             f"checkpoint {path} is truncated, corrupted or not a safetensors file: {e}"
         ) from e
     if meta.get("format") != expected_format:
+        _refuse_other_version(path, meta, expected_format)
         raise CheckpointError(
             f"checkpoint {path} is not a maediff file (format {meta.get('format')!r}, expected {expected_format!r})"
         )
     return tensors, meta
+
+
+def _refuse_other_version(path: Path, meta: dict[str, str], expected: str) -> None:
+    """A maediff file of another format version (`NAME-vN`): say which maediff wrote it."""
+    found = re.fullmatch(r"(.+)-v(\d+)", meta.get("format") or "")
+    base = re.fullmatch(r"(.+)-v(\d+)", expected)
+    if found and base and found.group(1) == base.group(1):
+        writer = meta.get("maediff_version", "an unknown version")
+        raise CheckpointError(
+            f"{path} was written by maediff {writer} in format version {found.group(2)}; "
+            f"this maediff {__version__} reads version {base.group(2)}: use a maediff that "
+            "reads it, or export the model again with this one"
+        )
+
+
+def weights_sha256(tensors: dict[str, torch.Tensor]) -> str:
+    """Hash of the weights alone (names, dtypes, shapes, values in name order): the same
+    for a run's checkpoint and the file `maediff export` makes of it."""
+    h = hashlib.sha256()
+    for name in sorted(tensors):
+        t = tensors[name].detach().cpu().contiguous()
+        h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
+        h.update(t.view(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()
+
+
+def config_sha256(cfg: Config) -> str:
+    """Hash of the resolved configuration (canonical JSON)."""
+    text = json.dumps(to_dict(cfg), sort_keys=True, separators=(",", ":"), default=str)
+    return hashlib.sha256(text.encode()).hexdigest()
 
 
 def unwrap(model: torch.nn.Module) -> torch.nn.Module:
@@ -84,6 +118,7 @@ def save_weights(
     m = unwrap(model)
     meta = {
         "format": FORMAT,
+        "maediff_version": __version__,
         "config": json.dumps(to_dict(m.cfg)),
         "extra": json.dumps(extra or {}),
     }
@@ -104,6 +139,15 @@ def resolve_checkpoint(path: str | Path, which: str = "best") -> Path:
 
 
 def read_checkpoint(path: str | Path) -> tuple[Config, dict[str, torch.Tensor], dict[str, Any]]:
+    cfg, tensors, extra, _ = read_checkpoint_metadata(path)
+    return cfg, tensors, extra
+
+
+def read_checkpoint_metadata(
+    path: str | Path,
+) -> tuple[Config, dict[str, torch.Tensor], dict[str, Any], dict[str, str]]:
+    """read_checkpoint, and the file's metadata as stored (an exported model's card and
+    calibration are there: training/export.py)."""
     path = resolve_checkpoint(path)
     tensors, meta = _read(path, FORMAT)
     try:
@@ -111,7 +155,7 @@ def read_checkpoint(path: str | Path) -> tuple[Config, dict[str, torch.Tensor], 
         extra = json.loads(meta.get("extra", "{}"))
     except (KeyError, json.JSONDecodeError, ValueError) as e:
         raise CheckpointError(f"checkpoint {path} has an invalid config: {e}") from e
-    return cfg, tensors, extra
+    return cfg, tensors, extra, meta
 
 
 def load_model(path: str | Path, device: str | torch.device = "cpu", overrides: Sequence[str] = ()):
@@ -119,7 +163,13 @@ def load_model(path: str | Path, device: str | torch.device = "cpu", overrides: 
     in eval mode, with `overrides` ("inference.batch_size=16", ...) applied to its
     config and the inference speed settings (inference.channels_last / compile)."""
     path = resolve_checkpoint(path)
-    cfg, tensors, extra = read_checkpoint(path)
+    cfg, tensors, extra, meta = read_checkpoint_metadata(path)
+    identity = {
+        "name": cfg.name,
+        "model": cfg.model,
+        "weights_sha256": weights_sha256(tensors),
+        "config_sha256": config_sha256(cfg),
+    }
     if overrides:
         cfg = apply_overrides(cfg, list(overrides))
     model = build_model(cfg)
@@ -133,6 +183,8 @@ def load_model(path: str | Path, device: str | torch.device = "cpu", overrides: 
     model.checkpoint_info = {
         "path": str(path),
         **extra,
+        "identity": identity,
+        "calibration": meta.get("calibration"),  # JSON text in an exported model, else None
         "speed": speed_up(model, device, cfg.inference.channels_last, cfg.inference.compile),
     }
     return model
@@ -296,8 +348,15 @@ class TrainState:
         return state, scaler
 
 
-def model_card(cfg: Config, extra: dict[str, Any]) -> str:
-    """A short human-readable description written next to the weights."""
+RUN_FILES = (
+    "- files: `best.safetensors` (lowest validation loss), `last.safetensors`, `config.yaml`;\n"
+    "  the weights file carries its config, so `maediff detect --model best.safetensors` needs nothing else."
+)
+
+
+def model_card(cfg: Config, extra: dict[str, Any], files: str = RUN_FILES) -> str:
+    """A short human-readable description written next to the weights (`files`: the
+    line that says which files hold the model)."""
     n_params = extra.get("parameters")
     lines = [
         f"# maediff model: {cfg.name} ({cfg.model})",
@@ -311,8 +370,7 @@ def model_card(cfg: Config, extra: dict[str, Any]) -> str:
         f"- steps: {extra.get('step', '?')}, epochs: {extra.get('epoch', '?')}, best validation loss: {extra.get('best_val_loss', '?')}",
         f"- input: axial slices resized to {cfg.geometry.image_size}x{cfg.geometry.image_size}, intensities in [0, 1]",
         f"  (1st-99th percentile inside the brain mask), volumes on a {cfg.data.spacing:g} mm grid of {list(cfg.data.volume_shape)}",
-        "- files: `best.safetensors` (lowest validation loss), `last.safetensors`, `config.yaml`;",
-        "  the weights file carries its config, so `maediff detect --model best.safetensors` needs nothing else.",
+        files,
         "",
         "Intended use: research on unsupervised anomaly detection. Not for clinical use.",
     ]
