@@ -169,12 +169,13 @@ def plan_evaluation(
     healthy_test: bool = True,
     max_volumes: int | None = None,
     fold: int = 0,
+    healthy_val: bool = True,
 ) -> EvalPlan:
     """Read every split CSV up front (read_pddpm_split checks that the files it lists
     exist): a missing split, a missing avail_t2.csv or a missing scan fails here, in
     seconds, instead of after hours of reconstruction. The healthy validation split of
     `fold` (IXI_val_fold{fold}.csv) sets the false-positive-rate thresholds; without
-    that file there are none."""
+    that file, or with healthy_val=False (a quicker evaluation: the demo), there are none."""
     anomaly = {}
     for ds in datasets:
         val = _limit(read_pddpm_split(data_dir, ds, "val"), max_volumes)
@@ -190,7 +191,7 @@ def plan_evaluation(
         anomaly[ds] = (val, test)
     ixi = _limit(read_pddpm_split(data_dir, HEALTHY, "test"), max_volumes) if healthy_test else None
     hv, source = None, ""
-    if (Path(data_dir) / "splits" / split_csv_name(HEALTHY, "val", fold)).is_file():
+    if healthy_val and (Path(data_dir) / "splits" / split_csv_name(HEALTHY, "val", fold)).is_file():
         hv = _limit(read_pddpm_split(data_dir, HEALTHY, "val", fold), max_volumes) or None
         source = f"{HEALTHY} val fold {fold}"
     return EvalPlan(anomaly, ixi, hv, source)
