@@ -134,7 +134,14 @@ def run_demo(
     t = time.perf_counter()
     model = load_model(run, dev)
     evaluate_model(
-        model, data, out / "eval-maediff", "MAEDiff", seed=seed, n_jobs=1, progress=progress
+        model,
+        data,
+        out / "eval-maediff",
+        "MAEDiff",
+        seed=seed,
+        n_jobs=1,
+        progress=progress,
+        overwrite=True,  # a demo run again evaluates again
     )
     timing["evaluate_maediff_s"] = round(time.perf_counter() - t, 1)
     t = time.perf_counter()
@@ -146,6 +153,7 @@ def run_demo(
         seed=seed,
         n_jobs=2,  # nothing to reconstruct: the post-processing is the work
         progress=progress,
+        overwrite=True,
     )
     timing["evaluate_thresh_s"] = round(time.perf_counter() - t, 1)
 
