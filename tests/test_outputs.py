@@ -217,6 +217,7 @@ def _pool_parent(queue) -> None:
     time.sleep(600)
 
 
+@pytest.mark.slow
 def test_workers_end_when_their_parent_is_killed(tmp_path):
     from maediff.pipeline.workers import remove_stale_copies
 
@@ -239,9 +240,43 @@ def test_workers_end_when_their_parent_is_killed(tmp_path):
     assert not Path(copy).exists()
 
 
+def _metrics_parent() -> None:
+    """A process whose post-processing pool (evaluate --jobs 2) works for a long time."""
+    from maediff.evaluation.protocol import _bounded_map
+
+    for _ in _bounded_map(time.sleep, [60] * 8, 2):
+        pass
+
+
+def _children(pid: int) -> list[int]:
+    f = Path(f"/proc/{pid}/task/{pid}/children")
+    return [int(c) for c in f.read_text().split()] if f.exists() else []
+
+
+@pytest.mark.skipif(not Path("/proc/self/task").exists(), reason="reads /proc")
+def test_post_processing_workers_end_when_their_parent_is_killed():
+    parent = multiprocessing.get_context("fork").Process(target=_metrics_parent)
+    parent.start()
+    deadline = time.monotonic() + 30
+    while len(_children(parent.pid)) < 2 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    workers = _children(parent.pid)
+    assert len(workers) == 2
+    os.kill(parent.pid, signal.SIGKILL)
+    parent.join()
+    deadline = time.monotonic() + 5
+    while any(Path(f"/proc/{w}").exists() for w in workers) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    alive = [w for w in workers if Path(f"/proc/{w}").exists()]
+    for w in alive:
+        os.kill(w, signal.SIGKILL)
+    assert not alive, "a worker outlived its killed parent"
+
+
 # ------------------------------------------------------------------ evaluate
 
 
+@pytest.mark.slow
 def test_evaluate_keeps_earlier_results_and_removes_a_killed_ones_staging(tiny_bench, tmp_path):
     from maediff.pipeline.evaluate import evaluate_model
 

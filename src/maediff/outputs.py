@@ -20,6 +20,8 @@ import os
 import re
 import shutil
 import socket
+import threading
+import time
 from pathlib import Path
 
 HOST = re.sub(r"[^A-Za-z0-9-]", "-", socket.gethostname().split(".")[0]) or "host"
@@ -89,6 +91,21 @@ def clean_stale(folder: str | Path) -> list[Path]:
     return removed
 
 
+def exit_with_parent(parent: int | None = None, every_s: float = 0.5) -> None:
+    """In a worker process: end it when its parent is gone (kill -9 included; the
+    worker is then re-parented and os.getppid() changes). A pool worker blocked on its
+    task pipe would otherwise wait forever, since its siblings hold that pipe open.
+    Usable as a ProcessPoolExecutor initializer."""
+    parent = os.getppid() if parent is None else parent
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(every_s)
+        os._exit(1)
+
+    threading.Thread(target=watch, name="maediff-parent-watch", daemon=True).start()
+
+
 def write_text_atomic(path: str | Path, text: str) -> Path:
     """Write `text` to `path` through a temporary name and one rename."""
     path = Path(path)
@@ -104,6 +121,7 @@ def write_text_atomic(path: str | Path, text: str) -> Path:
 
 __all__ = [
     "clean_stale",
+    "exit_with_parent",
     "is_leftover",
     "owner_dead",
     "owner_tag",

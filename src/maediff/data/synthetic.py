@@ -43,7 +43,7 @@ import numpy as np
 from scipy import ndimage
 from tqdm.auto import tqdm
 
-from ..outputs import clean_stale, partial_path
+from ..outputs import clean_stale, exit_with_parent, partial_path
 from .io import DataError
 
 SHAPE = (96, 96, 50)
@@ -465,7 +465,7 @@ def generate_benchmark(
         bar = tqdm(total=len(jobs), desc="synthesising", unit="vol", disable=not progress)
         lesions: list[dict] = []
         if cfg.workers > 1:
-            with ProcessPoolExecutor(cfg.workers) as ex:
+            with ProcessPoolExecutor(cfg.workers, initializer=exit_with_parent) as ex:
                 for rows in ex.map(_write_subject, jobs, chunksize=4):
                     lesions += rows
                     bar.update()

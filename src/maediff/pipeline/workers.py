@@ -25,8 +25,6 @@ import os
 import re
 import shutil
 import tempfile
-import threading
-import time
 from collections import deque
 from collections.abc import Iterator, Sequence
 from concurrent.futures import Future, ProcessPoolExecutor
@@ -36,7 +34,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 import torch
 
-from ..outputs import owner_dead, owner_tag
+from ..outputs import exit_with_parent, owner_dead, owner_tag
 
 if TYPE_CHECKING:
     from ..config import DataConfig
@@ -59,22 +57,9 @@ def auto_workers(model: AnomalyModel, n_volumes: int) -> int:
     return n if n >= 2 else 0
 
 
-def _exit_with_parent(parent: int, every_s: float = 0.5) -> None:
-    """End this worker when its parent is gone (the worker is then re-parented, and
-    os.getppid() changes): a worker blocked on the task pipe would otherwise wait forever,
-    since its siblings hold that pipe open."""
-
-    def watch() -> None:
-        while os.getppid() == parent:
-            time.sleep(every_s)
-        os._exit(1)
-
-    threading.Thread(target=watch, name="maediff-parent-watch", daemon=True).start()
-
-
 def _init(weights: str, threads: int, parent: int) -> None:
     global _MODEL
-    _exit_with_parent(parent)
+    exit_with_parent(parent)
     torch.set_num_threads(threads)
     from ..training.checkpoint import load_model
 
