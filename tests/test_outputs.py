@@ -228,7 +228,7 @@ def test_workers_end_when_their_parent_is_killed(tmp_path):
     workers, copy = queue.get(timeout=60)
     os.kill(parent.pid, signal.SIGKILL)
     parent.join()
-    deadline = time.monotonic() + 5
+    deadline = time.monotonic() + 20  # a worker ends when its current call returns
     while any(Path(f"/proc/{w}").exists() for w in workers) and time.monotonic() < deadline:
         time.sleep(0.1)
     alive = [w for w in workers if Path(f"/proc/{w}").exists()]
@@ -264,7 +264,7 @@ def test_post_processing_workers_end_when_their_parent_is_killed():
     assert len(workers) == 2
     os.kill(parent.pid, signal.SIGKILL)
     parent.join()
-    deadline = time.monotonic() + 5
+    deadline = time.monotonic() + 20  # a worker ends when its current call returns
     while any(Path(f"/proc/{w}").exists() for w in workers) and time.monotonic() < deadline:
         time.sleep(0.1)
     alive = [w for w in workers if Path(f"/proc/{w}").exists()]

@@ -8,8 +8,8 @@ copy of the caller's weights and config (nothing is unpickled from disk), comput
 exactly what the calling process would, and sends back arrays; results come back in
 the order of the subjects, at most `2 * workers` volumes ahead of the consumer.
 
-A worker ends itself within a second of its parent's death (kill -9 included: it
-watches its parent's process id), instead of waiting on the task pipe forever. The
+A worker ends itself soon after its parent's death (kill -9 included: it watches its
+parent's process id every half second), instead of waiting on the task pipe forever. The
 weights copy lives in TMPDIR/maediff-workers.HOST-PID.partial-XXXX, and a new pool
 removes the copies of dead processes of this host (outputs.py).
 
