@@ -323,8 +323,11 @@ def test_a_run_interrupted_after_its_evaluation_is_finished_by_the_rerun(
     assert main(argv) == 0
     assert (run / "figure3.npz").exists() and benchmark.is_done(run)
     assert (run / "eval" / "summary.json").stat().st_mtime_ns == evaluated  # not evaluated again
-    assert json.loads((run / "done.json").read_text())["files"][-1] == "figure3.npz"
+    assert json.loads((run / "status.json").read_text())["files"][-1] == "figure3.npz"
     (run / "figure3.npz").unlink()  # a listed file removed: the run is not finished
+    assert not benchmark.is_done(run)
+    benchmark.mark_status(run)  # ... and once taken up again, not before it is done again
+    (run / "timing.json").touch()  # (newer than the summary, as in a finished old folder)
     assert not benchmark.is_done(run)
 
 

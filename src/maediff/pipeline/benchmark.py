@@ -7,8 +7,8 @@ Every (model, fold, seed) is one run in its own folder, OUT/runs/MODEL/fold{F}-s
 config.yaml (the resolved configuration; a different one for an existing folder is
 refused), train/ (the training run, resumed from its last checkpoint after an
 interruption), eval/ (the paper's protocol), probe.json (diffusion models: the patch
-probe), figure3.npz (the slices of Figure 3), timing.json and done.json, the mark of a
-finished run, written after everything else. Starting the command again skips finished
+probe), figure3.npz (the slices of Figure 3), timing.json and status.json, whose
+"done", written after everything else, marks a finished run. Starting the command again skips finished
 runs and resumes an interrupted one at its first missing step. Runs are independent: `--list` prints one command per
 run and `--run-index N` does run N alone (a job array fills one folder from many GPUs;
 a per-run lock keeps two processes off the same run; give each process its own GPU
@@ -254,20 +254,22 @@ def check_run_config(folder: Path, cfg: Config) -> None:
         save_config(cfg, saved)
 
 
-DONE_FILE = "done.json"  # the mark of a finished run, written after everything else
+STATUS_FILE = "status.json"  # {"state": "running"}, then {"state": "done", "files": [...]}
 
 
 def is_done(folder: Path) -> bool:
-    """A run is finished when its done.json exists and so does every file it lists.
-    (A folder of a version before done.json: when timing.json, which those versions
-    wrote last, exists and is no older than eval/summary.json.)"""
-    done = folder / DONE_FILE
-    if done.exists():
+    """A run is finished when its status.json says "done", written after everything
+    else, and every file it lists exists. (A folder of a version before status.json,
+    which has none: when timing.json, which those versions wrote last, exists and is
+    no older than eval/summary.json.)"""
+    status = folder / STATUS_FILE
+    if status.exists():
         try:
-            files = json.loads(done.read_text())["files"]
+            saved = json.loads(status.read_text())
+            files = saved["files"] if saved["state"] == "done" else None
         except (json.JSONDecodeError, KeyError, TypeError):
             return False
-        return all((folder / f).exists() for f in files)
+        return files is not None and all((folder / f).exists() for f in files)
     summary, timing = folder / "eval" / SUMMARY_FILE, folder / "timing.json"
     return (
         summary.exists()
@@ -276,12 +278,16 @@ def is_done(folder: Path) -> bool:
     )
 
 
-def mark_done(folder: Path, files: list[str]) -> None:
-    """Write done.json, listing the run's files (relative to its folder): last of all."""
+def mark_status(folder: Path, files: list[str] | None = None) -> None:
+    """status.json: "running" (no files), or "done" with the run's files (relative to
+    its folder), written last of all."""
+    if files is None:
+        write_atomic(folder / STATUS_FILE, json.dumps({"state": "running"}))
+        return
     missing = [f for f in files if not (folder / f).exists()]
     if missing:
         raise RuntimeError(f"{folder}: cannot mark the run finished, {missing} missing")
-    write_atomic(folder / DONE_FILE, json.dumps({"files": files}, indent=2))
+    write_atomic(folder / STATUS_FILE, json.dumps({"state": "done", "files": files}, indent=2))
 
 
 def execute_run(
@@ -289,11 +295,11 @@ def execute_run(
 ) -> dict:
     """Train (or resume), evaluate and record one run; returns its timings. Each step
     whose result exists is skipped (a run interrupted after its evaluation computes
-    only what is missing); done.json is written last."""
+    only what is missing); status.json says "done" last of all."""
     folder = out / "runs" / spec.key
     cfg = plan.config(spec)
     check_run_config(folder, cfg)
-    (folder / DONE_FILE).unlink(missing_ok=True)  # redone: not finished until marked again
+    mark_status(folder)  # running: not finished until marked done again
     for f in (folder, folder / "train"):  # temporary files of a killed process
         clean_stale(f)
     timing: dict[str, Any] = {}
@@ -347,7 +353,7 @@ def execute_run(
             save_figure_slices(model, data, folder / "figure3.npz", spec.seed)
         files.append("figure3.npz")
     write_atomic(folder / "timing.json", json.dumps(timing, indent=2))
-    mark_done(folder, files)
+    mark_status(folder, files)
     return timing
 
 
