@@ -27,9 +27,16 @@ maps depend on the input; speed does not depend on the weights):
    folds of 1600 epochs of about 12 steps of 32 slices, and 1,439 evaluated volumes per
    fold, with the fastest measured training and reconstruction of each model.
 
-Compiled rows start only while --max-minutes leaves room for a compilation
-(--compile-reserve seconds); a skipped row says so. The table is printed as Markdown
-and, with --json PATH, written as JSON.
+Compiled rows run in a child process that is stopped when --max-minutes is spent (a
+paper-scale compilation can take minutes), and start only while the budget leaves
+--compile-reserve seconds; a row stopped or skipped says so. On CUDA the fp32 rows are
+labelled tf32: the package lets matmuls and convolutions use TF32 there. The table is
+printed as Markdown and, with --json PATH, written as JSON.
+
+The exit status is non-zero when a check fails (`failures`): a non-finite training
+loss, a compiled row that fell back to eager or compiled nothing, a reconstruction that
+did not come back on the device, or bf16 anomaly maps further than BF16_MAP_TOLERANCE
+from fp32's. Every failure is printed, and listed in the JSON.
 """
 
 from __future__ import annotations
@@ -37,6 +44,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import multiprocessing
 import os
 import platform
 import sys
@@ -58,6 +66,9 @@ from maediff.models.maediff import to_model_range
 from maediff.training import trainer
 
 MODELS = ("maediff", "pddpm-s16")
+# the largest difference, inside the brain, between the anomaly maps of bf16 and fp32
+# reconstructions (same noise, images in [0, 1]) that passes the check
+BF16_MAP_TOLERANCE = 0.1
 # Table 1's budget (docs/method.md "Training", the protocol's splits)
 FOLDS, EPOCHS, STEPS_PER_EPOCH, EVAL_VOLUMES = 5, 1600, 12, 1439
 
@@ -246,9 +257,55 @@ def train_row(
         "loss_finite": bool(torch.isfinite(values).all()),
         "loss_falling": bool(values[-k:].mean() < values[:k].mean()),
         "compile_fallback": [str(w.message) for w in caught if "torch.compile" in str(w.message)],
+        "compiled_calls": sum(
+            m.compile_state.calls for m in model.compile_targets() if hasattr(m, "compile_state")
+        ),
         "speed": notes,
     }
     return row
+
+
+def _row_in_child(queue: Any, kwargs: dict[str, Any]) -> None:
+    queue.put(train_row(**kwargs))
+
+
+def bounded_train_row(seconds: float, **kwargs: Any) -> dict[str, Any]:
+    """`train_row(**kwargs)` in a child process, stopped after `seconds` (a compilation
+    that would overrun the budget): its row, or a row that says it was stopped."""
+    ctx = multiprocessing.get_context("spawn")  # a fresh CUDA context, no forked one
+    queue = ctx.Queue()
+    child = ctx.Process(target=_row_in_child, args=(queue, kwargs))
+    t0 = time.perf_counter()
+    child.start()
+    row = None
+    while row is None and child.is_alive() and time.perf_counter() - t0 < seconds:
+        try:
+            row = queue.get(timeout=1.0)
+        except Exception:  # queue.Empty: not yet
+            continue
+    if row is None:
+        try:
+            row = queue.get(timeout=1.0)
+        except Exception:
+            pass
+    if child.is_alive():
+        child.terminate()
+    child.join()
+    if row is not None:
+        return row
+    dev = kwargs["dev"]
+    why = (
+        f"stopped after {seconds:.0f} s: the budget (--max-minutes)"
+        if time.perf_counter() - t0 >= seconds
+        else f"the child process failed (exit code {child.exitcode})"
+    )
+    return {
+        "preset": kwargs["preset"],
+        "mode": "compiled" if kwargs["compiled"] else "eager",
+        "amp": kwargs["amp"],
+        "skipped": why,
+        "device": str(dev),
+    }
 
 
 def release(dev: torch.device, compiled: bool) -> None:
@@ -297,12 +354,13 @@ def reconstruct_row(
         "gflop_per_pair": flops_per_pair / 1e9,
     }
     maps = {}
+    on_device = True
     for amp in amps:
 
         def run(amp: str = amp) -> torch.Tensor:
             return model.reconstruct(x, noise=noise, amp=amp, brain_mask=None)
 
-        run()  # cuDNN autotuning, lazy initialisation
+        on_device &= run().device.type == dev.type  # lazy initialisation too
         seconds = timed(run, dev)
         maps[amp] = (x.to(dev) - run()).abs()
         achieved = flops_per_pair * S * K / seconds / 1e12
@@ -315,6 +373,17 @@ def reconstruct_row(
     best = min(amps, key=lambda a: row[a]["seconds_per_volume"])
     row["seconds_per_volume"] = row[best]["seconds_per_volume"]
     row["fastest_amp"] = best
+    row["on_device"] = on_device
+    # channels_last against the contiguous layout above (GroupNorm-heavy networks: NHWC
+    # may cost copies), at the fastest autocast
+    model.to(memory_format=torch.channels_last)
+    run_cl = lambda: model.reconstruct(x, noise=noise, amp=best, brain_mask=None)  # noqa: E731
+    run_cl()
+    cl = timed(run_cl, dev) * Z / S
+    row["channels_last"] = {
+        "seconds_per_volume": cl,
+        "speedup": row[best]["seconds_per_volume"] / cl,
+    }
     row["max_map_diff_bf16_fp32"] = (
         float(((maps["bf16"] - maps["none"]).abs() * brain).max())
         if {"bf16", "none"} <= set(maps)
@@ -367,7 +436,8 @@ def table1_hours(training: list[dict], recon: list[dict], scale: str) -> dict[st
     for model in MODELS:
         preset = preset_name(model, scale)
         rows = [r for r in training if r["preset"] == preset and r.get("loss_finite")]
-        rec = [r for r in recon if r["preset"] == preset]
+        rows = [r for r in rows if "skipped" not in r]
+        rec = [r for r in recon if r["preset"] == preset and "skipped" not in r]
         if not rows or not rec:
             continue
         fast = max(rows, key=lambda r: r["steps_per_s"])
@@ -377,7 +447,7 @@ def table1_hours(training: list[dict], recon: list[dict], scale: str) -> dict[st
             "train_h": train_h,
             "evaluate_h": eval_h,
             "total_h": train_h + eval_h,
-            "training": f"{fast['mode']} {amp_name(fast['amp'])}",
+            "training": f"{fast['mode']} {fast.get('precision', amp_name(fast['amp']))}",
             "reconstruct": amp_name(rec[0]["fastest_amp"]),
         }
         total += train_h + eval_h
@@ -388,8 +458,42 @@ def table1_hours(training: list[dict], recon: list[dict], scale: str) -> dict[st
 # ------------------------------------------------------------------ the table
 
 
-def amp_name(amp: str) -> str:
-    return "fp32" if amp == "none" else amp
+def amp_name(amp: str, tf32: bool = False) -> str:
+    """The precision of a row: bf16, or fp32, which is tf32 where the package lets CUDA
+    matmuls and convolutions use TF32 (device.speed_up, compute capability >= 8)."""
+    if amp != "none":
+        return amp
+    return "tf32" if tf32 else "fp32"
+
+
+def failures(report: dict[str, Any]) -> list[str]:
+    """What makes the run fail: one line per failed check."""
+    out = []
+    for r in report["training"]:
+        label = f"training {r['preset']} {r['mode']} {amp_name(r['amp'])}"
+        if "skipped" in r:
+            continue
+        if not r["loss_finite"]:
+            out.append(f"{label}: the loss is not finite")
+        if r["mode"] == "compiled" and r["compile_fallback"]:
+            out.append(f"{label}: torch.compile fell back to eager ({r['compile_fallback'][0]})")
+        elif r["mode"] == "compiled" and not r.get("compiled_calls"):
+            out.append(f"{label}: nothing ran compiled")
+    for r in report["reconstruct"]:
+        if "skipped" in r:
+            continue
+        if not r["on_device"]:
+            out.append(f"reconstruct {r['preset']}: the reconstruction left the device")
+        diff = r["max_map_diff_bf16_fp32"]
+        if diff is not None and not diff <= BF16_MAP_TOLERANCE:
+            out.append(
+                f"reconstruct {r['preset']}: bf16 maps differ from fp32's by {diff:.3g} "
+                f"(tolerance {BF16_MAP_TOLERANCE})"
+            )
+    ddp = report.get("ddp")
+    if ddp is not None and not ddp["loss_finite"]:
+        out.append("DDP: the loss is not finite")
+    return out
 
 
 def fmt(v: float | None, spec: str = ".2f") -> str:
@@ -415,6 +519,7 @@ def markdown(report: dict[str, Any]) -> str:
     def add(label: str, cell: Callable[[str], str]) -> None:
         lines.append(f"| {label} | " + " | ".join(cell(p) for p in presets) + " |")
 
+    tf32 = bool(env.get("tf32"))
     for mode, amp in (("eager", "none"), ("eager", "bf16"), ("compiled", report["compiled_amp"])):
 
         def train_cell(p: str, mode: str = mode, amp: str = amp) -> str:
@@ -430,6 +535,8 @@ def markdown(report: dict[str, Any]) -> str:
                 return "n/a"
             if "skipped" in r:
                 return f"skipped ({r['skipped']})"
+            if r.get("compile_fallback") and mode == "compiled":
+                return "FELL BACK TO EAGER: " + r["compile_fallback"][0]
             mem = f", {fmt(r['peak_memory_gib'], '.1f')} GiB" if r["peak_memory_gib"] else ""
             first = f", first step {r['first_step_s']:.0f} s" if mode == "compiled" else ""
             ok = "" if r["loss_finite"] else ", LOSS NOT FINITE"
@@ -440,8 +547,8 @@ def markdown(report: dict[str, Any]) -> str:
                 f"loss {r['loss_first']:.3f} -> {r['loss_last']:.3f} ({trend}){ok}{fb}"
             )
 
-        add(f"training, {mode}, {amp_name(amp)} (batch {report['batch']})", train_cell)
-    recon = {r["preset"]: r for r in report["reconstruct"]}
+        add(f"training, {mode}, {amp_name(amp, tf32)} (batch {report['batch']})", train_cell)
+    recon = {r["preset"]: r for r in report["reconstruct"] if "skipped" not in r}
     for amp in ("none", "bf16"):
 
         def rec_cell(p: str, amp: str = amp) -> str:
@@ -453,7 +560,15 @@ def markdown(report: dict[str, Any]) -> str:
                 f"{r['tflops']:.3g} TFLOP/s ({100 * r['share_of_peak']:.0f} % of peak)"
             )
 
-        add(f"reconstruct, one {report['volume']} volume, {amp_name(amp)}", rec_cell)
+        add(f"reconstruct, one {report['volume']} volume, {amp_name(amp, tf32)}", rec_cell)
+    add(
+        "channels_last against contiguous (reconstruct, fastest autocast)",
+        lambda p: (
+            f"{recon[p]['channels_last']['speedup']:.2f}x"
+            if p in recon and "channels_last" in recon[p]
+            else "n/a"
+        ),
+    )
     add(
         "max map difference in the brain, bf16 vs fp32",
         lambda p: fmt(recon.get(p, {}).get("max_map_diff_bf16_fp32"), ".4f"),
@@ -485,6 +600,8 @@ def markdown(report: dict[str, Any]) -> str:
     lines.append(
         f"Both models together: {hours['total']:.1f} GPU-hours; run {report['seconds']:.0f} s."
     )
+    for f in report.get("failures", []):
+        lines.append(f"FAILED: {f}")
     return "\n".join(lines)
 
 
@@ -538,11 +655,17 @@ def main(argv: list[str] | None = None) -> int:
     training: list[dict[str, Any]] = []
     recon: list[dict[str, Any]] = []
     presets = [preset_name(m, args.scale) for m in MODELS]
-    for preset in presets:
+    for preset in presets:  # every row starts only while the budget lasts
         for amp in amps:
+            if deadline.left() <= 0:
+                training.append({"preset": preset, "mode": "eager", "amp": amp, "skipped": "time"})
+                continue
             training.append(train_row(preset, dev, amp, False, args.steps, args.warmup, args.seed))
             release(dev, False)
     for preset in presets:
+        if deadline.left() <= 0:
+            recon.append({"preset": preset, "skipped": "time"})
+            continue
         recon.append(reconstruct_row(preset, dev, args.slices, amps, peak, args.seed))
         release(dev, False)
     for preset in presets if compiled else []:
@@ -551,8 +674,9 @@ def main(argv: list[str] | None = None) -> int:
                 {"preset": preset, "mode": "compiled", "amp": amps[-1], "skipped": "time"}
             )
             continue
-        training.append(train_row(preset, dev, amps[-1], True, args.steps, args.warmup, args.seed))
-        release(dev, True)
+        kwargs = dict(preset=preset, dev=dev, amp=amps[-1], compiled=True, steps=args.steps)
+        kwargs.update(warmup=args.warmup, seed=args.seed)
+        training.append(bounded_train_row(deadline.left(), **kwargs))
     cfg = get_preset(presets[0])
     X, Y, Z = cfg.data.volume_shape
     report = {
@@ -568,13 +692,15 @@ def main(argv: list[str] | None = None) -> int:
         "table1_gpu_hours": table1_hours(training, recon, args.scale),
         "seconds": time.perf_counter() - t0,
     }
+    for r in training:
+        r["precision"] = amp_name(r["amp"], report["environment"]["tf32"])
+    report["failures"] = failures(report)
     print(markdown(report))
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(report, indent=2))
     sys.stdout.flush()
-    ok = all(r.get("loss_finite", True) for r in training) and (ddp is None or ddp["loss_finite"])
-    return 0 if ok else 1
+    return 1 if report["failures"] else 0
 
 
 if __name__ == "__main__":

@@ -4,8 +4,11 @@ both evaluations and the report."""
 import json
 
 import pytest
+import torch
 
-from maediff.pipeline.demo import demo_config, run_demo
+from maediff.config import get_preset
+from maediff.models import build_model
+from maediff.pipeline.demo import demo_config, precision_line, run_demo
 
 
 def test_demo_budget_is_steps_unless_minutes_are_asked_for():
@@ -22,13 +25,22 @@ def test_demo_budget_is_steps_unless_minutes_are_asked_for():
 
 @pytest.mark.slow
 def test_demo_runs_end_to_end(tmp_path, capsys):
+    """--model both: a model trained here and a shipped one (here a tiny checkpoint
+    standing in for the package's file), both evaluated live beside Thresh."""
     from conftest import tiny_synth_config
+    from maediff.training.checkpoint import save_weights
 
     synth = tiny_synth_config()
+    stand_in = tmp_path / "shipped.safetensors"
+    torch.manual_seed(1)
+    save_weights(build_model(get_preset("tiny")), stand_in, {"steps": 0})
     out = tmp_path / "demo"
-    timing = run_demo(out, preset="tiny", steps=3, synth=synth, progress=False)
+    timing = run_demo(
+        out, preset="tiny", steps=3, synth=synth, progress=False, model="both", shipped=stand_in
+    )
     printed = capsys.readouterr().out
     assert "training tiny for 3 steps" in printed and "report:" in printed
+    assert "precision: fp32 on cpu" in printed or "precision: bf16 autocast on cpu" in printed
     saved = json.loads((out / "demo_timing.json").read_text())
     assert saved["train_steps"] == 3 == timing["train_steps"]
     assert saved["estimate"]["step_s"] > 0
@@ -36,7 +48,22 @@ def test_demo_runs_end_to_end(tmp_path, capsys):
     assert saved["total_s"] == pytest.approx(sum(saved[k] for k in stages), abs=0.5)
     assert (out / "report" / "report.html").exists()
     models = [
-        json.loads((out / f"eval-{m}" / "summary.json").read_text())["model"]
-        for m in ("maediff", "thresh")
+        json.loads((out / f"eval-{m}" / "summary.json").read_text())
+        for m in ("shipped", "maediff", "thresh")
     ]
-    assert models == ["MAEDiff", "Thresh"]
+    assert [m["model"] for m in models] == ["MAEDiff (shipped)", "MAEDiff (trained here)", "Thresh"]
+    assert models[0]["checkpoint"] == str(stand_in)  # the shipped row is that file's model
+
+
+def test_demo_refuses_an_unknown_model_choice(tmp_path):
+    with pytest.raises(ValueError, match="must be one of shipped, train, both"):
+        run_demo(tmp_path, model="pretrained")
+    assert not any(tmp_path.iterdir())  # refused before anything is written
+
+
+def test_precision_line_says_what_amp_resolved_to():
+    cpu = torch.device("cpu")
+    assert precision_line("none", cpu) == "precision: fp32 on cpu"
+    assert precision_line("bf16", cpu) == "precision: bf16 autocast on cpu"
+    auto = precision_line("auto", cpu)
+    assert auto.startswith("precision: ") and "amp=auto" in auto

@@ -1,9 +1,15 @@
-"""The CUDA path itself (issue 19): every model of the registry trains a step and
-reconstructs on a GPU at the tiny scale, in fp32 and bf16, eager and compiled; a
-checkpoint written on the GPU gives the CPU's maps; DDP with NCCL takes its steps.
+"""The CUDA path itself (issues 19 and 26): every model of the registry trains a step
+and reconstructs on a GPU at the tiny scale, in fp32 and bf16, eager and compiled, its
+reconstruction staying on the GPU and its compiled networks compiled (not fallen back);
+through `load_model` (the path users run) compiled and bf16 reconstructions agree with
+eager fp32 within a tolerance; a checkpoint written on the GPU gives the CPU's maps;
+AnoDDPM's iterative sampling, evaluate, detect and the probe run there; DDP takes its
+steps with two ranks (NCCL on two GPUs, gloo on one) and keeps their weights equal.
 
 Marked `gpu` and skipped without CUDA: `python -m pytest -q -m gpu` on a GPU machine
-(the compiled cases are also `slow`: one compilation per model and autocast).
+(the compiled cases are also `slow`: one compilation per model and autocast);
+`bash benchmarks/gpu_check.sh` runs the fast ones with the compiled bf16 MAEDiff case and
+the benchmark in at most 10 minutes.
 """
 
 from __future__ import annotations
@@ -63,6 +69,12 @@ def _no_compile_fallback(caught) -> None:
     assert not failed, failed
 
 
+def _all_compiled(model) -> None:
+    """Every compile target ran compiled (compilation happened, nothing fell back)."""
+    states = [getattr(m, "compile_state", None) for m in model.compile_targets()]
+    assert states and all(s is not None and s.compiled for s in states), states
+
+
 @pytest.mark.parametrize(
     "compiled", [False, pytest.param(True, marks=pytest.mark.slow)], ids=["eager", "compiled"]
 )
@@ -97,11 +109,111 @@ def test_every_model_trains_and_reconstructs_on_cuda(name, amp, compiled):
         rec = model.reconstruct(x, torch.Generator().manual_seed(0), amp=amp)
         torch.cuda.synchronize()
     _no_compile_fallback(caught)
-    assert rec.shape == x.shape and rec.device.type in ("cuda", "cpu")
+    if compiled:
+        _all_compiled(model)
+    assert rec.shape == x.shape and rec.device.type == "cuda"  # it stays on the GPU
     assert torch.isfinite(rec).all()  # the model's output as it is (inference.clamp off)
     model.cfg = replace(cfg, inference=replace(cfg.inference, clamp=True))
     clamped = model.reconstruct(x, torch.Generator().manual_seed(0), amp=amp)
     assert clamped.min() >= 0 and clamped.max() <= 1
+
+
+def _saved_drawn_model(name: str, path: Path) -> Path:
+    torch.manual_seed(0)
+    model = build_model(get_preset(f"{name}-tiny"))
+    _draw_zero_layers(model)
+    return save_weights(model, path)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ALL)
+def test_load_model_compiled_and_bf16_reconstructions_agree_with_eager_fp32(name, tmp_path):
+    """The path users run: load_model applies the inference speed settings. Compiled
+    fp32 within 1e-2 of eager fp32 (both may use TF32), bf16 within 0.1 (images in
+    [0, 1]); the compiled model compiled."""
+    torch._dynamo.reset()
+    path = _saved_drawn_model(name, tmp_path / "m.safetensors")
+    eager = load_model(path, DEV, ["inference.compile=off"])
+    compiled = load_model(path, DEV, ["inference.compile=on"])
+    H = eager.cfg.geometry.image_size
+    x = torch.rand(
+        eager.cfg.data.volume_shape[2], 1, H, H, generator=torch.Generator().manual_seed(1)
+    )
+    noise = eager.noise(x.shape[0], torch.Generator().manual_seed(2)) if eager.draws_noise else None
+
+    def rec(model, amp):
+        g = torch.Generator().manual_seed(3)
+        out = model.reconstruct(x, g, noise=noise, amp=amp)
+        assert out.device.type == "cuda"
+        return out.float().cpu()
+
+    reference = rec(eager, "none")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", RuntimeWarning)
+        got = rec(compiled, "none")
+    _no_compile_fallback(caught)
+    _all_compiled(compiled)
+    assert (got - reference).abs().max() <= 1e-2
+    if cuda_bf16_native(DEV):
+        assert (rec(eager, "bf16") - reference).abs().max() <= 0.1
+
+
+def test_anoddpm_iterative_sampling_with_cpu_noise_on_cuda():
+    """Given CPU noise was indexed with the GPU's brain-slice mask (mixed devices)."""
+    cfg = apply_overrides(get_preset("anoddpm-tiny"), ["diffusion.sample_steps=3"])
+    torch.manual_seed(0)
+    model = build_model(cfg).to(DEV).eval()
+    x = torch.rand(4, 1, 32, 32, generator=torch.Generator().manual_seed(1))
+    brain = torch.zeros_like(x)
+    brain[1:3, :, 8:24, 8:24] = 1
+    noise = model.noise(4, torch.Generator().manual_seed(2))  # on the CPU
+    rec = model.reconstruct(x, torch.Generator().manual_seed(3), noise=noise, brain_mask=brain)
+    assert rec.device.type == "cuda" and torch.isfinite(rec).all()
+    assert torch.equal(rec[0].cpu(), x[0])  # no brain: the input
+
+
+@pytest.mark.slow
+def test_the_probe_on_a_compiled_model_on_cuda(tmp_path):
+    """The MAE branch is read without hooks, which a compiled forward skips."""
+    from maediff.pipeline.probe import mae_input_dependence, patch_probe
+
+    torch._dynamo.reset()
+    path = _saved_drawn_model("maediff", tmp_path / "m.safetensors")
+    slices = torch.rand(4, 1, 32, 32, generator=torch.Generator().manual_seed(1))
+    brain = torch.ones_like(slices, dtype=torch.bool)
+    eager = load_model(path, DEV, ["inference.compile=off"])
+    compiled = load_model(path, DEV, ["inference.compile=on"])
+    compiled.denoise(  # a graph compiled before the probe, at the probe's batch
+        slices.to(DEV) * 2 - 1,
+        torch.full((4,), 500, device=DEV),
+        torch.zeros(4, dtype=torch.long, device=DEV),
+        slices.to(DEV) * 2 - 1,
+    )
+    a, b = mae_input_dependence(eager, slices), mae_input_dependence(compiled, slices)
+    assert b["input_share"] == pytest.approx(a["input_share"], rel=1e-2, abs=1e-4)
+    assert patch_probe(compiled, slices, brain)["l1"] == pytest.approx(
+        patch_probe(eager, slices, brain)["l1"], rel=1e-2
+    )
+
+
+@pytest.mark.slow
+def test_evaluate_and_detect_on_cuda(tiny_bench, tmp_path):
+    from maediff.data.splits import read_pddpm_split
+    from maediff.names import HEALTHY
+    from maediff.pipeline.detect import detect_files
+    from maediff.pipeline.evaluate import evaluate_model
+
+    path = _saved_drawn_model("maediff", tmp_path / "m.safetensors")
+    model = load_model(path, DEV)
+    with pytest.raises(ValueError, match="use --workers 0"):  # no forked CUDA workers
+        evaluate_model(model, tiny_bench, tmp_path / "refused", max_volumes=1, workers=2)
+    summary = evaluate_model(
+        model, tiny_bench, tmp_path / "eval", max_volumes=1, progress=False, figures=False
+    )
+    assert summary.scoring.workers == 0 and (tmp_path / "eval" / "summary.json").exists()
+    subjects = read_pddpm_split(tiny_bench, HEALTHY, "test")[:1]
+    report = detect_files(subjects, tmp_path / "maps", model, progress=False)
+    assert not report.failed and report.written == [subjects[0].name]
 
 
 def test_reconstruct_volume_on_cuda_at_a_smaller_model_size():
@@ -179,14 +291,17 @@ def _env(rank: int, world: int, port: int) -> None:
     )
 
 
-def _ddp_steps_worker(rank: int, world: int, port: int, out: str) -> None:
+def _ddp_steps_worker(rank: int, world: int, port: int, out: str, backend: str) -> None:
     """Two DDP steps per model as the trainer wraps it (SyncBatchNorm for f-AnoGAN),
-    and a stop flag reduced on the GPU as the trainer's stopping rule does."""
+    and a stop flag reduced on the GPU as the trainer's stopping rule does. With gloo
+    (one GPU) both ranks share cuda:0. Writes the flag and a checksum of the weights,
+    which the averaged gradients keep equal on every rank."""
     _env(rank, world, port)
-    torch.cuda.set_device(rank)
-    dist.init_process_group("nccl", rank=rank, world_size=world)
+    gpu = rank if backend == "nccl" else 0
+    torch.cuda.set_device(gpu)
+    dist.init_process_group(backend, rank=rank, world_size=world)
     try:
-        dev = torch.device("cuda", rank)
+        dev = torch.device("cuda", gpu)
         for name in ("maediff", "fanogan"):
             cfg = _preset(name)
             torch.manual_seed(0)
@@ -201,6 +316,8 @@ def _ddp_steps_worker(rank: int, world: int, port: int, out: str) -> None:
                 loss.backward()
                 opts[group].step()
                 assert torch.isfinite(loss.detach()).item()
+            total = sum(float(p.double().sum()) for p in model.parameters())
+            Path(f"{out}.{name}.{rank}").write_text(repr(total))
         flag = torch.tensor([float(rank == world - 1)], device=dev)
         dist.all_reduce(flag, op=dist.ReduceOp.MAX)
         Path(f"{out}.{rank}").write_text(str(flag.item()))
@@ -209,13 +326,18 @@ def _ddp_steps_worker(rank: int, world: int, port: int, out: str) -> None:
 
 
 @pytest.mark.parametrize("world", [1, 2])
-def test_ddp_with_nccl_takes_two_steps(world, tmp_path):
-    if torch.cuda.device_count() < world:
-        pytest.skip(f"needs {world} GPUs")
+def test_ddp_takes_two_steps_and_keeps_the_ranks_equal(world, tmp_path):
+    """World size 2 on one GPU too: gloo reduces CUDA tensors (NCCL needs a GPU per rank)."""
+    backend = "nccl" if torch.cuda.device_count() >= world else "gloo"
     out = str(tmp_path / "flag")
-    torch.multiprocessing.spawn(_ddp_steps_worker, args=(world, _free_port(), out), nprocs=world)
+    torch.multiprocessing.spawn(
+        _ddp_steps_worker, args=(world, _free_port(), out, backend), nprocs=world
+    )
     for rank in range(world):
         assert (tmp_path / f"flag.{rank}").read_text() == "1.0"
+    for name in ("maediff", "fanogan"):
+        sums = {(tmp_path / f"flag.{name}.{r}").read_text() for r in range(world)}
+        assert len(sums) == 1, (name, sums)  # the same weights on every rank
 
 
 def _ddp_train_worker(rank: int, world: int, port: int, data: str, out: str) -> None:

@@ -1,10 +1,12 @@
-"""The CUDA and DDP code paths, tested on the CPU (issue 19): each test stands in for
+"""The CUDA and DDP code paths, tested on the CPU (issues 19 and 26): each test stands in for
 the GPU with something the CPU has (a tensor subclass that refuses to mix with CPU
 tensors, the 'meta' device, monkeypatched device checks, gloo, torch.compile's
 "aot_eager" backend) and fails on the defect it was written for."""
 
 from __future__ import annotations
 
+import json
+import math
 import os
 import subprocess
 import sys
@@ -22,15 +24,23 @@ from torch.utils._pytree import tree_leaves
 import maediff.training.checkpoint as checkpoint
 import maediff.training.trainer as trainer
 from maediff.config import get_preset
-from maediff.device import compile_with_fallback, resolve_amp, resolve_device
+from maediff.device import (
+    compile_with_fallback,
+    cuda_bf16_native,
+    grad_scaler,
+    resolve_amp,
+    resolve_device,
+    speed_up,
+)
 from maediff.diffusion import noise as noise_module
 from maediff.diffusion.noise import NoiseConfig, NoiseSampler
-from maediff.models import build_model
+from maediff.models import MODELS, build_model
 from maediff.models.base import Phase
 from maediff.models.mae import MAE
 from maediff.pipeline.benchmark import process_device
 from maediff.pipeline.detect import reconstruct_volume
 from maediff.training.checkpoint import TrainState
+from maediff.training.trainer import TrainingData
 
 ROOT = Path(__file__).resolve().parents[1]
 CUDA0 = torch.device("cuda", 0)
@@ -200,15 +210,8 @@ def test_compile_fallback_raises_out_of_memory(monkeypatch):
 
 
 def test_auto_amp_takes_bf16_only_where_the_gpu_computes_it(monkeypatch):
-    def emulation_counts(including_emulation: bool = True) -> bool:
-        return including_emulation  # an older GPU: bf16 only emulated
-
-    monkeypatch.setattr(torch.cuda, "is_bf16_supported", emulation_counts)
-    assert resolve_amp("auto", CUDA0) == "none"
+    # torch.cuda.is_bf16_supported() also counts emulated bf16: the capability decides
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: True)
-    assert resolve_amp("auto", CUDA0) == "bf16"
-    # a torch without `including_emulation`: the compute capability decides
-    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda: True)
     for capability, amp in (((7, 5), "none"), ((8, 0), "bf16"), ((9, 0), "bf16")):
         monkeypatch.setattr(torch.cuda, "get_device_capability", lambda d=None, c=capability: c)
         assert resolve_amp("auto", CUDA0) == amp
@@ -355,20 +358,457 @@ def test_benchmark_refuses_torchrun_and_takes_the_local_rank(monkeypatch):
 
 
 @pytest.mark.slow
-def test_bench_gpu_runs_on_the_cpu(tmp_path):
-    """benchmarks/bench_gpu.py as CI runs it: the tiny scale, a few steps, one thread."""
-    out = tmp_path / "bench.json"
+def test_the_gpu_check_runs_on_the_cpu_and_its_checks_can_fail(tmp_path):
+    """benchmarks/gpu_check.sh as CI runs it (no CUDA: the tiny scale, bench_gpu.py only,
+    one thread): one JSON, the table; then bench_gpu's checks on that report, each
+    broken in turn."""
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, str(ROOT / "benchmarks" / "bench_gpu.py"), "--device", "cpu"]
-    cmd += ["--scale", "tiny", "--steps", "3", "--slices", "4", "--json", str(out)]
-    res = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=120)
-    assert res.returncode == 0, res.stderr[-3000:]
-    import json
-
-    report = json.loads(out.read_text())
-    assert report["environment"]["device"] == "cpu"
+    out = tmp_path / "check"
+    res = subprocess.run(
+        ["bash", str(ROOT / "benchmarks" / "gpu_check.sh"), str(out)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=240,
+    )
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    check = json.loads((out / "gpu_check.json").read_text())
+    assert check["steps"] == {
+        "fast GPU tests": "skipped",
+        "compiled bf16 MAEDiff": "skipped",
+        "bench_gpu.py": "passed",
+    }
+    report = check["bench_gpu"]
+    assert report["environment"]["device"] == "cpu" and report["failures"] == []
     assert {r["preset"] for r in report["training"]} == {"maediff-tiny", "pddpm-s16-tiny"}
     assert all(r["loss_finite"] and r["steps_per_s"] > 0 for r in report["training"])
-    assert all(r["seconds_per_volume"] > 0 for r in report["reconstruct"])
+    assert all(r["precision"] == "fp32" for r in report["training"])  # no TF32 on a CPU
+    assert all(r["on_device"] and r["seconds_per_volume"] > 0 for r in report["reconstruct"])
+    assert all(r["channels_last"]["speedup"] > 0 for r in report["reconstruct"])
     assert report["table1_gpu_hours"]["total"] > 0
-    assert "| " in res.stdout  # the Markdown table
+    rows = {r["preset"]: r for r in check["summary"]}
+    assert rows["maediff-tiny"]["forward_tflops"] > 0 and rows["maediff-tiny"]["step_s"] > 0
+    assert "| preset | forward TFLOP/s (share of peak) |" in res.stdout
+    # the checks fail on what they look for
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    try:
+        import bench_gpu
+    finally:
+        sys.path.pop(0)
+    broken = json.loads(json.dumps(report))
+    broken["training"][0].update(mode="compiled", compile_fallback=["RuntimeError: x"])
+    broken["training"][1].update(mode="compiled", compile_fallback=[], compiled_calls=0)
+    broken["training"][1]["loss_finite"] = False
+    broken["reconstruct"][0]["on_device"] = False
+    broken["reconstruct"][1]["max_map_diff_bf16_fp32"] = 0.5
+    found = bench_gpu.failures(broken)
+    for what in ("fell back to eager", "nothing ran compiled", "not finite", "left the device"):
+        assert any(what in f for f in found), (what, found)
+    assert any("bf16 maps differ" in f for f in found)
+    assert bench_gpu.amp_name("none", tf32=True) == "tf32"
+
+
+def test_a_compiled_bench_row_is_stopped_when_the_budget_is_spent():
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    try:
+        import bench_gpu
+    finally:
+        sys.path.pop(0)
+    t0 = time.perf_counter()
+    row = bench_gpu.bounded_train_row(
+        0.5, preset="maediff-tiny", dev=torch.device("cpu"), amp="none", compiled=True,
+        steps=1, warmup=1, seed=0,
+    )  # fmt: skip
+    assert row["skipped"].startswith("stopped after") and row["mode"] == "compiled"
+    assert time.perf_counter() - t0 < 30  # the child was stopped, not waited for
+
+
+# ================================================================== the second reading (issue 26)
+
+
+def test_compile_that_cannot_even_be_created_falls_back_to_eager(monkeypatch):
+    """torch < 2.4 on Python 3.12: torch.compile(...) itself raises. Creating it outside
+    the fallback killed every CUDA train/detect/evaluate at speed_up."""
+
+    def unsupported(*args, **kwargs):
+        raise RuntimeError("Python 3.12+ not yet supported for torch.compile")
+
+    monkeypatch.setattr(torch, "compile", unsupported)
+    layer = torch.nn.Linear(2, 2)
+    state = compile_with_fallback(layer)  # nothing raised here
+    with pytest.warns(RuntimeWarning, match="3.12"):
+        out = layer(torch.ones(1, 2))
+    assert out.shape == (1, 2) and state.fallback and not state.compiled
+    # the eager forward from then on, without another warning
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        torch.testing.assert_close(layer(torch.ones(1, 2)), out)
+
+
+def test_grad_scaler_on_a_torch_without_torch_amp_grad_scaler(monkeypatch):
+    made = []
+
+    class OldScaler:
+        def __init__(self):
+            made.append("torch.cuda.amp")
+
+    monkeypatch.delattr(torch.amp, "GradScaler")
+    monkeypatch.setattr(torch.cuda.amp, "GradScaler", OldScaler, raising=False)
+    assert isinstance(grad_scaler(CUDA0), OldScaler) and made == ["torch.cuda.amp"]
+
+
+def test_passing_the_recompile_limit_warns_instead_of_running_eager_silently(monkeypatch):
+    torch._dynamo.reset()
+    monkeypatch.setattr(torch._dynamo.config, "recompile_limit", 1)
+    layer = torch.nn.Linear(4, 4)
+    state = compile_with_fallback(layer, backend="eager")
+    layer(torch.rand(2, 4))
+    with pytest.warns(RuntimeWarning, match="torch.compile failed.*recompile"):
+        for n in (3, 5, 7):  # new static shapes: one recompilation each
+            layer(torch.rand(n, 4))
+    assert state.calls >= 1 and state.fallback is not None
+    torch._dynamo.reset()
+
+
+def test_bf16_is_decided_by_the_device_asked_about_not_the_current_one(monkeypatch):
+    caps = {0: (7, 5), 1: (9, 0)}  # cuda:0 (current) emulates bf16, cuda:1 has it
+
+    def capability(d=None):
+        return caps[0 if d is None else torch.device(d).index]
+
+    monkeypatch.setattr(torch.cuda, "get_device_capability", capability)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: False)
+    assert cuda_bf16_native(torch.device("cuda", 1)) and not cuda_bf16_native(CUDA0)
+    assert resolve_amp("auto", torch.device("cuda", 1)) == "bf16"
+    assert resolve_amp("auto", CUDA0) == "none"
+
+
+def test_cudnn_benchmark_only_for_training_and_channels_last_off_on_cuda():
+    flags = torch.backends.cudnn, torch.backends.cuda.matmul
+    saved = flags[0].benchmark, flags[0].allow_tf32, flags[1].allow_tf32
+    try:
+        model = build_model(get_preset("tiny"))
+        notes = speed_up(model, CUDA0, compile="off", training=True)
+        assert torch.backends.cudnn.benchmark is True
+        assert notes[0].startswith("channels_last off (auto")
+        speed_up(model, CUDA0, compile="off", training=False)  # chunk sizes vary per volume
+        assert torch.backends.cudnn.benchmark is False
+        conv = model.net.input_blocks[0][0].weight
+        assert conv.is_contiguous()  # NCHW: not measured on a GPU yet
+    finally:
+        flags[0].benchmark, flags[0].allow_tf32, flags[1].allow_tf32 = saved
+
+
+# ------------------------------------------------------------------ compile targets
+
+
+@pytest.mark.parametrize("name", sorted(MODELS))
+def test_compile_targets_are_networks_that_reconstruction_calls(name):
+    """Compiling the model itself compiled its loss (draws, rolls, dropout) and never
+    the reconstruction: every target is a network, and reconstruct calls each."""
+    torch.manual_seed(0)
+    model = build_model(get_preset(f"{name}-tiny")).eval()
+    targets = model.compile_targets()
+    assert model not in targets
+    called: dict[int, int] = {id(m): 0 for m in targets}
+    for m in targets:
+        eager = m.forward
+
+        def counted(*a, _m=m, _f=eager, **kw):
+            called[id(_m)] += 1
+            return _f(*a, **kw)
+
+        m.forward = counted
+    x = torch.rand(model.cfg.data.volume_shape[2], 1, 32, 32)
+    model.reconstruct(x, torch.Generator().manual_seed(0))
+    if name == "fanogan":  # the encoder and the generator; the critic trains only
+        assert all(called.values()) and len(called) == 2
+    else:
+        assert all(called.values()), called
+
+
+# ------------------------------------------------------------------ the probe
+
+
+def test_mae_probe_reads_the_branch_without_hooks_a_compiled_forward_would_skip():
+    """A compiled U-Net reuses its graph without a forward hook registered later (Dynamo
+    does not guard on hooks): `captured[0]` raised. The stand-in forward below runs the
+    network with every hook set aside, as such a graph does."""
+    from maediff.pipeline.probe import mae_input_dependence
+
+    torch.manual_seed(0)
+    model = build_model(get_preset("maediff-tiny")).eval()
+    slices = torch.rand(3, 1, 32, 32, generator=torch.Generator().manual_seed(1))
+    reference = mae_input_dependence(model, slices)
+    net, eager = model.net, model.net.forward
+
+    def graph_without_hooks(*args, **kwargs):
+        saved = {m: dict(m._forward_hooks) for m in net.modules()}
+        for m in saved:
+            m._forward_hooks.clear()
+        try:
+            return eager(*args, **kwargs)
+        finally:
+            for m, hooks in saved.items():
+                m._forward_hooks.update(hooks)
+
+    net.forward = graph_without_hooks
+    got = mae_input_dependence(model, slices)
+    assert got == reference and 0 < got["input_share"] < 1
+
+
+# ------------------------------------------------------------------ AnoDDPM's iterative sampling
+
+
+class GivenOnHost(torch.Tensor):
+    """Noise a caller passes on the CPU. Indexing it with the model's mask fails as a CPU
+    tensor indexed by a CUDA mask does; moved (`.to`) it is an ordinary tensor."""
+
+    @classmethod
+    def __torch_function__(cls, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func is torch.Tensor.__getitem__:
+            raise RuntimeError("indices should be on the same device as the indexed tensor")
+        if func is torch.Tensor.to:
+            with torch._C.DisableTorchFunctionSubclass():
+                return func(*args, **kwargs).as_subclass(torch.Tensor)
+        return super().__torch_function__(func, types, args, kwargs)
+
+
+def test_anoddpm_iterative_moves_given_noise_to_the_device_before_masking():
+    from maediff.config import apply_overrides
+
+    cfg = apply_overrides(get_preset("anoddpm-tiny"), ["diffusion.sample_steps=3"])
+    torch.manual_seed(0)
+    model = build_model(cfg).eval()
+    x = torch.rand(4, 1, 32, 32, generator=torch.Generator().manual_seed(1))
+    brain = torch.zeros_like(x)
+    brain[1:3, :, 8:24, 8:24] = 1  # slices 0 and 3 hold no brain: the mask selects
+    noise = model.noise(4, torch.Generator().manual_seed(2))
+    g = torch.Generator().manual_seed(3)
+    plain = model.reconstruct(x, g, noise=noise, brain_mask=brain)
+    g = torch.Generator().manual_seed(3)
+    given = model.reconstruct(x, g, noise=noise.as_subclass(GivenOnHost), brain_mask=brain)
+    torch.testing.assert_close(given, plain, rtol=0, atol=0)
+    assert torch.equal(given[0], x[0]) and not torch.equal(given[1], x[1])
+
+
+# ------------------------------------------------------------------ worker processes
+
+
+def test_worker_processes_are_refused_for_a_model_on_a_gpu(tmp_path):
+    from maediff.pipeline.workers import ReconstructionPool, check_workers
+
+    model = build_model(get_preset("tiny")).to("meta")  # stands for a model on a GPU
+    with pytest.raises(ValueError, match="--workers 2: .* on meta; use --workers 0"):
+        check_workers(model, 2)
+    with pytest.raises(ValueError, match="use --workers 0"):
+        ReconstructionPool(model, 2)
+    check_workers(model, 0)  # in process: fine
+    check_workers(build_model(get_preset("tiny")), 2)  # on the CPU: fine
+
+
+# ------------------------------------------------------------------ the trainer
+
+
+class _Volume:
+    def __init__(self, i: int, rng: np.random.Generator):
+        self.name = f"v{i}"
+        self.image = rng.random((32, 32, 4)).astype(np.float32)
+        self.brain_mask = np.zeros((32, 32, 4), bool)
+        self.brain_mask[6:26, 6:26] = True
+        self.image *= self.brain_mask
+
+
+def _small_data(n_train: int = 8, n_val: int = 2) -> TrainingData:
+    from maediff.data.datasets import SliceSet
+
+    rng = np.random.default_rng(0)
+    vols = [_Volume(i, rng) for i in range(n_train + n_val)]
+    return TrainingData(SliceSet(vols[:n_train], 32), SliceSet(vols[n_train:], 32), "test volumes")
+
+
+def _tiny_cfg(*overrides: str):
+    from maediff.config import apply_overrides
+
+    return apply_overrides(get_preset("tiny"), ["train.batch_size=4", *overrides])
+
+
+def _validation_steps(run_dir: Path) -> list[int]:
+    rows = (run_dir / "log.csv").read_text().splitlines()
+    head = rows[0].split(",")
+    col = head.index("val_loss")
+    return [int(r.split(",")[0]) for r in rows[1:] if r.split(",")[col]]
+
+
+def _spy(monkeypatch, name: str, record) -> None:
+    real = getattr(trainer, name)
+
+    def spied(run, *args):
+        record(run)
+        return real(run, *args)
+
+    monkeypatch.setattr(trainer, name, spied)
+
+
+@pytest.mark.slow
+def test_validation_by_steps_and_losses_read_every_log_every_steps(tmp_path, monkeypatch):
+    """2 steps per epoch, val_every_steps=3: validation at the first epoch end after
+    steps 3 and 6 (4, 6); checkpoints every 1000 minutes: only at the end. The losses
+    (reading one makes the host wait for the GPU) are read in one copy every log_every
+    (3) steps and before a validation, not after every step."""
+    written, reads = [], []
+    _spy(monkeypatch, "_checkpoint", lambda run: written.append(run.state.step))
+    _spy(monkeypatch, "_read_losses", lambda run: reads.append(len(run.pending)))
+    cfg = _tiny_cfg(
+        "train.batch_size=2", "train.max_steps=6", "train.epochs=1000",
+        "train.val_every_steps=3", "train.checkpoint_every_minutes=1000",
+    )  # fmt: skip
+    summary = trainer.train(
+        cfg, _small_data(4, 1), tmp_path / "run", device="cpu", progress=False, log_every=3
+    )
+    assert _validation_steps(tmp_path / "run") == [4, 6]
+    assert written == [6, 6]  # the last epoch's, and the finish's
+    assert [n for n in reads if n] == [3, 1, 2]
+    assert math.isfinite(summary["final_train_loss"])
+
+
+@pytest.mark.slow
+def test_checkpoints_by_minutes(tmp_path, monkeypatch):
+    written = []
+    _spy(monkeypatch, "_checkpoint", lambda run: written.append(run.state.step))
+    cfg = _tiny_cfg(
+        "train.batch_size=2", "train.max_steps=4", "train.epochs=1000",
+        "train.checkpoint_every_minutes=1e-9", "train.val_every_steps=1000",
+    )  # fmt: skip
+    trainer.train(cfg, _small_data(4, 1), tmp_path / "run", device="cpu", progress=False)
+    assert written == [2, 4, 4]  # due at every epoch end: its minutes have passed
+
+
+def test_the_paper_scale_validates_by_steps_and_the_small_scales_by_epochs():
+    from maediff.config import PAPER_CHECKPOINT_EVERY_MINUTES, PAPER_VAL_EVERY_STEPS
+
+    for name in ("maediff", "pddpm-s16", "ae", "fanogan"):
+        t = get_preset(name).train
+        assert t.val_every_steps == PAPER_VAL_EVERY_STEPS > 0
+        assert t.checkpoint_every_minutes == PAPER_CHECKPOINT_EVERY_MINUTES > 0
+        for scale in ("cpu", "tiny"):  # unchanged: existing results stay as they are
+            t = get_preset(f"{name}-{scale}").train
+            assert (t.val_every_steps, t.checkpoint_every_minutes) == (0, 0.0)
+
+
+def test_a_non_finite_loss_still_stops_the_run_naming_its_step(tmp_path, monkeypatch):
+    real = MAE.forward
+
+    def poisoned(self, *args, **kwargs):
+        return real(self, *args, **kwargs) * float("nan")
+
+    monkeypatch.setattr(MAE, "forward", poisoned)
+    cfg = _tiny_cfg("train.batch_size=2", "train.max_steps=2", "train.epochs=1000")
+    with pytest.raises(FloatingPointError, match="became nan at step 1"):
+        trainer.train(
+            cfg, _small_data(4, 1), tmp_path / "run", device="cpu", progress=False, log_every=2
+        )
+    assert not (tmp_path / "run" / "last.state.safetensors").exists()
+
+
+def _as_rank(monkeypatch, rank: int, world: int) -> None:
+    monkeypatch.setenv("WORLD_SIZE", str(world))
+    monkeypatch.setenv("RANK", str(rank))
+    monkeypatch.setenv("LOCAL_RANK", str(rank))
+
+    def must_not_join(device):
+        raise AssertionError("joined the process group before the checks")
+
+    monkeypatch.setattr(trainer, "setup_distributed", must_not_join)
+
+
+def test_every_rank_checks_the_config_before_joining_the_group(tmp_path, monkeypatch):
+    """Only rank 0 compared the resumed config: it failed, and the others waited in the
+    process group's set-up for ever."""
+    run = tmp_path / "run"
+    run.mkdir()
+    from maediff.config import save_config
+
+    save_config(_tiny_cfg("train.lr=0.5"), run / "config.yaml")
+    _as_rank(monkeypatch, 1, 2)
+    with pytest.raises(checkpoint.CheckpointError, match="differs"):
+        trainer.train(_tiny_cfg(), _small_data(), run, device="cpu", resume=True, progress=False)
+
+
+def test_a_global_batch_the_ranks_cannot_share_equally_is_refused(tmp_path, monkeypatch):
+    _as_rank(monkeypatch, 0, 3)
+    with pytest.raises(ValueError, match="batch_size=4 .* divisible by the 3 torchrun"):
+        trainer.train(_tiny_cfg(), _small_data(), tmp_path / "r", device="cpu", progress=False)
+
+
+def test_every_rank_validates_its_share_and_the_ranks_sum(monkeypatch):
+    """Rank 0 validated alone while the others waited in a barrier a first compiled
+    validation could outlast. Each rank now takes every world-th batch; AE's validation
+    loss draws nothing, so the ranks' sums give one process's mean."""
+    cfg = apply_overrides_tiny_ae()
+    torch.manual_seed(0)
+    model = build_model(cfg)
+    data = _small_data(n_train=2, n_val=5)
+    one = trainer.validation_loss(model, data.val, cfg, torch.device("cpu"))
+    shares = []
+    monkeypatch.setattr(trainer, "sum_over_ranks", lambda v, dev: shares.append(v) or v)
+    for rank in (0, 1):
+        ddp = trainer.Distributed(rank=rank, world=2)
+        trainer.validation_loss(model, data.val, cfg, torch.device("cpu"), ddp)
+    (t0, n0), (t1, n1) = shares
+    assert n0 > 0 and n1 > 0 and n0 + n1 == 20  # 5 volumes x 4 slices, batch 4: 3 + 2 batches
+    assert (t0 + t1) / (n0 + n1) == pytest.approx(one, rel=1e-12)
+
+
+def apply_overrides_tiny_ae():
+    from maediff.config import apply_overrides
+
+    return apply_overrides(get_preset("ae-tiny"), ["train.batch_size=4"])
+
+
+def _gloo_train_worker(rank: int, port: int, out: str) -> None:
+    os.environ.update(
+        MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), LOCAL_RANK=str(rank),
+        WORLD_SIZE="2",
+    )  # fmt: skip
+    torch.set_num_threads(1)
+    cfg = _tiny_cfg("train.max_steps=4", "train.epochs=1000")
+    summary = trainer.train(cfg, _small_data(8, 3), Path(out) / "run", device="cpu", progress=False)
+    Path(out, f"rank{rank}.json").write_text(json.dumps(summary))
+
+
+@pytest.mark.slow
+def test_two_ranks_over_gloo_train_and_validate_together(tmp_path):
+    """The trainer under torchrun's environment, two processes: each validates its
+    share and both get the same validation loss; rank 0 writes the files."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    torch.multiprocessing.spawn(_gloo_train_worker, args=(port, str(tmp_path)), nprocs=2)
+    summaries = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
+    assert [s["world_size"] for s in summaries] == [2, 2]
+    assert summaries[0]["best_val_loss"] == summaries[1]["best_val_loss"]
+    assert math.isfinite(summaries[0]["best_val_loss"])
+    assert (tmp_path / "run" / "best.safetensors").exists()
+    assert _validation_steps(tmp_path / "run")  # logged by rank 0
+
+
+def test_the_benchmark_forgets_compiled_graphs_between_runs(tmp_path, monkeypatch):
+    """Table 2 runs many models in one process: without a reset, the shared forwards
+    passed Dynamo's recompile limit and later models ran eager without a word."""
+    from maediff.pipeline import benchmark
+    from maediff.pipeline.benchmark import RunSpec
+
+    events = []
+    monkeypatch.setattr(benchmark, "reset_compiled", lambda: events.append("reset"))
+    monkeypatch.setattr(
+        benchmark, "execute_run", lambda plan, spec, *a: events.append(spec.model) or {}
+    )
+    plan = SimpleNamespace(budget=lambda: "test", scale="tiny")
+    todo = [RunSpec("maediff", 0, 0), RunSpec("pddpm-s16", 0, 0)]
+    benchmark._run_all(plan, todo, tmp_path, tmp_path, "cpu", False)
+    assert events == ["reset", "maediff", "reset", "pddpm-s16"]

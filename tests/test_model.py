@@ -64,6 +64,31 @@ def test_loss_counts_only_the_noised_patch(model):
     assert abs(inside.item() - everywhere.item()) > 1e-3  # the two readings differ here
 
 
+def test_background_weight_weights_the_patch_l1_by_hand():
+    """diffusion.background_weight w: inside patch k a pixel with x0 = 0 counts w times a
+    brain pixel; the loss is the weighted mean, computed here in float64."""
+    torch.manual_seed(0)
+    cfg = get_preset("tiny")
+    cfg = replace(cfg, diffusion=replace(cfg.diffusion, background_weight=0.25))
+    model = MAEDiff(cfg).eval()
+    x = torch.rand(2, 1, 32, 32)
+    x[:, :, :, :12] = 0  # background on the left
+    t, k, noise = torch.tensor([400, 600]), torch.tensor([0, 5]), torch.randn(2, 1, 32, 32)
+    loss = model.loss(x, t=t, noise=noise, k=k)
+    xm = to_model_range(x)
+    with torch.no_grad():
+        pred = model.denoise(
+            model.noised_input(xm, model.diffusion.q_sample(xm, t, noise), k), t, k, xm
+        )
+    w = model.patch_masks[k].double() * torch.where(x > 0, 1.0, 0.25).double()
+    expected = ((xm.double() - pred.double()).abs() * w).sum() / w.sum()
+    assert loss.item() == pytest.approx(expected.item(), rel=1e-5)
+    plain = ((xm - pred).abs() * model.patch_masks[k]).sum() / model.patch_masks[k].sum()
+    assert abs(loss.item() - plain.item()) > 1e-3  # the weighting changes the value here
+    with pytest.raises(ValueError, match="background_weight"):
+        replace(cfg.diffusion, background_weight=1.5)
+
+
 def test_injected_random_inputs_replace_the_generator(model):
     x = torch.rand(2, 1, 32, 32)
     t, k, noise = torch.tensor([5, 6]), torch.tensor([1, 2]), torch.randn(2, 1, 32, 32)

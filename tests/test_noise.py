@@ -66,6 +66,15 @@ def test_normalised_fields_have_unit_std():
     torch.testing.assert_close(f.std(dim=(2, 3)), torch.ones(6, 1), atol=1e-4, rtol=0)
 
 
+def test_zero_mean_fields_keep_their_shape_and_lose_their_mean():
+    g = lambda: torch.Generator().manual_seed(0)  # noqa: E731
+    raw = NoiseSampler(NoiseConfig(), (48, 48))(6, g())
+    f = NoiseSampler(NoiseConfig(zero_mean=True), (48, 48))(6, g())
+    assert raw.mean(dim=(2, 3)).abs().max() > 0.02  # the reference's fields carry an offset
+    torch.testing.assert_close(f.mean(dim=(2, 3)), torch.zeros(6, 1), atol=1e-6, rtol=0)
+    torch.testing.assert_close(f, raw - raw.mean(dim=(2, 3), keepdim=True))
+
+
 def test_gaussian_and_bank_modes():
     g = NoiseSampler(NoiseConfig(kind="gaussian"), (16, 16))(3, torch.Generator().manual_seed(0))
     assert g.shape == (3, 1, 16, 16)

@@ -108,6 +108,23 @@ def _threshold(args: argparse.Namespace) -> float | None:
     return None
 
 
+def _t_test_from(args: argparse.Namespace) -> list[str]:
+    """The t_test an evaluation chose on validation (evaluate --choose-t), as an override,
+    when --threshold-from names that evaluation and --set does not give t_test itself:
+    its threshold belongs to maps made at that t."""
+    if not getattr(args, "threshold_from", None) or args.threshold is not None:
+        return []
+    if any(o.startswith("diffusion.t_test=") for o in args.set or []):
+        return []
+    from .pipeline.evaluate import load_summary
+
+    src = Path(args.threshold_from)
+    if not (src / "summary.json").is_file() and src.name != "summary.json":
+        return []  # not an evaluation (a calibration, say): no t_test to reuse
+    choice = load_summary(src).scoring.t_choice
+    return [f"diffusion.t_test={int(choice['chosen'])}"] if choice else []
+
+
 def _inference_overrides(args: argparse.Namespace) -> list[str]:
     """--amp and --set inference.* / diffusion.t_test / diffusion.sample_steps /
     data.standardise for a trained model."""
@@ -132,7 +149,8 @@ def cmd_detect(args: argparse.Namespace) -> int:
     check_output_folder(args.input, args.output)
     subjects = read_inputs(args.input, parse_participants(args.participants))
     threshold = _threshold(args)
-    model = load_model(args.model, _device(args.device), _inference_overrides(args))
+    overrides = _inference_overrides(args) + _t_test_from(args)
+    model = load_model(args.model, _device(args.device), overrides)
     report = detect_files(
         subjects,
         args.output,
@@ -192,7 +210,8 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         model,
         args.data,
         args.output,
-        label=args.label or display_name(model.cfg),
+        label=args.label
+        or display_name(model.cfg) + (" (normative)" if args.scoring == "normative" else ""),
         datasets=args.datasets,
         healthy_test=not args.no_ixi,
         fold=args.fold or 0,
@@ -202,8 +221,14 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         max_volumes=args.max_volumes,
         progress=not args.quiet,
         plan=plan,
+        t_candidates=args.choose_t or (),
+        scoring=args.scoring,
         overwrite=args.overwrite,
     )
+    if s.scoring.t_choice:
+        from .pipeline.choose_t import TChoice
+
+        print(TChoice.from_json(s.scoring.t_choice).describe())
     print((Path(args.output) / "results.md").read_text())
     print(f"report: {Path(args.output) / 'report.html'} ({s.seconds:.0f} s)")
     return 0
@@ -286,6 +311,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
         device=args.device,
         progress=not args.quiet,
         amp=args.amp,
+        model=args.model,
     )
     return 0
 
@@ -472,6 +498,23 @@ def _parser_evaluate(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--jobs", type=int, default=1, help="processes for post-processing and metrics")
     p.add_argument(
+        "--scoring",
+        choices=("residual", "normative"),
+        default="residual",
+        help="residual: the paper's |x - x_rec|; normative: the residual against healthy "
+        "residuals of the same intensity, fitted on healthy validation volumes "
+        "(docs/evaluation.md §3d)",
+    )
+    p.add_argument(
+        "--choose-t",
+        type=int,
+        nargs="+",
+        metavar="T",
+        help="diffusion models: choose t_test among these on the validation volumes (never "
+        "on test), then evaluate at the chosen t; recorded in summary.json and reused by "
+        "detect --threshold-from",
+    )
+    p.add_argument(
         "--workers",
         type=int,
         default=None,
@@ -541,7 +584,17 @@ def _parser_benchmark(p: argparse.ArgumentParser) -> None:
 
 
 def _parser_demo(p: argparse.ArgumentParser) -> None:
-    p.add_argument("-o", "--output", default="maediff-demo")
+    p.add_argument(
+        "-o", "--output", default="maediff-demo", help="folder for everything the demo writes"
+    )
+    p.add_argument(
+        "--model",
+        choices=("shipped", "train", "both"),
+        default="shipped",
+        help="which MAEDiff to evaluate: the model that ships with the package (trained "
+        "longer on the same synthetic benchmark; no training here), one trained here for "
+        "the budget below, or both side by side",
+    )
     budget = p.add_mutually_exclusive_group()
     budget.add_argument(
         "--steps",

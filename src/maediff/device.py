@@ -6,24 +6,28 @@ notes = speed_up(model, dev, channels_last="auto", compile="auto", training=Fals
 
 Speed settings (docs/method.md §Speed): each is "on", "off" or "auto", and "auto"
 decides per device for a reason measured on that kind of device:
-- channels_last (NHWC weights and activations): on for CUDA (tensor-core convolutions
-  want NHWC); on the CPU for inference (+4 % per volume, measured with oneDNN) and off
-  for training (-4 % per step, measured).
+- channels_last (NHWC weights and activations): on the CPU for inference (+4 % per
+  volume, measured with oneDNN) and off for training (-4 % per step, measured); off on
+  CUDA until measured there: the networks are GroupNorm-heavy, and GroupNorm on NHWC
+  CUDA tensors may copy to NCHW and back (benchmarks/bench_gpu.py times both layouts).
 - compile (torch.compile of the networks' forward): on for CUDA; off on the CPU, where
   it took 2 minutes to compile for 5 % per pass (measured at the cpu preset). When
-  compilation fails (no C++ compiler, an unsupported platform) the eager forward is
-  used and a warning says why; running out of memory is not a compilation failure and
-  is raised.
+  compilation fails (no C++ compiler, an unsupported platform, a torch whose Dynamo
+  does not support this Python, the recompile limit hit) the eager forward is used and
+  a warning says why; running out of memory is not a compilation failure and is raised.
 - bf16 ("auto"): on CUDA only where the GPU computes it natively (compute capability
   8.0, Ampere, and later); older GPUs emulate it, slower than fp32.
+- cudnn.benchmark: on for training (fixed batch shapes: the fastest kernels are picked
+  once), off for inference, where the chunk sizes vary per volume (re-tuning per size,
+  and kernels chosen by timing differ between runs, so would the maps).
 """
 
 from __future__ import annotations
 
 import contextlib
 import functools
-import inspect
 import warnings
+from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -66,13 +70,29 @@ def resolve_device(
 
 
 def cuda_bf16_native(device: torch.device | None = None) -> bool:
-    """Whether the GPU computes bf16 natively (compute capability >= 8.0).
-    torch.cuda.is_bf16_supported() alone also counts bf16 emulated in fp32 on older
-    GPUs, which is slower than plain fp32."""
-    check = torch.cuda.is_bf16_supported
-    if "including_emulation" in inspect.signature(check).parameters:  # torch >= 2.4
-        return bool(check(including_emulation=False))
+    """Whether the GPU `device` computes bf16 natively (compute capability >= 8.0).
+    torch.cuda.is_bf16_supported() asks the current device rather than the one given,
+    and by default also counts bf16 emulated in fp32 on older GPUs (slower than fp32)."""
+    if torch.version.hip:  # ROCm: every architecture torch supports has bf16
+        return True
     return torch.cuda.get_device_capability(device)[0] >= 8
+
+
+def grad_scaler(device: torch.device):
+    """The fp16 loss scaler of a CUDA device: torch.amp.GradScaler (torch >= 2.3), or
+    torch.cuda.amp.GradScaler on older torch, where torch.amp has none."""
+    if hasattr(torch.amp, "GradScaler"):
+        return torch.amp.GradScaler(device.type)
+    return torch.cuda.amp.GradScaler()
+
+
+def to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """`t` (on the CPU) on `device`. To a CUDA device it is copied from pinned memory
+    without blocking the host (the copy is queued on the stream, in order with the
+    kernels that read it); elsewhere it is an ordinary `.to`."""
+    if device.type == "cuda" and t.device.type == "cpu":
+        return t.pin_memory().to(device, non_blocking=True)
+    return t.to(device)
 
 
 def resolve_amp(amp: str, device: torch.device) -> str:
@@ -119,27 +139,62 @@ _NOT_COMPILE_ERRORS: tuple[type[BaseException], ...] = (
 )
 
 
-def compile_with_fallback(module: nn.Module, backend: str = "inductor") -> None:
+def _strict_recompiles() -> contextlib.AbstractContextManager:
+    """Inside it, Dynamo raises when a function passes its recompile limit instead of
+    silently running it eager from then on (torch versions with the switch)."""
+    config = getattr(getattr(torch, "_dynamo", None), "config", None)
+    if config is None or not hasattr(config, "fail_on_recompile_limit_hit"):
+        return contextlib.nullcontext()
+    return config.patch(fail_on_recompile_limit_hit=True)
+
+
+@dataclass
+class CompileState:
+    """What became of a compiled module (`module.compile_state`): `calls` of the
+    compiled forward that returned, or why it fell back to eager."""
+
+    backend: str
+    calls: int = 0
+    fallback: str | None = None
+
+    @property
+    def compiled(self) -> bool:
+        return self.calls > 0 and self.fallback is None
+
+
+def compile_with_fallback(module: nn.Module, backend: str = "inductor") -> CompileState:
     """Replace `module.forward` by its torch.compile'd version, falling back to eager
     (once, with a warning) when compilation fails. State-dict keys are unchanged.
-    Out of memory (and KeyboardInterrupt, SystemExit) propagate: the eager forward would
-    not fit either, and a warning would hide why the run stopped. `backend`: torch.compile's
-    ("aot_eager" compiles the graphs without generating kernels, as the tests do)."""
+
+    The compiled function is created at the first call, inside the fallback: on a torch
+    whose Dynamo does not support this Python (torch < 2.4 on Python 3.12), creating it
+    raises, and the forward runs eager with a warning rather than the run dying. Passing
+    Dynamo's recompile limit (many shapes, many models in one process) is a failure too,
+    with its warning, not a silent switch to eager. Out of memory (and KeyboardInterrupt,
+    SystemExit) propagate: the eager forward would not fit either, and a warning would
+    hide why the run stopped. `backend`: torch.compile's ("aot_eager" compiles the
+    graphs without generating kernels, as the tests do). Returns the module's
+    `compile_state`."""
     eager = module.forward
-    compiled = torch.compile(eager, backend=backend)
-    failed: list[str] = []
+    state = CompileState(backend)
+    compiled: list = []
 
     @functools.wraps(eager)
     def forward(*args, **kwargs):
-        if not failed:
+        if state.fallback is None:
             try:
-                return compiled(*args, **kwargs)
+                if not compiled:
+                    compiled.append(torch.compile(eager, backend=backend))
+                with _strict_recompiles():
+                    out = compiled[0](*args, **kwargs)
+                state.calls += 1
+                return out
             except _NOT_COMPILE_ERRORS:
                 raise
             except Exception as e:  # compilation errors come in many types
-                failed.append(f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}")
+                state.fallback = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
                 warnings.warn(
-                    f"torch.compile failed for {type(module).__name__} ({failed[0]}); "
+                    f"torch.compile failed for {type(module).__name__} ({state.fallback}); "
                     "running the eager forward",
                     RuntimeWarning,
                     stacklevel=2,
@@ -147,6 +202,19 @@ def compile_with_fallback(module: nn.Module, backend: str = "inductor") -> None:
         return eager(*args, **kwargs)
 
     module.forward = forward  # type: ignore[method-assign]
+    module.compile_state = state  # type: ignore[assignment]
+    return state
+
+
+def reset_compiled() -> None:
+    """Forget every compiled graph (and cached GPU memory): between the models of one
+    process (`maediff benchmark`), whose forwards share code, so that the later models
+    do not pass Dynamo's recompile limit."""
+    dynamo = getattr(torch, "_dynamo", None)
+    if dynamo is not None:
+        dynamo.reset()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
 
 
 def speed_up(
@@ -163,8 +231,10 @@ def speed_up(
     cl, cl_note = _decide(
         channels_last,
         "channels_last",
-        cuda or (device.type == "cpu" and not training),
-        "CUDA" if cuda else f"{device.type}, {'training' if training else 'inference'}",
+        device.type == "cpu" and not training,
+        "CUDA, not measured there yet"
+        if cuda
+        else f"{device.type}, {'training' if training else 'inference'}",
     )
     comp, comp_note = _decide(compile, "compile", cuda, "CUDA" if cuda else device.type)
     if cl:
@@ -174,17 +244,23 @@ def speed_up(
         for m in getattr(model, "compile_targets", lambda: [model])():
             compile_with_fallback(m)
     if cuda:
-        torch.backends.cudnn.benchmark = True  # fixed shapes: pick the fastest kernels once
+        # training: fixed shapes, pick the fastest kernels once; inference: chunk sizes
+        # vary per volume, and kernels picked by timing would differ between runs
+        torch.backends.cudnn.benchmark = training
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
     return [cl_note, comp_note]
 
 
 __all__ = [
+    "CompileState",
     "autocast_context",
     "compile_with_fallback",
     "cuda_bf16_native",
+    "grad_scaler",
     "resolve_amp",
+    "reset_compiled",
     "resolve_device",
     "speed_up",
+    "to_device",
 ]

@@ -26,6 +26,7 @@ import torch
 from torch import Tensor
 
 from ..config import _check, register_section
+from ..device import to_device
 
 
 @dataclass(frozen=True)
@@ -39,6 +40,9 @@ class NoiseConfig:
     # Scale each field to zero mean and unit std. The reference sums the octaves
     # without normalising (std about 0.5-0.6); False keeps that noise level.
     normalise: bool = False
+    # beyond the paper: subtract each field's own spatial mean (no rescaling), so that
+    # no slice-wide offset is shared by every patch of a slice (docs/method.md §Noise)
+    zero_mean: bool = False
     # Reference parity: one field drawn per call and repeated over the batch.
     shared: bool = False
     # 0: draw fresh fields every call. >0: a seeded bank of that many fields, each
@@ -219,7 +223,8 @@ class NoiseSampler:
     ) -> Tensor:
         """n fields (n, 1, H, W) computed on `device`: the permutations are drawn on the
         CPU from `generator` and only their (n, 256) table is moved there."""
-        perm = random_permutations(n, generator).to(device)
+        perm = random_permutations(n, generator)
+        perm = to_device(perm, torch.device(device)) if device is not None else perm
         c = self.cfg
         f = simplex_octaves(perm, size or self.size, c.octaves, c.persistence, c.frequency)
         return f.unsqueeze(1)
@@ -264,9 +269,11 @@ class NoiseSampler:
             fields = self.simplex(1 if c.shared else n, generator, device=dev)
         if c.normalise and c.kind == "simplex":
             fields = _standardise(fields)
+        elif c.zero_mean:
+            fields = fields - fields.mean(dim=(-2, -1), keepdim=True)
         if c.shared:
             fields = fields.expand(n, 1, H, W)
-        return fields.to(device=device, dtype=dtype)
+        return to_device(fields, dev).to(dtype)
 
 
 __all__ = ["NoiseSampler", "opensimplex2", "random_permutations", "simplex_octaves"]

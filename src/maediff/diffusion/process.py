@@ -14,6 +14,7 @@ import torch
 from torch import Tensor
 
 from ..config import _check, register_section
+from ..device import to_device
 
 
 @dataclass(frozen=True)
@@ -28,6 +29,10 @@ class DiffusionConfig:
     t_test: int = 500  # 1-based: alpha_bar(t) = alphas_cumprod[t - 1]
     t_train_min: int = 1  # training t ~ U{t_train_min .. t_train_max}
     t_train_max: int = 1000
+    # beyond the paper: weight of the background pixels (x0 = 0, outside the skull-
+    # stripped brain) in the l1 of Eq. 9 inside the noised patch; 1 counts every pixel
+    # alike (the paper), 0 counts the brain only
+    background_weight: float = 1.0
     # Reverse steps from t_test at test time. 1: one x0 prediction (MAEDiff, pDDPM and
     # pDDPM's AnoDDPM); >1 (anoddpm only): the original AnoDDPM's iterative sampling.
     sample_steps: int = 1
@@ -39,6 +44,10 @@ class DiffusionConfig:
     sigma_data: float = 0.5  # std of the images in the model range [-1, 1]
 
     def __post_init__(self) -> None:
+        _check(
+            0.0 <= self.background_weight <= 1.0,
+            f"diffusion.background_weight={self.background_weight} must be in [0, 1]",
+        )
         _check(self.sigma_data > 0, f"diffusion.sigma_data={self.sigma_data} must be > 0")
         _check(
             self.schedule in ("linear", "cosine"),
@@ -82,11 +91,9 @@ def cosine_betas(timesteps: int, s: float = 0.008, max_beta: float = 0.999) -> T
     return betas.clamp(max=max_beta)
 
 
-def _extract(values: Tensor, t: Tensor, like: Tensor) -> Tensor:
-    """values[t - 1] as a (B, 1, ..., 1) tensor broadcastable to `like`, on its device.
-    Gathered where t is: a CPU t (as the models draw it) moves B values, not the table."""
-    out = values.to(t.device)[t.long() - 1].to(like.device, like.dtype)
-    return out.view(-1, *([1] * (like.dim() - 1)))
+def _shape_like(values: Tensor, like: Tensor) -> Tensor:
+    """(B,) -> (B, 1, ..., 1) in the dtype of `like`, broadcastable to it."""
+    return values.to(like.dtype).view(-1, *([1] * (like.dim() - 1)))
 
 
 class GaussianDiffusion:
@@ -114,6 +121,36 @@ class GaussianDiffusion:
         self.posterior_variance = (
             betas * (1.0 - self.alphas_cumprod_prev) / (1.0 - self.alphas_cumprod)
         )
+        ab = self.alphas_cumprod
+        # the float64 (T,) tables the steps gather from, by name; each is copied once to
+        # each device that asks for it (`_table`), so that a step on a GPU gathers there
+        # from t, copied without blocking, rather than on the CPU with a blocking copy
+        self.tables = {
+            "sqrt_ab": ab.sqrt(),
+            "sqrt_one_minus_ab": (1.0 - ab).sqrt(),
+            "sqrt_recip_ab": (1.0 / ab).sqrt(),
+            "sqrt_recipm1_ab": (1.0 / ab - 1.0).sqrt(),
+            "posterior_eps_coef": betas / (1.0 - ab).sqrt(),
+            "sqrt_alphas": self.alphas.sqrt(),
+            "ab_from_0": torch.cat([torch.ones(1, dtype=torch.float64), ab]),  # [0] = 1
+        }
+        self._on_device: dict[tuple[str, torch.device], Tensor] = {}
+
+    def _table(self, name: str, device: torch.device) -> Tensor:
+        """Table `name` on `device` (copied there once, then kept)."""
+        if device.type == "cpu":
+            return self.tables[name]
+        key = (name, device)
+        if key not in self._on_device:
+            self._on_device[key] = self.tables[name].to(device)
+        return self._on_device[key]
+
+    def _gather(self, name: str, index: Tensor, like: Tensor, offset: int = -1) -> Tensor:
+        """table[index + offset] as a (B, 1, ..., 1) tensor like `like`, gathered on its
+        device (index: 1-based t with offset -1, or t' itself with offset 0)."""
+        dev = like.device
+        idx = to_device(index.long(), dev) + offset
+        return _shape_like(self._table(name, dev)[idx], like)
 
     def alpha_bar(self, t: Tensor) -> Tensor:
         """alpha_bar(t) for 1-based t, float64 (B,)."""
@@ -140,30 +177,29 @@ class GaussianDiffusion:
     def coefficients(self, t: Tensor, like: Tensor) -> tuple[Tensor, Tensor]:
         """(sqrt(alpha_bar_t), sqrt(1 - alpha_bar_t)) as (B, 1, ..., 1) tensors like `like`."""
         return (
-            _extract(self.alphas_cumprod.sqrt(), t, like),
-            _extract((1.0 - self.alphas_cumprod).sqrt(), t, like),
+            self._gather("sqrt_ab", t, like),
+            self._gather("sqrt_one_minus_ab", t, like),
         )
 
     def predict_x0_from_eps(self, x_t: Tensor, t: Tensor, eps: Tensor) -> Tensor:
         """Invert Eq. 3 for x_0: (x_t - sqrt(1 - alpha_bar) eps) / sqrt(alpha_bar)."""
         self._check_t(t)
         return (
-            _extract((1.0 / self.alphas_cumprod).sqrt(), t, x_t) * x_t
-            - _extract((1.0 / self.alphas_cumprod - 1.0).sqrt(), t, x_t) * eps
+            self._gather("sqrt_recip_ab", t, x_t) * x_t
+            - self._gather("sqrt_recipm1_ab", t, x_t) * eps
         )
 
     def predict_eps_from_x0(self, x_t: Tensor, t: Tensor, x0: Tensor) -> Tensor:
         """Invert Eq. 3 for eps: (x_t - sqrt(alpha_bar) x_0) / sqrt(1 - alpha_bar)."""
         self._check_t(t)
-        a = _extract(self.alphas_cumprod.sqrt(), t, x_t)
-        b = _extract((1.0 - self.alphas_cumprod).sqrt(), t, x_t)
+        a, b = self.coefficients(t, x_t)
         return (x_t - a * x0) / b
 
     def posterior_mean(self, x_t: Tensor, t: Tensor, eps: Tensor) -> Tensor:
         """Paper Eq. 6: mu = (x_t - beta_t / sqrt(1 - alpha_bar_t) eps) / sqrt(alpha_t)."""
         self._check_t(t)
-        coef = _extract(self.betas / (1.0 - self.alphas_cumprod).sqrt(), t, x_t)
-        return (x_t - coef * eps) / _extract(self.alphas.sqrt(), t, x_t)
+        coef = self._gather("posterior_eps_coef", t, x_t)
+        return (x_t - coef * eps) / self._gather("sqrt_alphas", t, x_t)
 
     def posterior_step(
         self, x_t: Tensor, t: Tensor, t_prev: Tensor, x0: Tensor, noise: Tensor
@@ -177,9 +213,8 @@ class GaussianDiffusion:
         t' = 0 returns x_0 (alpha_bar(0) = 1, zero variance).
         """
         self._check_t(t)
-        ab = torch.cat([torch.ones(1, dtype=torch.float64), self.alphas_cumprod])  # ab[0] = 1
-        a_t = _extract(ab[1:], t, x_t).double()
-        a_p = ab.to(x_t.device)[t_prev.long()].view(-1, *([1] * (x_t.dim() - 1)))
+        a_t = self._gather("ab_from_0", t, x_t, offset=0).double()  # ab[t - 1] = ab_from_0[t]
+        a_p = self._gather("ab_from_0", t_prev, x_t.double(), offset=0)
         ratio = a_t / a_p
         c0 = a_p.sqrt() * (1 - ratio) / (1 - a_t)
         ct = ratio.sqrt() * (1 - a_p) / (1 - a_t)

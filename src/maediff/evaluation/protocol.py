@@ -20,6 +20,7 @@ import numpy as np
 from ..outputs import exit_with_parent
 from .lesions import lesion_rows
 from .metrics import average_precision, best_dice, dice, roc_auc
+from .normative import BandNormaliser
 from .postprocess import (
     EROSION_ITERATIONS,
     MEDIAN_SIZE,
@@ -78,6 +79,10 @@ class EvalSettings:
     curve_samples: int = 20000  # voxels per test volume kept for pooled PR curves
     seed: int = 0
     lesion_overlap: float = 0.0  # a lesion is detected above this covered fraction
+    # normative scoring (normative.py): the residual against healthy residuals of the
+    # same intensity; None scores |x - x_rec| (the paper). Recorded in the summary's
+    # scoring, not among these settings.
+    normaliser: BandNormaliser | None = field(default=None, compare=False)
 
 
 @dataclass
@@ -95,6 +100,8 @@ class EvalOutcome:
 def score_volume(v: VolumeResult, s: EvalSettings = EvalSettings()) -> np.ndarray:
     """Post-processed anomaly score map of one volume (steps 1-3)."""
     residual = np.abs(v.image.astype(np.float32) - v.reconstruction.astype(np.float32))
+    if s.normaliser is not None:
+        residual = s.normaliser.apply(residual, v.image)
     return anomaly_scores(residual, v.brain_mask, s.erosion_iterations, s.median_size)
 
 

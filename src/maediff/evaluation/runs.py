@@ -146,6 +146,22 @@ def _safe(name: str) -> str:
     return re.sub(r"[^A-Za-z0-9._-]+", "_", name).strip("_") or "run"
 
 
+def _t_test_text(scoring) -> str:
+    """How t_test was set: the configured value, or the choice made on validation."""
+    if scoring is None or scoring.t_test is None:
+        return ""
+    c = scoring.t_choice
+    if not c:
+        return f"t_test: {scoring.t_test} (configured)"
+    tried = ", ".join(
+        f"{t}: {100 * sum(d.values()) / len(d):.2f}" for t, d in c["val_dice"].items()
+    )
+    return (
+        f"t_test: {c['chosen']}, chosen on the validation volumes (mean pooled validation "
+        f"Dice, %, per candidate: {tried}; configured {c['configured']})"
+    )
+
+
 def _exclusion_text(d: DatasetResult) -> str:
     ex = d.excluded or {}
     if not ex:
@@ -204,6 +220,9 @@ def write_report(summaries: Sequence[EvaluationSummary | Mapping], out_dir: str 
             f"config: {s.config or 'none (baseline)'}  checkpoint: {s.checkpoint or 'none'}",
             f"data: {s.data_dir}  fold: {s.fold}",
         ]
+        t_line = _t_test_text(s.scoring)
+        if t_line:
+            lines.append(t_line)
         for ds, d in s.datasets.items():
             if d.has_threshold:
                 oracle = d.mean("oracle_best_dice")

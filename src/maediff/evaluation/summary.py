@@ -307,6 +307,9 @@ class Scoring:
     standardise: str = "none"
     speed: list[str] = field(default_factory=list)
     workers: int | None = None
+    t_test: int | None = None  # since 0.6: the diffusion models' test noise level
+    t_choice: dict[str, Any] | None = None  # since 0.6: t_test chosen on validation
+    normative: dict[str, Any] | None = None  # since 0.6: normative scoring's normaliser
 
     @classmethod
     def from_json(cls, d: Any, where: str = "scoring") -> Scoring:
@@ -317,6 +320,9 @@ class Scoring:
             d.get("standardise", "none"),
             list(d.get("speed") or []),
             d.get("workers"),
+            d.get("t_test"),
+            d.get("t_choice"),
+            d.get("normative"),
         )
 
     def to_json(self) -> dict[str, Any]:
@@ -327,6 +333,9 @@ class Scoring:
             "speed": list(self.speed),
         }
         _put(out, "workers", self.workers)
+        _put(out, "t_test", self.t_test)
+        _put(out, "t_choice", self.t_choice)
+        _put(out, "normative", self.normative)
         return out
 
 
@@ -361,7 +370,8 @@ class Figures:
         return out
 
 
-_SETTINGS = tuple(f.name for f in fields(EvalSettings))
+# the normaliser of normative scoring is recorded in `scoring.normative` instead
+_SETTINGS = tuple(f.name for f in fields(EvalSettings) if f.name != "normaliser")
 
 
 def settings_from_json(d: Any, where: str = "settings") -> tuple[EvalSettings, frozenset[str]]:
@@ -476,7 +486,7 @@ class EvaluationSummary:
             out["settings"] = {
                 k: list(v) if isinstance(v, tuple) else v
                 for k, v in self.settings.__dict__.items()
-                if k not in self.settings_absent
+                if k in _SETTINGS and k not in self.settings_absent
             }
         if self.scoring is not None:
             out["scoring"] = self.scoring.to_json()

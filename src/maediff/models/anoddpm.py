@@ -73,7 +73,13 @@ class AnoDDPM(MAEDiff):
         x = to_model_range(slices[keep])
         S, dev = x.shape[0], run.device
         noise = run.noise
-        noise = self.noise(S, run.generator, device=dev) if noise is None else noise[keep].to(dev)
+        # a given noise (S, 1, H, W) may be on the CPU while the mask is on the GPU:
+        # moved first, then indexed on the device
+        noise = (
+            self.noise(S, run.generator, device=dev)
+            if noise is None
+            else noise.to(dev, torch.float32)[keep]
+        )
         ts = self.timesteps()
         x_t = self.diffusion.q_sample(x, torch.full((S,), ts[0], dtype=torch.long), noise)
         k = torch.zeros(S, dtype=torch.long, device=dev)

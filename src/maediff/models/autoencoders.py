@@ -230,6 +230,11 @@ class AE(AnomalyModel):
         """D(E(x)) with z = the encoder's output (the posterior mean for the VAE)."""
         return self.net.decode(self.net.encode(x)[0])
 
+    def compile_targets(self) -> list[nn.Module]:
+        """The convolutional encoder and decoder (the dense layers and the dropout with
+        its generator stay eager)."""
+        return [self.net.encoder, self.net.decoder]
+
 
 @register_model(
     "vae",

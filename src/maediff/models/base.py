@@ -169,9 +169,12 @@ class AnomalyModel(nn.Module):
         )
 
     def compile_targets(self) -> list[nn.Module]:
-        """The submodules worth `torch.compile` (device.speed_up): the whole model by
-        default; models with a procedure around one network name that network."""
-        return [self]
+        """The networks whose forward `torch.compile` replaces (device.speed_up): by
+        default every child module holding parameters. Never the model itself: its
+        forward is the training loss (random draws, rolls, dropout with a generator),
+        and reconstruction does not call it. A model whose networks are called through
+        other methods (encode / decode) names the modules those call."""
+        return [m for m in self.children() if any(True for _ in m.parameters())]
 
     # ------------------------------------------------------------------ helpers
 

@@ -29,6 +29,7 @@ from ..config import (
     describe_size,
     register_section,
 )
+from ..device import to_device
 from . import register_model
 from .autoencoders import check_group
 from .base import AnomalyModel
@@ -175,7 +176,8 @@ class DAE(AnomalyModel):
                 f"noise must have the shape of x0 {tuple(x0.shape)}, got {tuple(noise.shape)}"
             )
         mask = (x0 > 0).to(x0.dtype)
-        pred = self.net(x0 + noise.to(x0.device, x0.dtype) * mask)
+        noise = to_device(noise, x0.device).to(x0.dtype)  # drawn on the CPU: without blocking
+        pred = self.net(x0 + noise * mask)
         return ((pred.float() - x0).pow(2) * mask).mean()
 
     def validation_loss(self, x0: Tensor, generator: torch.Generator | None = None) -> Tensor:

@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ..config import Config, Preset, _check
+from ..device import to_device
 from ..diffusion.noise import NoiseSampler
 from ..diffusion.patches import PatchGrid
 from ..diffusion.process import GaussianDiffusion
@@ -169,6 +170,16 @@ class MAEDiff(AnomalyModel):
         x0 (model range) supplies the visible region x^_0 = x0 * (1 - M_p) when the
         U-Net takes condition channels; the MAE sees only the cells outside patch k.
         """
+        args, skip, c_out = self.network_inputs(x_tilde, t, k, x0)
+        out = self.net(*args)
+        return out if skip is None else skip + c_out * out.float()
+
+    def network_inputs(
+        self, x_tilde: Tensor, t: Tensor, k: Tensor, x0: Tensor
+    ) -> tuple[tuple, Tensor | None, Tensor | None]:
+        """What `denoise` hands the U-Net: its arguments (input, t, visible cells,
+        condition, visible count, clean image), and with diffusion.precondition the skip
+        and output scale that make its output an x0 estimate (else None, None)."""
         visible = ~self.masked_cells[k] if self.net.mae is not None else None
         cond = None
         if self.cfg.unet.condition_channels:
@@ -177,10 +188,9 @@ class MAEDiff(AnomalyModel):
         t = t.to(x_tilde.device)
         clean = x0 if visible is not None and self.cfg.mae.tokens == "clean" else None
         if not self.cfg.diffusion.precondition:
-            return self.net(x_tilde, t, visible, cond, self.num_visible, clean)
+            return (x_tilde, t, visible, cond, self.num_visible, clean), None, None
         net_in, skip, c_out = self.precondition(x_tilde, t, k)
-        out = self.net(net_in, t, visible, cond, self.num_visible, clean)
-        return skip + c_out * out.float()
+        return (net_in, t, visible, cond, self.num_visible, clean), skip, c_out
 
     def _noise_std(self) -> float:
         """Std of the forward process's noise fields (fixed draws): 1 for Gaussian or
@@ -234,10 +244,18 @@ class MAEDiff(AnomalyModel):
             k = torch.randint(self.grid.num_patches, (B,), generator=generator)
         # q_sample checks t where it was drawn (the CPU): nothing is read back from the GPU
         x_t = self.diffusion.q_sample(x, t, noise.to(x.device, x.dtype))
-        t, k = t.to(x.device), k.to(x.device)
+        t, k = to_device(t, x.device), to_device(k, x.device)  # without blocking the host
         pred = self.denoise(self.noised_input(x, x_t, k), t, k, x)
-        m = self.patch_masks[k]
-        return ((x - pred.float()).abs() * m).sum() / m.sum()
+        return self.patch_l1(x, pred.float(), self.patch_masks[k], x0)
+
+    def patch_l1(self, x: Tensor, pred: Tensor, m: Tensor, x0: Tensor) -> Tensor:
+        """Eq. 9: the mean of |x - pred| over the noised patch's pixels (m: (B, 1, H, W)).
+        With diffusion.background_weight w < 1 a background pixel (x0 = 0) counts w
+        times a brain pixel (a weighted mean; w = 1 is the paper's plain mean)."""
+        w = self.cfg.diffusion.background_weight
+        if w < 1.0:
+            m = m * torch.where(x0 > 0, 1.0, w).to(m.dtype)
+        return ((x - pred).abs() * m).sum() / m.sum().clamp_min(1e-8)
 
     # ------------------------------------------------------------------ Alg. 2
 

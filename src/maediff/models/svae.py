@@ -169,6 +169,11 @@ class SVAE(AnomalyModel):
     def validation_loss(self, x0: Tensor, generator: torch.Generator | None = None) -> Tensor:
         return self.objective(x0, generator, None, train=False)
 
+    def compile_targets(self) -> list[nn.Module]:
+        """The convolutional encoder and decoder; the slice transformer (dropout with a
+        generator, one sequence per volume) stays eager."""
+        return [self.net.encoder, self.net.decoder]
+
     def reconstruct_slices(self, slices: Tensor, run: Reconstruction) -> Tensor:
         """All S slices of one volume (S, 1, H, W) -> (S, 1, H, W): posterior means of every
         slice, the transformer over the whole sequence (slices without brain included:

@@ -268,6 +268,30 @@ class UNet(nn.Module):
         cond: (B, 2, H, W) visible region and patch mask when `condition_channels`;
         num_visible: True cells per row of `visible` when known (see MAE.forward_encoder);
         clean: (B, 1, H, W) the clean image, read by the MAE when mae.tokens is "clean"."""
+        f, o, hs, emb = self.encode(x, t, visible, cond, num_visible, clean)
+        h = f
+        if o is not None:  # paper §3.3: added to f before the bottleneck
+            h = h + o
+            hs[-1] = h
+        h = self.middle(h, emb)
+        for block in self.output_blocks:
+            h = block(torch.cat([h, hs.pop()], dim=1), emb)
+        return self.out(h)
+
+    def encode(
+        self,
+        x: Tensor,
+        t: Tensor,
+        visible: Tensor | None = None,
+        cond: Tensor | None = None,
+        num_visible: int | None = None,
+        clean: Tensor | None = None,
+    ) -> tuple[Tensor, Tensor | None, list[Tensor], Tensor]:
+        """The encoder half of `forward` (same arguments): the feature map f (B, C, H/4,
+        W/4), the MAE branch's output added to it (None without the MAE), the skip
+        connections (the last is f) and the time embedding. A method of its own so that
+        the branch output can be read (pipeline/probe.py) without hooks, which a
+        compiled forward does not run."""
         if self.cfg.condition_channels:
             if cond is None:
                 raise ValueError(
@@ -280,16 +304,11 @@ class UNet(nn.Module):
         for block in self.input_blocks:
             h = block(h, emb)
             hs.append(h)
-        if self.mae is not None:
-            if visible is None:
-                raise ValueError("the MAE branch needs the visible-cell mask `visible`")
-            # paper §3.3: added to f before the bottleneck
-            h = h + self.mae(h, visible, emb, num_visible, clean)
-            hs[-1] = h
-        h = self.middle(h, emb)
-        for block in self.output_blocks:
-            h = block(torch.cat([h, hs.pop()], dim=1), emb)
-        return self.out(h)
+        if self.mae is None:
+            return h, None, hs, emb
+        if visible is None:
+            raise ValueError("the MAE branch needs the visible-cell mask `visible`")
+        return h, self.mae(h, visible, emb, num_visible, clean), hs, emb
 
 
 def count_parameters(module: nn.Module) -> int:

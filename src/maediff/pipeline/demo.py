@@ -1,7 +1,13 @@
 """`maediff demo`: the whole job offline on the synthetic benchmark.
 
-synth (default sizes) -> train the `cpu` preset for its step budget -> evaluate MAEDiff
-and the intensity-thresholding baseline on the same test volumes -> one report.
+synth (default sizes) -> the MAEDiff model(s) -> evaluate them and the intensity-
+thresholding baseline live on the same test volumes -> one report.
+
+Which MAEDiff (`model`): "shipped" (the default) is the `cpu` model that ships with the
+package (maediff.pretrained: trained much longer on the same seed-0 synthetic
+benchmark, its card says how), "train" trains the `cpu` preset here for its step
+budget, "both" does both and shows them side by side. Every number is computed on the
+spot; nothing is precomputed.
 
 The budget is a number of steps (train.max_steps of the `cpu` scale), so that every
 machine trains the same model: a faster CPU finishes sooner, a slower one later, and
@@ -23,8 +29,9 @@ import torch
 
 from ..config import Config, apply_overrides, get_preset
 from ..data.synthetic import SynthConfig, generate_benchmark
-from ..device import autocast_context, resolve_device
+from ..device import autocast_context, resolve_amp, resolve_device
 from ..models import build_model
+from ..pretrained import checkpoint_path
 from ..training.checkpoint import load_model
 from ..training.trainer import prepare_training_data, train
 from .evaluate import evaluate_model, load_summary, plan_evaluation, write_report
@@ -84,6 +91,23 @@ def estimate_seconds(cfg: Config, n_volumes: int, slices: int, device: torch.dev
     }
 
 
+DEMO_MODELS = ("shipped", "train", "both")
+
+
+def precision_line(amp: str, device: torch.device) -> str:
+    """What the demo computes in, in words: amp as asked and as resolved here."""
+    used = resolve_amp(amp, device)
+    name = {"none": "fp32", "bf16": "bf16 autocast", "fp16": "fp16 autocast"}.get(used, used)
+    why = ""
+    if amp == "auto":
+        why = (
+            " (amp=auto: native bf16 here)"
+            if used == "bf16"
+            else " (amp=auto: no native bf16 here)"
+        )
+    return f"precision: {name} on {device}{why}"
+
+
 def run_demo(
     out: Path,
     minutes: float | None = None,
@@ -95,55 +119,49 @@ def run_demo(
     preset: str = "cpu",
     steps: int | None = None,
     overrides: Sequence[str] = (),
+    model: str = "shipped",
+    shipped: Path | None = None,
 ) -> dict:
+    """The demo into `out` (resumable: synthesis and training are skipped when done).
+    shipped: the shipped checkpoint to evaluate (default: maediff.pretrained's)."""
+    if model not in DEMO_MODELS:
+        raise ValueError(f"model={model!r} must be one of {', '.join(DEMO_MODELS)}")
     out.mkdir(parents=True, exist_ok=True)
     timing: dict[str, float] = {}
     data = out / "data"
+    cfg = demo_config(preset, seed, steps, minutes, amp, overrides)
+    dev = resolve_device(device)
+    if model != "train":
+        shipped = Path(shipped) if shipped is not None else checkpoint_path("maediff-cpu")
+    print(f"maediff demo: {precision_line(cfg.train.amp, dev)}", flush=True)
     t = time.perf_counter()
     if not (data / "synthetic.json").exists():
         generate_benchmark(data, synth or SynthConfig(seed=seed), overwrite=True, progress=progress)
     timing["synth_s"] = round(time.perf_counter() - t, 1)
 
-    cfg = demo_config(preset, seed, steps, minutes, amp, overrides)
-    dev = resolve_device(device)
-    run = out / "run"
     plan = plan_evaluation(data)
     n_volumes = len(plan.subjects())
-    trained = (run / "train_summary.json").exists()
-    if not trained:
-        est = estimate_seconds(cfg, n_volumes, cfg.data.volume_shape[2], dev)
-        budget = (
-            f"{cfg.train.max_steps} steps of {cfg.train.batch_size} slices"
-            if cfg.train.max_steps
-            else f"{cfg.train.max_minutes:g} minutes"
-        )
-        print(
-            f"maediff demo: training {cfg.name} for {budget} (about {est['train_s'] / 60:.1f} min "
-            f"here, {est['step_s']:.2f} s per step), then evaluating {n_volumes} volumes "
-            f"(about {est['evaluate_s'] / 60:.1f} min in one process)",
-            flush=True,
-        )
-        timing["estimate"] = est  # type: ignore[assignment]
-    t = time.perf_counter()
-    if not trained:
-        td = prepare_training_data(cfg, data, progress=progress)
-        train(cfg, td, run, device=device, progress=progress)
-    timing["train_s"] = round(time.perf_counter() - t, 1)
-    timing["train_steps"] = json.loads((run / "train_summary.json").read_text())["steps"]
+    rows = []  # (folder name, label, checkpoint)
+    if model != "train":
+        rows.append(("eval-shipped", "MAEDiff (shipped)", shipped))
+    if model != "shipped":
+        run = out / "run"
+        _train_here(cfg, data, run, dev, device, n_volumes, progress, timing)
+        rows.append(("eval-maediff", "MAEDiff (trained here)", run))
 
-    t = time.perf_counter()
-    model = load_model(run, dev)
-    evaluate_model(
-        model,
-        data,
-        out / "eval-maediff",
-        "MAEDiff",
-        seed=seed,
-        n_jobs=1,
-        progress=progress,
-        overwrite=True,  # a demo run again evaluates again
-    )
-    timing["evaluate_maediff_s"] = round(time.perf_counter() - t, 1)
+    for folder, label, ckpt in rows:
+        t = time.perf_counter()
+        evaluate_model(
+            load_model(ckpt, dev, overrides=[f"inference.amp={cfg.inference.amp}"]),
+            data,
+            out / folder,
+            label,
+            seed=seed,
+            n_jobs=1,
+            progress=progress,
+            overwrite=True,  # a demo run again evaluates again
+        )
+        timing[f"evaluate_{folder[5:]}_s"] = round(time.perf_counter() - t, 1)
     t = time.perf_counter()
     evaluate_model(
         build_model(replace(cfg, model="thresh", name="thresh-cpu")),
@@ -158,12 +176,51 @@ def run_demo(
     timing["evaluate_thresh_s"] = round(time.perf_counter() - t, 1)
 
     page = write_report(
-        [load_summary(out / "eval-maediff"), load_summary(out / "eval-thresh")], out / "report"
+        [load_summary(out / folder) for folder, _, _ in rows] + [load_summary(out / "eval-thresh")],
+        out / "report",
     )
     stages = {k: v for k, v in timing.items() if k.endswith("_s")}
     timing["total_s"] = stages["total_s"] = round(sum(stages.values()), 1)
+    timing["precision"] = precision_line(cfg.train.amp, dev)  # type: ignore[assignment]
+    timing["model"] = model  # type: ignore[assignment]
     (out / "demo_timing.json").write_text(json.dumps(timing, indent=2))
     print((out / "report" / "results.md").read_text())
     print(f"stage times (s): {stages}")
+    print(precision_line(cfg.train.amp, dev))
     print(f"report: {page.resolve()}")
     return timing
+
+
+def _train_here(
+    cfg: Config,
+    data: Path,
+    run: Path,
+    dev: torch.device,
+    device: str,
+    n_volumes: int,
+    progress: bool,
+    timing: dict,
+) -> None:
+    """Train the demo's model into `run` (skipped when it is there), with an estimate
+    of the time it and its evaluation take printed first."""
+    trained = (run / "train_summary.json").exists()
+    if not trained:
+        est = estimate_seconds(cfg, n_volumes, cfg.data.volume_shape[2], dev)
+        budget = (
+            f"{cfg.train.max_steps} steps of {cfg.train.batch_size} slices"
+            if cfg.train.max_steps
+            else f"{cfg.train.max_minutes:g} minutes"
+        )
+        print(
+            f"maediff demo: training {cfg.name} for {budget} (about {est['train_s'] / 60:.1f} min "
+            f"here, {est['step_s']:.2f} s per step), then evaluating {n_volumes} volumes "
+            f"(about {est['evaluate_s'] / 60:.1f} min in one process)",
+            flush=True,
+        )
+        timing["estimate"] = est
+    t = time.perf_counter()
+    if not trained:
+        td = prepare_training_data(cfg, data, progress=progress)
+        train(cfg, td, run, device=device, progress=progress)
+    timing["train_s"] = round(time.perf_counter() - t, 1)
+    timing["train_steps"] = json.loads((run / "train_summary.json").read_text())["steps"]

@@ -27,7 +27,7 @@ import re
 import shutil
 import time
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -40,6 +40,7 @@ from ..data.io import DataError
 from ..data.splits import Subject, read_pddpm_split
 from ..evaluation.aggregate import METRICS, exclusions, summarise, write_json, write_subject_csv
 from ..evaluation.lesions import lesion_summary
+from ..evaluation.normative import BandNormaliser
 from ..evaluation.protocol import EvalSettings, VolumeResult, evaluate_healthy, evaluate_split
 from ..evaluation.report import figure_dice_distribution, figure_dice_vs_volume, figure_pr_curves
 from ..evaluation.runs import ANOMALY_SETS, example_figure, load_summary, table_rows, write_report
@@ -56,8 +57,9 @@ from ..evaluation.summary import (
 )
 from ..names import HEALTHY
 from ..outputs import HOST, clean_stale, owner_dead, partial_path
+from .choose_t import choose_t_test, with_t_test
 from .detect import reconstruct_subject
-from .workers import ReconstructionPool, auto_workers, remove_stale_copies
+from .workers import ReconstructionPool, auto_workers, check_workers, remove_stale_copies
 
 if TYPE_CHECKING:
     from ..models import AnomalyModel
@@ -265,6 +267,8 @@ def evaluate_model(
     figures: bool = True,
     workers: int | None = None,
     plan: EvalPlan | None = None,
+    t_candidates: Sequence[int] = (),
+    scoring: str = "residual",
     overwrite: bool = False,
 ) -> EvaluationSummary:
     """Run the protocol (docs/evaluation.md §1) on every data set and write the results;
@@ -275,6 +279,11 @@ def evaluate_model(
     torch thread, at most 4, for a trainable model on the CPU; 0: in this process).
     plan: the subjects to evaluate (a BIDS data set: plan_bids_evaluation); None reads
     pDDPM's split files of `data_dir`.
+    t_candidates: choose t_test among these on the validation volumes first
+    (pipeline/choose_t.py); the evaluation then runs at the chosen t.
+    scoring: "residual" (the paper: |x - x_rec|) or "normative" (evaluation/normative.py:
+    against healthy residuals of the same intensity, fitted on the first
+    NORMATIVE_VOLUMES healthy validation volumes of the fold).
     overwrite: replace the results in an output folder that holds files (else refused)."""
     if plan is None:
         plan = plan_evaluation(data_dir, datasets, healthy_test, max_volumes)
@@ -282,8 +291,18 @@ def evaluate_model(
     check_output(out, overwrite)
     data_cfg = data_cfg or model.cfg.data
     info = getattr(model, "checkpoint_info", {})
+    t_choice = None
+    if t_candidates:
+        t_choice = choose_t_test(model, plan, data_cfg, t_candidates, seed, settings, progress)
+        with_t_test(model, t_choice.chosen)
+    if scoring not in ("residual", "normative"):
+        raise ValueError(f"scoring={scoring!r} must be 'residual' or 'normative'")
+    if scoring == "normative":
+        norm = fit_normaliser(model, data_dir, fold, data_cfg, seed, progress)
+        settings = replace(settings, normaliser=norm)
     if workers is None:
         workers = auto_workers(model, len(plan.subjects()))
+    check_workers(model, workers)
     summary = EvaluationSummary(
         model=label,
         checkpoint=info.get("path"),
@@ -298,6 +317,9 @@ def evaluate_model(
             standardise=getattr(data_cfg, "standardise", "none"),
             speed=list(info.get("speed", [])),
             workers=workers,
+            t_test=_t_test(model),
+            t_choice=t_choice.to_json() if t_choice else None,
+            normative=settings.normaliser.to_json() if settings.normaliser else None,
         ),
     )
     base = out.resolve()
@@ -431,6 +453,39 @@ def _run(
             **{curve_key(k, "scores"): v[0] for k, v in curves.items()},
             **{curve_key(k, "labels"): v[1] for k, v in curves.items()},
         )
+
+
+NORMATIVE_VOLUMES = 8  # healthy validation volumes that fit normative scoring
+
+
+def fit_normaliser(
+    model: AnomalyModel,
+    data_dir: str | Path,
+    fold: int,
+    data_cfg: DataConfig,
+    seed: int,
+    progress: bool = True,
+    volumes: int = NORMATIVE_VOLUMES,
+) -> BandNormaliser:
+    """Normative scoring's per-band healthy residual statistics, from the first `volumes`
+    healthy validation volumes (IXI val of `fold`) reconstructed as the protocol does.
+    Never from test volumes."""
+    subjects = read_pddpm_split(data_dir, HEALTHY, "val", fold)[:volumes]
+    if not subjects:
+        raise DataError(
+            f"{data_dir}: no healthy validation volumes (IXI val) to fit normative scoring"
+        )
+    healthy = []
+    for s in tqdm(subjects, desc="normative scoring", unit="vol", disable=not progress):
+        _, image, brain, _, rec, _ = reconstruct_subject(model, s, data_cfg, seed)
+        healthy.append((image, rec, brain))
+    return BandNormaliser.fit(healthy, names=[s.name for s in subjects])
+
+
+def _t_test(model: AnomalyModel) -> int | None:
+    """The diffusion models' test noise level; None for others (and duck-typed models)."""
+    section = getattr(model.cfg, "section", None)
+    return getattr(section("diffusion"), "t_test", None) if callable(section) else None
 
 
 def _metrics(records: Sequence[dict], metrics: Sequence[str] = METRICS) -> dict[str, MetricStats]:

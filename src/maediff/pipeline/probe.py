@@ -156,8 +156,8 @@ def mae_input_dependence(
     mae = getattr(getattr(model, "net", None), "mae", None)
     if mae is None:
         return None
-    captured: list[tuple[torch.Tensor, torch.Tensor]] = []
-    hook = mae.register_forward_hook(lambda mod, inp, out: captured.append((inp[0], out)))
+    # the U-Net's encoder half, called as a method of its own: a forward hook on the MAE
+    # does not run inside a compiled forward (Dynamo reuses its graph without the hook)
     was_training = model.training
     model.eval()
     dev = model.device
@@ -172,11 +172,9 @@ def mae_input_dependence(
             kk = torch.full((n,), k, dtype=torch.long, device=dev)
             outs, feats = [], []
             for idx in torch.arange(n).split(batch_size):
-                captured.clear()
-                model.denoise(
-                    model.noised_input(x[idx], x_t[idx], kk[idx]), t[idx], kk[idx], x[idx]
-                )
-                f, o = captured[0]
+                noised = model.noised_input(x[idx], x_t[idx], kk[idx])
+                args, _, _ = model.network_inputs(noised, t[idx], kk[idx], x[idx])
+                f, o, _, _ = model.net.encode(*args)
                 feats.append(f.float())
                 outs.append(o.float())
             o, f = torch.cat(outs), torch.cat(feats)
@@ -184,7 +182,6 @@ def mae_input_dependence(
             den += float((o**2).sum())
             f_sq += float((f**2).sum())
     finally:
-        hook.remove()
         model.train(was_training)
     return {
         "input_share": num / max(den, 1e-30),

@@ -57,6 +57,20 @@ def auto_workers(model: AnomalyModel, n_volumes: int) -> int:
     return n if n >= 2 else 0
 
 
+def check_workers(model: AnomalyModel, workers: int) -> None:
+    """Worker processes reconstruct on the CPU, forked from this process: with the model
+    on a GPU they would inherit a CUDA context and compile threads that a forked child
+    cannot use (it hangs, or silently rebuilds the model on the CPU in fp32). Refused
+    with one line saying what to do instead."""
+    dev = getattr(model, "device", torch.device("cpu"))
+    if workers and dev.type != "cpu":
+        raise ValueError(
+            f"--workers {workers}: worker processes reconstruct on the CPU, but the model is "
+            f"on {dev}; use --workers 0 (the {dev.type} evaluation runs in this process), or "
+            "--device cpu for CPU workers"
+        )
+
+
 def _init(weights: str, threads: int, parent: int) -> None:
     global _MODEL
     exit_with_parent(parent)
@@ -98,6 +112,7 @@ class ReconstructionPool:
 
         if workers < 1:
             raise ValueError(f"workers={workers} must be >= 1")
+        check_workers(model, workers)
         self.workers = workers
         remove_stale_copies()
         self._dir = Path(tempfile.mkdtemp(prefix=f"{_COPY_PREFIX}{owner_tag()}.partial-"))
@@ -145,4 +160,4 @@ class ReconstructionPool:
         self.close()
 
 
-__all__ = ["ReconstructionPool", "auto_workers", "remove_stale_copies"]
+__all__ = ["ReconstructionPool", "auto_workers", "check_workers", "remove_stale_copies"]

@@ -13,6 +13,7 @@ from __future__ import annotations
 import math
 import os
 from dataclasses import dataclass
+from datetime import timedelta
 
 import torch
 import torch.distributed as dist
@@ -37,9 +38,30 @@ def distributed_backend(device_name: str) -> str:
     return "nccl" if cuda and torch.cuda.is_available() else "gloo"
 
 
+# how long a collective (the barrier after rank 0 writes a checkpoint, the first
+# compiled steps of ranks that compile at different speeds) may wait for the slowest
+# rank; NCCL's default is 10 minutes
+TIMEOUT = timedelta(minutes=30)
+
+
+def world_size() -> int:
+    """The number of processes torchrun started (1 without torchrun)."""
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def check_global_batch(batch_size: int, world: int) -> None:
+    """train.batch_size is the global batch: each of the `world` ranks takes an equal
+    share, so it must divide (10 per rank of 3 would train with 30, not 32)."""
+    if world > 1 and batch_size % world:
+        raise ValueError(
+            f"train.batch_size={batch_size} (the global batch) must be divisible by the "
+            f"{world} torchrun processes; set it to a multiple of {world}"
+        )
+
+
 def setup_distributed(device_name: str) -> Distributed:
     """Join the process group that torchrun describes in the environment, if any."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
+    world = world_size()
     if world <= 1:
         return Distributed()
     rank, local = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
@@ -47,7 +69,7 @@ def setup_distributed(device_name: str) -> Distributed:
         backend = distributed_backend(device_name)
         if backend == "nccl":
             torch.cuda.set_device(local)
-        dist.init_process_group(backend)
+        dist.init_process_group(backend, timeout=TIMEOUT)
     return Distributed(rank, world, local)
 
 
@@ -74,6 +96,13 @@ def largest_over_ranks(value: float, dev: torch.device) -> float:
     return float(t.item())
 
 
+def sum_over_ranks(values: list[float], dev: torch.device) -> list[float]:
+    """Each of `values` summed over the ranks (call it on every rank), reduced on `dev`."""
+    t = torch.tensor(values, dtype=torch.float64, device=dev)
+    dist.all_reduce(t, op=dist.ReduceOp.SUM)
+    return t.cpu().tolist()
+
+
 def shard(items: list, ddp: Distributed) -> list:
     """This rank's share of an epoch; padded by repeating so every rank takes the same
     number of steps (DistributedDataParallel needs matching backward passes)."""
@@ -97,11 +126,15 @@ def leave_distributed(ddp: Distributed) -> None:
 
 __all__ = [
     "Distributed",
+    "TIMEOUT",
     "barrier",
+    "check_global_batch",
     "distributed_backend",
     "largest_over_ranks",
     "leave_distributed",
     "setup_distributed",
     "shard",
+    "sum_over_ranks",
+    "world_size",
     "wrap_distributed",
 ]

@@ -26,10 +26,11 @@ counters, optimizers, generators), log.csv, tb/ (TensorBoard, when installed),
 progress.png, model_card.md, train_summary.json.
 
 Resuming (`resume=True`) restarts from the last checkpoint, written atomically every
-train.checkpoint_every epochs and at phase changes: on CPU with a fixed seed the resumed
-run ends with the same weights as an uninterrupted one. Multi-GPU: start the same command
-under `torchrun`; each process takes its share of every epoch (global batch =
-train.batch_size) and rank 0 validates, logs and writes checkpoints.
+train.checkpoint_every epochs (or train.checkpoint_every_minutes, at an epoch end) and at
+phase changes: on CPU with a fixed seed the resumed run ends with the same weights as an
+uninterrupted one. Multi-GPU: start the same command under `torchrun`; each process
+takes its share of every epoch (global batch = train.batch_size, divisible by the
+processes) and of every validation, and rank 0 logs and writes checkpoints.
 """
 
 from __future__ import annotations
@@ -38,7 +39,7 @@ import json
 import math
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -49,7 +50,7 @@ from .. import __version__
 from ..config import Config, describe, load_config, save_config, to_dict
 from ..data.augment import augment_intensity
 from ..data.datasets import SliceSet
-from ..device import autocast_context, resolve_device, speed_up
+from ..device import autocast_context, grad_scaler, resolve_device, speed_up, to_device
 from ..models import MODELS, AnomalyModel, build_model, count_parameters
 from ..models.base import Phase
 from ..outputs import clean_stale, write_text_atomic
@@ -64,10 +65,13 @@ from .data import (
 from .distributed import (
     Distributed,
     barrier,
+    check_global_batch,
     distributed_backend,
     largest_over_ranks,
     leave_distributed,
     setup_distributed,
+    sum_over_ranks,
+    world_size,
     wrap_distributed,
 )
 from .logging import LOG_FIELDS, RunLog, plot_progress
@@ -89,7 +93,7 @@ def train(
     One loop over steps; the stopping rule `_stop`, asked after every step, says
     whether the phase, the epoch or the run ends there."""
     run = _setup(cfg, data, Path(run_dir), device, resume)
-    st, t = run.state, run.cfg.train
+    st = run.state
     bar = _progress_bar(run, progress)
     run.model.train()
     run.model.enter_phase(run.phase)
@@ -97,28 +101,61 @@ def train(
     stop = _stop(run)  # a resumed run may have nothing left to do
     while not stop.run:
         batch, last_batch = next(batches)
-        loss = _step(run, batch.to(run.dev), run.group)  # forward, backward, update, EMA
+        # forward, backward, update, EMA; the loss stays on the device until read
+        loss = _step(run, to_device(batch, run.dev), run.group)
         _count(run, loss)
         bar.update()
-        bar.set_postfix(phase=run.phase.name, loss=f"{run.loss_ema:.4f}")
         if st.step % log_every == 0:
+            _read_losses(run, bar)
             _log_train(run)
         stop = _stop(run, last_batch)
         if stop.epoch:  # counted before the stage-boundary checkpoint, which ends it too
             st.epoch += 1
         if stop.phase is not None:  # f-AnoGAN: from the WGAN to the encoder
+            _read_losses(run, bar)
             _enter_phase(run, stop.phase)
             if run.ddp.main:
                 _checkpoint(run)
         if stop.epoch:
-            if run.validates and (st.epoch % t.val_every == 0 or stop.run):
+            validate, checkpoint = _validation_due(run, stop), _checkpoint_due(run, stop)
+            if validate or checkpoint:
+                _read_losses(run, bar)
+            if validate:
                 _validate(run)
-            if run.ddp.main and (st.epoch % t.checkpoint_every == 0 or stop.run):
+            if checkpoint and run.ddp.main:
                 _checkpoint(run)
             barrier(run.ddp)
             batches = _epoch(run)  # a phase change drops the rest of the epoch
     bar.close()
     return _finish(run)
+
+
+def _validation_due(run: Run, stop: Stop) -> bool:
+    """At the end of an epoch: validate every train.val_every epochs, or, with
+    train.val_every_steps, at the first epoch end after each multiple of that many
+    steps; and when the run ends. Every rank validates its share (`validates`)."""
+    if not run.validates:
+        return False
+    st, t = run.state, run.cfg.train
+    if stop.run:
+        return True
+    if t.val_every_steps > 0:
+        return st.step // t.val_every_steps > run.epoch_start_step // t.val_every_steps
+    return st.epoch % t.val_every == 0
+
+
+def _checkpoint_due(run: Run, stop: Stop) -> bool:
+    """At the end of an epoch: a checkpoint every train.checkpoint_every epochs, or,
+    with train.checkpoint_every_minutes, at the first epoch end after that many minutes
+    since the last one; and when the run ends. Rank 0 decides (and writes)."""
+    t = run.cfg.train
+    if not run.ddp.main:
+        return False
+    if stop.run:
+        return True
+    if t.checkpoint_every_minutes > 0:
+        return time.perf_counter() - run.last_checkpoint >= 60 * t.checkpoint_every_minutes
+    return run.state.epoch % t.checkpoint_every == 0
 
 
 @dataclass(frozen=True)
@@ -175,6 +212,7 @@ def _epoch(run: Run) -> Iterator[tuple[torch.Tensor, bool]]:
     """This rank's batches of the next epoch, each with whether it is the epoch's last.
     The epoch's order is drawn from the data generator when its first batch is taken
     (after the previous epoch's checkpoint, so a resumed run draws it again)."""
+    run.epoch_start_step = run.state.step
     batches = epoch_batches(
         run.data.train, run.model, run.cfg, run.gens["data"], run.per_rank, run.ddp
     )
@@ -185,9 +223,11 @@ def _epoch(run: Run) -> Iterator[tuple[torch.Tensor, bool]]:
     yield batch, True
 
 
-def _step(run: Run, batch: torch.Tensor, group: str) -> float:
+def _step(run: Run, batch: torch.Tensor, group: str) -> torch.Tensor:
     """One update of the optimizer `group`: learning rate of the schedule, forward,
-    backward (scaled with fp16), clipping, step, weight average; the loss."""
+    backward (scaled with fp16), clipping, step, weight average; the loss, a 0-dim
+    tensor on the device (reading it would make the host wait for the GPU at every
+    step: `_read_losses` reads them every log_every steps)."""
     opt = run.optimizers[group]
     f = run.lr_factor()
     for pg in opt.param_groups:
@@ -214,25 +254,42 @@ def _step(run: Run, batch: torch.Tensor, group: str) -> float:
         opt.step()
     if run.ema is not None:
         update_ema(run.ema, run.model, run.cfg.train.ema_decay, run.state.phase_step)
-    value = float(loss.detach())
-    if not math.isfinite(value):
-        raise FloatingPointError(
-            f"training loss ({group}) became {value}; lower train.lr or use train.amp=none"
-        )
-    return value
+    return loss.detach()
 
 
-def _count(run: Run, loss: float) -> None:
-    """The counters and the clock after a step; the training loss smoothed within the phase."""
+def _count(run: Run, loss: torch.Tensor) -> None:
+    """The counters and the clock after a step; its loss waits, on the device, to be read."""
     st = run.state
     st.step += 1
     st.phase_step += 1
-    st.last_train_loss = loss
     st.elapsed_s = time.perf_counter() - run.start
-    run.loss_ema = (
-        loss if run.loss_ema is None or st.phase_step == 1 else 0.95 * run.loss_ema + 0.05 * loss
-    )
+    groups = run.phase.groups  # the group of this step: the one before run.group
+    run.pending.append((loss, st.step, st.phase_step, groups[(st.phase_step - 1) % len(groups)]))
+
+
+def _read_losses(run: Run, bar: tqdm | None = None) -> None:
+    """Read the losses of the steps since the last read (one copy from the device) and
+    go through them in order as each step used to: a non-finite loss stops the run
+    (naming its step); the last loss and the loss smoothed within the phase."""
+    if not run.pending:
+        return
+    values = torch.stack([loss.float() for loss, *_ in run.pending]).cpu().tolist()
+    st = run.state
+    for value, (_, step, phase_step, group) in zip(values, run.pending):
+        if not math.isfinite(value):
+            run.pending.clear()
+            raise FloatingPointError(
+                f"training loss ({group}) became {value} at step {step}; "
+                "lower train.lr or use train.amp=none"
+            )
+        st.last_train_loss = value
+        run.loss_ema = (
+            value if run.loss_ema is None or phase_step == 1 else 0.95 * run.loss_ema + 0.05 * value
+        )
+    run.pending.clear()
     st.smoothed_train_loss = run.loss_ema
+    if bar is not None:
+        bar.set_postfix(phase=run.phase.name, loss=f"{run.loss_ema:.4f}")
 
 
 def _log_train(run: Run) -> None:
@@ -260,22 +317,24 @@ def _enter_phase(run: Run, phase: int) -> None:
 
 
 def _validate(run: Run) -> None:
-    """The validation loss of the (averaged) weights, logged; the lowest so far is
-    written as best.safetensors."""
+    """The validation loss of the (averaged) weights, each rank computing its share; the
+    lowest so far is written as best.safetensors (by rank 0), and logged."""
     st = run.state
     with swapped_in(run.model, run.ema):
-        v = validation_loss(run.model, run.data.val, run.cfg, run.dev)
+        v = validation_loss(run.model, run.data.val, run.cfg, run.dev, run.ddp)
         if v < st.best_val_loss:
             st.best_val_loss = v
-            save_weights(
-                run.model, run.run_dir / "best.safetensors", {**run.extra(), "val_loss": v}
-            )
+            if run.ddp.main:
+                save_weights(
+                    run.model, run.run_dir / "best.safetensors", {**run.extra(), "val_loss": v}
+                )
     run.log.validation(st.step, st.epoch, run.phase.name, st.elapsed_s, v, run.lr_now)
 
 
 def _checkpoint(run: Run) -> None:
     """last.state.safetensors (all a resumed run needs, one atomic file) and
     last.safetensors (the weights for users)."""
+    run.last_checkpoint = time.perf_counter()
     run.state.save(
         run.run_dir / "last.state.safetensors",
         run.model,
@@ -289,6 +348,7 @@ def _checkpoint(run: Run) -> None:
 
 
 def _finish(run: Run) -> dict[str, Any]:
+    _read_losses(run)
     st, cfg = run.state, run.cfg
     summary = {
         "config": describe(cfg),
@@ -347,6 +407,10 @@ class Run:
     ema: dict[str, torch.Tensor] | None = None
     lr_now: float = 0.0  # train.lr times the schedule's factor at the last step
     window: tuple[float, int] = (0.0, 0)  # time and step of the last training row
+    # the losses of the steps not yet read from the device: (loss, step, phase step, group)
+    pending: list[tuple[torch.Tensor, int, int, str]] = field(default_factory=list)
+    epoch_start_step: int = 0  # the step count when the current epoch began
+    last_checkpoint: float = 0.0  # perf_counter() of the last checkpoint (or the start)
 
     @property
     def phase(self) -> Phase:
@@ -364,8 +428,9 @@ class Run:
 
     @property
     def validates(self) -> bool:
-        """Validation runs on rank 0, with validation data, in the last phase."""
-        return self.ddp.main and self.data.val is not None and self.last_phase
+        """Validation runs with validation data, in the last phase, on every rank (each
+        its share of the batches; the ranks sum them)."""
+        return self.data.val is not None and self.last_phase
 
     def budget_used(self) -> float:
         """Fraction of the training budget spent: steps (max_steps or epochs) or minutes."""
@@ -412,13 +477,16 @@ def _setup(cfg: Config, data: TrainingData, run_dir: Path, device: str, resume: 
         raise ValueError(f"model {cfg.model!r} has nothing to train")
     if data.landmarks and not cfg.data.landmarks:  # saved with the model (config.yaml)
         cfg = replace(cfg, data=replace(cfg.data, landmarks=data.landmarks))
+    # checked on every rank before joining the group: a rank that failed alone would
+    # leave the others waiting in the process group's set-up
+    if resume:
+        _check_same_config(run_dir, cfg)
+    check_global_batch(cfg.train.batch_size, world_size())
     ddp = setup_distributed(device)
     dev = resolve_device(device, ddp.local_rank, distributed=ddp.world > 1)
     if ddp.main:
         run_dir.mkdir(parents=True, exist_ok=True)
         clean_stale(run_dir)  # checkpoint temporaries of a killed run (outputs.py)
-        if resume:
-            _check_same_config(run_dir, cfg)
         save_config(cfg, run_dir / "config.yaml")
     torch.manual_seed(cfg.train.seed)
     model = build_model(cfg).to(dev)
@@ -435,9 +503,7 @@ def _setup(cfg: Config, data: TrainingData, run_dir: Path, device: str, resume: 
         "noise": noise_generator(cfg, ddp.rank),
         "global": torch.default_generator,
     }
-    scaler = (
-        torch.amp.GradScaler("cuda") if cfg.train.amp == "fp16" and dev.type == "cuda" else None
-    )
+    scaler = grad_scaler(dev) if cfg.train.amp == "fp16" and dev.type == "cuda" else None
     log = RunLog(run_dir, ddp.main)
     state = TrainState()
     if resume:
@@ -453,7 +519,7 @@ def _setup(cfg: Config, data: TrainingData, run_dir: Path, device: str, resume: 
     net: torch.nn.Module = model
     if ddp.world > 1:
         net = wrap_distributed(model, dev, find_unused_parameters=len(optimizers) > 1)
-    per_rank = max(1, cfg.train.batch_size // ddp.world)
+    per_rank = cfg.train.batch_size // ddp.world  # the global batch is train.batch_size
     per_epoch = steps_per_epoch(data.train, model, cfg, per_rank, ddp.world)
     total = cfg.train.max_steps or cfg.train.epochs * per_epoch
     run = Run(
@@ -473,6 +539,8 @@ def _setup(cfg: Config, data: TrainingData, run_dir: Path, device: str, resume: 
         total,
         ema=ema,
         window=(time.perf_counter(), state.step),
+        epoch_start_step=state.step,
+        last_checkpoint=time.perf_counter(),
     )
     run.start = time.perf_counter() - state.elapsed_s
     if state.smoothed_train_loss is not None:  # a resumed run: its log goes on as it was
@@ -555,10 +623,16 @@ def validation_loss(
     val: SliceSet,
     cfg: Config,
     device: torch.device,
+    ddp: Distributed | None = None,
     slices_per_volume: int = 4,
 ) -> float:
     """Mean validation loss over fixed draws: the same slices (or volumes) and random
-    inputs (t, noise, patches) every call."""
+    inputs (t, noise, patches) every call. Under torchrun (`ddp`, called on every rank)
+    each rank computes every world-th batch and the sums are added over the ranks: no
+    rank waits for another to validate alone (a first, compiled validation can take
+    longer than a collective's timeout). The draws are those of one process: the
+    draws of each rank come from the same seeded generator through its own batches, so
+    they too are the same at every validation (one process: exactly as before)."""
     model.eval()
     g = torch.Generator().manual_seed(cfg.train.seed + 7919)
     if model.input_kind == "volumes":
@@ -566,13 +640,22 @@ def validation_loss(
     else:
         pairs = [p for _ in range(slices_per_volume) for p in val.epoch_indices(g)]
         batches = val.batches(pairs, cfg.train.batch_size)
-    total, n = 0.0, 0
-    for batch in batches:
+    rank, world = (ddp.rank, ddp.world) if ddp is not None else (0, 1)
+    losses: list[tuple[torch.Tensor, int]] = []
+    for i, batch in enumerate(batches):
+        if i % world != rank:
+            continue
         with autocast_context(device, cfg.train.amp):
-            loss = model.validation_loss(batch.to(device), g)
-        total += float(loss) * len(batch)
-        n += len(batch)
+            loss = model.validation_loss(to_device(batch, device), g)
+        losses.append((loss, len(batch)))
     model.train()
+    values = torch.stack([v.float() for v, _ in losses]).cpu().tolist() if losses else []
+    total, n = 0.0, 0
+    for value, size in zip(values, (size for _, size in losses)):
+        total += value * size
+        n += size
+    if world > 1:
+        total, n = sum_over_ranks([total, float(n)], device)
     return total / max(n, 1)
 
 
