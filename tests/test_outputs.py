@@ -323,6 +323,7 @@ def test_a_run_interrupted_after_its_evaluation_is_finished_by_the_rerun(
     assert main(argv) == 0
     assert (run / "figure3.npz").exists() and benchmark.is_done(run)
     assert (run / "eval" / "summary.json").stat().st_mtime_ns == evaluated  # not evaluated again
+    assert json.loads((run / "timing.json").read_text())["evaluate_s"] >= 0  # its time kept
     assert json.loads((run / "status.json").read_text())["files"][-1] == "figure3.npz"
     (run / "figure3.npz").unlink()  # a listed file removed: the run is not finished
     assert not benchmark.is_done(run)

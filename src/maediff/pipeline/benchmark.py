@@ -349,6 +349,8 @@ def execute_run(
             overwrite=True,  # the run's own folder: an evaluation without its summary is redone
         )
         timing["evaluate_s"] = round(time.perf_counter() - t0, 1)
+    elif "evaluate_s" not in timing:  # evaluated before an interruption: its own clock
+        timing["evaluate_s"] = load_summary(folder / "eval").seconds
     if (spec.fold, spec.seed) == (plan.folds[0], plan.seeds[0]):  # Figure 3 shows one run
         if not (folder / "figure3.npz").exists():
             save_figure_slices(model, data, folder / "figure3.npz", spec.seed)
