@@ -235,8 +235,10 @@ def test_summary_counts_the_volumes_left_out_of_each_mean(tmp_path):
     assert saved == json.loads(json.dumps(s.to_json(), default=str).replace("NaN", "null"))
     page = (out / "report.html").read_text()
     assert "left out of the means: dice 1 (no lesion voxels and an empty prediction" in page
-    # a second run into the same folder replaces the results in place
-    _evaluate(IdentityModel(), root, out, figures=False, label="again")
+    # a second run into the same folder: refused, or with overwrite the results replaced in place
+    with pytest.raises(DataError, match="--overwrite"):
+        _evaluate(IdentityModel(fail_after=0), root, out, figures=False, label="again")
+    _evaluate(IdentityModel(), root, out, figures=False, label="again", overwrite=True)
     assert json.loads((out / "summary.json").read_text())["model"] == "again"
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
 

@@ -214,9 +214,10 @@ def _detect_threshold(args: argparse.Namespace, model):
 def cmd_detect(args: argparse.Namespace) -> int:
     from .data.bids import is_bids, parse_participants
     from .data.splits import read_inputs
-    from .pipeline.detect import detect_files
+    from .pipeline.detect import check_output_folder, detect_files
     from .training.checkpoint import load_model
 
+    check_output_folder(args.input, args.output)
     subjects = read_inputs(args.input, parse_participants(args.participants))
     if args.threshold_from and _calibration_source(args.threshold_from) is None:
         _threshold(args)  # a bad evaluation fails before the model loads
@@ -244,7 +245,7 @@ def cmd_detect(args: argparse.Namespace) -> int:
     )
     per_volume = report.seconds / max(len(report.written), 1)
     print(
-        f"{len(report.written)} written, {len(report.skipped)} skipped (outputs exist; --overwrite to redo), "
+        f"{len(report.written)} written, {len(report.skipped)} skipped (done before with these settings; --overwrite to redo), "
         f"{len(report.failed)} failed, {report.seconds:.0f} s ({per_volume:.1f} s per volume) -> {args.output}"
     )
     for path, err in report.failed:
@@ -342,6 +343,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         plan=plan,
         t_candidates=args.choose_t or (),
         scoring=args.scoring,
+        overwrite=args.overwrite,
     )
     if s.scoring.t_choice:
         from .pipeline.choose_t import TChoice
@@ -367,7 +369,7 @@ def cmd_report(args: argparse.Namespace) -> int:
 def cmd_preprocess(args: argparse.Namespace) -> int:
     from tqdm.auto import tqdm
 
-    from .data.preprocess import RawOptions, preprocess_scan
+    from .data.preprocess import RawOptions, check_preprocess_outputs, preprocess_scan
     from .data.splits import read_inputs
 
     opts = RawOptions(
@@ -381,6 +383,7 @@ def cmd_preprocess(args: argparse.Namespace) -> int:
     )
     failed = []
     subjects = read_inputs(args.input)
+    check_preprocess_outputs(subjects, args.output, args.overwrite)
     for s in tqdm(subjects, desc="preprocessing", unit="scan", disable=args.quiet):
         mask = s.mask if opts.skull_strip == "mask" else None
         try:
@@ -576,7 +579,11 @@ def _parser_detect(p: argparse.ArgumentParser) -> None:
     _add_participants(p)
 
     p.add_argument("--model", required=True, help="run folder or .safetensors checkpoint")
-    p.add_argument("--overwrite", action="store_true", help="redo scans whose outputs exist")
+    p.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="redo every scan, replacing files of the output names that exist",
+    )
     _add_threshold_args(p)
     p.add_argument(
         "--bids",
@@ -649,6 +656,9 @@ def _parser_evaluate(p: argparse.ArgumentParser) -> None:
         "every --val-fraction-th subject chooses the threshold)",
     )
     p.add_argument("-o", "--output", required=True, help="output folder")
+    p.add_argument(
+        "--overwrite", action="store_true", help="replace the results in an -o that holds files"
+    )
     p.add_argument("--datasets", nargs="+", default=list(ANOMALY_SETS))
     _add_participants(p)
     p.add_argument(
@@ -716,6 +726,7 @@ def _parser_preprocess(p: argparse.ArgumentParser) -> None:
     p.add_argument("--template", help="template image (default: MNI152 from nilearn)")
     p.add_argument("--template-mask", help="brain mask of --template")
     p.add_argument("--device", default="cpu", help="device for HD-BET")
+    p.add_argument("--overwrite", action="store_true", help="replace outputs that exist")
     p.add_argument("-q", "--quiet", action="store_true")
 
 

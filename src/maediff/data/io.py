@@ -7,12 +7,13 @@ file first and is renamed into place, so no half-written output is left behind.
 from __future__ import annotations
 
 import gzip
-import os
 import zlib
 from pathlib import Path
 
 import nibabel as nib
 import numpy as np
+
+from ..outputs import temp_path
 
 
 class DataError(ValueError):
@@ -88,7 +89,7 @@ def atomic_save(img: nib.Nifti1Image, path: str | Path) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     suffix = ".nii.gz" if str(path).endswith(".nii.gz") else ".nii"
-    tmp = path.with_name(f".{nifti_stem(path)}.{os.getpid()}.tmp{suffix}")
+    tmp = temp_path(path, suffix)  # .NAME.HOST-PID.tmp.nii.gz: a dot-file, never read as a scan
     try:
         nib.save(img, str(tmp))
         tmp.replace(path)

@@ -24,6 +24,7 @@ from __future__ import annotations
 import shutil
 import subprocess
 import tempfile
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -192,11 +193,40 @@ def preprocess_scan(
         img = n4_bias_correction(img, msk)
     if options.crop:
         img, msk = crop_to_brain(img, msk)
-    name = name or nifti_stem(image_path)
-    out = Path(out_dir)
-    out_img = atomic_save(_to_nifti(img), out / f"{name}.nii.gz")
-    out_mask = atomic_save(_to_nifti(msk > 0, np.uint8), out / f"{name}_mask.nii.gz")
+    path_img, path_mask = preprocess_outputs(out_dir, name or nifti_stem(image_path))
+    out_img = atomic_save(_to_nifti(img), path_img)
+    out_mask = atomic_save(_to_nifti(msk > 0, np.uint8), path_mask)
     return out_img, out_mask
+
+
+def preprocess_outputs(out_dir: str | Path, name: str) -> tuple[Path, Path]:
+    """The files preprocess_scan writes for a scan named `name`: image and brain mask."""
+    return Path(out_dir) / f"{name}.nii.gz", Path(out_dir) / f"{name}_mask.nii.gz"
+
+
+def check_preprocess_outputs(subjects: Sequence, out_dir: str | Path, overwrite: bool) -> None:
+    """Before any work: no output is an input or another scan's output, and none
+    exists unless `overwrite`."""
+    inputs = {p.resolve() for s in subjects for p in (s.image, s.mask, s.seg) if p is not None}
+    owner: dict[Path, Path] = {}
+    existing = []
+    for s in subjects:
+        for path in preprocess_outputs(out_dir, s.name):
+            if path.resolve() in inputs:
+                raise DataError(
+                    f"output {path} would replace an input file; choose another output folder"
+                )
+            first = owner.setdefault(path.resolve(), s.image)
+            if first != s.image:
+                raise DataError(f"scans {first} and {s.image} would both write {path}")
+            if path.exists():
+                existing.append(path)
+    if existing and not overwrite:
+        more = f" (and {len(existing) - 1} more)" if len(existing) > 1 else ""
+        raise DataError(
+            f"{existing[0]} exists{more}; pass --overwrite to replace, or choose another "
+            "output folder"
+        )
 
 
 def __getattr__(name: str):

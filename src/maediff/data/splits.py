@@ -137,11 +137,12 @@ def subject_from_scan(scan: Path) -> Subject:
 
 
 def read_folder(folder: str | Path) -> list[Subject]:
-    """NIfTI scans of a folder; NAME_mask / NAME_seg files are companions, not scans."""
+    """NIfTI scans of a folder; NAME_mask / NAME_seg files are companions, not scans,
+    and dot-files (the temporary files of a write in progress or killed) are skipped."""
     folder = Path(folder)
     if not folder.is_dir():
         raise DataError(f"{folder} is not a folder")
-    files = sorted(p for p in folder.iterdir() if is_nifti(p))
+    files = sorted(p for p in folder.iterdir() if is_nifti(p) and not p.name.startswith("."))
     subjects = [subject_from_scan(p) for p in files if not nifti_stem(p).endswith(COMPANIONS)]
     if not subjects:
         raise DataError(f"no NIfTI scans (.nii, .nii.gz) in {folder}")

@@ -33,7 +33,6 @@ from __future__ import annotations
 import csv
 import json
 import shutil
-import tempfile
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass
 from functools import cache, lru_cache
@@ -44,6 +43,7 @@ import numpy as np
 from scipy import ndimage
 from tqdm.auto import tqdm
 
+from ..outputs import clean_stale, exit_with_parent, partial_path
 from .io import DataError
 
 SHAPE = (96, 96, 50)
@@ -441,7 +441,8 @@ def generate_benchmark(
     progress: bool = True,
 ) -> Path:
     """Write the benchmark to `out_dir` (pDDPM layout). Built in a temporary sibling
-    folder and renamed into place, so an interrupted run leaves nothing half-written."""
+    folder (.NAME.HOST-PID.partial) and renamed into place, so an interrupted run leaves
+    nothing half-written; the next call removes what a killed one left (outputs.py)."""
     out = Path(out_dir)
     if out.exists() and any(out.iterdir()):
         if not overwrite:
@@ -449,7 +450,10 @@ def generate_benchmark(
                 f"{out} exists and is not empty; choose another folder or pass overwrite"
             )
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    clean_stale(out.parent)
+    tmp = partial_path(out)
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
     try:
         n = {
             "healthy": cfg.healthy_trainval + cfg.healthy_test,
@@ -461,7 +465,7 @@ def generate_benchmark(
         bar = tqdm(total=len(jobs), desc="synthesising", unit="vol", disable=not progress)
         lesions: list[dict] = []
         if cfg.workers > 1:
-            with ProcessPoolExecutor(cfg.workers) as ex:
+            with ProcessPoolExecutor(cfg.workers, initializer=exit_with_parent) as ex:
                 for rows in ex.map(_write_subject, jobs, chunksize=4):
                     lesions += rows
                     bar.update()

@@ -11,6 +11,8 @@ from typing import Any
 
 import numpy as np
 
+from ..outputs import write_text_atomic
+
 METRICS = (
     "dice",
     "auprc",
@@ -78,10 +80,7 @@ def combine_runs(summaries: Sequence[dict[str, dict[str, float]]]) -> dict[str, 
 
 
 def write_atomic(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    tmp.replace(path)
+    write_text_atomic(path, text)  # a temporary name (outputs.py), then one rename
 
 
 def write_subject_csv(

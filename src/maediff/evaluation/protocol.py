@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from ..outputs import exit_with_parent
 from .labelfree import fixed_fpr_metrics
 from .lesions import lesion_rows
 from .metrics import average_precision, best_dice, dice, roc_auc
@@ -174,7 +175,7 @@ def _bounded_map(fn: Callable, items: Iterable, n_jobs: int) -> Iterator:
         for it in items:
             yield fn(it)
         return
-    with ProcessPoolExecutor(n_jobs) as pool:
+    with ProcessPoolExecutor(n_jobs, initializer=exit_with_parent) as pool:
         pending: list[Future] = []
         for it in items:
             pending.append(pool.submit(fn, it))

@@ -6,9 +6,10 @@
 Every (model, fold, seed) is one run in its own folder, OUT/runs/MODEL/fold{F}-seed{S}/:
 config.yaml (the resolved configuration; a different one for an existing folder is
 refused), train/ (the training run, resumed from its last checkpoint after an
-interruption), eval/ (the paper's protocol; summary.json marks the run done) and
-figure3.npz (the slices of Figure 3). Starting the command again skips finished runs
-and resumes an interrupted one. Runs are independent: `--list` prints one command per
+interruption), eval/ (the paper's protocol), probe.json (diffusion models: the patch
+probe), figure3.npz (the slices of Figure 3), timing.json and status.json, whose
+"done", written after everything else, marks a finished run. Starting the command again skips finished
+runs and resumes an interrupted one at its first missing step. Runs are independent: `--list` prints one command per
 run and `--run-index N` does run N alone (a job array fills one folder from many GPUs;
 a per-run lock keeps two processes off the same run; give each process its own GPU
 with CUDA_VISIBLE_DEVICES, or --device cuda:I; a process with LOCAL_RANK set takes
@@ -32,7 +33,7 @@ import os
 import shlex
 import time
 from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -72,6 +73,7 @@ from ..evaluation.tables import mean_std_text
 from ..models import MODELS
 from ..models.maediff import MAEDiff
 from ..names import ANOMALY_SETS, MS, TUMOUR
+from ..outputs import clean_stale, temp_path
 from ..training.checkpoint import load_model
 from ..training.trainer import load_run_config, prepare_training_data, train
 from .detect import reconstruct_volume
@@ -217,12 +219,13 @@ class BenchmarkPlan:
 
 
 @contextmanager
-def run_lock(folder: Path) -> Iterator[bool]:
-    """An exclusive lock on a run folder (released by the OS if the process dies)."""
-    folder.mkdir(parents=True, exist_ok=True)
-    with open(folder / ".lock", "w") as f:
+def file_lock(path: Path, wait: bool = False) -> Iterator[bool]:
+    """An exclusive lock on `path` (released by the OS if the process dies); yields
+    whether it is held (always, with `wait`)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w") as f:
         try:
-            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            fcntl.flock(f, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
         except BlockingIOError:
             yield False
             return
@@ -230,6 +233,12 @@ def run_lock(folder: Path) -> Iterator[bool]:
             yield True
         finally:
             fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def run_lock(folder: Path) -> AbstractContextManager[bool]:
+    """An exclusive lock on a run folder, not waited for: yields False when another
+    process holds it."""
+    return file_lock(folder / ".lock")
 
 
 def check_run_config(folder: Path, cfg: Config) -> None:
@@ -245,23 +254,59 @@ def check_run_config(folder: Path, cfg: Config) -> None:
         save_config(cfg, saved)
 
 
+STATUS_FILE = "status.json"  # {"state": "running"}, then {"state": "done", "files": [...]}
+
+
 def is_done(folder: Path) -> bool:
-    return (folder / "eval" / SUMMARY_FILE).exists()
+    """A run is finished when its status.json says "done", written after everything
+    else, and every file it lists exists. (A folder of a version before status.json,
+    which has none: when timing.json, which those versions wrote last, exists and is
+    no older than eval/summary.json.)"""
+    status = folder / STATUS_FILE
+    if status.exists():
+        try:
+            saved = json.loads(status.read_text())
+            files = saved["files"] if saved["state"] == "done" else None
+        except (json.JSONDecodeError, KeyError, TypeError):
+            return False
+        return files is not None and all((folder / f).exists() for f in files)
+    summary, timing = folder / "eval" / SUMMARY_FILE, folder / "timing.json"
+    return (
+        summary.exists()
+        and timing.exists()
+        and timing.stat().st_mtime_ns >= summary.stat().st_mtime_ns
+    )
+
+
+def mark_status(folder: Path, files: list[str] | None = None) -> None:
+    """status.json: "running" (no files), or "done" with the run's files (relative to
+    its folder), written last of all."""
+    if files is None:
+        write_atomic(folder / STATUS_FILE, json.dumps({"state": "running"}))
+        return
+    missing = [f for f in files if not (folder / f).exists()]
+    if missing:
+        raise RuntimeError(f"{folder}: cannot mark the run finished, {missing} missing")
+    write_atomic(folder / STATUS_FILE, json.dumps({"state": "done", "files": files}, indent=2))
 
 
 def execute_run(
     plan: BenchmarkPlan, spec: RunSpec, out: Path, data: Path, device: str, progress: bool
 ) -> dict:
-    """Train (or resume), evaluate and record one run; returns its timings."""
+    """Train (or resume), evaluate and record one run; returns its timings. Each step
+    whose result exists is skipped (a run interrupted after its evaluation computes
+    only what is missing); status.json says "done" last of all."""
     folder = out / "runs" / spec.key
     cfg = plan.config(spec)
     check_run_config(folder, cfg)
+    mark_status(folder)  # running: not finished until marked done again
+    for f in (folder, folder / "train"):  # temporary files of a killed process
+        clean_stale(f)
     timing: dict[str, Any] = {}
-    earlier = folder / "timing.json"  # a run trained before: its training time stays
+    earlier = folder / "timing.json"  # a run trained (or evaluated) before: its times stay
     if earlier.exists():
-        timing.update(
-            {k: v for k, v in json.loads(earlier.read_text()).items() if k.startswith("train")}
-        )
+        timing.update(json.loads(earlier.read_text()))
+    files = ["config.yaml", f"eval/{SUMMARY_FILE}", "timing.json"]
     t0 = time.perf_counter()
     trained = False
     if MODELS[cfg.model].trainable:
@@ -276,32 +321,42 @@ def execute_run(
             timing["train_steps"] = summary["steps"]
             reset_compiled()  # the training model's graphs: not the evaluated model's
         model = load_model(run_dir, resolve_device(device))
+        files.append("train/train_summary.json")
     else:
         from ..models import build_model
 
         model = build_model(cfg).to(resolve_device(device))
     if trained or "train_s" not in timing:
         timing["train_s"] = round(time.perf_counter() - t0, 1)
-    if isinstance(model, MAEDiff) and not (folder / "probe.json").exists():
+    if isinstance(model, MAEDiff):
+        if not (folder / "probe.json").exists():
+            t0 = time.perf_counter()
+            write_probe(model, data, folder / "probe.json")
+            timing["probe_s"] = round(time.perf_counter() - t0, 1)
+        files.append("probe.json")
+    if not (folder / "eval" / SUMMARY_FILE).exists():
         t0 = time.perf_counter()
-        write_probe(model, data, folder / "probe.json")
-        timing["probe_s"] = round(time.perf_counter() - t0, 1)
-    t0 = time.perf_counter()
-    evaluate_model(
-        model,
-        data,
-        folder / "eval",
-        label=row(spec.model),
-        fold=spec.fold,
-        n_jobs=1,
-        seed=spec.seed,
-        max_volumes=plan.max_volumes,
-        progress=progress,
-    )
-    timing["evaluate_s"] = round(time.perf_counter() - t0, 1)
+        evaluate_model(
+            model,
+            data,
+            folder / "eval",
+            label=row(spec.model),
+            fold=spec.fold,
+            n_jobs=1,
+            seed=spec.seed,
+            max_volumes=plan.max_volumes,
+            progress=progress,
+            overwrite=True,  # the run's own folder: an evaluation without its summary is redone
+        )
+        timing["evaluate_s"] = round(time.perf_counter() - t0, 1)
+    elif "evaluate_s" not in timing:  # evaluated before an interruption: its own clock
+        timing["evaluate_s"] = load_summary(folder / "eval").seconds
     if (spec.fold, spec.seed) == (plan.folds[0], plan.seeds[0]):  # Figure 3 shows one run
-        save_figure_slices(model, data, folder / "figure3.npz", spec.seed)
+        if not (folder / "figure3.npz").exists():
+            save_figure_slices(model, data, folder / "figure3.npz", spec.seed)
+        files.append("figure3.npz")
     write_atomic(folder / "timing.json", json.dumps(timing, indent=2))
+    mark_status(folder, files)
     return timing
 
 
@@ -375,23 +430,38 @@ def save_figure_slices(model, data: Path, path: Path, seed: int) -> None:
         )
         arrays[figure_key(i, s.name, "reconstruction")] = rec[..., z]
         arrays[figure_key(i, s.name, "brain")] = vol.brain_mask[..., z].astype(np.float32)
-    tmp = path.with_name(f".{path.stem}.tmp.npz")
-    np.savez_compressed(tmp, **arrays)
-    tmp.replace(path)
+    tmp = temp_path(path, ".npz")
+    try:
+        np.savez_compressed(tmp, **arrays)
+        tmp.replace(path)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 # ------------------------------------------------------------------ the whole job
 
 
+def check_data(plan: BenchmarkPlan) -> None:
+    """--data, when given, is in pDDPM's layout."""
+    if plan.data and not (Path(plan.data) / "splits").is_dir():
+        raise ValueError(f"--data {plan.data} is not in pDDPM's layout (no splits/ folder)")
+
+
 def ensure_data(plan: BenchmarkPlan, out: Path, progress: bool) -> Path:
+    """--data, or the synthetic benchmark in OUT/data, generated once: processes that
+    start together wait for the first one's (a lock), and find it complete."""
     if plan.data:
-        data = Path(plan.data)
-        if not (data / "splits").is_dir():
-            raise ValueError(f"--data {data} is not in pDDPM's layout (no splits/ folder)")
-        return data
+        check_data(plan)
+        return Path(plan.data)
     data = out / "data"
-    if not (data / "synthetic.json").exists():
-        generate_benchmark(data, SynthConfig(), overwrite=True, progress=progress)
+    with file_lock(out / ".data.lock", wait=True):
+        if not (data / "synthetic.json").exists():
+            if data.exists() and any(data.iterdir()):
+                raise ValueError(
+                    f"{data} exists but holds no synthetic benchmark (no synthetic.json); "
+                    "move it away, or give --data"
+                )
+            generate_benchmark(data, SynthConfig(), overwrite=True, progress=progress)
     return data
 
 
@@ -450,14 +520,17 @@ def run_benchmark(
             print(f"# {i}: {spec.key}\n{plan.command(out, device, i)}")
         print(f"# then collect: {plan.command(out, device)} --collect")
         return 0
-    out.mkdir(parents=True, exist_ok=True)
-    check_plan(plan, out)
     indices = [run_index] if isinstance(run_index, int) else list(run_index or range(len(runs)))
     bad = [i for i in indices if not 0 <= i < len(runs)]
     if bad:
         raise ValueError(f"--run-index {bad} must be in 0..{len(runs) - 1}")
-    if not collect_only:
+    if not collect_only:  # everything a run needs is checked before the folder is claimed
         device = process_device(device)
+        resolve_device(device)
+        check_data(plan)
+    out.mkdir(parents=True, exist_ok=True)
+    check_plan(plan, out)
+    if not collect_only:
         data = ensure_data(plan, out, progress)
         todo = [runs[i] for i in indices]
         _run_all(plan, todo, out, data, device, progress)
@@ -475,6 +548,9 @@ def _run_all(plan, todo: list[RunSpec], out: Path, data: Path, device: str, prog
         with run_lock(folder) as mine:
             if not mine:
                 print(f"[{i}/{len(todo)}] {spec.key}: running in another process, skipped")
+                continue
+            if is_done(folder):  # finished by another process since the first look
+                print(f"[{i}/{len(todo)}] {spec.key}: done")
                 continue
             left = len(todo) - i + 1
             eta = f", about {np.mean(spent) * left / 60:.0f} min left" if spent else ""
@@ -730,6 +806,7 @@ def _figure3(plan: BenchmarkPlan, out: Path, found) -> Path | None:
         spec = found[m][0][0]
         f = out / "runs" / spec.key / "figure3.npz"
         if not f.exists():
+            print(f"Figure 3 leaves out {row(m)}: its run {spec.key} has no figure3.npz")
             continue
         names.append(row(m))
         with np.load(f) as z:

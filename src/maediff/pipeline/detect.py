@@ -10,11 +10,23 @@ When the model works on slices smaller than the volume grid (the `cpu` preset ru
 and carried back: rec = x + upsample(rec_small - x_small). The anomaly map |x - rec|
 is then the upsampled model residual, and the full-resolution image detail that the
 model never saw does not show up as anomaly.
+
+Outputs are never silently replaced (docs/reliability.md). A scan's files are written
+under temporary names and renamed into place together; OUT/.maediff-detect.jsonl
+records each scan's outputs and the settings they were made with (model, config,
+threshold, seed), a line before the renames and one after. A later call skips the
+scans it finished with the same settings, redoes those it was killed in the middle of,
+and refuses, before any work and unless `overwrite`, to replace a file it did not write
+or maps made with other settings (`--threshold` added to a finished folder included).
+Two scans whose outputs would have the same name, or an output that would replace an
+input, are refused.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
+import os
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -25,7 +37,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from ..data.bids import write_description
+from ..data.bids import is_bids, write_description
 from ..data.datasets import load_subject, slices_to_volume, volume_to_slices
 from ..data.io import DataError, save_like
 from ..data.load import PreparedVolume
@@ -33,6 +45,7 @@ from ..data.splits import Subject
 from ..evaluation.calibration import Calibration
 from ..evaluation.postprocess import anomaly_scores, remove_small_components
 from ..evaluation.protocol import EvalSettings
+from ..outputs import clean_stale, temp_path
 from .scores import ScoresTable, scan_scores_of
 
 if TYPE_CHECKING:
@@ -157,6 +170,72 @@ def subject_outputs(out_dir: str | Path, subject: Subject, bids: bool = False) -
     return output_paths(out_dir, subject.name, bids)
 
 
+MANIFEST = ".maediff-detect.jsonl"  # in the output folder: what detect wrote, and how
+
+
+class DetectLog:
+    """OUT/.maediff-detect.jsonl: one JSON line per scan before its outputs are renamed
+    into place ("writing") and one after ("done"), each with the outputs (relative to
+    OUT) and the settings they were made with; the last line of a scan counts."""
+
+    def __init__(self, out_dir: str | Path):
+        self.root = Path(out_dir)
+        self.path = self.root / MANIFEST
+
+    def key(self, paths: dict[str, Path]) -> str:
+        return paths["anomaly"].relative_to(self.root).as_posix()
+
+    def read(self) -> dict[str, dict]:
+        """key -> the last record of that scan's outputs."""
+        if not self.path.exists():
+            return {}
+        records = {}
+        for line in self.path.read_text(errors="replace").splitlines():
+            try:
+                r = json.loads(line)
+                records[r["key"]] = r
+            except (json.JSONDecodeError, KeyError, TypeError):
+                continue  # a line cut by a kill: that scan is redone
+        return records
+
+    def append(self, paths: dict[str, Path], state: str, settings: dict) -> None:
+        entry = {
+            "key": self.key(paths),
+            "state": state,
+            "outputs": sorted(p.relative_to(self.root).as_posix() for p in paths.values()),
+            "settings": settings,
+        }
+        self.root.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+        try:  # one write of one line: whole or, after a kill, cut and ignored
+            os.write(fd, (json.dumps(entry) + "\n").encode())
+        finally:
+            os.close(fd)
+
+
+def detect_settings(
+    model: AnomalyModel, threshold: float | None, seed: int, amp: str | None = None
+) -> dict:
+    """What the maps of a detect call depend on: the checkpoint, the configuration
+    (inference overrides included), the threshold, the seed and the autocast."""
+    info = getattr(model, "checkpoint_info", {}) or {}
+    ckpt = info.get("path")
+    try:
+        from ..config import to_dict
+
+        text = json.dumps(to_dict(model.cfg), sort_keys=True, default=str)
+        config = hashlib.sha256(text.encode()).hexdigest()[:16]
+    except (AttributeError, TypeError):  # a duck-typed model without a Config
+        config = None
+    return {
+        "checkpoint": str(Path(ckpt).resolve()) if ckpt else None,
+        "config": config,
+        "threshold": threshold,
+        "seed": seed,
+        "amp": amp,
+    }
+
+
 def detect_subject(
     model: AnomalyModel,
     subject: Subject,
@@ -169,10 +248,14 @@ def detect_subject(
     scan_record: dict | None = None,
     calibration: Calibration | None = None,
     threshold_source: str | None = None,
+    log: DetectLog | None = None,
+    settings: dict | None = None,
 ) -> dict[str, Path]:
     """One scan -> anomaly map (raw |x - rec|), post-processed score map, reconstruction
     and, with a threshold, a binary prediction; all in the input file's voxel grid.
-    `scan_record`, when given, receives the scan's scalar scores (pipeline/scores.py)."""
+    Every file is written under a temporary name first and all are renamed into place
+    together, between a "writing" and a "done" line of `log`. `scan_record`, when
+    given, receives the scan's scalar scores (pipeline/scores.py)."""
     vol = load_subject(subject, model.cfg.data)
     rec, residual, scores = anomaly_maps(model, vol, generator, batch_size, amp)
     post = EvalSettings()  # the protocol's post-processing (evaluation/postprocess.py)
@@ -180,30 +263,56 @@ def detect_subject(
         scan_record.update(scan_scores_of(vol, scores, threshold, calibration))
     maps = {"anomaly": residual, "score": scores, "reconstruction": rec}
     paths = subject_outputs(out_dir, subject, bids)
-    written = {}
-    for key, data in maps.items():
-        written[key] = save_like(vol.to_input_space(data), vol.input_reference, paths[key])
-    if threshold is not None:
-        pred = remove_small_components(scores > threshold, post.min_component).astype(np.float32)
-        written["prediction"] = save_like(
-            vol.to_input_space(pred, labels=True) > 0.5,
-            vol.input_reference,
-            paths["prediction"],
-            dtype=np.uint8,
-        )
-    if subject.folder is not None:  # BIDS derivatives: a sidecar naming the source scan
-        source = f"bids:raw:{subject.folder}/{subject.image.name}"
-        for key, path in written.items():
-            sidecar = {"Sources": [source], "Description": SIDECAR_TEXT[key]}
-            if key == "prediction":
-                sidecar["Threshold"] = threshold
-                if threshold_source:
-                    sidecar["ThresholdSource"] = threshold_source
-            side = path.with_name(path.name.removesuffix(".nii.gz").removesuffix(".nii") + ".json")
-            tmp = side.with_name(f".{side.name}.tmp")
-            tmp.write_text(json.dumps(sidecar, indent=2) + "\n")
-            tmp.replace(side)
-    return written
+    if threshold is None:
+        paths.pop("prediction")
+    staged: dict[Path, Path] = {}  # final path -> its temporary file
+    try:
+        for key, data in maps.items():
+            staged[paths[key]] = save_like(
+                vol.to_input_space(data), vol.input_reference, temp_path(paths[key], ".nii.gz")
+            )
+        if threshold is not None:
+            pred = remove_small_components(scores > threshold, post.min_component)
+            staged[paths["prediction"]] = save_like(
+                vol.to_input_space(pred.astype(np.float32), labels=True) > 0.5,
+                vol.input_reference,
+                temp_path(paths["prediction"], ".nii.gz"),
+                dtype=np.uint8,
+            )
+        if subject.folder is not None:  # BIDS derivatives: a sidecar naming the source scan
+            staged.update(_stage_sidecars(subject, paths, threshold, threshold_source))
+        if log is not None:
+            log.append(paths, "writing", settings or {})
+        for final, tmp in staged.items():
+            os.replace(tmp, final)
+        if log is not None:
+            log.append(paths, "done", settings or {})
+    finally:
+        for tmp in staged.values():
+            tmp.unlink(missing_ok=True)
+    return paths
+
+
+def _stage_sidecars(
+    subject: Subject,
+    paths: dict[str, Path],
+    threshold: float | None,
+    threshold_source: str | None = None,
+) -> dict[Path, Path]:
+    """The JSON sidecar of each BIDS output, written to its temporary name."""
+    source = f"bids:raw:{subject.folder}/{subject.image.name}"
+    staged = {}
+    for key, path in paths.items():
+        sidecar = {"Sources": [source], "Description": SIDECAR_TEXT[key]}
+        if key == "prediction":
+            sidecar["Threshold"] = threshold
+            if threshold_source:
+                sidecar["ThresholdSource"] = threshold_source
+        side = path.with_name(path.name.removesuffix(".nii.gz").removesuffix(".nii") + ".json")
+        tmp = temp_path(side)
+        tmp.write_text(json.dumps(sidecar, indent=2) + "\n")
+        staged[side] = tmp
+    return staged
 
 
 SIDECAR_TEXT = {
@@ -236,19 +345,28 @@ def detect_files(
     folders, BIDS names). Each scan's scalar scores go to OUT/scores.csv (scores.tsv
     for BIDS output; pipeline/scores.py), written after every scan; `calibration` adds
     each scan's percentile among its healthy scans, `threshold_source` says how the
-    threshold was set."""
+    threshold was set.
+
+    Before any work: outputs of two scans with one name, or an output that is an
+    input, are refused (DataError); so are, unless `overwrite`, files this call would
+    replace that detect did not write, or wrote with other settings. Scans finished
+    with the same settings and with their scores row are skipped; scans a killed call
+    left half-renamed are redone."""
     report = DetectReport()
     start = time.perf_counter()
+    wanted = [(s, _wanted(subject_outputs(out_dir, s, bids), threshold)) for s in subjects]
+    check_distinct(wanted)
+    log = DetectLog(out_dir)
+    settings = detect_settings(model, threshold, seed, amp)
+    todo = set(range(len(wanted))) if overwrite else _to_do(wanted, log, settings)
     if bids_source is not None:  # a BIDS input: the outputs form a derivatives data set
+        _check_description(Path(out_dir), overwrite)
         write_description(out_dir, bids_source)
     table = ScoresTable.open(out_dir, bids=bids or bids_source is not None)
-    for s in tqdm(subjects, desc="detecting", unit="scan", disable=not progress):
-        paths = subject_outputs(out_dir, s, bids)
-        wanted = [paths[k] for k in OUTPUTS] + (
-            [paths["prediction"]] if threshold is not None else []
-        )
-        done = table.current(s.name, threshold)  # its scores, with this threshold
-        if not overwrite and done and all(p.exists() for p in wanted):
+    for folder in {p.parent for _, paths in wanted for p in paths.values()}:
+        clean_stale(folder)  # temporary files of a killed call
+    for i, s in enumerate(tqdm(subjects, desc="detecting", unit="scan", disable=not progress)):
+        if i not in todo and table.current(s.name, threshold):
             report.skipped.append(s.name)
             continue
         g = torch.Generator().manual_seed(seed)
@@ -256,7 +374,8 @@ def detect_files(
         try:
             detect_subject(
                 model, s, out_dir, g, threshold, bids, batch_size, amp,
-                scan_record=record, calibration=calibration, threshold_source=threshold_source,
+                scan_record=record, calibration=calibration,
+                threshold_source=threshold_source, log=log, settings=settings,
             )  # fmt: skip
             report.written.append(s.name)
         except (DataError, ValueError, RuntimeError) as e:
@@ -268,9 +387,111 @@ def detect_files(
     return report
 
 
+def _wanted(paths: dict[str, Path], threshold: float | None) -> dict[str, Path]:
+    return {k: p for k, p in paths.items() if k != "prediction" or threshold is not None}
+
+
+def check_distinct(wanted: list[tuple[Subject, dict[str, Path]]]) -> None:
+    """No two scans (a scan listed twice included) share an output, and no output is
+    one of the inputs."""
+    owner: dict[Path, Subject] = {}
+    for s, paths in wanted:
+        for p in paths.values():
+            first = owner.setdefault(p.resolve(), s)
+            if first is not s:
+                raise DataError(
+                    f"scans {first.image} and {s.image} would write the same output {p}; "
+                    "give them distinct names (a 'name' column in a CSV list)"
+                )
+    for s, _ in wanted:
+        for p in (s.image, s.mask, s.seg):
+            if p is not None and p.resolve() in owner:
+                raise DataError(
+                    f"output {p} of scan {owner[p.resolve()].image} would replace an input "
+                    "file of the same name; choose another output folder"
+                )
+
+
+def _to_do(
+    wanted: list[tuple[Subject, dict[str, Path]]], log: DetectLog, settings: dict
+) -> set[int]:
+    """The indices of the scans to compute (without overwrite); refuses to replace
+    what is not ours."""
+    records = log.read()
+    todo: set[int] = set()
+    conflicts = []
+    for i, (_, paths) in enumerate(wanted):
+        rec = records.get(log.key(paths))
+        present = [p for p in paths.values() if p.exists()]
+        if rec is None:  # nothing recorded: existing files are someone else's
+            if not present:
+                todo.add(i)
+            elif len(present) < len(paths):
+                conflicts.append(f"{present[0]} exists and was not written by maediff detect")
+            # every output present, none recorded: a folder of an earlier version, skipped
+        elif rec["state"] != "done":
+            todo.add(i)  # a call killed while renaming: its own files, redone
+        elif changed := _changed(rec.get("settings") or {}, settings):
+            conflicts.append(
+                f"{paths['anomaly']} was made with other settings (was, now): {changed}"
+            )
+        elif len(present) < len(paths):
+            todo.add(i)  # ours, with these settings, and a file since removed
+    if conflicts:
+        more = f" (and {len(conflicts) - 1} more)" if len(conflicts) > 1 else ""
+        raise DataError(
+            f"{log.root}: {conflicts[0]}{more}; pass --overwrite to replace, or choose "
+            "another output folder"
+        )
+    return todo
+
+
+def _changed(made: dict, now: dict) -> dict:
+    """Settings of this call that differ from those the existing maps were made with;
+    a call without a threshold leaves an existing prediction as it is."""
+    keys = [k for k in now if k != "threshold" or now[k] is not None]
+    return {k: (made.get(k), now[k]) for k in keys if made.get(k) != now[k]}
+
+
+def _check_description(out: Path, overwrite: bool) -> None:
+    """A derivatives data set of another tool in `out` is not taken over."""
+    path = out / "dataset_description.json"
+    if overwrite or not path.exists():
+        return
+    try:
+        generated = json.loads(path.read_text()).get("GeneratedBy", [])
+        ours = any(g.get("Name") == "maediff" for g in generated)
+    except (json.JSONDecodeError, AttributeError, TypeError):
+        ours = False
+    if not ours:
+        raise DataError(
+            f"{path} describes a data set not made by maediff; pass --overwrite to replace "
+            "it, or choose another output folder (e.g. derivatives/maediff)"
+        )
+
+
+def check_output_folder(inputs: str | Path, out_dir: str | Path) -> None:
+    """Outputs never go where a later call would read them as scans: not into the input
+    folder itself, and, for a BIDS data set, only under its derivatives/."""
+    i, o = Path(inputs).resolve(), Path(out_dir).resolve()
+    if is_bids(i):
+        if (o == i or i in o.parents) and (i / "derivatives") not in (o, *o.parents):
+            raise DataError(
+                f"output folder {out_dir} is inside the BIDS data set {inputs} but not in its "
+                f"derivatives/: its files would be read as scans; use {Path(inputs) / 'derivatives' / 'maediff'}"
+            )
+    elif i.is_dir() and o == i:
+        raise DataError(
+            f"output folder {out_dir} is the input folder: a later call would read the maps "
+            f"as scans; choose another folder, e.g. {Path(inputs) / 'maediff'}"
+        )
+
+
 __all__ = [
+    "DetectLog",
     "DetectReport",
     "anomaly_maps",
+    "check_output_folder",
     "detect_files",
     "detect_subject",
     "output_paths",

@@ -10,8 +10,10 @@ reconstruction is zero, so the anomaly map is the image itself.
 
 Every split file of every data set is read (and every file it lists checked) before
 the first volume is computed, and the output folder appears only when everything is
-written: results go to a hidden sibling folder that is renamed into place at the end
-and removed on failure. The summary is an EvaluationSummary (evaluation/summary.py),
+written: results go to a hidden sibling folder (.NAME.HOST-PID.partial) that is renamed
+into place at the end and removed on failure; one that a killed evaluation left is
+removed by the next. An output folder that already holds files is refused unless
+`overwrite`; then summary.json, the mark of a finished evaluation, is replaced last. The summary is an EvaluationSummary (evaluation/summary.py),
 written as its `to_json()`. The report assembly lives in evaluation/runs.py (no
 torch); it is re-exported here for callers of this module.
 """
@@ -57,9 +59,10 @@ from ..evaluation.summary import (
     curve_key,
 )
 from ..names import HEALTHY
+from ..outputs import HOST, clean_stale, owner_dead, partial_path
 from .choose_t import choose_t_test, with_t_test
 from .detect import reconstruct_subject
-from .workers import ReconstructionPool, auto_workers, check_workers
+from .workers import ReconstructionPool, auto_workers, check_workers, remove_stale_copies
 
 if TYPE_CHECKING:
     from ..models import AnomalyModel
@@ -233,15 +236,44 @@ def plan_bids_evaluation(
 
 def _publish(stage: Path, out: Path) -> None:
     """Move the finished results into `out`: one rename when it does not exist yet,
-    else file by file (each an atomic replace)."""
+    else file by file (each an atomic replace), summary.json, the mark of a finished
+    evaluation, last."""
     if not out.exists():
         stage.rename(out)
         return
     if not out.is_dir():
         raise DataError(f"output {out} exists and is not a folder")
-    for f in stage.iterdir():
+    (out / SUMMARY_FILE).unlink(missing_ok=True)  # the old results are replaced: not finished
+    for f in sorted(stage.iterdir(), key=lambda f: f.name == SUMMARY_FILE):
         os.replace(f, out / f.name)
     stage.rmdir()
+
+
+def check_output(out: Path, overwrite: bool) -> None:
+    """An output folder that holds files is replaced only with `overwrite`."""
+    if out.exists() and not out.is_dir():
+        raise DataError(f"output {out} exists and is not a folder")
+    held = (
+        sorted(p.name for p in out.iterdir() if not p.name.startswith(".")) if out.is_dir() else []
+    )
+    if held and not overwrite:
+        raise DataError(
+            f"output {out} already holds {len(held)} file(s) ({', '.join(held[:3])}"
+            f"{', ...' if len(held) > 3 else ''}); pass --overwrite to replace its results, "
+            "or choose another folder"
+        )
+
+
+def remove_leftovers(base: Path) -> None:
+    """The staging folders that killed evaluations left beside `base` (outputs.py), and
+    the weights copies of their workers."""
+    clean_stale(base.parent)
+    legacy = re.compile(rf"^\.{re.escape(base.name)}\.partial-(\d+)$")  # before HOST-PID names
+    for p in base.parent.glob(f".{base.name}.partial-*"):
+        m = legacy.match(p.name)
+        if m and p.is_dir() and owner_dead(HOST, int(m[1])):
+            shutil.rmtree(p, ignore_errors=True)
+    remove_stale_copies()
 
 
 def evaluate_model(
@@ -263,6 +295,7 @@ def evaluate_model(
     plan: EvalPlan | None = None,
     t_candidates: Sequence[int] = (),
     scoring: str = "residual",
+    overwrite: bool = False,
 ) -> EvaluationSummary:
     """Run the protocol (docs/evaluation.md §1) on every data set and write the results;
     returns the typed summary, whose `to_json()` is OUT/summary.json (load_summary(OUT)
@@ -276,12 +309,12 @@ def evaluate_model(
     (pipeline/choose_t.py); the evaluation then runs at the chosen t.
     scoring: "residual" (the paper: |x - x_rec|) or "normative" (evaluation/normative.py:
     against healthy residuals of the same intensity, fitted on the first
-    NORMATIVE_VOLUMES healthy validation volumes of the fold)."""
+    NORMATIVE_VOLUMES healthy validation volumes of the fold).
+    overwrite: replace the results in an output folder that holds files (else refused)."""
     if plan is None:
         plan = plan_evaluation(data_dir, datasets, healthy_test, max_volumes, fold)
     out = Path(out_dir)
-    if out.exists() and not out.is_dir():
-        raise DataError(f"output {out} exists and is not a folder")
+    check_output(out, overwrite)
     data_cfg = data_cfg or model.cfg.data
     info = getattr(model, "checkpoint_info", {})
     t_choice = None
@@ -317,7 +350,8 @@ def evaluate_model(
     )
     base = out.resolve()
     base.parent.mkdir(parents=True, exist_ok=True)
-    stage = base.parent / f".{base.name}.partial-{os.getpid()}"
+    remove_leftovers(base)
+    stage = partial_path(base)  # .NAME.HOST-PID.partial, renamed into place when complete
     shutil.rmtree(stage, ignore_errors=True)
     stage.mkdir()
     pool = ReconstructionPool(model, workers) if workers else None

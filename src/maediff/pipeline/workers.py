@@ -8,6 +8,11 @@ copy of the caller's weights and config (nothing is unpickled from disk), comput
 exactly what the calling process would, and sends back arrays; results come back in
 the order of the subjects, at most `2 * workers` volumes ahead of the consumer.
 
+A worker ends itself soon after its parent's death (kill -9 included: it watches its
+parent's process id every half second), instead of waiting on the task pipe forever. The
+weights copy lives in TMPDIR/maediff-workers.HOST-PID.partial-XXXX, and a new pool
+removes the copies of dead processes of this host (outputs.py).
+
     with ReconstructionPool(model, workers=2) as pool:
         for name, image, brain, seg, rec, affine in pool.map(subjects, data_cfg, seed):
             ...
@@ -16,6 +21,8 @@ the order of the subjects, at most `2 * workers` volumes ahead of the consumer.
 from __future__ import annotations
 
 import multiprocessing
+import os
+import re
 import shutil
 import tempfile
 from collections import deque
@@ -26,6 +33,8 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
+
+from ..outputs import exit_with_parent, owner_dead, owner_tag
 
 if TYPE_CHECKING:
     from ..config import DataConfig
@@ -62,8 +71,9 @@ def check_workers(model: AnomalyModel, workers: int) -> None:
         )
 
 
-def _init(weights: str, threads: int) -> None:
+def _init(weights: str, threads: int, parent: int) -> None:
     global _MODEL
+    exit_with_parent(parent)
     torch.set_num_threads(threads)
     from ..training.checkpoint import load_model
 
@@ -78,6 +88,22 @@ def _reconstruct(
     return reconstruct_subject(_MODEL, subject, data_cfg, seed)
 
 
+_COPY_PREFIX = "maediff-workers."
+_COPY = re.compile(r"^maediff-workers\.(?P<host>[A-Za-z0-9-]+)-(?P<pid>\d+)\.partial-")
+
+
+def remove_stale_copies(folder: str | Path | None = None) -> list[Path]:
+    """Remove the worker weights copies that killed processes of this host left in the
+    temporary folder; returns what was removed."""
+    removed = []
+    for p in Path(folder or tempfile.gettempdir()).glob(f"{_COPY_PREFIX}*"):
+        m = _COPY.match(p.name)
+        if m and p.is_dir() and owner_dead(m["host"], int(m["pid"])):
+            shutil.rmtree(p, ignore_errors=True)
+            removed.append(p)
+    return removed
+
+
 class ReconstructionPool:
     """`workers` processes, each holding the model with `threads` torch threads."""
 
@@ -88,7 +114,8 @@ class ReconstructionPool:
             raise ValueError(f"workers={workers} must be >= 1")
         check_workers(model, workers)
         self.workers = workers
-        self._dir = Path(tempfile.mkdtemp(prefix="maediff-workers-"))
+        remove_stale_copies()
+        self._dir = Path(tempfile.mkdtemp(prefix=f"{_COPY_PREFIX}{owner_tag()}.partial-"))
         weights = self._dir / "model.safetensors"
         save_weights(model, weights)
         # fork, as torch's DataLoader workers: no re-import of the caller's script (spawn
@@ -96,7 +123,10 @@ class ReconstructionPool:
         # thread count before its first torch operation, as DataLoader workers do
         ctx = multiprocessing.get_context("fork")
         self._pool = ProcessPoolExecutor(
-            workers, mp_context=ctx, initializer=_init, initargs=(str(weights), threads)
+            workers,
+            mp_context=ctx,
+            initializer=_init,
+            initargs=(str(weights), threads, os.getpid()),
         )
 
     def map(
@@ -130,4 +160,4 @@ class ReconstructionPool:
         self.close()
 
 
-__all__ = ["ReconstructionPool", "auto_workers", "check_workers"]
+__all__ = ["ReconstructionPool", "auto_workers", "check_workers", "remove_stale_copies"]

@@ -28,6 +28,7 @@ from .. import __version__
 from ..config import Config, apply_overrides, describe, from_dict, to_dict
 from ..device import speed_up
 from ..models import build_model
+from ..outputs import temp_path
 
 FORMAT = "maediff-checkpoint-v1"
 STATE_FORMAT = "maediff-train-state-v1"
@@ -41,7 +42,7 @@ def _atomic_save_file(
     tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str, str]
 ) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp = temp_path(path)
     try:
         save_file(
             {k: v.detach().cpu().contiguous() for k, v in tensors.items()},

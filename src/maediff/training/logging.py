@@ -13,8 +13,11 @@ The trainer (training/trainer.py) writes them.
 from __future__ import annotations
 
 import csv
+import io
 from pathlib import Path
 from typing import Any
+
+from ..outputs import write_text_atomic
 
 LOG_FIELDS = ["step", "epoch", "phase", "time_s", "train_loss", "val_loss", "lr", "steps_per_s"]
 
@@ -44,10 +47,11 @@ class RunLog:
             return
         rows = list(csv.DictReader(self.path.open()))
         keep = [r for r in rows if int(r["step"]) <= step]
-        with self.path.open("w", newline="") as f:
-            w = csv.DictWriter(f, fieldnames=LOG_FIELDS)
-            w.writeheader()
-            w.writerows(keep)
+        buf = io.StringIO()  # rewritten through a temporary file: a kill keeps the old log
+        w = csv.DictWriter(buf, fieldnames=LOG_FIELDS)
+        w.writeheader()
+        w.writerows(keep)
+        write_text_atomic(self.path, buf.getvalue())
 
     def train(
         self,

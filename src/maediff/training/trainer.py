@@ -53,6 +53,7 @@ from ..data.datasets import SliceSet
 from ..device import autocast_context, grad_scaler, resolve_device, speed_up, to_device
 from ..models import MODELS, AnomalyModel, build_model, count_parameters
 from ..models.base import Phase
+from ..outputs import clean_stale, write_text_atomic
 from .checkpoint import CheckpointError, TrainState, model_card, save_weights
 from .data import (
     TrainingData,
@@ -283,9 +284,7 @@ def _read_losses(run: Run, bar: tqdm | None = None) -> None:
             )
         st.last_train_loss = value
         run.loss_ema = (
-            value
-            if run.loss_ema is None or phase_step == 1
-            else 0.95 * run.loss_ema + 0.05 * value
+            value if run.loss_ema is None or phase_step == 1 else 0.95 * run.loss_ema + 0.05 * value
         )
     run.pending.clear()
     st.smoothed_train_loss = run.loss_ema
@@ -370,7 +369,10 @@ def _finish(run: Run) -> dict[str, Any]:
                 save_weights(run.model, run.run_dir / "best.safetensors", run.extra())
         _checkpoint(run)
         (run.run_dir / "model_card.md").write_text(model_card(cfg, run.extra()))
-        (run.run_dir / "train_summary.json").write_text(json.dumps(_finite(summary), indent=2))
+        # the mark of a finished training (the benchmark reads it): whole or absent
+        write_text_atomic(
+            run.run_dir / "train_summary.json", json.dumps(_finite(summary), indent=2)
+        )
         plot_progress(run.run_dir)
     run.log.close()
     leave_distributed(run.ddp)
@@ -484,13 +486,15 @@ def _setup(cfg: Config, data: TrainingData, run_dir: Path, device: str, resume: 
     dev = resolve_device(device, ddp.local_rank, distributed=ddp.world > 1)
     if ddp.main:
         run_dir.mkdir(parents=True, exist_ok=True)
+        clean_stale(run_dir)  # checkpoint temporaries of a killed run (outputs.py)
         save_config(cfg, run_dir / "config.yaml")
     torch.manual_seed(cfg.train.seed)
     model = build_model(cfg).to(dev)
     speed = speed_up(model, dev, cfg.train.channels_last, cfg.train.compile, training=True)
     if ddp.main:
-        (run_dir / "run.json").write_text(
-            json.dumps({**data.sources, "version": __version__, "speed": speed}, indent=2)
+        write_text_atomic(  # read by --resume: whole or absent
+            run_dir / "run.json",
+            json.dumps({**data.sources, "version": __version__, "speed": speed}, indent=2),
         )
     optimizers = build_optimizers(model, cfg)
     ema = init_ema(model) if cfg.train.ema_decay > 0 else None
