@@ -182,7 +182,10 @@ def test_evaluate_reports_label_free_results_beside_the_protocol(tiny_bench, tmp
     capsys.readouterr()
     assert main([*argv, "--fpr", "0.05"]) == 0  # done with this threshold: skipped
     assert "0 written, 1 skipped" in capsys.readouterr().out
-    assert main([*argv[:-2], "--threshold", "0.5"]) == 0  # another threshold: done again
+    # another threshold would rewrite the maps: refused without --overwrite, then done again
+    assert main([*argv[:-2], "--threshold", "0.5"]) == 2
+    assert "made with other settings" in capsys.readouterr().err
+    assert main([*argv[:-2], "--threshold", "0.5", "--overwrite"]) == 0
     assert "1 written, 0 skipped" in capsys.readouterr().out
     row = next(csv.DictReader(open(tmp_path / "maps" / "scores.csv")))
     assert row["threshold"] == "0.5" and "command line" in row["threshold_source"]

@@ -124,6 +124,7 @@ def test_a_scan_interrupted_while_renaming_is_redone_without_overwrite(scans, mo
         "scan_anomaly.nii.gz",
         "scan_reconstruction.nii.gz",
         "scan_score.nii.gz",
+        "scores.csv",
     ]
 
 

@@ -366,7 +366,9 @@ def detect_files(
     for folder in {p.parent for _, paths in wanted for p in paths.values()}:
         clean_stale(folder)  # temporary files of a killed call
     for i, s in enumerate(tqdm(subjects, desc="detecting", unit="scan", disable=not progress)):
-        if i not in todo and table.current(s.name, threshold):
+        # a call without a threshold leaves a scan made with one as it is (maps and row)
+        scored = table.current(s.name, threshold) or (threshold is None and s.name in table.rows)
+        if i not in todo and scored:
             report.skipped.append(s.name)
             continue
         g = torch.Generator().manual_seed(seed)
