@@ -15,6 +15,7 @@ model never saw does not show up as anomaly.
 from __future__ import annotations
 
 import json
+import math
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -190,6 +191,20 @@ SIDECAR_TEXT = {
 }
 
 
+def check_detect_arguments(
+    out_dir: str | Path, threshold: float | None, batch_size: int | None
+) -> None:
+    """Arguments that would fail after the reconstruction, or silently: an output that
+    is a file, a threshold that is not a number (NaN marks nothing), a batch size < 1."""
+    out = Path(out_dir)
+    if out.exists() and not out.is_dir():
+        raise DataError(f"output {out} exists and is not a folder")
+    if threshold is not None and not math.isfinite(threshold):
+        raise ValueError(f"--threshold {threshold} must be a finite number")
+    if batch_size is not None and batch_size < 1:
+        raise ValueError(f"--batch-size {batch_size} must be >= 1")
+
+
 def detect_files(
     subjects: Sequence[Subject],
     out_dir: str | Path,
@@ -207,6 +222,7 @@ def detect_files(
     bids_source: the BIDS data set the subjects come from; `out_dir` then becomes a
     derivatives data set (dataset_description.json, the input's sub-*/ses-*/anat
     folders, BIDS names)."""
+    check_detect_arguments(out_dir, threshold, batch_size)
     report = DetectReport()
     start = time.perf_counter()
     if bids_source is not None:  # a BIDS input: the outputs form a derivatives data set
@@ -231,6 +247,7 @@ def detect_files(
 
 __all__ = [
     "DetectReport",
+    "check_detect_arguments",
     "detect_files",
     "detect_subject",
     "output_paths",
