@@ -175,3 +175,32 @@ def test_train_evaluate_and_detect_on_bids(bids_root, tmp_path):
         assert len(layout.get(desc="anomalymap", extension=".nii.gz")) == 3
     finally:
         shutil.rmtree(out, ignore_errors=True)
+
+
+def test_a_bare_bids_data_set_reads_and_detects(bids_root, tmp_path, monkeypatch, capsys):
+    """The common case: raw scans, dataset_description.json and participants.tsv, no
+    derivatives folder (no brain masks yet). Every scan is read without a mask (the
+    brain is image > 0, the rule for NIfTI input), and `maediff detect -i DS` with a
+    relative path writes the derivatives data set."""
+    from maediff.config import get_preset, save_config
+    from maediff.models import build_model
+    from maediff.training.checkpoint import save_weights
+
+    bare = tmp_path / "bare"
+    shutil.copytree(bids_root, bare, ignore=shutil.ignore_patterns("derivatives"))
+    subjects = read_bids(bare)
+    assert len(subjects) == 7 and all(s.mask is None and s.seg is None for s in subjects)
+    assert [s.name for s in read_bids(bare, {"group": "patient"})] == [
+        f"sub-0{i}_ses-1_T2w" for i in (5, 6, 7)
+    ]
+    run = tmp_path / "run"
+    run.mkdir()
+    model = build_model(get_preset("dae-tiny"))
+    save_config(model.cfg, run / "config.yaml")
+    save_weights(model, run / "best.safetensors")
+    monkeypatch.chdir(tmp_path)
+    argv = ["detect", "-i", "bare", "-o", "bare/derivatives/maediff", "--model", "run"]
+    assert main([*argv, "--participants", "group=patient", "--device", "cpu", "-q"]) == 0
+    out = bare / "derivatives" / "maediff" / "sub-06" / "ses-1" / "anat"
+    assert (out / "sub-06_ses-1_desc-anomalymap_T2w.nii.gz").exists()
+    assert "3 written" in capsys.readouterr().out

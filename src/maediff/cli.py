@@ -5,12 +5,12 @@ from __future__ import annotations
 import argparse
 import sys
 import time
+import warnings
 from pathlib import Path
 
 from . import __version__
 from .data.io import DataError
 from .names import ANOMALY_SETS, TUMOUR
-from .training.checkpoint import CheckpointError
 
 EPILOG = "Cite: Xu, Wang, Du. MAEDiff: Masked Autoencoder-enhanced Diffusion Models for Unsupervised Anomaly Detection in Brain Images (2024)."
 AMP_CHOICES = ["none", "bf16", "fp16", "auto"]
@@ -27,6 +27,12 @@ def _config(args: argparse.Namespace):
     if getattr(args, "fold", None) is not None:
         overrides.append(f"data.fold={args.fold}")
     return apply_overrides(cfg, overrides) if overrides else cfg
+
+
+def one_line(e: BaseException) -> str:
+    """An exception as one line: its message's lines joined, or its type when empty."""
+    text = " ".join(line.strip() for line in str(e).splitlines() if line.strip())
+    return text or type(e).__name__
 
 
 def _device(name: str):
@@ -67,6 +73,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     from .training.trainer import load_run_config, prepare_training_data, read_run_sources, train
 
     run = Path(args.run)
+    _device(args.device)  # an unknown device fails now, not after the data are loaded
     if args.resume:
         cfg = load_run_config(run)
         saved = read_run_sources(run)
@@ -443,12 +450,11 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 def _add_config_args(p: argparse.ArgumentParser) -> None:
-    from .config import model_names, preset_names  # (loads the models and the plug-ins)
+    from .config import model_names  # (loads the models and the plug-ins)
 
     p.add_argument(
         "--preset",
         default="cpu",
-        choices=sorted(preset_names()),
         metavar="PRESET",
         help="MODEL (paper scale), MODEL-cpu or MODEL-tiny; MODEL one of "
         f"{', '.join(model_names())}; 'paper' = maediff, 'cpu' = maediff-cpu",
@@ -889,12 +895,28 @@ def build_parser() -> argparse.ArgumentParser:
     return ap
 
 
+def _warning_line(message, category, filename, lineno, line=None) -> str:
+    """maediff's own warnings as one line on stderr (others as Python writes them)."""
+    if category.__module__.startswith("maediff"):
+        return f"maediff: warning: {message}\n"
+    return _python_warning(message, category, filename, lineno, line)
+
+
+_python_warning = warnings.formatwarning
+
+
 def main(argv: list[str] | None = None) -> int:
+    warnings.formatwarning = _warning_line  # before the models and plug-ins load
+    from .training.checkpoint import CheckpointError
+
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except (DataError, CheckpointError, ValueError, FileNotFoundError) as e:
-        print(f"maediff {args.command}: error: {e}", file=sys.stderr)
+    except (DataError, CheckpointError, ValueError, OSError, FloatingPointError) as e:
+        print(f"maediff {args.command}: error: {one_line(e)}", file=sys.stderr)
+        return 2
+    except MemoryError:
+        print(f"maediff {args.command}: error: out of memory", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)

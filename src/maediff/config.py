@@ -17,6 +17,7 @@ with `dataclasses.replace`, never copies; a scale (paper, cpu, tiny) applies on 
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, fields, is_dataclass, replace
 from pathlib import Path
@@ -124,8 +125,19 @@ class TrainConfig:
             self.optimizer in ("adam", "adamw"),
             f"train.optimizer={self.optimizer!r} must be 'adam' or 'adamw'",
         )
-        _check(self.lr > 0, f"train.lr={self.lr} must be > 0")
+        _check(0 < self.lr < math.inf, f"train.lr={self.lr} must be a number > 0")
         _check(self.batch_size >= 1, f"train.batch_size={self.batch_size} must be >= 1")
+        _check(self.epochs >= 1, f"train.epochs={self.epochs} must be >= 1")
+        _check(self.max_steps >= 0, f"train.max_steps={self.max_steps} must be >= 0 (0: no limit)")
+        _check(
+            0 <= self.max_minutes < math.inf,
+            f"train.max_minutes={self.max_minutes} must be a number >= 0 (0: no limit)",
+        )
+        for name in ("weight_decay", "grad_clip"):
+            v = getattr(self, name)
+            _check(0 <= v < math.inf, f"train.{name}={v} must be a number >= 0")
+        for name in ("val_every", "checkpoint_every"):
+            _check(getattr(self, name) >= 1, f"train.{name}={getattr(self, name)} must be >= 1")
         _check(
             self.slices_per_volume >= 1,
             f"train.slices_per_volume={self.slices_per_volume} must be >= 1",
@@ -374,6 +386,12 @@ def register_spec(spec: ModelSpec) -> None:
         raise ValueError(
             f"model {spec.key!r} names config section(s) {missing} that no register_section declares"
         )
+    names = [p.name for p in spec.presets]
+    if names and spec.key not in names:
+        raise ValueError(
+            f"model {spec.key!r} has no preset of its own name among {names}: the registry "
+            f"key is also the name of the model's own row (docs/plugins.md)"
+        )
     for p in spec.presets:
         _check_preset_name(p.name)
         if p.name in _PRESETS or p.name in ALIASES:
@@ -392,6 +410,31 @@ def _check_preset_name(name: str) -> None:
         _check(not name.endswith(f"-{scale}"), f"preset name {name!r} must not end in a scale name")
 
 
+# plug-ins (entry points of `maediff.models`) that failed to load: entry point name ->
+# one line naming the package, the error and how to remove it (models.load_plugins)
+PLUGIN_FAILURES: dict[str, str] = {}
+
+
+def check_own_preset(key: str) -> None:
+    """The naming rule: a registered model's key is also the name of one of its presets
+    (its own row), given in register_model(presets=...) or by register_preset."""
+    if _PRESETS.get(key, (None,))[0] != key:
+        raise ValueError(
+            f"model {key!r} has no preset named {key!r}: declare Preset({key!r}, ROW) in its "
+            f"register_model(presets=...) or call register_preset({key!r}, ...) (docs/plugins.md)"
+        )
+
+
+def _plugin_note(name: str) -> str:
+    """What the failed plug-ins have to do with an unknown model or preset `name`."""
+    base = split_preset_name(name)[0]
+    if base in PLUGIN_FAILURES:
+        return f"; {PLUGIN_FAILURES[base]}"
+    if PLUGIN_FAILURES:
+        return f" (plug-ins that failed to load: {', '.join(sorted(PLUGIN_FAILURES))})"
+    return ""
+
+
 def _load_models() -> None:
     import importlib
 
@@ -402,7 +445,7 @@ def model_spec(key: str) -> ModelSpec:
     if key not in SPECS:  # the built-in models and the plug-ins register on import
         _load_models()
     if key not in SPECS:
-        raise ValueError(f"model={key!r} must be one of {tuple(SPECS)}")
+        raise ValueError(f"model={key!r} must be one of {tuple(SPECS)}{_plugin_note(key)}")
     return SPECS[key]
 
 
@@ -428,7 +471,9 @@ def preset_info(name: str) -> Preset:
     if name not in _PRESETS:
         _load_models()
     if name not in _PRESETS:
-        raise ValueError(f"unknown model {name!r}; choose one of {sorted(_PRESETS)}")
+        raise ValueError(
+            f"unknown model {name!r}; choose one of {sorted(_PRESETS)}{_plugin_note(name)}"
+        )
     return _PRESETS[name][1]
 
 
@@ -750,6 +795,11 @@ def register_preset(model: str, delta: Any, row: str) -> None:
         raise ValueError(f"row name {row!r} is empty or taken")
     _check_preset_name(model)
     probe = delta(Config())
+    if probe.model != model and probe.model not in _PRESETS:
+        raise ValueError(
+            f"preset {model!r} is the first of model {probe.model!r}: it must be named "
+            f"{probe.model!r} (a model's key is also the name of its own row)"
+        )
     _PRESETS[model] = (probe.model, Preset(model, row, lambda c: delta(Config())))
 
 
@@ -762,12 +812,44 @@ def get_preset(name: str) -> Config:
         or scale not in SCALES
         or preset_name(base, scale) != ALIASES.get(name, name)
     ):
-        raise ValueError(f"unknown preset {name!r}; choose one of {sorted(preset_names())}")
+        raise ValueError(
+            f"unknown preset {name!r}; choose one of {sorted(preset_names())}{_plugin_note(name)}"
+        )
     cfg = _build(ALIASES.get(name, name))
     return replace(cfg, name=name)
 
 
 # --------------------------------------------------------------------------- (de)serialisation
+
+
+class _PlainLoader(yaml.SafeLoader):
+    """YAML without aliases (`*name`): a configuration never needs them, and nested
+    aliases expand to gigabytes from a few lines (an "alias bomb")."""
+
+    def compose_node(self, parent: Any, index: Any) -> Any:
+        if self.check_event(yaml.AliasEvent):
+            raise yaml.composer.ComposerError(
+                None, None, "aliases (*name) are not allowed", self.peek_event().start_mark
+            )
+        return super().compose_node(parent, index)
+
+
+def load_yaml(text: str) -> Any:
+    """Plain data from YAML text: safe tags only and no aliases. Raises ValueError with
+    a one-line reason (the problem and where it is)."""
+    try:
+        return yaml.load(text, Loader=_PlainLoader)  # noqa: S506 - a SafeLoader subclass
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark is not None else ""
+        problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+        raise ValueError(f"{problem}{where}") from e
+
+
+def _show(value: Any, limit: int = 60) -> str:
+    """repr(value), cut to `limit` characters: error messages stay one short line."""
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def to_dict(cfg: Config) -> dict[str, Any]:
@@ -793,12 +875,12 @@ def _coerce(value: Any, hint: Any, where: str) -> Any:
     origin = getattr(hint, "__origin__", None)
     if origin is tuple:
         if not isinstance(value, list | tuple):
-            raise ValueError(f"{where}={value!r} must be a list")
+            raise ValueError(f"{where}={_show(value)} must be a list")
         args = hint.__args__
         item = args[0]
         if len(args) != 2 or args[1] is not Ellipsis:
             if len(value) != len(args):
-                raise ValueError(f"{where}={value!r} must have {len(args)} entries")
+                raise ValueError(f"{where}={_show(value)} must have {len(args)} entries")
             return tuple(_coerce(v, a, where) for v, a in zip(value, args))
         return tuple(_coerce(v, item, where) for v in value)
     if hint is float:
@@ -808,21 +890,21 @@ def _coerce(value: Any, hint: Any, where: str) -> Any:
             except ValueError:
                 pass
         if isinstance(value, bool) or not isinstance(value, int | float):
-            raise ValueError(f"{where}={value!r} must be a number")
+            raise ValueError(f"{where}={_show(value)} must be a number")
         return float(value)
     if hint is int:
         if isinstance(value, bool) or not (
             isinstance(value, int) or (isinstance(value, float) and value.is_integer())
         ):
-            raise ValueError(f"{where}={value!r} must be an integer")
+            raise ValueError(f"{where}={_show(value)} must be an integer")
         return int(value)
     if hint is bool:
         if not isinstance(value, bool):
-            raise ValueError(f"{where}={value!r} must be true or false")
+            raise ValueError(f"{where}={_show(value)} must be true or false")
         return value
     if hint is str:
         if not isinstance(value, str):
-            raise ValueError(f"{where}={value!r} must be a string")
+            raise ValueError(f"{where}={_show(value)} must be a string")
         return value
     return value
 
@@ -856,7 +938,7 @@ def _from_full_dict(data: dict[str, Any]) -> Config:
     name = data.get("name", "paper")
     for k, v in (("model", model), ("name", name)):
         if not isinstance(v, str):
-            raise ValueError(f"{k}={v!r} must be a string")
+            raise ValueError(f"{k}={_show(v)} must be a string")
     spec = model_spec(model)
     kwargs: dict[str, Any] = {"name": name, "model": model}
     unknown = []
@@ -890,7 +972,7 @@ def from_dict(data: dict[str, Any]) -> Config:
     else:
         model = data.get("model", "maediff")
         if not isinstance(model, str):
-            raise ValueError(f"model={model!r} must be a string")
+            raise ValueError(f"model={_show(model)} must be a string")
         base = Config(model=model)
     return _from_full_dict(_deep_merge(to_dict(base), data))
 
@@ -907,20 +989,28 @@ def _deep_merge(base: dict[str, Any], upd: dict[str, Any]) -> dict[str, Any]:
 
 def load_config(path: str | Path) -> Config:
     path = Path(path)
+    data = read_config_file(path)
+    try:
+        return from_dict(data or {})
+    except ValueError as e:
+        raise ValueError(f"{path}: {e}") from e
+
+
+def read_config_file(path: str | Path) -> Any:
+    """The plain data of a YAML (no aliases, safe tags) or JSON configuration file;
+    ValueError naming the file when it cannot be read or parsed."""
+    path = Path(path)
     try:
         text = path.read_text()
     except OSError as e:
         raise ValueError(f"cannot read config file {path}: {e.strerror}") from e
     try:
-        data = yaml.safe_load(text) if path.suffix in (".yaml", ".yml") else json.loads(text)
-    except (yaml.YAMLError, json.JSONDecodeError) as e:
+        data = json.loads(text) if path.suffix == ".json" else load_yaml(text)
+    except (ValueError, json.JSONDecodeError) as e:
         raise ValueError(
             f"config file {path} is not valid {'YAML' if path.suffix != '.json' else 'JSON'}: {e}"
         ) from e
-    try:
-        return from_dict(data or {})
-    except ValueError as e:
-        raise ValueError(f"{path}: {e}") from e
+    return data
 
 
 def save_config(cfg: Config, path: str | Path) -> None:
@@ -956,7 +1046,10 @@ def apply_overrides(cfg: Config, overrides: list[str]) -> Config:
             node = node[part]
         if parts[-1] not in node:
             raise ValueError(f"unknown config key {key!r} in override {item!r}")
-        node[parts[-1]] = yaml.safe_load(raw)
+        try:
+            node[parts[-1]] = load_yaml(raw)
+        except ValueError as e:
+            raise ValueError(f"override {_show(item)}: the value is not plain YAML: {e}") from e
         if parts == ["model"]:  # the new model's sections: carried where shared, else defaults
             new = replace(cfg, model=node["model"])
             data = {**to_dict(new), **{k: v for k, v in data.items() if k in _SHARED_TYPES}}
@@ -1009,6 +1102,7 @@ __all__ = [
     "SECTIONS",
     "SPECS",
     "ModelSpec",
+    "PLUGIN_FAILURES",
     "Preset",
     "Section",
     "register_preset",
@@ -1024,6 +1118,7 @@ __all__ = [
     "TrainConfig",
     "apply_overrides",
     "check_downsampling",
+    "check_own_preset",
     "describe",
     "describe_size",
     "display_name",
@@ -1038,6 +1133,8 @@ __all__ = [
     "from_dict",
     "get_preset",
     "load_config",
+    "load_yaml",
+    "read_config_file",
     "save_config",
     "to_dict",
     "validate",

@@ -13,8 +13,9 @@ they exist for the same subject, session, acquisition and run:
 
 `participants` selects subjects by the columns of participants.tsv (all given columns
 must match; values compared as text): healthy subjects for training, patients for an
-evaluation. Where no brain mask exists the loader estimates one from the image, as for
-any scan (data/load.py).
+evaluation. Where no brain mask exists (a data set of raw scans without derivatives
+included) the brain is `image > 0`, as for any NIfTI scan without a NAME_mask companion
+(data/load.py).
 
 Outputs of `detect` on a BIDS input go to a derivatives data set: `write_description`
 writes its dataset_description.json; the files keep the input's folders
@@ -111,6 +112,9 @@ def read_bids(
     if not is_bids(root):
         raise DataError(f"{root} is not a BIDS data set (no dataset_description.json)")
     layout = _layout(root)
+    # without derivatives (raw scans only) pybids knows no derivative entities (desc,
+    # label) to ask for: no scan has a mask or labels, the brain is taken from the image
+    derivatives = bool(layout.derivatives)
     chosen = select_participants(root, participants)
     scans = layout.get(scope="raw", datatype="anat", suffix="T2w", extension=NIFTI_EXTENSIONS)
     subjects = []
@@ -118,13 +122,7 @@ def read_bids(
         ents = f.get_entities()
         if chosen is not None and ents.get("subject") not in chosen:
             continue
-        match = {k: ents.get(k) for k in MATCH}
-        query = {k: v for k, v in match.items() if v is not None}
-        # entities the scan lacks must be absent from the derivative too
-        absent = {k: None for k, v in match.items() if v is None}
-        kw = {"scope": "derivatives", "extension": NIFTI_EXTENSIONS, **query, **absent}
-        mask = layout.get(suffix="mask", desc="brain", **kw)
-        seg = next((hit for q in LESION_QUERIES if (hit := layout.get(**q, **kw))), [])
+        mask, seg = _derived_files(layout, ents) if derivatives else ([], [])
         for kind, hits in (("brain mask", mask), ("lesion label", seg)):
             if len(hits) > 1:
                 raise DataError(
@@ -148,6 +146,19 @@ def read_bids(
         sel = f" among participants {dict(participants)}" if participants else ""
         raise DataError(f"no T2w scans{what}{sel} in the BIDS data set {root}")
     return sorted(subjects, key=lambda s: s.name)
+
+
+def _derived_files(layout, ents: dict) -> tuple[list, list]:
+    """(brain masks, lesion labels) of the derivatives with the scan's subject, session,
+    acquisition and run."""
+    match = {k: ents.get(k) for k in MATCH}
+    query = {k: v for k, v in match.items() if v is not None}
+    # entities the scan lacks must be absent from the derivative too
+    absent = {k: None for k, v in match.items() if v is None}
+    kw = {"scope": "derivatives", "extension": NIFTI_EXTENSIONS, **query, **absent}
+    mask = layout.get(suffix="mask", desc="brain", **kw)
+    seg = next((hit for q in LESION_QUERIES if (hit := layout.get(**q, **kw))), [])
+    return mask, seg
 
 
 def split_every(subjects: list[Subject], fraction: float) -> tuple[list[Subject], list[Subject]]:

@@ -13,6 +13,7 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 
+from ..memory import host_memory_available
 from ..outputs import temp_path
 
 
@@ -47,11 +48,16 @@ def load_nifti(path: str | Path, kind: str = "image") -> nib.Nifti1Image:
         raise DataError(f"{kind} file {path} is not a NIfTI file (.nii or .nii.gz)")
     try:
         img = nib.load(str(path))
+        check_header(img, path, kind)
         data = np.asanyarray(img.dataobj)
+    except DataError:
+        raise
+    except MemoryError as e:
+        raise DataError(f"{kind} file {path} does not fit in memory") from e
     except (EOFError, OSError, zlib.error, gzip.BadGzipFile) as e:
-        raise DataError(f"{kind} file {path} is unreadable or truncated: {e}") from e
+        raise DataError(f"{kind} file {path} is unreadable or truncated: {_line(e)}") from e
     except Exception as e:  # nibabel raises several types for malformed headers
-        raise DataError(f"{kind} file {path} is not a valid NIfTI image: {e}") from e
+        raise DataError(f"{kind} file {path} is not a valid NIfTI image: {_line(e)}") from e
     if data.ndim == 4 and data.shape[3] == 1:
         data = data[..., 0]
     if data.ndim != 3:
@@ -64,6 +70,33 @@ def load_nifti(path: str | Path, kind: str = "image") -> nib.Nifti1Image:
     if data is not img.dataobj:
         img = nib.Nifti1Image(np.asarray(data), img.affine, img.header)
     return img
+
+
+def _line(e: BaseException) -> str:
+    """A library's message on one line (nibabel's span several), or its type."""
+    return (
+        " ".join(part.strip() for part in str(e).splitlines() if part.strip()) or type(e).__name__
+    )
+
+
+def check_header(img: nib.Nifti1Image, path: Path, kind: str) -> None:
+    """What the header promises, before the voxels are read: a finite affine with three
+    independent axes, and a volume that fits in the memory available (a small .gz can
+    declare and expand to more than the machine holds)."""
+    affine = img.affine
+    if not np.isfinite(affine).all():
+        raise DataError(f"{kind} file {path} has NaN or Inf in its affine (voxel-to-world) matrix")
+    if abs(np.linalg.det(affine[:3, :3])) < 1e-12:
+        raise DataError(
+            f"{kind} file {path} has a degenerate affine (an axis of zero length or two parallel axes)"
+        )
+    need = int(np.prod(img.shape, dtype=np.float64)) * img.get_data_dtype().itemsize
+    free = host_memory_available()
+    if free is not None and need > free:
+        raise DataError(
+            f"{kind} file {path} declares a {'x'.join(map(str, img.shape))} volume of "
+            f"{need / 2**30:.1f} GiB, more than the {free / 2**30:.1f} GiB of memory available"
+        )
 
 
 def save_like(

@@ -180,6 +180,10 @@ class PreparedVolume:
         return _resample(src, ref, sitk.sitkNearestNeighbor if labels else sitk.sitkLinear)
 
 
+def _voxel_size(affine: np.ndarray) -> str:
+    return "x".join(f"{v:g}" for v in np.linalg.norm(affine[:3, :3], axis=0))
+
+
 def prepare_volume(
     image: nib.Nifti1Image,
     mask: nib.Nifti1Image | None,
@@ -221,6 +225,11 @@ def prepare_volume(
                 sitk.sitkNearestNeighbor,
             )
             > 0.5
+        )
+    if not mk.any():
+        raise DataError(
+            f"{name}: the brain covers no voxel of the model grid ({cfg.spacing:g} mm voxels); "
+            f"the scan (shape {data.shape}, voxel size {_voxel_size(affine)} mm) is too small"
         )
     img = (img * mk).astype(np.float32)
     if cfg.standardise == "nyul":

@@ -18,9 +18,11 @@ own module, named by an entry point of the group `maediff.models` (docs/plugins.
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable
 
-from ..config import Config, ModelSpec, Preset, register_spec
+from .. import config
+from ..config import Config, ModelSpec, Preset, check_own_preset, register_spec
 from .base import AnomalyModel, OptimizerGroup, Phase, count_parameters
 
 MODELS: dict[str, type[AnomalyModel]] = {}
@@ -66,29 +68,82 @@ def register_model(
 PLUGIN_GROUP = "maediff.models"
 
 
+class PluginWarning(UserWarning):
+    """A model plug-in that failed to load and is left out (the rest of maediff works)."""
+
+
 def load_plugins() -> list[str]:
     """Import every model of other installed packages (entry point group
     `maediff.models`, docs/plugins.md): an entry point names a module, whose import
-    registers its model(s), or a function, which is called. Returns their names."""
+    registers its model(s), or a function, which is called. Returns their names.
+
+    A plug-in that fails (an import or syntax error, a name clash with a registered
+    model, a preset name against the rules, a model without a preset of its own name)
+    costs only itself: what it registered is taken back, a PluginWarning names its
+    package and how to remove it, and asking for its model later says why it is
+    missing (config.PLUGIN_FAILURES)."""
     from importlib.metadata import entry_points
 
     loaded = []
     for ep in entry_points(group=PLUGIN_GROUP):
+        before = _registered()
         try:
             obj = ep.load()
             if callable(obj) and not isinstance(obj, type):
                 obj()
-        except Exception as e:
-            raise RuntimeError(
-                f"the {PLUGIN_GROUP} entry point {ep.name!r} ({ep.value}) failed to load: {e}"
-            ) from e
+            for key in sorted(set(MODELS) - before["models"]):
+                check_own_preset(key)
+        except Exception as e:  # any error of another package's code, SyntaxError included
+            _forget_since(before)
+            _report_plugin_failure(ep, e)
+            continue
         loaded.append(ep.name)
     return loaded
 
 
+def _registered() -> dict[str, set[str]]:
+    return {
+        "models": set(MODELS),
+        "specs": set(config.SPECS),
+        "sections": set(config.SECTIONS),
+        "presets": set(config._PRESETS),
+    }
+
+
+def _forget_since(before: dict[str, set[str]]) -> None:
+    """Take back what a failed plug-in registered."""
+    for name, table in (
+        ("models", MODELS),
+        ("specs", config.SPECS),
+        ("sections", config.SECTIONS),
+        ("presets", config._PRESETS),
+    ):
+        for key in set(table) - before[name]:
+            del table[key]
+
+
+def _report_plugin_failure(ep, e: Exception) -> None:
+    package = ep.dist.name if getattr(ep, "dist", None) is not None else ep.value.split(":")[0]
+    reason = " ".join(line.strip() for line in str(e).splitlines() if line.strip())
+    line = (
+        f"the {PLUGIN_GROUP} plug-in {ep.name!r} of package {package} ({ep.value}) failed to "
+        f"load: {type(e).__name__}: {reason}"
+    )
+    config.PLUGIN_FAILURES[ep.name] = line
+    warnings.warn(
+        f"{line}; its models are left out (remove it with: pip uninstall {package})",
+        PluginWarning,
+        stacklevel=3,
+    )
+
+
 def build_model(cfg: Config) -> AnomalyModel:
     if cfg.model not in MODELS:
-        raise ValueError(f"model={cfg.model!r} is not registered; choose one of {sorted(MODELS)}")
+        note = config.PLUGIN_FAILURES.get(cfg.model)
+        raise ValueError(
+            f"model={cfg.model!r} is not registered; choose one of {sorted(MODELS)}"
+            + (f"; {note}" if note else "")
+        )
     return MODELS[cfg.model](cfg)
 
 
@@ -100,6 +155,8 @@ def _import_builtin_models() -> None:
 
     for info in sorted(pkgutil.iter_modules(__path__), key=lambda m: m.name):
         importlib.import_module(f"{__name__}.{info.name}")
+    for key in MODELS:
+        check_own_preset(key)
 
 
 _import_builtin_models()
@@ -112,6 +169,7 @@ __all__ = [
     "AnomalyModel",
     "PLUGINS",
     "MAEDiff",
+    "PluginWarning",
     "OptimizerGroup",
     "Preset",
     "Phase",

@@ -128,6 +128,8 @@ class AnomalyModel(nn.Module):
             raise ValueError(
                 f"{self.registry_name} draws no noise at reconstruction; pass noise=None"
             )
+        if batch_size is not None and batch_size < 1:
+            raise ValueError(f"batch_size={batch_size} must be >= 1")
         if brain_mask is not None and tuple(brain_mask.shape) != tuple(slices.shape):
             raise ValueError(
                 f"brain_mask must have the shape of the slices {tuple(slices.shape)}, got {tuple(brain_mask.shape)}"
@@ -146,9 +148,27 @@ class AnomalyModel(nn.Module):
         x = slices.to(dev, torch.float32)
         with torch.no_grad():
             rec = self.reconstruct_slices(x, run, **options).float()
+            self.check_output(rec, x, "reconstruct_slices")
             if run.brain is not None and not bool(run.has_brain.all()):
                 rec = torch.where(run.has_brain[:, None, None, None], rec, x)
+        if not bool(torch.isfinite(rec).all()):
+            n = int((~torch.isfinite(rec)).sum())
+            raise ValueError(
+                f"the reconstruction of model {self.registry_name!r} holds {n} NaN or Inf "
+                f"values (inference.amp={run.amp}; non-finite weights or an overflow)"
+            )
         return rec.clamp(0, 1) if self.cfg.inference.clamp else rec
+
+    def check_output(self, out: Tensor, x: Tensor, method: str) -> None:
+        """The model contract (this module, docs/plugins.md): `method` returns a tensor
+        of its input's shape."""
+        if not isinstance(out, Tensor) or tuple(out.shape) != tuple(x.shape):
+            got = tuple(out.shape) if isinstance(out, Tensor) else type(out).__name__
+            raise ValueError(
+                f"model {self.registry_name!r} ({type(self).__name__}) breaks the model contract "
+                f"(docs/plugins.md): {method} returned {got} for an input of shape "
+                f"{tuple(x.shape)}; it must return the input's shape"
+            )
 
     def reconstruct_slices(self, x: Tensor, run: Reconstruction) -> Tensor:
         """The model's procedure: (S, 1, H, W) float32 on the device, in [0, 1] -> its
@@ -159,7 +179,9 @@ class AnomalyModel(nn.Module):
         todo = torch.nonzero(run.has_brain).flatten()
         for idx in run.batches(todo):
             with run.autocast():
-                out[idx] = self.reconstruct_batch(x[idx]).float()
+                rec = self.reconstruct_batch(x[idx])
+            self.check_output(rec, x[idx], "reconstruct_batch")
+            out[idx] = rec.float()
         return out
 
     def reconstruct_batch(self, x: Tensor) -> Tensor:

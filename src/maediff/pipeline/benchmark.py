@@ -32,6 +32,7 @@ import math
 import os
 import shlex
 import time
+import zipfile
 from collections.abc import Iterator, Sequence
 from contextlib import AbstractContextManager, contextmanager
 from dataclasses import asdict, dataclass, field, replace
@@ -149,6 +150,12 @@ class BenchmarkPlan:
             raise ValueError(f"unknown model(s) {unknown}; choose from {list(known)}")
         if minutes is not None and steps is not None:
             raise ValueError("give one training budget: --minutes or --steps")
+        if minutes is not None and not 0 < minutes < math.inf:
+            raise ValueError(f"--minutes {minutes} must be a number of minutes > 0")
+        if steps is not None and steps < 1:
+            raise ValueError(f"--steps {steps} must be >= 1")
+        if max_volumes is not None and max_volumes < 1:
+            raise ValueError(f"--max-volumes {max_volumes} must be >= 1 (or left out for all)")
         for f in folds or []:
             if not 0 <= f <= 4:
                 raise ValueError(f"fold {f} must be in 0..4")
@@ -809,20 +816,31 @@ def _figure3(plan: BenchmarkPlan, out: Path, found) -> Path | None:
             print(f"Figure 3 leaves out {row(m)}: its run {spec.key} has no figure3.npz")
             continue
         names.append(row(m))
-        with np.load(f) as z:
-            for key in z.files:
-                idx, subject, part = split_figure_key(key)
-                ex = examples.setdefault(idx, {"title": subject, "models": {}})
-                if part in ("image", "segmentation", "brain"):
-                    ex[part] = z[key]
-                else:
-                    rec = z[key]
-                    image = z[figure_key(idx, subject, "image")]
-                    brain = z[figure_key(idx, subject, "brain")]
-                    ex["models"][row(m)] = (rec, np.abs(image - rec) * brain)
+        try:
+            _read_figure_slices(f, row(m), examples)
+        except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as e:
+            raise ValueError(
+                f"{f} is truncated or corrupted ({type(e).__name__}: {e}); delete the run's "
+                f"folder {f.parent} to redo that run"
+            ) from e
     if not examples:
         return None
     return figure_comparison([examples[k] for k in sorted(examples)], names, out / "figure3.png")
+
+
+def _read_figure_slices(f: Path, name: str, examples: dict[str, dict]) -> None:
+    """The slices of one run's figure3.npz into `examples` (by slice index)."""
+    with np.load(f) as z:
+        for key in z.files:
+            idx, subject, part = split_figure_key(key)
+            ex = examples.setdefault(idx, {"title": subject, "models": {}})
+            if part in ("image", "segmentation", "brain"):
+                ex[part] = z[key]
+            else:
+                rec = z[key]
+                image = z[figure_key(idx, subject, "image")]
+                brain = z[figure_key(idx, subject, "brain")]
+                ex["models"][name] = (rec, np.abs(image - rec) * brain)
 
 
 def _timing_text(plan: BenchmarkPlan, out: Path, found) -> str:

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import time
 from collections.abc import Sequence
@@ -323,6 +324,20 @@ SIDECAR_TEXT = {
 }
 
 
+def check_detect_arguments(
+    out_dir: str | Path, threshold: float | None, batch_size: int | None
+) -> None:
+    """Arguments that would fail after the reconstruction, or silently: an output that
+    is a file, a threshold that is not a number (NaN marks nothing), a batch size < 1."""
+    out = Path(out_dir)
+    if out.exists() and not out.is_dir():
+        raise DataError(f"output {out} exists and is not a folder")
+    if threshold is not None and not math.isfinite(threshold):
+        raise ValueError(f"--threshold {threshold} must be a finite number")
+    if batch_size is not None and batch_size < 1:
+        raise ValueError(f"--batch-size {batch_size} must be >= 1")
+
+
 def detect_files(
     subjects: Sequence[Subject],
     out_dir: str | Path,
@@ -352,6 +367,7 @@ def detect_files(
     replace that detect did not write, or wrote with other settings. Scans finished
     with the same settings and with their scores row are skipped; scans a killed call
     left half-renamed are redone."""
+    check_detect_arguments(out_dir, threshold, batch_size)
     report = DetectReport()
     start = time.perf_counter()
     wanted = [(s, _wanted(subject_outputs(out_dir, s, bids), threshold)) for s in subjects]
@@ -494,6 +510,7 @@ __all__ = [
     "DetectReport",
     "anomaly_maps",
     "check_output_folder",
+    "check_detect_arguments",
     "detect_files",
     "detect_subject",
     "output_paths",

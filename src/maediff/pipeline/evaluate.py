@@ -140,6 +140,19 @@ def _limit(subjects: list[Subject], n: int | None) -> list[Subject]:
     return subjects[:n] if n else subjects
 
 
+def check_counts(max_volumes: int | None, jobs: int, workers: int | None) -> None:
+    """--max-volumes N >= 1 (None: all), --jobs >= 1, --workers >= 0 (None: automatic):
+    0 or a negative count would silently mean all volumes or drop the last ones."""
+    if max_volumes is not None and max_volumes < 1:
+        raise ValueError(
+            f"--max-volumes {max_volumes}: give a number of volumes >= 1 (or leave it out for all)"
+        )
+    if jobs < 1:
+        raise ValueError(f"--jobs {jobs} must be >= 1")
+    if workers is not None and workers < 0:
+        raise ValueError(f"--workers {workers} must be >= 0 (0: in this process)")
+
+
 @dataclass
 class EvalPlan:
     """The subjects of every split an evaluation reads, all checked before any work."""
@@ -311,6 +324,7 @@ def evaluate_model(
     against healthy residuals of the same intensity, fitted on the first
     NORMATIVE_VOLUMES healthy validation volumes of the fold).
     overwrite: replace the results in an output folder that holds files (else refused)."""
+    check_counts(max_volumes=max_volumes, jobs=n_jobs, workers=workers)
     if plan is None:
         plan = plan_evaluation(data_dir, datasets, healthy_test, max_volumes, fold)
     out = Path(out_dir)

@@ -25,9 +25,10 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from .. import __version__
-from ..config import Config, apply_overrides, describe, from_dict, to_dict
+from ..config import Config, apply_overrides, describe, from_dict, read_config_file, to_dict
 from ..device import speed_up
-from ..models import build_model
+from ..models import MODELS, build_model
+from ..models.maediff import MAEDiff
 from ..outputs import temp_path
 
 FORMAT = "maediff-checkpoint-v1"
@@ -139,6 +140,33 @@ def resolve_checkpoint(path: str | Path, which: str = "best") -> Path:
     return p
 
 
+def saved_config(data: Any) -> Config:
+    """A configuration a run saved (its checkpoints' metadata, its config.yaml), read
+    with the rules of the release that wrote it, so that an old run reconstructs its own
+    maps: a key it lacks whose default has changed since takes its release's value.
+
+    `inference.clamp` (0.5.0): before it, every model but MAEDiff and its variants
+    (pDDPM, AnoDDPM, the ablations) clamped its reconstruction to [0, 1]; a saved
+    configuration without the key is older, and its one-pass models clamp. Override it
+    with `--set inference.clamp=false` for the new rule."""
+    inference = data.get("inference") if isinstance(data, dict) else None
+    if isinstance(inference, dict) and "clamp" not in inference:
+        cls = MODELS.get(data.get("model", "maediff"))
+        if cls is not None:
+            clamp = not issubclass(cls, MAEDiff)
+            data = {**data, "inference": {**inference, "clamp": clamp}}
+    return from_dict(data)
+
+
+def load_saved_config(path: str | Path) -> Config:
+    """A run's config.yaml, with the rules of the release that wrote it (saved_config)."""
+    data = read_config_file(path)
+    try:
+        return saved_config(data or {})
+    except ValueError as e:
+        raise ValueError(f"{path}: {e}") from e
+
+
 def read_checkpoint(path: str | Path) -> tuple[Config, dict[str, torch.Tensor], dict[str, Any]]:
     cfg, tensors, extra, _ = read_checkpoint_metadata(path)
     return cfg, tensors, extra
@@ -152,11 +180,41 @@ def read_checkpoint_metadata(
     path = resolve_checkpoint(path)
     tensors, meta = _read(path, FORMAT)
     try:
-        cfg = from_dict(json.loads(meta["config"]))
+        cfg = saved_config(json.loads(meta["config"]))
         extra = json.loads(meta.get("extra", "{}"))
     except (KeyError, json.JSONDecodeError, ValueError) as e:
         raise CheckpointError(f"checkpoint {path} has an invalid config: {e}") from e
     return cfg, tensors, extra, meta
+
+
+def check_weights(path: Path, model: torch.nn.Module, tensors: dict[str, torch.Tensor]) -> None:
+    """The file's tensors are the model's, of its shapes, and finite: a diverged run's
+    NaN weights would give NaN maps; a file whose config does not describe its weights
+    (edited, or missing a section) is named with the first tensors that differ."""
+    want = model.state_dict()
+    missing = [k for k in want if k not in tensors]
+    unexpected = [k for k in tensors if k not in want]
+    if missing or unexpected:
+        raise CheckpointError(
+            f"checkpoint {path} does not match its config ({model.cfg.model}): "
+            f"missing {missing[:3]}, unexpected {unexpected[:3]}"
+        )
+    shapes = [
+        f"{k} {tuple(tensors[k].shape)} in the file, {tuple(v.shape)} in the model"
+        for k, v in want.items()
+        if tuple(tensors[k].shape) != tuple(v.shape)
+    ]
+    if shapes:
+        raise CheckpointError(
+            f"checkpoint {path} does not match its config ({model.cfg.model}): "
+            f"{len(shapes)} tensor(s) differ in shape, e.g. {shapes[0]}"
+        )
+    bad = [k for k, v in tensors.items() if v.is_floating_point() and not torch.isfinite(v).all()]
+    if bad:
+        raise CheckpointError(
+            f"checkpoint {path} holds NaN or Inf weights in {len(bad)} tensor(s), e.g. "
+            f"{bad[0]!r}: the training diverged; use an earlier checkpoint or train again"
+        )
 
 
 def load_model(path: str | Path, device: str | torch.device = "cpu", overrides: Sequence[str] = ()):
@@ -174,11 +232,8 @@ def load_model(path: str | Path, device: str | torch.device = "cpu", overrides: 
     if overrides:
         cfg = apply_overrides(cfg, list(overrides))
     model = build_model(cfg)
-    missing, unexpected = model.load_state_dict(tensors, strict=False)
-    if missing or unexpected:
-        raise CheckpointError(
-            f"checkpoint {path} does not match its config: missing {missing[:3]}, unexpected {unexpected[:3]}"
-        )
+    check_weights(path, model, tensors)
+    model.load_state_dict(tensors)
     device = torch.device(device)
     model = model.to(device).eval()
     model.checkpoint_info = {

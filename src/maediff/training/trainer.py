@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field, replace
@@ -47,14 +48,15 @@ import torch
 from tqdm.auto import tqdm
 
 from .. import __version__
-from ..config import Config, describe, load_config, save_config, to_dict
+from ..config import Config, describe, save_config, to_dict
 from ..data.augment import augment_intensity
 from ..data.datasets import SliceSet
 from ..device import autocast_context, grad_scaler, resolve_device, speed_up, to_device
+from ..memory import check_training_memory
 from ..models import MODELS, AnomalyModel, build_model, count_parameters
 from ..models.base import Phase
 from ..outputs import clean_stale, write_text_atomic
-from .checkpoint import CheckpointError, TrainState, model_card, save_weights
+from .checkpoint import CheckpointError, TrainState, load_saved_config, model_card, save_weights
 from .data import (
     TrainingData,
     epoch_batches,
@@ -484,12 +486,15 @@ def _setup(cfg: Config, data: TrainingData, run_dir: Path, device: str, resume: 
     check_global_batch(cfg.train.batch_size, world_size())
     ddp = setup_distributed(device)
     dev = resolve_device(device, ddp.local_rank, distributed=ddp.world > 1)
-    if ddp.main:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        clean_stale(run_dir)  # checkpoint temporaries of a killed run (outputs.py)
-        save_config(cfg, run_dir / "config.yaml")
     torch.manual_seed(cfg.train.seed)
     model = build_model(cfg).to(dev)
+    check_training_memory(model.train(), cfg, dev, max(1, cfg.train.batch_size // ddp.world))
+    if ddp.main:  # the folder is written once the run can start
+        run_dir.mkdir(parents=True, exist_ok=True)
+        clean_stale(run_dir)  # checkpoint temporaries of a killed run (outputs.py)
+        if not resume:
+            clear_run(run_dir)
+        save_config(cfg, run_dir / "config.yaml")
     speed = speed_up(model, dev, cfg.train.channels_last, cfg.train.compile, training=True)
     if ddp.main:
         write_text_atomic(  # read by --resume: whole or absent
@@ -668,9 +673,30 @@ def _finite(v: Any) -> Any:
     return None if isinstance(v, float) and not math.isfinite(v) else v
 
 
+RUN_FILES = (
+    "best.safetensors",
+    "last.safetensors",
+    "last.state.safetensors",
+    "train_summary.json",
+    "model_card.md",
+    "progress.png",
+    "log.csv",
+    "run.json",
+)
+
+
+def clear_run(run_dir: Path) -> None:
+    """Remove the files of an earlier run in `run_dir` (train --overwrite), checkpoints
+    first, before the new config.yaml is written: a run killed at any moment after this
+    never leaves the new config beside the old run's weights."""
+    for name in RUN_FILES:
+        (run_dir / name).unlink(missing_ok=True)
+    shutil.rmtree(run_dir / "tb", ignore_errors=True)  # TensorBoard events of the earlier run
+
+
 def _check_same_config(run_dir: Path, cfg: Config) -> None:
     saved = run_dir / "config.yaml"
-    if saved.exists() and to_dict(load_config(saved)) != to_dict(cfg):
+    if saved.exists() and to_dict(load_saved_config(saved)) != to_dict(cfg):
         raise CheckpointError(f"cannot resume: the config in {saved} differs from the one given")
 
 
@@ -684,7 +710,7 @@ def load_run_config(run_dir: str | Path) -> Config:
     path = Path(run_dir) / "config.yaml"
     if not path.exists():
         raise CheckpointError(f"{run_dir} is not a run folder (no config.yaml)")
-    return load_config(path)
+    return load_saved_config(path)
 
 
 __all__ = [
