@@ -4,7 +4,8 @@ human-readable card (maediff-cpu.md) beside it: what it was trained on, with whi
 switches, for how many steps and how long, on which CPU, and the commands that
 reproduce it.
 
-    python benchmarks/ship_demo_model.py RUN --data-command "maediff synth -o data/synthetic" \\
+    python benchmarks/ship_demo_model.py RUN --data-dir data/synthetic --cpu "..." \\
+        --data-command "maediff synth -o data/synthetic" \\
         --train-command "maediff train --preset cpu --data data/synthetic --run RUN ..."
 
 The numbers the card states are the run's own records (train_summary.json, run.json,
@@ -58,8 +59,7 @@ def card(run: Path, data_command: str, train_command: str, cpu: str) -> str:
         f"- configuration: {describe(cfg)}",
         f"- departures from the `cpu` preset: {', '.join(changed) or 'none'}",
         f"- training: {summary['steps']} steps of {cfg.train.batch_size} slices, "
-        f"{summary['minutes']} min on {cpu} ({summary.get('threads', '?')} threads, "
-        f"amp {cfg.train.amp}); best validation loss {summary['best_val_loss']:.4f}",
+        f"{summary['minutes']} min on {cpu}; best validation loss {summary['best_val_loss']:.4f}",
         f"- weights: {summary.get('parameters', '?'):,} parameters, {size:.1f} MB "
         "(the EMA weights at the lowest validation loss)",
         "",
@@ -77,6 +77,18 @@ def card(run: Path, data_command: str, train_command: str, cpu: str) -> str:
     return "\n".join(lines)
 
 
+def _replace_in_metadata(path: Path, old: str, new: str) -> None:
+    """The training machine's data path out of the shipped file's metadata (its
+    description of the training data names the folder it was read from)."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    with safe_open(str(path), "pt") as f:
+        meta = {k: v.replace(old, new) for k, v in (f.metadata() or {}).items()}
+        tensors = {k: f.get_tensor(k) for k in f.keys()}
+    save_file(tensors, str(path), metadata=meta)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -85,9 +97,14 @@ def main() -> None:
     ap.add_argument("--data-command", required=True, help="the command that made its data")
     ap.add_argument("--train-command", required=True, help="the command that trained it")
     ap.add_argument("--cpu", required=True, help="the CPU it was trained on, in words")
+    ap.add_argument(
+        "--data-dir", required=True, type=Path, help="the data folder it was trained on"
+    )
     args = ap.parse_args()
     target = PACKAGE / "maediff-cpu.safetensors"
     export_model(args.run, target, overwrite=True)
+    _replace_in_metadata(target, str(args.data_dir), "data/synthetic")
+    target.chmod(0o644)  # package data: readable by everyone
     mb = target.stat().st_size / 1e6
     if mb > LIMIT_MB:
         target.unlink()

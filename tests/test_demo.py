@@ -67,3 +67,22 @@ def test_precision_line_says_what_amp_resolved_to():
     assert precision_line("bf16", cpu) == "precision: bf16 autocast on cpu"
     auto = precision_line("auto", cpu)
     assert auto.startswith("precision: ") and "amp=auto" in auto
+
+
+def test_the_shipped_model_loads_reconstructs_and_says_how_to_reproduce_it():
+    from maediff.pretrained import checkpoint_path, model_card
+    from maediff.training.checkpoint import load_model
+
+    path = checkpoint_path("maediff-cpu")
+    assert path.stat().st_size < 10e6  # the package's limit
+    model = load_model(path)
+    assert model.cfg.model == "maediff" and model.cfg.geometry.image_size == 48
+    x = torch.rand(1, 1, 48, 48, generator=torch.Generator().manual_seed(0))
+    rec = model.reconstruct(x, torch.Generator().manual_seed(0))
+    assert rec.shape == x.shape and torch.isfinite(rec).all()
+    card = model_card("maediff-cpu")
+    assert "maediff train --preset cpu" in card and "maediff synth" in card
+    assert f"{model.checkpoint_info['step']} steps of" in card  # the card says what it holds
+    assert model.checkpoint_info["data"].startswith("data/synthetic: IXI fold 0")
+    with pytest.raises(KeyError, match="no shipped model"):
+        checkpoint_path("nope")
