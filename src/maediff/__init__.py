@@ -6,7 +6,7 @@ first use, so that tools which only read results (`maediff report`) stay light.
 
 from .config import Config, get_preset, load_config, save_config
 
-__version__ = "0.5.0"
+__version__ = "0.6.0"
 
 
 def __getattr__(name: str):
