@@ -222,7 +222,10 @@ def _pool_parent(queue) -> None:
 def test_workers_end_when_their_parent_is_killed(tmp_path):
     from maediff.pipeline.workers import remove_stale_copies
 
-    ctx = multiprocessing.get_context("fork")
+    # the parent is spawned: a fork of this process, whose torch has run thread pools
+    # in earlier tests, can hang in its first parallel region (the pool inside forks
+    # from that clean parent, as evaluate does)
+    ctx = multiprocessing.get_context("spawn")
     queue = ctx.Queue()
     parent = ctx.Process(target=_pool_parent, args=(queue,))
     parent.start()
