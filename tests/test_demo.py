@@ -57,7 +57,9 @@ def test_demo_runs_end_to_end(tmp_path, capsys):
 
 def test_demo_refuses_an_unknown_model_choice(tmp_path):
     with pytest.raises(ValueError, match="must be one of shipped, train, both"):
-        run_demo(tmp_path, model="pretrained")
+        run_demo(tmp_path / "out", model="pretrained")
+    with pytest.raises(ValueError, match="add --model train"):
+        run_demo(tmp_path / "out", steps=600)  # a budget means nothing for the shipped model
     assert not any(tmp_path.iterdir())  # refused before anything is written
 
 

@@ -126,13 +126,18 @@ def run_demo(
     shipped: the shipped checkpoint to evaluate (default: maediff.pretrained's)."""
     if model not in DEMO_MODELS:
         raise ValueError(f"model={model!r} must be one of {', '.join(DEMO_MODELS)}")
+    if model == "shipped" and (steps is not None or minutes is not None or overrides):
+        raise ValueError(
+            "--steps, --minutes and --set change the model trained here: add --model train "
+            "(or both); the shipped model is evaluated as it is"
+        )
+    cfg = demo_config(preset, seed, steps, minutes, amp, overrides)
+    dev = resolve_device(device)
+    if model != "train":  # found (or refused) before anything is written
+        shipped = Path(shipped) if shipped is not None else checkpoint_path("maediff-cpu")
     out.mkdir(parents=True, exist_ok=True)
     timing: dict[str, float] = {}
     data = out / "data"
-    cfg = demo_config(preset, seed, steps, minutes, amp, overrides)
-    dev = resolve_device(device)
-    if model != "train":
-        shipped = Path(shipped) if shipped is not None else checkpoint_path("maediff-cpu")
     print(f"maediff demo: {precision_line(cfg.train.amp, dev)}", flush=True)
     t = time.perf_counter()
     if not (data / "synthetic.json").exists():
