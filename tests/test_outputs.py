@@ -206,6 +206,18 @@ def test_only_leftovers_of_dead_processes_of_this_host_are_removed(tmp_path):
     assert kept == {n for n, keep in names.items() if keep} | {mine.name}
 
 
+def _assert_workers_end(workers: list[int]) -> None:
+    """Every worker process ends within 20 s (a worker ends when its current call
+    returns); any still alive is killed before the assertion fails."""
+    deadline = time.monotonic() + 20  # a worker ends when its current call returns
+    while any(Path(f"/proc/{w}").exists() for w in workers) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    alive = [w for w in workers if Path(f"/proc/{w}").exists()]
+    for w in alive:
+        os.kill(w, signal.SIGKILL)
+    assert not alive, "a worker outlived its killed parent"
+
+
 def _pool_parent(queue) -> None:
     """A process that starts a pool of 2 workers, reports their ids and waits."""
     from maediff.models.maediff import MAEDiff
@@ -232,13 +244,7 @@ def test_workers_end_when_their_parent_is_killed(tmp_path):
     workers, copy = queue.get(timeout=60)
     os.kill(parent.pid, signal.SIGKILL)
     parent.join()
-    deadline = time.monotonic() + 20  # a worker ends when its current call returns
-    while any(Path(f"/proc/{w}").exists() for w in workers) and time.monotonic() < deadline:
-        time.sleep(0.1)
-    alive = [w for w in workers if Path(f"/proc/{w}").exists()]
-    for w in alive:
-        os.kill(w, signal.SIGKILL)
-    assert not alive, "a worker outlived its killed parent"
+    _assert_workers_end(workers)
     assert Path(copy).exists()  # the killed process's weights copy: removed by the next pool
     assert Path(copy) in remove_stale_copies(Path(copy).parent)
     assert not Path(copy).exists()
@@ -268,13 +274,7 @@ def test_post_processing_workers_end_when_their_parent_is_killed():
     assert len(workers) == 2
     os.kill(parent.pid, signal.SIGKILL)
     parent.join()
-    deadline = time.monotonic() + 20  # a worker ends when its current call returns
-    while any(Path(f"/proc/{w}").exists() for w in workers) and time.monotonic() < deadline:
-        time.sleep(0.1)
-    alive = [w for w in workers if Path(f"/proc/{w}").exists()]
-    for w in alive:
-        os.kill(w, signal.SIGKILL)
-    assert not alive, "a worker outlived its killed parent"
+    _assert_workers_end(workers)
 
 
 # ------------------------------------------------------------------ evaluate
