@@ -1,0 +1,307 @@
+"""What does more compute give? The learning curve at the `cpu` scale: MAEDiff and two
+baselines trained for growing step budgets, each evaluated by the protocol on the full
+test sets of the synthetic benchmark (`maediff evaluate`: threshold on validation, Dice,
+AUPRC and healthy l1 on test).
+
+    maediff synth -o data/synthetic
+    python benchmarks/learning_curve.py --data data/synthetic --out curve --run-index 0 2 &
+    python benchmarks/learning_curve.py --data data/synthetic --out curve --run-index 1 2 &
+    wait; python benchmarks/learning_curve.py --data data/synthetic --out curve --collect --figure docs/img
+
+The rows (`--list` prints the jobs): MAEDiff (the `cpu` preset as this release defines it)
+at 300, 1,000, 3,000 and 10,000 steps, seeds 0-2 up to 1,000 steps and seed 0 beyond;
+pDDPM s48 and the AE at 300, 1,000 and 3,000 steps, seed 0. Every budget is its own run
+(the learning-rate schedule spans the budget), not a snapshot of a longer one.
+
+Each job lives in OUT/<model>/<steps>/seed<N>/: `run/` (the training run, resumed where
+it was cut), `eval/` (evaluate's folder) and `result.json`, written last. Jobs are ordered
+by cost, cheapest first, and each process runs single-threaded (`--threads`), so two
+processes share 2 cores without slowing each other much; an interrupted curve resumes
+where it stopped.
+
+`--collect` prints the table (mean ± std over the finished seeds); `--figure DIR` writes
+DIR/learning_curve.png (tumour Dice, AUPRC and healthy l1 against steps, log axis) and
+DIR/learning_curve_reconstructions.png (one test slice reconstructed by MAEDiff seed 0 at
+every finished budget, with its anomaly map).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+MODELS = {  # row -> (model, budgets)
+    "MAEDiff": ("maediff", (300, 1000, 3000, 10000)),
+    "pDDPM s48": ("pddpm-s48", (300, 1000, 3000)),
+    "AE": ("ae", (300, 1000, 3000)),
+}
+
+
+def seeds_of(row: str, steps: int) -> int:
+    """3 seeds for MAEDiff up to 1,000 steps, 1 otherwise."""
+    return 3 if row == "MAEDiff" and steps <= 1000 else 1
+
+
+def slug(name: str) -> str:
+    return name.lower().replace(" ", "-")
+
+
+def jobs(
+    rows: list[str] | None = None, budgets: list[int] | None = None, seeds: int | None = None
+) -> list[tuple[str, int, int]]:
+    """(row, steps, seed), cheapest first: by budget, then seed, then row. `budgets` and
+    `seeds` replace every row's budgets and seed count (smaller studies, tests)."""
+    out = [
+        (row, steps, seed)
+        for row in rows or list(MODELS)
+        for steps in budgets or MODELS[row][1]
+        for seed in range(seeds or seeds_of(row, steps))
+    ]
+    return sorted(out, key=lambda j: (j[1], j[2], list(MODELS).index(j[0])))
+
+
+def maediff_command() -> list[str]:
+    return [sys.executable, "-m", "maediff"]
+
+
+def _env(threads: int) -> dict:
+    env = dict(os.environ)
+    if threads:
+        env["OMP_NUM_THREADS"] = str(threads)
+        env["MKL_NUM_THREADS"] = str(threads)
+    return env
+
+
+def run_job(
+    data: Path, out: Path, row: str, steps: int, seed: int, threads: int, scale: str = "cpu"
+) -> dict:
+    folder = out / slug(row) / str(steps) / f"seed{seed}"
+    result = folder / "result.json"
+    if result.exists():
+        return json.loads(result.read_text())
+    preset = f"{MODELS[row][0]}-{scale}"
+    run_dir, eval_dir = folder / "run", folder / "eval"
+    env = _env(threads)
+    t0 = time.perf_counter()
+    if not (run_dir / "train_summary.json").exists():
+        cmd = maediff_command() + [
+            "train", "--data", str(data), "--run-dir", str(run_dir), "--preset", preset,
+            "--set", f"train.max_steps={steps}", "--set", "train.max_minutes=0",
+            "--set", "train.epochs=100000", "--set", f"train.seed={seed}", "--device", "cpu", "-q",
+        ]  # fmt: skip
+        if (run_dir / "config.yaml").exists():
+            cmd.append("--resume")
+        subprocess.run(cmd, check=True, env=env)
+    train_s = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    if not (eval_dir / "summary.json").exists():
+        cmd = maediff_command() + [
+            "evaluate", "--model", str(run_dir), "--data", str(data), "-o", str(eval_dir),
+            "--workers", "0", "--device", "cpu", "-q", "--overwrite",
+        ]  # fmt: skip
+        subprocess.run(cmd, check=True, env=env)
+    eval_s = time.perf_counter() - t0
+    summary = json.loads((eval_dir / "summary.json").read_text())
+    train_summary = json.loads((run_dir / "train_summary.json").read_text())
+    row_out = {
+        "row": row,
+        "preset": preset,
+        "steps": train_summary["steps"],
+        "seed": seed,
+        "metrics": metrics_of(summary),
+        "train_s": round(train_s, 1),
+        "eval_s": round(eval_s, 1),
+        "threads": threads,
+        "cpu": cpu_name(),
+        "amp": summary.get("settings", {}).get("amp", "the config's"),
+    }
+    tmp = result.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(row_out, indent=2))
+    os.replace(tmp, result)
+    return row_out
+
+
+def _dataset(summary: dict, name: str) -> dict:
+    for key, value in summary["datasets"].items():
+        if key.lower() == name.lower():
+            return value
+    raise KeyError(f"{name} not in the summary's data sets {list(summary['datasets'])}")
+
+
+def metrics_of(summary: dict) -> dict:
+    """Tumour and MS Dice/AUPRC and healthy l1 of one evaluate summary, in %, % and 1e-3."""
+    out = {}
+    for short, name in (("tumour", "Brats21"), ("ms", "MSLUB")):
+        m = _dataset(summary, name)["metrics"]
+        out[f"{short}_dice"] = 100 * m["dice"]["mean"]
+        out[f"{short}_auprc"] = 100 * m["auprc"]["mean"]
+    out["healthy_l1"] = 1e3 * _dataset(summary, "IXI")["metrics"]["l1"]["mean"]
+    return out
+
+
+def cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return "unknown"
+
+
+def finished(out: Path) -> dict[tuple[str, int], list[dict]]:
+    """(row, steps) -> the result of every finished seed, whatever the job list."""
+    rows: dict[tuple[str, int], list[dict]] = {}
+    for f in sorted(out.glob("*/*/seed*/result.json")):
+        r = json.loads(f.read_text())
+        rows.setdefault((r["row"], int(f.parent.parent.name)), []).append(r)
+    return rows
+
+
+def _mean_sd(values: list[float]) -> str:
+    if len(values) == 1:
+        return f"{values[0]:.2f}"
+    return f"{statistics.mean(values):.2f} ± {statistics.stdev(values):.2f}"
+
+
+KEYS = ("tumour_dice", "tumour_auprc", "ms_dice", "ms_auprc", "healthy_l1")
+
+
+def collect(out: Path) -> str:
+    lines = [
+        "| model | steps | seeds | tumour Dice (%) | tumour AUPRC (%) | MS Dice (%) | MS AUPRC (%) | healthy l1 (1e-3) | train min / run |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for (row, steps), rs in sorted(
+        finished(out).items(), key=lambda kv: (list(MODELS).index(kv[0][0]), kv[0][1])
+    ):
+        cells = [_mean_sd([r["metrics"][k] for r in rs]) for k in KEYS]
+        minutes = statistics.median(r["train_s"] for r in rs) / 60
+        lines.append(f"| {row} | {steps} | {len(rs)} | {' | '.join(cells)} | {minutes:.0f} |")
+    return "\n".join(lines)
+
+
+def figure(out: Path, data: Path, folder: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = finished(out)
+    fig, axes = plt.subplots(1, 3, figsize=(13, 3.8))
+    panels = (("tumour_dice", "tumour Dice (%)"), ("tumour_auprc", "tumour AUPRC (%)"),
+              ("healthy_l1", "healthy l1 (1e-3)"))  # fmt: skip
+    for name in MODELS:
+        budgets = sorted(s for (r, s) in rows if r == name)
+        if not budgets:
+            continue
+        for ax, (key, label) in zip(axes, panels):
+            values = [[r["metrics"][key] for r in rows[(name, s)]] for s in budgets]
+            mean = [statistics.mean(v) for v in values]
+            sd = [statistics.stdev(v) if len(v) > 1 else 0.0 for v in values]
+            ax.errorbar(budgets, mean, yerr=sd, marker="o", capsize=3, label=name)
+            ax.set_xscale("log")
+            ax.set_xlabel("training steps")
+            ax.set_ylabel(label)
+            ax.grid(alpha=0.3)
+    axes[0].legend()
+    cpu = next(iter(rows.values()))[0]["cpu"] if rows else ""
+    fig.suptitle(f"Learning curve at the cpu scale, demo test sets ({cpu}, fp32)")
+    fig.tight_layout()
+    folder.mkdir(parents=True, exist_ok=True)
+    fig.savefig(folder / "learning_curve.png", dpi=110)
+    plt.close(fig)
+    reconstructions(out, data, folder)
+
+
+def reconstructions(out: Path, data: Path, folder: Path) -> None:
+    """One tumour test slice through MAEDiff seed 0 at every finished budget."""
+    import matplotlib.pyplot as plt
+    import numpy as np
+    import torch
+
+    from maediff.data.datasets import load_subject
+    from maediff.data.splits import read_pddpm_split
+    from maediff.pipeline.detect import reconstruct_volume
+    from maediff.training.checkpoint import load_model
+
+    runs = sorted(
+        (int(f.parent.parent.name), f.parent / "run")
+        for f in out.glob("maediff/*/seed0/result.json")
+    )
+    if not runs:
+        return
+    subject = read_pddpm_split(data, "Brats21", "test")[0]
+    fig, axes = plt.subplots(2, len(runs) + 1, figsize=(2.6 * (len(runs) + 1), 5.4))
+    axes = np.asarray(axes).reshape(2, -1)
+    for i, (steps, run_dir) in enumerate(runs):
+        model = load_model(run_dir, "cpu")
+        vol = load_subject(subject, model.cfg.data)
+        z = int(np.argmax((vol.segmentation > 0).sum(axis=(0, 1))))
+        img = vol.image[..., z]
+        r = reconstruct_volume(model, vol.image[..., z : z + 1], torch.Generator().manual_seed(0))
+        r = r[..., 0]
+        if i == 0:
+            axes[0, 0].imshow(img.T, cmap="gray", origin="lower", vmin=0, vmax=1)
+            axes[0, 0].set_title("input")
+            axes[1, 0].imshow((vol.segmentation[..., z] > 0).T, cmap="gray", origin="lower")
+            axes[1, 0].set_title("lesion")
+        axes[0, i + 1].imshow(r.T, cmap="gray", origin="lower", vmin=0, vmax=1)
+        axes[0, i + 1].set_title(f"{steps} steps")
+        axes[1, i + 1].imshow(np.abs(img - r).T, cmap="inferno", origin="lower", vmin=0, vmax=0.5)
+        axes[1, i + 1].set_title("|x - rec|")
+    for ax in axes.flat:
+        ax.axis("off")
+    fig.tight_layout()
+    fig.savefig(folder / "learning_curve_reconstructions.png", dpi=110)
+    plt.close(fig)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    ap.add_argument("--data", required=True, type=Path, help="synthetic benchmark (maediff synth)")
+    ap.add_argument("--out", required=True, type=Path, help="the curve's folder (resumable)")
+    ap.add_argument(
+        "--threads", type=int, default=1, help="threads per process (0: torch's default)"
+    )
+    ap.add_argument(
+        "--run-index", type=int, nargs=2, metavar=("I", "J"), help="every J-th job from job I"
+    )
+    ap.add_argument("--rows", nargs="+", choices=list(MODELS), help="only these rows")
+    ap.add_argument("--budgets", nargs="+", type=int, help="these budgets for every row")
+    ap.add_argument("--seeds", type=int, help="this many seeds for every job")
+    ap.add_argument("--scale", default="cpu", choices=("cpu", "tiny"), help="presets' scale")
+    ap.add_argument("--list", action="store_true", help="print the jobs and exit")
+    ap.add_argument("--collect", action="store_true", help="print the table of finished jobs")
+    ap.add_argument("--figure", type=Path, metavar="DIR", help="write the figures into DIR")
+    args = ap.parse_args()
+    if args.collect or args.figure:
+        print(collect(args.out))
+        if args.figure:
+            figure(args.out, args.data, args.figure)
+        return
+    todo = jobs(args.rows, args.budgets, args.seeds)
+    if args.run_index:
+        i, j = args.run_index
+        todo = todo[i::j]
+    if args.list:
+        for row, steps, seed in todo:
+            print(f"{row:>10}  {steps:>6} steps  seed {seed}")
+        return
+    for row, steps, seed in todo:
+        r = run_job(args.data, args.out, row, steps, seed, args.threads, args.scale)
+        print(json.dumps({k: r[k] for k in ("row", "steps", "seed", "metrics", "train_s", "eval_s")}),
+              flush=True)  # fmt: skip
+    print(collect(args.out))
+
+
+if __name__ == "__main__":
+    main()
