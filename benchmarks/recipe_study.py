@@ -17,7 +17,10 @@ its first seed before any has its second.
     wait; python benchmarks/recipe_study.py --data data/synthetic --out study --collect
 
 `--collect` prints, per budget, each variant's mean ± std over its finished seeds and
-its paired difference to the `cpu` preset of the same seed.
+its paired difference to the `cpu` preset of the same seed. Two variants compare at equal
+training compute rather than equal steps: half the slices per step for twice the steps,
+and twice the learning rate. The minutes column is wall time, comparable only between
+runs that shared the machine alike.
 """
 
 from __future__ import annotations
@@ -53,7 +56,12 @@ VARIANTS: dict[str, list[str]] = {
     "zero-mean noise": ["noise.zero_mean=true"],
     "condition channels": ["unet.condition_channels=true"],
     "clean MAE tokens": ["mae.tokens=clean"],
+    # equal compute, not equal steps: half the slices per step, twice the steps
+    "batch 16, 2x steps": ["train.batch_size=16"],
+    "lr 2e-3": ["train.lr=2e-3"],
 }
+# variants whose step count is this multiple of the budget (equal training compute)
+STEP_FACTOR = {"batch 16, 2x steps": 2}
 
 
 def slug(name: str) -> str:
@@ -102,7 +110,7 @@ def run_job(data_dir: Path, out: Path, steps: int, seed: int, variant: str) -> d
         get_preset("cpu"),
         VARIANTS[variant]
         + [
-            f"train.max_steps={steps}",
+            f"train.max_steps={steps * STEP_FACTOR.get(variant, 1)}",
             "train.max_minutes=0",
             "train.epochs=100000",
             f"train.seed={seed}",
@@ -175,8 +183,8 @@ def collect(out: Path, variants: list[str]) -> str:
         ref = rows.get(REFERENCE, {})
         lines += [
             f"\n### {budget_dir.name} steps\n",
-            "| variant | seeds | val Dice tumour (%) | val Dice MS (%) | val AUPRC tumour (%) | probe l1 (1e-3) | probe - cpu preset, paired (1e-3) |",
-            "|---|---|---|---|---|---|---|",
+            "| variant | seeds | val Dice tumour (%) | val Dice MS (%) | val AUPRC tumour (%) | probe l1 (1e-3) | probe - cpu preset, paired (1e-3) | steps | train min / run |",
+            "|---|---|---|---|---|---|---|---|---|",
         ]
         for v in variants:
             rs = rows[v]
@@ -189,7 +197,9 @@ def collect(out: Path, variants: list[str]) -> str:
             diff = [1e3 * (rs[s]["probe_l1"] - ref[s]["probe_l1"]) for s in rs if s in ref]
             lines.append(
                 f"| {v} | {len(rs)} | {_mean_sd(dice_t)} | {_mean_sd(dice_m)} | {_mean_sd(ap_t)} "
-                f"| {_mean_sd(probe)} | {_mean_sd(diff) if v != REFERENCE else '-'} |"
+                f"| {_mean_sd(probe)} | {_mean_sd(diff) if v != REFERENCE else '-'} "
+                f"| {statistics.median(r['steps'] for r in rs.values())} "
+                f"| {statistics.median(r['train_s'] for r in rs.values()) / 60:.0f} |"
             )
     return "\n".join(lines)
 
