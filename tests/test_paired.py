@@ -1,0 +1,63 @@
+"""evaluation/paired.py: paired differences over subjects and test-set sizes, against
+hand computations, textbook values and simulation."""
+
+import numpy as np
+import pytest
+from scipy import stats
+
+from maediff.evaluation.paired import (
+    bootstrap_ci,
+    paired_difference,
+    power_paired_t,
+    subjects_needed,
+)
+
+
+def test_seeds_are_averaged_per_subject_before_the_difference():
+    a = np.array([[0.5, 0.6, 0.7], [0.7, 0.6, 0.9]])  # 2 seeds x 3 subjects
+    b = np.array([0.5, 0.5, 0.5])
+    d = paired_difference(a, b)
+    assert d.n == 3
+    assert d.mean == pytest.approx((0.1 + 0.1 + 0.3) / 3)
+    assert d.sd == pytest.approx(np.std([0.1, 0.1, 0.3], ddof=1))
+    assert d.p_t == pytest.approx(stats.ttest_1samp([0.1, 0.1, 0.3], 0).pvalue)
+
+
+def test_nan_subjects_are_dropped_and_mismatched_rows_refused():
+    d = paired_difference(np.array([0.2, np.nan, 0.4]), np.array([0.1, 0.3, 0.1]))
+    assert d.n == 2 and d.mean == pytest.approx(0.2)
+    with pytest.raises(ValueError, match="different subjects"):
+        paired_difference(np.zeros(3), np.zeros(4))
+
+
+def test_bootstrap_interval_of_a_constant_is_the_constant_and_otherwise_near_normal():
+    assert bootstrap_ci(np.full(10, 0.03)) == pytest.approx((0.03, 0.03))
+    d = np.random.default_rng(1).normal(0.02, 0.05, size=200)
+    lo, hi = bootstrap_ci(d)
+    half = 1.96 * d.std(ddof=1) / np.sqrt(d.size)
+    assert lo == pytest.approx(d.mean() - half, abs=0.15 * half)
+    assert hi == pytest.approx(d.mean() + half, abs=0.15 * half)
+    assert bootstrap_ci(d) == bootstrap_ci(d)  # seeded
+
+
+def test_a_clear_difference_is_resolved_and_a_noisy_one_is_not():
+    rng = np.random.default_rng(0)
+    b = rng.uniform(0.3, 0.7, size=40)
+    assert paired_difference(b + 0.05 + rng.normal(0, 0.02, 40), b).resolved()
+    assert not paired_difference(b[:3] + rng.normal(0, 0.05, 3), b[:3]).resolved()
+
+
+def test_subjects_needed_matches_the_textbook_value():
+    # effect size d_z = 0.5, two-sided alpha 0.05, power 0.8: 34 pairs (G*Power)
+    assert subjects_needed(sd_diff=1.0, delta=0.5) == 34
+    assert subjects_needed(sd_diff=0.06, delta=0.03) == 34
+    # d_z = 0.8: 15 pairs
+    assert subjects_needed(sd_diff=1.0, delta=0.8) == 15
+
+
+def test_power_agrees_with_simulation():
+    n, sd, delta = 12, 0.08, 0.06
+    rng = np.random.default_rng(3)
+    d = rng.normal(delta, sd, size=(20_000, n))
+    p = stats.ttest_1samp(d, 0.0, axis=1).pvalue
+    assert power_paired_t(n, sd, delta) == pytest.approx(float((p < 0.05).mean()), abs=0.015)
