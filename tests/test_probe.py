@@ -142,6 +142,7 @@ def test_update_budget_gives_fanogan_as_many_generator_and_encoder_updates(
     tiny_bench, tmp_path, monkeypatch
 ):
     from maediff.training import trainer
+    from maediff.training.data import prepare_training_data
 
     cfg = with_update_budget(get_preset("fanogan-tiny"), 3)
     assert cfg.train.max_steps == (cfg.fanogan.n_critic + 1) * 3 + 3
@@ -149,7 +150,7 @@ def test_update_budget_gives_fanogan_as_many_generator_and_encoder_updates(
     groups = []
     real = trainer._step
     monkeypatch.setattr(trainer, "_step", lambda run, b, g: groups.append(g) or real(run, b, g))
-    data = trainer.prepare_training_data(cfg, tiny_bench, progress=False)
+    data = prepare_training_data(cfg, tiny_bench, progress=False)
     trainer.train(cfg, data, tmp_path / "run", device="cpu", progress=False)
     assert groups.count("generator") == 3 and groups.count("encoder") == 3
     assert groups.count("critic") == 3 * cfg.fanogan.n_critic
