@@ -213,3 +213,13 @@ def test_a_model_section_reads_typed_by_its_class():
     ):
         cfg.section(UNetConfig)
     assert cfg.section("dae") is cfg.dae and cfg.section("unet") is None  # by name
+
+
+def test_the_scales_are_the_registrys_scale_names():
+    from maediff.registry import SCALE_NAMES
+    from maediff.scales import SCALES
+
+    assert tuple(SCALES) == SCALE_NAMES
+    assert {split_preset_name(preset_name("dae", s)) for s in SCALES} == {
+        ("dae", s) for s in SCALE_NAMES
+    }

@@ -688,7 +688,7 @@ def test_checkpoints_by_minutes(tmp_path, monkeypatch):
 
 
 def test_the_paper_scale_validates_by_steps_and_the_small_scales_by_epochs():
-    from maediff.config import PAPER_CHECKPOINT_EVERY_MINUTES, PAPER_VAL_EVERY_STEPS
+    from maediff.scales import PAPER_CHECKPOINT_EVERY_MINUTES, PAPER_VAL_EVERY_STEPS
 
     for name in ("maediff", "pddpm-s16", "ae", "fanogan"):
         t = get_preset(name).train

@@ -127,7 +127,8 @@ def test_the_registry_and_the_configuration_name_no_model():
     the models from it and imports neither maediff.models nor anything that does."""
     graph = import_graph()
     assert graph["maediff.registry"] == set()
-    for name in ("maediff.registry", "maediff.config"):
+    assert graph["maediff.scales"] == {"maediff.registry"}
+    for name in ("maediff.registry", "maediff.scales", "maediff.config"):
         below = reachable(graph, name)
         assert not {m for m in below if m.startswith("maediff.models")}, (name, sorted(below))
 

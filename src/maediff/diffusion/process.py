@@ -70,7 +70,7 @@ class DiffusionConfig:
         )
 
 
-# the schedule is the paper's at every scale (see config._tiny_scale)
+# the schedule is the paper's at every scale (see scales._tiny_scale)
 register_section("diffusion", DiffusionConfig)
 
 

@@ -49,7 +49,6 @@ from ..config import (
     load_config,
     save_config,
     to_dict,
-    with_update_budget,
 )
 from ..data.datasets import load_subject
 from ..data.splits import read_pddpm_split
@@ -72,6 +71,7 @@ from ..models.maediff import MAEDiff
 from ..names import ANOMALY_SETS, MS, TUMOUR
 from ..outputs import clean_stale, temp_path
 from ..registry import model_names, preset_info, preset_name, presets_of_table
+from ..scales import with_update_budget
 from ..training.checkpoint import load_model
 from ..training.data import prepare_training_data
 from ..training.trainer import load_run_config, train
