@@ -20,8 +20,9 @@ from pathlib import Path
 import torch
 
 from maediff.config import apply_overrides, get_preset
+from maediff.evaluation.summary import EvaluationSummary
 from maediff.models import build_model
-from maediff.pipeline.evaluate import EvaluationSummary, evaluate_model
+from maediff.pipeline.evaluate import evaluate_model
 
 # the `cpu` preset of the previous release (0.2.0)
 PREVIOUS = [

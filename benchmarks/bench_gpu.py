@@ -59,11 +59,13 @@ import torch.nn.functional as F
 from torch.utils.flop_counter import FlopCounterMode
 
 from maediff import __version__
-from maediff.config import get_preset, preset_info, preset_name, split_preset_name
+from maediff.config import get_preset
 from maediff.device import autocast_context, cuda_bf16_native, resolve_amp, resolve_device, speed_up
 from maediff.models import build_model
 from maediff.models.maediff import to_model_range
+from maediff.registry import preset_info, preset_name, split_preset_name
 from maediff.training import trainer
+from maediff.training.distributed import setup_distributed, wrap_distributed
 
 MODELS = ("maediff", "pddpm-s16")
 # the largest difference, inside the brain, between the anomaly maps of bf16 and fp32
@@ -398,11 +400,11 @@ def reconstruct_row(
 def ddp_row(device: str, preset: str, steps: int, seed: int) -> tuple[dict[str, Any], bool]:
     """A few DDP steps of `preset` on every rank (NCCL on CUDA, gloo on the CPU); returns
     the row and whether this process is rank 0."""
-    ddp = trainer.setup_distributed(device)
+    ddp = setup_distributed(device)
     dev = resolve_device(device, ddp.local_rank, distributed=True)
 
     def wrap(model: torch.nn.Module) -> torch.nn.Module:
-        return trainer.wrap_distributed(model, dev, find_unused_parameters=False)
+        return wrap_distributed(model, dev, find_unused_parameters=False)
 
     amp = "bf16" if bf16_native(dev) else "none"
     row = train_row(preset, dev, amp, False, steps, 2, seed + ddp.rank, net_wrapper=wrap)

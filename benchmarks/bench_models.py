@@ -19,9 +19,10 @@ import time
 
 import torch
 
-from maediff.config import get_preset, preset_name, presets_of_table
+from maediff.config import get_preset
 from maediff.device import autocast_context, resolve_amp
 from maediff.models import MODELS, build_model, count_parameters
+from maediff.registry import preset_name, presets_of_table
 from maediff.training.trainer import build_optimizers
 
 UNIQUE = [

@@ -139,7 +139,7 @@ def compare(model, slices, brain, repeats: int, label: str) -> dict:
 
 
 def detect_share(model, nifti: nib.Nifti1Image, repeats: int) -> tuple[float, float]:
-    from maediff.data.splits import Subject
+    from maediff.data.io import Subject
     from maediff.pipeline.detect import detect_files
 
     spent: list[float] = []

@@ -45,7 +45,8 @@ from maediff.names import ANOMALY_SETS
 from maediff.pipeline.detect import reconstruct_volume
 from maediff.pipeline.probe import patch_probe, probe_slices
 from maediff.training.checkpoint import load_model
-from maediff.training.trainer import prepare_training_data, train
+from maediff.training.data import prepare_training_data
+from maediff.training.trainer import train
 
 REFERENCE = "cpu preset"
 # name -> overrides of the `cpu` preset (docs/results.md, "A recipe that learns faster")

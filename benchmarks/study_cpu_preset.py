@@ -16,7 +16,8 @@ import tempfile
 from pathlib import Path
 
 from maediff.config import apply_overrides, get_preset
-from maediff.training.trainer import prepare_training_data, train
+from maediff.training.data import prepare_training_data
+from maediff.training.trainer import train
 
 VARIANTS = {
     "32ch x1 (preset)": [],

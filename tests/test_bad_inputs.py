@@ -419,7 +419,7 @@ def test_a_reconstruction_with_nan_is_an_error_not_a_map():
 
 
 def test_the_naming_rule_is_enforced_when_a_model_registers():
-    from maediff.config import SPECS, ModelSpec, Preset, register_spec
+    from maediff.registry import SPECS, ModelSpec, Preset, register_spec
 
     with pytest.raises(ValueError, match="model 'zz' has no preset of its own name"):
         register_spec(ModelSpec("zz", presets=(Preset("zz-other", "ZZ"),)))
@@ -429,14 +429,14 @@ def test_the_naming_rule_is_enforced_when_a_model_registers():
 PLUGINS = {
     "syntax": "def broken(:\n",
     "clash": (
-        "from maediff.config import Preset\n"
+        "from maediff.registry import Preset\n"
         "from maediff.models import AnomalyModel, register_model\n"
         "@register_model('dae', presets=(Preset('dae', 'DAE again'),))\n"
         "class Again(AnomalyModel):\n    pass\n"
     ),
     "unnamed": (  # a preset name against the rule, and a section it registered first
         "from dataclasses import dataclass\n"
-        "from maediff.config import Preset, register_section\n"
+        "from maediff.registry import Preset, register_section\n"
         "from maediff.models import AnomalyModel, register_model\n"
         "@dataclass(frozen=True)\nclass S:\n    width: int = 1\n"
         "register_section('unnamedsec', S)\n"
@@ -452,7 +452,7 @@ def test_a_broken_plugin_costs_only_itself(tmp_path, monkeypatch, capsys):
     loading them raises nothing (so --version and --help work), each gives one warning
     naming its package and how to remove it, what they registered is taken back, the
     built-in models work, and asking for one of them names why it is missing."""
-    from maediff import config
+    from maediff import registry
     from maediff.models import MODELS, PluginWarning, load_plugins
 
     site = tmp_path / "site"
@@ -466,14 +466,14 @@ def test_a_broken_plugin_costs_only_itself(tmp_path, monkeypatch, capsys):
     (info / "METADATA").write_text("Metadata-Version: 2.1\nName: maediff-broken\nVersion: 1.0\n")
     (info / "entry_points.txt").write_text("\n".join(entry) + "\n")
     monkeypatch.syspath_prepend(str(site))
-    monkeypatch.setattr(config, "PLUGIN_FAILURES", {})
-    models, sections = dict(MODELS), dict(config.SECTIONS)
+    monkeypatch.setattr(registry, "PLUGIN_FAILURES", {})
+    models, sections = dict(MODELS), dict(registry.SECTIONS)
     with pytest.warns(PluginWarning) as warned:
         assert load_plugins() == []
     texts = [str(w.message) for w in warned]
     assert len(texts) == 3 and all("pip uninstall maediff-broken" in t for t in texts), texts
     assert any("SyntaxError" in t for t in texts) and any("registered twice" in t for t in texts)
-    assert MODELS == models and config.SECTIONS == sections  # 'unnamedsec' taken back
+    assert MODELS == models and registry.SECTIONS == sections  # 'unnamedsec' taken back
     assert get_preset("dae-tiny").model == "dae"
     with pytest.raises(SystemExit) as e:
         main(["--version"])

@@ -156,7 +156,8 @@ def test_bench_guided_runs_on_a_trained_model(tiny_bench, tmp_path):
     from pathlib import Path
 
     from maediff.config import get_preset
-    from maediff.training.trainer import prepare_training_data, train
+    from maediff.training.data import prepare_training_data
+    from maediff.training.trainer import train
 
     cfg = get_preset("maediff-tiny")
     cfg = replace(cfg, train=replace(cfg.train, max_steps=2))

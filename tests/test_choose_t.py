@@ -48,7 +48,7 @@ def test_the_rule_takes_the_best_mean_then_the_nearest_to_the_configured_t():
 
 @pytest.mark.slow
 def test_choice_reads_validation_only_and_matches_the_evaluation(tiny_bench, tiny_model, tmp_path):
-    from maediff.data.splits import Subject
+    from maediff.data.io import Subject
     from maediff.evaluation.runs import load_summary
     from maediff.pipeline.evaluate import evaluate_model, plan_evaluation
 

@@ -4,9 +4,6 @@ from pathlib import Path
 import pytest
 
 from maediff.config import (
-    PRESETS,
-    TABLE1,
-    TABLE2,
     Config,
     GeometryConfig,
     apply_overrides,
@@ -14,16 +11,16 @@ from maediff.config import (
     from_dict,
     get_preset,
     load_config,
-    preset_name,
+    preset_names,
     save_config,
-    split_preset_name,
     to_dict,
 )
 from maediff.models.mae import MAEConfig
 from maediff.models.unet import UNetConfig
+from maediff.registry import preset_name, presets_of_table, split_preset_name
 
 
-@pytest.mark.parametrize("name", sorted(PRESETS))
+@pytest.mark.parametrize("name", sorted(preset_names()))
 def test_presets_keep_paper_partition_counts(name):
     g = get_preset(name).geometry
     base, scale = split_preset_name(name)
@@ -39,7 +36,7 @@ def test_presets_keep_paper_partition_counts(name):
 
 
 def test_every_table_row_has_a_preset_at_every_scale():
-    for base in (*TABLE1, *TABLE2):
+    for base in (*presets_of_table("1"), *presets_of_table("2")):
         for scale in ("paper", "cpu", "tiny"):
             cfg = get_preset(preset_name(base, scale))
             assert split_preset_name(cfg.name) == (base, scale)
@@ -188,7 +185,7 @@ def test_a_0_4_0_config_with_every_section_loads_as_its_own_model(name):
         assert {f: x for f, x in v.items() if f not in added} == old[k], k
 
 
-@pytest.mark.parametrize("name", sorted(PRESETS))
+@pytest.mark.parametrize("name", sorted(preset_names()))
 def test_every_preset_saves_and_loads_to_itself(name, tmp_path):
     cfg = get_preset(name)
     save_config(cfg, tmp_path / "c.yaml")
@@ -203,3 +200,26 @@ def test_changing_the_model_by_override_gives_its_sections():
         apply_overrides(cfg, ["unet.model_channels=8"])
     with pytest.raises(ValueError, match="unknown config key"):
         from_dict({"model": "dae", "nonsense": {}})
+
+
+def test_a_model_section_reads_typed_by_its_class():
+    from maediff.models.dae import DAEConfig
+
+    cfg = get_preset("dae-tiny")
+    assert cfg.section(DAEConfig) is cfg.dae and type(cfg.section(DAEConfig)) is DAEConfig
+    assert cfg.holds(DAEConfig) and not cfg.holds(UNetConfig)
+    with pytest.raises(
+        AttributeError, match=r"no UNetConfig section \(its own sections: \['dae'\]"
+    ):
+        cfg.section(UNetConfig)
+    assert cfg.section("dae") is cfg.dae and cfg.section("unet") is None  # by name
+
+
+def test_the_scales_are_the_registrys_scale_names():
+    from maediff.registry import SCALE_NAMES
+    from maediff.scales import SCALES
+
+    assert tuple(SCALES) == SCALE_NAMES
+    assert {split_preset_name(preset_name("dae", s)) for s in SCALES} == {
+        ("dae", s) for s in SCALE_NAMES
+    }

@@ -110,5 +110,7 @@ def test_anoddpm_iterative_sampling_uses_the_requested_steps():
     calls = []
     m.reconstruct(torch.rand(2, 1, 32, 32), torch.Generator().manual_seed(0), progress=calls.append)
     assert calls == [2, 2, 2, 2]  # one network pass per step for both slices
-    with pytest.raises(ValueError, match="sample_steps=3: iterative sampling is an AnoDDPM option"):
+    with pytest.raises(
+        ValueError, match="sample_steps=3: iterative sampling is an option of model anoddpm"
+    ):
         apply_overrides(get_preset("tiny"), ["diffusion.sample_steps=3"])

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from maediff.cli import build_parser
-from maediff.config import PRESETS, apply_overrides, get_preset
+from maediff.config import apply_overrides, get_preset, preset_names
 
 ROOT = Path(__file__).resolve().parents[1]
 DOCS = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
@@ -44,7 +44,7 @@ def check_command(command: str) -> None:
     argv = shlex.split(command)
     for i, tok in enumerate(argv[:-1]):  # read from the text: argparse's choices come later
         if tok == "--preset":
-            assert argv[i + 1] in PRESETS, f"preset {argv[i + 1]!r} does not exist"
+            assert argv[i + 1] in preset_names(), f"preset {argv[i + 1]!r} does not exist"
     try:
         args = build_parser().parse_args(argv)
     except SystemExit as e:  # argparse exits on an unknown command, flag or choice

@@ -34,6 +34,8 @@ from maediff.models import MODELS, build_model
 from maediff.pipeline.detect import reconstruct_volume
 from maediff.training import trainer
 from maediff.training.checkpoint import load_model, save_weights
+from maediff.training.data import prepare_training_data
+from maediff.training.distributed import wrap_distributed
 
 pytestmark = [
     pytest.mark.gpu,
@@ -258,7 +260,7 @@ def test_training_on_cuda_checkpoints_and_resumes(tiny_bench, tmp_path):
     resumes, and its weights load on the CPU."""
     run = tmp_path / "run"
     cfg = _preset("maediff", "train.checkpoint_every=1", "train.epochs=1000")
-    data = trainer.prepare_training_data(cfg, tiny_bench, progress=False)
+    data = prepare_training_data(cfg, tiny_bench, progress=False)
     cfg = replace(cfg, train=replace(cfg.train, max_steps=4))
     trainer.train(cfg, data, run, device="cuda", progress=False)
     from safetensors import safe_open
@@ -307,7 +309,7 @@ def _ddp_steps_worker(rank: int, world: int, port: int, out: str, backend: str) 
             torch.manual_seed(0)
             model = build_model(cfg).to(dev)
             opts = trainer.build_optimizers(model, cfg)
-            net = trainer.wrap_distributed(model, dev, find_unused_parameters=len(opts) > 1)
+            net = wrap_distributed(model, dev, find_unused_parameters=len(opts) > 1)
             gen = torch.Generator().manual_seed(rank)
             group = model.phases[0].groups[0]
             for _ in range(2):
@@ -345,7 +347,7 @@ def _ddp_train_worker(rank: int, world: int, port: int, data: str, out: str) -> 
     (the phase budget all-reduced on the GPU), every rank on cuda:RANK with NCCL."""
     _env(rank, world, port)
     cfg = _preset("fanogan", "train.max_steps=8", "train.epochs=1000", "train.compile=off")
-    td = trainer.prepare_training_data(cfg, data, progress=False)
+    td = prepare_training_data(cfg, data, progress=False)
     backend = []
     real_init = dist.init_process_group
 

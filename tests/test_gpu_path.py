@@ -40,7 +40,8 @@ from maediff.models.mae import MAE
 from maediff.pipeline.benchmark import process_device
 from maediff.pipeline.detect import reconstruct_volume
 from maediff.training.checkpoint import TrainState
-from maediff.training.trainer import TrainingData
+from maediff.training.data import TrainingData
+from maediff.training.distributed import Distributed, distributed_backend, wrap_distributed
 
 ROOT = Path(__file__).resolve().parents[1]
 CUDA0 = torch.device("cuda", 0)
@@ -221,14 +222,14 @@ def test_auto_amp_takes_bf16_only_where_the_gpu_computes_it(monkeypatch):
 def test_torchrun_puts_every_rank_on_its_own_gpu_with_nccl(monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     for name in ("auto", "cuda", "cuda:0", "cuda:3"):
-        assert trainer.distributed_backend(name) == "nccl", name
-    assert trainer.distributed_backend("cpu") == "gloo"
+        assert distributed_backend(name) == "nccl", name
+    assert distributed_backend("cpu") == "gloo"
     assert resolve_device("cuda", local_rank=1, distributed=True) == torch.device("cuda", 1)
     with pytest.warns(RuntimeWarning, match="LOCAL_RANK=1 takes cuda:1"):
         assert resolve_device("cuda:0", local_rank=1, distributed=True) == torch.device("cuda", 1)
     assert resolve_device("cuda:0", local_rank=1) == CUDA0  # one process: as given
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-    assert trainer.distributed_backend("auto") == "gloo"
+    assert distributed_backend("auto") == "gloo"
 
 
 class FakeDDP(torch.nn.Module):
@@ -243,7 +244,7 @@ def test_ddp_on_cuda_synchronises_fanogans_batchnorm(dev, monkeypatch):
     model = build_model(get_preset("fanogan-tiny"))
     params = {id(p) for p in model.parameters()}
     keys = set(model.state_dict())
-    net = trainer.wrap_distributed(model, dev, find_unused_parameters=True)
+    net = wrap_distributed(model, dev, find_unused_parameters=True)
     kinds = {type(m) for m in net.module.modules()}
     if dev.type == "cuda":
         assert torch.nn.SyncBatchNorm in kinds and torch.nn.BatchNorm2d not in kinds
@@ -687,7 +688,7 @@ def test_checkpoints_by_minutes(tmp_path, monkeypatch):
 
 
 def test_the_paper_scale_validates_by_steps_and_the_small_scales_by_epochs():
-    from maediff.config import PAPER_CHECKPOINT_EVERY_MINUTES, PAPER_VAL_EVERY_STEPS
+    from maediff.scales import PAPER_CHECKPOINT_EVERY_MINUTES, PAPER_VAL_EVERY_STEPS
 
     for name in ("maediff", "pddpm-s16", "ae", "fanogan"):
         t = get_preset(name).train
@@ -755,7 +756,7 @@ def test_every_rank_validates_its_share_and_the_ranks_sum(monkeypatch):
     shares = []
     monkeypatch.setattr(trainer, "sum_over_ranks", lambda v, dev: shares.append(v) or v)
     for rank in (0, 1):
-        ddp = trainer.Distributed(rank=rank, world=2)
+        ddp = Distributed(rank=rank, world=2)
         trainer.validation_loss(model, data.val, cfg, torch.device("cpu"), ddp)
     (t0, n0), (t1, n1) = shares
     assert n0 > 0 and n1 > 0 and n0 + n1 == 20  # 5 volumes x 4 slices, batch 4: 3 + 2 batches

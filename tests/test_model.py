@@ -295,7 +295,7 @@ def test_guided_selection_needs_a_tiling_and_maediff():
     inf = replace(cfg.inference, patch_selection="guided")
     with pytest.raises(ValueError, match="tiles the slice"):
         validate(replace(cfg, inference=inf, geometry=replace(cfg.geometry, image_size=40)))
-    with pytest.raises(ValueError, match="MAEDiff / pDDPM option"):
+    with pytest.raises(ValueError, match="is an option of model maediff"):
         validate(replace(get_preset("dae-tiny"), inference=inf))
 
 

@@ -5,9 +5,10 @@ import pytest
 import torch
 
 from maediff.config import get_preset
+from maediff.models.base import count_parameters
 from maediff.models.mae import MAE, decoder_to_encoder_map, sincos_pos_embed_2d
 from maediff.models.maediff import MAEDiff
-from maediff.models.unet import AttentionBlock, UNet, count_parameters, timestep_embedding
+from maediff.models.unet import AttentionBlock, UNet, timestep_embedding
 
 
 def test_paper_unet_parameter_count_matches_reference():

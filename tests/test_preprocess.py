@@ -86,21 +86,3 @@ def test_missing_hd_bet_is_explained(tmp_path):
     with pytest.raises(DataError, match="no brain mask given"):
         preprocess_scan(p, tmp_path / "o", None, RawOptions())
     assert not (tmp_path / "o").exists() or not list((tmp_path / "o").iterdir())
-
-
-def test_the_names_before_0_5_0_still_import_with_a_warning():
-    import importlib
-    import sys
-
-    import maediff.data.load as load
-
-    sys.modules.pop("maediff.data.raw", None)
-    with pytest.warns(DeprecationWarning, match="maediff.data.preprocess"):
-        raw = importlib.import_module("maediff.data.raw")
-    assert raw.preprocess_scan is preprocess_scan
-    import maediff.data.preprocess as pre
-
-    with pytest.warns(DeprecationWarning, match="moved to maediff.data.load"):
-        assert pre.prepare_volume is load.prepare_volume
-    with pytest.raises(AttributeError):
-        pre.not_a_name  # noqa: B018

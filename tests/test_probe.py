@@ -1,5 +1,5 @@
 """The ablation measures (pipeline/probe.py), the MAE token switches and the shared
-update budget (config.with_update_budget)."""
+update budget (scales.with_update_budget)."""
 
 from dataclasses import replace
 
@@ -7,9 +7,10 @@ import pytest
 import torch
 
 from conftest import draw_zero_layers
-from maediff.config import get_preset, with_update_budget
+from maediff.config import get_preset
 from maediff.models import build_model
 from maediff.pipeline.probe import mae_input_dependence, patch_probe, probe_draws
+from maediff.scales import with_update_budget
 
 
 def _model(name="maediff-tiny", seed=0, **mae):
@@ -142,6 +143,7 @@ def test_update_budget_gives_fanogan_as_many_generator_and_encoder_updates(
     tiny_bench, tmp_path, monkeypatch
 ):
     from maediff.training import trainer
+    from maediff.training.data import prepare_training_data
 
     cfg = with_update_budget(get_preset("fanogan-tiny"), 3)
     assert cfg.train.max_steps == (cfg.fanogan.n_critic + 1) * 3 + 3
@@ -149,7 +151,7 @@ def test_update_budget_gives_fanogan_as_many_generator_and_encoder_updates(
     groups = []
     real = trainer._step
     monkeypatch.setattr(trainer, "_step", lambda run, b, g: groups.append(g) or real(run, b, g))
-    data = trainer.prepare_training_data(cfg, tiny_bench, progress=False)
+    data = prepare_training_data(cfg, tiny_bench, progress=False)
     trainer.train(cfg, data, tmp_path / "run", device="cpu", progress=False)
     assert groups.count("generator") == 3 and groups.count("encoder") == 3
     assert groups.count("critic") == 3 * cfg.fanogan.n_critic

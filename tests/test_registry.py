@@ -8,20 +8,12 @@ import pytest
 import torch
 
 import maediff.training.trainer as trainer
-from maediff.config import (
-    SECTIONS,
-    SHARED_SECTIONS,
-    SPECS,
-    Config,
-    apply_overrides,
-    get_preset,
-    model_names,
-    model_spec,
-    to_dict,
-)
+from maediff.config import Config, apply_overrides, get_preset, to_dict
 from maediff.models import MODELS, build_model
+from maediff.registry import SECTIONS, SHARED_SECTIONS, SPECS, model_names, model_spec
 from maediff.training.checkpoint import TrainState, load_model, read_checkpoint
-from maediff.training.trainer import prepare_training_data, train
+from maediff.training.data import prepare_training_data
+from maediff.training.trainer import train
 
 TRAINABLE = sorted(n for n, c in MODELS.items() if c.trainable)
 SRC = Path(__file__).resolve().parents[1] / "src" / "maediff"
@@ -38,7 +30,7 @@ def test_the_names_of_a_model_follow_one_rule():
     """Every registry key is also a preset name (the model's own row); further
     presets of the same class are variants; preset names are lower-case words joined by
     '-', and row names are unique."""
-    from maediff.config import preset_info
+    from maediff.registry import preset_info
 
     rows = []
     for key, spec in SPECS.items():
@@ -78,6 +70,13 @@ def config_reads(sources: dict) -> set[tuple[str, str]]:
             name = a.left.id if isinstance(a.left, ast.Name) else None
         return by_class.get(name) if isinstance(name, str) else None
 
+    def typed(node: ast.AST) -> str | None:
+        """The section of `X.section(UNetConfig)`, the typed accessor."""
+        if not (isinstance(node, ast.Call) and getattr(node.func, "attr", None) == "section"):
+            return None
+        arg = node.args[0] if node.args else None
+        return by_class.get(arg.id) if isinstance(arg, ast.Name) else None
+
     reads: set[tuple[str, str]] = set()
     for text in sources.values():
         tree = ast.parse(text)
@@ -100,11 +99,15 @@ def config_reads(sources: dict) -> set[tuple[str, str]]:
                     for tgt, val in pairs:
                         if isinstance(tgt, ast.Name) and isinstance(val, ast.Attribute):
                             alias[tgt.id] = val.attr
+                        elif isinstance(tgt, ast.Name) and (sec := typed(val)):
+                            alias[tgt.id] = sec
             for node in ast.walk(scope):
                 if isinstance(node, ast.Attribute):
                     v = node.value
                     if isinstance(v, ast.Attribute):
                         reads.add((v.attr, node.attr))
+                    elif sec := typed(v):
+                        reads.add((sec, node.attr))
                     elif isinstance(v, ast.Name) and v.id in alias:
                         reads.add((alias[v.id], node.attr))
         for cls in classes:  # self.attr = <annotated parameter>: self.attr.field reads
@@ -152,9 +155,10 @@ def unread_fields(sources: dict) -> list[str]:
 
 
 def test_every_config_field_is_read_by_some_code():
-    """A field that no module reads as `.section.field` (or through a local name bound to
-    `.section`) is an option that does nothing. Sections are declared beside the code
-    that reads them; their own checks (`self.field` in __post_init__) and the scales'
+    """A field that no module reads as `.section.field` or `.section(SectionType).field`
+    (or through a local name bound to either) is an option that does nothing. Sections
+    are declared beside the code that reads them; their own checks (`self.field` in
+    __post_init__) and the scales'
     `lambda s: replace(s, ...)` are not reads."""
     sources = {p: p.read_text() for p in SRC.rglob("*.py") if p.name != "config.py"}
     assert not unread_fields(sources), f"config fields no code reads: {unread_fields(sources)}"

@@ -128,14 +128,6 @@ def test_evaluation_modules_import_no_torch():
     assert res.returncode == 0, res.stderr
 
 
-def test_pipeline_reexports_the_report_functions():
-    from maediff.evaluation import runs
-    from maediff.pipeline import evaluate
-
-    for name in ("write_report", "load_summary", "table_rows", "ANOMALY_SETS"):
-        assert getattr(evaluate, name) is getattr(runs, name)
-
-
 @pytest.mark.slow
 def test_combined_legends_keep_multi_word_model_names(tmp_path):
     """The combined PR and Dice figures name each series "RUN DATASET"; a model label

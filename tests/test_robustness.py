@@ -71,7 +71,7 @@ def test_ensemble_options_are_checked():
     cfg = get_preset("tiny")
     with pytest.raises(ValueError, match="ensemble_draws"):
         replace(cfg.inference, ensemble_draws=0)
-    with pytest.raises(ValueError, match="MAEDiff / pDDPM option"):
+    with pytest.raises(ValueError, match="is an option of model maediff"):
         replace(get_preset("dae-tiny"), inference=replace(cfg.inference, ensemble_t=(250,)))
     model = MAEDiff(replace(cfg, inference=replace(cfg.inference, ensemble_t=(2000,))))
     with pytest.raises(ValueError, match="outside 1..1000"):
@@ -127,7 +127,8 @@ def test_training_step_sees_augmented_slices(tiny_bench, tmp_path, monkeypatch):
     """A real training run feeds the model augmented slices when augment.enabled, and
     the raw ones otherwise (the same seed, so the same slices are drawn)."""
     from maediff.models.dae import DAE
-    from maediff.training.trainer import prepare_training_data, train
+    from maediff.training.data import prepare_training_data
+    from maediff.training.trainer import train
 
     seen: dict[bool, list] = {True: [], False: []}
     real = DAE.loss

@@ -14,7 +14,8 @@ import torch
 from maediff.config import apply_overrides, get_preset, load_config
 from maediff.device import resolve_device
 from maediff.training.checkpoint import read_checkpoint
-from maediff.training.trainer import prepare_training_data, train
+from maediff.training.data import prepare_training_data
+from maediff.training.trainer import train
 
 TINY = ["train.batch_size=4", "train.checkpoint_every=1"]
 

@@ -4,9 +4,20 @@ Importing the package loads only the configuration; the models (and torch) load 
 first use, so that tools which only read results (`maediff report`) stay light.
 """
 
+from . import registry
 from .config import Config, get_preset, load_config, save_config
 
 __version__ = "0.6.0"
+
+
+def _import_models() -> None:
+    """Register the built-in models and the plug-ins (their import does it)."""
+    from . import models  # noqa: F401
+
+
+# the registry (the bottom of the package) names no model: a lookup that misses asks
+# this loader, so that `get_preset("cpu")` or `load_config(...)` work on their own
+registry.set_loader(_import_models)
 
 
 def __getattr__(name: str):

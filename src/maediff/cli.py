@@ -70,7 +70,8 @@ def cmd_synth(args: argparse.Namespace) -> int:
 
 def cmd_train(args: argparse.Namespace) -> int:
     from .data.bids import parse_participants
-    from .training.trainer import load_run_config, prepare_training_data, read_run_sources, train
+    from .training.data import prepare_training_data
+    from .training.trainer import load_run_config, read_run_sources, train
 
     run = Path(args.run)
     _device(args.device)  # an unknown device fails now, not after the data are loaded
@@ -104,7 +105,7 @@ def _threshold(args: argparse.Namespace) -> float | None:
     if args.threshold is not None:
         return args.threshold
     if args.threshold_from:
-        from .pipeline.evaluate import load_summary
+        from .evaluation.runs import load_summary
 
         s = load_summary(args.threshold_from)
         ds = args.threshold_dataset
@@ -123,7 +124,7 @@ def _t_test_from(args: argparse.Namespace) -> list[str]:
         return []
     if any(o.startswith("diffusion.t_test=") for o in args.set or []):
         return []
-    from .pipeline.evaluate import load_summary
+    from .evaluation.runs import load_summary
 
     src = Path(args.threshold_from)
     if not (src / "summary.json").is_file() and src.name != "summary.json":
@@ -169,7 +170,7 @@ def _calibration_source(path: str):
 
 def _evaluation_fpr_threshold(args: argparse.Namespace) -> tuple[float, str]:
     """The threshold an evaluation set at --fpr on its healthy validation volumes."""
-    from .pipeline.evaluate import load_summary
+    from .evaluation.runs import load_summary
 
     d = load_summary(args.threshold_from).datasets.get(args.threshold_dataset)
     free = d.label_free if d is not None else None
@@ -450,7 +451,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 def _add_config_args(p: argparse.ArgumentParser) -> None:
-    from .config import model_names  # (loads the models and the plug-ins)
+    from .registry import model_names  # (loads the models and the plug-ins)
 
     p.add_argument(
         "--preset",

@@ -1,10 +1,11 @@
-"""Typed configuration: the shared sections, the model registry's specs, presets,
-scales, YAML load/save.
+"""Typed configuration: the shared sections, Config, its validation, presets (the
+scales they apply are scales.py), YAML load/save.
 
 A Config holds the sections every model shares (geometry, train, data, inference,
 augment) and the sections of its model: each model module declares its section types
-(`register_section`, beside the code that reads them) and its spec with
-`models.register_model(KEY, sections=..., presets=..., check=..., describe=...)`. The
+(`registry.register_section`, beside the code that reads them) and its spec with
+`models.register_model(KEY, sections=..., presets=..., check=..., describe=...)`; this
+module reads them from the registry (registry.py) and imports no model. The
 defaults of the method live in those dataclasses (paper §4.3, docs/method.md,
 docs/data.md). Presets are small deltas over a model's default configuration, built
 with `dataclasses.replace`, never copies; a scale (paper, cpu, tiny) applies on top.
@@ -18,12 +19,30 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field, fields, is_dataclass, replace
+from dataclasses import dataclass, fields, is_dataclass, replace
 from pathlib import Path
-from typing import Any, get_type_hints
+from typing import Any, TypeVar, get_type_hints, overload
 
 import yaml
+
+from .registry import (
+    ALIASES,
+    PRESETS,
+    SECTIONS,
+    SHARED_SECTIONS,
+    SPECS,
+    Preset,
+    check,
+    check_new_preset,
+    load_models,
+    model_spec,
+    models_with,
+    plugin_note,
+    preset_name,
+    section_type,
+    split_preset_name,
+)
+from .scales import SCALES
 
 # --------------------------------------------------------------------------- sections
 #
@@ -33,18 +52,14 @@ import yaml
 # names the offending value.
 
 
-def _check(cond: bool, msg: str) -> None:
-    if not cond:
-        raise ValueError(msg)
-
-
 def _speed_settings(section: str, channels_last: str, compile: str) -> None:
     for name, v in (("channels_last", channels_last), ("compile", compile)):
-        _check(v in SPEED_MODES, f"{section}.{name}={v!r} must be one of {SPEED_MODES}")
+        check(v in SPEED_MODES, f"{section}.{name}={v!r} must be one of {SPEED_MODES}")
 
 
-def _positive_widths(name: str, widths: tuple[int, ...]) -> None:
-    _check(
+def check_widths(name: str, widths: tuple[int, ...]) -> None:
+    """The channel widths of a network section: at least one, each a positive integer."""
+    check(
         len(widths) >= 1 and all(isinstance(c, int) and c > 0 for c in widths),
         f"{name}={widths!r} must be positive integer widths",
     )
@@ -121,47 +136,47 @@ class TrainConfig:
     compile: str = "auto"
 
     def __post_init__(self) -> None:
-        _check(
+        check(
             self.optimizer in ("adam", "adamw"),
             f"train.optimizer={self.optimizer!r} must be 'adam' or 'adamw'",
         )
-        _check(0 < self.lr < math.inf, f"train.lr={self.lr} must be a number > 0")
-        _check(self.batch_size >= 1, f"train.batch_size={self.batch_size} must be >= 1")
-        _check(self.epochs >= 1, f"train.epochs={self.epochs} must be >= 1")
-        _check(self.max_steps >= 0, f"train.max_steps={self.max_steps} must be >= 0 (0: no limit)")
-        _check(
+        check(0 < self.lr < math.inf, f"train.lr={self.lr} must be a number > 0")
+        check(self.batch_size >= 1, f"train.batch_size={self.batch_size} must be >= 1")
+        check(self.epochs >= 1, f"train.epochs={self.epochs} must be >= 1")
+        check(self.max_steps >= 0, f"train.max_steps={self.max_steps} must be >= 0 (0: no limit)")
+        check(
             0 <= self.max_minutes < math.inf,
             f"train.max_minutes={self.max_minutes} must be a number >= 0 (0: no limit)",
         )
         for name in ("weight_decay", "grad_clip"):
             v = getattr(self, name)
-            _check(0 <= v < math.inf, f"train.{name}={v} must be a number >= 0")
+            check(0 <= v < math.inf, f"train.{name}={v} must be a number >= 0")
         for name in ("val_every", "checkpoint_every"):
-            _check(getattr(self, name) >= 1, f"train.{name}={getattr(self, name)} must be >= 1")
-        _check(
+            check(getattr(self, name) >= 1, f"train.{name}={getattr(self, name)} must be >= 1")
+        check(
             self.slices_per_volume >= 1,
             f"train.slices_per_volume={self.slices_per_volume} must be >= 1",
         )
-        _check(self.amp in AMP_MODES, f"train.amp={self.amp!r} must be one of {AMP_MODES}")
-        _check(
+        check(self.amp in AMP_MODES, f"train.amp={self.amp!r} must be one of {AMP_MODES}")
+        check(
             self.schedule in ("constant", "cosine"),
             f"train.schedule={self.schedule!r} must be 'constant' or 'cosine'",
         )
-        _check(self.warmup_steps >= 0, f"train.warmup_steps={self.warmup_steps} must be >= 0")
-        _check(
+        check(self.warmup_steps >= 0, f"train.warmup_steps={self.warmup_steps} must be >= 0")
+        check(
             0.0 <= self.min_lr_ratio <= 1.0,
             f"train.min_lr_ratio={self.min_lr_ratio} must be in [0, 1]",
         )
-        _check(0.0 <= self.ema_decay < 1.0, f"train.ema_decay={self.ema_decay} must be in [0, 1)")
-        _check(self.val_every >= 1, f"train.val_every={self.val_every} must be >= 1")
-        _check(
+        check(0.0 <= self.ema_decay < 1.0, f"train.ema_decay={self.ema_decay} must be in [0, 1)")
+        check(self.val_every >= 1, f"train.val_every={self.val_every} must be >= 1")
+        check(
             self.checkpoint_every >= 1,
             f"train.checkpoint_every={self.checkpoint_every} must be >= 1",
         )
-        _check(
+        check(
             self.val_every_steps >= 0, f"train.val_every_steps={self.val_every_steps} must be >= 0"
         )
-        _check(
+        check(
             self.checkpoint_every_minutes >= 0,
             f"train.checkpoint_every_minutes={self.checkpoint_every_minutes} must be >= 0",
         )
@@ -190,30 +205,30 @@ class DataConfig:
     landmarks: tuple[float, ...] = ()
 
     def __post_init__(self) -> None:
-        _check(0 <= self.fold <= 4, f"data.fold={self.fold} must be in 0..4")
+        check(0 <= self.fold <= 4, f"data.fold={self.fold} must be in 0..4")
         lo, hi = self.percentiles
-        _check(
+        check(
             0 <= lo < hi <= 100,
             f"data.percentiles={self.percentiles} must satisfy 0 <= low < high <= 100",
         )
-        _check(
+        check(
             len(self.volume_shape) == 3 and self.volume_shape[0] == self.volume_shape[1],
             f"data.volume_shape={self.volume_shape} must have 3 entries with square axial slices",
         )
-        _check(
+        check(
             self.center in ("brain", "image"),
             f"data.center={self.center!r} must be 'brain' or 'image'",
         )
-        _check(self.spacing > 0, f"data.spacing={self.spacing} must be > 0")
-        _check(
+        check(self.spacing > 0, f"data.spacing={self.spacing} must be > 0")
+        check(
             self.standardise in ("none", "nyul"),
             f"data.standardise={self.standardise!r} must be 'none' or 'nyul'",
         )
-        _check(
+        check(
             not self.landmarks or len(self.landmarks) == len(NYUL_PERCENTILES),
             f"data.landmarks must hold {len(NYUL_PERCENTILES)} values, got {len(self.landmarks)}",
         )
-        _check(
+        check(
             all(a <= b for a, b in zip(self.landmarks, self.landmarks[1:])),
             f"data.landmarks={self.landmarks} must be non-decreasing",
         )
@@ -247,21 +262,21 @@ class InferenceConfig:
     compile: str = "auto"
 
     def __post_init__(self) -> None:
-        _check(self.amp in AMP_MODES, f"inference.amp={self.amp!r} must be one of {AMP_MODES}")
-        _check(self.batch_size >= 1, f"inference.batch_size={self.batch_size} must be >= 1")
-        _check(
+        check(self.amp in AMP_MODES, f"inference.amp={self.amp!r} must be one of {AMP_MODES}")
+        check(self.batch_size >= 1, f"inference.batch_size={self.batch_size} must be >= 1")
+        check(
             self.ensemble_draws >= 1,
             f"inference.ensemble_draws={self.ensemble_draws} must be >= 1",
         )
-        _check(
+        check(
             all(isinstance(t, int) and t >= 1 for t in self.ensemble_t),
             f"inference.ensemble_t={self.ensemble_t} must hold timesteps >= 1",
         )
-        _check(
+        check(
             self.patch_selection in ("all", "guided"),
             f"inference.patch_selection={self.patch_selection!r} must be 'all' or 'guided'",
         )
-        _check(
+        check(
             0.0 <= self.guided_quantile < 1.0,
             f"inference.guided_quantile={self.guided_quantile} must be in [0, 1)",
         )
@@ -284,210 +299,22 @@ class AugmentConfig:
     blur_sigma: tuple[float, float] = (0.0, 1.0)  # Gaussian blur sigma range (pixels)
 
     def __post_init__(self) -> None:
-        _check(
+        check(
             0 <= self.probability <= 1, f"augment.probability={self.probability} must be in [0, 1]"
         )
         for name in ("gamma", "noise_std", "blur_sigma"):
             lo, hi = getattr(self, name)
-            _check(0 <= lo <= hi, f"augment.{name}={(lo, hi)} must satisfy 0 <= low <= high")
-        _check(self.gamma[0] > 0, f"augment.gamma={self.gamma} must be > 0")
-        _check(
+            check(0 <= lo <= hi, f"augment.{name}={(lo, hi)} must satisfy 0 <= low <= high")
+        check(self.gamma[0] > 0, f"augment.gamma={self.gamma} must be > 0")
+        check(
             self.contrast >= 0 and self.bias_field >= 0,
             "augment.contrast and augment.bias_field must be >= 0",
         )
 
 
-# --------------------------------------------------------------------------- the registry
-#
-# A model is declared once, in its own module (maediff/models/*.py or a plug-in's):
-# `@register_model(KEY, sections=..., presets=..., ...)` on its class fills a ModelSpec
-# here. The configuration reads everything about a model from its spec: which sections
-# a Config of that model holds (and saves), its checks, its presets, their row names and
-# table places, its one-line description. A section type is declared beside the code
-# that reads it, with `register_section`, together with its share of each scale.
-# This module imports no model: a spec it does not know yet is looked up by importing
-# maediff.models, whose import registers the built-in models and the plug-ins.
-
-
-@dataclass(frozen=True)
-class Section:
-    """A configuration section a model can hold: its type and what each scale makes of it."""
-
-    name: str
-    cls: type
-    scales: Mapping[str, Callable[[Any], Any]] = field(default_factory=dict)  # "cpu", "tiny"
-
-
-@dataclass(frozen=True)
-class Preset:
-    """A named configuration of a model (`NAME`, `NAME-cpu`, `NAME-tiny`): a row of a table.
-
-    `delta` maps the model's default configuration (Config(model=KEY)) to this one;
-    `table` is ("1" or "2", position), the row's place in the paper's tables; `same_as`
-    names a preset of the other table with the same configuration (Table 2's U-Net is
-    Table 1's pDDPM s16); `reference` marks the row the benchmark tests the others
-    against."""
-
-    name: str
-    row: str
-    delta: Callable[[Any], Any] | None = None
-    table: tuple[str, int] | None = None
-    same_as: str | None = None
-    reference: bool = False
-
-
-@dataclass(frozen=True)
-class ModelSpec:
-    """Everything the configuration knows of a model, from its `register_model`."""
-
-    key: str
-    sections: tuple[str, ...] = ()
-    presets: tuple[Preset, ...] = ()
-    # cross-section checks of this model: (cfg) -> None, raising ValueError
-    check: Callable[[Any], None] | None = None
-    # one line for logs and model cards: (cfg) -> str
-    describe: Callable[[Any], str] | None = None
-    # the step budget that gives each reconstructing part `updates` optimizer updates:
-    # (cfg, updates) -> cfg; None: one part, steps = updates (docs/baselines.md §Budgets)
-    update_budget: Callable[[Any, int], Any] | None = None
-    # inference options beyond Alg. 2 the model implements: "guided_patches",
-    # "noise_ensembles" (InferenceConfig), "iterative_sampling" (diffusion.sample_steps)
-    options: tuple[str, ...] = ()
-
-
-SECTIONS: dict[str, Section] = {}
-SPECS: dict[str, ModelSpec] = {}
-_PRESETS: dict[str, tuple[str, Preset]] = {}  # preset name -> (model key, preset)
-
-
-def register_section(
-    name: str, cls: type, *, cpu: Callable | None = None, tiny: Callable | None = None
-) -> type:
-    """Declare a configuration section `name` of type `cls` (a frozen dataclass) and
-    what the `cpu` and `tiny` scales make of it ((section) -> section)."""
-    if name in SHARED_SECTIONS or name in ("name", "model", "sections", "preset"):
-        raise ValueError(f"config section name {name!r} is reserved")
-    old = SECTIONS.get(name)
-    if old is not None and old.cls is not cls:
-        raise ValueError(f"config section {name!r} is declared twice ({old.cls} and {cls})")
-    if not is_dataclass(cls):
-        raise TypeError(f"config section {name!r} must be a dataclass, got {cls!r}")
-    scales = {k: v for k, v in (("cpu", cpu), ("tiny", tiny)) if v is not None}
-    SECTIONS[name] = Section(name, cls, scales)
-    return cls
-
-
-def register_spec(spec: ModelSpec) -> None:
-    """Add a model's spec and its presets (called by models.register_model)."""
-    if spec.key in SPECS:
-        raise ValueError(f"model {spec.key!r} is registered twice")
-    missing = [s for s in spec.sections if s not in SECTIONS]
-    if missing:
-        raise ValueError(
-            f"model {spec.key!r} names config section(s) {missing} that no register_section declares"
-        )
-    names = [p.name for p in spec.presets]
-    if names and spec.key not in names:
-        raise ValueError(
-            f"model {spec.key!r} has no preset of its own name among {names}: the registry "
-            f"key is also the name of the model's own row (docs/plugins.md)"
-        )
-    for p in spec.presets:
-        _check_preset_name(p.name)
-        if p.name in _PRESETS or p.name in ALIASES:
-            raise ValueError(f"a preset named {p.name!r} exists already")
-        if any(q.row == p.row for _, q in _PRESETS.values()):
-            raise ValueError(f"row name {p.row!r} of preset {p.name!r} is taken")
-    SPECS[spec.key] = spec
-    for p in spec.presets:
-        _PRESETS[p.name] = (spec.key, p)
-
-
-def _check_preset_name(name: str) -> None:
-    ok = name and name == name.lower() and all(c.isalnum() or c == "-" for c in name)
-    _check(bool(ok), f"preset name {name!r} must be lower-case letters, digits and '-'")
-    for scale in SCALES:
-        _check(not name.endswith(f"-{scale}"), f"preset name {name!r} must not end in a scale name")
-
-
-# plug-ins (entry points of `maediff.models`) that failed to load: entry point name ->
-# one line naming the package, the error and how to remove it (models.load_plugins)
-PLUGIN_FAILURES: dict[str, str] = {}
-
-
-def check_own_preset(key: str) -> None:
-    """The naming rule: a registered model's key is also the name of one of its presets
-    (its own row), given in register_model(presets=...) or by register_preset."""
-    if _PRESETS.get(key, (None,))[0] != key:
-        raise ValueError(
-            f"model {key!r} has no preset named {key!r}: declare Preset({key!r}, ROW) in its "
-            f"register_model(presets=...) or call register_preset({key!r}, ...) (docs/plugins.md)"
-        )
-
-
-def _plugin_note(name: str) -> str:
-    """What the failed plug-ins have to do with an unknown model or preset `name`."""
-    base = split_preset_name(name)[0]
-    if base in PLUGIN_FAILURES:
-        return f"; {PLUGIN_FAILURES[base]}"
-    if PLUGIN_FAILURES:
-        return f" (plug-ins that failed to load: {', '.join(sorted(PLUGIN_FAILURES))})"
-    return ""
-
-
-def _load_models() -> None:
-    import importlib
-
-    importlib.import_module("maediff.models")
-
-
-def model_spec(key: str) -> ModelSpec:
-    if key not in SPECS:  # the built-in models and the plug-ins register on import
-        _load_models()
-    if key not in SPECS:
-        raise ValueError(f"model={key!r} must be one of {tuple(SPECS)}{_plugin_note(key)}")
-    return SPECS[key]
-
-
-def section_type(name: str) -> type:
-    if name not in SECTIONS:
-        _load_models()
-    if name not in SECTIONS:
-        raise ValueError(f"unknown config section {name!r}")
-    return SECTIONS[name].cls
-
-
-def presets_of_table(table: str) -> tuple[str, ...]:
-    """The preset names of the paper's Table `table` ("1" or "2"), in row order."""
-    _load_models()
-    rows = [
-        (p.table[1], name) for name, (_, p) in _PRESETS.items() if p.table and p.table[0] == table
-    ]
-    return tuple(name for _, name in sorted(rows))
-
-
-def preset_info(name: str) -> Preset:
-    """The declaration of preset `name` (a model name, without a scale)."""
-    if name not in _PRESETS:
-        _load_models()
-    if name not in _PRESETS:
-        raise ValueError(
-            f"unknown model {name!r}; choose one of {sorted(_PRESETS)}{_plugin_note(name)}"
-        )
-    return _PRESETS[name][1]
-
-
-def model_names() -> tuple[str, ...]:
-    """Every preset model name (without a scale): the rows of Table 1, then of Table 2,
-    then the others (plug-ins) in registration order."""
-    _load_models()
-    order = {n: (p.table or ("3", i)) for i, (n, (_, p)) in enumerate(_PRESETS.items())}
-    return tuple(sorted(_PRESETS, key=lambda n: order[n]))
-
-
 # --------------------------------------------------------------------------- Config
 
-SHARED_SECTIONS = ("geometry", "train", "data", "inference", "augment")
+S = TypeVar("S")
 
 
 @dataclass(frozen=True, init=False)
@@ -566,9 +393,31 @@ class Config:
     def section_names(self) -> tuple[str, ...]:
         return tuple(k for k, _ in self.sections)
 
-    def section(self, name: str) -> Any:
-        """The model's section `name`, or None when this model has none."""
-        return dict(self.sections).get(name)
+    @overload
+    def section(self, kind: type[S]) -> S: ...
+
+    @overload
+    def section(self, kind: str) -> Any: ...
+
+    def section(self, kind: type[S] | str) -> S | Any:
+        """The model's section of type `kind`, typed for type checkers and editors:
+        `cfg.section(DAEConfig).noise_res` (`cfg.dae` reads the same section, untyped);
+        AttributeError naming the model's sections when it holds none of that type
+        (`holds` asks first). By name (`cfg.section("diffusion")`, for code that knows
+        only the name): the section, or None when the model has none."""
+        if isinstance(kind, str):
+            return dict(self.sections).get(kind)
+        for _, v in self.sections:
+            if type(v) is kind:
+                return v
+        raise AttributeError(
+            f"a {self.model!r} configuration has no {kind.__name__} section "
+            f"(its own sections: {list(self.section_names) or 'none'})"
+        )
+
+    def holds(self, kind: type) -> bool:
+        """Whether the model has a section of type `kind`."""
+        return any(type(v) is kind for _, v in self.sections)
 
 
 # --------------------------------------------------------------------------- validation
@@ -578,16 +427,16 @@ def validate_geometry(g: GeometryConfig) -> None:
     """Raise ValueError for a partition that does not fit paper §3.2."""
     H, p, s, r = g.image_size, g.patch_size, g.stride, g.grid_size
     for name, v in (("image_size", H), ("patch_size", p), ("stride", s), ("grid_size", r)):
-        _check(isinstance(v, int) and v > 0, f"geometry.{name}={v!r} must be a positive integer")
-    _check(
+        check(isinstance(v, int) and v > 0, f"geometry.{name}={v!r} must be a positive integer")
+    check(
         r % 4 == 0,
         f"geometry.grid_size r={r} must be a multiple of 4 (cells are r/4 on the H/4 feature map)",
     )
-    _check(s % r == 0, f"geometry.stride s={s} must be a multiple of grid_size r={r}")
-    _check(p <= H, f"geometry.patch_size p={p} is larger than image_size {H}")
-    _check(p % r == 0, f"geometry.patch_size p={p} must be a multiple of grid_size r={r}")
-    _check(H % r == 0, f"geometry.image_size {H} must be a multiple of grid_size r={r}")
-    _check(
+    check(s % r == 0, f"geometry.stride s={s} must be a multiple of grid_size r={r}")
+    check(p <= H, f"geometry.patch_size p={p} is larger than image_size {H}")
+    check(p % r == 0, f"geometry.patch_size p={p} must be a multiple of grid_size r={r}")
+    check(H % r == 0, f"geometry.image_size {H} must be a multiple of grid_size r={r}")
+    check(
         (H - p) % s == 0,
         f"patch positions do not tile the image: (image_size {H} - patch_size {p}) is not a multiple of stride {s}",
     )
@@ -596,182 +445,67 @@ def validate_geometry(g: GeometryConfig) -> None:
 def check_downsampling(cfg: Config, name: str, n: int) -> None:
     """image_size must be divisible by 2^n, the downsampling of section field `name`."""
     H = cfg.geometry.image_size
-    _check(
+    check(
         H % 2**n == 0,
         f"image_size {H} must be divisible by 2^{n} = {2**n}, the downsampling of {name}",
     )
 
 
 def validate(cfg: Config) -> None:
-    """Checks across sections: the inference options the model implements, then the
-    model's own checks (each section checks its own values when built)."""
+    """Checks across sections: the inference options the model implements (its spec's
+    `options`), then the model's own checks, its spec's `check` (each section checks its
+    own values when built)."""
     spec = model_spec(cfg.model)
     inf, g = cfg.inference, cfg.geometry
     H, p = g.image_size, g.patch_size
-    _check(
+    check(
         inf.patch_selection == "all" or "guided_patches" in spec.options,
-        f"inference.patch_selection='guided' is a MAEDiff / pDDPM option (model={cfg.model!r})",
+        f"inference.patch_selection='guided' {option_of('guided_patches', cfg.model)}",
     )
     if inf.patch_selection == "guided":
-        _check(
+        check(
             (H - p) % p == 0 and p % g.stride == 0,
             f"guided patch selection tiles the slice with the patches at stride p: needs "
             f"(image_size - patch_size) % patch_size == 0 and patch_size % stride == 0 ({g})",
         )
-    _check(
+    check(
         (not inf.ensemble_t and inf.ensemble_draws == 1) or "noise_ensembles" in spec.options,
-        f"noise ensembles (inference.ensemble_t / ensemble_draws) are a MAEDiff / pDDPM option (model={cfg.model!r})",
-    )
-    d = cfg.section("diffusion")
-    _check(
-        d is None or d.sample_steps == 1 or "iterative_sampling" in spec.options,
-        f"diffusion.sample_steps={getattr(d, 'sample_steps', 1)}: iterative sampling is an AnoDDPM option (model={cfg.model!r})",
+        f"noise ensembles (inference.ensemble_t / ensemble_draws) {option_of('noise_ensembles', cfg.model)}",
     )
     if spec.check is not None:
         spec.check(cfg)
+
+
+def option_of(option: str, model: str) -> str:
+    """The end of the message refusing inference option `option` (a ModelSpec option)
+    to `model`: which registered models have it."""
+    have = models_with(option)
+    return f"is an option of model {' / '.join(have) or '(none registered)'} (model={model!r})"
 
 
 # --------------------------------------------------------------------------- presets
 #
 # A preset is a model (a row of the paper's Table 1 or 2) at a scale. Its model module
 # declares it (`Preset`: a small delta over the model's default configuration); the
-# scale is one function applied to any model: `paper` (the published sizes), `cpu`
-# (trains in minutes on 2 cores) and `tiny` (unit tests). Preset names: MODEL (paper
+# scale (scales.py) is one function applied to any model. Preset names: MODEL (paper
 # scale), MODEL-cpu, MODEL-tiny.
-
-
-def _rescale_geometry(g: GeometryConfig, size: int, grid: int) -> GeometryConfig:
-    """The same partition (patch and stride as fractions of the slice) at `size` pixels."""
-
-    def scaled(v: int) -> int:
-        return max(grid, round(v * size / g.image_size / grid) * grid)
-
-    return GeometryConfig(size, scaled(g.patch_size), scaled(g.stride), grid)
-
-
-# The `cpu` scale's training budget in steps: the same model on every machine (the
-# demo and `benchmark --scale cpu`). Chosen from measurements of quality per CPU-minute
-# on 2 fp32 cores (docs/results.md, "How the cpu scale was chosen").
-CPU_STEPS = 300
-
-
-def with_update_budget(cfg: Config, updates: int) -> Config:
-    """The step budget that gives each part producing the reconstruction `updates`
-    optimizer updates (docs/baselines.md §Budgets): the unit every model of a table
-    shares. One step updates one part; most models have one part, so steps = updates;
-    a model with several (f-AnoGAN) says how in its spec's `update_budget`."""
-    if updates < 1:
-        raise ValueError(f"the update budget must be >= 1, got {updates}")
-    t = replace(cfg.train, max_steps=updates, max_minutes=0.0, epochs=max(cfg.train.epochs, 100000))
-    cfg = replace(cfg, train=t)
-    spec = model_spec(cfg.model)
-    return spec.update_budget(cfg, updates) if spec.update_budget else cfg
-
-
-def _scale_sections(cfg: Config, scale: str) -> Config:
-    """Each of the model's own sections as the scale makes it (its register_section)."""
-    new = {}
-    for k, v in cfg.sections:
-        fn = SECTIONS[k].scales.get(scale)
-        new[k] = fn(v) if fn is not None else v
-    return replace(cfg, **new)
-
-
-def _cpu_scale(cfg: Config) -> Config:
-    """The paper's structure (K=16, N=36, global attention at H/2 and H/4, the MAE) at
-    48x48 with narrow networks: a demo in about 12 minutes on 2 fp32 cores. The shared
-    sections are scaled here: 48x48 slices, Adam at 1e-3 with warm-up, cosine decay over
-    the step budget and an EMA of the weights; each model section scales itself (the
-    U-Net's widths: models/unet.py)."""
-    cfg = replace(
-        cfg,
-        geometry=_rescale_geometry(cfg.geometry, 48, 8),
-        train=replace(
-            cfg.train,
-            lr=1e-3,
-            schedule="cosine",
-            warmup_steps=30,
-            ema_decay=0.995,
-            epochs=100000,
-            max_steps=CPU_STEPS,
-            max_minutes=0.0,
-            amp="auto",
-            val_every=10,
-        ),
-        inference=replace(cfg.inference, batch_size=32, amp="auto"),
-    )
-    # the same number of updates of every reconstructing part, for every model
-    return with_update_budget(_scale_sections(cfg, "cpu"), CPU_STEPS)
-
-
-def _tiny_scale(cfg: Config) -> Config:
-    """Smallest useful configuration: unit tests, the end-to-end tests and a benchmark
-    that fits a slow laptop. The diffusion schedule stays the paper's (T = 1000,
-    t_test = 500): a shorter schedule with the same betas hardly noises the input
-    (alpha_bar(10) = 0.95 at T = 20), and the diffusion models then reconstruct the
-    lesions too."""
-    cfg = replace(
-        cfg,
-        geometry=_rescale_geometry(cfg.geometry, 32, 8),
-        train=replace(cfg.train, lr=1e-3, batch_size=8, epochs=2),
-        data=replace(cfg.data, volume_shape=(32, 32, 8), spacing=6.0),
-        inference=replace(cfg.inference, batch_size=64),
-    )
-    return _scale_sections(cfg, "tiny")
-
-
-# The paper scale's validation and checkpoints (docs/method.md §Training): its epoch is
-# ~12 steps, about a second on a current GPU, and its files large (best: 0.4 GB, last +
-# state: 1.6 GB for MAEDiff), so by steps and minutes rather than every epoch
-PAPER_VAL_EVERY_STEPS = 500
-PAPER_CHECKPOINT_EVERY_MINUTES = 10.0
-
-
-def _paper_scale(cfg: Config) -> Config:
-    """The published sizes (the defaults), validating every PAPER_VAL_EVERY_STEPS steps
-    and checkpointing every PAPER_CHECKPOINT_EVERY_MINUTES minutes."""
-    return replace(
-        cfg,
-        train=replace(
-            cfg.train,
-            val_every_steps=PAPER_VAL_EVERY_STEPS,
-            checkpoint_every_minutes=PAPER_CHECKPOINT_EVERY_MINUTES,
-        ),
-    )
-
-
-SCALES: dict[str, Any] = {"paper": _paper_scale, "cpu": _cpu_scale, "tiny": _tiny_scale}
-ALIASES = {"paper": "maediff", "cpu": "maediff-cpu", "tiny": "maediff-tiny"}
-
-
-def preset_name(model: str, scale: str = "paper") -> str:
-    return model if scale == "paper" else f"{model}-{scale}"
-
-
-def split_preset_name(name: str) -> tuple[str, str]:
-    """'dae-cpu' -> ('dae', 'cpu'); aliases resolved ('cpu' -> ('maediff', 'cpu'))."""
-    name = ALIASES.get(name, name)
-    for scale in SCALES:
-        if scale != "paper" and name.endswith(f"-{scale}"):
-            return name[: -len(scale) - 1], scale
-    return name, "paper"
 
 
 def display_name(cfg: Config) -> str:
     """The table row of a configuration: its preset's row name, else its model's."""
     base, _ = split_preset_name(cfg.name)
-    if base not in _PRESETS or cfg.model not in SPECS:
-        _load_models()
-    if base in _PRESETS:
-        return _PRESETS[base][1].row
-    if cfg.model in _PRESETS:
-        return _PRESETS[cfg.model][1].row
+    if base not in PRESETS or cfg.model not in SPECS:
+        load_models()
+    if base in PRESETS:
+        return PRESETS[base][1].row
+    if cfg.model in PRESETS:
+        return PRESETS[cfg.model][1].row
     return cfg.name
 
 
 def _build(name: str) -> Config:
     base, scale = split_preset_name(name)
-    key, p = _PRESETS[base]
+    key, p = PRESETS[base]
     cfg = Config(model=key)
     if p.delta is not None:
         cfg = p.delta(cfg)
@@ -780,8 +514,8 @@ def _build(name: str) -> Config:
 
 def preset_names() -> list[str]:
     """Every preset name: each model at each scale, and the aliases."""
-    _load_models()
-    return [preset_name(m, s) for m in _PRESETS for s in SCALES] + list(ALIASES)
+    load_models()
+    return [preset_name(m, s) for m in PRESETS for s in SCALES] + list(ALIASES)
 
 
 def register_preset(model: str, delta: Any, row: str) -> None:
@@ -789,31 +523,27 @@ def register_preset(model: str, delta: Any, row: str) -> None:
     without `presets=` in its register_model: `delta` maps the default configuration
     Config() to this model's (at least `model=`), `row` is its name in tables. The
     scales apply on top, as for the built-in models."""
-    if model in _PRESETS or model in ALIASES:
-        raise ValueError(f"a preset named {model!r} exists already")
-    if not row or any(q.row == row for _, q in _PRESETS.values()):
-        raise ValueError(f"row name {row!r} is empty or taken")
-    _check_preset_name(model)
+    check_new_preset(model, row)
     probe = delta(Config())
-    if probe.model != model and probe.model not in _PRESETS:
+    if probe.model != model and probe.model not in PRESETS:
         raise ValueError(
             f"preset {model!r} is the first of model {probe.model!r}: it must be named "
             f"{probe.model!r} (a model's key is also the name of its own row)"
         )
-    _PRESETS[model] = (probe.model, Preset(model, row, lambda c: delta(Config())))
+    PRESETS[model] = (probe.model, Preset(model, row, lambda c: delta(Config())))
 
 
 def get_preset(name: str) -> Config:
     base, scale = split_preset_name(name)
-    if base not in _PRESETS:  # the built-in models and the plug-ins register on import
-        _load_models()
+    if base not in PRESETS:  # the registry's loader imports the models and plug-ins
+        load_models()
     if (
-        base not in _PRESETS
+        base not in PRESETS
         or scale not in SCALES
         or preset_name(base, scale) != ALIASES.get(name, name)
     ):
         raise ValueError(
-            f"unknown preset {name!r}; choose one of {sorted(preset_names())}{_plugin_note(name)}"
+            f"unknown preset {name!r}; choose one of {sorted(preset_names())}{plugin_note(name)}"
         )
     cfg = _build(ALIASES.get(name, name))
     return replace(cfg, name=name)
@@ -1069,72 +799,30 @@ def describe(cfg: Config) -> str:
     return spec.describe(cfg) if spec.describe is not None else describe_size(cfg)
 
 
-# names that moved to the model modules (0.5.0) and the registry's views, read lazily
-_MOVED_SECTIONS = {
-    "UNetConfig": "unet",
-    "MAEConfig": "mae",
-    "DiffusionConfig": "diffusion",
-    "NoiseConfig": "noise",
-    "AutoencoderConfig": "autoencoder",
-    "SVAEConfig": "svae",
-    "DAEConfig": "dae",
-    "FAnoGANConfig": "fanogan",
-}
-
-
-def __getattr__(name: str) -> Any:
-    if name in _MOVED_SECTIONS:
-        return section_type(_MOVED_SECTIONS[name])
-    if name == "PRESETS":  # preset name -> a function that builds it
-        return {n: (lambda n=n: get_preset(n)) for n in preset_names()}
-    if name == "DISPLAY_NAMES":
-        _load_models()
-        return {n: p.row for n, (_, p) in _PRESETS.items()}
-    if name == "MODEL_DELTAS":  # before 0.5.0: model name -> delta; now the presets
-        _load_models()
-        return {n: p for n, (_, p) in _PRESETS.items()}
-    if name in ("TABLE1", "TABLE2"):
-        return presets_of_table(name[-1])
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-
-
 __all__ = [
-    "SECTIONS",
-    "SPECS",
-    "ModelSpec",
-    "PLUGIN_FAILURES",
-    "Preset",
-    "Section",
-    "register_preset",
-    "register_section",
-    "register_spec",
-    "with_update_budget",
+    "AMP_MODES",
+    "NYUL_PERCENTILES",
+    "SPEED_MODES",
     "AugmentConfig",
     "Config",
     "DataConfig",
     "GeometryConfig",
     "InferenceConfig",
-    "NYUL_PERCENTILES",
     "TrainConfig",
     "apply_overrides",
     "check_downsampling",
-    "check_own_preset",
+    "check_widths",
     "describe",
     "describe_size",
     "display_name",
-    "model_names",
-    "model_spec",
-    "preset_info",
-    "preset_name",
-    "preset_names",
-    "presets_of_table",
-    "section_type",
-    "split_preset_name",
     "from_dict",
     "get_preset",
     "load_config",
     "load_yaml",
+    "option_of",
+    "preset_names",
     "read_config_file",
+    "register_preset",
     "save_config",
     "to_dict",
     "validate",

@@ -2,9 +2,9 @@
 offline synthetic benchmark."""
 
 from .datasets import SliceSet, load_subject, load_volumes, slices_to_volume, volume_to_slices
-from .io import DataError, load_nifti, save_like
+from .io import DataError, Subject, load_nifti, save_like
 from .load import PreparedVolume, prepare_volume
-from .splits import Subject, read_folder, read_inputs, read_pddpm_split, read_subject_csv
+from .splits import read_folder, read_inputs, read_pddpm_split, read_subject_csv
 
 __all__ = [
     "DataError",

@@ -28,8 +28,7 @@ import json
 from collections.abc import Mapping
 from pathlib import Path
 
-from .io import DataError
-from .splits import Subject
+from .io import DataError, Subject
 
 NIFTI_EXTENSIONS = [".nii.gz", ".nii"]
 MATCH = ("subject", "session", "acquisition", "run")

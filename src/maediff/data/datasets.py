@@ -19,9 +19,8 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from ..config import DataConfig
-from .io import DataError, load_nifti
+from .io import DataError, Subject, load_nifti
 from .load import PreparedVolume, prepare_volume
-from .splits import Subject
 
 
 def load_subject(s: Subject, cfg: DataConfig) -> PreparedVolume:

@@ -1,4 +1,5 @@
-"""NIfTI input and output with nibabel, keeping affine and header.
+"""NIfTI input and output with nibabel, keeping affine and header, and `Subject`, the
+files of one scan (data/splits.py and data/bids.py find them).
 
 Every failure names the file and the problem; every write goes to a temporary
 file first and is renamed into place, so no half-written output is left behind.
@@ -8,6 +9,7 @@ from __future__ import annotations
 
 import gzip
 import zlib
+from dataclasses import dataclass
 from pathlib import Path
 
 import nibabel as nib
@@ -19,6 +21,18 @@ from ..outputs import temp_path
 
 class DataError(ValueError):
     """A data file that cannot be used, with the file named in the message."""
+
+
+@dataclass(frozen=True)
+class Subject:
+    """One scan: its image, and its brain mask and lesion segmentation where it has them."""
+
+    name: str
+    image: Path
+    mask: Path | None = None
+    seg: Path | None = None
+    label: int = 0  # 0 healthy, 1 with lesions
+    folder: str | None = None  # BIDS: the scan's folder in its data set (sub-01/ses-1/anat)
 
 
 NIFTI_SUFFIXES = (".nii", ".nii.gz")

@@ -227,20 +227,3 @@ def check_preprocess_outputs(subjects: Sequence, out_dir: str | Path, overwrite:
             f"{existing[0]} exists{more}; pass --overwrite to replace, or choose another "
             "output folder"
         )
-
-
-def __getattr__(name: str):
-    """Before 0.5.0 this module held the load-time processing, now data/load.py (and
-    this code was data/raw.py): old imports of those names still work, with a warning."""
-    from . import load
-
-    if not name.startswith("__") and hasattr(load, name):
-        import warnings
-
-        warnings.warn(
-            f"maediff.data.preprocess.{name} moved to maediff.data.load in 0.5.0",
-            DeprecationWarning,
-            stacklevel=2,
-        )
-        return getattr(load, name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -16,23 +16,13 @@ Two ways in, both giving a list of `Subject`:
 from __future__ import annotations
 
 import csv
-from dataclasses import dataclass
 from pathlib import Path
 
-from .io import NIFTI_SUFFIXES, DataError, is_nifti, nifti_stem
+from .bids import is_bids, read_bids
+from .io import NIFTI_SUFFIXES, DataError, Subject, is_nifti, nifti_stem
 
 DATASETS = {"ixi": "IXI", "brats21": "Brats21", "mslub": "MSLUB"}
 SPLITS = ("train", "val", "test")
-
-
-@dataclass(frozen=True)
-class Subject:
-    name: str
-    image: Path
-    mask: Path | None = None
-    seg: Path | None = None
-    label: int = 0  # 0 healthy, 1 with lesions
-    folder: str | None = None  # BIDS: the scan's folder in its data set (sub-01/ses-1/anat)
 
 
 def canonical_dataset(name: str) -> str:
@@ -181,8 +171,6 @@ def read_inputs(
     (a folder with dataset_description.json; `participants` and `lesions` select its
     scans, see data/bids.py)."""
     p = Path(path)
-    from .bids import is_bids, read_bids
-
     if is_bids(p):
         return read_bids(p, participants, lesions)
     if participants:

@@ -25,8 +25,8 @@ from dataclasses import dataclass, replace
 import torch
 from torch import Tensor
 
-from ..config import _check, register_section
 from ..device import to_device
+from ..registry import check, register_section
 
 
 @dataclass(frozen=True)
@@ -50,13 +50,13 @@ class NoiseConfig:
     bank_size: int = 0
 
     def __post_init__(self) -> None:
-        _check(
+        check(
             self.kind in ("simplex", "gaussian"),
             f"noise.kind={self.kind!r} must be 'simplex' or 'gaussian'",
         )
-        _check(self.octaves >= 1, f"noise.octaves={self.octaves} must be >= 1")
-        _check(self.frequency > 0, f"noise.frequency={self.frequency} must be > 0")
-        _check(self.bank_size >= 0, f"noise.bank_size={self.bank_size} must be >= 0")
+        check(self.octaves >= 1, f"noise.octaves={self.octaves} must be >= 1")
+        check(self.frequency > 0, f"noise.frequency={self.frequency} must be > 0")
+        check(self.bank_size >= 0, f"noise.bank_size={self.bank_size} must be >= 0")
 
 
 register_section(

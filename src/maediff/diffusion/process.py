@@ -13,8 +13,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from ..config import _check, register_section
 from ..device import to_device
+from ..registry import check, register_section
 
 
 @dataclass(frozen=True)
@@ -44,33 +44,33 @@ class DiffusionConfig:
     sigma_data: float = 0.5  # std of the images in the model range [-1, 1]
 
     def __post_init__(self) -> None:
-        _check(
+        check(
             0.0 <= self.background_weight <= 1.0,
             f"diffusion.background_weight={self.background_weight} must be in [0, 1]",
         )
-        _check(self.sigma_data > 0, f"diffusion.sigma_data={self.sigma_data} must be > 0")
-        _check(
+        check(self.sigma_data > 0, f"diffusion.sigma_data={self.sigma_data} must be > 0")
+        check(
             self.schedule in ("linear", "cosine"),
             f"diffusion.schedule={self.schedule!r} must be 'linear' or 'cosine'",
         )
         T = self.timesteps
-        _check(T >= 2, f"diffusion.timesteps={T} must be >= 2")
-        _check(
+        check(T >= 2, f"diffusion.timesteps={T} must be >= 2")
+        check(
             0 < self.beta_start < self.beta_end < 1,
             f"diffusion betas must satisfy 0 < beta_start ({self.beta_start}) < beta_end ({self.beta_end}) < 1",
         )
-        _check(1 <= self.t_test <= T, f"diffusion.t_test={self.t_test} must be in 1..{T}")
-        _check(
+        check(1 <= self.t_test <= T, f"diffusion.t_test={self.t_test} must be in 1..{T}")
+        check(
             1 <= self.sample_steps <= self.t_test,
             f"diffusion.sample_steps={self.sample_steps} must be in 1..t_test ({self.t_test})",
         )
-        _check(
+        check(
             1 <= self.t_train_min <= self.t_train_max <= T,
             f"diffusion training range t_train_min={self.t_train_min}..t_train_max={self.t_train_max} must lie in 1..{T}",
         )
 
 
-# the schedule is the paper's at every scale (see config._tiny_scale)
+# the schedule is the paper's at every scale (see scales._tiny_scale)
 register_section("diffusion", DiffusionConfig)
 
 

@@ -69,16 +69,6 @@ def exclusions(
     return out
 
 
-def combine_runs(summaries: Sequence[dict[str, dict[str, float]]]) -> dict[str, dict[str, float]]:
-    """Mean +- std over runs (folds or seeds) of each run's per-volume mean."""
-    keys = sorted(set().union(*(s.keys() for s in summaries))) if summaries else []
-    out = {}
-    for k in keys:
-        vals = np.array([s[k]["mean"] for s in summaries if k in s])
-        out[k] = {"mean": float(vals.mean()), "std": float(vals.std()), "n": int(vals.size)}
-    return out
-
-
 def write_atomic(path: Path, text: str) -> None:
     write_text_atomic(path, text)  # a temporary name (outputs.py), then one rename
 

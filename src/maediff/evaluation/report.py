@@ -23,37 +23,10 @@ from .metrics import precision_recall_curve  # noqa: E402
 from .tables import (  # noqa: E402
     ANOMALY_METRICS,
     HEALTHY_METRICS,
-    csv_table,
-    dataset_columns,
-    markdown_table,
 )
 
 ANOMALY_COLUMNS = tuple(m[:3] for m in ANOMALY_METRICS)  # (metric, header, scale)
 HEALTHY_COLUMNS = tuple(m[:3] for m in HEALTHY_METRICS)
-
-
-def _cell(summary: Mapping | None, key: str, scale: float) -> str:
-    if not summary or key not in summary:
-        return "-"
-    s = summary[key]
-    mean, std = s["mean"] * scale, s.get("std", 0.0) * scale
-    return f"{mean:.2f} ± {std:.2f}" if std else f"{mean:.2f}"
-
-
-def results_table(
-    rows: Sequence[Mapping], anomaly_sets: Sequence[str], healthy_sets: Sequence[str] = ()
-) -> tuple[str, str]:
-    """Rows of numbers already combined: {"model": name, DATASET: summary, ...} where a
-    summary maps metric -> {"mean", "std"} (the std shown where it is not 0). Returns
-    (Markdown, CSV) with columns dataset x metric. The report and the benchmark build
-    their tables from evaluation summaries instead (evaluation/tables.py)."""
-    columns = dataset_columns(anomaly_sets, healthy_sets)
-    header = ["Model", *(c.header for c in columns)]
-    body = [
-        [str(r["model"])] + [_cell(r.get(c.dataset), c.metric, c.scale) for c in columns]
-        for r in rows
-    ]
-    return markdown_table(header, body), csv_table(header, body)
 
 
 def pick_slices(segmentation: np.ndarray | None, scores: np.ndarray, n: int = 3) -> list[int]:

@@ -1,15 +1,15 @@
-"""The model registry: every row of the paper's Tables 1 and 2 is a registered class
-plus a preset (a named configuration of it).
+"""The models: every row of the paper's Tables 1 and 2 is a registered class plus a
+preset (a named configuration of it).
 
     model = build_model(get_preset("dae-cpu"))     # cfg.model == "dae"
 
 A model is one module: its configuration section (a dataclass declared with
-config.register_section, with what each scale makes of it) and its class with
+registry.register_section, with what each scale makes of it) and its class with
 
     @register_model("dae", sections=("dae",), presets=(Preset("dae", "DAE", ...),),
                     check=..., describe=...)
 
-Every module of this package is imported when the registry loads, so a new built-in
+Every module of this package is imported with it, so a new built-in
 model is one new file. The configuration, validation, presets, row names, the paper's
 tables, the CLI and the benchmark read the model from there; the trainer, checkpoints, detection and the
 evaluation need no change. A model of another package registers the same way from its
@@ -19,51 +19,11 @@ own module, named by an entry point of the group `maediff.models` (docs/plugins.
 from __future__ import annotations
 
 import warnings
-from collections.abc import Callable
 
-from .. import config
-from ..config import Config, ModelSpec, Preset, check_own_preset, register_spec
+from .. import registry
+from ..registry import Preset, check_own_preset
 from .base import AnomalyModel, OptimizerGroup, Phase, count_parameters
-
-MODELS: dict[str, type[AnomalyModel]] = {}
-
-
-def register_model(
-    name: str,
-    *,
-    sections: tuple[str, ...] = (),
-    presets: tuple[Preset, ...] = (),
-    check: Callable[[Config], None] | None = None,
-    describe: Callable[[Config], str] | None = None,
-    update_budget: Callable[[Config, int], Config] | None = None,
-    options: tuple[str, ...] = (),
-) -> Callable[[type[AnomalyModel]], type[AnomalyModel]]:
-    """Register an AnomalyModel subclass as model `name` (a Config's `model`), with
-    everything the configuration needs to know of it (config.ModelSpec): the config
-    sections it reads, its presets, its cross-section checks and its description."""
-
-    def add(cls: type[AnomalyModel]) -> type[AnomalyModel]:
-        if name in MODELS:
-            raise ValueError(f"model {name!r} is registered twice")
-        if not (isinstance(cls, type) and issubclass(cls, AnomalyModel)):
-            raise TypeError(f"register_model({name!r}) needs an AnomalyModel subclass, got {cls!r}")
-        register_spec(
-            ModelSpec(
-                name,
-                tuple(sections),
-                tuple(presets),
-                check,
-                describe,
-                update_budget,
-                tuple(options),
-            )
-        )
-        MODELS[name] = cls
-        cls.registry_name = name
-        return cls
-
-    return add
-
+from .register import MODELS, build_model, register_model
 
 PLUGIN_GROUP = "maediff.models"
 
@@ -81,7 +41,7 @@ def load_plugins() -> list[str]:
     model, a preset name against the rules, a model without a preset of its own name)
     costs only itself: what it registered is taken back, a PluginWarning names its
     package and how to remove it, and asking for its model later says why it is
-    missing (config.PLUGIN_FAILURES)."""
+    missing (registry.PLUGIN_FAILURES)."""
     from importlib.metadata import entry_points
 
     loaded = []
@@ -104,9 +64,9 @@ def load_plugins() -> list[str]:
 def _registered() -> dict[str, set[str]]:
     return {
         "models": set(MODELS),
-        "specs": set(config.SPECS),
-        "sections": set(config.SECTIONS),
-        "presets": set(config._PRESETS),
+        "specs": set(registry.SPECS),
+        "sections": set(registry.SECTIONS),
+        "presets": set(registry.PRESETS),
     }
 
 
@@ -114,9 +74,9 @@ def _forget_since(before: dict[str, set[str]]) -> None:
     """Take back what a failed plug-in registered."""
     for name, table in (
         ("models", MODELS),
-        ("specs", config.SPECS),
-        ("sections", config.SECTIONS),
-        ("presets", config._PRESETS),
+        ("specs", registry.SPECS),
+        ("sections", registry.SECTIONS),
+        ("presets", registry.PRESETS),
     ):
         for key in set(table) - before[name]:
             del table[key]
@@ -129,22 +89,12 @@ def _report_plugin_failure(ep, e: Exception) -> None:
         f"the {PLUGIN_GROUP} plug-in {ep.name!r} of package {package} ({ep.value}) failed to "
         f"load: {type(e).__name__}: {reason}"
     )
-    config.PLUGIN_FAILURES[ep.name] = line
+    registry.PLUGIN_FAILURES[ep.name] = line
     warnings.warn(
         f"{line}; its models are left out (remove it with: pip uninstall {package})",
         PluginWarning,
         stacklevel=3,
     )
-
-
-def build_model(cfg: Config) -> AnomalyModel:
-    if cfg.model not in MODELS:
-        note = config.PLUGIN_FAILURES.get(cfg.model)
-        raise ValueError(
-            f"model={cfg.model!r} is not registered; choose one of {sorted(MODELS)}"
-            + (f"; {note}" if note else "")
-        )
-    return MODELS[cfg.model](cfg)
 
 
 def _import_builtin_models() -> None:

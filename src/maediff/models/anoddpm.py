@@ -16,10 +16,13 @@ from dataclasses import replace
 import torch
 from torch import Tensor
 
-from ..config import Config, Preset
-from . import register_model
+from ..config import Config
+from ..diffusion.process import DiffusionConfig
+from ..registry import Preset
 from .base import Reconstruction, batched
 from .maediff import MAEDiff, check_unet, describe_diffusion, from_model_range, to_model_range
+from .register import register_model
+from .unet import UNetConfig
 
 
 def _whole_slice(cfg: Config) -> Config:
@@ -29,7 +32,7 @@ def _whole_slice(cfg: Config) -> Config:
     return replace(
         cfg,
         geometry=replace(g, patch_size=g.image_size),
-        unet=replace(cfg.unet, attention_levels=()),
+        unet=replace(cfg.section(UNetConfig), attention_levels=()),
     )
 
 
@@ -55,7 +58,10 @@ class AnoDDPM(MAEDiff):
 
     def timesteps(self) -> list[int]:
         """t_test, then sample_steps - 1 evenly spaced lower timesteps, then 0 (= done)."""
-        t0, n = self.cfg.diffusion.t_test, self.cfg.diffusion.sample_steps
+        t0, n = (
+            self.cfg.section(DiffusionConfig).t_test,
+            self.cfg.section(DiffusionConfig).sample_steps,
+        )
         ts = torch.linspace(t0, 0, n + 1).round().long().tolist()
         return sorted(set(ts), reverse=True)
 
@@ -64,7 +70,7 @@ class AnoDDPM(MAEDiff):
         slices without brain are not computed (the driver keeps their input). In the
         iterative process each computed slice's noise comes from `run.noise` or is
         drawn, and progress counts slices per reverse step."""
-        if self.cfg.diffusion.sample_steps == 1:
+        if self.cfg.section(DiffusionConfig).sample_steps == 1:
             return super().reconstruct_slices(slices, run)
         keep = run.has_brain
         out = slices.clone()

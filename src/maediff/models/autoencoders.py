@@ -25,17 +25,10 @@ from dataclasses import dataclass, replace
 import torch
 from torch import Tensor, nn
 
-from ..config import (
-    Config,
-    Preset,
-    _check,
-    _positive_widths,
-    check_downsampling,
-    describe_size,
-    register_section,
-)
-from . import register_model
+from ..config import Config, check_downsampling, check_widths, describe_size
+from ..registry import Preset, check, register_section
 from .base import AnomalyModel
+from .register import register_model
 
 
 @dataclass(frozen=True)
@@ -54,15 +47,15 @@ class AutoencoderConfig:
     dropout: float = 0.2  # on the dense bottleneck while training (Baur: 0.2)
 
     def __post_init__(self) -> None:
-        _positive_widths("autoencoder.channels", self.channels)
-        _check(
+        check_widths("autoencoder.channels", self.channels)
+        check(
             self.kernel_size >= 1 and self.kernel_size % 2 == 1,
             f"autoencoder.kernel_size={self.kernel_size} must be odd and >= 1",
         )
-        _check(self.latent_dim >= 1, f"autoencoder.latent_dim={self.latent_dim} must be >= 1")
-        _check(self.loss in ("l1", "l2"), f"autoencoder.loss={self.loss!r} must be 'l1' or 'l2'")
-        _check(self.kl_weight >= 0, f"autoencoder.kl_weight={self.kl_weight} must be >= 0")
-        _check(0 <= self.dropout < 1, f"autoencoder.dropout={self.dropout} must be in [0, 1)")
+        check(self.latent_dim >= 1, f"autoencoder.latent_dim={self.latent_dim} must be >= 1")
+        check(self.loss in ("l1", "l2"), f"autoencoder.loss={self.loss!r} must be 'l1' or 'l2'")
+        check(self.kl_weight >= 0, f"autoencoder.kl_weight={self.kl_weight} must be >= 0")
+        check(0 <= self.dropout < 1, f"autoencoder.dropout={self.dropout} must be in [0, 1)")
 
 
 register_section(
@@ -177,12 +170,12 @@ class ConvAutoencoder(nn.Module):
 
 
 def _describe_ae(cfg: Config) -> str:
-    a = cfg.autoencoder
+    a = cfg.section(AutoencoderConfig)
     return f"{describe_size(cfg)}, conv {list(a.channels)}, z={a.latent_dim}"
 
 
 def check_autoencoder(cfg: Config) -> None:
-    check_downsampling(cfg, "autoencoder.channels", len(cfg.autoencoder.channels))
+    check_downsampling(cfg, "autoencoder.channels", len(cfg.section(AutoencoderConfig).channels))
 
 
 @register_model(
@@ -200,14 +193,16 @@ class AE(AnomalyModel):
 
     def __init__(self, cfg: Config):
         super().__init__(cfg)
-        self.net = ConvAutoencoder(cfg.autoencoder, cfg.geometry.image_size, self.variational)
+        self.net = ConvAutoencoder(
+            cfg.section(AutoencoderConfig), cfg.geometry.image_size, self.variational
+        )
 
     def objective(
         self, x0: Tensor, generator: torch.Generator | None, eps: Tensor | None, train: bool
     ) -> Tensor:
         """Baur's loss, per pixel; `train` switches the bottleneck dropout on."""
         self.check_images(x0)
-        a = self.cfg.autoencoder
+        a = self.cfg.section(AutoencoderConfig)
         mu, logvar = self.net.encode(x0)
         z = mu if logvar is None else reparameterise(mu, logvar, generator, eps)
         rec = self.net.decode(z, a.dropout if train else 0.0, generator)

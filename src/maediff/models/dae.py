@@ -20,19 +20,12 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..config import (
-    Config,
-    Preset,
-    _check,
-    _positive_widths,
-    check_downsampling,
-    describe_size,
-    register_section,
-)
+from ..config import Config, check_downsampling, check_widths, describe_size
 from ..device import to_device
-from . import register_model
+from ..registry import Preset, check, register_section
 from .autoencoders import check_group
 from .base import AnomalyModel
+from .register import register_model
 
 
 @dataclass(frozen=True)
@@ -45,9 +38,9 @@ class DAEConfig:
     channels: tuple[int, ...] = (64, 128, 256, 512)
 
     def __post_init__(self) -> None:
-        _positive_widths("dae.channels", self.channels)
-        _check(self.noise_res >= 1, f"dae.noise_res={self.noise_res} must be >= 1")
-        _check(self.noise_std >= 0, f"dae.noise_std={self.noise_std} must be >= 0")
+        check_widths("dae.channels", self.channels)
+        check(self.noise_res >= 1, f"dae.noise_res={self.noise_res} must be >= 1")
+        check(self.noise_std >= 0, f"dae.noise_std={self.noise_std} must be >= 0")
 
 
 register_section(
@@ -114,14 +107,15 @@ class PlainUNet(nn.Module):
 
 def _check_dae(cfg: Config) -> None:
     H = cfg.geometry.image_size
-    _check(
-        cfg.dae.noise_res <= H, f"dae.noise_res={cfg.dae.noise_res} must be in 1..image_size ({H})"
+    check(
+        cfg.section(DAEConfig).noise_res <= H,
+        f"dae.noise_res={cfg.section(DAEConfig).noise_res} must be in 1..image_size ({H})",
     )
-    check_downsampling(cfg, "dae.channels", len(cfg.dae.channels) - 1)
+    check_downsampling(cfg, "dae.channels", len(cfg.section(DAEConfig).channels) - 1)
 
 
 def _describe_dae(cfg: Config) -> str:
-    d = cfg.dae
+    d = cfg.section(DAEConfig)
     return (
         f"{describe_size(cfg)}, U-Net {list(d.channels)}, "
         f"coarse noise {d.noise_res}x{d.noise_res} std {d.noise_std}"
@@ -148,12 +142,12 @@ class DAE(AnomalyModel):
 
     def __init__(self, cfg: Config):
         super().__init__(cfg)
-        self.net = PlainUNet(cfg.dae.channels)
+        self.net = PlainUNet(cfg.section(DAEConfig).channels)
 
     def coarse_noise(self, n: int, generator: torch.Generator | None) -> Tensor:
         """(n, 1, H, W): noise_res^2 Gaussian values, bilinearly upsampled, rolled by a
         random offset per image (all draws on the CPU from `generator`)."""
-        d, H = self.cfg.dae, self.cfg.geometry.image_size
+        d, H = self.cfg.section(DAEConfig), self.cfg.geometry.image_size
         low = torch.randn(n, 1, d.noise_res, d.noise_res, generator=generator) * d.noise_std
         noise = F.interpolate(low, size=(H, H), mode="bilinear", align_corners=True)
         shifts = torch.randint(H, (n, 2), generator=generator).tolist()

@@ -25,18 +25,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..config import (
-    Config,
-    Preset,
-    _check,
-    _positive_widths,
-    check_downsampling,
-    describe_size,
-    register_section,
-)
-from . import register_model
+from ..config import Config, check_downsampling, check_widths, describe_size
+from ..registry import Preset, check, register_section
 from .autoencoders import check_group
 from .base import AnomalyModel, OptimizerGroup, Phase
+from .register import register_model
 
 
 @dataclass(frozen=True)
@@ -56,25 +49,25 @@ class FAnoGANConfig:
     encoder_lr: float = 5e-5  # learning rate of the encoder stage (Schlegl: 5e-5)
 
     def __post_init__(self) -> None:
-        _positive_widths("fanogan.channels", self.channels)
-        _check(
+        check_widths("fanogan.channels", self.channels)
+        check(
             len(self.channels) >= 2, f"fanogan.channels={self.channels!r} needs at least 2 entries"
         )
-        _check(self.latent_dim >= 1, f"fanogan.latent_dim={self.latent_dim} must be >= 1")
-        _check(self.n_critic >= 1, f"fanogan.n_critic={self.n_critic} must be >= 1")
-        _check(self.gp_weight >= 0, f"fanogan.gp_weight={self.gp_weight} must be >= 0")
-        _check(
+        check(self.latent_dim >= 1, f"fanogan.latent_dim={self.latent_dim} must be >= 1")
+        check(self.n_critic >= 1, f"fanogan.n_critic={self.n_critic} must be >= 1")
+        check(self.gp_weight >= 0, f"fanogan.gp_weight={self.gp_weight} must be >= 0")
+        check(
             self.feature_weight >= 0, f"fanogan.feature_weight={self.feature_weight} must be >= 0"
         )
-        _check(
+        check(
             0.0 < self.gan_fraction < 1.0,
             f"fanogan.gan_fraction={self.gan_fraction} must be in (0, 1)",
         )
-        _check(
+        check(
             0 <= self.beta1 < 1 and 0 <= self.beta2 < 1,
             f"fanogan betas ({self.beta1}, {self.beta2}) must be in [0, 1)",
         )
-        _check(self.encoder_lr > 0, f"fanogan.encoder_lr={self.encoder_lr} must be > 0")
+        check(self.encoder_lr > 0, f"fanogan.encoder_lr={self.encoder_lr} must be > 0")
 
 
 register_section(
@@ -166,11 +159,11 @@ class Generator(nn.Module):
 
 
 def _check_fanogan(cfg: Config) -> None:
-    check_downsampling(cfg, "fanogan.channels", len(cfg.fanogan.channels) - 1)
+    check_downsampling(cfg, "fanogan.channels", len(cfg.section(FAnoGANConfig).channels) - 1)
 
 
 def _describe_fanogan(cfg: Config) -> str:
-    f = cfg.fanogan
+    f = cfg.section(FAnoGANConfig)
     return (
         f"{describe_size(cfg)}, WGAN-GP + izi_f encoder, "
         f"widths {list(f.channels)}, z={f.latent_dim}"
@@ -181,11 +174,11 @@ def fanogan_update_budget(cfg: Config, updates: int) -> Config:
     """`updates` generator and encoder updates (docs/baselines.md §Budgets): the WGAN
     cycles n_critic critic steps and one generator step, so (n_critic + 1) * updates
     GAN steps, then `updates` encoder steps."""
-    gan = (cfg.fanogan.n_critic + 1) * updates
+    gan = (cfg.section(FAnoGANConfig).n_critic + 1) * updates
     return replace(
         cfg,
         train=replace(cfg.train, max_steps=gan + updates),
-        fanogan=replace(cfg.fanogan, gan_fraction=gan / (gan + updates)),
+        fanogan=replace(cfg.section(FAnoGANConfig), gan_fraction=gan / (gan + updates)),
     )
 
 
@@ -202,7 +195,7 @@ class FAnoGAN(AnomalyModel):
 
     def __init__(self, cfg: Config):
         super().__init__(cfg)
-        f, H = cfg.fanogan, cfg.geometry.image_size
+        f, H = cfg.section(FAnoGANConfig), cfg.geometry.image_size
         self.generator = Generator(f.latent_dim, f.channels, H)
         self.critic = DownNet(f.channels, H, layer_norm, 1)
         self.encoder = DownNet(f.channels, H, nn.BatchNorm2d, f.latent_dim)
@@ -211,14 +204,14 @@ class FAnoGAN(AnomalyModel):
 
     @property
     def phases(self) -> tuple[Phase, ...]:
-        f = self.cfg.fanogan
+        f = self.cfg.section(FAnoGANConfig)
         return (
             Phase("gan", f.gan_fraction, ("critic",) * f.n_critic + ("generator",)),
             Phase("encoder", 1.0 - f.gan_fraction, ("encoder",)),
         )
 
     def optimizer_groups(self) -> dict[str, OptimizerGroup]:
-        f = self.cfg.fanogan
+        f = self.cfg.section(FAnoGANConfig)
         betas = (f.beta1, f.beta2)
         return {
             "critic": OptimizerGroup(list(self.critic.parameters()), betas=betas),
@@ -236,7 +229,7 @@ class FAnoGAN(AnomalyModel):
     def sample_z(
         self, n: int, generator: torch.Generator | None, z: Tensor | None, device
     ) -> Tensor:
-        D = self.cfg.fanogan.latent_dim
+        D = self.cfg.section(FAnoGANConfig).latent_dim
         if z is None:
             z = torch.randn(n, D, generator=generator)
         elif z.shape != (n, D):
@@ -251,7 +244,7 @@ class FAnoGAN(AnomalyModel):
         (grad,) = torch.autograd.grad(self.critic(inter).sum(), inter, create_graph=True)
         penalty = (grad.float().flatten(1).norm(dim=1) - 1).pow(2).mean()
         wasserstein = self.critic(fake).float().mean() - self.critic(x).float().mean()
-        return wasserstein + self.cfg.fanogan.gp_weight * penalty
+        return wasserstein + self.cfg.section(FAnoGANConfig).gp_weight * penalty
 
     def encode(self, x: Tensor) -> Tensor:
         """x in [-1, 1] -> z = tanh(E(x)) (Schlegl's "tanh_fc")."""
@@ -264,9 +257,9 @@ class FAnoGAN(AnomalyModel):
         with torch.no_grad():
             target = self.critic.features(x).float()
         features = self.critic.features(rec).float()
-        return F.mse_loss(rec.float(), x.float()) + self.cfg.fanogan.feature_weight * F.mse_loss(
-            features, target
-        )
+        return F.mse_loss(rec.float(), x.float()) + self.cfg.section(
+            FAnoGANConfig
+        ).feature_weight * F.mse_loss(features, target)
 
     def loss(
         self,

@@ -21,7 +21,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..config import GeometryConfig, _check, register_section
+from ..config import GeometryConfig
+from ..registry import check, register_section
 
 
 @dataclass(frozen=True)
@@ -52,19 +53,19 @@ class MAEConfig:
     token_norm: bool = False
 
     def __post_init__(self) -> None:
-        _check(
+        check(
             self.tokens in ("features", "clean"),
             f"mae.tokens={self.tokens!r} must be 'features' or 'clean'",
         )
-        _check(
+        check(
             self.enc_dim % self.enc_heads == 0,
             f"mae.enc_heads={self.enc_heads} does not divide mae.enc_dim={self.enc_dim}",
         )
-        _check(
+        check(
             self.dec_dim % self.dec_heads == 0,
             f"mae.dec_heads={self.dec_heads} does not divide mae.dec_dim={self.dec_dim}",
         )
-        _check(
+        check(
             self.enc_depth >= 1 and self.dec_depth >= 1,
             f"mae depths must be >= 1 (enc_depth={self.enc_depth}, dec_depth={self.dec_depth})",
         )

@@ -17,14 +17,16 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ..config import Config, Preset, _check
+from ..config import Config
 from ..device import to_device
-from ..diffusion.noise import NoiseSampler
+from ..diffusion.noise import NoiseConfig, NoiseSampler
 from ..diffusion.patches import PatchGrid
-from ..diffusion.process import GaussianDiffusion
-from . import register_model
+from ..diffusion.process import DiffusionConfig, GaussianDiffusion
+from ..registry import Preset, check, models_with
 from .base import AnomalyModel, Reconstruction
-from .unet import UNet
+from .mae import MAEConfig
+from .register import register_model
+from .unet import UNet, UNetConfig
 
 
 def to_model_range(x: Tensor) -> Tensor:
@@ -37,37 +39,44 @@ def from_model_range(x: Tensor) -> Tensor:
 
 def check_unet(cfg: Config) -> None:
     """The U-Net against the image size (both diffusion models)."""
-    downs = 2 ** (len(cfg.unet.channel_mult) - 1)
+    downs = 2 ** (len(cfg.section(UNetConfig).channel_mult) - 1)
     H = cfg.geometry.image_size
-    _check(
+    check(
         H % downs == 0, f"image_size {H} must be divisible by the U-Net downsampling factor {downs}"
     )
 
 
 def _check_maediff(cfg: Config) -> None:
     check_unet(cfg)
-    if cfg.mae.enabled:
-        downs = 2 ** (len(cfg.unet.channel_mult) - 1)
+    steps = cfg.section(DiffusionConfig).sample_steps
+    check(
+        steps == 1,
+        f"diffusion.sample_steps={steps}: iterative sampling is an option of model "
+        f"{' / '.join(models_with('iterative_sampling'))} (model={cfg.model!r}), "
+        "this one reconstructs in one step",
+    )
+    if cfg.section(MAEConfig).enabled:
+        downs = 2 ** (len(cfg.section(UNetConfig).channel_mult) - 1)
         H, p = cfg.geometry.image_size, cfg.geometry.patch_size
-        _check(
+        check(
             downs == 4,
-            f"the MAE needs the U-Net encoder output at H/4, but channel_mult={cfg.unet.channel_mult} gives H/{downs}",
+            f"the MAE needs the U-Net encoder output at H/4, but channel_mult={cfg.section(UNetConfig).channel_mult} gives H/{downs}",
         )
-        _check(
+        check(
             p < H,
             f"with the MAE enabled the patch (p={p}) must leave visible cells in the image ({H})",
         )
 
 
 def describe_diffusion(cfg: Config) -> str:
-    g, u, d = cfg.geometry, cfg.unet, cfg.diffusion
-    mae = cfg.section("mae")
+    g, u, d = cfg.geometry, cfg.section(UNetConfig), cfg.section(DiffusionConfig)
+    mae = cfg.section(MAEConfig) if cfg.holds(MAEConfig) else None
     return (
         f"{cfg.name}: {g.image_size}x{g.image_size}, p={g.patch_size} s={g.stride} r={g.grid_size} "
         f"(K={g.num_patches}, N={g.num_cells}), U-Net {u.model_channels}x{list(u.channel_mult)}"
         f" x{u.num_res_blocks}, att={list(u.attention_levels)}, "
         f"MAE={'on' if mae is not None and mae.enabled else 'off'}, "
-        f"{d.schedule} T={d.timesteps} t_test={d.t_test}, noise={cfg.noise.kind}"
+        f"{d.schedule} T={d.timesteps} t_test={d.t_test}, noise={cfg.section(NoiseConfig).kind}"
     )
 
 
@@ -75,8 +84,8 @@ def variant(cfg: Config, *, mae: bool, attention: bool, stride: int | None = Non
     """Table 2: U-Net (+ global attention at H/2, H/4) (+ MAE); pDDPM = U-Net, no MAE."""
     cfg = replace(
         cfg,
-        mae=replace(cfg.mae, enabled=mae),
-        unet=replace(cfg.unet, attention_levels=(2, 4) if attention else ()),
+        mae=replace(cfg.section(MAEConfig), enabled=mae),
+        unet=replace(cfg.section(UNetConfig), attention_levels=(2, 4) if attention else ()),
     )
     return replace(cfg, geometry=replace(cfg.geometry, stride=stride or cfg.geometry.stride))
 
@@ -145,16 +154,18 @@ class MAEDiff(AnomalyModel):
     def __init__(self, cfg: Config):
         super().__init__(cfg)
         g = cfg.geometry
-        mae = cfg.section("mae")  # AnoDDPM, a subclass, has none
-        self.net = UNet(cfg.unet, g, mae if mae is not None and mae.enabled else None)
-        self.diffusion = GaussianDiffusion(cfg.diffusion)
+        mae = cfg.section(MAEConfig) if cfg.holds(MAEConfig) else None  # AnoDDPM has none
+        self.net = UNet(
+            cfg.section(UNetConfig), g, mae if mae is not None and mae.enabled else None
+        )
+        self.diffusion = GaussianDiffusion(cfg.section(DiffusionConfig))
         self.grid = PatchGrid(g)
-        self.noise = NoiseSampler(cfg.noise, (g.image_size, g.image_size))
+        self.noise = NoiseSampler(cfg.section(NoiseConfig), (g.image_size, g.image_size))
         self.register_buffer(
             "patch_masks", self.grid.patch_masks(), persistent=False
         )  # (K, 1, H, W)
         self.register_buffer("masked_cells", self.grid.masked_cells(), persistent=False)  # (K, N)
-        self.noise_std = self._noise_std() if cfg.diffusion.precondition else 1.0
+        self.noise_std = self._noise_std() if cfg.section(DiffusionConfig).precondition else 1.0
         self.last_guided: dict | None = None  # the last guided pass, for inspection
         # every patch covers the same (p/r)^2 cells: the MAE's visible count is known here,
         # so no step reads the mask back from the GPU to count it
@@ -182,12 +193,14 @@ class MAEDiff(AnomalyModel):
         and output scale that make its output an x0 estimate (else None, None)."""
         visible = ~self.masked_cells[k] if self.net.mae is not None else None
         cond = None
-        if self.cfg.unet.condition_channels:
+        if self.cfg.section(UNetConfig).condition_channels:
             m = self.patch_masks[k].to(x0.dtype)
             cond = torch.cat([x0 * (1 - m), m], dim=1)
         t = t.to(x_tilde.device)
-        clean = x0 if visible is not None and self.cfg.mae.tokens == "clean" else None
-        if not self.cfg.diffusion.precondition:
+        clean = (
+            x0 if visible is not None and self.cfg.section(MAEConfig).tokens == "clean" else None
+        )
+        if not self.cfg.section(DiffusionConfig).precondition:
             return (x_tilde, t, visible, cond, self.num_visible, clean), None, None
         net_in, skip, c_out = self.precondition(x_tilde, t, k)
         return (net_in, t, visible, cond, self.num_visible, clean), skip, c_out
@@ -205,7 +218,7 @@ class MAEDiff(AnomalyModel):
         sigma_data); outside the patch the clean input passes as it is."""
         m = self.patch_masks[k] > 0
         a, b = self.diffusion.coefficients(t, x_tilde)
-        sd, sn = self.cfg.diffusion.sigma_data, self.noise_std
+        sd, sn = self.cfg.section(DiffusionConfig).sigma_data, self.noise_std
         c_in = (a * a * sd * sd + b * b * sn * sn).rsqrt()
         net_in = torch.where(m, x_tilde * c_in, x_tilde)
         skip = torch.where(m, x_tilde * a * sd * sd * c_in * c_in, x_tilde)
@@ -252,7 +265,7 @@ class MAEDiff(AnomalyModel):
         """Eq. 9: the mean of |x - pred| over the noised patch's pixels (m: (B, 1, H, W)).
         With diffusion.background_weight w < 1 a background pixel (x0 = 0) counts w
         times a brain pixel (a weighted mean; w = 1 is the paper's plain mean)."""
-        w = self.cfg.diffusion.background_weight
+        w = self.cfg.section(DiffusionConfig).background_weight
         if w < 1.0:
             m = m * torch.where(x0 > 0, 1.0, w).to(m.dtype)
         return ((x - pred).abs() * m).sum() / m.sum().clamp_min(1e-8)
@@ -317,11 +330,11 @@ class MAEDiff(AnomalyModel):
         """t of every ensemble member, member-major: each t of inference.ensemble_t
         (or diffusion.t_test) `ensemble_draws` times."""
         inf = self.cfg.inference
-        ts = inf.ensemble_t or (self.cfg.diffusion.t_test,)
+        ts = inf.ensemble_t or (self.cfg.section(DiffusionConfig).t_test,)
         for t in ts:
-            if not 1 <= t <= self.cfg.diffusion.timesteps:
+            if not 1 <= t <= self.cfg.section(DiffusionConfig).timesteps:
                 raise ValueError(
-                    f"inference.ensemble_t holds {t}, outside 1..{self.cfg.diffusion.timesteps}"
+                    f"inference.ensemble_t holds {t}, outside 1..{self.cfg.section(DiffusionConfig).timesteps}"
                 )
         return [t for t in ts for _ in range(inf.ensemble_draws)]
 

@@ -18,9 +18,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..config import Config, Preset, _check, check_downsampling, register_section
-from . import register_model
+from ..config import Config, check_downsampling
+from ..registry import Preset, check, register_section
 from .autoencoders import (
+    AutoencoderConfig,
     ConvAutoencoder,
     _describe_ae,
     check_group,
@@ -30,6 +31,7 @@ from .autoencoders import (
     reparameterise,
 )
 from .base import AnomalyModel, Reconstruction, batched
+from .register import register_model
 from .unet import timestep_embedding
 
 
@@ -43,10 +45,10 @@ class SVAEConfig:
     dropout: float = 0.1  # on the residual branches while training
 
     def __post_init__(self) -> None:
-        _check(self.depth >= 1, f"svae.depth={self.depth} must be >= 1")
-        _check(self.heads >= 1, f"svae.heads={self.heads} must be >= 1")
-        _check(self.mlp_ratio > 0, f"svae.mlp_ratio={self.mlp_ratio} must be > 0")
-        _check(0 <= self.dropout < 1, f"svae.dropout={self.dropout} must be in [0, 1)")
+        check(self.depth >= 1, f"svae.depth={self.depth} must be >= 1")
+        check(self.heads >= 1, f"svae.heads={self.heads} must be >= 1")
+        check(self.mlp_ratio > 0, f"svae.mlp_ratio={self.mlp_ratio} must be > 0")
+        check(0 <= self.dropout < 1, f"svae.dropout={self.dropout} must be in [0, 1)")
 
 
 register_section(
@@ -99,10 +101,10 @@ class SliceContext(nn.Module):
 
 
 def _check_svae(cfg: Config) -> None:
-    a = cfg.autoencoder
-    _check(
-        a.latent_dim % cfg.svae.heads == 0,
-        f"svae.heads={cfg.svae.heads} must divide autoencoder.latent_dim={a.latent_dim}",
+    a = cfg.section(AutoencoderConfig)
+    check(
+        a.latent_dim % cfg.section(SVAEConfig).heads == 0,
+        f"svae.heads={cfg.section(SVAEConfig).heads} must divide autoencoder.latent_dim={a.latent_dim}",
     )
     check_downsampling(cfg, "autoencoder.channels", len(a.channels))
 
@@ -128,8 +130,12 @@ class SVAE(AnomalyModel):
 
     def __init__(self, cfg: Config):
         super().__init__(cfg)
-        self.net = ConvAutoencoder(cfg.autoencoder, cfg.geometry.image_size, variational=True)
-        self.context = SliceContext(cfg.svae, cfg.autoencoder.latent_dim)
+        self.net = ConvAutoencoder(
+            cfg.section(AutoencoderConfig), cfg.geometry.image_size, variational=True
+        )
+        self.context = SliceContext(
+            cfg.section(SVAEConfig), cfg.section(AutoencoderConfig).latent_dim
+        )
 
     def check_volumes(self, x: Tensor) -> None:
         if x.dim() != 5:
@@ -144,12 +150,14 @@ class SVAE(AnomalyModel):
     ) -> Tensor:
         """x0: (B, S, 1, H, W) -> the VAE loss per pixel, averaged over all B * S slices."""
         self.check_volumes(x0)
-        a, B, S = self.cfg.autoencoder, x0.shape[0], x0.shape[1]
+        a, B, S = self.cfg.section(AutoencoderConfig), x0.shape[0], x0.shape[1]
         x = x0.flatten(0, 1)  # (B S, 1, H, W)
         p = a.dropout if train else 0.0
         mu, logvar = self.net.encode(x)
         z = reparameterise(mu, logvar, generator, None if eps is None else eps.reshape(mu.shape))
-        z = self.context(z.view(B, S, -1), self.cfg.svae.dropout if train else 0.0, generator)
+        z = self.context(
+            z.view(B, S, -1), self.cfg.section(SVAEConfig).dropout if train else 0.0, generator
+        )
         rec = self.net.decode(z.flatten(0, 1), p, generator)
         per_slice = reconstruction_error(x, rec, a.loss)
         per_slice = per_slice + a.kl_weight * kl_divergence(mu.float(), logvar.float())
@@ -178,7 +186,7 @@ class SVAE(AnomalyModel):
         """All S slices of one volume (S, 1, H, W) -> (S, 1, H, W): posterior means of every
         slice, the transformer over the whole sequence (slices without brain included:
         they are the context), then the decoder per slice with brain."""
-        mu = [torch.zeros(0, self.cfg.autoencoder.latent_dim, device=run.device)]
+        mu = [torch.zeros(0, self.cfg.section(AutoencoderConfig).latent_dim, device=run.device)]
         for b in batched(slices.shape[0], run.batch_size):
             with run.autocast():
                 mu.append(self.net.encode(slices[b])[0].float())

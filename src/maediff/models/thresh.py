@@ -7,9 +7,9 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from ..config import Preset
-from . import register_model
+from ..registry import Preset
 from .base import AnomalyModel
+from .register import register_model
 
 
 @register_model(

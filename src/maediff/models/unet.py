@@ -20,7 +20,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..config import GeometryConfig, _check, register_section
+from ..config import GeometryConfig
+from ..registry import check, register_section
 from .mae import MAE, MAEConfig
 
 
@@ -48,11 +49,11 @@ class UNetConfig:
     up_width: str = "same"
 
     def __post_init__(self) -> None:
-        _check(
+        check(
             self.up_width in ("same", "next"),
             f"unet.up_width={self.up_width!r} must be 'same' or 'next'",
         )
-        _check(
+        check(
             self.model_channels > 0 and len(self.channel_mult) > 0,
             f"unet.channel_mult={self.channel_mult!r} must be non-empty",
         )
@@ -62,21 +63,21 @@ class UNetConfig:
             i for i in range(len(self.channel_mult)) if 2**i in self.attention_levels
         }
         for i, w in enumerate(self.model_channels * k for k in self.channel_mult):
-            _check(
+            check(
                 w % self.norm_groups == 0,
                 f"unet.norm_groups={self.norm_groups} does not divide channel width {w}",
             )
-            _check(
+            check(
                 i not in attended or w % self.num_head_channels == 0,
                 f"unet.num_head_channels={self.num_head_channels} does not divide channel width {w} (attention at level {2**i})",
             )
         for a in self.attention_levels:
-            _check(
+            check(
                 a in levels,
                 f"unet.attention_levels entry {a} is not one of the U-Net's downsampling factors {sorted(levels)}",
             )
-        _check(self.num_res_blocks >= 1, f"unet.num_res_blocks={self.num_res_blocks} must be >= 1")
-        _check(0.0 <= self.dropout < 1.0, f"unet.dropout={self.dropout} must be in [0, 1)")
+        check(self.num_res_blocks >= 1, f"unet.num_res_blocks={self.num_res_blocks} must be >= 1")
+        check(0.0 <= self.dropout < 1.0, f"unet.dropout={self.dropout} must be in [0, 1)")
 
 
 register_section(
@@ -311,8 +312,4 @@ class UNet(nn.Module):
         return h, self.mae(h, visible, emb, num_visible, clean), hs, emb
 
 
-def count_parameters(module: nn.Module) -> int:
-    return sum(p.numel() for p in module.parameters())
-
-
-__all__ = ["AttentionBlock", "ResBlock", "UNet", "count_parameters", "timestep_embedding"]
+__all__ = ["AttentionBlock", "ResBlock", "UNet", "timestep_embedding"]

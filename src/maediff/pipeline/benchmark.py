@@ -47,13 +47,8 @@ from ..config import (
     apply_overrides,
     get_preset,
     load_config,
-    model_names,
-    preset_info,
-    preset_name,
-    presets_of_table,
     save_config,
     to_dict,
-    with_update_budget,
 )
 from ..data.datasets import load_subject
 from ..data.splits import read_pddpm_split
@@ -75,8 +70,11 @@ from ..models import MODELS
 from ..models.maediff import MAEDiff
 from ..names import ANOMALY_SETS, MS, TUMOUR
 from ..outputs import clean_stale, temp_path
+from ..registry import model_names, preset_info, preset_name, presets_of_table
+from ..scales import with_update_budget
 from ..training.checkpoint import load_model
-from ..training.trainer import load_run_config, prepare_training_data, train
+from ..training.data import prepare_training_data
+from ..training.trainer import load_run_config, train
 from .detect import reconstruct_volume
 from .evaluate import evaluate_model
 from .probe import mae_input_dependence, patch_probe, probe_slices

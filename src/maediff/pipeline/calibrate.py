@@ -24,8 +24,7 @@ from tqdm.auto import tqdm
 
 from .. import __version__
 from ..data.datasets import load_subject
-from ..data.io import DataError
-from ..data.splits import Subject
+from ..data.io import DataError, Subject
 from ..evaluation.calibration import CALIBRATION_FILE, N_BOOT, Calibration, HealthyScan, calibrate
 from ..evaluation.protocol import EvalSettings
 from ..training.export import model_identity, scoring_settings

@@ -30,11 +30,13 @@ import torch
 from ..config import Config, apply_overrides, get_preset
 from ..data.synthetic import SynthConfig, generate_benchmark
 from ..device import autocast_context, resolve_amp, resolve_device
+from ..evaluation.runs import load_summary, write_report
 from ..models import build_model
 from ..pretrained import checkpoint_path
 from ..training.checkpoint import load_model
-from ..training.trainer import prepare_training_data, train
-from .evaluate import evaluate_model, load_summary, plan_evaluation, write_report
+from ..training.data import prepare_training_data
+from ..training.trainer import train
+from .evaluate import evaluate_model, plan_evaluation
 
 
 def demo_config(

@@ -40,9 +40,8 @@ from tqdm.auto import tqdm
 
 from ..data.bids import is_bids, write_description
 from ..data.datasets import load_subject, slices_to_volume, volume_to_slices
-from ..data.io import DataError, save_like
+from ..data.io import DataError, Subject, save_like
 from ..data.load import PreparedVolume
-from ..data.splits import Subject
 from ..evaluation.calibration import Calibration
 from ..evaluation.postprocess import anomaly_scores, remove_small_components
 from ..evaluation.protocol import EvalSettings

@@ -15,7 +15,7 @@ into place at the end and removed on failure; one that a killed evaluation left 
 removed by the next. An output folder that already holds files is refused unless
 `overwrite`; then summary.json, the mark of a finished evaluation, is replaced last. The summary is an EvaluationSummary (evaluation/summary.py),
 written as its `to_json()`. The report assembly lives in evaluation/runs.py (no
-torch); it is re-exported here for callers of this module.
+torch).
 """
 
 from __future__ import annotations
@@ -44,7 +44,7 @@ from ..evaluation.lesions import lesion_summary
 from ..evaluation.normative import BandNormaliser
 from ..evaluation.protocol import EvalSettings, VolumeResult, evaluate_healthy, evaluate_split
 from ..evaluation.report import figure_dice_distribution, figure_dice_vs_volume, figure_pr_curves
-from ..evaluation.runs import ANOMALY_SETS, example_figure, load_summary, table_rows, write_report
+from ..evaluation.runs import ANOMALY_SETS, example_figure, write_report
 from ..evaluation.summary import (
     SUMMARY_FILE,
     DatasetResult,
@@ -68,15 +68,10 @@ if TYPE_CHECKING:
     from ..models import AnomalyModel
 
 __all__ = [
-    "ANOMALY_SETS",
     "EvalPlan",
-    "EvaluationSummary",
     "evaluate_model",
-    "load_summary",
     "plan_bids_evaluation",
     "plan_evaluation",
-    "table_rows",
-    "write_report",
 ]
 
 

@@ -23,9 +23,8 @@ from typing import Any
 
 import numpy as np
 
-from ..data.io import DataError
+from ..data.io import DataError, Subject
 from ..data.load import PreparedVolume
-from ..data.splits import Subject
 from ..evaluation.calibration import Calibration, scan_scores
 from ..evaluation.postprocess import MIN_COMPONENT
 

@@ -38,7 +38,7 @@ from ..outputs import exit_with_parent, owner_dead, owner_tag
 
 if TYPE_CHECKING:
     from ..config import DataConfig
-    from ..data.splits import Subject
+    from ..data.io import Subject
     from ..models import AnomalyModel
 
 _MODEL = None  # the worker's model, loaded once by _init

@@ -22,8 +22,9 @@ import torch
 from ..config import Config
 from ..data.bids import is_bids, read_bids, split_every
 from ..data.datasets import SliceSet, load_volumes
+from ..data.io import Subject
 from ..data.load import learn_landmarks, nyul_standardise
-from ..data.splits import Subject, read_inputs, read_pddpm_split
+from ..data.splits import read_inputs, read_pddpm_split
 from ..models import AnomalyModel
 from ..names import HEALTHY
 from .distributed import Distributed, shard

@@ -60,15 +60,12 @@ from .checkpoint import CheckpointError, TrainState, load_saved_config, model_ca
 from .data import (
     TrainingData,
     epoch_batches,
-    prepare_training_data,
     steps_per_epoch,
-    training_subjects,
 )
 from .distributed import (
     Distributed,
     barrier,
     check_global_batch,
-    distributed_backend,
     largest_over_ranks,
     leave_distributed,
     setup_distributed,
@@ -76,7 +73,7 @@ from .distributed import (
     world_size,
     wrap_distributed,
 )
-from .logging import LOG_FIELDS, RunLog, plot_progress
+from .logging import RunLog, plot_progress
 
 # ------------------------------------------------------------------ the loop
 
@@ -714,26 +711,14 @@ def load_run_config(run_dir: str | Path) -> Config:
 
 
 __all__ = [
-    "LOG_FIELDS",
-    "Distributed",
     "Run",
-    "RunLog",
     "Stop",
-    "TrainingData",
     "build_optimizers",
-    "distributed_backend",
-    "epoch_batches",
     "init_ema",
     "load_run_config",
-    "plot_progress",
-    "prepare_training_data",
     "read_run_sources",
-    "setup_distributed",
-    "steps_per_epoch",
     "swapped_in",
     "train",
-    "training_subjects",
     "update_ema",
     "validation_loss",
-    "wrap_distributed",
 ]
