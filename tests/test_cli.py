@@ -234,6 +234,6 @@ def test_evaluate_refuses_training_overrides_on_a_trained_model(tiny_bench, tmp_
     ]
     assert main(argv) == 2
     assert (
-        "only inference.*, diffusion.t_test, diffusion.sample_steps and data.standardise"
+        "only inference.*, data.standardise, diffusion.t_test, diffusion.sample_steps can be"
         in capsys.readouterr().err
     )
