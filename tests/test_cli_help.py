@@ -149,7 +149,7 @@ def test_a_trained_model_changes_only_what_its_class_declares():
     with pytest.raises(ValueError, match="diffusion.t_test, diffusion.sample_steps"):
         check_trained_overrides("maediff", ["unet.model_channels=8"])
     source = Path(cli.__file__).read_text()
-    assert "diffusion.sample_steps" not in source  # the CLI names no model's keys
+    assert "diffusion.sample_steps" not in source and "diffusion.t_test" not in source
 
 
 def test_one_spelling_per_data_set(capsys):

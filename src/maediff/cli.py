@@ -180,15 +180,16 @@ def _t_test_from(args: argparse.Namespace) -> list[str]:
     its threshold belongs to maps made at that t."""
     if not getattr(args, "threshold_from", None) or args.threshold is not None:
         return []
-    if any(o.startswith("diffusion.t_test=") for o in args.set or []):
-        return []
+    from .pipeline.choose_t import T_TEST_KEY, TChoice
     from .pipeline.evaluate import load_summary
 
+    if any(o.split("=", 1)[0].strip() == T_TEST_KEY for o in args.set or []):
+        return []
     src = Path(args.threshold_from)
     if not (src / "summary.json").is_file() and src.name != "summary.json":
         return []  # not an evaluation (a calibration, say): no t_test to reuse
     choice = load_summary(src).scoring.t_choice
-    return [f"diffusion.t_test={int(choice['chosen'])}"] if choice else []
+    return [TChoice.from_json(choice).override()] if choice else []
 
 
 def _inference_overrides(args: argparse.Namespace) -> list[str]:
