@@ -13,11 +13,12 @@ from pathlib import Path
 import pytest
 
 from maediff import cli
-from maediff.cli import HelpFormatter, _config, build_parser, main
-from maediff.config import apply_overrides, get_preset
+from maediff.cli import HelpFormatter, _check_resume, _config, build_parser, main
+from maediff.config import apply_overrides, get_preset, save_config
 from maediff.evaluation.tables import dataset_columns
 from maediff.names import TUMOUR, protocol_name, shown_name
 from maediff.training.checkpoint import check_trained_overrides
+from maediff.training.trainer import load_run_config
 
 
 def _subcommands() -> dict[str, argparse.ArgumentParser]:
@@ -78,8 +79,6 @@ def test_train_steps_and_seed_set_the_training_config(tmp_path):
     "argv, message",
     [
         (["--steps", "5", "--set", "train.max_steps=9"], "give --steps or --set train.max_steps"),
-        (["--resume", "--preset", "tiny"], "--preset cannot change it"),
-        (["--resume", "--steps", "5"], "--steps cannot change it"),
         (["--preset", "tiny", "--config", "c.yaml"], "not allowed with argument --preset"),
         (["--data", "d", "--train-list", "l"], "not allowed with argument --data"),
     ],
@@ -90,6 +89,35 @@ def test_train_refuses_conflicting_options_with_its_usage(argv, message, tmp_pat
     assert e.value.code == 2
     err = capsys.readouterr().err
     assert "usage: maediff train" in err and message in err
+
+
+def test_resume_takes_the_same_command_and_refuses_another_configuration(tmp_path, capsys):
+    run = tmp_path / "run"
+    run.mkdir()
+    start = ["--preset", "tiny", "--set", "train.lr=2e-4", "--steps", "5"]
+    save_config(
+        _config(build_parser("train").parse_args(["train", "--run", str(run), *start])),
+        run / "config.yaml",
+    )
+    same = build_parser("train").parse_args(["train", "--run", str(run), *start, "--resume"])
+    _check_resume(same, load_run_config(run))  # the same command again with --resume
+    for other, changed in (
+        (
+            ["--preset", "tiny", "--set", "train.lr=1e-3", "--steps", "5"],
+            "train.lr (0.0002 -> 0.001)",
+        ),
+        (
+            ["--preset", "tiny", "--set", "train.lr=2e-4", "--steps", "9"],
+            "train.max_steps (5 -> 9)",
+        ),
+        (["--preset", "cpu"], "and"),
+    ):
+        with pytest.raises(SystemExit) as e:
+            main(["train", "--run", str(run), "--resume", "--device", "cpu", *other])
+        assert e.value.code == 2
+        err = capsys.readouterr().err
+        assert "usage: maediff train" in err and "the options given change" in err, err
+        assert changed in err, err
 
 
 @pytest.mark.parametrize(

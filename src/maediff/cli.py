@@ -102,26 +102,30 @@ def cmd_synth(args: argparse.Namespace) -> int:
     return 0
 
 
-def _check_resume(args: argparse.Namespace) -> None:
-    """--resume continues a run with its own configuration: options that would set
-    another one are refused, not ignored."""
-    given = [
-        flag
-        for flag, value in (
-            ("--preset", args.preset),
-            ("--config", args.config),
-            ("--set", args.set),
-            ("--fold", args.fold),
-            ("--steps", args.train_steps),
-            ("--seed", args.train_seed),
-            ("--overwrite", args.overwrite),
-        )
-        if value not in (None, False, [])
-    ]
-    if given:
+def _flat(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        out.update(_flat(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": v})
+    return out
+
+
+def _check_resume(args: argparse.Namespace, saved) -> None:
+    """--resume continues a run with the configuration it was started with: the same
+    command again with --resume is fine, options that ask for another one are refused."""
+    from .config import to_dict
+
+    if not (args.preset or args.config or args.set or args.fold is not None) and (
+        args.train_steps is None and args.train_seed is None
+    ):
+        return
+    asked, had = _flat(to_dict(_config(args))), _flat(to_dict(saved))
+    differ = sorted(k for k in asked.keys() | had.keys() if asked.get(k) != had.get(k))
+    if differ:
+        shown = ", ".join(f"{k} ({had.get(k)!r} -> {asked.get(k)!r})" for k in differ[:4])
+        more = f" and {len(differ) - 4} more" if len(differ) > 4 else ""
         raise UsageError(
-            f"--resume continues the run with the configuration it was started with; "
-            f"{', '.join(given)} cannot change it (start a new run, or --overwrite without --resume)"
+            f"--resume continues {args.run} with the configuration it was started with; the "
+            f"options given change {shown}{more} (start a new run, or --overwrite without --resume)"
         )
 
 
@@ -130,11 +134,10 @@ def cmd_train(args: argparse.Namespace) -> int:
     from .training.trainer import load_run_config, prepare_training_data, read_run_sources, train
 
     run = Path(args.run)
-    if args.resume:
-        _check_resume(args)
     _device(args.device)  # an unknown device fails now, not after the data are loaded
     if args.resume:
         cfg = load_run_config(run)
+        _check_resume(args, cfg)
         saved = read_run_sources(run)
         data_dir = args.data or saved.get("data_dir")
         train_list = args.train_list or saved.get("train_list")
