@@ -22,6 +22,7 @@ AMP_CHOICES = ["none", "bf16", "fp16", "auto"]
 
 
 DEFAULT_PRESET = "cpu"
+TRAINED_SET_EXAMPLE = "inference.batch_size=16"  # a key every trained model may change
 
 
 class UsageError(ValueError):
@@ -557,7 +558,9 @@ def command_parser(ap: argparse.ArgumentParser, command: str | None) -> argparse
     return ap
 
 
-def _add_config_args(p: argparse.ArgumentParser, preset_for: str = "") -> None:
+def _add_config_args(
+    p: argparse.ArgumentParser, preset_for: str = "", example: str = "train.lr=2e-4"
+) -> None:
     from .config import model_names  # (loads the models and the plug-ins)
 
     which = p.add_mutually_exclusive_group()
@@ -572,7 +575,7 @@ def _add_config_args(p: argparse.ArgumentParser, preset_for: str = "") -> None:
         "--config",
         help="YAML/JSON config file instead of --preset (it may start with 'preset: NAME')",
     )
-    _add_set(p)
+    _add_set(p, example)
 
 
 def _add_set(p: argparse.ArgumentParser, example: str = "train.lr=2e-4") -> None:
@@ -684,6 +687,7 @@ def _add_threshold_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--threshold", type=float, help="binarise the score map at this value")
     p.add_argument(
         "--threshold-from",
+        metavar="PATH",
         help="take the threshold from an evaluation folder (or its summary.json), or from a "
         "calibration (maediff calibrate's folder, or a model file that carries one) at --fpr",
     )
@@ -696,6 +700,7 @@ def _add_threshold_args(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument(
         "--threshold-dataset",
+        metavar="NAME",
         default=shown_name(TUMOUR),
         help="which data set's threshold --threshold-from uses",
     )
@@ -729,7 +734,7 @@ def _parser_detect(p: argparse.ArgumentParser) -> None:
         help="BIDS-derivative names (NAME_desc-anomalymap_T2w.nii.gz)",
     )
     p.add_argument("--batch-size", type=int, help="inputs per forward pass")
-    _add_set(p)
+    _add_set(p, TRAINED_SET_EXAMPLE)
     _add_runtime_args(p, seed=None, amp=True)
 
 
@@ -760,7 +765,7 @@ def _parser_calibrate(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--overwrite", action="store_true", help="replace an existing calibration")
     p.add_argument("--batch-size", type=int, help="inputs per forward pass")
-    _add_set(p)
+    _add_set(p, TRAINED_SET_EXAMPLE)
     _add_runtime_args(p, seed=None, amp=True)
 
 
@@ -841,7 +846,7 @@ def _parser_evaluate(p: argparse.ArgumentParser) -> None:
         help="single-threaded processes that reconstruct the volumes (default: one per torch "
         "thread, at most 4, on the CPU; 0: in this process)",
     )
-    _add_config_args(p, preset_for="with --baseline: ")
+    _add_config_args(p, preset_for="with --baseline: ", example=TRAINED_SET_EXAMPLE)
     _add_runtime_args(p, seed=None, amp=True)
 
 
