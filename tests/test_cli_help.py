@@ -57,6 +57,22 @@ def test_the_top_level_help_lists_every_subcommand(capsys):
     assert all(c in text for c in SUBCOMMANDS)
 
 
+def test_help_and_version_import_no_torch():
+    code = (
+        "import sys\n"
+        "from maediff.cli import main\n"
+        "for argv in (['--help'], ['--version'], ['report', '--help']):\n"
+        "    try:\n"
+        "        main(argv)\n"
+        "    except SystemExit as e:\n"
+        "        assert e.code == 0, (argv, e.code)\n"
+        "assert 'torch' not in sys.modules and 'maediff.models' not in sys.modules\n"
+    )
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert res.returncode == 0, res.stderr
+    assert "usage: maediff report" in res.stdout and "maediff 0." in res.stdout
+
+
 def test_an_unknown_option_prints_the_subcommands_usage(tmp_path, capsys):
     with pytest.raises(SystemExit) as e:
         main(["train", "--run", str(tmp_path / "r"), "--stepz", "3"])

@@ -807,7 +807,7 @@ def _parser_evaluate(p: argparse.ArgumentParser) -> None:
         nargs="+",
         metavar="NAME",
         default=[shown_name(d) for d in ANOMALY_SETS],
-        help="the lesion data sets to evaluate (pDDPM's layout: folders of Test/, in any case)",
+        help="the lesion data sets to evaluate (folders of Test/ in pDDPM's layout, spelled in any case)",
     )
     _add_participants(p)
     p.add_argument(
@@ -1062,7 +1062,7 @@ _python_warning = warnings.formatwarning
 def main(argv: list[str] | None = None) -> int:
     warnings.formatwarning = _warning_line  # before the models and plug-ins load
     argv = sys.argv[1:] if argv is None else list(argv)
-    ap = build_parser(_command_of(argv))
+    ap = build_parser(_command_of(argv) or "")  # no subcommand: the top level's help only
     args = ap.parse_args(argv)
     try:
         return args.func(args)
