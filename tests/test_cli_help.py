@@ -8,6 +8,7 @@ import argparse
 import json
 import subprocess
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -111,10 +112,9 @@ def test_resume_takes_the_same_command_and_refuses_another_configuration(tmp_pat
     run = tmp_path / "run"
     run.mkdir()
     start = ["--preset", "tiny", "--set", "train.lr=2e-4", "--steps", "5"]
-    save_config(
-        _config(build_parser("train").parse_args(["train", "--run", str(run), *start])),
-        run / "config.yaml",
-    )
+    cfg = _config(build_parser("train").parse_args(["train", "--run", str(run), *start]))
+    learned = replace(cfg.data, landmarks=tuple(float(i) for i in range(11)))  # as training does
+    save_config(replace(cfg, data=learned), run / "config.yaml")
     same = build_parser("train").parse_args(["train", "--run", str(run), *start, "--resume"])
     _check_resume(same, load_run_config(run))  # the same command again with --resume
     for other, changed in (

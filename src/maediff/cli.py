@@ -113,13 +113,18 @@ def _flat(d: dict, prefix: str = "") -> dict:
 def _check_resume(args: argparse.Namespace, saved) -> None:
     """--resume continues a run with the configuration it was started with: the same
     command again with --resume is fine, options that ask for another one are refused."""
+    from dataclasses import replace
+
     from .config import to_dict
 
     if not (args.preset or args.config or args.set or args.fold is not None) and (
         args.train_steps is None and args.train_seed is None
     ):
         return
-    asked, had = _flat(to_dict(_config(args))), _flat(to_dict(saved))
+    cfg = _config(args)
+    if not cfg.data.landmarks:  # learned from the training scans when the run started
+        cfg = replace(cfg, data=replace(cfg.data, landmarks=saved.data.landmarks))
+    asked, had = _flat(to_dict(cfg)), _flat(to_dict(saved))
     differ = sorted(k for k in asked.keys() | had.keys() if asked.get(k) != had.get(k))
     if differ:
         shown = ", ".join(f"{k} ({had.get(k)!r} -> {asked.get(k)!r})" for k in differ[:4])
