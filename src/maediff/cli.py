@@ -895,7 +895,7 @@ def _parser_benchmark(p: argparse.ArgumentParser) -> None:
         help="the presets' scale: the published sizes, 48x48 for a CPU, or the tests' size",
     )
     p.add_argument("--folds", nargs="+", type=int, help="IXI folds (pDDPM's layout)")
-    p.add_argument("--seeds", nargs="+", type=int, help="training seeds (any data; default 0)")
+    p.add_argument("--seeds", nargs="+", type=int, help="training seeds (any data; default: 0)")
     p.add_argument(
         "--data", help="data in pDDPM's layout (default: OUTPUT/data, synthesised if missing)"
     )
