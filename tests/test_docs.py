@@ -87,3 +87,12 @@ def test_readme_opens_with_the_demo_and_the_test_command():
     assert "pytest" in lines[1]
     ci = (ROOT / ".ci" / "run").read_text()
     assert "grep -m1 -E '^python3 -m venv .*pytest' README.md" in ci
+
+
+def test_readme_first_screen_is_one_results_table_then_the_tour():
+    text = (ROOT / "README.md").read_text()
+    first = text.split("\n## ", 1)[0]
+    assert first.count("\n|---|") == 1, "one results table before the tour"
+    assert "pip install torch --index-url https://download.pytorch.org/whl/cpu" in first
+    headings = re.findall(r"^## (.*)$", text, flags=re.M)
+    assert headings[0] == "A short tour", headings

@@ -1,4 +1,10 @@
-"""The `maediff` command: thin argument parsing around one function per subcommand."""
+"""The `maediff` command: thin argument parsing around one function per subcommand.
+
+Importing this module imports neither torch nor the models: `maediff report` and
+`maediff --help` stay light. The parser of a subcommand is built only when that
+subcommand runs (`build_parser(command)`), so a subcommand that does not list the
+models (report) never loads them.
+"""
 
 from __future__ import annotations
 
@@ -9,11 +15,18 @@ import warnings
 from pathlib import Path
 
 from . import __version__
-from .data.io import DataError
-from .names import ANOMALY_SETS, TUMOUR
+from .names import ANOMALY_SETS, TUMOUR, protocol_name, shown_name
 
 EPILOG = "Cite: Xu, Wang, Du. MAEDiff: Masked Autoencoder-enhanced Diffusion Models for Unsupervised Anomaly Detection in Brain Images (2024)."
 AMP_CHOICES = ["none", "bf16", "fp16", "auto"]
+
+
+DEFAULT_PRESET = "cpu"
+TRAINED_SET_EXAMPLE = "inference.batch_size=16"  # a key every trained model may change
+
+
+class UsageError(ValueError):
+    """Options that cannot go together: reported with the subcommand's usage."""
 
 
 # ------------------------------------------------------------------ helpers
@@ -22,11 +35,33 @@ AMP_CHOICES = ["none", "bf16", "fp16", "auto"]
 def _config(args: argparse.Namespace):
     from .config import apply_overrides, get_preset, load_config
 
-    cfg = load_config(args.config) if getattr(args, "config", None) else get_preset(args.preset)
+    if getattr(args, "config", None):
+        cfg = load_config(args.config)
+    else:
+        cfg = get_preset(getattr(args, "preset", None) or DEFAULT_PRESET)
     overrides = list(getattr(args, "set", None) or [])
     if getattr(args, "fold", None) is not None:
         overrides.append(f"data.fold={args.fold}")
+    overrides += _training_overrides(args, overrides)
     return apply_overrides(cfg, overrides) if overrides else cfg
+
+
+def _training_overrides(args: argparse.Namespace, given: list[str]) -> list[str]:
+    """train --steps N (the budget is N steps: train.max_steps, the preset's epoch and
+    minute limits lifted, as demo --steps does) and --seed S (train.seed)."""
+    out = []
+    steps, seed = getattr(args, "train_steps", None), getattr(args, "train_seed", None)
+    if steps is not None:
+        if steps < 1:
+            raise UsageError(f"--steps {steps} must be >= 1")
+        out += [f"train.max_steps={steps}", "train.max_minutes=0", "train.epochs=1000000"]
+    if seed is not None:
+        out.append(f"train.seed={seed}")
+    keys = {o.split("=", 1)[0].strip() for o in given}
+    for flag, key in (("--steps", "train.max_steps"), ("--seed", "train.seed")):
+        if key in keys and any(o.startswith(key + "=") for o in out):
+            raise UsageError(f"give {flag} or --set {key}=..., not both")
+    return out
 
 
 def one_line(e: BaseException) -> str:
@@ -68,6 +103,38 @@ def cmd_synth(args: argparse.Namespace) -> int:
     return 0
 
 
+def _flat(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        out.update(_flat(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": v})
+    return out
+
+
+def _check_resume(args: argparse.Namespace, saved) -> None:
+    """--resume continues a run with the configuration it was started with: the same
+    command again with --resume is fine, options that ask for another one are refused."""
+    from dataclasses import replace
+
+    from .config import to_dict
+
+    if not (args.preset or args.config or args.set or args.fold is not None) and (
+        args.train_steps is None and args.train_seed is None
+    ):
+        return
+    cfg = _config(args)
+    if not cfg.data.landmarks:  # learned from the training scans when the run started
+        cfg = replace(cfg, data=replace(cfg.data, landmarks=saved.data.landmarks))
+    asked, had = _flat(to_dict(cfg)), _flat(to_dict(saved))
+    differ = sorted(k for k in asked.keys() | had.keys() if asked.get(k) != had.get(k))
+    if differ:
+        shown = ", ".join(f"{k} ({had.get(k)!r} -> {asked.get(k)!r})" for k in differ[:4])
+        more = f" and {len(differ) - 4} more" if len(differ) > 4 else ""
+        raise UsageError(
+            f"--resume continues {args.run} with the configuration it was started with; the "
+            f"options given change {shown}{more} (start a new run, or --overwrite without --resume)"
+        )
+
+
 def cmd_train(args: argparse.Namespace) -> int:
     from .data.bids import parse_participants
     from .training.data import prepare_training_data
@@ -77,6 +144,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     _device(args.device)  # an unknown device fails now, not after the data are loaded
     if args.resume:
         cfg = load_run_config(run)
+        _check_resume(args, cfg)
         saved = read_run_sources(run)
         data_dir = args.data or saved.get("data_dir")
         train_list = args.train_list or saved.get("train_list")
@@ -109,7 +177,7 @@ def _threshold(args: argparse.Namespace) -> float | None:
 
         s = load_summary(args.threshold_from)
         ds = args.threshold_dataset
-        d = s.datasets.get(ds)
+        d = s.datasets.get(protocol_name(ds))
         if d is None or d.threshold is None:
             raise ValueError(f"{args.threshold_from} has no threshold for data set {ds!r}")
         return float(d.threshold)
@@ -122,27 +190,22 @@ def _t_test_from(args: argparse.Namespace) -> list[str]:
     its threshold belongs to maps made at that t."""
     if not getattr(args, "threshold_from", None) or args.threshold is not None:
         return []
-    if any(o.startswith("diffusion.t_test=") for o in args.set or []):
-        return []
     from .evaluation.runs import load_summary
+    from .pipeline.choose_t import T_TEST_KEY, TChoice
 
+    if any(o.split("=", 1)[0].strip() == T_TEST_KEY for o in args.set or []):
+        return []
     src = Path(args.threshold_from)
     if not (src / "summary.json").is_file() and src.name != "summary.json":
         return []  # not an evaluation (a calibration, say): no t_test to reuse
     choice = load_summary(src).scoring.t_choice
-    return [f"diffusion.t_test={int(choice['chosen'])}"] if choice else []
+    return [TChoice.from_json(choice).override()] if choice else []
 
 
 def _inference_overrides(args: argparse.Namespace) -> list[str]:
-    """--amp and --set inference.* / diffusion.t_test / diffusion.sample_steps /
-    data.standardise for a trained model."""
+    """--set and --amp for a trained model; load_model refuses the keys its model does
+    not declare changeable (models/base.py, AnomalyModel.trained_options)."""
     overrides = list(args.set or [])
-    allowed = ("inference.", "diffusion.t_test=", "diffusion.sample_steps=", "data.standardise=")
-    bad = [o for o in overrides if not o.startswith(allowed)]
-    if bad:
-        raise ValueError(
-            f"only inference.*, diffusion.t_test, diffusion.sample_steps and data.standardise can be changed for a trained model, not {bad}"
-        )
     if getattr(args, "amp", None):
         overrides.append(f"inference.amp={args.amp}")
     return overrides
@@ -172,7 +235,7 @@ def _evaluation_fpr_threshold(args: argparse.Namespace) -> tuple[float, str]:
     """The threshold an evaluation set at --fpr on its healthy validation volumes."""
     from .evaluation.runs import load_summary
 
-    d = load_summary(args.threshold_from).datasets.get(args.threshold_dataset)
+    d = load_summary(args.threshold_from).datasets.get(protocol_name(args.threshold_dataset))
     free = d.label_free if d is not None else None
     for a in free.at_fpr if free is not None else ():
         if abs(a.fpr - args.fpr) < 1e-9:
@@ -191,7 +254,7 @@ def _detect_threshold(args: argparse.Namespace, model):
     from .training.export import check_calibration, model_calibration
 
     if args.fpr is not None and args.threshold is not None:
-        raise ValueError("give --threshold or --fpr, not both")
+        raise UsageError("give --threshold or --fpr, not both")
     cal = _calibration_source(args.threshold_from) if args.threshold_from else None
     if cal is None and args.fpr is not None and not args.threshold_from:
         cal = model_calibration(model)
@@ -225,6 +288,8 @@ def cmd_detect(args: argparse.Namespace) -> int:
     from .pipeline.detect import check_output_folder, detect_files
     from .training.checkpoint import load_model
 
+    if args.threshold is not None and args.threshold_from:
+        raise UsageError("give --threshold or --threshold-from, not both")
     check_output_folder(args.input, args.output)
     subjects = read_inputs(args.input, parse_participants(args.participants))
     if args.threshold_from and _calibration_source(args.threshold_from) is None:
@@ -309,12 +374,18 @@ def _evaluation_model(args: argparse.Namespace):
     from .training.checkpoint import load_model
 
     if args.baseline and args.model:
-        raise ValueError("give either --model RUN_OR_CHECKPOINT or --baseline, not both")
+        raise UsageError("give either --model RUN_OR_CHECKPOINT or --baseline, not both")
+    if args.model and (args.preset or args.config):
+        flag = "--preset" if args.preset else "--config"
+        raise UsageError(
+            f"{flag} configures a --baseline; a trained model (--model) carries its own "
+            f"configuration (change its inference options with --set inference.KEY=VALUE)"
+        )
     if args.baseline:
         cfg = _config(args)  # the preset (default cpu) or config decides the data grid
         return build_model(replace(cfg, model=args.baseline, name=args.baseline))
     if not args.model:
-        raise ValueError("give --model RUN_OR_CHECKPOINT, or --baseline thresh")
+        raise UsageError("give --model RUN_OR_CHECKPOINT, or --baseline thresh")
     model = load_model(args.model, _device(args.device), _inference_overrides(args))
     return model
 
@@ -340,7 +411,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         args.output,
         label=args.label
         or display_name(model.cfg) + (" (normative)" if args.scoring == "normative" else ""),
-        datasets=args.datasets,
+        datasets=[protocol_name(d) for d in args.datasets],
         healthy_test=not args.no_ixi,
         fold=args.fold or 0,
         n_jobs=args.jobs,
@@ -396,7 +467,7 @@ def cmd_preprocess(args: argparse.Namespace) -> int:
         mask = s.mask if opts.skull_strip == "mask" else None
         try:
             preprocess_scan(s.image, args.output, mask, opts, s.name)
-        except (DataError, ValueError, RuntimeError) as e:
+        except (ValueError, RuntimeError) as e:  # DataError included
             failed.append((s.image, e))
     print(f"{len(subjects) - len(failed)} preprocessed, {len(failed)} failed -> {args.output}")
     for path, err in failed:
@@ -450,28 +521,75 @@ def cmd_demo(args: argparse.Namespace) -> int:
 # ------------------------------------------------------------------ parser
 
 
-def _add_config_args(p: argparse.ArgumentParser) -> None:
+class HelpFormatter(argparse.HelpFormatter):
+    """Each option's help with its default said once, and only where there is one: not
+    for required options, switches, options whose absence leaves the choice to the
+    configuration (default None), or help that already says its default."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        d = action.default
+        if (
+            not action.option_strings
+            or action.required
+            or d is None
+            or d is False
+            or d is argparse.SUPPRESS
+            or d == []
+            or "default" in text
+        ):
+            return text
+        shown = " ".join(map(str, d)) if isinstance(d, list | tuple) else str(d)
+        return f"{text} (default: {shown.replace('%', '%%')})"
+
+
+class CommandParser(argparse.ArgumentParser):
+    """The `maediff` parser: an argument that a subcommand does not know is reported
+    with that subcommand's usage, not the top level's."""
+
+    def parse_args(self, args=None, namespace=None):  # type: ignore[override]
+        ns, extra = self.parse_known_args(args, namespace)
+        if extra:
+            command_parser(self, getattr(ns, "command", None)).error(
+                "unrecognized arguments: " + " ".join(extra)
+            )
+        return ns
+
+
+def command_parser(ap: argparse.ArgumentParser, command: str | None) -> argparse.ArgumentParser:
+    """The parser of subcommand `command` of `ap` (`ap` itself when there is none)."""
+    for action in ap._actions:
+        if isinstance(action, argparse._SubParsersAction) and command in action.choices:
+            return action.choices[command]
+    return ap
+
+
+def _add_config_args(
+    p: argparse.ArgumentParser, preset_for: str = "", example: str = "train.lr=2e-4"
+) -> None:
     from .registry import model_names  # (loads the models and the plug-ins)
 
-    p.add_argument(
+    which = p.add_mutually_exclusive_group()
+    which.add_argument(
         "--preset",
-        default="cpu",
         metavar="PRESET",
-        help="MODEL (paper scale), MODEL-cpu or MODEL-tiny; MODEL one of "
-        f"{', '.join(model_names())}; 'paper' = maediff, 'cpu' = maediff-cpu",
+        help=f"{preset_for}MODEL (paper scale), MODEL-cpu or MODEL-tiny; MODEL one of "
+        f"{', '.join(model_names())}; 'paper' = maediff, 'cpu' = maediff-cpu "
+        f"(default: {DEFAULT_PRESET})",
     )
-    p.add_argument(
-        "--config", help="YAML/JSON config file (overrides --preset; may start with 'preset: NAME')"
+    which.add_argument(
+        "--config",
+        help="YAML/JSON config file instead of --preset (it may start with 'preset: NAME')",
     )
-    _add_set(p)
+    _add_set(p, example)
 
 
-def _add_set(p: argparse.ArgumentParser) -> None:
+def _add_set(p: argparse.ArgumentParser, example: str = "train.lr=2e-4") -> None:
     p.add_argument(
         "--set",
         action="append",
         metavar="KEY=VALUE",
-        help="override a config value, e.g. --set train.lr=2e-4 (repeatable)",
+        help=f"override a config value, e.g. --set {example} (repeatable)",
     )
 
 
@@ -487,27 +605,31 @@ def _add_runtime_args(p: argparse.ArgumentParser, seed: int | None = 0, amp: boo
         )
     if amp:
         p.add_argument("--amp", choices=AMP_CHOICES, help="autocast (default: the config's)")
+    _add_quiet(p)
+
+
+def _add_quiet(p: argparse.ArgumentParser) -> None:
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
 
 
 def _parser_synth(p: argparse.ArgumentParser) -> None:
     p.add_argument("-o", "--output", required=True, help="folder to create")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="random seed of every subject")
     p.add_argument(
         "--site",
         choices=["a", "b"],
         default="a",
-        help="acquisition: a (default) or b, a second scanner with other contrast, bias, noise and resolution",
+        help="acquisition: a, or b, a second scanner with other contrast, bias, noise and resolution",
     )
     p.add_argument("--healthy", type=int, default=120, help="healthy train+val volumes (5 folds)")
-    p.add_argument("--healthy-test", type=int, default=8)
-    p.add_argument("--tumour-val", type=int, default=8)
-    p.add_argument("--tumour-test", type=int, default=16)
-    p.add_argument("--ms-val", type=int, default=8)
-    p.add_argument("--ms-test", type=int, default=12)
+    p.add_argument("--healthy-test", type=int, default=8, help="healthy test volumes (IXI-like)")
+    p.add_argument("--tumour-val", type=int, default=8, help="tumour validation volumes")
+    p.add_argument("--tumour-test", type=int, default=16, help="tumour test volumes")
+    p.add_argument("--ms-val", type=int, default=8, help="MS-lesion validation volumes")
+    p.add_argument("--ms-test", type=int, default=12, help="MS-lesion test volumes")
     p.add_argument("--workers", type=int, default=2, help="processes")
     p.add_argument("--overwrite", action="store_true", help="replace an existing folder")
-    p.add_argument("-q", "--quiet", action="store_true")
+    _add_quiet(p)
 
 
 def _add_participants(p: argparse.ArgumentParser) -> None:
@@ -520,8 +642,9 @@ def _add_participants(p: argparse.ArgumentParser) -> None:
 
 
 def _parser_train(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--data", help="data folder in pDDPM's layout (Train/ixi, splits/)")
-    p.add_argument(
+    source = p.add_mutually_exclusive_group()
+    source.add_argument("--data", help="data folder in pDDPM's layout (Train/ixi, splits/)")
+    source.add_argument(
         "--train-list",
         help="instead of --data: a folder of healthy scans, a CSV (image, mask) or a BIDS data "
         "set (its scans without lesion labels)",
@@ -541,9 +664,26 @@ def _parser_train(p: argparse.ArgumentParser) -> None:
     p.add_argument("--fold", type=int, help="IXI fold 0-4 (data.fold)")
     _add_config_args(p)
     p.add_argument(
-        "--resume", action="store_true", help="continue the run in --run from its last checkpoint"
+        "--steps",
+        dest="train_steps",
+        type=int,
+        metavar="N",
+        help="train for N optimizer steps (train.max_steps; the preset's epoch and minute "
+        "limits are lifted; default: the preset's budget)",
     )
     p.add_argument(
+        "--seed",
+        dest="train_seed",
+        type=int,
+        metavar="SEED",
+        help="random seed of the initialisation and the batches (train.seed; default: the "
+        "configuration's)",
+    )
+    resume = p.add_mutually_exclusive_group()
+    resume.add_argument(
+        "--resume", action="store_true", help="continue the run in --run from its last checkpoint"
+    )
+    resume.add_argument(
         "--overwrite", action="store_true", help="start again in a run folder that holds a run"
     )
     _add_runtime_args(p, seed=False)
@@ -553,6 +693,7 @@ def _add_threshold_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--threshold", type=float, help="binarise the score map at this value")
     p.add_argument(
         "--threshold-from",
+        metavar="PATH",
         help="take the threshold from an evaluation folder (or its summary.json), or from a "
         "calibration (maediff calibrate's folder, or a model file that carries one) at --fpr",
     )
@@ -565,7 +706,8 @@ def _add_threshold_args(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument(
         "--threshold-dataset",
-        default=TUMOUR,
+        metavar="NAME",
+        default=shown_name(TUMOUR),
         help="which data set's threshold --threshold-from uses",
     )
 
@@ -598,7 +740,7 @@ def _parser_detect(p: argparse.ArgumentParser) -> None:
         help="BIDS-derivative names (NAME_desc-anomalymap_T2w.nii.gz)",
     )
     p.add_argument("--batch-size", type=int, help="inputs per forward pass")
-    _add_set(p)
+    _add_set(p, TRAINED_SET_EXAMPLE)
     _add_runtime_args(p, seed=None, amp=True)
 
 
@@ -629,7 +771,7 @@ def _parser_calibrate(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--overwrite", action="store_true", help="replace an existing calibration")
     p.add_argument("--batch-size", type=int, help="inputs per forward pass")
-    _add_set(p)
+    _add_set(p, TRAINED_SET_EXAMPLE)
     _add_runtime_args(p, seed=None, amp=True)
 
 
@@ -666,16 +808,22 @@ def _parser_evaluate(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--overwrite", action="store_true", help="replace the results in an -o that holds files"
     )
-    p.add_argument("--datasets", nargs="+", default=list(ANOMALY_SETS))
+    p.add_argument(
+        "--datasets",
+        nargs="+",
+        metavar="NAME",
+        default=[shown_name(d) for d in ANOMALY_SETS],
+        help="the lesion data sets to evaluate (folders of Test/ in pDDPM's layout, spelled in any case)",
+    )
     _add_participants(p)
     p.add_argument(
         "--val-fraction",
         type=float,
         default=0.25,
-        help="BIDS: share of the labelled subjects that choose the threshold (default 0.25)",
+        help="BIDS: share of the labelled subjects that choose the threshold",
     )
     p.add_argument("--no-ixi", action="store_true", help="skip the healthy IXI test split (l1)")
-    p.add_argument("--fold", type=int, help="recorded in the results")
+    p.add_argument("--fold", type=int, help="IXI fold, recorded in the results (default: 0)")
     p.add_argument("--label", help="model name in tables (default: the preset's row name)")
     p.add_argument(
         "--max-volumes", type=int, help="use only the first N volumes of each split (quick looks)"
@@ -701,17 +849,18 @@ def _parser_evaluate(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--workers",
         type=int,
-        default=None,
         help="single-threaded processes that reconstruct the volumes (default: one per torch "
         "thread, at most 4, on the CPU; 0: in this process)",
     )
-    _add_config_args(p)
+    _add_config_args(p, preset_for="with --baseline: ", example=TRAINED_SET_EXAMPLE)
     _add_runtime_args(p, seed=None, amp=True)
 
 
 def _parser_report(p: argparse.ArgumentParser) -> None:
     p.add_argument("evaluations", nargs="+", help="evaluation folders (or their summary.json)")
-    p.add_argument("-o", "--output", required=True)
+    p.add_argument(
+        "-o", "--output", required=True, help="folder for results.md, results.csv and report.html"
+    )
 
 
 def _parser_preprocess(p: argparse.ArgumentParser) -> None:
@@ -734,15 +883,20 @@ def _parser_preprocess(p: argparse.ArgumentParser) -> None:
     p.add_argument("--template-mask", help="brain mask of --template")
     p.add_argument("--device", default="cpu", help="device for HD-BET")
     p.add_argument("--overwrite", action="store_true", help="replace outputs that exist")
-    p.add_argument("-q", "--quiet", action="store_true")
+    _add_quiet(p)
 
 
 def _parser_benchmark(p: argparse.ArgumentParser) -> None:
     p.add_argument("--table", choices=["1", "2"], help="every model of the paper's Table 1 or 2")
     p.add_argument("--models", nargs="+", metavar="MODEL", help="instead of --table: these models")
-    p.add_argument("--scale", choices=["paper", "cpu", "tiny"], default="cpu")
+    p.add_argument(
+        "--scale",
+        choices=["paper", "cpu", "tiny"],
+        default="cpu",
+        help="the presets' scale: the published sizes, 48x48 for a CPU, or the tests' size",
+    )
     p.add_argument("--folds", nargs="+", type=int, help="IXI folds (pDDPM's layout)")
-    p.add_argument("--seeds", nargs="+", type=int, help="training seeds (any data; default 0)")
+    p.add_argument("--seeds", nargs="+", type=int, help="training seeds (any data; default: 0)")
     p.add_argument(
         "--data", help="data in pDDPM's layout (default: OUTPUT/data, synthesised if missing)"
     )
@@ -783,13 +937,11 @@ def _parser_demo(p: argparse.ArgumentParser) -> None:
     budget.add_argument(
         "--steps",
         type=int,
-        default=None,
         help="training steps (default: the cpu preset's, the same model on every machine)",
     )
     budget.add_argument(
         "--minutes",
         type=float,
-        default=None,
         help="a wall-clock training budget instead of steps (the model then depends on the machine)",
     )
     p.add_argument(
@@ -797,7 +949,8 @@ def _parser_demo(p: argparse.ArgumentParser) -> None:
         action="append",
         default=[],
         metavar="KEY=VALUE",
-        help="override a value of the cpu preset, e.g. --set diffusion.precondition=true",
+        help="override a value of the cpu preset, e.g. --set diffusion.precondition=true "
+        "(repeatable)",
     )
     _add_runtime_args(p, seed=0, amp=True)
 
@@ -876,8 +1029,11 @@ COMMANDS = [
 ]
 
 
-def build_parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(
+def build_parser(command: str | None = None) -> argparse.ArgumentParser:
+    """The `maediff` parser. With `command`, only that subcommand's options are built
+    (the others keep their one-line help): what `main` uses, so that a subcommand that
+    needs no model (report) does not load the models to list them."""
+    ap = CommandParser(
         prog="maediff",
         description="MAEDiff: unsupervised anomaly detection in brain MRI with masked-autoencoder-enhanced patch diffusion, and the paper's baselines.",
         epilog=EPILOG,
@@ -886,14 +1042,17 @@ def build_parser() -> argparse.ArgumentParser:
     sub = ap.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name, func, add_args, help_text, description in COMMANDS:
         p = sub.add_parser(
-            name,
-            help=help_text,
-            description=description,
-            formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+            name, help=help_text, description=description, formatter_class=HelpFormatter
         )
-        add_args(p)
+        if command is None or command == name:
+            add_args(p)
         p.set_defaults(func=func)
     return ap
+
+
+def _command_of(argv: list[str]) -> str | None:
+    """The subcommand named in argv: its first word that is not an option."""
+    return next((a for a in argv if not a.startswith("-")), None)
 
 
 def _warning_line(message, category, filename, lineno, line=None) -> str:
@@ -908,12 +1067,15 @@ _python_warning = warnings.formatwarning
 
 def main(argv: list[str] | None = None) -> int:
     warnings.formatwarning = _warning_line  # before the models and plug-ins load
-    from .training.checkpoint import CheckpointError
-
-    args = build_parser().parse_args(argv)
+    argv = sys.argv[1:] if argv is None else list(argv)
+    ap = build_parser(_command_of(argv) or "")  # no subcommand: the top level's help only
+    args = ap.parse_args(argv)
     try:
         return args.func(args)
-    except (DataError, CheckpointError, ValueError, OSError, FloatingPointError) as e:
+    except UsageError as e:
+        command_parser(ap, args.command).error(one_line(e))  # exits 2 with the usage
+        raise  # (not reached)
+    except (ValueError, OSError, FloatingPointError) as e:  # DataError, CheckpointError
         print(f"maediff {args.command}: error: {one_line(e)}", file=sys.stderr)
         return 2
     except MemoryError:

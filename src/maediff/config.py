@@ -17,6 +17,7 @@ with `dataclasses.replace`, never copies; a scale (paper, cpu, tiny) applies on 
 
 from __future__ import annotations
 
+import difflib
 import json
 import math
 from dataclasses import dataclass, fields, is_dataclass, replace
@@ -756,6 +757,14 @@ def save_config(cfg: Config, path: str | Path) -> None:
     tmp.replace(path)
 
 
+def _near_key(key: str, data: dict) -> str:
+    """The "; did you mean train.max_steps?" of a mistyped key of a configuration dict."""
+    keys = [f"{s}.{k}" for s, v in data.items() if isinstance(v, dict) for k in v]
+    keys += [k for k, v in data.items() if not isinstance(v, dict)]
+    near = difflib.get_close_matches(key.strip(), keys, n=1)
+    return f"; did you mean {near[0]}?" if near else ""
+
+
 def apply_overrides(cfg: Config, overrides: list[str]) -> Config:
     """Apply `section.key=value` overrides; values are parsed as YAML scalars/lists.
     `model=KEY` changes the model (its sections start from their defaults)."""
@@ -770,16 +779,21 @@ def apply_overrides(cfg: Config, overrides: list[str]) -> Config:
             if not isinstance(node.get(part), dict):
                 held = ", ".join(k for k, v in data.items() if isinstance(v, dict))
                 raise ValueError(
-                    f"unknown config section {key!r} in override {item!r} (a {data['model']!r} "
-                    f"configuration has {held})"
+                    f"unknown config section {key!r} in override {item!r}{_near_key(key, data)} "
+                    f"(a {data['model']!r} configuration has {held})"
                 )
             node = node[part]
         if parts[-1] not in node:
-            raise ValueError(f"unknown config key {key!r} in override {item!r}")
+            raise ValueError(
+                f"unknown config key {key!r} in override {item!r}{_near_key(key, data)}"
+            )
         try:
-            node[parts[-1]] = load_yaml(raw)
+            value = load_yaml(raw)
         except ValueError as e:
             raise ValueError(f"override {_show(item)}: the value is not plain YAML: {e}") from e
+        if isinstance(value, bool) and isinstance(node[parts[-1]], str):
+            value = raw.strip()  # YAML 1.1 reads on/off/yes/no as booleans: keep the text
+        node[parts[-1]] = value
         if parts == ["model"]:  # the new model's sections: carried where shared, else defaults
             new = replace(cfg, model=node["model"])
             data = {**to_dict(new), **{k: v for k, v in data.items() if k in _SHARED_TYPES}}

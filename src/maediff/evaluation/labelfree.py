@@ -25,6 +25,7 @@ from typing import Any
 
 import numpy as np
 
+from ..names import shown_name
 from .lesions import lesion_rows
 from .metrics import dice, roc_auc
 from .postprocess import remove_small_components
@@ -126,7 +127,7 @@ def labelfree_markdown(rows: Sequence[dict[str, Any]]) -> str:
         at = {a["fpr"]: a for a in r["at_fpr"]}
         cells = [
             r["run"],
-            r["dataset"],
+            shown_name(r["dataset"]),
             pct(r["scan_auroc"]),
             f"{r['n_healthy']} / {r['n_unhealthy']}",
         ]

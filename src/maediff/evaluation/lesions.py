@@ -27,6 +27,8 @@ from collections.abc import Sequence
 import numpy as np
 from scipy import ndimage
 
+from ..names import shown_name
+
 BANDS_ML = (0.0, 0.1, 1.0, 10.0, 50.0, math.inf)  # lesion-volume bands, ml
 STRUCTURE = np.ones((3, 3, 3), dtype=bool)  # 26-connectivity
 OVERLAP_RULE = (
@@ -225,7 +227,7 @@ def lesion_markdown(by_model: dict[str, dict[str, dict]]) -> str:
             fpv = s["fp_per_volume"]
             fpv_text = "-" if fpv is None or math.isnan(fpv) else f"{fpv:.1f}"
             lines.append(
-                f"| {model} | {ds} | {s['lesions']} | {pct(s['lesion_f1'])} | "
+                f"| {model} | {shown_name(ds)} | {s['lesions']} | {pct(s['lesion_f1'])} | "
                 f"{pct(s['sensitivity'])} | {fpv_text} | {bands} |"
             )
     return "\n".join(lines) + "\n"

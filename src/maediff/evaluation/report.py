@@ -18,6 +18,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
+from ..names import shown_name  # noqa: E402
 from .aggregate import write_atomic  # noqa: E402
 from .metrics import precision_recall_curve  # noqa: E402
 from .tables import (  # noqa: E402
@@ -138,7 +139,7 @@ def figure_dice_vs_volume(
         pts = [(v, d) for v, d in pts if v > 0 and np.isfinite(d)]
         if pts:
             v, d = np.array(pts).T
-            ax.scatter(v, 100 * d, marker=marker, label=f"{ds} ({len(pts)})", alpha=0.8)
+            ax.scatter(v, 100 * d, marker=marker, label=f"{shown_name(ds)} ({len(pts)})", alpha=0.8)
     ax.set_xscale("log")
     ax.set_xlabel("lesion volume of the scan (ml)")
     ax.set_ylabel("Dice (%)")

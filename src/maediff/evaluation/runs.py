@@ -22,7 +22,7 @@ from typing import Any
 
 import numpy as np
 
-from ..names import ANOMALY_SETS, HEALTHY
+from ..names import ANOMALY_SETS, HEALTHY, shown_name
 from .aggregate import write_atomic
 from .labelfree import labelfree_markdown
 from .lesions import lesion_markdown
@@ -233,11 +233,11 @@ def write_report(summaries: Sequence[EvaluationSummary | Mapping], out_dir: str 
                 oracle = d.mean("oracle_best_dice")
                 oracle = float("nan") if oracle is None else oracle
                 lines.append(
-                    f"{ds}: threshold {d.threshold:.4f} from {d.threshold_source}; {d.n_test} test volumes; oracle best Dice (upper bound, not a result) {oracle:.4f}"
+                    f"{shown_name(ds)}: threshold {d.threshold:.4f} from {d.threshold_source}; {d.n_test} test volumes; oracle best Dice (upper bound, not a result) {oracle:.4f}"
                     + _exclusion_text(d)
                 )
             else:
-                lines.append(f"{ds}: {d.n_test} test volumes" + _exclusion_text(d))
+                lines.append(f"{shown_name(ds)}: {d.n_test} test volumes" + _exclusion_text(d))
         images = []
         for name in s.figures.names() if s.figures else []:
             if (src / name).exists():
@@ -303,7 +303,9 @@ def lesion_tables(summaries: Sequence[EvaluationSummary | Mapping]) -> str:
                     dice, auprc = (
                         "-" if v is None or v != v else f"{100 * v:.1f}" for v in (b.dice, b.auprc)
                     )
-                    lines.append(f"| {tag} | {ds} | {b.band} | {b.n} | {dice} | {auprc} |")
+                    lines.append(
+                        f"| {tag} | {shown_name(ds)} | {b.band} | {b.n} | {dice} | {auprc} |"
+                    )
     table = {tag: {ds: d.to_json() for ds, d in per_ds.items()} for tag, per_ds in by_run.items()}
     return lesion_markdown(table) + "\n".join(lines) + "\n"
 

@@ -24,7 +24,7 @@ from typing import NamedTuple
 
 import numpy as np
 
-from ..names import ANOMALY_SETS, HEALTHY, MS, TUMOUR
+from ..names import ANOMALY_SETS, HEALTHY, MS, TUMOUR, shown_name
 from .summary import EvaluationSummary, as_summaries
 
 
@@ -55,12 +55,12 @@ def dataset_columns(
 ) -> tuple[Column, ...]:
     """Dice and AUPRC of every anomaly set, then l1 of every healthy set."""
     cols = [
-        Column(ds, m, f"{ds} {label}", scale, higher)
+        Column(ds, m, f"{shown_name(ds)} {label}", scale, higher)
         for ds in anomaly_sets
         for m, label, scale, higher in ANOMALY_METRICS
     ]
     cols += [
-        Column(ds, m, f"{ds} {label}", scale, higher)
+        Column(ds, m, f"{shown_name(ds)} {label}", scale, higher)
         for ds in healthy_sets
         for m, label, scale, higher in HEALTHY_METRICS
     ]

@@ -54,6 +54,10 @@ class AnomalyModel(nn.Module):
     trainable: ClassVar[bool] = True
     any_size: ClassVar[bool] = False  # True: reconstructs slices of any size (no resizing)
     description: ClassVar[str] = ""
+    # config keys a trained model of this class may change when it is loaded (--set of
+    # detect, evaluate and calibrate), beyond inference.* and data.standardise, which
+    # every model takes: what reconstruction reads and the weights do not fix
+    trained_options: ClassVar[tuple[str, ...]] = ()
 
     def __init__(self, cfg: Config):
         super().__init__()

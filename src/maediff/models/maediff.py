@@ -148,6 +148,7 @@ class MAEDiff(AnomalyModel):
     Table 2 ablations are configurations of this class (config presets)."""
 
     draws_noise = True
+    trained_options = ("diffusion.t_test", "diffusion.sample_steps")
 
     description = "patch diffusion (pDDPM) with a masked-autoencoder branch (MAEDiff)"
 

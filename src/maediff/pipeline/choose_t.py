@@ -32,6 +32,9 @@ if TYPE_CHECKING:
     from .evaluate import EvalPlan
 
 
+T_TEST_KEY = "diffusion.t_test"  # the config key that the choice sets
+
+
 @dataclass
 class TChoice:
     """Candidates, each one's pooled validation Dice per data set, and the choice."""
@@ -71,6 +74,12 @@ class TChoice:
             {int(t): {k: float(v) for k, v in ds.items()} for t, ds in d["val_dice"].items()},
             int(d["chosen"]),
         )
+
+    def override(self) -> str:
+        """The choice as a config override of the model loaded again (detect
+        --threshold-from an evaluation that chose t_test: its threshold belongs to maps
+        made at that t)."""
+        return f"{T_TEST_KEY}={self.chosen}"
 
     def describe(self) -> str:
         tried = ", ".join(f"{t}: {100 * self.mean_dice(t):.2f}" for t in self.candidates)
@@ -143,4 +152,4 @@ def choose_t_test(
     return choice
 
 
-__all__ = ["TChoice", "check_candidates", "choose_t_test", "with_t_test"]
+__all__ = ["T_TEST_KEY", "TChoice", "check_candidates", "choose_t_test", "with_t_test"]

@@ -217,6 +217,24 @@ def check_weights(path: Path, model: torch.nn.Module, tensors: dict[str, torch.T
         )
 
 
+def check_trained_overrides(model: str, overrides: Sequence[str]) -> None:
+    """Refuse an override a trained `model` cannot take: inference.*, data.standardise
+    and the keys its class declares (AnomalyModel.trained_options) may change; the rest
+    is fixed by the weights or the training."""
+    cls = MODELS.get(model)
+    keys = ("data.standardise", *(cls.trained_options if cls is not None else ()))
+    bad = [
+        o
+        for o in overrides
+        if not o.startswith("inference.") and o.split("=")[0].strip() not in keys
+    ]
+    if bad:
+        raise ValueError(
+            f"only inference.*, {', '.join(keys)} can be changed for a trained {model} model, "
+            f"not {bad}"
+        )
+
+
 def load_model(path: str | Path, device: str | torch.device = "cpu", overrides: Sequence[str] = ()):
     """Build the registered model of a checkpoint file or run folder, weights loaded,
     in eval mode, with `overrides` ("inference.batch_size=16", ...) applied to its
@@ -230,6 +248,7 @@ def load_model(path: str | Path, device: str | torch.device = "cpu", overrides: 
         "config_sha256": config_sha256(cfg),
     }
     if overrides:
+        check_trained_overrides(cfg.model, overrides)
         cfg = apply_overrides(cfg, list(overrides))
     model = build_model(cfg)
     check_weights(path, model, tensors)
