@@ -21,9 +21,8 @@ from maediff.evaluation.aggregate import (
     combine_runs,
     exclusions,
     summarise,
-    write_json,
-    write_subject_csv,
 )
+from maediff.reporting.files import write_json, write_subject_csv
 
 
 def test_dice_by_hand():
@@ -269,7 +268,7 @@ def test_combine_runs():
 
 
 def test_report_table_and_figures(tmp_path):
-    from maediff.evaluation.report import (
+    from maediff.reporting.report import (
         figure_dice_distribution,
         figure_examples,
         figure_pr_curves,

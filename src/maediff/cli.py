@@ -365,7 +365,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
 
 def cmd_report(args: argparse.Namespace) -> int:
-    from .evaluation.runs import load_summary, write_report
+    from .reporting.runs import load_summary, write_report
 
     page = write_report([load_summary(p) for p in args.evaluations], args.output)
     print((Path(args.output) / "results.md").read_text())

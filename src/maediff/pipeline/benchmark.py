@@ -59,21 +59,21 @@ from ..data.datasets import load_subject
 from ..data.splits import read_pddpm_split
 from ..data.synthetic import SynthConfig, generate_benchmark
 from ..device import reset_compiled, resolve_device
-from ..evaluation.aggregate import write_atomic
-from ..evaluation.comparison import (
+from ..evaluation.lesions import merge_runs
+from ..models import MODELS
+from ..names import ANOMALY_SETS, MS, TUMOUR
+from ..outputs import clean_stale, temp_path
+from ..reporting.comparison import (
     comparison_table,
     figure_comparison,
     paired_tests,
     tests_markdown,
 )
-from ..evaluation.lesions import lesion_markdown, merge_runs
-from ..evaluation.report import write_html
-from ..evaluation.runs import FREE_TEXT, labelfree_tables, load_summary
-from ..evaluation.summary import SUMMARY_FILE, EvaluationSummary
-from ..evaluation.tables import mean_std_text
-from ..models import MODELS
-from ..names import ANOMALY_SETS, MS, TUMOUR
-from ..outputs import clean_stale, temp_path
+from ..reporting.files import write_atomic
+from ..reporting.report import write_html
+from ..reporting.runs import FREE_TEXT, labelfree_tables, load_summary
+from ..reporting.summary import SUMMARY_FILE, EvaluationSummary
+from ..reporting.tables import lesion_markdown, mean_std_text
 from ..training.checkpoint import load_model
 from ..training.trainer import load_run_config, prepare_training_data, train
 from .detect import reconstruct_volume

@@ -18,8 +18,8 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
-from .aggregate import write_atomic  # noqa: E402
-from .metrics import precision_recall_curve  # noqa: E402
+from ..evaluation.metrics import precision_recall_curve  # noqa: E402
+from .files import write_atomic  # noqa: E402
 from .tables import (  # noqa: E402
     ANOMALY_METRICS,
     HEALTHY_METRICS,
@@ -46,7 +46,7 @@ def results_table(
     """Rows of numbers already combined: {"model": name, DATASET: summary, ...} where a
     summary maps metric -> {"mean", "std"} (the std shown where it is not 0). Returns
     (Markdown, CSV) with columns dataset x metric. The report and the benchmark build
-    their tables from evaluation summaries instead (evaluation/tables.py)."""
+    their tables from evaluation summaries instead (reporting/tables.py)."""
     columns = dataset_columns(anomaly_sets, healthy_sets)
     header = ["Model", *(c.header for c in columns)]
     body = [
