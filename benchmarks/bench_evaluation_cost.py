@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 
 from maediff.config import apply_overrides, get_preset
-from maediff.evaluation.summary import EvaluationSummary
+from maediff.reporting.summary import EvaluationSummary
 from maediff.models import build_model
 from maediff.pipeline.evaluate import evaluate_model
 

@@ -20,7 +20,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from maediff.evaluation.summary import EvaluationSummary
+from maediff.reporting.summary import EvaluationSummary
 
 VARIANTS = {"base": [], "aug": ["augment.enabled=true"], "onB": []}
 TRAIN_SITE = {"base": "A", "aug": "A", "onB": "B"}

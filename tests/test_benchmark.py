@@ -9,7 +9,7 @@ import sys
 import pytest
 
 from maediff.cli import main
-from maediff.evaluation.comparison import comparison_table, paired_tests
+from maediff.reporting.comparison import comparison_table, paired_tests
 
 ARGS = [
     "--models",
@@ -135,7 +135,7 @@ def test_paired_tests_pair_by_subject():
 
 
 def test_report_table_renders_the_marks_as_html():
-    from maediff.evaluation.report import _markdown_table_to_html
+    from maediff.reporting.report import _markdown_table_to_html
 
     t = comparison_table({"A": [_summary(0.5, 0.02)], "B": [_summary(0.3, 0.01)]})
     page = _markdown_table_to_html(t.markdown())

@@ -49,8 +49,8 @@ def test_the_rule_takes_the_best_mean_then_the_nearest_to_the_configured_t():
 @pytest.mark.slow
 def test_choice_reads_validation_only_and_matches_the_evaluation(tiny_bench, tiny_model, tmp_path):
     from maediff.data.io import Subject
-    from maediff.evaluation.runs import load_summary
     from maediff.pipeline.evaluate import evaluate_model, plan_evaluation
+    from maediff.reporting.runs import load_summary
 
     plan = plan_evaluation(tiny_bench, healthy_test=False)
     # test volumes that do not exist: reading one would fail
@@ -77,7 +77,7 @@ def test_choice_reads_validation_only_and_matches_the_evaluation(tiny_bench, tin
         found = float(re.search(r"pooled Dice ([0-9.]+)", d.threshold_source)[1])
         assert found == pytest.approx(choice.val_dice[choice.chosen][ds], abs=1e-4)
     assert load_summary(out).scoring.t_choice == s.scoring.t_choice
-    from maediff.evaluation.runs import write_report
+    from maediff.reporting.runs import write_report
 
     write_report([load_summary(out)], tmp_path / "report")
     assert "chosen on the validation volumes" in (tmp_path / "report" / "report.html").read_text()
@@ -93,3 +93,44 @@ def test_choice_reads_validation_only_and_matches_the_evaluation(tiny_bench, tin
 
 def test_with_t_test_changes_what_the_model_reconstructs_at(tiny_model):
     assert with_t_test(tiny_model, 321).ensemble_timesteps() == [321]
+
+
+def test_each_volume_is_reconstructed_once_per_t(tiny_bench, tiny_model, tmp_path):
+    """Choosing t_test and fitting normative scoring reconstruct validation volumes that
+    the evaluation reads again at the same t: each (t, volume) is reconstructed once.
+    The model's reconstruction is replaced by a cheap one that depends on t (the
+    pipeline around it is the real one) and counts its calls."""
+    import hashlib
+
+    from maediff.pipeline.evaluate import evaluate_model
+
+    calls = []
+
+    def reconstruct(slices, generator=None, **_):
+        t = tiny_model.cfg.diffusion.t_test
+        calls.append((t, hashlib.sha1(slices.numpy().tobytes()).hexdigest()))
+        return slices * (1 - t / 2000)
+
+    tiny_model.reconstruct = reconstruct
+    s = evaluate_model(
+        tiny_model,
+        tiny_bench,
+        tmp_path / "e",
+        t_candidates=[250, 500],
+        scoring="normative",
+        datasets=["MSLUB"],
+        healthy_test=False,
+        max_volumes=1,
+        n_jobs=1,
+        workers=0,
+        progress=False,
+        figures=False,
+    )
+    twice = [c for c in set(calls) if calls.count(c) > 1]
+    assert not twice, f"reconstructed more than once at the same t: {twice}"
+    chosen = s.scoring.t_choice["chosen"]
+    assert len([c for c in calls if c[0] != chosen]) == 1  # the losing t: MSLUB val only
+    # at the chosen t: MSLUB val and test, the healthy validation volume(s) of the
+    # label-free thresholds and of the normative fit (the first one shared)
+    assert s.scoring.normative["volumes"] >= 1 and list(s.datasets) == ["MSLUB"]
+    assert len([c for c in calls if c[0] == chosen]) == 2 + s.scoring.normative["volumes"]

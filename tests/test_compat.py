@@ -6,8 +6,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from maediff.evaluation.runs import load_summary, write_report
 from maediff.pipeline.detect import reconstruct_volume
+from maediff.reporting.runs import load_summary, write_report
 from maediff.training.checkpoint import load_model
 
 FIXTURE = Path(__file__).resolve().parent / "fixtures" / "v0.2.0"

@@ -20,9 +20,8 @@ from maediff.evaluation import (
 from maediff.evaluation.aggregate import (
     exclusions,
     summarise,
-    write_json,
-    write_subject_csv,
 )
+from maediff.reporting.files import write_json, write_subject_csv
 
 
 def test_dice_by_hand():
@@ -261,7 +260,7 @@ def test_volume_without_lesion_is_left_out_of_the_dice_mean():
 
 
 def test_report_figures(tmp_path):
-    from maediff.evaluation.report import (
+    from maediff.reporting.report import (
         figure_dice_distribution,
         figure_examples,
         figure_pr_curves,

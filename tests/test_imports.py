@@ -147,7 +147,7 @@ def test_the_names_removed_in_0_7_0_are_gone():
         "maediff.training.trainer": ("prepare_training_data", "LOG_FIELDS"),
         "maediff.pipeline.evaluate": ("load_summary", "table_rows"),
         "maediff.evaluation.aggregate": ("combine_runs",),
-        "maediff.evaluation.report": ("results_table",),
+        "maediff.reporting.report": ("results_table",),
         "maediff.models.unet": ("count_parameters",),
     }
     for module, names in gone.items():

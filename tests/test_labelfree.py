@@ -124,9 +124,9 @@ def test_evaluate_reports_label_free_results_beside_the_protocol(tiny_bench, tmp
     from maediff.data.datasets import load_subject
     from maediff.data.splits import read_pddpm_split
     from maediff.evaluation.protocol import EvalSettings, VolumeResult, score_volume
-    from maediff.evaluation.summary import EvaluationSummary
     from maediff.models import build_model
     from maediff.pipeline.evaluate import evaluate_model, plan_evaluation
+    from maediff.reporting.summary import EvaluationSummary
 
     model = build_model(get_preset("thresh-tiny"))
     s = evaluate_model(

@@ -74,7 +74,7 @@ def test_normative_scoring_finds_the_lesion_that_bright_tissue_hides():
 
 
 def test_settings_in_the_summary_leave_the_normaliser_to_scoring():
-    from maediff.evaluation.summary import EvaluationSummary, Scoring
+    from maediff.reporting.summary import EvaluationSummary, Scoring
 
     rng = np.random.default_rng(0)
     norm = BandNormaliser.fit([_phantom(rng, lesion=False)[:3]], bands=2)

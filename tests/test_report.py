@@ -1,4 +1,4 @@
-"""The report of saved evaluations (evaluation/runs.py, docs/evaluation.md §4): images
+"""The report of saved evaluations (reporting/runs.py, docs/evaluation.md §4): images
 that resolve from the page, rows per model and data folder, and no torch."""
 
 import subprocess
@@ -11,8 +11,8 @@ from urllib.parse import unquote
 import pytest
 
 from maediff.config import get_preset
-from maediff.evaluation.runs import load_summary, table_rows, write_report
 from maediff.models import build_model
+from maediff.reporting.runs import load_summary, table_rows, write_report
 from test_protocol_parity import IdentityModel, _evaluate, write_layout
 
 
@@ -113,12 +113,13 @@ def test_rows_group_by_model_and_data_folder(tmp_path, monkeypatch):
     assert "| MAEDiff — synthetic-b | 90.00 |" in md
 
 
-def test_evaluation_modules_import_no_torch():
-    # every module of maediff.evaluation (what `maediff report` needs), in a fresh process
+def test_evaluation_and_reporting_import_no_torch():
+    # every module of maediff.evaluation and maediff.reporting (what `maediff report`
+    # needs), in a fresh process
     code = (
-        "import importlib, pkgutil, sys, maediff.evaluation as ev\n"
-        "names = [m.name for m in pkgutil.iter_modules(ev.__path__, 'maediff.evaluation.')]\n"
-        "assert 'maediff.evaluation.runs' in names, names\n"
+        "import importlib, pkgutil, sys, maediff.evaluation as ev, maediff.reporting as rp\n"
+        "names = [m.name for p in (ev, rp) for m in pkgutil.iter_modules(p.__path__, p.__name__ + '.')]\n"
+        "assert {'maediff.reporting.runs', 'maediff.evaluation.protocol'} <= set(names), names\n"
         "for n in names: importlib.import_module(n)\n"
         "bad = sorted(m for m in sys.modules if m == 'torch' or m.startswith(('torch.', "
         "'maediff.models', 'maediff.pipeline', 'maediff.training')))\n"
@@ -128,11 +129,41 @@ def test_evaluation_modules_import_no_torch():
     assert res.returncode == 0, res.stderr
 
 
+WRITERS = {"write_text", "write_bytes", "savefig", "savez", "savez_compressed", "dump", "to_csv"}
+
+
+def test_the_protocol_writes_no_files_and_imports_no_reporting():
+    """evaluation/ computes (pure arrays), reporting/ writes: the door goes one way."""
+    import ast
+    from pathlib import Path
+
+    import maediff.evaluation as ev
+
+    found = []
+    for path in sorted(Path(ev.__file__).parent.glob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and node.module:
+                if "reporting" in node.module or node.module.split(".")[0] in ("csv", "matplotlib"):
+                    found.append(f"{path.name} imports {node.module}")
+            elif isinstance(node, ast.Import):
+                found += [
+                    f"{path.name} imports {a.name}"
+                    for a in node.names
+                    if a.name.split(".")[0] in ("csv", "matplotlib") or "reporting" in a.name
+                ]
+            elif isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute):
+                if node.func.attr in WRITERS:
+                    found.append(f"{path.name}:{node.lineno} calls {node.func.attr}")
+            elif isinstance(node, ast.Call) and getattr(node.func, "id", "") == "open":
+                found.append(f"{path.name}:{node.lineno} calls open")
+    assert not found, found
+
+
 @pytest.mark.slow
 def test_combined_legends_keep_multi_word_model_names(tmp_path):
     """The combined PR and Dice figures name each series "RUN DATASET"; a model label
     with spaces (Table 2's rows, "pDDPM s48") keeps all its words and its data set."""
-    from maediff.evaluation.runs import combined_series
+    from maediff.reporting.runs import combined_series
 
     write_layout(tmp_path / "data", n_val=1, n_test=2)
     kw = {"datasets": ("Brats21",), "healthy_test": False}

@@ -1,4 +1,4 @@
-"""Typed evaluation summaries (evaluation/summary.py): summary.json reads and writes
+"""Typed evaluation summaries (reporting/summary.py): summary.json reads and writes
 back unchanged, for this version and 0.2.0; a file that is no summary fails with a
 message naming it; the report and the benchmark draw their tables with one builder."""
 
@@ -11,17 +11,17 @@ import numpy as np
 import pytest
 
 from maediff.config import get_preset
-from maediff.evaluation.comparison import comparison_table
 from maediff.evaluation.protocol import EvalSettings
-from maediff.evaluation.runs import load_summary, report_table, table_rows, write_report
-from maediff.evaluation.summary import (
+from maediff.models import build_model
+from maediff.reporting.comparison import comparison_table
+from maediff.reporting.runs import load_summary, report_table, table_rows, write_report
+from maediff.reporting.summary import (
     EvaluationSummary,
     as_summary,
     curve_key,
     split_curve_key,
 )
-from maediff.evaluation.tables import TABLE_COLUMNS, MetricTable, build_table, dataset_columns
-from maediff.models import build_model
+from maediff.reporting.tables import TABLE_COLUMNS, MetricTable, build_table, dataset_columns
 from test_protocol_parity import IdentityModel, _evaluate, write_layout
 
 FIXTURE = Path(__file__).resolve().parent / "fixtures" / "v0.2.0" / "eval"

@@ -173,7 +173,7 @@ def _threshold(args: argparse.Namespace) -> float | None:
     if args.threshold is not None:
         return args.threshold
     if args.threshold_from:
-        from .evaluation.runs import load_summary
+        from .reporting.runs import load_summary
 
         s = load_summary(args.threshold_from)
         ds = args.threshold_dataset
@@ -190,7 +190,7 @@ def _t_test_from(args: argparse.Namespace) -> list[str]:
     its threshold belongs to maps made at that t."""
     if not getattr(args, "threshold_from", None) or args.threshold is not None:
         return []
-    from .evaluation.runs import load_summary
+    from .reporting.runs import load_summary
     from .pipeline.choose_t import T_TEST_KEY, TChoice
 
     if any(o.split("=", 1)[0].strip() == T_TEST_KEY for o in args.set or []):
@@ -233,7 +233,7 @@ def _calibration_source(path: str):
 
 def _evaluation_fpr_threshold(args: argparse.Namespace) -> tuple[float, str]:
     """The threshold an evaluation set at --fpr on its healthy validation volumes."""
-    from .evaluation.runs import load_summary
+    from .reporting.runs import load_summary
 
     d = load_summary(args.threshold_from).datasets.get(protocol_name(args.threshold_dataset))
     free = d.label_free if d is not None else None
@@ -437,7 +437,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
 
 def cmd_report(args: argparse.Namespace) -> int:
-    from .evaluation.runs import load_summary, write_report
+    from .reporting.runs import load_summary, write_report
 
     page = write_report([load_summary(p) for p in args.evaluations], args.output)
     print((Path(args.output) / "results.md").read_text())

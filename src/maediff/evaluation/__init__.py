@@ -1,8 +1,9 @@
 """The evaluation protocol of paper §4.4 / docs/evaluation.md §1 as pure functions on arrays.
 
-Nothing here imports torch or a model (tested): inputs are NumPy volumes (X, Y, Z)
-with Z the axial slice axis, as nibabel loads them. runs.py assembles the report of
-saved evaluations (`maediff report`) from the same pieces.
+Nothing here imports torch or a model, writes a file or imports maediff.reporting
+(tested): inputs are NumPy volumes (X, Y, Z) with Z the axial slice axis, as nibabel
+loads them. What an evaluation writes and shows (CSVs, summary.json, tables, figures,
+the report) is maediff.reporting, built on these functions.
 """
 
 from .metrics import average_precision, best_dice, dice, precision_recall_curve, roc_auc

@@ -25,7 +25,6 @@ from typing import Any
 
 import numpy as np
 
-from ..names import shown_name
 from .lesions import lesion_rows
 from .metrics import dice, roc_auc
 from .postprocess import remove_small_components
@@ -108,42 +107,10 @@ def scan_auroc(healthy: Sequence[float], unhealthy: Sequence[float]) -> float | 
     return float(roc_auc(scores, labels))
 
 
-def labelfree_markdown(rows: Sequence[dict[str, Any]]) -> str:
-    """One table: per (run, data set) the scan-level AUROC and Dice / lesion F1 at each
-    FPR threshold. rows: {run, dataset, scan_auroc, n_healthy, n_unhealthy, at_fpr}
-    with at_fpr as fixed_fpr_summary gives it."""
-    if not rows:
-        return ""
-    fprs = sorted({a["fpr"] for r in rows for a in r["at_fpr"]})
-
-    def pct(v: Any) -> str:
-        return "-" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{100 * v:.1f}"
-
-    head = ["run", "data set", "scan AUROC (%)", "healthy / unhealthy scans"]
-    for f in fprs:
-        head += [f"Dice @ {f:.0%} FPR (%)", f"lesion F1 @ {f:.0%} FPR (%)"]
-    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    for r in rows:
-        at = {a["fpr"]: a for a in r["at_fpr"]}
-        cells = [
-            r["run"],
-            shown_name(r["dataset"]),
-            pct(r["scan_auroc"]),
-            f"{r['n_healthy']} / {r['n_unhealthy']}",
-        ]
-        for f in fprs:
-            a = at.get(f)
-            dice_mean = a["dice"]["mean"] if a and a["dice"] else None
-            cells += [pct(dice_mean), pct(a["lesion_f1"] if a else None)]
-        lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines) + "\n"
-
-
 __all__ = [
     "fixed_fpr_metrics",
     "fixed_fpr_summary",
     "fpr_key",
     "fpr_thresholds",
-    "labelfree_markdown",
     "scan_auroc",
 ]

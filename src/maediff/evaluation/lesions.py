@@ -27,8 +27,6 @@ from collections.abc import Sequence
 import numpy as np
 from scipy import ndimage
 
-from ..names import shown_name
-
 BANDS_ML = (0.0, 0.1, 1.0, 10.0, 50.0, math.inf)  # lesion-volume bands, ml
 STRUCTURE = np.ones((3, 3, 3), dtype=bool)  # 26-connectivity
 OVERLAP_RULE = (
@@ -209,28 +207,4 @@ def merge_runs(summaries: Sequence[dict]) -> dict:
     return out
 
 
-def lesion_markdown(by_model: dict[str, dict[str, dict]]) -> str:
-    """model -> data set -> lesion summary: one table of lesion-wise detection."""
-    if not by_model:
-        return ""
-    head = "| model | data set | lesions | lesion F1 (%) | sensitivity (%) | FP comp. / vol | sensitivity by lesion volume |"
-    lines = [head, "|---|---|---|---|---|---|---|"]
-
-    def pct(v: float) -> str:
-        return "-" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{100 * v:.1f}"
-
-    for model, per_ds in by_model.items():
-        for ds, s in per_ds.items():
-            bands = ", ".join(
-                f"{b['band']}: {b['detected']}/{b['n']}" for b in s["by_lesion_volume"] if b["n"]
-            )
-            fpv = s["fp_per_volume"]
-            fpv_text = "-" if fpv is None or math.isnan(fpv) else f"{fpv:.1f}"
-            lines.append(
-                f"| {model} | {shown_name(ds)} | {s['lesions']} | {pct(s['lesion_f1'])} | "
-                f"{pct(s['sensitivity'])} | {fpv_text} | {bands} |"
-            )
-    return "\n".join(lines) + "\n"
-
-
-__all__ = ["BANDS_ML", "band_of", "lesion_markdown", "lesion_rows", "lesion_summary", "merge_runs"]
+__all__ = ["BANDS_ML", "band_of", "lesion_rows", "lesion_summary", "merge_runs"]

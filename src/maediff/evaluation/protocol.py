@@ -192,6 +192,33 @@ def _val_scores(
     return v.name, score_volume(v, s), v.segmentation, v.brain_mask
 
 
+@dataclass
+class DatasetRun:
+    """One unhealthy data set through the protocol: the outcome on its n_test test
+    volumes at the threshold of its n_val validation volumes, the first test volumes
+    (kept for the example figure) and the seconds it took."""
+
+    n_val: int
+    n_test: int
+    outcome: EvalOutcome
+    kept: list[VolumeResult] = field(default_factory=list)
+    seconds: float = 0.0
+
+
+@dataclass
+class EvaluationRun:
+    """Every data set of one evaluation through the protocol (pipeline/evaluate.py runs
+    it, reporting/results.py records and writes it)."""
+
+    datasets: dict[str, DatasetRun]
+    # thresholds at settings.fprs on the healthy validation volumes (None: none) and
+    # where they come from ("IXI val fold 0 (44 healthy volumes)")
+    fpr_thresholds: dict[str, float] | None
+    fpr_source: str
+    healthy: list[dict] | None  # records of the healthy test volumes; None: not evaluated
+    seconds: float = 0.0
+
+
 def _test_job(
     args: tuple[VolumeResult, float, EvalSettings, Mapping[str, float]],
 ) -> tuple[dict, np.ndarray, np.ndarray]:

@@ -202,6 +202,49 @@ class AnomalyModel(nn.Module):
         other methods (encode / decode) names the modules those call."""
         return [m for m in self.children() if any(True for _ in m.parameters())]
 
+    # ------------------------------------------------------------------ declared capabilities
+    # What the shared layers (the benchmark, pipeline/probe.py, checkpoints) ask of a
+    # model, so that none of them names one.
+
+    # a run saved before `inference.clamp` existed (0.5.0) clamped its reconstruction
+    # to [0, 1] (training/checkpoint.py: saved_config)
+    clamped_before_0_5: ClassVar[bool] = True
+    # the patch probe of pipeline/probe.py measures it: the model has the probe hooks
+    # below and, as patch diffusion models do, `noise(n, generator)`, `grid` (PatchGrid)
+    # and `cfg.diffusion`
+    patch_probe: ClassVar[bool] = False
+
+    @classmethod
+    def update_budget_text(cls, cfg: Config) -> str:
+        """The training budget of `cfg` in updates (cfg.train.max_steps > 0), as the
+        benchmark's budget table says it. A model with several parts (f-AnoGAN) says how
+        its updates are shared."""
+        unit = "volumes" if cls.input_kind == "volumes" else "slices"
+        return f"{cfg.train.max_steps} updates of {cfg.train.batch_size} {unit}"
+
+    def probe_inputs(self, slices: Tensor) -> Tensor:
+        """Probe hook: slices (B, 1, H, W) in [0, 1] -> the model's input range."""
+        raise NotImplementedError(f"{type(self).__name__} has no patch probe")
+
+    def probe_l1(self, x: Tensor, t: Tensor, noise: Tensor, k: Tensor, brain: Tensor) -> Tensor:
+        """Probe hook: x (B, 1, H, W) in the model's range noised to t (B,) with `noise`
+        inside patch k (B,), the x0 prediction's l1 over the brain pixels (brain (B, 1,
+        H, W)) of the patch, in image units: (B,) on the CPU."""
+        raise NotImplementedError(f"{type(self).__name__} has no patch probe")
+
+    @property
+    def has_probe_branch(self) -> bool:
+        """True: `probe_branch` reads a branch whose input dependence the probe measures."""
+        return False
+
+    def probe_branch(
+        self, x: Tensor, t: Tensor, noise: Tensor, k: Tensor
+    ) -> tuple[Tensor, Tensor] | None:
+        """Probe hook: the feature map f and the branch output o added to it, for x (B,
+        1, H, W) in the model's range noised to t with `noise` inside patch k; None
+        without a branch."""
+        return None
+
     # ------------------------------------------------------------------ helpers
 
     @property

@@ -182,6 +182,15 @@ def fanogan_update_budget(cfg: Config, updates: int) -> Config:
     )
 
 
+def fanogan_update_counts(cfg: Config) -> tuple[int, int, int]:
+    """(generator, critic, encoder) updates of cfg.train.max_steps, as the phases share
+    them (the inverse of fanogan_update_budget)."""
+    f, steps = cfg.fanogan, cfg.train.max_steps
+    gan = round(steps * f.gan_fraction)
+    gen = gan // (f.n_critic + 1)
+    return gen, gan - gen, steps - gan
+
+
 @register_model(
     "fanogan",
     sections=("fanogan",),
@@ -199,6 +208,14 @@ class FAnoGAN(AnomalyModel):
         self.generator = Generator(f.latent_dim, f.channels, H)
         self.critic = DownNet(f.channels, H, layer_norm, 1)
         self.encoder = DownNet(f.channels, H, nn.BatchNorm2d, f.latent_dim)
+
+    @classmethod
+    def update_budget_text(cls, cfg: Config) -> str:
+        gen, critic, encoder = fanogan_update_counts(cfg)
+        return (
+            f"{gen} generator + {encoder} encoder updates "
+            f"(and {critic} critic updates), {cfg.train.batch_size} slices each"
+        )
 
     # ------------------------------------------------------------------ training contract
 

@@ -149,6 +149,8 @@ class MAEDiff(AnomalyModel):
 
     draws_noise = True
     trained_options = ("diffusion.t_test", "diffusion.sample_steps")
+    clamped_before_0_5 = False  # the range was never clamped (pDDPM's evaluation)
+    patch_probe = True
 
     description = "patch diffusion (pDDPM) with a masked-autoencoder branch (MAEDiff)"
 
@@ -229,6 +231,35 @@ class MAEDiff(AnomalyModel):
     def noised_input(self, x0: Tensor, x_t: Tensor, k: Tensor) -> Tensor:
         """Paper Eq. 8: x~_t = x_t inside patch k, x0 outside (bit-exact)."""
         return torch.where(self.patch_masks[k] > 0, x_t, x0)
+
+    # ------------------------------------------------------------------ probe hooks (pipeline/probe.py)
+
+    def probe_inputs(self, slices: Tensor) -> Tensor:
+        return to_model_range(slices)
+
+    def probe_l1(self, x: Tensor, t: Tensor, noise: Tensor, k: Tensor, brain: Tensor) -> Tensor:
+        x_t = self.diffusion.q_sample(x, t, noise)
+        pred = self.denoise(self.noised_input(x, x_t, k), t, k, x).float()
+        m = self.patch_masks[k] * brain
+        # model range [-1, 1] -> image units [0, 1]: half the difference
+        return ((x - pred).abs() * m).flatten(1).sum(1).cpu() / m.flatten(1).sum(1).cpu() / 2
+
+    @property
+    def has_probe_branch(self) -> bool:
+        return self.net.mae is not None
+
+    def probe_branch(
+        self, x: Tensor, t: Tensor, noise: Tensor, k: Tensor
+    ) -> tuple[Tensor, Tensor] | None:
+        """The MAE branch's output o and the U-Net feature map f it is added to, read
+        from the U-Net's encoder half (a method of its own: a forward hook on the MAE
+        does not run inside a compiled forward)."""
+        if self.net.mae is None:
+            return None
+        x_t = self.diffusion.q_sample(x, t, noise)
+        args, _, _ = self.network_inputs(self.noised_input(x, x_t, k), t, k, x)
+        f, o, _, _ = self.net.encode(*args)
+        return f, o
 
     # ------------------------------------------------------------------ Alg. 1
 

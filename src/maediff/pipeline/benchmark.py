@@ -54,23 +54,22 @@ from ..data.datasets import load_subject
 from ..data.splits import read_pddpm_split
 from ..data.synthetic import SynthConfig, generate_benchmark
 from ..device import reset_compiled, resolve_device
-from ..evaluation.aggregate import write_atomic
-from ..evaluation.comparison import (
+from ..evaluation.lesions import merge_runs
+from ..models import MODELS
+from ..names import ANOMALY_SETS, MS, TUMOUR
+from ..outputs import clean_stale, temp_path
+from ..registry import model_names, preset_info, preset_name, presets_of_table
+from ..reporting.comparison import (
     comparison_table,
     figure_comparison,
     paired_tests,
     tests_markdown,
 )
-from ..evaluation.lesions import lesion_markdown, merge_runs
-from ..evaluation.report import write_html
-from ..evaluation.runs import FREE_TEXT, labelfree_tables, load_summary
-from ..evaluation.summary import SUMMARY_FILE, EvaluationSummary
-from ..evaluation.tables import mean_std_text
-from ..models import MODELS
-from ..models.maediff import MAEDiff
-from ..names import ANOMALY_SETS, MS, TUMOUR
-from ..outputs import clean_stale, temp_path
-from ..registry import model_names, preset_info, preset_name, presets_of_table
+from ..reporting.files import write_atomic
+from ..reporting.report import write_html
+from ..reporting.runs import FREE_TEXT, labelfree_tables, load_summary
+from ..reporting.summary import SUMMARY_FILE, EvaluationSummary
+from ..reporting.tables import lesion_markdown, mean_std_text
 from ..scales import with_update_budget
 from ..training.checkpoint import load_model
 from ..training.data import prepare_training_data
@@ -87,9 +86,9 @@ def row(model: str) -> str:
 
 def reference_of(table: str | None) -> str:
     """The row the paired tests compare against: the preset its model module marks as
-    the reference of that table (Table 1: MAEDiff), MAEDiff for --models."""
-    marked = [m for m in presets_of_table(table) if preset_info(m).reference] if table else []
-    return marked[0] if marked else "maediff"
+    the reference of that table; for --models, the reference of Table 1 (MAEDiff)."""
+    marked = [m for m in presets_of_table(table or "1") if preset_info(m).reference]
+    return marked[0] if marked else Config().model
 
 
 def twin_of(model: str) -> str | None:
@@ -333,7 +332,7 @@ def execute_run(
         model = build_model(cfg).to(resolve_device(device))
     if trained or "train_s" not in timing:
         timing["train_s"] = round(time.perf_counter() - t0, 1)
-    if isinstance(model, MAEDiff):
+    if model.patch_probe:  # the models that declare it (pipeline/probe.py)
         if not (folder / "probe.json").exists():
             t0 = time.perf_counter()
             write_probe(model, data, folder / "probe.json")
@@ -366,7 +365,7 @@ def execute_run(
 
 
 def write_probe(model, data: Path, path: Path) -> None:
-    """The patch probe and, with an MAE, its input dependence (pipeline/probe.py)."""
+    """The patch probe and, with a branch (the MAE), its input dependence (pipeline/probe.py)."""
     slices, brain = probe_slices(model.cfg, data)
     result = {"probe": patch_probe(model, slices, brain)}
     dep = mae_input_dependence(model, slices)
@@ -782,16 +781,7 @@ def budget_of(cfg: Config) -> str:
         return f"{t.max_minutes:g} min"
     if not t.max_steps:
         return f"{t.epochs} epochs of batch {t.batch_size}"
-    if cfg.model == "fanogan":
-        f = cfg.fanogan
-        gan = round(t.max_steps * f.gan_fraction)
-        gen = gan // (f.n_critic + 1)
-        return (
-            f"{gen} generator + {t.max_steps - gan} encoder updates "
-            f"(and {gan - gen} critic updates), {t.batch_size} slices each"
-        )
-    unit = "volumes" if MODELS[cfg.model].input_kind == "volumes" else "slices"
-    return f"{t.max_steps} updates of {t.batch_size} {unit}"
+    return MODELS[cfg.model].update_budget_text(cfg)
 
 
 def budget_table(plan: BenchmarkPlan, found) -> str:

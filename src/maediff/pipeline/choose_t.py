@@ -9,7 +9,10 @@ full pass, the same noise seed as the evaluation), runs the protocol's threshold
 search on them and keeps the t with the highest mean pooled validation Dice over the
 data sets (ties: the candidate nearest the configured t_test, then the smaller). The
 evaluation then runs at that t, and records the choice in summary.json
-(`scoring.t_choice`); `detect --threshold-from` that evaluation reuses it.
+(`scoring.t_choice`); `detect --threshold-from` that evaluation reuses it. Given the
+evaluation's `Reconstructions` (volumes.py), the validation volumes of the chosen t stay
+held there, so the evaluation does not reconstruct them again (those of a candidate
+that loses are dropped: at most two candidates' volumes are held at a time).
 
     choice = choose_t_test(model, plan, data_cfg, (300, 400, 500, 600), seed=0)
     model = with_t_test(model, choice.chosen)
@@ -25,7 +28,7 @@ from tqdm.auto import tqdm
 
 from ..config import DataConfig
 from ..evaluation.protocol import EvalSettings, VolumeResult, evaluate_split
-from .detect import reconstruct_subject
+from .volumes import Reconstructions
 
 if TYPE_CHECKING:
     from ..models import AnomalyModel
@@ -48,13 +51,13 @@ class TChoice:
         d = self.val_dice[t]
         return sum(d.values()) / len(d)
 
-    def decide(self) -> int:
+    def rank(self, t: int) -> tuple[float, int, int]:
         """The rule: the highest mean pooled validation Dice (to 1e-6: float noise is
         no difference), then the candidate nearest the configured t, then the smaller."""
-        self.chosen = max(
-            self.candidates,
-            key=lambda t: (round(self.mean_dice(t), 6), -abs(t - self.configured), -t),
-        )
+        return round(self.mean_dice(t), 6), -abs(t - self.configured), -t
+
+    def decide(self) -> int:
+        self.chosen = max(self.candidates, key=self.rank)
         return self.chosen
 
     def to_json(self) -> dict[str, Any]:
@@ -123,12 +126,16 @@ def choose_t_test(
     seed: int = 0,
     settings: EvalSettings = EvalSettings(),
     progress: bool = True,
+    volumes: Reconstructions | None = None,
 ) -> TChoice:
     """Pick t_test on the validation volumes of `plan` (module docstring). The model is
-    left at its configured t_test; apply the choice with `with_t_test`."""
+    left at its configured t_test; apply the choice with `with_t_test`. `volumes` (of
+    this model, data_cfg and seed) keeps the chosen t's validation volumes."""
     ts = check_candidates(model, candidates)
     configured = model.cfg.diffusion.t_test
     choice = TChoice(configured, ts)
+    volumes = volumes if volumes is not None else Reconstructions(model, data_cfg, seed)
+    best: int | None = None
     n = sum(len(val) for val, _ in plan.anomaly.values())
     bar = tqdm(total=n * len(ts), desc="choosing t_test", unit="vol", disable=not progress)
     try:
@@ -138,13 +145,17 @@ def choose_t_test(
             for ds, (val, _) in plan.anomaly.items():
                 vols = []
                 for s in val:
-                    name, image, brain, seg, rec, affine = reconstruct_subject(
-                        model, s, data_cfg, seed
-                    )
+                    name, image, brain, seg, rec, affine = volumes.get(s, keep=True)
                     vols.append(VolumeResult(name, image, rec, brain, seg, affine, []))
                     bar.update()
                 outcome = evaluate_split(vols, [], settings)
                 choice.val_dice[t][ds] = float(outcome.val_dice)
+            if best is None or choice.rank(t) > choice.rank(best):  # t leads: keep its volumes
+                best, lost = t, best
+            else:
+                lost = t
+            if lost is not None:
+                volumes.forget(lost)
     finally:
         with_t_test(model, configured)
         bar.close()

@@ -8,13 +8,20 @@ Every model of the registry goes through the same code: its reconstruction of ea
 volume, then the same post-processing, threshold search and metrics. For Thresh the
 reconstruction is zero, so the anomaly map is the image itself.
 
+`evaluate_model` runs the protocol's steps: plan the splits, choose t_test and fit
+normative scoring if asked (on validation volumes, each reconstructed once and then
+reused: volumes.py), run the protocol on every data set (`run_protocol`, the pure
+functions of maediff.evaluation on the reconstructed volumes), and hand what it
+computed to reporting/results.py, which writes the files. EvalOptions holds how it
+runs (the options of `maediff evaluate`).
+
 Every split file of every data set is read (and every file it lists checked) before
 the first volume is computed, and the output folder appears only when everything is
 written: results go to a hidden sibling folder (.NAME.HOST-PID.partial) that is renamed
 into place at the end and removed on failure; one that a killed evaluation left is
 removed by the next. An output folder that already holds files is refused unless
-`overwrite`; then summary.json, the mark of a finished evaluation, is replaced last. The summary is an EvaluationSummary (evaluation/summary.py),
-written as its `to_json()`. The report assembly lives in evaluation/runs.py (no
+`overwrite`; then summary.json, the mark of a finished evaluation, is replaced last. The summary is an EvaluationSummary (reporting/summary.py),
+written as its `to_json()`. The report assembly lives in reporting/runs.py (no
 torch).
 """
 
@@ -27,7 +34,8 @@ import re
 import shutil
 import time
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, replace
+from contextlib import AbstractContextManager, contextmanager, nullcontext
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -38,78 +46,36 @@ from ..config import DataConfig
 from ..data.bids import is_bids, read_bids, split_every
 from ..data.io import DataError
 from ..data.splits import Subject, read_pddpm_split, split_csv_name
-from ..evaluation.aggregate import METRICS, exclusions, summarise, write_json, write_subject_csv
-from ..evaluation.labelfree import fixed_fpr_summary, fpr_thresholds, scan_auroc
-from ..evaluation.lesions import lesion_summary
+from ..evaluation.labelfree import fpr_thresholds
 from ..evaluation.normative import BandNormaliser
-from ..evaluation.protocol import EvalSettings, VolumeResult, evaluate_healthy, evaluate_split
-from ..evaluation.report import figure_dice_distribution, figure_dice_vs_volume, figure_pr_curves
-from ..evaluation.runs import ANOMALY_SETS, example_figure, write_report
-from ..evaluation.summary import (
-    SUMMARY_FILE,
-    DatasetResult,
-    EvaluationSummary,
-    Exclusion,
-    Figures,
-    FixedFpr,
-    LabelFreeResult,
-    LesionResult,
-    MetricStats,
-    Scoring,
-    curve_key,
+from ..evaluation.protocol import (
+    DatasetRun,
+    EvalSettings,
+    EvaluationRun,
+    VolumeResult,
+    evaluate_healthy,
+    evaluate_split,
 )
 from ..names import HEALTHY
 from ..outputs import HOST, clean_stale, owner_dead, partial_path
-from .choose_t import choose_t_test, with_t_test
-from .detect import reconstruct_subject
+from ..reporting.results import record_results, write_results
+from ..reporting.runs import ANOMALY_SETS
+from ..reporting.summary import SUMMARY_FILE, EvaluationSummary, Scoring
+from .choose_t import TChoice, choose_t_test, with_t_test
+from .volumes import Reconstructed, Reconstructions, t_test_of, volume_results
 from .workers import ReconstructionPool, auto_workers, check_workers, remove_stale_copies
 
 if TYPE_CHECKING:
     from ..models import AnomalyModel
 
 __all__ = [
+    "EvalOptions",
     "EvalPlan",
     "evaluate_model",
     "plan_bids_evaluation",
     "plan_evaluation",
+    "run_protocol",
 ]
-
-
-def _volumes(
-    subjects: Sequence[Subject],
-    model: AnomalyModel,
-    data_cfg: DataConfig,
-    seed: int,
-    keep: list | None,
-    n_keep: int,
-    bar: tqdm | None,
-    stream: Iterator[tuple] | None = None,
-    drawn: dict[str, list[dict]] | None = None,
-) -> Iterator[VolumeResult]:
-    """Load, reconstruct and yield volumes one at a time (keeping the first n_keep), in
-    this process or, with `stream`, from worker processes that compute the same
-    (ReconstructionPool.map over every subject of the evaluation, in reading order).
-
-    Under the protocol every patch is reconstructed (skip_empty_patches=False): the
-    whole-volume l1 sees the model's output outside the brain too, as the reference."""
-    if stream is not None:
-        results = (_next_of(stream, s.name) for s in subjects)
-    else:
-        results = (reconstruct_subject(model, s, data_cfg, seed) for s in subjects)
-    for name, image, brain, seg, rec, affine in results:
-        v = VolumeResult(name, image, rec, brain, seg, affine, (drawn or {}).get(name, []))
-        if keep is not None and len(keep) < n_keep:
-            keep.append(v)
-        if bar is not None:
-            bar.update()
-        yield v
-
-
-def _next_of(stream: Iterator[tuple], name: str) -> tuple:
-    item = next(stream)
-    if item[0] != name:  # the protocol reads the volumes in the order they were queued
-        raise RuntimeError(f"worker stream out of order: expected {name}, got {item[0]}")
-    return item
 
 
 def drawn_lesions(data_dir: str | Path) -> dict[str, list[dict]]:
@@ -284,66 +250,148 @@ def remove_leftovers(base: Path) -> None:
     remove_stale_copies()
 
 
+SCORINGS = ("residual", "normative")
+
+
+@dataclass(frozen=True)
+class EvalOptions:
+    """How `evaluate_model` runs: the options of `maediff evaluate`, with its defaults.
+
+    datasets, healthy_test, fold, max_volumes: what plan_evaluation reads (a given
+    plan replaces them). data_cfg: how volumes are loaded (None: the model's own).
+    settings: the protocol's post-processing, search and metrics. n_jobs: processes that
+    score volumes. workers: processes that reconstruct them, one thread each (None: one
+    per torch thread, at most 4, for a trainable model on the CPU; 0: in this process).
+    t_candidates: choose t_test among these on the validation volumes first
+    (pipeline/choose_t.py); the evaluation then runs at the chosen t. scoring:
+    "residual" (the paper: |x - x_rec|) or "normative" (evaluation/normative.py: against
+    healthy residuals of the same intensity, fitted on the first NORMATIVE_VOLUMES
+    healthy validation volumes of the fold). overwrite: replace the results in an output
+    folder that holds files (else refused)."""
+
+    label: str = "MAEDiff"
+    datasets: Sequence[str] = ANOMALY_SETS
+    healthy_test: bool = True
+    fold: int = 0
+    data_cfg: DataConfig | None = None
+    settings: EvalSettings = field(default_factory=EvalSettings)
+    n_jobs: int = 2
+    seed: int = 0
+    max_volumes: int | None = None
+    progress: bool = True
+    figures: bool = True
+    workers: int | None = None
+    t_candidates: Sequence[int] = ()
+    scoring: str = "residual"
+    overwrite: bool = False
+
+    def check(self) -> None:
+        check_counts(max_volumes=self.max_volumes, jobs=self.n_jobs, workers=self.workers)
+        if self.scoring not in SCORINGS:
+            raise ValueError(f"scoring={self.scoring!r} must be 'residual' or 'normative'")
+
+
 def evaluate_model(
     model: AnomalyModel,
     data_dir: str | Path,
     out_dir: str | Path,
-    label: str = "MAEDiff",
-    datasets: Sequence[str] = ANOMALY_SETS,
-    healthy_test: bool = True,
-    fold: int = 0,
-    data_cfg: DataConfig | None = None,
-    settings: EvalSettings = EvalSettings(),
-    n_jobs: int = 2,
-    seed: int = 0,
-    max_volumes: int | None = None,
-    progress: bool = True,
-    figures: bool = True,
-    workers: int | None = None,
+    options: EvalOptions | None = None,
     plan: EvalPlan | None = None,
-    t_candidates: Sequence[int] = (),
-    scoring: str = "residual",
-    overwrite: bool = False,
+    **changes: Any,
 ) -> EvaluationSummary:
     """Run the protocol (docs/evaluation.md §1) on every data set and write the results;
     returns the typed summary, whose `to_json()` is OUT/summary.json (load_summary(OUT)
     reads it back).
 
-    workers: processes that reconstruct the volumes, one thread each (None: one per
-    torch thread, at most 4, for a trainable model on the CPU; 0: in this process).
+    options: EvalOptions; `changes` are fields of it given by name
+    (`evaluate_model(model, data, out, label="Thresh", figures=False)`).
     plan: the subjects to evaluate (a BIDS data set: plan_bids_evaluation); None reads
-    pDDPM's split files of `data_dir`.
-    t_candidates: choose t_test among these on the validation volumes first
-    (pipeline/choose_t.py); the evaluation then runs at the chosen t.
-    scoring: "residual" (the paper: |x - x_rec|) or "normative" (evaluation/normative.py:
-    against healthy residuals of the same intensity, fitted on the first
-    NORMATIVE_VOLUMES healthy validation volumes of the fold).
-    overwrite: replace the results in an output folder that holds files (else refused)."""
-    check_counts(max_volumes=max_volumes, jobs=n_jobs, workers=workers)
+    pDDPM's split files of `data_dir`."""
+    opts = replace(options or EvalOptions(), **changes)
+    opts.check()
     if plan is None:
-        plan = plan_evaluation(data_dir, datasets, healthy_test, max_volumes, fold)
+        plan = plan_evaluation(
+            data_dir, opts.datasets, opts.healthy_test, opts.max_volumes, opts.fold
+        )
     out = Path(out_dir)
-    check_output(out, overwrite)
-    data_cfg = data_cfg or model.cfg.data
-    info = getattr(model, "checkpoint_info", {})
-    t_choice = None
-    if t_candidates:
-        t_choice = choose_t_test(model, plan, data_cfg, t_candidates, seed, settings, progress)
-        with_t_test(model, t_choice.chosen)
-    if scoring not in ("residual", "normative"):
-        raise ValueError(f"scoring={scoring!r} must be 'residual' or 'normative'")
-    if scoring == "normative":
-        norm = fit_normaliser(model, data_dir, fold, data_cfg, seed, progress)
-        settings = replace(settings, normaliser=norm)
-    if workers is None:
-        workers = auto_workers(model, len(plan.subjects()))
+    check_output(out, opts.overwrite)
+    data_cfg = opts.data_cfg or model.cfg.data
+    volumes = Reconstructions(model, data_cfg, opts.seed)  # each volume once per t_test
+    t_choice = choose_t(model, plan, data_cfg, opts, volumes)  # None without candidates
+    settings = scoring_settings(model, data_dir, data_cfg, opts, volumes)
+    workers = (
+        opts.workers if opts.workers is not None else auto_workers(model, len(plan.subjects()))
+    )
     check_workers(model, workers)
-    summary = EvaluationSummary(
-        model=label,
+    summary = new_summary(model, data_dir, opts, data_cfg, settings, workers, t_choice)
+    with staged_output(out) as stage, reconstruction_pool(model, workers) as pool:
+        stream = volumes.stream(plan.subjects(), pool)
+        run = run_protocol(plan, stream, settings, opts, drawn_lesions(data_dir))
+        record_results(summary, run, settings)
+        write_results(stage, summary, run, settings, figures=opts.figures)
+    return summary
+
+
+def choose_t(
+    model: AnomalyModel,
+    plan: EvalPlan,
+    data_cfg: DataConfig,
+    opts: EvalOptions,
+    volumes: Reconstructions,
+) -> TChoice | None:
+    """t_test chosen among opts.t_candidates on the validation volumes (choose_t.py),
+    and the model set to it; None without candidates. The chosen t's validation volumes
+    stay in `volumes`."""
+    if not opts.t_candidates:
+        return None
+    choice = choose_t_test(
+        model, plan, data_cfg, opts.t_candidates, opts.seed, opts.settings, opts.progress, volumes
+    )
+    with_t_test(model, choice.chosen)
+    return choice
+
+
+def scoring_settings(
+    model: AnomalyModel,
+    data_dir: str | Path,
+    data_cfg: DataConfig,
+    opts: EvalOptions,
+    volumes: Reconstructions,
+) -> EvalSettings:
+    """opts.settings, with normative scoring's normaliser fitted on the healthy
+    validation volumes (kept in `volumes`) when opts.scoring asks for it."""
+    if opts.scoring != "normative":
+        return opts.settings
+    norm = fit_normaliser(
+        model, data_dir, opts.fold, data_cfg, opts.seed, opts.progress, volumes=volumes
+    )
+    return replace(opts.settings, normaliser=norm)
+
+
+def reconstruction_pool(
+    model: AnomalyModel, workers: int
+) -> AbstractContextManager[ReconstructionPool | None]:
+    """Worker processes that reconstruct (closed when the block ends); none: None."""
+    return ReconstructionPool(model, workers) if workers else nullcontext()
+
+
+def new_summary(
+    model: AnomalyModel,
+    data_dir: str | Path,
+    opts: EvalOptions,
+    data_cfg: DataConfig,
+    settings: EvalSettings,
+    workers: int,
+    t_choice: TChoice | None = None,
+) -> EvaluationSummary:
+    """The summary before any data set: what was evaluated, on what, and how."""
+    info = getattr(model, "checkpoint_info", {})
+    return EvaluationSummary(
+        model=opts.label,
         checkpoint=info.get("path"),
         config=model.cfg.name,
         data_dir=str(Path(data_dir).resolve()),
-        fold=fold,
+        fold=opts.fold,
         datasets={},
         settings=settings,
         scoring=Scoring(  # test-time options that change the maps (duck-typed models lack them)
@@ -352,214 +400,115 @@ def evaluate_model(
             standardise=getattr(data_cfg, "standardise", "none"),
             speed=list(info.get("speed", [])),
             workers=workers,
-            t_test=_t_test(model),
+            t_test=t_test_of(model),
             t_choice=t_choice.to_json() if t_choice else None,
             normative=settings.normaliser.to_json() if settings.normaliser else None,
         ),
     )
+
+
+@contextmanager
+def staged_output(out: Path) -> Iterator[Path]:
+    """A hidden sibling of `out` (.NAME.HOST-PID.partial) to write into, moved into
+    place when the block ends and removed when it fails; leftovers of killed
+    evaluations are removed first."""
     base = out.resolve()
     base.parent.mkdir(parents=True, exist_ok=True)
     remove_leftovers(base)
-    stage = partial_path(base)  # .NAME.HOST-PID.partial, renamed into place when complete
+    stage = partial_path(base)
     shutil.rmtree(stage, ignore_errors=True)
     stage.mkdir()
-    pool = ReconstructionPool(model, workers) if workers else None
     try:
-        _run(
-            model,
-            plan,
-            stage,
-            summary,
-            data_cfg,
-            settings,
-            label,
-            fold,
-            n_jobs,
-            seed,
-            progress,
-            figures,
-            pool,
-            drawn_lesions(data_dir),
-        )
-        write_json(summary.to_json(), stage / SUMMARY_FILE)
-        write_report([summary], stage)
+        yield stage
         _publish(stage, base)
     except BaseException:
         shutil.rmtree(stage, ignore_errors=True)
         raise
-    finally:
-        if pool is not None:
-            pool.close()
-    return summary
 
 
-def _run(
-    model: AnomalyModel,
+def run_protocol(
     plan: EvalPlan,
-    out: Path,
-    summary: EvaluationSummary,
-    data_cfg: DataConfig,
+    stream: Iterator[Reconstructed],
     settings: EvalSettings,
-    label: str,
-    fold: int,
-    n_jobs: int,
-    seed: int,
-    progress: bool,
-    figures: bool,
-    pool: ReconstructionPool | None = None,
+    opts: EvalOptions,
     drawn: dict[str, list[dict]] | None = None,
-) -> None:
-    """Every data set, then the healthy test set; results and figures into `out`."""
-    curves, dice_dists, examples_png, by_volume = {}, {}, [], {}
-    stream = None
-    if pool is not None:  # one queue over everything, so that no worker waits between splits
-        stream = pool.map(plan.subjects(), data_cfg, seed)
+) -> EvaluationRun:
+    """The protocol on the reconstructed volumes of `stream` (in plan.subjects() order):
+    thresholds at false-positive rates on the healthy validation volumes, then per data
+    set the threshold search on its validation volumes and the metrics of its test
+    volumes, then the healthy test volumes."""
     start = time.perf_counter()
-    thresholds, healthy_records = _healthy_validation(
-        plan, model, data_cfg, settings, label, seed, progress, stream
+    thresholds, healthy = _healthy_validation(plan, stream, settings, opts)
+    run = EvaluationRun(
+        datasets={},
+        fpr_thresholds=thresholds,
+        fpr_source=f"{plan.healthy_val_source} ({len(plan.healthy_val or [])} healthy volumes)",
+        healthy=None,
     )
-    scan_scores: dict[str, list[float]] = {}
     for ds, (val, test) in plan.anomaly.items():
-        bar = tqdm(
-            total=len(val) + len(test), desc=f"{label} {ds}", unit="vol", disable=not progress
-        )
-        kept: list[VolumeResult] = []
-        t0 = time.perf_counter()
-        outcome = evaluate_split(
-            _volumes(val, model, data_cfg, seed, None, 0, bar, stream),
-            _volumes(test, model, data_cfg, seed, kept, 3, bar, stream, drawn),
-            settings,
-            n_jobs=n_jobs,
-            fpr_thresholds=thresholds,
-        )
-        bar.close()
-        scan_scores[ds] = [r.get("anomaly_score", float("nan")) for r in outcome.records]
-        context = {
-            "model": label,
-            "dataset": ds,
-            "split": "test",
-            "fold": fold,
-            "threshold": outcome.threshold,
-        }
-        write_subject_csv(outcome.records, out / f"{ds}_test_subjects.csv", context)
-        write_subject_csv(outcome.lesions, out / f"{ds}_test_lesions.csv", context)
-        summary.datasets[ds] = DatasetResult(
-            threshold=outcome.threshold,
-            threshold_source=f"{ds} val ({len(val)} volumes, pooled Dice {outcome.val_dice:.4f})",
-            n_test=len(test),
-            metrics=_metrics(outcome.records),
-            excluded=_excluded(outcome.records),
-            lesions=LesionResult.from_json(
-                lesion_summary(outcome.records, outcome.lesions, overlap=settings.lesion_overlap)
-            ),
-            seconds=round(time.perf_counter() - t0, 1),
-            note="oracle_best_dice chooses the threshold on each test volume itself: an upper bound, not a result",
-            label_free=label_free_result(
-                outcome.records,
-                thresholds,
-                settings,
-                f"{plan.healthy_val_source} ({len(plan.healthy_val or [])} healthy volumes)",
-            ),
-        )
-        curves[f"{label} {ds}"] = (outcome.curve_scores, outcome.curve_labels)
-        dice_dists[f"{label} {ds}"] = [r.get("dice", float("nan")) for r in outcome.records]
-        by_volume[ds] = [
-            (r["lesion_ml"], r.get("dice", float("nan")))
-            for r in outcome.records
-            if "lesion_ml" in r
-        ]
-        if figures and kept:
-            examples_png.append(
-                example_figure(kept, outcome.threshold, settings, out / f"examples_{ds}.png")
-            )
+        run.datasets[ds] = _run_dataset(ds, val, test, stream, settings, opts, thresholds, drawn)
     if plan.healthy_test is not None:
-        subjects = plan.healthy_test
-        records = healthy_records
-        if records is None:
-            bar = tqdm(
-                total=len(subjects), desc=f"{label} IXI test", unit="vol", disable=not progress
-            )
-            vols = _volumes(subjects, model, data_cfg, seed, None, 0, bar, stream)
-            records = evaluate_healthy(vols, settings)
-            bar.close()
-        add_scan_auroc(summary, scan_scores, [r["anomaly_score"] for r in records])
-        write_subject_csv(
-            records,
-            out / "IXI_test_subjects.csv",
-            {"model": label, "dataset": HEALTHY, "split": "test", "fold": fold},
+        run.healthy = (
+            healthy if healthy is not None else _healthy_test(plan, stream, settings, opts)
         )
-        summary.datasets[HEALTHY] = DatasetResult(
-            n_test=len(subjects),
-            metrics=_metrics(records, ("l1",)),
-            excluded=_excluded(records, ("l1",)),
-        )
-    summary.seconds = round(time.perf_counter() - start, 1)
-    if figures and curves:
-        summary.figures = Figures(
-            examples=[p.name for p in examples_png],
-            pr_curves=figure_pr_curves(curves, out / "pr_curves.png").name,
-            dice=figure_dice_distribution(dice_dists, out / "dice_per_subject.png").name,
-            dice_vs_volume=figure_dice_vs_volume(by_volume, label, out / "dice_vs_volume.png").name,
-        )
-        np.savez_compressed(
-            out / "curves.npz",
-            **{curve_key(k, "scores"): v[0] for k, v in curves.items()},
-            **{curve_key(k, "labels"): v[1] for k, v in curves.items()},
-        )
+    run.seconds = round(time.perf_counter() - start, 1)
+    return run
+
+
+def _bar(total: int, desc: str, opts: EvalOptions) -> tqdm:
+    return tqdm(total=total, desc=f"{opts.label} {desc}", unit="vol", disable=not opts.progress)
+
+
+def _run_dataset(
+    ds: str,
+    val: list[Subject],
+    test: list[Subject],
+    stream: Iterator[Reconstructed],
+    settings: EvalSettings,
+    opts: EvalOptions,
+    thresholds: dict[str, float] | None,
+    drawn: dict[str, list[dict]] | None,
+) -> DatasetRun:
+    """One data set: threshold on its validation volumes, metrics of its test volumes
+    (the first three kept for the example figure)."""
+    bar = _bar(len(val) + len(test), ds, opts)
+    kept: list[VolumeResult] = []
+    t0 = time.perf_counter()
+    outcome = evaluate_split(
+        volume_results(val, stream, bar),
+        volume_results(test, stream, bar, kept, 3, drawn),
+        settings,
+        n_jobs=opts.n_jobs,
+        fpr_thresholds=thresholds,
+    )
+    bar.close()
+    return DatasetRun(len(val), len(test), outcome, kept, round(time.perf_counter() - t0, 1))
 
 
 def _healthy_validation(
-    plan: EvalPlan,
-    model: AnomalyModel,
-    data_cfg: DataConfig,
-    settings: EvalSettings,
-    label: str,
-    seed: int,
-    progress: bool,
-    stream: Iterator[tuple] | None,
+    plan: EvalPlan, stream: Iterator[Reconstructed], settings: EvalSettings, opts: EvalOptions
 ) -> tuple[dict[str, float] | None, list[dict] | None]:
     """Thresholds at settings.fprs on the healthy validation volumes (None without
     them), and their records when they are also the healthy test volumes (BIDS)."""
     if not plan.healthy_val:
         return None, None
-    subjects = plan.healthy_val
-    bar = tqdm(total=len(subjects), desc=f"{label} healthy val", unit="vol", disable=not progress)
+    bar = _bar(len(plan.healthy_val), "healthy val", opts)
     pool: list[np.ndarray] = []
-    vols = _volumes(subjects, model, data_cfg, seed, None, 0, bar, stream)
-    records = evaluate_healthy(vols, settings, pool)
+    records = evaluate_healthy(volume_results(plan.healthy_val, stream, bar), settings, pool)
     bar.close()
     thresholds = fpr_thresholds(pool, settings.fprs)
     return thresholds, records if plan.healthy_val_is_test else None
 
 
-def label_free_result(
-    records: Sequence[dict],
-    thresholds: dict[str, float] | None,
-    settings: EvalSettings,
-    source: str | None,
-) -> LabelFreeResult:
-    """Dice and lesion F1 at the FPR thresholds of one data set (the scan-level AUROC
-    is added once the healthy test volumes are scored: add_scan_auroc)."""
-    at = fixed_fpr_summary(records, thresholds, settings.fprs) if thresholds else []
-    return LabelFreeResult(
-        scan_auroc=None,
-        n_healthy=0,
-        n_unhealthy=len(records),
-        thresholds_source=source if thresholds else None,
-        at_fpr=tuple(FixedFpr.from_json(a) for a in at),
-    )
-
-
-def add_scan_auroc(
-    summary: EvaluationSummary, scan_scores: dict[str, list[float]], healthy: list[float]
-) -> None:
-    """Scan-level AUROC of each unhealthy test set against the healthy test volumes."""
-    for ds, unhealthy in scan_scores.items():
-        d = summary.datasets[ds]
-        if d.label_free is not None:
-            d.label_free = replace(
-                d.label_free, scan_auroc=scan_auroc(healthy, unhealthy), n_healthy=len(healthy)
-            )
+def _healthy_test(
+    plan: EvalPlan, stream: Iterator[Reconstructed], settings: EvalSettings, opts: EvalOptions
+) -> list[dict]:
+    """Step 8 (l1) and the scan scores of the healthy test volumes."""
+    subjects = plan.healthy_test or []
+    bar = _bar(len(subjects), "IXI test", opts)
+    records = evaluate_healthy(volume_results(subjects, stream, bar), settings)
+    bar.close()
+    return records
 
 
 NORMATIVE_VOLUMES = 8  # healthy validation volumes that fit normative scoring
@@ -572,32 +521,21 @@ def fit_normaliser(
     data_cfg: DataConfig,
     seed: int,
     progress: bool = True,
-    volumes: int = NORMATIVE_VOLUMES,
+    n: int = NORMATIVE_VOLUMES,
+    volumes: Reconstructions | None = None,
 ) -> BandNormaliser:
-    """Normative scoring's per-band healthy residual statistics, from the first `volumes`
+    """Normative scoring's per-band healthy residual statistics, from the first `n`
     healthy validation volumes (IXI val of `fold`) reconstructed as the protocol does.
-    Never from test volumes."""
-    subjects = read_pddpm_split(data_dir, HEALTHY, "val", fold)[:volumes]
+    Never from test volumes. `volumes` (of this model, data_cfg and seed) keeps their
+    reconstructions for the evaluation, which reads them again."""
+    subjects = read_pddpm_split(data_dir, HEALTHY, "val", fold)[:n]
     if not subjects:
         raise DataError(
             f"{data_dir}: no healthy validation volumes (IXI val) to fit normative scoring"
         )
+    volumes = volumes if volumes is not None else Reconstructions(model, data_cfg, seed)
     healthy = []
     for s in tqdm(subjects, desc="normative scoring", unit="vol", disable=not progress):
-        _, image, brain, _, rec, _ = reconstruct_subject(model, s, data_cfg, seed)
+        _, image, brain, _, rec, _ = volumes.get(s, keep=True)
         healthy.append((image, rec, brain))
     return BandNormaliser.fit(healthy, names=[s.name for s in subjects])
-
-
-def _t_test(model: AnomalyModel) -> int | None:
-    """The diffusion models' test noise level; None for others (and duck-typed models)."""
-    section = getattr(model.cfg, "section", None)
-    return getattr(section("diffusion"), "t_test", None) if callable(section) else None
-
-
-def _metrics(records: Sequence[dict], metrics: Sequence[str] = METRICS) -> dict[str, MetricStats]:
-    return {k: MetricStats(**v) for k, v in summarise(records, metrics).items()}
-
-
-def _excluded(records: Sequence[dict], metrics: Sequence[str] = METRICS) -> dict[str, Exclusion]:
-    return {k: Exclusion(**v) for k, v in exclusions(records, metrics).items()}

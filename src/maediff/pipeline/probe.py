@@ -72,6 +72,15 @@ def probe_slices(
     return torch.cat(images), torch.cat(masks)
 
 
+def check_probed(model) -> None:
+    """The probe measures models that declare it (AnomalyModel.patch_probe)."""
+    if not getattr(model, "patch_probe", False):
+        raise ValueError(
+            f"model {getattr(model, 'registry_name', type(model).__name__)!r} declares no "
+            "patch probe (AnomalyModel.patch_probe)"
+        )
+
+
 def probe_draws(
     model, brain: torch.Tensor, bands: int = PROBE_BANDS, draws: int = PROBE_DRAWS
 ) -> dict[str, torch.Tensor]:
@@ -109,25 +118,20 @@ def patch_probe(
     batch_size: int = 64,
 ) -> dict:
     """In-patch l1 at the shared draws (module docstring). Returns overall and per-band
-    means and the per-draw values (`per_draw`, for paired comparisons), in image units."""
-    from ..models.maediff import to_model_range
-
+    means and the per-draw values (`per_draw`, for paired comparisons), in image units.
+    The model declares `patch_probe` and computes each draw's l1 (`probe_l1`)."""
+    check_probed(model)
     was_training = model.training
     model.eval()
     d = probe_draws(model, brain, bands, draws)
     dev = model.device
-    x_all = to_model_range(slices.to(dev, torch.float32))
-    masks = model.patch_masks
+    x_all = model.probe_inputs(slices.to(dev, torch.float32))
     l1 = torch.empty(len(d["t"]))
     try:
         for idx in torch.arange(len(d["t"])).split(batch_size):
             s, k, t = d["slice"][idx], d["k"][idx].to(dev), d["t"][idx]
-            x = x_all[s.to(dev)]
-            x_t = model.diffusion.q_sample(x, t, d["noise"][idx].to(dev, torch.float32))
-            pred = model.denoise(model.noised_input(x, x_t, k), t, k, x).float()
-            m = masks[k] * brain[s].to(dev, torch.float32)
-            # model range [-1, 1] -> image units [0, 1]: half the difference
-            l1[idx] = ((x - pred).abs() * m).flatten(1).sum(1).cpu() / m.flatten(1).sum(1).cpu() / 2
+            noise = d["noise"][idx].to(dev, torch.float32)
+            l1[idx] = model.probe_l1(x_all[s.to(dev)], t, noise, k, brain[s].to(dev, torch.float32))
     finally:
         model.train(was_training)
     band = d["band"]
@@ -150,31 +154,25 @@ def mae_input_dependence(
     model, slices: torch.Tensor, batch_size: int = 64, seed: int = PROBE_SEED
 ) -> dict | None:
     """Input share and relative size of the MAE branch's output (module docstring);
-    None for a model without the branch."""
-    from ..models.maediff import to_model_range
-
-    mae = getattr(getattr(model, "net", None), "mae", None)
-    if mae is None:
+    None for a model without the branch (`has_probe_branch`)."""
+    check_probed(model)
+    if not model.has_probe_branch:
         return None
-    # the U-Net's encoder half, called as a method of its own: a forward hook on the MAE
-    # does not run inside a compiled forward (Dynamo reuses its graph without the hook)
     was_training = model.training
     model.eval()
     dev = model.device
     g = torch.Generator().manual_seed(seed)
     n, K = slices.shape[0], model.grid.num_patches
-    x = to_model_range(slices.to(dev, torch.float32))
+    x = model.probe_inputs(slices.to(dev, torch.float32))
     t = torch.full((n,), model.cfg.diffusion.t_test, dtype=torch.long)
-    x_t = model.diffusion.q_sample(x, t, model.noise(n, g).to(dev, torch.float32))
+    noise = model.noise(n, g).to(dev, torch.float32)
     num = den = f_sq = 0.0
     try:
         for k in range(K):
             kk = torch.full((n,), k, dtype=torch.long, device=dev)
             outs, feats = [], []
             for idx in torch.arange(n).split(batch_size):
-                noised = model.noised_input(x[idx], x_t[idx], kk[idx])
-                args, _, _ = model.network_inputs(noised, t[idx], kk[idx], x[idx])
-                f, o, _, _ = model.net.encode(*args)
+                f, o = model.probe_branch(x[idx], t[idx], noise[idx], kk[idx])
                 feats.append(f.float())
                 outs.append(o.float())
             o, f = torch.cat(outs), torch.cat(feats)
@@ -191,4 +189,4 @@ def mae_input_dependence(
     }
 
 
-__all__ = ["mae_input_dependence", "patch_probe", "probe_draws", "probe_slices"]
+__all__ = ["check_probed", "mae_input_dependence", "patch_probe", "probe_draws", "probe_slices"]

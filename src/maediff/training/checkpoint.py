@@ -28,7 +28,6 @@ from .. import __version__
 from ..config import Config, apply_overrides, describe, from_dict, read_config_file, to_dict
 from ..device import speed_up
 from ..models import MODELS, build_model
-from ..models.maediff import MAEDiff
 from ..outputs import temp_path
 
 FORMAT = "maediff-checkpoint-v1"
@@ -145,15 +144,15 @@ def saved_config(data: Any) -> Config:
     with the rules of the release that wrote it, so that an old run reconstructs its own
     maps: a key it lacks whose default has changed since takes its release's value.
 
-    `inference.clamp` (0.5.0): before it, every model but MAEDiff and its variants
-    (pDDPM, AnoDDPM, the ablations) clamped its reconstruction to [0, 1]; a saved
-    configuration without the key is older, and its one-pass models clamp. Override it
-    with `--set inference.clamp=false` for the new rule."""
+    `inference.clamp` (0.5.0): before it, every model that declares
+    `clamped_before_0_5` (all but the diffusion models) clamped its reconstruction to
+    [0, 1]; a saved configuration without the key is older, and those models clamp.
+    Override it with `--set inference.clamp=false` for the new rule."""
     inference = data.get("inference") if isinstance(data, dict) else None
     if isinstance(inference, dict) and "clamp" not in inference:
-        cls = MODELS.get(data.get("model", "maediff"))
+        cls = MODELS.get(data.get("model", Config().model))
         if cls is not None:
-            clamp = not issubclass(cls, MAEDiff)
+            clamp = cls.clamped_before_0_5
             data = {**data, "inference": {**inference, "clamp": clamp}}
     return from_dict(data)
 

@@ -106,7 +106,7 @@ class RunLog:
 
 def plot_progress(run_dir: Path) -> Path | None:
     """progress.png: the training and validation losses of log.csv over the steps."""
-    from ..evaluation.report import figure_curves
+    from ..reporting.report import figure_curves
 
     path = run_dir / "log.csv"
     if not path.exists():

@@ -18,9 +18,9 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
+from ..evaluation.metrics import precision_recall_curve  # noqa: E402
 from ..names import shown_name  # noqa: E402
-from .aggregate import write_atomic  # noqa: E402
-from .metrics import precision_recall_curve  # noqa: E402
+from .files import write_atomic  # noqa: E402
 from .tables import (  # noqa: E402
     ANOMALY_METRICS,
     HEALTHY_METRICS,

@@ -26,8 +26,8 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
+from ..evaluation.protocol import EvalSettings
 from ..names import HEALTHY
-from .protocol import EvalSettings
 
 SUMMARY_FILE = "summary.json"
 CURVE_PARTS = ("scores", "labels")

@@ -6,7 +6,7 @@
     figure_comparison(examples, "figure3.png")
 
 Pure functions on results and arrays: nothing here imports torch or a model.
-The table is the one `maediff report` draws (evaluation/tables.py: each cell the mean ±
+The table is the one `maediff report` draws (reporting/tables.py: each cell the mean ±
 std over runs, folds or seeds, of each run's per-volume mean) in the columns of the
 paper's tables; this module adds its marks: in every column the best value is bold and
 the second best underlined (higher is better for Dice and AUPRC, lower for l1).

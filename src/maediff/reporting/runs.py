@@ -7,7 +7,7 @@ figures and one HTML page.
 This is what `maediff report` runs; like the rest of evaluation/ it imports neither
 torch nor a model (tested), so drawing tables of finished evaluations stays light.
 Evaluations of one model label on one data folder (folds, seeds) form one row, mean
-± std over runs (the table of evaluation/tables.py, which the benchmark draws too);
+± std over runs (the table of reporting/tables.py, which the benchmark draws too);
 the data folder is named in the row when the report holds several.
 """
 
@@ -22,12 +22,10 @@ from typing import Any
 
 import numpy as np
 
+from ..evaluation.postprocess import remove_small_components
+from ..evaluation.protocol import EvalSettings, VolumeResult, score_volume
 from ..names import ANOMALY_SETS, HEALTHY, shown_name
-from .aggregate import write_atomic
-from .labelfree import labelfree_markdown
-from .lesions import lesion_markdown
-from .postprocess import remove_small_components
-from .protocol import EvalSettings, VolumeResult, score_volume
+from .files import write_atomic
 from .report import (
     figure_dice_distribution,
     figure_examples,
@@ -35,7 +33,15 @@ from .report import (
     write_html,
 )
 from .summary import DatasetResult, EvaluationSummary, as_summaries, split_curve_key
-from .tables import Column, MetricTable, build_table, dataset_columns, datasets_of
+from .tables import (
+    Column,
+    MetricTable,
+    build_table,
+    dataset_columns,
+    datasets_of,
+    labelfree_markdown,
+    lesion_markdown,
+)
 
 
 def load_summary(path: str | Path) -> EvaluationSummary:

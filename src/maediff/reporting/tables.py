@@ -10,7 +10,8 @@ runs of each run's per-volume mean, the std shown where more than one run has th
 metric; a cell that fewer runs than the row's have a value for states that count
 ("(n=2)"). The report draws its columns from the data sets its summaries hold
 (`dataset_columns`), the benchmark those of the paper's tables (TABLE_COLUMNS) and adds
-its marks (comparison.py). Nothing here imports torch.
+its marks (comparison.py). Also the tables of results by lesion (lesion_markdown) and
+without lesion labels (labelfree_markdown). Nothing here imports torch.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ import io
 import math
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import numpy as np
 
@@ -215,7 +216,64 @@ def build_table(
     return MetricTable(labels, runs, tuple(columns), cells)
 
 
+def labelfree_markdown(rows: Sequence[dict[str, Any]]) -> str:
+    """One table: per (run, data set) the scan-level AUROC and Dice / lesion F1 at each
+    FPR threshold. rows: {run, dataset, scan_auroc, n_healthy, n_unhealthy, at_fpr}
+    with at_fpr as fixed_fpr_summary gives it."""
+    if not rows:
+        return ""
+    fprs = sorted({a["fpr"] for r in rows for a in r["at_fpr"]})
+
+    def pct(v: Any) -> str:
+        return "-" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{100 * v:.1f}"
+
+    head = ["run", "data set", "scan AUROC (%)", "healthy / unhealthy scans"]
+    for f in fprs:
+        head += [f"Dice @ {f:.0%} FPR (%)", f"lesion F1 @ {f:.0%} FPR (%)"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in rows:
+        at = {a["fpr"]: a for a in r["at_fpr"]}
+        cells = [
+            r["run"],
+            shown_name(r["dataset"]),
+            pct(r["scan_auroc"]),
+            f"{r['n_healthy']} / {r['n_unhealthy']}",
+        ]
+        for f in fprs:
+            a = at.get(f)
+            dice_mean = a["dice"]["mean"] if a and a["dice"] else None
+            cells += [pct(dice_mean), pct(a["lesion_f1"] if a else None)]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def lesion_markdown(by_model: dict[str, dict[str, dict]]) -> str:
+    """model -> data set -> lesion summary: one table of lesion-wise detection."""
+    if not by_model:
+        return ""
+    head = "| model | data set | lesions | lesion F1 (%) | sensitivity (%) | FP comp. / vol | sensitivity by lesion volume |"
+    lines = [head, "|---|---|---|---|---|---|---|"]
+
+    def pct(v: float) -> str:
+        return "-" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{100 * v:.1f}"
+
+    for model, per_ds in by_model.items():
+        for ds, s in per_ds.items():
+            bands = ", ".join(
+                f"{b['band']}: {b['detected']}/{b['n']}" for b in s["by_lesion_volume"] if b["n"]
+            )
+            fpv = s["fp_per_volume"]
+            fpv_text = "-" if fpv is None or math.isnan(fpv) else f"{fpv:.1f}"
+            lines.append(
+                f"| {model} | {shown_name(ds)} | {s['lesions']} | {pct(s['lesion_f1'])} | "
+                f"{pct(s['sensitivity'])} | {fpv_text} | {bands} |"
+            )
+    return "\n".join(lines) + "\n"
+
+
 __all__ = [
+    "labelfree_markdown",
+    "lesion_markdown",
     "ANOMALY_METRICS",
     "HEALTHY_METRICS",
     "TABLE_COLUMNS",

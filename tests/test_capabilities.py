@@ -1,0 +1,79 @@
+"""The shared layers (pipeline/, training/, evaluation/) name no model: what they need
+of one is a method or a declared capability of its class (models/base.py)."""
+
+import ast
+from pathlib import Path
+
+import pytest
+import torch
+
+import maediff
+from maediff.config import get_preset, preset_name, with_update_budget
+from maediff.models import MODELS, build_model
+from maediff.pipeline.benchmark import budget_of
+from maediff.pipeline.probe import mae_input_dependence, patch_probe
+
+SHARED = ("pipeline", "training", "evaluation")
+ROOT = Path(maediff.__file__).parent
+
+
+def _names_of_models(path: Path) -> list[str]:
+    """Where a module names a model: imports a model's own module, uses a model class,
+    or compares a configuration's `model` with a literal name."""
+    classes = {cls.__name__ for cls in MODELS.values()}
+    found = []
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.ImportFrom) and node.module:
+            parts = node.module.split(".")
+            if "models" in parts and parts[-1] not in ("models", "base"):
+                found.append(f"imports {node.module}")
+        elif isinstance(node, ast.Name) and node.id in classes:
+            found.append(f"uses {node.id}")
+        elif isinstance(node, ast.Compare):
+            sides = [node.left, *node.comparators]
+            if any(isinstance(s, ast.Attribute) and s.attr == "model" for s in sides) and any(
+                isinstance(s, ast.Constant) and s.value in MODELS for s in sides
+            ):
+                found.append(f"compares .model with a name (line {node.lineno})")
+    return found
+
+
+def test_the_shared_layers_name_no_model():
+    named = {
+        f"{p.relative_to(ROOT)}: {what}"
+        for folder in SHARED
+        for p in sorted((ROOT / folder).glob("*.py"))
+        for what in _names_of_models(p)
+    }
+    assert not named, "\n".join(sorted(named))
+
+
+def test_a_model_says_its_own_update_budget():
+    """f-AnoGAN's table entry is the split its update_budget made, read back."""
+    cfg = with_update_budget(get_preset(preset_name("fanogan", "tiny")), 10)
+    critic = 10 * cfg.fanogan.n_critic
+    assert budget_of(cfg) == (
+        f"10 generator + 10 encoder updates (and {critic} critic updates), "
+        f"{cfg.train.batch_size} slices each"
+    )
+    dae = with_update_budget(get_preset(preset_name("dae", "tiny")), 7)
+    assert budget_of(dae) == f"7 updates of {dae.train.batch_size} slices"
+
+
+def test_the_probe_measures_only_models_that_declare_it():
+    ae = build_model(get_preset("ae-tiny"))
+    assert not ae.patch_probe and MODELS["maediff"].patch_probe
+    x = torch.rand(1, 1, 32, 32)
+    with pytest.raises(ValueError, match="declares no patch probe"):
+        patch_probe(ae, x, x > 0.5)
+    with pytest.raises(ValueError, match="declares no patch probe"):
+        mae_input_dependence(ae, x)
+
+
+def test_old_runs_clamp_as_their_model_declares():
+    from maediff.training.checkpoint import saved_config
+
+    for name, cls in MODELS.items():
+        cfg = saved_config({"model": name, "inference": {"batch_size": 4}})
+        assert cfg.inference.clamp == cls.clamped_before_0_5
+    assert not MODELS["maediff"].clamped_before_0_5 and MODELS["dae"].clamped_before_0_5
