@@ -20,9 +20,9 @@ from pathlib import Path
 import torch
 
 from maediff.config import apply_overrides, get_preset
-from maediff.reporting.summary import EvaluationSummary
 from maediff.models import build_model
 from maediff.pipeline.evaluate import evaluate_model
+from maediff.reporting.summary import EvaluationSummary
 
 # the `cpu` preset of the previous release (0.2.0)
 PREVIOUS = [

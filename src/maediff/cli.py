@@ -190,8 +190,8 @@ def _t_test_from(args: argparse.Namespace) -> list[str]:
     its threshold belongs to maps made at that t."""
     if not getattr(args, "threshold_from", None) or args.threshold is not None:
         return []
-    from .reporting.runs import load_summary
     from .pipeline.choose_t import T_TEST_KEY, TChoice
+    from .reporting.runs import load_summary
 
     if any(o.split("=", 1)[0].strip() == T_TEST_KEY for o in args.set or []):
         return []

@@ -30,9 +30,9 @@ import torch
 from ..config import Config, apply_overrides, get_preset
 from ..data.synthetic import SynthConfig, generate_benchmark
 from ..device import autocast_context, resolve_amp, resolve_device
-from ..reporting.runs import load_summary, write_report
 from ..models import build_model
 from ..pretrained import checkpoint_path
+from ..reporting.runs import load_summary, write_report
 from ..training.checkpoint import load_model
 from ..training.data import prepare_training_data
 from ..training.trainer import train
