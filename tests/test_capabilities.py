@@ -8,10 +8,12 @@ import pytest
 import torch
 
 import maediff
-from maediff.config import get_preset, preset_name, with_update_budget
+from maediff.config import get_preset
 from maediff.models import MODELS, build_model
 from maediff.pipeline.benchmark import budget_of
 from maediff.pipeline.probe import mae_input_dependence, patch_probe
+from maediff.registry import preset_name
+from maediff.scales import with_update_budget
 
 SHARED = ("pipeline", "training", "evaluation")
 ROOT = Path(maediff.__file__).parent
