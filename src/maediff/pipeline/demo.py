@@ -164,7 +164,7 @@ def run_demo(
             load_model(ckpt, dev, overrides=[f"inference.amp={cfg.inference.amp}"]),
             data,
             out / folder,
-            label,
+            label=label,
             seed=seed,
             n_jobs=1,
             progress=progress,
@@ -177,7 +177,7 @@ def run_demo(
         build_model(replace(cfg, model="thresh", name="thresh-cpu")),
         data,
         out / "eval-thresh",
-        "Thresh",
+        label="Thresh",
         seed=seed,
         n_jobs=2,  # nothing to reconstruct: the post-processing is the work
         progress=progress,

@@ -295,6 +295,7 @@ def evaluate_model(
     model: AnomalyModel,
     data_dir: str | Path,
     out_dir: str | Path,
+    *,
     options: EvalOptions | None = None,
     plan: EvalPlan | None = None,
     **changes: Any,
