@@ -185,6 +185,18 @@ def test_set_takes_on_and_off_for_a_string_option():
         apply_overrides(get_preset("tiny"), ["inference.clamp=maybe"])
 
 
+def test_a_config_file_takes_on_and_off_for_a_string_option(tmp_path):
+    from maediff.config import load_config
+
+    path = tmp_path / "fast.yaml"
+    path.write_text("preset: tiny\ninference:\n  compile: on\n  channels_last: off\n")
+    cfg = load_config(path)
+    assert (cfg.inference.compile, cfg.inference.channels_last) == ("on", "off")
+    path.write_text("preset: tiny\ninference:\n  clamp: maybe\n")
+    with pytest.raises(ValueError, match="must be true or false"):
+        load_config(path)
+
+
 def test_a_trained_model_changes_only_what_its_class_declares():
     check_trained_overrides("maediff", ["inference.batch_size=4", "diffusion.t_test=300"])
     check_trained_overrides("dae", ["data.standardise=nyul"])

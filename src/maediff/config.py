@@ -634,6 +634,10 @@ def _coerce(value: Any, hint: Any, where: str) -> Any:
             raise ValueError(f"{where}={_show(value)} must be true or false")
         return value
     if hint is str:
+        if isinstance(value, bool):
+            # YAML 1.1 reads on/off/yes/no as booleans; the text options that take such
+            # words (compile, channels_last: auto/on/off) mean on and off by them
+            value = "on" if value else "off"
         if not isinstance(value, str):
             raise ValueError(f"{where}={_show(value)} must be a string")
         return value
