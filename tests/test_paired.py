@@ -61,3 +61,10 @@ def test_power_agrees_with_simulation():
     d = rng.normal(delta, sd, size=(20_000, n))
     p = stats.ttest_1samp(d, 0.0, axis=1).pvalue
     assert power_paired_t(n, sd, delta) == pytest.approx(float((p < 0.05).mean()), abs=0.015)
+
+
+def test_the_wilcoxon_table_spells_the_data_set_as_shown():
+    from maediff.reporting.comparison import tests_markdown
+
+    rows = [{"model": "AE", "key": "Brats21/dice", "n": 3, "median_diff": 0.01, "p": 0.5}]
+    assert "| AE | BraTS21/dice | 3 | +1.00 | 0.5 |" in tests_markdown(rows, "MAEDiff")

@@ -26,6 +26,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 from scipy.stats import wilcoxon  # noqa: E402
 
+from ..names import shown_name  # noqa: E402
 from .summary import EvaluationSummary  # noqa: E402
 from .tables import TABLE_COLUMNS, MetricTable, build_table  # noqa: E402
 
@@ -126,7 +127,9 @@ def tests_markdown(rows: Sequence[dict], reference: str) -> str:
     for r in rows:
         p = "-" if math.isnan(r["p"]) else f"{r['p']:.3g}"
         d = "-" if math.isnan(r["median_diff"]) else f"{100 * r['median_diff']:+.2f}"
-        lines.append(f"| {r['model']} | {r['key']} | {r['n']} | {d} | {p} |")
+        ds, _, metric = r["key"].rpartition("/")
+        key = f"{shown_name(ds)}/{metric}" if ds else r["key"]
+        lines.append(f"| {r['model']} | {key} | {r['n']} | {d} | {p} |")
     return "\n".join(lines) + "\n"
 
 
