@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
+from dataclasses import replace
 from pathlib import Path
 
 from maediff.config import describe, get_preset
@@ -43,8 +44,12 @@ def departures(cfg) -> list[str]:
     return out
 
 
-def card(run: Path, data_command: str, train_command: str, cpu: str) -> str:
+def card(
+    run: Path, data_command: str, train_command: str, cpu: str, t_choice: dict | None = None
+) -> str:
     cfg, tensors, extra = read_checkpoint(run)
+    if t_choice is not None:
+        cfg = replace(cfg, diffusion=replace(cfg.diffusion, t_test=t_choice["chosen"]))
     summary = json.loads((run / "train_summary.json").read_text())
     size = sum(t.numel() * t.element_size() for t in tensors.values()) / 1e6
     changed = departures(cfg)
@@ -62,12 +67,14 @@ def card(run: Path, data_command: str, train_command: str, cpu: str) -> str:
         f"{summary['minutes']} min on {cpu}; best validation loss {summary['best_val_loss']:.4f}",
         f"- weights: {summary.get('parameters', '?'):,} parameters, {size:.1f} MB "
         "(the EMA weights at the lowest validation loss)",
+        *([t_choice_line(t_choice)] if t_choice else []),
         "",
         "Reproduce it:",
         "",
         "```bash",
         data_command,
         train_command,
+        *([t_choice["command"]] if t_choice else []),
         "```",
         "",
         "Intended use: seeing the method work on a laptop, and research on unsupervised",
@@ -75,6 +82,33 @@ def card(run: Path, data_command: str, train_command: str, cpu: str) -> str:
         "",
     ]
     return "\n".join(lines)
+
+
+def t_choice_line(t_choice: dict) -> str:
+    dice = ", ".join(
+        f"{t}: {100 * sum(v.values()) / len(v):.2f}" for t, v in t_choice["val_dice"].items()
+    )
+    return (
+        f"- noise level: t_test = {t_choice['chosen']} (the preset's {t_choice['configured']}), "
+        f"chosen on the validation volumes only by `evaluate --choose-t` "
+        f"({t_choice['rule']}, %: {dice})"
+    )
+
+
+def set_t_test(path: Path, t: int) -> None:
+    """The shipped file's configuration with t_test = t (its card says where t came from)."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    with safe_open(str(path), "pt") as f:
+        meta = dict(f.metadata() or {})
+        tensors = {k: f.get_tensor(k) for k in f.keys()}
+    config = json.loads(meta["config"])
+    old = config["diffusion"]["t_test"]
+    config["diffusion"]["t_test"] = t
+    meta["config"] = json.dumps(config)
+    meta["model_card"] = meta["model_card"].replace(f"t_test={old}", f"t_test={t}")
+    save_file(tensors, str(path), metadata=meta)
 
 
 def _replace_in_metadata(path: Path, old: str, new: str) -> None:
@@ -100,16 +134,28 @@ def main() -> None:
     ap.add_argument(
         "--data-dir", required=True, type=Path, help="the data folder it was trained on"
     )
+    ap.add_argument(
+        "--t-choice",
+        type=Path,
+        metavar="SUMMARY",
+        help="summary.json of `maediff evaluate --choose-t` on this model: ship its chosen t_test",
+    )
+    ap.add_argument("--t-choice-command", default="", help="the evaluate command that chose t")
     args = ap.parse_args()
     target = PACKAGE / "maediff-cpu.safetensors"
     export_model(args.run, target, overwrite=True)
     _replace_in_metadata(target, str(args.data_dir), "data/synthetic")
+    t_choice = None
+    if args.t_choice:
+        t_choice = json.loads(args.t_choice.read_text())["scoring"]["t_choice"]
+        t_choice["command"] = args.t_choice_command
+        set_t_test(target, t_choice["chosen"])
     target.chmod(0o644)  # package data: readable by everyone
     mb = target.stat().st_size / 1e6
     if mb > LIMIT_MB:
         target.unlink()
         raise SystemExit(f"{target} would be {mb:.1f} MB, over the package's {LIMIT_MB} MB")
-    text = card(args.run, args.data_command, args.train_command, args.cpu)
+    text = card(args.run, args.data_command, args.train_command, args.cpu, t_choice)
     (PACKAGE / "maediff-cpu.md").write_text(text)
     print(text)
     print(f"wrote {target} ({mb:.1f} MB)")
