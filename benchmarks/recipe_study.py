@@ -199,7 +199,7 @@ def collect(out: Path, variants: list[str]) -> str:
             lines.append(
                 f"| {v} | {len(rs)} | {_mean_sd(dice_t)} | {_mean_sd(dice_m)} | {_mean_sd(ap_t)} "
                 f"| {_mean_sd(probe)} | {_mean_sd(diff) if v != REFERENCE else '-'} "
-                f"| {statistics.median(r['steps'] for r in rs.values())} "
+                f"| {statistics.median(r['steps'] for r in rs.values()):.0f} "
                 f"| {statistics.median(r['train_s'] for r in rs.values()) / 60:.0f} |"
             )
     return "\n".join(lines)
