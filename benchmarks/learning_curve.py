@@ -36,6 +36,8 @@ import sys
 import time
 from pathlib import Path
 
+from study_tools import cpu_name, mean_sd
+
 MODELS = {  # row -> (model, budgets)
     "MAEDiff": ("maediff", (300, 1000, 3000, 10000)),
     "pDDPM s48": ("pddpm-s48", (300, 1000, 3000)),
@@ -145,16 +147,6 @@ def metrics_of(summary: dict) -> dict:
     return out
 
 
-def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return "unknown"
-
-
 def finished(out: Path) -> dict[tuple[str, int], list[dict]]:
     """(row, steps) -> the result of every finished seed, whatever the job list."""
     rows: dict[tuple[str, int], list[dict]] = {}
@@ -162,12 +154,6 @@ def finished(out: Path) -> dict[tuple[str, int], list[dict]]:
         r = json.loads(f.read_text())
         rows.setdefault((r["row"], int(f.parent.parent.name)), []).append(r)
     return rows
-
-
-def _mean_sd(values: list[float]) -> str:
-    if len(values) == 1:
-        return f"{values[0]:.2f}"
-    return f"{statistics.mean(values):.2f} ± {statistics.stdev(values):.2f}"
 
 
 KEYS = ("tumour_dice", "tumour_auprc", "ms_dice", "ms_auprc", "healthy_l1")
@@ -181,7 +167,7 @@ def collect(out: Path) -> str:
     for (row, steps), rs in sorted(
         finished(out).items(), key=lambda kv: (list(MODELS).index(kv[0][0]), kv[0][1])
     ):
-        cells = [_mean_sd([r["metrics"][k] for r in rs]) for k in KEYS]
+        cells = [mean_sd([r["metrics"][k] for r in rs]) for k in KEYS]
         minutes = statistics.median(r["train_s"] for r in rs) / 60
         lines.append(f"| {row} | {steps} | {len(rs)} | {' | '.join(cells)} | {minutes:.0f} |")
     return "\n".join(lines)

@@ -35,6 +35,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from study_tools import cpu_name, mean_sd
 
 from maediff.config import apply_overrides, get_preset
 from maediff.data.datasets import load_subject
@@ -143,31 +144,13 @@ def run_job(data_dir: Path, out: Path, steps: int, seed: int, variant: str) -> d
         "train_s": round(train_s, 1),
         "eval_s": round(time.perf_counter() - t0, 1),
         "threads": torch.get_num_threads(),
-        "cpu": _cpu_name(),
+        "cpu": cpu_name(),
         "amp": model.cfg.train.amp,
     }
     tmp = result.with_suffix(".json.tmp")
     tmp.write_text(json.dumps(row, indent=2))
     os.replace(tmp, result)
     return row
-
-
-def _cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return "unknown"
-
-
-def _mean_sd(values: list[float]) -> str:
-    if not values:
-        return "-"
-    if len(values) == 1:
-        return f"{values[0]:.2f}"
-    return f"{statistics.mean(values):.2f} ± {statistics.stdev(values):.2f}"
 
 
 def collect(out: Path, variants: list[str]) -> str:
@@ -197,8 +180,8 @@ def collect(out: Path, variants: list[str]) -> str:
             probe = [1e3 * r["probe_l1"] for r in rs.values()]
             diff = [1e3 * (rs[s]["probe_l1"] - ref[s]["probe_l1"]) for s in rs if s in ref]
             lines.append(
-                f"| {v} | {len(rs)} | {_mean_sd(dice_t)} | {_mean_sd(dice_m)} | {_mean_sd(ap_t)} "
-                f"| {_mean_sd(probe)} | {_mean_sd(diff) if v != REFERENCE else '-'} "
+                f"| {v} | {len(rs)} | {mean_sd(dice_t)} | {mean_sd(dice_m)} | {mean_sd(ap_t)} "
+                f"| {mean_sd(probe)} | {mean_sd(diff) if v != REFERENCE else '-'} "
                 f"| {statistics.median(r['steps'] for r in rs.values()):.0f} "
                 f"| {statistics.median(r['train_s'] for r in rs.values()) / 60:.0f} |"
             )
