@@ -68,3 +68,43 @@ def test_the_wilcoxon_table_spells_the_data_set_as_shown():
 
     rows = [{"model": "AE", "key": "Brats21/dice", "n": 3, "median_diff": 0.01, "p": 0.5}]
     assert "| AE | BraTS21/dice | 3 | +1.00 | 0.5 |" in tests_markdown(rows, "MAEDiff")
+
+
+def _eval_folder(path, dice_by_set):
+    path.mkdir(parents=True)
+    for ds, values in dice_by_set.items():
+        rows = ["subject,dice,auprc"] + [f"s{i:02d},{v},{v}" for i, v in enumerate(values)]
+        (path / f"{ds}_test_subjects.csv").write_text("\n".join(rows) + "\n")
+    return path
+
+
+def test_power_sizing_script_reads_seeds_and_sizes_from_the_spread(tmp_path):
+    """benchmarks/power_sizing.py: seeds averaged per subject, the spread of the
+    differences and the subjects a 3-point difference needs (subjects_needed)."""
+    import importlib.util
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "power_sizing.py"
+    spec = importlib.util.spec_from_file_location("power_sizing", script)
+    power_sizing = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(power_sizing)
+    rng = np.random.default_rng(3)
+    base = {"Brats21": rng.uniform(0.3, 0.8, 20), "MSLUB": rng.uniform(0.0, 0.2, 10)}
+    shift = {"Brats21": rng.normal(0.02, 0.06, 20), "MSLUB": rng.normal(0.0, 0.03, 10)}
+    # row a: two seeds whose mean is `base`; row b: base - shift
+    noise = rng.normal(0, 0.05, 20)
+    a = [
+        _eval_folder(tmp_path / "a0", {**base, "Brats21": base["Brats21"] + noise}),
+        _eval_folder(tmp_path / "a1", {**base, "Brats21": base["Brats21"] - noise}),
+    ]
+    b = [_eval_folder(tmp_path / "b0", {k: base[k] - shift[k] for k in base})]
+    row = power_sizing.sizing(a, b, "Brats21", "dice", 0.03)
+    sd = shift["Brats21"].std(ddof=1)
+    assert row["subjects"] == 20 and row["data set"] == "BraTS21"
+    assert row["mean a - b"] == pytest.approx(100 * shift["Brats21"].mean())
+    assert row["sd of differences"] == pytest.approx(100 * sd)
+    assert row["subjects for 3 points"] == subjects_needed(sd, 0.03)
+    # a row evaluated on other subjects is refused, naming the file
+    _eval_folder(tmp_path / "c0", {"Brats21": base["Brats21"][:5], "MSLUB": base["MSLUB"]})
+    with pytest.raises(SystemExit, match="c0.*same test subjects"):
+        power_sizing.sizing([a[0], tmp_path / "c0"], b, "Brats21", "dice", 0.03)

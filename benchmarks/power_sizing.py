@@ -1,0 +1,83 @@
+"""How many test volumes does a paired comparison of two rows need? Sized from the data:
+the per-subject spread of the difference between two evaluated rows on the same test
+volumes, then the number of subjects for which a two-sided paired t-test at p < 0.05
+detects a given true difference (default 3 Dice points) with 80 % power
+(maediff.evaluation.paired.subjects_needed: noncentral t, exact for normal differences).
+
+    python benchmarks/power_sizing.py --a evalA --b evalB
+    python benchmarks/power_sizing.py --a seed0/eval seed1/eval --b other0/eval other1/eval
+
+--a and --b take one `maediff evaluate` folder per seed of each row (its
+DATASET_test_subjects.csv files). A subject's values are averaged over the row's seeds
+first, as the benchmark's paired table does; the spread of the differences shrinks with
+more seeds only in its seed part, so size with the seed count the tables will use.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+from pathlib import Path
+
+import numpy as np
+
+from maediff.evaluation.paired import paired_difference, power_paired_t, subjects_needed
+from maediff.names import ANOMALY_SETS, shown_name
+
+
+def read_rows(folders: list[Path], dataset: str, metric: str) -> tuple[list[str], np.ndarray]:
+    """(subjects, (seeds, subjects) values) of one row; every seed must hold the same subjects."""
+    subjects: list[str] | None = None
+    values = []
+    for f in folders:
+        path = f / f"{dataset}_test_subjects.csv"
+        if not path.exists():
+            raise SystemExit(f"{path}: no per-subject results (is {f} a `maediff evaluate` folder?)")
+        rows = sorted(csv.DictReader(path.open()), key=lambda r: r["subject"])
+        names = [r["subject"] for r in rows]
+        if subjects is not None and names != subjects:
+            raise SystemExit(f"{path}: not the same test subjects as {folders[0]}")
+        subjects = names
+        values.append([float(r[metric]) if r[metric] else np.nan for r in rows])
+    return subjects or [], np.array(values)
+
+
+def sizing(a: list[Path], b: list[Path], dataset: str, metric: str, delta: float) -> dict:
+    sa, va = read_rows(a, dataset, metric)
+    sb, vb = read_rows(b, dataset, metric)
+    if sa != sb:
+        raise SystemExit(f"{dataset}: the two rows were evaluated on different test subjects")
+    d = paired_difference(va, vb)
+    need = subjects_needed(d.sd, delta) if d.sd > 0 else 2
+    return {
+        "data set": shown_name(dataset),
+        "subjects": d.n,
+        "mean a - b": 100 * d.mean,
+        "sd of differences": 100 * d.sd,
+        f"power now ({100 * delta:g} points)": power_paired_t(d.n, d.sd, delta),
+        f"subjects for {100 * delta:g} points": need,
+    }
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--a", nargs="+", type=Path, required=True, help="evaluate folders, one per seed")
+    ap.add_argument("--b", nargs="+", type=Path, required=True, help="evaluate folders, one per seed")
+    ap.add_argument("--metric", default="dice", choices=["dice", "auprc"])
+    ap.add_argument("--delta", type=float, default=3.0, help="difference to detect, in points")
+    args = ap.parse_args()
+    rows = [sizing(args.a, args.b, ds, args.metric, args.delta / 100) for ds in ANOMALY_SETS]
+    keys = list(rows[0])
+    print("| " + " | ".join(keys) + " |")
+    print("|" + "---|" * len(keys))
+    for r in rows:
+        cells = [f"{v:.2f}" if isinstance(v, float) else str(v) for v in r.values()]
+        print("| " + " | ".join(cells) + " |")
+    print(
+        f"\n{args.metric}, {len(args.a)} against {len(args.b)} seed(s); two-sided paired t-test, "
+        "alpha 0.05, power 0.8"
+    )
+
+
+if __name__ == "__main__":
+    main()
