@@ -32,7 +32,9 @@ def read_rows(folders: list[Path], dataset: str, metric: str) -> tuple[list[str]
     for f in folders:
         path = f / f"{dataset}_test_subjects.csv"
         if not path.exists():
-            raise SystemExit(f"{path}: no per-subject results (is {f} a `maediff evaluate` folder?)")
+            raise SystemExit(
+                f"{path}: no per-subject results (is {f} a `maediff evaluate` folder?)"
+            )
         rows = sorted(csv.DictReader(path.open()), key=lambda r: r["subject"])
         names = [r["subject"] for r in rows]
         if subjects is not None and names != subjects:
@@ -61,8 +63,12 @@ def sizing(a: list[Path], b: list[Path], dataset: str, metric: str, delta: float
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--a", nargs="+", type=Path, required=True, help="evaluate folders, one per seed")
-    ap.add_argument("--b", nargs="+", type=Path, required=True, help="evaluate folders, one per seed")
+    ap.add_argument(
+        "--a", nargs="+", type=Path, required=True, help="evaluate folders, one per seed"
+    )
+    ap.add_argument(
+        "--b", nargs="+", type=Path, required=True, help="evaluate folders, one per seed"
+    )
     ap.add_argument("--metric", default="dice", choices=["dice", "auprc"])
     ap.add_argument("--delta", type=float, default=3.0, help="difference to detect, in points")
     args = ap.parse_args()
