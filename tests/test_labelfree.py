@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 
 from maediff.cli import main
+from maediff.names import shown_name
 
 DOC = Path(__file__).resolve().parents[1] / "docs" / "labelfree.md"
 TINY = "--preset maediff-tiny --set train.max_steps=2"
@@ -153,7 +154,7 @@ def test_evaluate_reports_label_free_results_beside_the_protocol(tiny_bench, tmp
         rows = list(csv.DictReader(open(tmp_path / "ev" / f"{ds}_test_subjects.csv")))
         dice5 = [float(r["dice_fpr5"]) for r in rows if r["dice_fpr5"] not in ("", "nan")]
         assert f.at_fpr[1].dice.mean == pytest.approx(np.mean(dice5), rel=1e-5)
-        assert d.threshold_source.startswith(f"{ds} val")  # the protocol's threshold stays
+        assert d.threshold_source.startswith(f"{shown_name(ds)} val")  # the protocol's threshold
     # the file reads back and dumps unchanged; the report has the table
     saved = json.loads((tmp_path / "ev" / "summary.json").read_text())
     assert EvaluationSummary.from_json(saved).to_json() == saved

@@ -174,6 +174,6 @@ def test_combined_legends_keep_multi_word_model_names(tmp_path):
         _evaluate(model, tmp_path / "data", tmp_path / f"eval{i}", label=label, **kw)
     summaries = [load_summary(tmp_path / f"eval{i}") for i in range(2)]
     curves, dice = combined_series(summaries, tmp_path)
-    want = {f"{label} Brats21" for label in labels}
+    want = {f"{label} BraTS21" for label in labels}  # as shown; the folders keep Brats21
     assert set(curves) == want and set(dice) == want
     assert all(sc is not None and lab is not None for sc, lab in curves.values())

@@ -20,7 +20,7 @@ from ..evaluation.aggregate import METRICS, exclusions, summarise
 from ..evaluation.labelfree import fixed_fpr_summary, scan_auroc
 from ..evaluation.lesions import lesion_summary
 from ..evaluation.protocol import DatasetRun, EvalSettings, EvaluationRun
-from ..names import HEALTHY
+from ..names import HEALTHY, shown_name
 from .files import write_json, write_subject_csv
 from .report import figure_dice_distribution, figure_dice_vs_volume, figure_pr_curves
 from .runs import example_figure, write_report
@@ -68,7 +68,7 @@ def dataset_result(
     o = d.outcome
     return DatasetResult(
         threshold=o.threshold,
-        threshold_source=f"{ds} val ({d.n_val} volumes, pooled Dice {o.val_dice:.4f})",
+        threshold_source=f"{shown_name(ds)} val ({d.n_val} volumes, pooled Dice {o.val_dice:.4f})",
         n_test=d.n_test,
         metrics=metric_stats(o.records),
         excluded=excluded(o.records),
@@ -173,8 +173,10 @@ def write_figures(out: Path, label: str, run: EvaluationRun, settings: EvalSetti
         f"{label} {ds}": (d.outcome.curve_scores, d.outcome.curve_labels)
         for ds, d in run.datasets.items()
     }
+    # curves.npz keys keep the folder names; the figures show the data sets' names
+    shown = {f"{label} {shown_name(ds)}": curves[f"{label} {ds}"] for ds in run.datasets}
     dice = {
-        f"{label} {ds}": [r.get("dice", float("nan")) for r in d.outcome.records]
+        f"{label} {shown_name(ds)}": [r.get("dice", float("nan")) for r in d.outcome.records]
         for ds, d in run.datasets.items()
     }
     by_volume = {
@@ -187,7 +189,7 @@ def write_figures(out: Path, label: str, run: EvaluationRun, settings: EvalSetti
     }
     result = Figures(
         examples=examples,
-        pr_curves=figure_pr_curves(curves, out / "pr_curves.png").name,
+        pr_curves=figure_pr_curves(shown, out / "pr_curves.png").name,
         dice=figure_dice_distribution(dice, out / "dice_per_subject.png").name,
         dice_vs_volume=figure_dice_vs_volume(by_volume, label, out / "dice_vs_volume.png").name,
     )

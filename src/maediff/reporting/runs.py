@@ -342,14 +342,14 @@ def combined_series(
             with np.load(src / "curves.npz") as z:
                 for key in z.files:
                     ds, part = split_curve_key(key, s.datasets)
-                    label = f"{tag} {ds}"
+                    label = f"{tag} {shown_name(ds)}"  # as the figure shows it
                     sc, lab = curves.get(label, (None, None))
                     curves[label] = (z[key], lab) if part == "scores" else (sc, z[key])
         for ds in [d for d in s.datasets if d != HEALTHY]:
             f = src / f"{ds}_test_subjects.csv"
             if f.exists():
                 with f.open(newline="") as fh:
-                    dice[f"{tag} {ds}"] = [
+                    dice[f"{tag} {shown_name(ds)}"] = [
                         float(r["dice"]) if r.get("dice") else float("nan")
                         for r in csv.DictReader(fh)
                     ]
