@@ -88,3 +88,27 @@ def test_the_shipped_model_loads_reconstructs_and_says_how_to_reproduce_it():
     assert model.checkpoint_info["data"].startswith("data/synthetic: IXI fold 0")
     with pytest.raises(KeyError, match="no shipped model"):
         checkpoint_path("nope")
+
+
+def test_the_shipped_model_card_reproduces_its_configuration_from_this_preset():
+    """The card's `maediff train` command, applied to this release's `cpu` preset, gives
+    the shipped model's configuration (t_test aside when the card says it was chosen on
+    validation): a change of the preset that the card does not follow fails here."""
+    import shlex
+    from dataclasses import replace
+
+    from maediff.config import apply_overrides, get_preset
+    from maediff.pretrained import checkpoint_path, model_card
+    from maediff.training.checkpoint import load_model
+
+    cfg = load_model(checkpoint_path("maediff-cpu")).cfg
+    card = model_card("maediff-cpu")
+    line = next(x for x in card.splitlines() if x.startswith("maediff train --preset cpu"))
+    words = shlex.split(line)
+    sets = [words[i + 1] for i, w in enumerate(words) if w == "--set"]
+    rebuilt = apply_overrides(get_preset("cpu"), sets)
+    if "--choose-t" in card:
+        rebuilt = replace(rebuilt, diffusion=replace(rebuilt.diffusion, t_test=cfg.diffusion.t_test))
+    for name, section in cfg.sections:
+        assert getattr(rebuilt, name) == section, name
+    assert rebuilt.geometry == cfg.geometry
