@@ -1017,7 +1017,7 @@ COMMANDS = [
         cmd_benchmark,
         _parser_benchmark,
         "Tables 1 and 2 and Figure 3: train and evaluate many models, resumable",
-        "Trains and evaluates every (model, fold or seed) in its own folder under OUTPUT with one budget, then writes the paper's tables (Markdown, CSV, HTML), paired Wilcoxon tests against MAEDiff and Figure 3. Run it again to resume; --list / --run-index split it over a cluster.",
+        "Trains and evaluates every (model, fold or seed) in its own folder under OUTPUT with one budget, then writes the paper's tables (Markdown, CSV, HTML), each model's paired difference to the reference with its 95 % interval, and Figure 3. Run it again to resume; --list / --run-index split it over a cluster.",
     ),
     (
         "demo",
