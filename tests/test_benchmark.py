@@ -91,6 +91,8 @@ def test_benchmark_probes_diffusion_models_and_states_budgets(tiny_bench, tmp_pa
     assert rows["U-Net + MAE"].count("-") < rows["U-Net"].count("-")  # MAE columns filled
     page = (out / "report.html").read_text()
     assert "Patch probe" in page and "2 generator + 2 encoder updates" in page
+    paired = (out / "paired.md").read_text()  # per-draw values: paired over the probe's slices
+    assert "| U-Net + MAE | in-patch l1 |" in paired and "probe slices" in paired
     # Figure 3 shows the first seed: the second one does not reconstruct its slices
     assert (out / "runs/ablation-unet/fold0-seed0/figure3.npz").exists()
     assert not (out / "runs/ablation-unet/fold0-seed1/figure3.npz").exists()
