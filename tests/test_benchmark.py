@@ -68,8 +68,11 @@ def test_two_processes_fill_one_folder(tiny_bench, tmp_path):
         str(out),
         *ARGS,
     ]
-    listing = subprocess.run(base + ["--list"], capture_output=True, text=True, check=True).stdout
-    assert listing.count("--run-index") == 2
+    listing = subprocess.run(
+        base + ["--list", "--no-estimate"], capture_output=True, text=True, check=True
+    ).stdout
+    commands = [line for line in listing.splitlines() if line.startswith("maediff benchmark")]
+    assert sum("--run-index" in c for c in commands) == 2 and "# 2 job(s)" in listing
     procs = [subprocess.Popen(base + ["--run-index", str(i)]) for i in (0, 1)]
     assert [p.wait(timeout=300) for p in procs] == [0, 0]
     done = sorted(p.parents[2].name for p in out.glob("runs/*/*/eval/summary.json"))

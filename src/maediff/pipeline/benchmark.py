@@ -522,12 +522,14 @@ def run_benchmark(
     run_index: Sequence[int] | int | None = None,
     collect_only: bool = False,
     progress: bool = True,
+    estimate: bool = True,
 ) -> int:
+    """Every run of the plan (or those of `run_index`), then the tables; `list_runs`
+    only prints the jobs with their time estimates (measured unless `estimate` is
+    False: pipeline/estimate.py)."""
     runs = plan.runs()
     if list_runs:
-        for i, spec in enumerate(runs):
-            print(f"# {i}: {spec.key}\n{plan.command(out, device, i)}")
-        print(f"# then collect: {plan.command(out, device)} --collect")
+        list_jobs(plan, out, device, estimate)
         return 0
     indices = [run_index] if isinstance(run_index, int) else list(run_index or range(len(runs)))
     bad = [i for i in indices if not 0 <= i < len(runs)]
@@ -544,6 +546,19 @@ def run_benchmark(
         todo = [runs[i] for i in indices]
         _run_all(plan, todo, out, data, device, progress)
     return collect(plan, out)
+
+
+def list_jobs(plan: BenchmarkPlan, out: Path, device: str, measure: bool = True) -> None:
+    """One command per run, each with what it does and its estimated time, and the
+    totals for one process and for two (pipeline/estimate.py)."""
+    from .estimate import estimate_jobs, job_line, summary_lines
+
+    jobs = estimate_jobs(plan, out, device, measure)
+    for line in summary_lines(jobs, device, measure):
+        print(line)
+    for i, (spec, job) in enumerate(zip(plan.runs(), jobs)):
+        print(f"# {i}: {spec.key}: {job_line(job)}\n{plan.command(out, device, i)}")
+    print(f"# then collect: {plan.command(out, device)} --collect")
 
 
 def _run_all(plan, todo: list[RunSpec], out: Path, data: Path, device: str, progress: bool) -> None:

@@ -1,0 +1,398 @@
+"""How long each job of `maediff benchmark` will take, measured on this machine
+(`benchmark --list`).
+
+    est = estimate_jobs(plan, out, device="cpu")       # measures what it must, once
+    print(estimates_text(plan, out, "cpu", est))
+
+A job is one run (model, fold, seed): training, then the evaluation. Its time is
+taken, in this order of preference, from
+
+- its own folder, when the run has finished (timing.json: "done");
+- a finished run of the same configuration (another fold or seed) in OUT: its
+  recorded training and evaluation times ("recorded");
+- a calibration on this machine ("measured"): the training loop's own step timed on
+  random volumes of the run's batch size (`time_training_steps`: 1 warm-up step, then
+  3 timed), times the run's steps; and the reconstruction of a few random slices
+  (a full inference batch on a GPU; 2 on a CPU, whose time grows with the slices),
+  scaled to the slices of every volume the run reconstructs (the protocol's volumes
+  and Figure 3's).
+
+The calibrations are cached in OUT/estimates.json, keyed by the configuration (less
+its seed and fold), the device and the number of threads, so a second `--list` measures
+nothing. A measured estimate leaves out loading the data, validation passes and
+checkpoints during training, the patch probe and the protocol's scoring after the
+reconstructions; a recorded one holds everything the run did, on whatever machine ran it.
+A budget in minutes (`--minutes`) is its own estimate of the training time.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import time
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import numpy as np
+import torch
+
+from .. import __version__
+from ..config import Config, to_dict
+from ..data.splits import read_pddpm_split
+from ..device import resolve_device
+from ..models import MODELS, build_model
+from ..names import HEALTHY
+from ..reporting.files import write_atomic
+
+if TYPE_CHECKING:
+    from .benchmark import BenchmarkPlan, RunSpec
+
+ESTIMATES_FILE = "estimates.json"
+TIMED_STEPS, WARMUP_STEPS = 3, 1
+CPU_SLICES = 2  # slices reconstructed to time a CPU (a GPU: one inference batch)
+
+
+@dataclass
+class JobEstimate:
+    """One job's work and time; seconds None where nothing is known."""
+
+    steps: int | None  # training steps (None: a time budget, or the data is not there yet)
+    volumes: int  # volumes reconstructed by the evaluation and for Figure 3
+    train_s: float | None
+    evaluate_s: float | None
+    source: str  # "done", "recorded", "measured", "not measured"
+
+    @property
+    def total_s(self) -> float | None:
+        if self.train_s is None or self.evaluate_s is None:
+            return None
+        return self.train_s + self.evaluate_s
+
+    @property
+    def left_s(self) -> float | None:
+        """The time still to spend: 0 for a finished run."""
+        return 0.0 if self.source == "done" else self.total_s
+
+
+# ------------------------------------------------------------------ what a job does
+
+
+@dataclass(frozen=True)
+class DataCounts:
+    """What the estimate needs of the data: the training volumes of a fold, the
+    volumes a run's evaluation reconstructs, and Figure 3's."""
+
+    train_volumes: int
+    eval_volumes: int
+    figure_volumes: int
+
+
+def data_counts(plan: BenchmarkPlan, out: Path, fold: int) -> DataCounts:
+    """From --data, or OUT/data when it holds the synthetic benchmark; else from the
+    synthetic benchmark that the first run will generate there."""
+    from .benchmark import FIGURE_SUBJECTS
+    from .evaluate import plan_evaluation
+
+    data = Path(plan.data) if plan.data else out / "data"
+    if plan.data or (data / "synthetic.json").exists():
+        subjects = plan_evaluation(data, fold=fold, max_volumes=plan.max_volumes).subjects()
+        train = read_pddpm_split(data, HEALTHY, "train", fold=fold)
+        figure = sum(len(read_pddpm_split(data, ds, "test")[:n]) for ds, n in FIGURE_SUBJECTS)
+        return DataCounts(len(train), len(subjects), figure)
+    return synthetic_counts(plan.max_volumes, fold)
+
+
+def synthetic_counts(max_volumes: int | None, fold: int) -> DataCounts:
+    """The counts of the synthetic benchmark `ensure_data` generates (SynthConfig():
+    the healthy pool in 5 folds, data/synthetic.py `write_splits`)."""
+    from ..data.synthetic import SynthConfig
+    from .benchmark import FIGURE_SUBJECTS
+
+    c = SynthConfig()
+    val = len(np.array_split(np.arange(c.healthy_trainval), 5)[fold])
+
+    def cap(n: int) -> int:
+        return min(n, max_volumes) if max_volumes else n
+
+    evals = cap(val) + cap(c.tumour_val) + cap(c.tumour_test)
+    evals += cap(c.ms_val) + cap(c.ms_test) + cap(c.healthy_test)
+    return DataCounts(c.healthy_trainval - val, evals, sum(n for _, n in FIGURE_SUBJECTS))
+
+
+def training_steps(cfg: Config, train_volumes: int) -> int | None:
+    """The run's training steps: train.max_steps, or its epochs over the training
+    volumes as the loop counts them (data.all_slices: every slice of the grid, an upper
+    bound); None for a budget in minutes or a model without training."""
+    t = cfg.train
+    if not MODELS[cfg.model].trainable or (t.max_minutes and not t.max_steps):
+        return None
+    if t.max_steps:
+        return t.max_steps
+    if MODELS[cfg.model].input_kind == "volumes":
+        per_epoch = train_volumes
+    elif cfg.data.all_slices:
+        per_epoch = train_volumes * cfg.data.volume_shape[2]
+    else:
+        per_epoch = train_volumes * t.slices_per_volume
+    return t.epochs * math.ceil(per_epoch / t.batch_size)
+
+
+def job_volumes(plan: BenchmarkPlan, spec: RunSpec, counts: DataCounts) -> int:
+    """Volumes the run reconstructs: the protocol's, and Figure 3's for the first run."""
+    first = (spec.fold, spec.seed) == (plan.folds[0], plan.seeds[0])
+    return counts.eval_volumes + (counts.figure_volumes if first else 0)
+
+
+# ------------------------------------------------------------------ calibration
+
+
+def calibration_key(cfg: Config, device: str) -> str:
+    """The configuration less its seed and fold, the device, the threads and the
+    package's version (another version may compute differently)."""
+    d = to_dict(replace(cfg, train=replace(cfg.train, seed=0), data=replace(cfg.data, fold=0)))
+    mine = [d, device, torch.get_num_threads(), __version__]
+    text = json.dumps(mine, sort_keys=True, default=str)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def device_name(device: str) -> str:
+    """The device a run would use, in words: "cpu", "cuda:0 (NVIDIA H200)"."""
+    dev = resolve_device(device)
+    if dev.type == "cuda":
+        return f"{dev} ({torch.cuda.get_device_name(dev)})"
+    return str(dev)
+
+
+def random_training_data(cfg: Config, volumes: int):
+    """TrainingData of `volumes` random volumes on the model grid, all brain: what
+    `time_training_steps` draws its batches from (their size and shape are the run's)."""
+    import SimpleITK as sitk
+
+    from ..data.datasets import SliceSet
+    from ..data.load import PreparedVolume
+    from ..training.data import TrainingData
+
+    depth = cfg.data.volume_shape[2] if MODELS[cfg.model].input_kind == "volumes" else 2
+    shape = (*cfg.data.volume_shape[:2], depth)
+    rng = np.random.default_rng(0)
+    vols = [
+        PreparedVolume(
+            f"random{i}",
+            rng.random(shape, dtype=np.float32),
+            np.ones(shape, bool),
+            None,
+            sitk.Image(1, 1, 1, sitk.sitkUInt8),
+        )
+        for i in range(volumes)
+    ]
+    train = SliceSet(vols, cfg.geometry.image_size)
+    return TrainingData(train, None, "random volumes (time estimate)")
+
+
+def measure_step(cfg: Config, device: str) -> float | None:
+    """Seconds per training step on `device` (None: nothing to train)."""
+    from ..training.trainer import time_training_steps
+
+    if not MODELS[cfg.model].trainable:
+        return None
+    t = cfg.train
+    # one epoch gives batch_size slices (or volumes): enough volumes for one step
+    timed = replace(cfg, train=replace(t, max_steps=0, max_minutes=0.0, epochs=10**6))
+    data = random_training_data(timed, t.batch_size)
+    return time_training_steps(timed, data, device, steps=TIMED_STEPS, warmup=WARMUP_STEPS)
+
+
+@torch.no_grad()
+def measure_slice(cfg: Config, device: str) -> float:
+    """Seconds to reconstruct one slice of a volume as the evaluation does: an
+    untrained model of the configuration (the same computation) on random slices."""
+    from .detect import reconstruct_volume
+
+    dev = resolve_device(device)
+    model = build_model(cfg).to(dev).eval()
+    depth = cfg.data.volume_shape[2]
+    n = min(depth, cfg.inference.batch_size) if dev.type == "cuda" else min(depth, CPU_SLICES)
+    rng = np.random.default_rng(0)
+    vol = rng.random((*cfg.data.volume_shape[:2], n), dtype=np.float32)
+    gen = torch.Generator().manual_seed(0)
+    reconstruct_volume(model, vol[..., :1], gen, skip_empty_patches=False)  # warm-up
+    _sync(dev)
+    t0 = time.perf_counter()
+    reconstruct_volume(model, vol, gen, skip_empty_patches=False)
+    _sync(dev)
+    return (time.perf_counter() - t0) / n
+
+
+def _sync(dev: torch.device) -> None:
+    if dev.type == "cuda":
+        torch.cuda.synchronize(dev)
+
+
+def load_cache(out: Path) -> dict:
+    f = out / ESTIMATES_FILE
+    if not f.exists():
+        return {}
+    try:
+        entries = json.loads(f.read_text())["entries"]
+    except (json.JSONDecodeError, KeyError, TypeError) as e:
+        raise ValueError(f"{f} is no estimates file ({e}); delete it to measure again") from e
+    return entries if isinstance(entries, dict) else {}
+
+
+def calibration(
+    cfg: Config, device: str, out: Path, cache: dict, measure: bool, say=print
+) -> dict | None:
+    """The cached calibration of `cfg` on `device`, else measured (and cached) when
+    `measure`; None when neither."""
+    key = calibration_key(cfg, device)
+    if key in cache:
+        return cache[key]
+    if not measure:
+        return None
+    say(f"# measuring {cfg.name} on {device_name(device)} ...", flush=True)
+    entry = {
+        "model": cfg.name,
+        "device": device_name(device),
+        "threads": torch.get_num_threads(),
+        "step_s": measure_step(cfg, device),
+        "slice_s": measure_slice(cfg, device),
+        "measured": time.strftime("%Y-%m-%d %H:%M:%S"),
+    }
+    cache[key] = entry
+    out.mkdir(parents=True, exist_ok=True)
+    write_atomic(out / ESTIMATES_FILE, json.dumps({"entries": cache}, indent=1))
+    return entry
+
+
+# ------------------------------------------------------------------ the jobs
+
+
+def recorded_times(folder: Path) -> tuple[float, float] | None:
+    """(training, evaluation) seconds a run recorded in timing.json; None without."""
+    f = folder / "timing.json"
+    if not f.exists():
+        return None
+    try:
+        t = json.loads(f.read_text())
+        return float(t.get("train_s", 0.0)), float(t["evaluate_s"]) + float(t.get("probe_s", 0))
+    except (json.JSONDecodeError, KeyError, TypeError, ValueError):
+        return None
+
+
+def estimate_jobs(
+    plan: BenchmarkPlan, out: Path, device: str = "auto", measure: bool = True, say=print
+) -> list[JobEstimate]:
+    """Every job of the plan, in its order (module docstring)."""
+    from .benchmark import is_done
+
+    runs = plan.runs()
+    cache = load_cache(out)
+    counts = {f: data_counts(plan, out, f) for f in plan.folds}
+    recorded: dict[str, tuple[float, float]] = {}  # calibration key -> a finished run's
+    keys = [calibration_key(plan.config(s), device) for s in runs]
+    for spec, key in zip(runs, keys):
+        folder = out / "runs" / spec.key
+        if key not in recorded and is_done(folder) and (r := recorded_times(folder)):
+            recorded[key] = r
+    jobs = []
+    for spec, key in zip(runs, keys):
+        cfg = plan.config(spec)
+        steps = training_steps(cfg, counts[spec.fold].train_volumes)
+        volumes = job_volumes(plan, spec, counts[spec.fold])
+        folder = out / "runs" / spec.key
+        own = recorded_times(folder) if is_done(folder) else None
+        if own or key in recorded:
+            train_s, eval_s = own or recorded[key]
+            jobs.append(JobEstimate(steps, volumes, train_s, eval_s, "done" if own else "recorded"))
+            continue
+        cal = calibration(cfg, device, out, cache, measure, say)
+        if cal is None:
+            train_s = _train_seconds(cfg, steps, None)  # known without a step time: none, minutes
+            jobs.append(JobEstimate(steps, volumes, train_s, None, "not measured"))
+            continue
+        train_s = _train_seconds(cfg, steps, cal["step_s"])
+        eval_s = cal["slice_s"] * cfg.data.volume_shape[2] * volumes
+        jobs.append(JobEstimate(steps, volumes, train_s, eval_s, "measured"))
+    return jobs
+
+
+def _train_seconds(cfg: Config, steps: int | None, step_s: float | None) -> float | None:
+    if not MODELS[cfg.model].trainable:
+        return 0.0
+    if cfg.train.max_minutes and not cfg.train.max_steps:
+        return 60.0 * cfg.train.max_minutes
+    return None if steps is None or step_s is None else steps * step_s
+
+
+def split_two(jobs: list[JobEstimate]) -> tuple[list[int], list[int]]:
+    """The unfinished jobs in two groups of about equal time (the longest first, each
+    to the group with less): the --run-index lists of two processes."""
+    left = [(j.left_s or 0.0, i) for i, j in enumerate(jobs) if j.source != "done"]
+    groups: tuple[list[int], list[int]] = ([], [])
+    sums = [0.0, 0.0]
+    for s, i in sorted(left, reverse=True):
+        k = 0 if sums[0] <= sums[1] else 1
+        groups[k].append(i)
+        sums[k] += s
+    return sorted(groups[0]), sorted(groups[1])
+
+
+def duration(seconds: float | None) -> str:
+    """ "45 s", "12 min", "3.4 h"; "?" for unknown."""
+    if seconds is None:
+        return "?"
+    if seconds < 90:
+        return f"{seconds:.0f} s"
+    if seconds < 90 * 60:
+        return f"{seconds / 60:.0f} min"
+    return f"{seconds / 3600:.1f} h"
+
+
+def job_line(job: JobEstimate) -> str:
+    """What one job does and how long it takes: "train 300 steps (4 min), evaluate 70
+    volumes (9 min): 13 min, measured"."""
+    if job.steps is not None:
+        train = f"train {job.steps} steps ({duration(job.train_s)})"
+    elif job.train_s == 0.0:
+        train = "no training"
+    else:
+        train = f"train ({duration(job.train_s)})"
+    ev = f"evaluate {job.volumes} volumes ({duration(job.evaluate_s)})"
+    return f"{train}, {ev}: {duration(job.total_s)}, {job.source}"
+
+
+def summary_lines(jobs: list[JobEstimate], device: str, measure: bool) -> list[str]:
+    """The header and the totals of the listing, as comment lines."""
+    left = [j.left_s for j in jobs if j.source != "done"]
+    done = sum(j.source == "done" for j in jobs)
+    unknown = any(s is None for s in left)
+    one = None if unknown else sum(left)  # type: ignore[arg-type]
+    a, b = split_two(jobs)
+    two = None
+    if not unknown:
+        two = max(sum(jobs[i].left_s or 0.0 for i in g) for g in (a, b))
+    how = (
+        f"measured on this machine: {device_name(device)}, {torch.get_num_threads()} thread(s)"
+        if measure
+        else "not measured (--no-estimate): recorded and cached times only"
+    )
+    return [
+        f"# {len(jobs)} job(s), {done} finished; times are estimates, {how} "
+        f"(training steps x a timed step, or a finished run's recorded times; "
+        f"docs/reliability.md, Estimates)",
+        f"# left: {duration(one)} in one process; {duration(two)} in two processes with "
+        f"the same speed each (--run-index {' '.join(map(str, a)) or '-'} and "
+        f"--run-index {' '.join(map(str, b)) or '-'})",
+    ]
+
+
+__all__ = [
+    "ESTIMATES_FILE",
+    "JobEstimate",
+    "estimate_jobs",
+    "job_line",
+    "split_two",
+    "summary_lines",
+]
