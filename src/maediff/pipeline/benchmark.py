@@ -7,15 +7,16 @@ Every (model, fold, seed) is one run in its own folder, OUT/runs/MODEL/fold{F}-s
 config.yaml (the resolved configuration; a different one for an existing folder is
 refused), train/ (the training run, resumed from its last checkpoint after an
 interruption), eval/ (the paper's protocol), probe.json (diffusion models: the patch
-probe), figure3.npz (the slices of Figure 3), timing.json and status.json, whose
-"done", written after everything else, marks a finished run. Starting the command again skips finished
-runs and resumes an interrupted one at its first missing step. Runs are independent: `--list` prints one command per
-run and `--run-index N` does run N alone (a job array fills one folder from many GPUs;
-a per-run lock keeps two processes off the same run; give each process its own GPU
-with CUDA_VISIBLE_DEVICES, or --device cuda:I; a process with LOCAL_RANK set takes
-cuda:LOCAL_RANK; not under torchrun, whose ranks would join one process group for
-different runs); a final call (or `--collect`) writes the tables from whatever has
-finished:
+probe), figure3.npz (the slices of Figure 3), timing.json and status.json, whose "done",
+written after everything else, marks a finished run. Starting the command again skips
+finished runs and resumes an interrupted one at its first missing step. Runs are
+independent: `--list` prints one command per run with its estimated time
+(pipeline/estimate.py), and `--run-index N` does run N alone (a job array fills one
+folder from many GPUs; a per-run lock keeps two processes off the same run; give each
+process its own GPU with CUDA_VISIBLE_DEVICES, or --device cuda:I; a process with
+LOCAL_RANK set takes cuda:LOCAL_RANK; not under torchrun, whose ranks would join one
+process group for different runs); a final call (or `--collect`) writes the tables from
+whatever has finished:
 
     OUT/table.md, table.csv       mean ± std over runs, best bold, second underlined
     OUT/paired.md, paired.csv     each model's paired difference to the reference

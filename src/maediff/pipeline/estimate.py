@@ -13,7 +13,8 @@ taken, in this order of preference, from
 - a calibration on this machine ("measured"): the training loop's own step timed on
   random volumes of the run's batch size (`time_training_steps`: 1 warm-up step, then
   3 timed), times the run's steps; and the reconstruction of a few random slices
-  (a full inference batch on a GPU; 2 on a CPU, whose time grows with the slices),
+  (on a GPU one inference batch, after a warm-up slice; on a CPU, whose time grows
+  with the slices, one slice),
   scaled to the slices of every volume the run reconstructs (the protocol's volumes
   and Figure 3's).
 
@@ -51,7 +52,7 @@ if TYPE_CHECKING:
 
 ESTIMATES_FILE = "estimates.json"
 TIMED_STEPS, WARMUP_STEPS = 3, 1
-CPU_SLICES = 2  # slices reconstructed to time a CPU (a GPU: one inference batch)
+CPU_SLICES = 1  # slices reconstructed to time a CPU (a GPU: one inference batch, after one)
 
 
 @dataclass
@@ -217,8 +218,9 @@ def measure_slice(cfg: Config, device: str) -> float:
     rng = np.random.default_rng(0)
     vol = rng.random((*cfg.data.volume_shape[:2], n), dtype=np.float32)
     gen = torch.Generator().manual_seed(0)
-    reconstruct_volume(model, vol[..., :1], gen, skip_empty_patches=False)  # warm-up
-    _sync(dev)
+    if dev.type == "cuda":  # warm-up: lazy initialisation, kernel choice
+        reconstruct_volume(model, vol[..., :1], gen, skip_empty_patches=False)
+        _sync(dev)
     t0 = time.perf_counter()
     reconstruct_volume(model, vol, gen, skip_empty_patches=False)
     _sync(dev)
