@@ -149,13 +149,18 @@ def job_volumes(plan: BenchmarkPlan, spec: RunSpec, counts: DataCounts) -> int:
 # ------------------------------------------------------------------ calibration
 
 
+def config_key(cfg: Config) -> str:
+    """The configuration less its seed and fold: runs that differ only there do the
+    same work."""
+    d = to_dict(replace(cfg, train=replace(cfg.train, seed=0), data=replace(cfg.data, fold=0)))
+    return json.dumps(d, sort_keys=True, default=str)
+
+
 def calibration_key(cfg: Config, device: str) -> str:
     """The configuration less its seed and fold, the device, the threads and the
     package's version (another version may compute differently)."""
-    d = to_dict(replace(cfg, train=replace(cfg.train, seed=0), data=replace(cfg.data, fold=0)))
-    mine = [d, device, torch.get_num_threads(), __version__]
-    text = json.dumps(mine, sort_keys=True, default=str)
-    return hashlib.sha256(text.encode()).hexdigest()[:16]
+    mine = [config_key(cfg), device, torch.get_num_threads(), __version__]
+    return hashlib.sha256(json.dumps(mine).encode()).hexdigest()[:16]
 
 
 def device_name(device: str) -> str:
@@ -292,12 +297,13 @@ def estimate_jobs(
     runs = plan.runs()
     cache = load_cache(out)
     counts = {f: data_counts(plan, out, f) for f in plan.folds}
-    recorded: dict[str, tuple[float, float]] = {}  # calibration key -> a finished run's
-    keys = [calibration_key(plan.config(s), device) for s in runs]
+    # configuration -> a finished run's (training s, evaluation s, volumes it evaluated)
+    recorded: dict[str, tuple[float, float, int]] = {}
+    keys = [config_key(plan.config(s)) for s in runs]
     for spec, key in zip(runs, keys):
         folder = out / "runs" / spec.key
         if key not in recorded and is_done(folder) and (r := recorded_times(folder)):
-            recorded[key] = r
+            recorded[key] = (*r, job_volumes(plan, spec, counts[spec.fold]))
     jobs = []
     for spec, key in zip(runs, keys):
         cfg = plan.config(spec)
@@ -305,9 +311,12 @@ def estimate_jobs(
         volumes = job_volumes(plan, spec, counts[spec.fold])
         folder = out / "runs" / spec.key
         own = recorded_times(folder) if is_done(folder) else None
-        if own or key in recorded:
-            train_s, eval_s = own or recorded[key]
-            jobs.append(JobEstimate(steps, volumes, train_s, eval_s, "done" if own else "recorded"))
+        if own:
+            jobs.append(JobEstimate(steps, volumes, *own, "done"))
+            continue
+        if key in recorded:  # its evaluation time per volume, for this run's volumes
+            train_s, eval_s, n = recorded[key]
+            jobs.append(JobEstimate(steps, volumes, train_s, eval_s * volumes / n, "recorded"))
             continue
         cal = calibration(cfg, device, out, cache, measure, say)
         if cal is None:
