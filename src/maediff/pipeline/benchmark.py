@@ -554,6 +554,7 @@ def list_jobs(plan: BenchmarkPlan, out: Path, device: str, measure: bool = True)
     totals for one process and for two (pipeline/estimate.py)."""
     from .estimate import estimate_jobs, job_line, summary_lines
 
+    check_data(plan)  # the estimate reads its splits
     jobs = estimate_jobs(plan, out, device, measure)
     for line in summary_lines(jobs, device, measure):
         print(line)
