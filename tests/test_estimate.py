@@ -42,8 +42,8 @@ def test_estimates_are_measured_once_and_reused(tmp_path, capsys, monkeypatch):
     assert main(argv) == 0
     first = capsys.readouterr().out
     cache = json.loads((out / "estimates.json").read_text())["entries"]
-    assert sorted(e["model"] for e in cache.values()) == ["ae-tiny", "thresh-tiny"]  # per config
-    ae = next(e for e in cache.values() if e["model"] == "ae-tiny")
+    assert sorted(e["what"] for e in cache.values()) == ["ae-tiny on cpu", "thresh-tiny on cpu"]
+    ae = next(e for e in cache.values() if e["what"] == "ae-tiny on cpu")
     assert ae["step_s"] > 0 and ae["slice_s"] > 0 and ae["threads"] >= 1
     assert first.count("# measuring") == 2 and "measured on this machine: cpu" in first
 
@@ -95,3 +95,21 @@ def test_a_bad_estimates_file_is_named(tmp_path):
     (tmp_path / "estimates.json").write_text("{not json")
     with pytest.raises(ValueError, match="estimates.json is no estimates file"):
         estimate.load_cache(tmp_path)
+
+
+@pytest.mark.slow
+def test_with_data_the_protocols_own_time_is_measured(tiny_bench, tmp_path):
+    out = tmp_path / "b"
+    plan = BenchmarkPlan.from_args(
+        models=["thresh"], scale="tiny", data=tiny_bench, steps=2, max_volumes=1
+    )
+    jobs = estimate.estimate_jobs(plan, out, "cpu", say=lambda *a, **k: None)
+    cache = json.loads((out / "estimates.json").read_text())["entries"]
+    protocol = next(e for e in cache.values() if e["what"].startswith("the protocol"))
+    thresh = next(e for e in cache.values() if e["what"].startswith("thresh-tiny"))
+    assert protocol["run_s"] + protocol["volume_s"] > 0
+    (job,) = jobs
+    assert job.source == "measured" and job.volumes == 9  # 6 protocol + 3 Figure 3
+    reconstruction = thresh["slice_s"] * 8 * 9  # tiny volumes: 8 slices
+    expected = reconstruction + protocol["run_s"] + 9 * protocol["volume_s"]
+    assert job.evaluate_s == pytest.approx(expected)

@@ -96,8 +96,8 @@ def data_counts(plan: BenchmarkPlan, out: Path, fold: int) -> DataCounts:
     from .benchmark import FIGURE_SUBJECTS
     from .evaluate import plan_evaluation
 
-    data = Path(plan.data) if plan.data else out / "data"
-    if plan.data or (data / "synthetic.json").exists():
+    data = data_folder(plan, out)
+    if data is not None:
         subjects = plan_evaluation(data, fold=fold, max_volumes=plan.max_volumes).subjects()
         train = read_pddpm_split(data, HEALTHY, "train", fold=fold)
         figure = sum(len(read_pddpm_split(data, ds, "test")[:n]) for ds, n in FIGURE_SUBJECTS)
@@ -237,6 +237,55 @@ def _sync(dev: torch.device) -> None:
         torch.cuda.synchronize(dev)
 
 
+def data_folder(plan: BenchmarkPlan, out: Path) -> Path | None:
+    """The data the runs read, when it exists already: --data, or OUT/data once the
+    synthetic benchmark is there."""
+    data = Path(plan.data) if plan.data else out / "data"
+    return data if plan.data or (data / "synthetic.json").exists() else None
+
+
+def measure_protocol(cfg: Config, data: Path, fold: int, device: str) -> dict:
+    """The evaluation's time apart from the reconstructions: the protocol (loading,
+    thresholds, scoring, results and figures) run with Thresh, whose reconstruction is
+    the image itself, on the first volume of every split and then on the first two;
+    the difference gives the time per volume, the rest the time per run."""
+    import tempfile
+
+    from ..config import get_preset
+    from .evaluate import evaluate_model, plan_evaluation
+
+    thresh = build_model(replace(get_preset("thresh"), data=cfg.data))
+    thresh = thresh.to(resolve_device(device))
+    points = []
+    with tempfile.TemporaryDirectory(prefix="maediff-time-") as tmp:
+        for k in (1, 2):
+            n = len(plan_evaluation(data, fold=fold, max_volumes=k).subjects())
+            t0 = time.perf_counter()
+            evaluate_model(
+                thresh,
+                data,
+                Path(tmp) / f"eval{k}",
+                label="Thresh",
+                fold=fold,
+                n_jobs=1,
+                seed=0,
+                max_volumes=k,
+                progress=False,
+                overwrite=True,
+            )
+            points.append((n, time.perf_counter() - t0))
+    (n1, t1), (n2, t2) = points
+    per_volume = (t2 - t1) / (n2 - n1) if n2 > n1 else t1 / n1
+    per_volume = max(per_volume, 0.0)  # noise on a busy machine
+    return {"run_s": max(t1 - n1 * per_volume, 0.0), "volume_s": per_volume}
+
+
+def protocol_key(cfg: Config, data: Path, device: str) -> str:
+    mine = ["protocol", str(data.resolve()), to_dict(cfg)["data"], device]
+    mine += [torch.get_num_threads(), __version__]
+    return hashlib.sha256(json.dumps(mine, default=str).encode()).hexdigest()[:16]
+
+
 def load_cache(out: Path) -> dict:
     f = out / ESTIMATES_FILE
     if not f.exists():
@@ -248,29 +297,53 @@ def load_cache(out: Path) -> dict:
     return entries if isinstance(entries, dict) else {}
 
 
-def calibration(
-    cfg: Config, device: str, out: Path, cache: dict, measure: bool, say=print
-) -> dict | None:
-    """The cached calibration of `cfg` on `device`, else measured (and cached) when
-    `measure`; None when neither."""
-    key = calibration_key(cfg, device)
+def cached(out: Path, cache: dict, key: str, measure, say, what: str) -> dict | None:
+    """cache[key], else `measure()` (when it is given) written to OUT/estimates.json."""
     if key in cache:
         return cache[key]
-    if not measure:
+    if measure is None:
         return None
-    say(f"# measuring {cfg.name} on {device_name(device)} ...", flush=True)
+    say(f"# measuring {what} ...", flush=True)
     entry = {
-        "model": cfg.name,
-        "device": device_name(device),
+        "what": what,
         "threads": torch.get_num_threads(),
-        "step_s": measure_step(cfg, device),
-        "slice_s": measure_slice(cfg, device),
+        **measure(),
         "measured": time.strftime("%Y-%m-%d %H:%M:%S"),
     }
     cache[key] = entry
     out.mkdir(parents=True, exist_ok=True)
     write_atomic(out / ESTIMATES_FILE, json.dumps({"entries": cache}, indent=1))
     return entry
+
+
+def calibration(
+    cfg: Config, device: str, out: Path, cache: dict, measure: bool, say=print
+) -> dict | None:
+    """The model's step and slice times on `device`: cached, else measured when
+    `measure`; None when neither."""
+
+    def run() -> dict:
+        return {"step_s": measure_step(cfg, device), "slice_s": measure_slice(cfg, device)}
+
+    what = f"{cfg.name} on {device_name(device)}"
+    return cached(out, cache, calibration_key(cfg, device), run if measure else None, say, what)
+
+
+def protocol_time(
+    plan: BenchmarkPlan, cfg: Config, out: Path, device: str, cache: dict, measure: bool, say
+) -> dict | None:
+    """The protocol's own time (`measure_protocol`) for the run's data; None before the
+    data exists, or when not measured."""
+    data = data_folder(plan, out)
+    if data is None:
+        return None
+
+    def run() -> dict:
+        return measure_protocol(cfg, data, plan.folds[0], device)
+
+    key = protocol_key(cfg, data, device)
+    what = f"the protocol on {data} (Thresh, 1 and 2 volumes per split)"
+    return cached(out, cache, key, run if measure else None, say, what)
 
 
 # ------------------------------------------------------------------ the jobs
@@ -325,7 +398,11 @@ def estimate_jobs(
             continue
         train_s = _train_seconds(cfg, steps, cal["step_s"])
         eval_s = cal["slice_s"] * cfg.data.volume_shape[2] * volumes
-        jobs.append(JobEstimate(steps, volumes, train_s, eval_s, "measured"))
+        protocol = protocol_time(plan, cfg, out, device, cache, measure, say)
+        if protocol is not None:
+            eval_s += protocol["run_s"] + protocol["volume_s"] * volumes
+        source = "measured" if protocol is not None else "measured, reconstruction only"
+        jobs.append(JobEstimate(steps, volumes, train_s, eval_s, source))
     return jobs
 
 
@@ -391,8 +468,9 @@ def summary_lines(jobs: list[JobEstimate], device: str, measure: bool) -> list[s
     )
     return [
         f"# {len(jobs)} job(s), {done} finished; times are estimates, {how} "
-        f"(training steps x a timed step, or a finished run's recorded times; "
-        f"docs/reliability.md, Estimates)",
+        "(measured: steps x a timed step, slices x a timed slice, and the protocol's own "
+        "time once the data exist; recorded: a finished run's times of the same "
+        "configuration; docs/reliability.md, Estimates)",
         f"# left: {duration(one)} in one process; {duration(two)} in two processes with "
         f"the same speed each (--run-index {' '.join(map(str, a)) or '-'} and "
         f"--run-index {' '.join(map(str, b)) or '-'})",
