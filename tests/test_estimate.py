@@ -30,7 +30,7 @@ def test_list_counts_the_jobs_without_measuring(tmp_path, capsys, monkeypatch):
     runs = [c for c in _commands(out) if "--run-index" in c]
     assert len(runs) == 8 and runs[-1].endswith("--run-index 7")
     assert out.count("train 2 steps (?)") == 4 and out.count("no training") == 4
-    # --max-volumes 1: 6 protocol volumes (5 in fold 1's), and Figure 3's 3 for the first run
+    # --max-volumes 1: 6 protocol volumes, and Figure 3's 3 for the first run
     assert "# 0: thresh/fold0-seed0: no training, evaluate 9 volumes" in out
     assert "# 1: thresh/fold0-seed1: no training, evaluate 6 volumes" in out
     assert not (tmp_path / "b" / "estimates.json").exists()

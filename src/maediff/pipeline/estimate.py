@@ -59,7 +59,7 @@ CPU_SLICES = 1  # slices reconstructed to time a CPU (a GPU: one inference batch
 class JobEstimate:
     """One job's work and time; seconds None where nothing is known."""
 
-    steps: int | None  # training steps (None: a time budget, or the data is not there yet)
+    steps: int | None  # training steps (None: a budget in minutes, or no training)
     volumes: int  # volumes reconstructed by the evaluation and for Figure 3
     train_s: float | None
     evaluate_s: float | None

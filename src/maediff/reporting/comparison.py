@@ -17,6 +17,8 @@ paired rows state each model's difference to a reference with its uncertainty
 
 from __future__ import annotations
 
+import csv
+import io
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -181,18 +183,18 @@ PAIRED_CSV_HEAD = (
 
 def paired_csv(rows: Sequence[PairedRow]) -> str:
     """The rows at full precision, differences in shown units (times `scale`)."""
-    lines = [PAIRED_CSV_HEAD]
+    buf = io.StringIO()
+    w = csv.writer(buf, lineterminator="\n")
+    w.writerow(PAIRED_CSV_HEAD.split(","))
     for r in rows:
         d, k = r.diff, r.scale
         nums = [k * d.mean, k * d.ci[0], k * d.ci[1], k * d.sd, d.p_wilcoxon, d.p_t]
-        lines.append(
-            ",".join(
-                [r.model, r.reference, r.dataset, r.metric, r.pairs, str(d.n), f"{k:g}"]
-                + [repr(float(v)) for v in nums]
-                + [r.verdict()]
-            )
+        w.writerow(
+            [r.model, r.reference, r.dataset, r.metric, r.pairs, d.n, f"{k:g}"]
+            + [repr(float(v)) for v in nums]
+            + [r.verdict()]
         )
-    return "\n".join(lines) + "\n"
+    return buf.getvalue()
 
 
 def resolved_sentence(rows: Sequence[PairedRow]) -> str:
