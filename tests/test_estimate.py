@@ -44,7 +44,8 @@ def test_estimates_are_measured_once_and_reused(tmp_path, capsys, monkeypatch):
     cache = json.loads((out / "estimates.json").read_text())["entries"]
     assert sorted(e["what"] for e in cache.values()) == ["ae-tiny on cpu", "thresh-tiny on cpu"]
     ae = next(e for e in cache.values() if e["what"] == "ae-tiny on cpu")
-    assert ae["step_s"] > 0 and ae["slice_s"] > 0 and ae["threads"] >= 1
+    assert ae["step_s"] > 0 and ae["validation_s"] > 0 and ae["slice_s"] > 0
+    assert ae["threads"] >= 1
     assert first.count("# measuring") == 2 and "measured on this machine: cpu" in first
 
     def refuse(*a, **k):

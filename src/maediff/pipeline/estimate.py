@@ -1,29 +1,31 @@
 """How long each job of `maediff benchmark` will take, measured on this machine
 (`benchmark --list`).
 
-    est = estimate_jobs(plan, out, device="cpu")       # measures what it must, once
-    print(estimates_text(plan, out, "cpu", est))
+    jobs = estimate_jobs(plan, out, device="cpu")     # measures what it must, once
+    print("\n".join(summary_lines(jobs, "cpu", measure=True)), job_line(jobs[0]))
 
 A job is one run (model, fold, seed): training, then the evaluation. Its time is
 taken, in this order of preference, from
 
 - its own folder, when the run has finished (timing.json: "done");
 - a finished run of the same configuration (another fold or seed) in OUT: its
-  recorded training and evaluation times ("recorded");
+  recorded training and evaluation times, the evaluation scaled to the run's volumes
+  ("recorded");
 - a calibration on this machine ("measured"): the training loop's own step timed on
   random volumes of the run's batch size (`time_training_steps`: 1 warm-up step, then
-  3 timed), times the run's steps; and the reconstruction of a few random slices
-  (on a GPU one inference batch, after a warm-up slice; on a CPU, whose time grows
-  with the slices, one slice),
-  scaled to the slices of every volume the run reconstructs (the protocol's volumes
-  and Figure 3's).
+  3 timed) times the run's steps, and its validation passes (`validation_loss` timed
+  on random volumes, per validation volume); the reconstruction of random slices (on
+  a GPU one inference batch after a warm-up slice; on a CPU, whose time grows with
+  the slices, one slice) scaled to every slice of every volume the run reconstructs
+  (the protocol's and Figure 3's); and, once the data exist, the protocol's own time
+  (`measure_protocol`: Thresh evaluated, per run and per volume).
 
 The calibrations are cached in OUT/estimates.json, keyed by the configuration (less
-its seed and fold), the device and the number of threads, so a second `--list` measures
-nothing. A measured estimate leaves out loading the data, validation passes and
-checkpoints during training, the patch probe and the protocol's scoring after the
-reconstructions; a recorded one holds everything the run did, on whatever machine ran it.
-A budget in minutes (`--minutes`) is its own estimate of the training time.
+its seed and fold), the device, the number of threads and the version, so a second
+`--list` measures nothing. A measured estimate leaves out loading the training data,
+checkpoints and the patch probe; a recorded one holds everything the run did, on
+whatever machine ran it. A budget in minutes (`--minutes`) is its own estimate of the
+training time.
 """
 
 from __future__ import annotations
@@ -41,7 +43,7 @@ import torch
 
 from .. import __version__
 from ..config import Config, to_dict
-from ..data.splits import read_pddpm_split
+from ..data.splits import read_pddpm_split, split_csv_name
 from ..device import resolve_device
 from ..models import MODELS, build_model
 from ..names import HEALTHY
@@ -86,6 +88,7 @@ class DataCounts:
     volumes a run's evaluation reconstructs, and Figure 3's."""
 
     train_volumes: int
+    val_volumes: int  # the training's validation volumes (IXI val of the fold)
     eval_volumes: int
     figure_volumes: int
 
@@ -100,8 +103,10 @@ def data_counts(plan: BenchmarkPlan, out: Path, fold: int) -> DataCounts:
     if data is not None:
         subjects = plan_evaluation(data, fold=fold, max_volumes=plan.max_volumes).subjects()
         train = read_pddpm_split(data, HEALTHY, "train", fold=fold)
+        has_val = (data / "splits" / split_csv_name(HEALTHY, "val", fold)).is_file()
+        val = read_pddpm_split(data, HEALTHY, "val", fold=fold) if has_val else []
         figure = sum(len(read_pddpm_split(data, ds, "test")[:n]) for ds, n in FIGURE_SUBJECTS)
-        return DataCounts(len(train), len(subjects), figure)
+        return DataCounts(len(train), len(val), len(subjects), figure)
     return synthetic_counts(plan.max_volumes, fold)
 
 
@@ -119,7 +124,8 @@ def synthetic_counts(max_volumes: int | None, fold: int) -> DataCounts:
 
     evals = cap(val) + cap(c.tumour_val) + cap(c.tumour_test)
     evals += cap(c.ms_val) + cap(c.ms_test) + cap(c.healthy_test)
-    return DataCounts(c.healthy_trainval - val, evals, sum(n for _, n in FIGURE_SUBJECTS))
+    figure = sum(n for _, n in FIGURE_SUBJECTS)
+    return DataCounts(c.healthy_trainval - val, val, evals, figure)
 
 
 def training_steps(cfg: Config, train_volumes: int) -> int | None:
@@ -129,15 +135,30 @@ def training_steps(cfg: Config, train_volumes: int) -> int | None:
     t = cfg.train
     if not MODELS[cfg.model].trainable or (t.max_minutes and not t.max_steps):
         return None
-    if t.max_steps:
-        return t.max_steps
+    return t.max_steps or t.epochs * epoch_steps(cfg, train_volumes)
+
+
+def epoch_steps(cfg: Config, train_volumes: int) -> int:
+    """Steps of one epoch, as the loop counts them (training/data.py `steps_per_epoch`)."""
+    t = cfg.train
     if MODELS[cfg.model].input_kind == "volumes":
-        per_epoch = train_volumes
+        n = train_volumes
     elif cfg.data.all_slices:
-        per_epoch = train_volumes * cfg.data.volume_shape[2]
+        n = train_volumes * cfg.data.volume_shape[2]
     else:
-        per_epoch = train_volumes * t.slices_per_volume
-    return t.epochs * math.ceil(per_epoch / t.batch_size)
+        n = train_volumes * t.slices_per_volume
+    return max(1, math.ceil(n / t.batch_size))
+
+
+def validation_passes(cfg: Config, steps: int | None, counts: DataCounts) -> int:
+    """Validation passes of a training of `steps` steps: every train.val_every epochs
+    (or train.val_every_steps steps) and at the end; none without validation volumes."""
+    t = cfg.train
+    if steps is None or not counts.val_volumes or not MODELS[cfg.model].trainable:
+        return 0
+    if t.val_every_steps > 0:
+        return steps // t.val_every_steps + 1
+    return steps // epoch_steps(cfg, counts.train_volumes) // t.val_every + 1
 
 
 def job_volumes(plan: BenchmarkPlan, spec: RunSpec, counts: DataCounts) -> int:
@@ -208,6 +229,26 @@ def measure_step(cfg: Config, device: str) -> float | None:
     timed = replace(cfg, train=replace(t, max_steps=0, max_minutes=0.0, epochs=10**6))
     data = random_training_data(timed, t.batch_size)
     return time_training_steps(timed, data, device, steps=TIMED_STEPS, warmup=WARMUP_STEPS)
+
+
+VALIDATION_VOLUMES = 2  # random volumes of a timed validation pass
+
+
+def measure_validation(cfg: Config, device: str) -> float | None:
+    """Seconds of a validation pass per validation volume (`validation_loss`, on
+    random volumes); None: nothing to train."""
+    from ..training.trainer import validation_loss
+
+    if not MODELS[cfg.model].trainable:
+        return None
+    dev = resolve_device(device)
+    model = build_model(cfg).to(dev)
+    val = random_training_data(cfg, VALIDATION_VOLUMES).train
+    if dev.type == "cuda":  # warm-up
+        validation_loss(model, val, cfg, dev)
+    t0 = time.perf_counter()
+    validation_loss(model, val, cfg, dev)  # a float: the device has finished
+    return (time.perf_counter() - t0) / VALIDATION_VOLUMES
 
 
 @torch.no_grad()
@@ -323,7 +364,11 @@ def calibration(
     `measure`; None when neither."""
 
     def run() -> dict:
-        return {"step_s": measure_step(cfg, device), "slice_s": measure_slice(cfg, device)}
+        return {
+            "step_s": measure_step(cfg, device),
+            "validation_s": measure_validation(cfg, device),
+            "slice_s": measure_slice(cfg, device),
+        }
 
     what = f"{cfg.name} on {device_name(device)}"
     return cached(out, cache, calibration_key(cfg, device), run if measure else None, say, what)
@@ -397,6 +442,9 @@ def estimate_jobs(
             jobs.append(JobEstimate(steps, volumes, train_s, None, "not measured"))
             continue
         train_s = _train_seconds(cfg, steps, cal["step_s"])
+        if train_s is not None and cal.get("validation_s"):
+            passes = validation_passes(cfg, steps, counts[spec.fold])
+            train_s += passes * counts[spec.fold].val_volumes * cal["validation_s"]
         eval_s = cal["slice_s"] * cfg.data.volume_shape[2] * volumes
         protocol = protocol_time(plan, cfg, out, device, cache, measure, say)
         if protocol is not None:
