@@ -9,7 +9,7 @@ import sys
 import pytest
 
 from maediff.cli import main
-from maediff.reporting.comparison import comparison_table, paired_tests
+from maediff.reporting.comparison import comparison_table, paired_rows
 
 ARGS = [
     "--models",
@@ -34,7 +34,7 @@ def test_benchmark_runs_resumes_and_refuses_changes(tiny_bench, tmp_path, capsys
     assert main(argv) == 0
     for name in ("table.md", "table.csv", "figure3.png", "report.html"):
         assert (out / name).exists(), name
-    assert not (out / "wilcoxon.md").exists()  # no MAEDiff among the models: nothing to pair with
+    assert not (out / "paired.md").exists()  # no MAEDiff among the models: nothing to pair with
     table = (out / "table.md").read_text()
     assert "| Thresh | 2 |" in table and "| pDDPM s48 | 2 |" in table
     free = (out / "labelfree.md").read_text()  # scan AUROC, Dice at FPR thresholds per run
@@ -68,8 +68,11 @@ def test_two_processes_fill_one_folder(tiny_bench, tmp_path):
         str(out),
         *ARGS,
     ]
-    listing = subprocess.run(base + ["--list"], capture_output=True, text=True, check=True).stdout
-    assert listing.count("--run-index") == 2
+    listing = subprocess.run(
+        base + ["--list", "--no-estimate"], capture_output=True, text=True, check=True
+    ).stdout
+    commands = [line for line in listing.splitlines() if line.startswith("maediff benchmark")]
+    assert sum("--run-index" in c for c in commands) == 2 and "# 2 job(s)" in listing
     procs = [subprocess.Popen(base + ["--run-index", str(i)]) for i in (0, 1)]
     assert [p.wait(timeout=300) for p in procs] == [0, 0]
     done = sorted(p.parents[2].name for p in out.glob("runs/*/*/eval/summary.json"))
@@ -91,6 +94,8 @@ def test_benchmark_probes_diffusion_models_and_states_budgets(tiny_bench, tmp_pa
     assert rows["U-Net + MAE"].count("-") < rows["U-Net"].count("-")  # MAE columns filled
     page = (out / "report.html").read_text()
     assert "Patch probe" in page and "2 generator + 2 encoder updates" in page
+    paired = (out / "paired.md").read_text()  # per-draw values: paired over the probe's slices
+    assert "| U-Net + MAE | in-patch l1 |" in paired and "probe slices" in paired
     # Figure 3 shows the first seed: the second one does not reconstruct its slices
     assert (out / "runs/ablation-unet/fold0-seed0/figure3.npz").exists()
     assert not (out / "runs/ablation-unet/fold0-seed1/figure3.npz").exists()
@@ -124,14 +129,16 @@ def test_table_marks_best_and_second_in_the_right_direction():
     assert t.runs == [1, 2, 1]
 
 
-def test_paired_tests_pair_by_subject():
+def test_paired_rows_pair_by_subject():
     ref = {"Brats21/dice": {f"s{i}": 0.5 for i in range(8)}}
-    better = {"Brats21/dice": {f"s{i}": 0.6 + 0.01 * i for i in range(8)}}
-    rows = paired_tests({"MAEDiff": ref, "X": better, "Y": ref}, "MAEDiff")
-    x = next(r for r in rows if r["model"] == "X")
-    assert x["n"] == 8 and x["median_diff"] > 0.1 and x["p"] < 0.01
-    y = next(r for r in rows if r["model"] == "Y")
-    assert y["p"] != y["p"]  # identical values: no test (NaN)
+    better = {"Brats21/dice": {f"s{i}": 0.6 + 0.01 * i for i in reversed(range(8))}}
+    rows = paired_rows({"MAEDiff": ref, "X": better, "Y": ref}, "MAEDiff")
+    x = next(r for r in rows if r.model == "X")
+    assert x.diff.n == 8 and x.diff.mean == pytest.approx(0.135) and x.diff.p_wilcoxon < 0.01
+    assert x.verdict() == "resolved: higher"
+    y = next(r for r in rows if r.model == "Y")
+    assert y.diff.p_wilcoxon != y.diff.p_wilcoxon  # identical values: no test (NaN)
+    assert y.verdict() == "not resolved"
 
 
 def test_report_table_renders_the_marks_as_html():
@@ -180,3 +187,142 @@ def test_bench_guided_runs_on_a_trained_model(tiny_bench, tmp_path):
     assert guided["volumes"] == full["volumes"] == 6
     for key in ("Brats21_dice", "MSLUB_auprc", "IXI_l1", "seconds_per_volume"):
         assert guided[key] >= 0 and full[key] >= 0
+
+
+# ------------------------------------------------------------------ paired differences
+
+
+def _finished_run(out, model, seed, subjects, probe=None, fold=0):
+    """A finished run folder as execute_run leaves it, enough for `collect`: its
+    summary, per-subject CSVs (subjects: data set -> [(dice, auprc)] per subject) and
+    optionally probe.json."""
+    import csv
+
+    folder = out / "runs" / model / f"fold{fold}-seed{seed}"
+    (folder / "eval").mkdir(parents=True)
+    means = {ds: sum(d for d, _ in v) / len(v) for ds, v in subjects.items()}
+    summary = {
+        "model": model,
+        "datasets": {
+            ds: {"metrics": {"dice": {"mean": m}, "auprc": {"mean": m}}} for ds, m in means.items()
+        },
+    }
+    (folder / "eval" / "summary.json").write_text(json.dumps(summary))
+    files = ["eval/summary.json"]
+    for ds, values in subjects.items():
+        with open(folder / "eval" / f"{ds}_test_subjects.csv", "w", newline="") as f:
+            w = csv.writer(f)
+            w.writerow(["subject", "dice", "auprc"])
+            w.writerows([f"s{i}", d, a] for i, (d, a) in enumerate(values))
+    if probe is not None:
+        (folder / "probe.json").write_text(json.dumps(probe))
+        files.append("probe.json")
+    (folder / "status.json").write_text(json.dumps({"state": "done", "files": files}))
+
+
+def _paired_csv(out):
+    import csv
+
+    return {(r["model"], r["dataset"], r["metric"]): r for r in csv.DictReader(open(out))}
+
+
+def test_collect_states_each_difference_with_its_interval(tmp_path):
+    """Table 1 against MAEDiff: per-subject values averaged over a model's seeds, the
+    mean difference in points inside its interval, and the words."""
+    import numpy as np
+
+    from maediff.pipeline.benchmark import BenchmarkPlan, collect
+
+    rng = np.random.default_rng(0)
+    out = tmp_path / "bench"
+    ref_dice, ref_auprc = rng.uniform(0.3, 0.7, 12), rng.uniform(0.3, 0.7, 12)
+    ms = rng.uniform(0.0, 0.1, 3)
+    ref = {"Brats21": list(zip(ref_dice, ref_auprc)), "MSLUB": [(v, v) for v in ms]}
+    _finished_run(out, "maediff", 0, ref)
+    ae_dice = [ref_dice + 0.05 + rng.normal(0, 0.01, 12) for _ in range(2)]  # two seeds
+    ae_auprc = ref_auprc - 0.04 + rng.normal(0, 0.01, 12)
+    ae_ms = ms + rng.normal(0, 0.05, 3)  # 3 subjects, noisy: not resolved
+    for seed in (0, 1):
+        brats = list(zip(ae_dice[seed], ae_auprc))
+        _finished_run(out, "ae", seed, {"Brats21": brats, "MSLUB": [(v, v) for v in ae_ms]})
+    plan = BenchmarkPlan.from_args(models=["ae", "maediff"], scale="tiny", seeds=[0, 1])
+    assert collect(plan, out) == 0
+    rows = _paired_csv(out / "paired.csv")
+    dice = rows[("AE", "Brats21", "dice")]
+    expected = 100 * np.mean((ae_dice[0] + ae_dice[1]) / 2 - ref_dice)
+    assert float(dice["mean_diff"]) == pytest.approx(expected, rel=1e-12)  # full precision
+    for r in rows.values():
+        assert float(r["ci_low"]) <= float(r["mean_diff"]) <= float(r["ci_high"])
+        assert r["reference"] == "MAEDiff" and r["pairs"] == "subjects"
+    assert int(dice["n"]) == 12 and float(dice["ci_low"]) > 0
+    assert dice["verdict"] == "resolved: higher"
+    assert rows[("AE", "Brats21", "auprc")]["verdict"] == "resolved: lower"
+    assert rows[("AE", "MSLUB", "dice")]["verdict"] == "not resolved"
+    md = (out / "paired.md").read_text()
+    assert "| AE | BraTS21 Dice | 12 subjects | +" in md and "| resolved: higher |" in md
+    assert "AE higher on BraTS21 Dice" in md and "not resolved: AE (MSLUB Dice, MSLUB AUPRC)" in md
+    page = (out / "report.html").read_text()
+    assert "Paired differences against MAEDiff" in page and "Not resolved means" in page
+
+
+def _probe(per_slice, draws=2, bands=2):
+    """probe.json of a run whose slice i has l1 per_slice[i] at every draw."""
+    per_draw = [float(v) for _ in range(bands * draws) for v in per_slice]
+    return {
+        "probe": {
+            "l1": sum(per_draw) / len(per_draw),
+            "bands": [{"t": [1, 5], "l1": 0.0}, {"t": [6, 10], "l1": 0.0}][:bands],
+            "n_draws": len(per_draw),
+            "n_slices": len(per_slice),
+            "seed": 1,
+            "per_draw": per_draw,
+        }
+    }
+
+
+def test_table2_pairs_with_the_unet_and_the_probe_over_its_slices(tmp_path):
+    import numpy as np
+
+    from maediff.pipeline.benchmark import BenchmarkPlan, collect
+
+    rng = np.random.default_rng(1)
+    out = tmp_path / "bench"
+    subjects = {"Brats21": [(v, v) for v in rng.uniform(0.3, 0.7, 6)]}
+    unet = rng.uniform(0.1, 0.2, 16)
+    _finished_run(out, "ablation-unet", 0, subjects, _probe(unet))
+    mae_seeds = [unet - 0.01 + rng.normal(0, 0.001, 16) for _ in range(2)]
+    for seed, per_slice in enumerate(mae_seeds):
+        _finished_run(out, "ablation-unet-mae", seed, subjects, _probe(per_slice))
+    att = unet + rng.normal(0, 0.02, 16)  # no systematic difference
+    _finished_run(out, "ablation-unet-att", 0, subjects, _probe(att))
+    plan = BenchmarkPlan.from_args(table="2", scale="tiny", seeds=[0, 1])
+    assert collect(plan, out) == 0
+    rows = _paired_csv(out / "paired.csv")
+    assert rows[("U-Net + MAE", "Brats21", "dice")]["reference"] == "U-Net"
+    probe = rows[("U-Net + MAE", "probe", "l1")]
+    assert probe["pairs"] == "probe slices" and int(probe["n"]) == 16
+    expected = 100 * np.mean((mae_seeds[0] + mae_seeds[1]) / 2 - unet)
+    assert float(probe["mean_diff"]) == pytest.approx(expected, rel=1e-9)
+    assert probe["verdict"] == "resolved: lower"
+    assert rows[("U-Net + Att.", "probe", "l1")]["verdict"] == "not resolved"
+    md = (out / "paired.md").read_text()
+    assert "## Patch probe against U-Net" in md and "probe slices" in md
+
+
+def test_probe_without_per_draw_values_is_paired_over_runs(tmp_path):
+    from maediff.pipeline.benchmark import BenchmarkPlan, collect
+
+    out = tmp_path / "bench"
+    subjects = {"Brats21": [(0.5, 0.5), (0.4, 0.4)]}
+    for seed, (u, m) in enumerate([(0.20, 0.15), (0.22, 0.18), (0.21, 0.17)]):
+        for model, l1 in (("ablation-unet", u), ("ablation-unet-mae", m)):
+            probe = {"probe": {"l1": l1, "bands": [{"t": [1, 10], "l1": l1}]}}
+            _finished_run(out, model, seed, subjects, probe)
+    plan = BenchmarkPlan.from_args(
+        models=["ablation-unet", "ablation-unet-mae"], scale="tiny", seeds=[0, 1, 2]
+    )
+    assert collect(plan, out) == 0
+    probe = _paired_csv(out / "paired.csv")[("U-Net + MAE", "probe", "l1")]
+    assert probe["pairs"] == "runs" and int(probe["n"]) == 3
+    assert float(probe["mean_diff"]) == pytest.approx(-100 * (0.05 + 0.04 + 0.04) / 3)
+    assert "keep only each run's mean" in (out / "paired.md").read_text()

@@ -63,11 +63,18 @@ def test_power_agrees_with_simulation():
     assert power_paired_t(n, sd, delta) == pytest.approx(float((p < 0.05).mean()), abs=0.015)
 
 
-def test_the_wilcoxon_table_spells_the_data_set_as_shown():
-    from maediff.reporting.comparison import tests_markdown
+def test_the_paired_table_spells_the_data_set_as_shown_and_says_what_is_resolved():
+    from maediff.reporting.comparison import paired_markdown, paired_rows, resolved_sentence
 
-    rows = [{"model": "AE", "key": "Brats21/dice", "n": 3, "median_diff": 0.01, "p": 0.5}]
-    assert "| AE | BraTS21/dice | 3 | +1.00 | 0.5 |" in tests_markdown(rows, "MAEDiff")
+    ref = {"Brats21/dice": {f"s{i}": 0.5 for i in range(3)}}
+    ae = {"Brats21/dice": {"s0": 0.52, "s1": 0.51, "s2": 0.50}}
+    rows = paired_rows({"MAEDiff": ref, "AE": ae}, "MAEDiff")
+    md = paired_markdown(rows)
+    assert "| AE | BraTS21 Dice | 3 subjects | +1.00 | [+0.00, +2.00] |" in md
+    assert md.rstrip().endswith("| not resolved |")  # 3 subjects: Wilcoxon p >= 0.25
+    assert resolved_sentence(rows) == (
+        "Resolved against MAEDiff: none; not resolved: AE (BraTS21 Dice)."
+    )
 
 
 def _eval_folder(path, dice_by_set):

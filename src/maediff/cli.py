@@ -495,6 +495,7 @@ def cmd_benchmark(args: argparse.Namespace) -> int:
         Path(args.output),
         device=args.device,
         list_runs=args.list,
+        estimate=not args.no_estimate,
         run_index=args.run_index,
         collect_only=args.collect,
         progress=not args.quiet,
@@ -905,7 +906,17 @@ def _parser_benchmark(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-volumes", type=int, help="evaluate on the first N volumes of each split")
     _add_set(p)
     p.add_argument("-o", "--output", required=True, help="benchmark folder (resumable)")
-    p.add_argument("--list", action="store_true", help="print one command per run and exit")
+    p.add_argument(
+        "--list",
+        action="store_true",
+        help="print one command per run with its estimated time (measured on this machine "
+        "once, cached in OUTPUT/estimates.json) and exit",
+    )
+    p.add_argument(
+        "--no-estimate",
+        action="store_true",
+        help="with --list: measure nothing (recorded and cached times only)",
+    )
     p.add_argument(
         "--run-index",
         type=int,
@@ -1017,7 +1028,7 @@ COMMANDS = [
         cmd_benchmark,
         _parser_benchmark,
         "Tables 1 and 2 and Figure 3: train and evaluate many models, resumable",
-        "Trains and evaluates every (model, fold or seed) in its own folder under OUTPUT with one budget, then writes the paper's tables (Markdown, CSV, HTML), paired Wilcoxon tests against MAEDiff and Figure 3. Run it again to resume; --list / --run-index split it over a cluster.",
+        "Trains and evaluates every (model, fold or seed) in its own folder under OUTPUT with one budget, then writes the paper's tables (Markdown, CSV, HTML), each model's paired difference to the reference with its 95 % interval, and Figure 3. Run it again to resume; --list / --run-index split it over a cluster.",
     ),
     (
         "demo",

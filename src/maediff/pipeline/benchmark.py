@@ -7,18 +7,20 @@ Every (model, fold, seed) is one run in its own folder, OUT/runs/MODEL/fold{F}-s
 config.yaml (the resolved configuration; a different one for an existing folder is
 refused), train/ (the training run, resumed from its last checkpoint after an
 interruption), eval/ (the paper's protocol), probe.json (diffusion models: the patch
-probe), figure3.npz (the slices of Figure 3), timing.json and status.json, whose
-"done", written after everything else, marks a finished run. Starting the command again skips finished
-runs and resumes an interrupted one at its first missing step. Runs are independent: `--list` prints one command per
-run and `--run-index N` does run N alone (a job array fills one folder from many GPUs;
-a per-run lock keeps two processes off the same run; give each process its own GPU
-with CUDA_VISIBLE_DEVICES, or --device cuda:I; a process with LOCAL_RANK set takes
-cuda:LOCAL_RANK; not under torchrun, whose ranks would join one process group for
-different runs); a final call (or `--collect`) writes the tables from whatever has
-finished:
+probe), figure3.npz (the slices of Figure 3), timing.json and status.json, whose "done",
+written after everything else, marks a finished run. Starting the command again skips
+finished runs and resumes an interrupted one at its first missing step. Runs are
+independent: `--list` prints one command per run with its estimated time
+(pipeline/estimate.py), and `--run-index N` does run N alone (a job array fills one
+folder from many GPUs; a per-run lock keeps two processes off the same run; give each
+process its own GPU with CUDA_VISIBLE_DEVICES, or --device cuda:I; a process with
+LOCAL_RANK set takes cuda:LOCAL_RANK; not under torchrun, whose ranks would join one
+process group for different runs); a final call (or `--collect`) writes the tables from
+whatever has finished:
 
     OUT/table.md, table.csv       mean ± std over runs, best bold, second underlined
-    OUT/wilcoxon.md, wilcoxon.csv paired tests of each model against MAEDiff
+    OUT/paired.md, paired.csv     each model's paired difference to the reference
+                                  (MAEDiff; Table 2: the U-Net), with its 95 % interval
     OUT/figure3.png               the same slices for every model
     OUT/report.html               all of it on one page
 """
@@ -55,15 +57,19 @@ from ..data.splits import read_pddpm_split
 from ..data.synthetic import SynthConfig, generate_benchmark
 from ..device import reset_compiled, resolve_device
 from ..evaluation.lesions import merge_runs
+from ..evaluation.paired import paired_difference
 from ..models import MODELS
 from ..names import ANOMALY_SETS, MS, TUMOUR
 from ..outputs import clean_stale, temp_path
 from ..registry import model_names, preset_info, preset_name, presets_of_table
 from ..reporting.comparison import (
+    PairedRow,
     comparison_table,
     figure_comparison,
-    paired_tests,
-    tests_markdown,
+    paired_csv,
+    paired_markdown,
+    paired_rows,
+    resolved_sentence,
 )
 from ..reporting.files import write_atomic
 from ..reporting.report import write_html
@@ -517,12 +523,14 @@ def run_benchmark(
     run_index: Sequence[int] | int | None = None,
     collect_only: bool = False,
     progress: bool = True,
+    estimate: bool = True,
 ) -> int:
+    """Every run of the plan (or those of `run_index`), then the tables; `list_runs`
+    only prints the jobs with their time estimates (measured unless `estimate` is
+    False: pipeline/estimate.py)."""
     runs = plan.runs()
     if list_runs:
-        for i, spec in enumerate(runs):
-            print(f"# {i}: {spec.key}\n{plan.command(out, device, i)}")
-        print(f"# then collect: {plan.command(out, device)} --collect")
+        list_jobs(plan, out, device, estimate)
         return 0
     indices = [run_index] if isinstance(run_index, int) else list(run_index or range(len(runs)))
     bad = [i for i in indices if not 0 <= i < len(runs)]
@@ -539,6 +547,20 @@ def run_benchmark(
         todo = [runs[i] for i in indices]
         _run_all(plan, todo, out, data, device, progress)
     return collect(plan, out)
+
+
+def list_jobs(plan: BenchmarkPlan, out: Path, device: str, measure: bool = True) -> None:
+    """One command per run, each with what it does and its estimated time, and the
+    totals for one process and for two (pipeline/estimate.py)."""
+    from .estimate import estimate_jobs, job_line, summary_lines
+
+    check_data(plan)  # the estimate reads its splits
+    jobs = estimate_jobs(plan, out, device, measure)
+    for line in summary_lines(jobs, device, measure):
+        print(line)
+    for i, (spec, job) in enumerate(zip(plan.runs(), jobs)):
+        print(f"# {i}: {spec.key}: {job_line(job)}\n{plan.command(out, device, i)}")
+    print(f"# then collect: {plan.command(out, device)} --collect")
 
 
 def _run_all(plan, todo: list[RunSpec], out: Path, data: Path, device: str, progress: bool) -> None:
@@ -618,17 +640,10 @@ def collect(plan: BenchmarkPlan, out: Path) -> int:
     table = comparison_table(rows)
     write_atomic(out / "table.md", table.markdown())
     write_atomic(out / "table.csv", table.csv())
-    ref = plan.reference()
-    tests_md = ""
-    if ref and ref in found:
-        per_subject = {row(m): per_subject_means(out, found[m]) for m in found}
-        tests = paired_tests(per_subject, row(ref))
-        tests_md = tests_markdown(tests, row(ref))
-        write_atomic(out / "wilcoxon.md", tests_md)
-        buf = ["model,key,n,median_diff,p"] + [
-            f"{t['model']},{t['key']},{t['n']},{t['median_diff']:.6g},{t['p']:.6g}" for t in tests
-        ]
-        write_atomic(out / "wilcoxon.csv", "\n".join(buf) + "\n")
+    paired = paired_report(plan, out, found)
+    if paired:
+        write_atomic(out / "paired.md", paired["markdown"])
+        write_atomic(out / "paired.csv", paired_csv(paired["rows"] + paired["probe_rows"]))
     fig = _figure3(plan, out, found)
     timing = _timing_text(plan, out, found)
     probe_md = probe_table(plan, out, found)
@@ -673,14 +688,8 @@ def collect(plan: BenchmarkPlan, out: Path) -> int:
                 "text": PROBE_TEXT,
             }
         )
-    if tests_md:
-        sections.append(
-            {
-                "heading": f"Paired tests against {row(ref)}",
-                "table": tests_md,
-                "text": "Wilcoxon signed-rank over test subjects, per-subject values averaged over each model's runs; median difference in percentage points (model - reference).",
-            }
-        )
+    if paired:
+        sections += paired["sections"]
     if fig:
         sections.append(
             {
@@ -694,8 +703,8 @@ def collect(plan: BenchmarkPlan, out: Path) -> int:
     print(budget_md)
     if probe_md:
         print(probe_md)
-    if tests_md:
-        print(tests_md)
+    if paired:
+        print(paired["markdown"])
     print(f"report: {page}")
     return 0
 
@@ -714,6 +723,152 @@ PROBE_TEXT = (
 )
 
 
+def paired_reference(plan: BenchmarkPlan, found) -> str | None:
+    """The row the paired table compares every other with: in Table 2 the plain U-Net
+    (whichever of its two names ran: the ablation asks what each addition changes),
+    otherwise the table's marked reference (MAEDiff); None without finished runs of it."""
+    if plan.table == "2":
+        return next((m for m in PROBE_REFERENCE if m in found), None)
+    ref = plan.reference()
+    return ref if ref in found else None
+
+
+def subject_text(ref: str) -> str:
+    """How to read the paired table against `ref` (the report's words)."""
+    return (
+        f"Each row: a model's difference to {ref} on the same test subjects (model − {ref}, "
+        "percentage points). Each subject's value is first averaged over the model's runs "
+        "(folds, seeds), so the subject is the unit; the difference is the mean of the "
+        "per-subject differences, and the 95 % interval a percentile bootstrap over the "
+        "subjects (10,000 resamples, seeded). The Wilcoxon signed-rank p and the paired "
+        "t-test p test a mean difference of 0. A difference is resolved when the interval "
+        "excludes 0 and the Wilcoxon p is below 0.05: the model is then higher or lower than "
+        f"{ref} on these subjects (higher Dice and AUPRC are better). Not resolved means "
+        "these subjects cannot tell the two apart, not that the two are equal: the interval "
+        "shows how large a difference could still hide. With n subjects the exact Wilcoxon p "
+        "cannot go below 2^(1−n): 0.25 for 3 subjects, 0.002 for 10 (evaluation/paired.py)."
+    )
+
+
+def probe_text(ref: str, pairs: str) -> str:
+    """How to read the probe's paired rows; `pairs` says what was paired."""
+    unit = (
+        "Each probe slice's l1 is averaged over its draws (every band of t) and over the "
+        "model's seeds, and the slices are paired across the two models (the draws are "
+        "shared; several folds are put side by side). The interval and p take the probe's "
+        "slices, from a few healthy validation volumes, as the units: they say whether the "
+        "difference is resolved on these slices, not over a population of volumes."
+        if pairs == "probe slices"
+        else "These probe.json files keep only each run's mean (no per-draw values): the "
+        "pairs are the (fold, seed) runs both models have, each run's overall l1."
+    )
+    return (
+        f"Patch probe: each variant's in-patch l1 (x 100, image intensity units) minus "
+        f"{ref}'s at the same draws; negative: the variant inpaints better. {unit} A difference "
+        "is resolved when its 95 % bootstrap interval excludes 0 and the Wilcoxon p < 0.05."
+    )
+
+
+def paired_report(plan: BenchmarkPlan, out: Path, found) -> dict | None:
+    """The paired differences of every model to the reference over test subjects and,
+    for the diffusion models, of the patch probe to the U-Net: the rows (subjects,
+    probe), paired.md and the report's sections; None when nothing can be paired."""
+    ref = paired_reference(plan, found)
+    rows: list[PairedRow] = []
+    if ref is not None:
+        per_subject = {row(m): per_subject_means(out, found[m]) for m in plan.models if m in found}
+        rows = paired_rows(per_subject, row(ref))
+    probe_rows = probe_paired_rows(plan, out, found)
+    if not rows and not probe_rows:
+        return None
+    md, sections = [], []
+    if rows:
+        text, table = (
+            f"{subject_text(row(ref))}\n\n{resolved_sentence(rows)}",
+            paired_markdown(rows),
+        )
+        md.append(f"## Paired differences against {row(ref)}\n\n{text}\n\n{table}")
+        sections.append(
+            {"heading": f"Paired differences against {row(ref)}", "text": text, "table": table}
+        )
+    if probe_rows:
+        ref_p = probe_rows[0].reference
+        text = f"{probe_text(ref_p, probe_rows[0].pairs)}\n\n{resolved_sentence(probe_rows)}"
+        table = paired_markdown(probe_rows, unit="l1 x 100")
+        md.append(f"## Patch probe against {ref_p}\n\n{text}\n\n{table}")
+        sections.append({"heading": f"Patch probe against {ref_p}", "text": text, "table": table})
+    return {"rows": rows, "probe_rows": probe_rows, "markdown": "\n".join(md), "sections": sections}
+
+
+def probe_units(p: dict) -> np.ndarray | None:
+    """One run's probe per slice: each slice's in-patch l1 averaged over its draws (the
+    per_draw rows are band-major, slice-minor: row i is slice i mod n_slices); None for
+    a probe.json without per-draw values."""
+    v, n = p["probe"].get("per_draw"), p["probe"].get("n_slices")
+    if v is None or not n or len(v) % n:
+        return None
+    return np.asarray(v, dtype=np.float64).reshape(-1, n).mean(axis=0)
+
+
+def _draws_of(p: dict) -> tuple:
+    """What makes two runs' probe draws the same ones (pipeline/probe.py)."""
+    pr = p["probe"]
+    return (pr.get("seed"), pr.get("n_draws"), pr.get("n_slices"), [b["t"] for b in pr["bands"]])
+
+
+def _probes(out: Path, found) -> dict[str, dict[tuple[int, int], dict]]:
+    """model -> (fold, seed) -> probe.json of every finished run that has one."""
+    probes = {
+        m: {(spec.fold, spec.seed): p for spec, _ in runs if (p := _probe(out, spec))}
+        for m, runs in found.items()
+    }
+    return {m: v for m, v in probes.items() if v}
+
+
+def probe_paired_rows(plan: BenchmarkPlan, out: Path, found) -> list[PairedRow]:
+    """Each probed model's in-patch l1 against the plain U-Net's: over the probe's
+    slices (averaged over draws and seeds, folds side by side) when every probe.json
+    keeps its per-draw values, else over the (fold, seed) runs both have."""
+    probes = _probes(out, found)
+    ref_m = next((r for r in PROBE_REFERENCE if r in probes), None)
+    if ref_m is None:
+        return []
+    ref = probes[ref_m]
+    by_slice = all(probe_units(p) is not None for v in probes.values() for p in v.values())
+    rows = []
+    for m in plan.models:
+        if m not in probes or m in PROBE_REFERENCE:
+            continue
+        if by_slice:
+            a, b = _slices_paired(probes[m], ref)
+        else:
+            keys = sorted(set(probes[m]) & set(ref))
+            a = np.array([probes[m][k]["probe"]["l1"] for k in keys])
+            b = np.array([ref[k]["probe"]["l1"] for k in keys])
+        if a.size:
+            pairs = "probe slices" if by_slice else "runs"
+            rows.append(
+                PairedRow(row(m), row(ref_m), "probe", "l1", pairs, paired_difference(a, b))
+            )
+    return rows
+
+
+def _slices_paired(
+    runs: dict[tuple[int, int], dict], ref: dict[tuple[int, int], dict]
+) -> tuple[np.ndarray, np.ndarray]:
+    """Per fold both have (with the same draws): each slice's value averaged over the
+    model's seeds, and the reference's; the folds' slices one after the other."""
+    a, b = [], []
+    for fold in sorted({f for f, _ in runs} & {f for f, _ in ref}):
+        mine = [p for (f, _), p in runs.items() if f == fold]
+        theirs = [p for (f, _), p in ref.items() if f == fold]
+        if len({repr(_draws_of(p)) for p in mine + theirs}) != 1:
+            continue  # other draws (another geometry or probe version): not paired
+        a.append(np.mean([probe_units(p) for p in mine], axis=0))
+        b.append(np.mean([probe_units(p) for p in theirs], axis=0))
+    return (np.concatenate(a), np.concatenate(b)) if a else (np.zeros(0), np.zeros(0))
+
+
 def _probe(out: Path, spec: RunSpec) -> dict | None:
     f = out / "runs" / spec.key / "probe.json"
     return json.loads(f.read_text()) if f.exists() else None
@@ -725,11 +880,7 @@ def _mean_std(v: Sequence[float], scale: float = 1.0, digits: int = 2) -> str:
 
 def probe_table(plan: BenchmarkPlan, out: Path, found) -> str:
     """The patch probe of every diffusion model with finished runs (Markdown, '' if none)."""
-    probes = {
-        m: {(spec.fold, spec.seed): p for spec, _ in runs if (p := _probe(out, spec))}
-        for m, runs in found.items()
-    }
-    probes = {m: v for m, v in probes.items() if v}
+    probes = _probes(out, found)
     if not probes:
         return ""
     ref = next((probes[r] for r in PROBE_REFERENCE if r in probes), None)

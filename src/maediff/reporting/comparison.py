@@ -2,18 +2,23 @@
 
     table = comparison_table(rows)           # rows: model -> the summaries of its runs
     md, csv_text = table.markdown(), table.csv()
-    tests = paired_tests(per_subject, reference="MAEDiff")
+    rows = paired_rows(per_subject, reference="MAEDiff")   # model - reference over subjects
+    paired_markdown(rows), paired_csv(rows), resolved_sentence(rows)
     figure_comparison(examples, "figure3.png")
 
 Pure functions on results and arrays: nothing here imports torch or a model.
 The table is the one `maediff report` draws (reporting/tables.py: each cell the mean ±
 std over runs, folds or seeds, of each run's per-volume mean) in the columns of the
 paper's tables; this module adds its marks: in every column the best value is bold and
-the second best underlined (higher is better for Dice and AUPRC, lower for l1).
+the second best underlined (higher is better for Dice and AUPRC, lower for l1). The
+paired rows state each model's difference to a reference with its uncertainty
+(evaluation/paired.py) and whether it is resolved.
 """
 
 from __future__ import annotations
 
+import csv
+import io
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -24,8 +29,8 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
-from scipy.stats import wilcoxon  # noqa: E402
 
+from ..evaluation.paired import PairedDifference, paired_difference  # noqa: E402
 from ..names import shown_name  # noqa: E402
 from .summary import EvaluationSummary  # noqa: E402
 from .tables import TABLE_COLUMNS, MetricTable, build_table  # noqa: E402
@@ -77,60 +82,142 @@ def comparison_table(
     return ComparisonTable(t.labels, t.runs, t.columns, t.cells)
 
 
-# ------------------------------------------------------------------ paired tests
+# ------------------------------------------------------------------ paired differences
 
 
-def paired_tests(
+@dataclass(frozen=True)
+class PairedRow:
+    """One model against the reference on one measure: `diff` is model - reference over
+    the paired units (`pairs`: "subjects", "probe slices" or "runs"), in stored units;
+    `scale` turns them into the units shown (100: percentage points)."""
+
+    model: str
+    reference: str
+    dataset: str  # as stored ("Brats21"), or "probe"
+    metric: str  # "dice", "auprc", "l1"
+    pairs: str
+    diff: PairedDifference
+    scale: float = 100.0
+
+    @property
+    def measure(self) -> str:
+        """The data set as shown and the metric: "BraTS21 Dice"."""
+        name = METRIC_NAMES.get(self.metric, self.metric)
+        return f"{shown_name(self.dataset)} {name}" if self.dataset != "probe" else name
+
+    def verdict(self, alpha: float = 0.05) -> str:
+        """The word: "resolved: higher" / "resolved: lower" (the model's value against the
+        reference's), or "not resolved" (`PairedDifference.resolved`)."""
+        if not self.diff.resolved(alpha):
+            return "not resolved"
+        return "resolved: higher" if self.diff.mean > 0 else "resolved: lower"
+
+
+METRIC_NAMES = {"dice": "Dice", "auprc": "AUPRC", "l1": "in-patch l1"}
+
+
+def paired_rows(
     per_subject: Mapping[str, Mapping[str, Mapping[str, float]]],
     reference: str,
     metrics: Sequence[str] = ("dice", "auprc"),
-) -> list[dict]:
-    """Wilcoxon signed-rank test of each model against `reference` over test subjects.
+) -> list[PairedRow]:
+    """Each model against `reference` over the test subjects both have
+    (evaluation/paired.py: the mean difference, its 95 % bootstrap interval, the
+    Wilcoxon and paired t p).
 
-    per_subject: model -> "DATASET/metric" -> subject -> value (already averaged over
-    a model's runs). Only subjects with a finite value for both models are paired.
-    Returns rows {model, key, n, median_diff, p} (median of model - reference).
+    per_subject: model -> "DATASET/metric" -> subject -> value (already averaged over a
+    model's runs). Subjects with a non-finite value for either model are left out.
+    Rows follow the models' order, then data set, then `metrics`' order.
     """
     out = []
     ref = per_subject.get(reference, {})
     for model, table in per_subject.items():
         if model == reference:
             continue
-        for key in sorted(set(table) & set(ref)):
-            if key.rsplit("/", 1)[-1] not in metrics:
-                continue
+        keys = [k for k in set(table) & set(ref) if k.rsplit("/", 1)[-1] in metrics]
+        keys.sort(key=lambda k: (k.rsplit("/", 1)[0], metrics.index(k.rsplit("/", 1)[1])))
+        for key in keys:
+            ds, metric = key.rsplit("/", 1)
             common = [s for s in table[key] if s in ref[key]]
             a = np.array([table[key][s] for s in common], dtype=float)
             b = np.array([ref[key][s] for s in common], dtype=float)
-            ok = np.isfinite(a) & np.isfinite(b)
-            a, b = a[ok], b[ok]
-            row = {
-                "model": model,
-                "key": key,
-                "n": int(a.size),
-                "median_diff": float("nan"),
-                "p": float("nan"),
-            }
-            if a.size:
-                row["median_diff"] = float(np.median(a - b))
-            if a.size >= 2 and np.any(a != b):
-                row["p"] = float(wilcoxon(a, b).pvalue)
-            out.append(row)
+            out.append(PairedRow(model, reference, ds, metric, "subjects", paired_difference(a, b)))
     return out
 
 
-def tests_markdown(rows: Sequence[dict], reference: str) -> str:
+def _signed(v: float) -> str:
+    return f"{v:+.2f}" if math.isfinite(v) else "-"
+
+
+def _p(v: float) -> str:
+    return f"{v:.3g}" if math.isfinite(v) else "-"
+
+
+def paired_markdown(rows: Sequence[PairedRow], unit: str = "points") -> str:
+    """The rows as a Markdown table: the mean difference and its interval in `unit`
+    (each row's `scale`), both p values and the verdict."""
+    if not rows:
+        return ""
+    ref = rows[0].reference
     lines = [
-        f"| Model | vs {reference}: data set / metric | subjects | median difference (points) | Wilcoxon p |",
-        "|---|---|---|---|---|",
+        f"| Model | measure | pairs | model − {ref} ({unit}) | 95 % interval | "
+        "Wilcoxon p | paired t p | difference |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
-        p = "-" if math.isnan(r["p"]) else f"{r['p']:.3g}"
-        d = "-" if math.isnan(r["median_diff"]) else f"{100 * r['median_diff']:+.2f}"
-        ds, _, metric = r["key"].rpartition("/")
-        key = f"{shown_name(ds)}/{metric}" if ds else r["key"]
-        lines.append(f"| {r['model']} | {key} | {r['n']} | {d} | {p} |")
+        d, k = r.diff, r.scale
+        lo, hi = d.ci
+        ci = f"[{_signed(k * lo)}, {_signed(k * hi)}]" if math.isfinite(lo) else "-"
+        lines.append(
+            f"| {r.model} | {r.measure} | {d.n} {r.pairs} | {_signed(k * d.mean)} | {ci} | "
+            f"{_p(d.p_wilcoxon)} | {_p(d.p_t)} | {r.verdict()} |"
+        )
     return "\n".join(lines) + "\n"
+
+
+PAIRED_CSV_HEAD = (
+    "model,reference,dataset,metric,pairs,n,scale,mean_diff,ci_low,ci_high,sd_diff,"
+    "p_wilcoxon,p_t,verdict"
+)
+
+
+def paired_csv(rows: Sequence[PairedRow]) -> str:
+    """The rows at full precision, differences in shown units (times `scale`)."""
+    buf = io.StringIO()
+    w = csv.writer(buf, lineterminator="\n")
+    w.writerow(PAIRED_CSV_HEAD.split(","))
+    for r in rows:
+        d, k = r.diff, r.scale
+        nums = [k * d.mean, k * d.ci[0], k * d.ci[1], k * d.sd, d.p_wilcoxon, d.p_t]
+        w.writerow(
+            [r.model, r.reference, r.dataset, r.metric, r.pairs, d.n, f"{k:g}"]
+            + [repr(float(v)) for v in nums]
+            + [r.verdict()]
+        )
+    return buf.getvalue()
+
+
+def resolved_sentence(rows: Sequence[PairedRow]) -> str:
+    """One sentence naming the resolved differences (with their direction) and,
+    per model, the measures whose difference is not resolved."""
+    if not rows:
+        return ""
+    ref = rows[0].reference
+    resolved = [
+        f"{r.model} {r.verdict().split()[-1]} on {r.measure} ({_signed(r.scale * r.diff.mean)})"
+        for r in rows
+        if r.diff.resolved()
+    ]
+    open_: dict[str, list[str]] = {}
+    for r in rows:
+        if not r.diff.resolved():
+            open_.setdefault(r.model, []).append(r.measure)
+    parts = [
+        f"resolved against {ref}: " + ("; ".join(resolved) if resolved else "none"),
+        "not resolved: "
+        + ("; ".join(f"{m} ({', '.join(v)})" for m, v in open_.items()) if open_ else "none"),
+    ]
+    return parts[0][0].upper() + parts[0][1:] + "; " + parts[1] + "."
 
 
 # ------------------------------------------------------------------ Figure 3
@@ -178,6 +265,9 @@ __all__ = [
     "ComparisonTable",
     "comparison_table",
     "figure_comparison",
-    "paired_tests",
-    "tests_markdown",
+    "PairedRow",
+    "paired_csv",
+    "paired_markdown",
+    "paired_rows",
+    "resolved_sentence",
 ]

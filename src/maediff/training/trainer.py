@@ -710,6 +710,48 @@ def load_run_config(run_dir: str | Path) -> Config:
     return load_saved_config(path)
 
 
+# ------------------------------------------------------------------ timing
+
+
+def time_training_steps(
+    cfg: Config, data: TrainingData, device: str = "auto", steps: int = 3, warmup: int = 1
+) -> float:
+    """Seconds per training step of `cfg` on `device`: the loop's own step (`_step`:
+    schedule, forward, backward, update, EMA) on batches of `data`, `warmup` steps
+    untimed (compilation, caches), then the mean of `steps` timed ones (the benchmark's
+    time estimates, pipeline/estimate.py). Only a temporary run folder is written."""
+    import tempfile
+
+    with tempfile.TemporaryDirectory(prefix="maediff-time-") as tmp:
+        run = _setup(cfg, data, Path(tmp), device, resume=False)
+        try:
+            run.model.train()
+            run.model.enter_phase(run.phase)
+            batches = _epoch(run)
+
+            def one() -> torch.Tensor:
+                nonlocal batches
+                try:
+                    batch, _ = next(batches)
+                except StopIteration:  # a small data set: the next epoch
+                    batches = _epoch(run)
+                    batch, _ = next(batches)
+                loss = _step(run, to_device(batch, run.dev), run.group)
+                _count(run, loss)
+                return loss
+
+            for _ in range(warmup):
+                float(one())  # read: the device has finished
+            t0 = time.perf_counter()
+            for _ in range(steps):
+                loss = one()
+            float(loss)
+            return (time.perf_counter() - t0) / steps
+        finally:
+            run.log.close()
+            leave_distributed(run.ddp)
+
+
 __all__ = [
     "Run",
     "Stop",
@@ -718,6 +760,7 @@ __all__ = [
     "load_run_config",
     "read_run_sources",
     "swapped_in",
+    "time_training_steps",
     "train",
     "update_ema",
     "validation_loss",
