@@ -108,7 +108,9 @@ def test_the_shipped_model_card_reproduces_its_configuration_from_this_preset():
     sets = [words[i + 1] for i, w in enumerate(words) if w == "--set"]
     rebuilt = apply_overrides(get_preset("cpu"), sets)
     if "--choose-t" in card:
-        rebuilt = replace(rebuilt, diffusion=replace(rebuilt.diffusion, t_test=cfg.diffusion.t_test))
+        rebuilt = replace(
+            rebuilt, diffusion=replace(rebuilt.diffusion, t_test=cfg.diffusion.t_test)
+        )
     for name, section in cfg.sections:
         assert getattr(rebuilt, name) == section, name
     assert rebuilt.geometry == cfg.geometry

@@ -9,6 +9,8 @@ TUMOUR = "Brats21"
 MS = "MSLUB"
 HEALTHY = "IXI"
 ANOMALY_SETS = (TUMOUR, MS)  # evaluated with a threshold from their validation split
+# the benchmark's Figure 3: how many test volumes of each set it shows
+FIGURE_SUBJECTS = ((TUMOUR, 2), (MS, 1))
 
 _SHOWN = {TUMOUR: "BraTS21"}  # the challenge's own spelling
 
@@ -24,4 +26,12 @@ def protocol_name(name: str) -> str:
     return {n.lower(): n for n in (*ANOMALY_SETS, HEALTHY)}.get(name.lower(), name)
 
 
-__all__ = ["ANOMALY_SETS", "HEALTHY", "MS", "TUMOUR", "protocol_name", "shown_name"]
+__all__ = [
+    "ANOMALY_SETS",
+    "FIGURE_SUBJECTS",
+    "HEALTHY",
+    "MS",
+    "TUMOUR",
+    "protocol_name",
+    "shown_name",
+]

@@ -59,7 +59,7 @@ from ..device import reset_compiled, resolve_device
 from ..evaluation.lesions import merge_runs
 from ..evaluation.paired import paired_difference
 from ..models import MODELS
-from ..names import ANOMALY_SETS, MS, TUMOUR
+from ..names import ANOMALY_SETS, FIGURE_SUBJECTS
 from ..outputs import clean_stale, temp_path
 from ..registry import model_names, preset_info, preset_name, presets_of_table
 from ..reporting.comparison import (
@@ -83,6 +83,7 @@ from ..training.trainer import load_run_config, train
 from .detect import reconstruct_volume
 from .evaluate import evaluate_model
 from .probe import mae_input_dependence, patch_probe, probe_slices
+from .status import is_done, mark_status
 
 
 def row(model: str) -> str:
@@ -101,9 +102,6 @@ def twin_of(model: str) -> str | None:
     """A row whose configuration is this one's (only the preset name differs; its
     declaration's `same_as`): a finished run of either serves both tables."""
     return preset_info(model).same_as
-
-
-FIGURE_SUBJECTS = ((TUMOUR, 2), (MS, 1))  # test volumes shown in Figure 3
 
 
 @dataclass(frozen=True)
@@ -262,42 +260,6 @@ def check_run_config(folder: Path, cfg: Config) -> None:
     else:
         folder.mkdir(parents=True, exist_ok=True)
         save_config(cfg, saved)
-
-
-STATUS_FILE = "status.json"  # {"state": "running"}, then {"state": "done", "files": [...]}
-
-
-def is_done(folder: Path) -> bool:
-    """A run is finished when its status.json says "done", written after everything
-    else, and every file it lists exists. (A folder of a version before status.json,
-    which has none: when timing.json, which those versions wrote last, exists and is
-    no older than eval/summary.json.)"""
-    status = folder / STATUS_FILE
-    if status.exists():
-        try:
-            saved = json.loads(status.read_text())
-            files = saved["files"] if saved["state"] == "done" else None
-        except (json.JSONDecodeError, KeyError, TypeError):
-            return False
-        return files is not None and all((folder / f).exists() for f in files)
-    summary, timing = folder / "eval" / SUMMARY_FILE, folder / "timing.json"
-    return (
-        summary.exists()
-        and timing.exists()
-        and timing.stat().st_mtime_ns >= summary.stat().st_mtime_ns
-    )
-
-
-def mark_status(folder: Path, files: list[str] | None = None) -> None:
-    """status.json: "running" (no files), or "done" with the run's files (relative to
-    its folder), written last of all."""
-    if files is None:
-        write_atomic(folder / STATUS_FILE, json.dumps({"state": "running"}))
-        return
-    missing = [f for f in files if not (folder / f).exists()]
-    if missing:
-        raise RuntimeError(f"{folder}: cannot mark the run finished, {missing} missing")
-    write_atomic(folder / STATUS_FILE, json.dumps({"state": "done", "files": files}, indent=2))
 
 
 def execute_run(

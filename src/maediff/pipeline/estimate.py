@@ -46,7 +46,7 @@ from ..config import Config, to_dict
 from ..data.splits import read_pddpm_split, split_csv_name
 from ..device import resolve_device
 from ..models import MODELS, build_model
-from ..names import HEALTHY
+from ..names import FIGURE_SUBJECTS, HEALTHY
 from ..reporting.files import write_atomic
 
 if TYPE_CHECKING:
@@ -96,7 +96,6 @@ class DataCounts:
 def data_counts(plan: BenchmarkPlan, out: Path, fold: int) -> DataCounts:
     """From --data, or OUT/data when it holds the synthetic benchmark; else from the
     synthetic benchmark that the first run will generate there."""
-    from .benchmark import FIGURE_SUBJECTS
     from .evaluate import plan_evaluation
 
     data = data_folder(plan, out)
@@ -114,7 +113,6 @@ def synthetic_counts(max_volumes: int | None, fold: int) -> DataCounts:
     """The counts of the synthetic benchmark `ensure_data` generates (SynthConfig():
     the healthy pool in 5 folds, data/synthetic.py `write_splits`)."""
     from ..data.synthetic import SynthConfig
-    from .benchmark import FIGURE_SUBJECTS
 
     c = SynthConfig()
     val = len(np.array_split(np.arange(c.healthy_trainval), 5)[fold])
@@ -410,7 +408,7 @@ def estimate_jobs(
     plan: BenchmarkPlan, out: Path, device: str = "auto", measure: bool = True, say=print
 ) -> list[JobEstimate]:
     """Every job of the plan, in its order (module docstring)."""
-    from .benchmark import is_done
+    from .status import is_done
 
     runs = plan.runs()
     cache = load_cache(out)
