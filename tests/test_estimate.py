@@ -114,3 +114,14 @@ def test_with_data_the_protocols_own_time_is_measured(tiny_bench, tmp_path):
     reconstruction = thresh["slice_s"] * 8 * 9  # tiny volumes: 8 slices
     expected = reconstruction + protocol["run_s"] + 9 * protocol["volume_s"]
     assert job.evaluate_s == pytest.approx(expected)
+
+
+def test_two_processes_share_the_jobs_by_time_and_by_count_without_times():
+    def job(s, source="measured"):
+        return estimate.JobEstimate(300, 10, s, 0.0 if s is not None else None, source)
+
+    timed = [job(100.0), job(10.0), job(50.0), job(40.0), job(5.0, "done")]
+    assert estimate.split_two(timed) == ([0], [1, 2, 3])  # 100 against 100; the done job out
+    unknown = [job(None, "not measured") for _ in range(5)]
+    a, b = estimate.split_two(unknown)
+    assert sorted(a + b) == [0, 1, 2, 3, 4] and {len(a), len(b)} == {2, 3}

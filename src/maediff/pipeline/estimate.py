@@ -462,12 +462,14 @@ def _train_seconds(cfg: Config, steps: int | None, step_s: float | None) -> floa
 
 def split_two(jobs: list[JobEstimate]) -> tuple[list[int], list[int]]:
     """The unfinished jobs in two groups of about equal time (the longest first, each
-    to the group with less): the --run-index lists of two processes."""
+    to the group with less; without times, equal counts): the --run-index lists of two
+    processes."""
     left = [(j.left_s or 0.0, i) for i, j in enumerate(jobs) if j.source != "done"]
     groups: tuple[list[int], list[int]] = ([], [])
     sums = [0.0, 0.0]
     for s, i in sorted(left, reverse=True):
-        k = 0 if sums[0] <= sums[1] else 1
+        # equal sums (unknown times count 0) go to the group with fewer jobs
+        k = 0 if (sums[0], len(groups[0])) <= (sums[1], len(groups[1])) else 1
         groups[k].append(i)
         sums[k] += s
     return sorted(groups[0]), sorted(groups[1])
