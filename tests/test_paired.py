@@ -115,3 +115,10 @@ def test_power_sizing_script_reads_seeds_and_sizes_from_the_spread(tmp_path):
     _eval_folder(tmp_path / "c0", {"Brats21": base["Brats21"][:5], "MSLUB": base["MSLUB"]})
     with pytest.raises(SystemExit, match="c0.*same test subjects"):
         power_sizing.sizing([a[0], tmp_path / "c0"], b, "Brats21", "dice", 0.03)
+
+
+def test_power_stays_a_number_far_in_the_tail():
+    """scipy's noncentral t returns NaN far in its tail (n 12, d_z 2.5): the power is
+    then ~1 either way round, not NaN (power_sizing.py printed "nan")."""
+    assert power_paired_t(12, 0.0118, 0.03) == pytest.approx(1.0, abs=1e-6)
+    assert power_paired_t(12, 0.0118, -0.03) == pytest.approx(1.0, abs=1e-6)

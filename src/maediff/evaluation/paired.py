@@ -92,7 +92,11 @@ def power_paired_t(n: int, sd_diff: float, delta: float, alpha: float = 0.05) ->
     df = n - 1
     nc = delta / sd_diff * math.sqrt(n)
     crit = stats.t.ppf(1 - alpha / 2, df)
-    return float(stats.nct.sf(crit, df, nc) + stats.nct.cdf(-crit, df, nc))
+    upper, lower = stats.nct.sf(crit, df, nc), stats.nct.cdf(-crit, df, nc)
+    # scipy's far tail of the noncentral t can come back NaN where it is ~0 (nc >> crit)
+    upper = upper if math.isfinite(upper) else float(nc > 0)
+    lower = lower if math.isfinite(lower) else float(nc < 0)
+    return float(min(1.0, upper + lower))
 
 
 def subjects_needed(
