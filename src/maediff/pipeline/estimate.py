@@ -413,20 +413,23 @@ def estimate_jobs(
     runs = plan.runs()
     cache = load_cache(out)
     counts = {f: data_counts(plan, out, f) for f in plan.folds}
+    # each finished run's recorded (training s, evaluation s), read once
+    finished = {}
+    for spec in runs:
+        folder = out / "runs" / spec.key
+        finished[spec.key] = recorded_times(folder) if is_done(folder) else None
     # configuration -> a finished run's (training s, evaluation s, volumes it evaluated)
     recorded: dict[str, tuple[float, float, int]] = {}
-    keys = [config_key(plan.config(s)) for s in runs]
+    configs = [plan.config(s) for s in runs]
+    keys = [config_key(c) for c in configs]
     for spec, key in zip(runs, keys):
-        folder = out / "runs" / spec.key
-        if key not in recorded and is_done(folder) and (r := recorded_times(folder)):
+        if key not in recorded and (r := finished[spec.key]):
             recorded[key] = (*r, job_volumes(plan, spec, counts[spec.fold]))
     jobs = []
-    for spec, key in zip(runs, keys):
-        cfg = plan.config(spec)
+    for spec, key, cfg in zip(runs, keys, configs):
         steps = training_steps(cfg, counts[spec.fold].train_volumes)
         volumes = job_volumes(plan, spec, counts[spec.fold])
-        folder = out / "runs" / spec.key
-        own = recorded_times(folder) if is_done(folder) else None
+        own = finished[spec.key]
         if own:
             jobs.append(JobEstimate(steps, volumes, *own, "done"))
             continue
