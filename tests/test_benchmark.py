@@ -326,3 +326,32 @@ def test_probe_without_per_draw_values_is_paired_over_runs(tmp_path):
     assert probe["pairs"] == "runs" and int(probe["n"]) == 3
     assert float(probe["mean_diff"]) == pytest.approx(-100 * (0.05 + 0.04 + 0.04) / 3)
     assert "keep only each run's mean" in (out / "paired.md").read_text()
+
+
+def test_a_twin_rows_finished_run_serves_it_only_with_the_same_configuration(tmp_path, capsys):
+    """Table 2's U-Net is Table 1's pDDPM s16: run once, it serves both tables (neither
+    trained nor evaluated twice), but not when it was run with another configuration."""
+    from maediff.config import save_config
+    from maediff.pipeline.benchmark import BenchmarkPlan, RunSpec, _run_all, finished_runs, twin_run
+
+    out = tmp_path / "bench"
+    subjects = {"Brats21": [(0.5, 0.5), (0.4, 0.4)]}
+    table1 = BenchmarkPlan.from_args(models=["pddpm-s16"], scale="tiny", seeds=[0])
+    _finished_run(out, "pddpm-s16", 0, subjects)
+    pddpm = RunSpec("pddpm-s16", 0, 0)
+    save_config(table1.config(pddpm), out / "runs" / pddpm.key / "config.yaml")
+
+    table2 = BenchmarkPlan.from_args(models=["ablation-unet"], scale="tiny", seeds=[0])
+    unet = RunSpec("ablation-unet", 0, 0)
+    assert twin_run(table2, unet, out) == pddpm
+    assert [s for s, _ in finished_runs(table2, out)["ablation-unet"]] == [pddpm]
+    _run_all(table2, [unet], out, tmp_path / "no-data", "cpu", progress=False)
+    assert "done as pddpm-s16/fold0-seed0" in capsys.readouterr().out
+    assert not (out / "runs" / unet.key).exists()  # nothing trained or written for it
+
+    for other in (
+        BenchmarkPlan.from_args(models=["ablation-unet"], scale="tiny", seeds=[0], steps=7),
+        BenchmarkPlan.from_args(models=["ablation-unet"], scale="tiny", seeds=[1]),
+    ):
+        assert twin_run(other, RunSpec("ablation-unet", 0, other.seeds[0]), out) is None
+    assert twin_run(table2, RunSpec("ablation-unet-att", 0, 0), out) is None  # no twin row

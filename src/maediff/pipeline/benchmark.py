@@ -104,6 +104,26 @@ def twin_of(model: str) -> str | None:
     return preset_info(model).same_as
 
 
+def twin_run(plan: BenchmarkPlan, spec: RunSpec, out: Path) -> RunSpec | None:
+    """The twin row's finished run of the same fold and seed, when the configuration it
+    saved is this run's less the preset name: it serves this run, which is then neither
+    trained nor evaluated again (Table 2's U-Net and U-Net + Att. + MAE are Table 1's
+    pDDPM s16 and MAEDiff). None when there is no such run."""
+    twin = twin_of(spec.model)
+    if twin is None:
+        return None
+    other = RunSpec(twin, spec.fold, spec.seed)
+    folder = out / "runs" / other.key
+    if not is_done(folder):
+        return None
+    try:
+        theirs = load_config(folder / "config.yaml")
+    except (OSError, ValueError):
+        return None
+    same = to_dict(replace(theirs, name="")) == to_dict(replace(plan.config(spec), name=""))
+    return other if same else None
+
+
 @dataclass(frozen=True)
 class RunSpec:
     model: str  # preset base name, a row of Table 1 or 2
@@ -521,7 +541,9 @@ def list_jobs(plan: BenchmarkPlan, out: Path, device: str, measure: bool = True)
     for line in summary_lines(jobs, device, measure):
         print(line)
     for i, (spec, job) in enumerate(zip(plan.runs(), jobs)):
-        print(f"# {i}: {spec.key}: {job_line(job)}\n{plan.command(out, device, i)}")
+        twin = twin_run(plan, spec, out) if job.source == "done" else None
+        served = f" (as {twin.key}, the same configuration)" if twin else ""
+        print(f"# {i}: {spec.key}: {job_line(job)}{served}\n{plan.command(out, device, i)}")
     print(f"# then collect: {plan.command(out, device)} --collect")
 
 
@@ -532,6 +554,9 @@ def _run_all(plan, todo: list[RunSpec], out: Path, data: Path, device: str, prog
         folder = out / "runs" / spec.key
         if is_done(folder):
             print(f"[{i}/{len(todo)}] {spec.key}: done")
+            continue
+        if (twin := twin_run(plan, spec, out)) is not None:
+            print(f"[{i}/{len(todo)}] {spec.key}: done as {twin.key} (the same configuration)")
             continue
         with run_lock(folder) as mine:
             if not mine:
@@ -563,13 +588,11 @@ def finished_runs(
     twin row (same configuration, `twin_of`), in either direction."""
     found: dict[str, list[tuple[RunSpec, EvaluationSummary]]] = {}
     for spec in plan.runs():
-        for model in (spec.model, twin_of(spec.model)):
-            src = RunSpec(model, spec.fold, spec.seed) if model else None
-            if src and is_done(out / "runs" / src.key):
-                found.setdefault(spec.model, []).append(
-                    (src, load_summary(out / "runs" / src.key / "eval"))
-                )
-                break
+        src = spec if is_done(out / "runs" / spec.key) else twin_run(plan, spec, out)
+        if src is not None:
+            found.setdefault(spec.model, []).append(
+                (src, load_summary(out / "runs" / src.key / "eval"))
+            )
     return found
 
 

@@ -408,6 +408,7 @@ def estimate_jobs(
     plan: BenchmarkPlan, out: Path, device: str = "auto", measure: bool = True, say=print
 ) -> list[JobEstimate]:
     """Every job of the plan, in its order (module docstring)."""
+    from .benchmark import twin_run
     from .status import is_done
 
     runs = plan.runs()
@@ -417,6 +418,8 @@ def estimate_jobs(
     finished = {}
     for spec in runs:
         folder = out / "runs" / spec.key
+        if not is_done(folder) and (twin := twin_run(plan, spec, out)) is not None:
+            folder = out / "runs" / twin.key  # its twin's run serves it: nothing left to do
         finished[spec.key] = recorded_times(folder) if is_done(folder) else None
     # configuration -> a finished run's (training s, evaluation s, volumes it evaluated)
     recorded: dict[str, tuple[float, float, int]] = {}
