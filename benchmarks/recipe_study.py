@@ -76,6 +76,15 @@ CHANGES: dict[str, list[str]] = {
         "diffusion.background_weight=0.1",
         "mae.tokens=clean",
     ],
+    # beyond the study: the preset with tiled patches (stride p: 4 positions per slice at
+    # 48 px, as pDDPM s48), trained only where Alg. 2 then evaluates, which costs 1/4
+    "tiled patches": [
+        "diffusion.t_train_min=350",
+        "diffusion.t_train_max=650",
+        "diffusion.background_weight=0.1",
+        "mae.tokens=clean",
+        "geometry.stride=24",
+    ],
 }
 VARIANTS: dict[str, list[str]] = {name: CPU_070 + change for name, change in CHANGES.items()}
 # variants whose step count is this multiple of the budget (equal training compute)
