@@ -117,7 +117,7 @@ def run_job(
         "steps": train_summary["steps"],
         "seed": seed,
         "metrics": metrics_of(summary),
-        "train_s": round(train_s, 1),
+        "train_s": round(training_seconds(run_dir, train_s), 1),
         "eval_s": round(eval_s, 1),
         "threads": threads,
         "cpu": cpu_name(),
@@ -147,11 +147,23 @@ def metrics_of(summary: dict) -> dict:
     return out
 
 
+def training_seconds(run_dir: Path, measured: float) -> float:
+    """The run's whole training time: train_summary.json's minutes, which add up the
+    sessions of a resumed run (the job's own clock saw only its last session, or none)."""
+    f = run_dir / "train_summary.json"
+    if f.exists():
+        minutes = json.loads(f.read_text()).get("minutes")
+        if minutes is not None:
+            return 60.0 * float(minutes)
+    return measured
+
+
 def finished(out: Path) -> dict[tuple[str, int], list[dict]]:
     """(row, steps) -> the result of every finished seed, whatever the job list."""
     rows: dict[tuple[str, int], list[dict]] = {}
     for f in sorted(out.glob("*/*/seed*/result.json")):
         r = json.loads(f.read_text())
+        r["train_s"] = training_seconds(f.parent / "run", r["train_s"])
         rows.setdefault((r["row"], int(f.parent.parent.name)), []).append(r)
     return rows
 
