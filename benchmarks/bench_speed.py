@@ -15,7 +15,10 @@ Measures on this machine, medians of --repeats (run it on an otherwise idle mach
    with the largest difference of the two maps inside the brain (same noise);
 3. the same ratio at the `paper` preset on --paper-slices slices;
 4. `detect` end to end on one NIfTI file, and the share of it spent in reconstruct;
-5. training steps per second at the `cpu` preset, reference attention against ours.
+5. training steps per second at the `cpu` preset, reference attention against ours;
+6. with --profile, where reconstruct's time goes: torch.profiler's self time per op,
+   grouped (convolutions, fused attention, linear layers, norms, activations,
+   elementwise, copies), on 16 slices of the volume.
 
 Without --model the weights are random (the zero-initialised output layers drawn
 too, so that the maps are not trivially equal); speed does not depend on them.
@@ -164,6 +167,51 @@ def detect_share(model, nifti: nib.Nifti1Image, repeats: int) -> tuple[float, fl
     return statistics.median(totals), statistics.median(spent)
 
 
+# torch.profiler op names -> what they are in the U-Net + MAE forward
+OP_GROUPS = {
+    "convolutions (oneDNN)": ("aten::mkldnn_convolution", "aten::convolution_overrideable"),
+    "attention (fused SDPA)": (
+        "aten::_scaled_dot_product_flash_attention_for_cpu",
+        "aten::_scaled_dot_product_attention_math",
+        "aten::bmm",
+        "aten::_softmax",
+    ),
+    "linear layers (MAE, embeddings)": ("aten::addmm", "aten::mm"),
+    "GroupNorm, LayerNorm": ("aten::native_group_norm", "aten::native_layer_norm"),
+    "SiLU, GELU": ("aten::silu", "aten::gelu"),
+    "add, mul (residuals, scales)": ("aten::add", "aten::mul", "aten::add_", "aten::mul_"),
+    "copies, cat, resampling, indexing": (
+        "aten::copy_",
+        "aten::cat",
+        "aten::upsample_nearest2d",
+        "aten::avg_pool2d",
+        "aten::index",
+        "aten::gather",
+        "aten::_to_copy",
+    ),
+}
+
+
+def op_profile(model, slices, brain) -> tuple[float, dict[str, float]]:
+    """(seconds, group -> % of the self CPU time) of one reconstruct of these slices."""
+    from torch.profiler import ProfilerActivity, profile
+
+    noise = model.noise(slices.shape[0], torch.Generator().manual_seed(0))
+    model.reconstruct(slices[:2], noise=noise[:2], brain_mask=brain[:2])  # warm-up
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        t0 = time.perf_counter()
+        model.reconstruct(slices, noise=noise, brain_mask=brain)
+        seconds = time.perf_counter() - t0
+    events = prof.key_averages()
+    total = sum(e.self_cpu_time_total for e in events) or 1.0
+    shares = {
+        group: 100 * sum(e.self_cpu_time_total for e in events if e.key in names) / total
+        for group, names in OP_GROUPS.items()
+    }
+    shares["everything else"] = 100 - sum(shares.values())
+    return seconds, shares
+
+
 def train_steps_per_s(cfg, steps: int, repeats: int) -> float:
     torch.manual_seed(0)
     model = build_model(cfg)
@@ -190,6 +238,7 @@ def main() -> None:
     ap.add_argument("--paper-slices", type=int, default=1, help="0 skips the paper preset")
     ap.add_argument("--train-steps", type=int, default=2)
     ap.add_argument("--slices", type=int, default=50, help="slices of the cpu-preset volume")
+    ap.add_argument("--profile", action="store_true", help="reconstruct's time per op group")
     args = ap.parse_args()
     dev = torch.device("cpu")
     amp = resolve_amp("auto", dev)
@@ -244,6 +293,15 @@ def main() -> None:
         f"\nU-Net + MAE forward at the cpu preset: {gflop:.2f} GFLOP per (slice, patch) pair; "
         f"reconstruct runs at {achieved:.0f} GFLOP/s = {100 * achieved / peak:.0f} % of the matmul peak"
     )
+
+    if args.profile:
+        mid = slices.shape[0] // 2
+        seconds, shares = op_profile(model, slices[mid - 8 : mid + 8], brain[mid - 8 : mid + 8])
+        print(f"\nreconstruct of 16 slices under torch.profiler: {seconds:.2f} s")
+        print("| op group | share of the self CPU time |\n|---|---|")
+        for group, share in shares.items():
+            print(f"| {group} | {share:.0f} % |")
+        print()
 
     total, rec = detect_share(model, nifti, args.repeats)
     print(

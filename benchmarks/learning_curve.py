@@ -181,7 +181,7 @@ def collect(out: Path) -> str:
     ):
         cells = [mean_sd([r["metrics"][k] for r in rs]) for k in KEYS]
         minutes = statistics.median(r["train_s"] for r in rs) / 60
-        lines.append(f"| {row} | {steps} | {len(rs)} | {' | '.join(cells)} | {minutes:.0f} |")
+        lines.append(f"| {row} | {steps} | {len(rs)} | {' | '.join(cells)} | {minutes:.1f} |")
     return "\n".join(lines)
 
 
@@ -208,6 +208,10 @@ def figure(out: Path, data: Path, folder: Path) -> None:
             ax.set_xlabel("training steps")
             ax.set_ylabel(label)
             ax.grid(alpha=0.3)
+    ticks = sorted({s for (_, s) in rows})
+    for ax in axes:  # the budgets themselves, in plain numbers (no overlapping minor labels)
+        ax.set_xticks(ticks, [f"{s:,}" for s in ticks])
+        ax.minorticks_off()
     axes[0].legend()
     cpu = next(iter(rows.values()))[0]["cpu"] if rows else ""
     fig.suptitle(f"Learning curve at the cpu scale, demo test sets ({cpu}, fp32)")

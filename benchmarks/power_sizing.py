@@ -1,6 +1,8 @@
 """How many test volumes does a paired comparison of two rows need? Sized from the data:
 the per-subject spread of the difference between two evaluated rows on the same test
-volumes, then the number of subjects for which a two-sided paired t-test at p < 0.05
+volumes (printed with the mean difference, its 95 % bootstrap interval and the paired
+tests' p, as the benchmark's paired table gives them, also for rows of two benchmark
+folders), then the number of subjects for which a two-sided paired t-test at p < 0.05
 detects a given true difference (default 3 Dice points) with 80 % power
 (maediff.evaluation.paired.subjects_needed: noncentral t, exact for normal differences).
 
@@ -55,6 +57,9 @@ def sizing(a: list[Path], b: list[Path], dataset: str, metric: str, delta: float
         "data set": shown_name(dataset),
         "subjects": d.n,
         "mean a - b": 100 * d.mean,
+        "95 % interval": f"{100 * d.ci[0]:+.2f} to {100 * d.ci[1]:+.2f}",
+        "p (paired t)": f"{d.p_t:.2g}",
+        "p (Wilcoxon)": f"{d.p_wilcoxon:.2g}",
         "sd of differences": 100 * d.sd,
         f"power now ({100 * delta:g} points)": power_paired_t(d.n, d.sd, delta),
         f"subjects for {100 * delta:g} points": need,

@@ -111,6 +111,12 @@ def test_power_sizing_script_reads_seeds_and_sizes_from_the_spread(tmp_path):
     assert row["mean a - b"] == pytest.approx(100 * shift["Brats21"].mean())
     assert row["sd of differences"] == pytest.approx(100 * sd)
     assert row["subjects for 3 points"] == subjects_needed(sd, 0.03)
+    d = paired_difference(
+        np.mean([base["Brats21"] + noise, base["Brats21"] - noise], axis=0),
+        base["Brats21"] - shift["Brats21"],
+    )
+    assert row["95 % interval"] == f"{100 * d.ci[0]:+.2f} to {100 * d.ci[1]:+.2f}"
+    assert row["p (paired t)"] == f"{d.p_t:.2g}"
     # a row evaluated on other subjects is refused, naming the file
     _eval_folder(tmp_path / "c0", {"Brats21": base["Brats21"][:5], "MSLUB": base["MSLUB"]})
     with pytest.raises(SystemExit, match="c0.*same test subjects"):
