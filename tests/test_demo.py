@@ -8,12 +8,19 @@ import torch
 
 from maediff.config import get_preset
 from maediff.models import build_model
-from maediff.pipeline.demo import demo_config, precision_line, run_demo
+from maediff.pipeline.demo import DEMO_STEPS, demo_config, precision_line, run_demo
 
 
 def test_demo_budget_is_steps_unless_minutes_are_asked_for():
     cfg = demo_config("cpu")
     assert cfg.train.max_steps > 0 and cfg.train.max_minutes == 0
+    # the model trained here: tiled patches, for the demo's own step budget
+    assert cfg.geometry.stride == cfg.geometry.patch_size == 24
+    assert cfg.train.max_steps == DEMO_STEPS["cpu"] != get_preset("cpu").train.max_steps
+    assert demo_config("cpu", overrides=["geometry.stride=8"]).geometry.stride == 8
+    assert demo_config("cpu", tiled=False) == demo_config("cpu", tiled=False, steps=None)
+    assert demo_config("cpu", tiled=False).geometry == get_preset("cpu").geometry
+    assert build_model(cfg).grid.num_patches == 4  # a quarter of the preset's 16 passes
     assert demo_config("cpu", steps=7).train.max_steps == 7
     timed = demo_config("cpu", minutes=2.5).train
     assert (timed.max_minutes, timed.max_steps) == (2.5, 0)
@@ -39,7 +46,8 @@ def test_demo_runs_end_to_end(tmp_path, capsys):
         out, preset="tiny", steps=3, synth=synth, progress=False, model="both", shipped=stand_in
     )
     printed = capsys.readouterr().out
-    assert "training tiny for 3 steps" in printed and "report:" in printed
+    assert "training tiny (patches of 16 px at stride 16) for 3 steps" in printed
+    assert "report:" in printed
     assert "precision: fp32 on cpu" in printed or "precision: bf16 autocast on cpu" in printed
     saved = json.loads((out / "demo_timing.json").read_text())
     assert saved["train_steps"] == 3 == timing["train_steps"]

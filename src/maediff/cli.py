@@ -941,14 +941,16 @@ def _parser_demo(p: argparse.ArgumentParser) -> None:
         choices=("shipped", "train", "both"),
         default="shipped",
         help="which MAEDiff to evaluate: the model that ships with the package (trained "
-        "longer on the same synthetic benchmark; no training here), one trained here for "
-        "the budget below, or both side by side",
+        "longer on the same synthetic benchmark; no training here), one trained here (the "
+        "cpu preset with tiled patches, stride = patch size: a quarter of the evaluation, "
+        "the time it frees spent on training) for the budget below, or both side by side",
     )
     budget = p.add_mutually_exclusive_group()
     budget.add_argument(
         "--steps",
         type=int,
-        help="training steps (default: the cpu preset's, the same model on every machine)",
+        help="training steps (default: 500 with the cpu preset, the same model on every "
+        "machine)",
     )
     budget.add_argument(
         "--minutes",
@@ -960,8 +962,8 @@ def _parser_demo(p: argparse.ArgumentParser) -> None:
         action="append",
         default=[],
         metavar="KEY=VALUE",
-        help="override a value of the cpu preset, e.g. --set diffusion.precondition=true "
-        "(repeatable)",
+        help="override a value of the model trained here, e.g. --set diffusion.precondition=true, "
+        "or --set geometry.stride=8 for the preset's overlapping patches (repeatable)",
     )
     _add_runtime_args(p, seed=0, amp=True)
 
