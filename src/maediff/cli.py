@@ -949,8 +949,7 @@ def _parser_demo(p: argparse.ArgumentParser) -> None:
     budget.add_argument(
         "--steps",
         type=int,
-        help="training steps (default: 500 with the cpu preset, the same model on every "
-        "machine)",
+        help="training steps (default: 500 with the cpu preset, the same model on every machine)",
     )
     budget.add_argument(
         "--minutes",

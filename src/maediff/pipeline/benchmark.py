@@ -83,7 +83,7 @@ from ..training.trainer import load_run_config, train
 from .detect import reconstruct_volume
 from .evaluate import evaluate_model
 from .probe import mae_input_dependence, patch_probe, probe_slices
-from .status import is_done, mark_status
+from .status import is_done, mark_status, twin_of, twin_run
 
 
 def row(model: str) -> str:
@@ -96,32 +96,6 @@ def reference_of(table: str | None) -> str:
     the reference of that table; for --models, the reference of Table 1 (MAEDiff)."""
     marked = [m for m in presets_of_table(table or "1") if preset_info(m).reference]
     return marked[0] if marked else Config().model
-
-
-def twin_of(model: str) -> str | None:
-    """A row whose configuration is this one's (only the preset name differs; its
-    declaration's `same_as`): a finished run of either serves both tables."""
-    return preset_info(model).same_as
-
-
-def twin_run(plan: BenchmarkPlan, spec: RunSpec, out: Path) -> RunSpec | None:
-    """The twin row's finished run of the same fold and seed, when the configuration it
-    saved is this run's less the preset name: it serves this run, which is then neither
-    trained nor evaluated again (Table 2's U-Net and U-Net + Att. + MAE are Table 1's
-    pDDPM s16 and MAEDiff). None when there is no such run."""
-    twin = twin_of(spec.model)
-    if twin is None:
-        return None
-    other = RunSpec(twin, spec.fold, spec.seed)
-    folder = out / "runs" / other.key
-    if not is_done(folder):
-        return None
-    try:
-        theirs = load_config(folder / "config.yaml")
-    except (OSError, ValueError):
-        return None
-    same = to_dict(replace(theirs, name="")) == to_dict(replace(plan.config(spec), name=""))
-    return other if same else None
 
 
 @dataclass(frozen=True)

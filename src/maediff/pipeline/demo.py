@@ -39,7 +39,6 @@ from ..training.data import prepare_training_data
 from ..training.trainer import train
 from .evaluate import evaluate_model, plan_evaluation
 
-
 # The model trained here (--model train or both) is the preset with tiled patches:
 # geometry.stride = the patch size, 4 positions per 48 px slice instead of Alg. 2's 16
 # overlapping ones. It trains only where Alg. 2 then evaluates, and its evaluation takes a

@@ -408,8 +408,7 @@ def estimate_jobs(
     plan: BenchmarkPlan, out: Path, device: str = "auto", measure: bool = True, say=print
 ) -> list[JobEstimate]:
     """Every job of the plan, in its order (module docstring)."""
-    from .benchmark import twin_run
-    from .status import is_done
+    from .status import is_done, twin_run
 
     runs = plan.runs()
     cache = load_cache(out)
