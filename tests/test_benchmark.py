@@ -348,6 +348,11 @@ def test_a_twin_rows_finished_run_serves_it_only_with_the_same_configuration(tmp
     _run_all(table2, [unet], out, tmp_path / "no-data", "cpu", progress=False)
     assert "done as pddpm-s16/fold0-seed0" in capsys.readouterr().out
     assert not (out / "runs" / unet.key).exists()  # nothing trained or written for it
+    from maediff.pipeline.estimate import estimate_jobs
+
+    (out / "runs" / pddpm.key / "timing.json").write_text('{"train_s": 5.0, "evaluate_s": 7.0}')
+    (job,) = estimate_jobs(table2, out, measure=False, say=lambda *a: None)
+    assert (job.source, job.served_by, job.train_s) == ("done", pddpm.key, 5.0)
 
     for other in (
         BenchmarkPlan.from_args(models=["ablation-unet"], scale="tiny", seeds=[0], steps=7),

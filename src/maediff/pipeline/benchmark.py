@@ -515,8 +515,7 @@ def list_jobs(plan: BenchmarkPlan, out: Path, device: str, measure: bool = True)
     for line in summary_lines(jobs, device, measure):
         print(line)
     for i, (spec, job) in enumerate(zip(plan.runs(), jobs)):
-        twin = twin_run(plan, spec, out) if job.source == "done" else None
-        served = f" (as {twin.key}, the same configuration)" if twin else ""
+        served = f" (as {job.served_by}, the same configuration)" if job.served_by else ""
         print(f"# {i}: {spec.key}: {job_line(job)}{served}\n{plan.command(out, device, i)}")
     print(f"# then collect: {plan.command(out, device)} --collect")
 

@@ -66,6 +66,7 @@ class JobEstimate:
     train_s: float | None
     evaluate_s: float | None
     source: str  # "done", "recorded", "measured", "not measured"
+    served_by: str = ""  # done as this twin row's run (benchmark `twin_run`)
 
     @property
     def total_s(self) -> float | None:
@@ -414,12 +415,15 @@ def estimate_jobs(
     cache = load_cache(out)
     counts = {f: data_counts(plan, out, f) for f in plan.folds}
     # each finished run's recorded (training s, evaluation s), read once
-    finished = {}
+    finished: dict[str, tuple[float, float] | None] = {}
+    served: dict[str, str] = {}  # run -> the twin row's finished run that serves it
     for spec in runs:
-        folder = out / "runs" / spec.key
-        if not is_done(folder) and (twin := twin_run(plan, spec, out)) is not None:
-            folder = out / "runs" / twin.key  # its twin's run serves it: nothing left to do
-        finished[spec.key] = recorded_times(folder) if is_done(folder) else None
+        folder: Path | None = out / "runs" / spec.key
+        if not is_done(folder):
+            twin = twin_run(plan, spec, out)  # finished when not None: nothing left to do
+            folder = out / "runs" / twin.key if twin else None
+            served[spec.key] = twin.key if twin else ""
+        finished[spec.key] = recorded_times(folder) if folder else None
     # configuration -> a finished run's (training s, evaluation s, volumes it evaluated)
     recorded: dict[str, tuple[float, float, int]] = {}
     configs = [plan.config(s) for s in runs]
@@ -433,7 +437,7 @@ def estimate_jobs(
         volumes = job_volumes(plan, spec, counts[spec.fold])
         own = finished[spec.key]
         if own:
-            jobs.append(JobEstimate(steps, volumes, *own, "done"))
+            jobs.append(JobEstimate(steps, volumes, *own, "done", served.get(spec.key, "")))
             continue
         if key in recorded:  # its evaluation time per volume, for this run's volumes
             train_s, eval_s, n = recorded[key]
