@@ -49,6 +49,19 @@ def test_benchmark_runs_resumes_and_refuses_changes(tiny_bench, tmp_path, capsys
     assert main(argv) == 0 and (run / "eval" / "summary.json").exists()
     after = json.loads((run / "timing.json").read_text())
     assert (after["train_steps"], after["train_s"]) == (before["train_steps"], before["train_s"])
+    # a run killed in training (checkpoint saved, no summary) resumes: its saved
+    # config holds the landmarks learned from the data, the benchmark's does not
+    (run / "train" / "train_summary.json").unlink()
+    shutil.rmtree(run / "eval")
+    saved = (run / "train" / "config.yaml").read_text()
+    assert "landmarks: []" not in saved
+    assert main(argv) == 0 and (run / "train" / "train_summary.json").exists()
+    # one whose training config was changed behind its back is refused
+    (run / "train" / "train_summary.json").unlink()
+    (run / "train" / "config.yaml").write_text(saved.replace("seed: 0", "seed: 7"))
+    assert main(argv) == 2
+    assert "cannot resume" in capsys.readouterr().err
+    (run / "train" / "config.yaml").write_text(saved)
     changed = argv[:-1] + ["-q", "--set", "train.lr=0.5"]
     assert main(changed) == 2
     assert "other shared settings" in capsys.readouterr().err

@@ -79,7 +79,7 @@ from ..reporting.tables import lesion_markdown, mean_std_text
 from ..scales import with_update_budget
 from ..training.checkpoint import load_model
 from ..training.data import prepare_training_data
-from ..training.trainer import load_run_config, train
+from ..training.trainer import train
 from .detect import reconstruct_volume
 from .evaluate import evaluate_model
 from .probe import mae_input_dependence, patch_probe, probe_slices
@@ -279,9 +279,9 @@ def execute_run(
         run_dir = folder / "train"
         if not (run_dir / "train_summary.json").exists():
             trained = True
+            # a killed run resumes; train() refuses one of another configuration once
+            # the data's landmarks, which its config.yaml holds, are filled in
             resume = (run_dir / "last.state.safetensors").exists()
-            if resume and to_dict(load_run_config(run_dir)) != to_dict(cfg):
-                raise ValueError(f"{run_dir} holds a training run of another configuration")
             td = training_data(cfg, data, progress)
             summary = train(cfg, td, run_dir, device=device, resume=resume, progress=progress)
             timing["train_steps"] = summary["steps"]
