@@ -2,6 +2,7 @@
 measured once on this machine (cached), or recorded by finished runs."""
 
 import json
+from pathlib import Path
 
 import pytest
 
@@ -9,7 +10,51 @@ from maediff.cli import main
 from maediff.pipeline import estimate
 from maediff.pipeline.benchmark import BenchmarkPlan
 
+READ_CPU_SECONDS = estimate.cpu_seconds  # before the fixture replaces it
+
 LIST = ["--scale", "tiny", "--steps", "2", "--max-volumes", "1", "--device", "cpu", "--list"]
+
+
+@pytest.fixture(autouse=True)
+def idle_machine(monkeypatch):
+    """Measurements here do not depend on what else the machine runs (the busy
+    check is tested on its own, with counters given)."""
+    monkeypatch.setattr(estimate, "cpu_seconds", lambda: None)
+
+
+def test_a_measurement_on_a_busy_cpu_serves_the_listing_but_is_not_kept(tmp_path, monkeypatch):
+    readings = iter([(100.0, 1.0), (106.0, 3.0)])  # 6 CPU s in all, 2 of them ours
+    clock = iter([10.0, 12.0])  # over 2 s: others used 2 cores
+    monkeypatch.setattr(estimate, "cpu_seconds", lambda: next(readings))
+    monkeypatch.setattr(estimate.time, "perf_counter", lambda: next(clock))
+    said: list[str] = []
+    cache: dict = {}
+
+    def say(text, **k):
+        said.append(text)
+
+    entry = estimate.cached(tmp_path, cache, "k", lambda: {"step_s": 9.0}, say, "m", "cpu")
+    assert entry["step_s"] == 9.0 and entry["busy"] == 2.0 and "k" in cache
+    assert "other processes used 2.0 of" in said[-1] and "not kept" in said[-1]
+    assert json.loads((tmp_path / "estimates.json").read_text())["entries"] == {}
+    # on an idle machine the same measurement is kept
+    readings = iter([(100.0, 1.0), (102.2, 3.0)])
+    clock = iter([10.0, 12.0])
+    entry = estimate.cached(tmp_path, {}, "k", lambda: {"step_s": 1.0}, say, "m", "cpu")
+    kept = json.loads((tmp_path / "estimates.json").read_text())["entries"]
+    assert "busy" not in entry and kept["k"]["step_s"] == 1.0
+
+
+@pytest.mark.skipif(not Path("/proc/stat").exists(), reason="reads /proc/stat (Linux)")
+def test_cpu_seconds_counts_this_process_within_the_machine():
+    before = READ_CPU_SECONDS()
+    x = 0
+    for i in range(3_000_000):  # about a CPU second of our own
+        x += i
+    after = READ_CPU_SECONDS()
+    ours = after[1] - before[1]
+    assert ours > 0.05
+    assert after[0] - before[0] >= ours - 0.05  # the machine's count includes ours
 
 
 def _commands(text: str) -> list[str]:

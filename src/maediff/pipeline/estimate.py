@@ -33,6 +33,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import os
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -337,22 +338,53 @@ def load_cache(out: Path) -> dict:
     return entries if isinstance(entries, dict) else {}
 
 
-def cached(out: Path, cache: dict, key: str, measure, say, what: str) -> dict | None:
-    """cache[key], else `measure()` (when it is given) written to OUT/estimates.json."""
+BUSY_CORES = 0.5  # other processes' use, in cores, that makes a CPU measurement unfit
+
+
+def cpu_seconds() -> tuple[float, float] | None:
+    """(CPU seconds every process on this machine has used, this process's own),
+    from /proc/stat; None where there is no /proc/stat (not Linux)."""
+    try:
+        fields = Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]
+        ticks = [int(x) for x in fields[:8]]
+    except (OSError, ValueError):
+        return None
+    busy = sum(ticks) - ticks[3] - ticks[4]  # less idle and iowait
+    return busy / os.sysconf("SC_CLK_TCK"), time.process_time()
+
+
+def other_cores(before, after, wall: float) -> float | None:
+    """The cores other processes used on average between two `cpu_seconds` readings."""
+    if before is None or after is None or wall <= 0:
+        return None
+    return ((after[0] - before[0]) - (after[1] - before[1])) / wall
+
+
+def cached(out: Path, cache: dict, key: str, measure, say, what: str, device: str) -> dict | None:
+    """cache[key], else `measure()` (when it is given) written to OUT/estimates.json.
+    A CPU measurement during which other processes used cores (`BUSY_CORES`: two
+    runs on a 2-core machine made one timed step 100 times slower) serves this
+    listing but is not written, and the listing says so: the next one measures."""
     if key in cache:
         return cache[key]
     if measure is None:
         return None
     say(f"# measuring {what} ...", flush=True)
-    entry = {
-        "what": what,
-        "threads": torch.get_num_threads(),
-        **measure(),
-        "measured": time.strftime("%Y-%m-%d %H:%M:%S"),
-    }
+    before, t0 = cpu_seconds(), time.perf_counter()
+    entry = {"what": what, "threads": torch.get_num_threads(), **measure()}
+    entry["measured"] = time.strftime("%Y-%m-%d %H:%M:%S")
+    others = other_cores(before, cpu_seconds(), time.perf_counter() - t0)
+    if resolve_device(device).type == "cpu" and others is not None and others > BUSY_CORES:
+        entry["busy"] = round(others, 2)
+        say(
+            f"# other processes used {others:.1f} of {os.cpu_count()} cores while measuring: "
+            "this time is too high and is not kept; list again when the machine is idle",
+            flush=True,
+        )
     cache[key] = entry
+    kept = {k: v for k, v in cache.items() if "busy" not in v}
     out.mkdir(parents=True, exist_ok=True)
-    write_atomic(out / ESTIMATES_FILE, json.dumps({"entries": cache}, indent=1))
+    write_atomic(out / ESTIMATES_FILE, json.dumps({"entries": kept}, indent=1))
     return entry
 
 
@@ -370,7 +402,8 @@ def calibration(
         }
 
     what = f"{cfg.name} on {device_name(device)}"
-    return cached(out, cache, calibration_key(cfg, device), run if measure else None, say, what)
+    key = calibration_key(cfg, device)
+    return cached(out, cache, key, run if measure else None, say, what, device)
 
 
 def protocol_time(
@@ -387,7 +420,7 @@ def protocol_time(
 
     key = protocol_key(cfg, data, device)
     what = f"the protocol on {data} (Thresh, 1 and 2 volumes per split)"
-    return cached(out, cache, key, run if measure else None, say, what)
+    return cached(out, cache, key, run if measure else None, say, what, device)
 
 
 # ------------------------------------------------------------------ the jobs
