@@ -18,13 +18,13 @@ more seeds only in its seed part, so size with the seed count the tables will us
 from __future__ import annotations
 
 import argparse
-import csv
 from pathlib import Path
 
 import numpy as np
 
 from maediff.evaluation.paired import paired_difference, power_paired_t, subjects_needed
 from maediff.names import ANOMALY_SETS, shown_name
+from maediff.reporting.files import read_subject_csv
 
 
 def read_rows(folders: list[Path], dataset: str, metric: str) -> tuple[list[str], np.ndarray]:
@@ -37,12 +37,12 @@ def read_rows(folders: list[Path], dataset: str, metric: str) -> tuple[list[str]
             raise SystemExit(
                 f"{path}: no per-subject results (is {f} a `maediff evaluate` folder?)"
             )
-        rows = sorted(csv.DictReader(path.open()), key=lambda r: r["subject"])
-        names = [r["subject"] for r in rows]
+        rows = sorted(read_subject_csv(path, [metric]), key=lambda r: r[0])
+        names = [name for name, _ in rows]
         if subjects is not None and names != subjects:
             raise SystemExit(f"{path}: not the same test subjects as {folders[0]}")
         subjects = names
-        values.append([float(r[metric]) if r[metric] else np.nan for r in rows])
+        values.append([v[metric] for _, v in rows])
     return subjects or [], np.array(values)
 
 

@@ -27,7 +27,6 @@ whatever has finished:
 
 from __future__ import annotations
 
-import csv
 import fcntl
 import json
 import math
@@ -71,7 +70,7 @@ from ..reporting.comparison import (
     paired_rows,
     resolved_sentence,
 )
-from ..reporting.files import write_atomic
+from ..reporting.files import read_subject_csv, write_atomic
 from ..reporting.report import write_html
 from ..reporting.runs import FREE_TEXT, labelfree_tables, load_summary
 from ..reporting.summary import SUMMARY_FILE, EvaluationSummary
@@ -579,10 +578,9 @@ def per_subject_means(
             f = out / "runs" / spec.key / "eval" / f"{ds}_test_subjects.csv"
             if not f.exists():
                 continue
-            for row in csv.DictReader(f.open()):
-                for metric in ("dice", "auprc"):
-                    v = float(row[metric]) if row.get(metric) else math.nan
-                    acc.setdefault(f"{ds}/{metric}", {}).setdefault(row["subject"], []).append(v)
+            for subject, values in read_subject_csv(f, ("dice", "auprc")):
+                for metric, v in values.items():
+                    acc.setdefault(f"{ds}/{metric}", {}).setdefault(subject, []).append(v)
     return {
         k: {s: float(np.nanmean(v)) if np.isfinite(v).any() else math.nan for s, v in d.items()}
         for k, d in acc.items()

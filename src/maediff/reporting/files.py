@@ -36,6 +36,18 @@ def write_subject_csv(
     write_atomic(Path(path), buf.getvalue())
 
 
+def read_subject_csv(
+    path: str | Path, metrics: Sequence[str]
+) -> list[tuple[str, dict[str, float]]]:
+    """(subject, {metric: value}) per row of a DATASET_test_subjects.csv, in its order;
+    an empty cell (a metric undefined for that volume) reads as NaN."""
+    with Path(path).open(newline="") as fh:
+        return [
+            (r["subject"], {m: float(r[m]) if r.get(m) else math.nan for m in metrics})
+            for r in csv.DictReader(fh)
+        ]
+
+
 def _fmt(v: Any) -> Any:
     if isinstance(v, float):
         return "" if math.isnan(v) else f"{v:.6g}"

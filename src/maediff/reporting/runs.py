@@ -13,7 +13,6 @@ the data folder is named in the row when the report holds several.
 
 from __future__ import annotations
 
-import csv
 import re
 import shutil
 from collections.abc import Mapping, Sequence
@@ -25,7 +24,7 @@ import numpy as np
 from ..evaluation.postprocess import remove_small_components
 from ..evaluation.protocol import EvalSettings, VolumeResult, score_volume
 from ..names import ANOMALY_SETS, HEALTHY, shown_name
-from .files import write_atomic
+from .files import read_subject_csv, write_atomic
 from .report import (
     figure_dice_distribution,
     figure_examples,
@@ -348,11 +347,8 @@ def combined_series(
         for ds in [d for d in s.datasets if d != HEALTHY]:
             f = src / f"{ds}_test_subjects.csv"
             if f.exists():
-                with f.open(newline="") as fh:
-                    dice[f"{tag} {shown_name(ds)}"] = [
-                        float(r["dice"]) if r.get("dice") else float("nan")
-                        for r in csv.DictReader(fh)
-                    ]
+                rows = read_subject_csv(f, ["dice"])
+                dice[f"{tag} {shown_name(ds)}"] = [v["dice"] for _, v in rows]
     return curves, dice
 
 
