@@ -389,7 +389,7 @@ def test_a_truncated_figure3_file_is_named(tmp_path):
     with pytest.raises(
         ValueError, match=r"figure3\.npz is truncated or corrupted .*delete the run's folder"
     ):
-        _figure3(plan, tmp_path, {"dae": [(spec, None)]})
+        _figure3(plan, tmp_path, {"dae": [(spec, None)]}, tmp_path)
 
 
 def test_the_model_contract_names_a_reconstruction_of_the_wrong_shape():

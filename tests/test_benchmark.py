@@ -278,6 +278,35 @@ def test_collect_states_each_difference_with_its_interval(tmp_path):
     assert "Paired differences against MAEDiff" in page and "Not resolved means" in page
 
 
+def test_collecting_another_selection_keeps_the_tables_already_there(tmp_path, capsys):
+    """Table 2 collected in Table 1's folder (to share its twin runs) writes its own
+    folder; collecting Table 1 again updates Table 1's tables in place."""
+    from maediff.pipeline.benchmark import BenchmarkPlan, collect
+
+    out = tmp_path / "bench"
+    subjects = {"Brats21": [(0.5, 0.5), (0.4, 0.3), (0.6, 0.6)]}
+    _finished_run(out, "maediff", 0, subjects)
+    _finished_run(out, "ablation-unet-att", 0, subjects)
+    table1 = BenchmarkPlan.from_args(table="1", scale="tiny")
+    assert collect(table1, out) == 0
+    first = (out / "table.md").read_text()
+    assert "| MAEDiff | 1 |" in first and "U-Net + Att." not in first
+    assert collect(BenchmarkPlan.from_args(table="2", scale="tiny"), out) == 0
+    assert (out / "table.md").read_text() == first  # Table 1's, untouched
+    assert "go to" in capsys.readouterr().out
+    table2 = (out / "table2" / "table.md").read_text()
+    assert "| U-Net + Att. | 1 |" in table2 and (out / "table2" / "report.html").exists()
+    _finished_run(out, "ae", 0, subjects)  # Table 1 again, with one more finished row
+    assert collect(table1, out) == 0
+    assert "| AE | 1 |" in (out / "table.md").read_text()
+    assert collect(BenchmarkPlan.from_args(models=["ae"], scale="tiny"), out) == 0
+    assert (out / "models-ae" / "table.md").exists()
+    (out / "tables.json").unlink()  # a folder from before the index: its table's rows say
+    assert collect(table1, out) == 0 and not (out / "table1").exists()
+    assert collect(BenchmarkPlan.from_args(table="2", scale="tiny"), out) == 0
+    assert "| AE | 1 |" in (out / "table.md").read_text()
+
+
 def _probe(per_slice, draws=2, bands=2):
     """probe.json of a run whose slice i has l1 per_slice[i] at every draw."""
     per_draw = [float(v) for _ in range(bands * draws) for v in per_slice]

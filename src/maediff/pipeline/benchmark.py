@@ -23,6 +23,10 @@ whatever has finished:
                                   (MAEDiff; Table 2: the U-Net), with its 95 % interval
     OUT/figure3.png               the same slices for every model
     OUT/report.html               all of it on one page
+
+OUT/tables.json records the models those were written for: collecting another selection
+(Table 2 beside Table 1, sharing its twin runs) writes the same files into
+OUT/table2/ (or OUT/models-A+B/) and leaves Table 1's in place.
 """
 
 from __future__ import annotations
@@ -587,31 +591,70 @@ def per_subject_means(
     }
 
 
+def selection_label(plan: BenchmarkPlan) -> str:
+    """The name of a selection's own results folder: table1, table2 or the models."""
+    return f"table{plan.table}" if plan.table else "models-" + "+".join(plan.models)
+
+
+def tables_dir(plan: BenchmarkPlan, out: Path) -> Path:
+    """Where this selection's tables and page go. OUT/tables.json records which models
+    the tables in OUT were written for; a selection of other models (Table 2 collected
+    beside Table 1, whose twin runs it shares) writes into OUT/<label>/ instead of
+    replacing them. Collecting the same models again updates them in place."""
+    index = out / "tables.json"
+    mine = sorted(plan.models)
+    if index.exists():
+        try:
+            saved = json.loads(index.read_text())["models"]
+        except (ValueError, KeyError, TypeError) as e:
+            raise ValueError(f"{index} is not a benchmark tables index ({e}); move it away") from e
+        if sorted(saved) == mine:
+            return out
+        dest = out / selection_label(plan)
+        print(
+            f"the tables in {out} are those of {', '.join(row(m) for m in saved)}: "
+            f"these ({', '.join(row(m) for m in plan.models)}) go to {dest}"
+        )
+        dest.mkdir(exist_ok=True)
+        return dest
+    legacy = out / "table.md"  # written before the index existed (0.9.0): its rows say
+    if legacy.exists():
+        rows = {line.split("|")[1].strip() for line in legacy.read_text().splitlines()[2:]}
+        if not rows <= {row(m) for m in plan.models}:
+            dest = out / selection_label(plan)
+            print(f"the tables in {out} are those of {', '.join(sorted(rows))}: these go to {dest}")
+            dest.mkdir(exist_ok=True)
+            return dest
+    write_atomic(index, json.dumps({"models": plan.models}, indent=2))
+    return out
+
+
 def collect(plan: BenchmarkPlan, out: Path) -> int:
     found = finished_runs(plan, out)
     rows = {row(m): [s for _, s in found[m]] for m in plan.models if m in found}
     if not rows:
         print("no finished runs yet")
         return 0
+    dest = tables_dir(plan, out)
     table = comparison_table(rows)
-    write_atomic(out / "table.md", table.markdown())
-    write_atomic(out / "table.csv", table.csv())
+    write_atomic(dest / "table.md", table.markdown())
+    write_atomic(dest / "table.csv", table.csv())
     paired = paired_report(plan, out, found)
     if paired:
-        write_atomic(out / "paired.md", paired["markdown"])
-        write_atomic(out / "paired.csv", paired_csv(paired["rows"] + paired["probe_rows"]))
-    fig = _figure3(plan, out, found)
+        write_atomic(dest / "paired.md", paired["markdown"])
+        write_atomic(dest / "paired.csv", paired_csv(paired["rows"] + paired["probe_rows"]))
+    fig = _figure3(plan, out, found, dest)
     timing = _timing_text(plan, out, found)
     probe_md = probe_table(plan, out, found)
     if probe_md:
-        write_atomic(out / "probe.md", probe_md)
+        write_atomic(dest / "probe.md", probe_md)
     budget_md = budget_table(plan, found)
     lesion_md = lesion_table(plan, found)
     if lesion_md:
-        write_atomic(out / "lesions.md", lesion_md)
+        write_atomic(dest / "lesions.md", lesion_md)
     free_md = labelfree_tables([s for m in plan.models for _, s in found.get(m, [])])
     if free_md:
-        write_atomic(out / "labelfree.md", free_md)
+        write_atomic(dest / "labelfree.md", free_md)
     sections = [
         {
             "heading": "Table",
@@ -654,7 +697,7 @@ def collect(plan: BenchmarkPlan, out: Path) -> int:
                 "images": [fig],
             }
         )
-    page = write_html(out / "report.html", "maediff benchmark", sections)
+    page = write_html(dest / "report.html", "maediff benchmark", sections)
     print(table.markdown())
     print(budget_md)
     if probe_md:
@@ -899,7 +942,7 @@ def budget_table(plan: BenchmarkPlan, found) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _figure3(plan: BenchmarkPlan, out: Path, found) -> Path | None:
+def _figure3(plan: BenchmarkPlan, out: Path, found, dest: Path) -> Path | None:
     examples: dict[str, dict] = {}
     names = []
     for m in plan.models:
@@ -920,7 +963,7 @@ def _figure3(plan: BenchmarkPlan, out: Path, found) -> Path | None:
             ) from e
     if not examples:
         return None
-    return figure_comparison([examples[k] for k in sorted(examples)], names, out / "figure3.png")
+    return figure_comparison([examples[k] for k in sorted(examples)], names, dest / "figure3.png")
 
 
 def _read_figure_slices(f: Path, name: str, examples: dict[str, dict]) -> None:
