@@ -662,6 +662,20 @@ def collect(plan: BenchmarkPlan, out: Path) -> int:
             "text": f"Mean ± std over runs (folds or seeds) of each run's per-volume mean; best bold, second underlined. Budget: {plan.budget()}; scale {plan.scale}. {timing}",
         },
     ]
+    # the comparison with its uncertainty next to the table it qualifies, the long
+    # per-run tables last
+    if paired:
+        sections += paired["sections"]
+    if probe_md:
+        sections.append({"heading": "Patch probe", "table": probe_md, "text": PROBE_TEXT})
+    if fig:
+        sections.append(
+            {
+                "heading": "Figure 3",
+                "text": "Per example: input and each model's reconstruction (top), ground truth and each model's anomaly map |x - reconstruction| inside the brain (bottom, each map from 0 to its own 99.5th percentile).",
+                "images": [fig],
+            }
+        )
     sections.append(
         {
             "heading": "Training budgets",
@@ -679,24 +693,6 @@ def collect(plan: BenchmarkPlan, out: Path) -> int:
         )
     if free_md:
         sections.append({"heading": "Without lesion labels", "table": free_md, "text": FREE_TEXT})
-    if probe_md:
-        sections.append(
-            {
-                "heading": "Patch probe",
-                "table": probe_md,
-                "text": PROBE_TEXT,
-            }
-        )
-    if paired:
-        sections += paired["sections"]
-    if fig:
-        sections.append(
-            {
-                "heading": "Figure 3",
-                "text": "Per example: input and each model's reconstruction (top), ground truth and each model's anomaly map |x - reconstruction| inside the brain (bottom, each map from 0 to its own 99.5th percentile).",
-                "images": [fig],
-            }
-        )
     page = write_html(dest / "report.html", "maediff benchmark", sections)
     print(table.markdown())
     print(budget_md)
