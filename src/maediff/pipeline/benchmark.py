@@ -985,7 +985,10 @@ def _timing_text(plan: BenchmarkPlan, out: Path, found) -> str:
             if f.exists():
                 t = json.loads(f.read_text())
                 total += t.get("train_s", 0) + t.get("evaluate_s", 0)
-    return f"Wall time of the finished runs: {total / 60:.0f} min."
+    return (
+        f"Training and evaluation time of the finished runs, added up: {total / 60:.0f} min "
+        "(runs done side by side in several processes overlap in wall time)."
+    )
 
 
 __all__ = ["BenchmarkPlan", "RunSpec", "collect", "run_benchmark"]
