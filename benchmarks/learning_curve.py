@@ -97,8 +97,10 @@ def run_job(
             "--set", f"train.max_steps={steps}", "--set", "train.max_minutes=0",
             "--set", "train.epochs=100000", "--set", f"train.seed={seed}", "--device", "cpu", "-q",
         ]  # fmt: skip
-        if (run_dir / "config.yaml").exists():
+        if (run_dir / "last.state.safetensors").exists():
             cmd.append("--resume")
+        elif run_dir.exists():  # killed before its first checkpoint: nothing trained to keep
+            cmd.append("--overwrite")
         subprocess.run(cmd, check=True, env=env)
     train_s = time.perf_counter() - t0
     t0 = time.perf_counter()

@@ -39,3 +39,10 @@ def test_learning_curve_runs_resumes_and_draws(tiny_bench, tmp_path):
     assert "| MAEDiff | 2 | 1 |" in table
     for name in ("learning_curve.png", "learning_curve_reconstructions.png"):
         assert (tmp_path / "img" / name).stat().st_size > 1000
+    # a job killed before its first checkpoint (its folder holds a config and no
+    # weights) starts again instead of stopping the curve on "cannot resume"
+    killed = out / "maediff" / "3" / "seed0"
+    (killed / "run").mkdir(parents=True)
+    (killed / "run" / "config.yaml").write_text((result.parent / "run" / "config.yaml").read_text())
+    _run(*common, "--rows", "MAEDiff", "--budgets", "3", "--seeds", "1")
+    assert json.loads((killed / "result.json").read_text())["steps"] == 3
