@@ -123,6 +123,37 @@ def test_power_sizing_script_reads_seeds_and_sizes_from_the_spread(tmp_path):
         power_sizing.sizing([a[0], tmp_path / "c0"], b, "Brats21", "dice", 0.03)
 
 
+def test_power_sizing_pairs_two_folders_probes_over_their_slices(tmp_path):
+    """--metric probe: each slice's l1 averaged over its draws (band-major, slice-minor)
+    and the row's seeds, then paired across the rows; other draws are refused."""
+    import importlib.util
+    import json
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "power_sizing.py"
+    spec = importlib.util.spec_from_file_location("power_sizing", script)
+    power_sizing = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(power_sizing)
+    rng = np.random.default_rng(5)
+
+    def run(name, per_draw, seed=1):  # 3 draws x 8 slices
+        (tmp_path / name / "eval").mkdir(parents=True)
+        probe = {"l1": 0.0, "bands": [{"t": [1, 10]}], "n_draws": 24, "n_slices": 8}
+        probe |= {"seed": seed, "per_draw": per_draw.ravel().tolist()}
+        (tmp_path / name / "probe.json").write_text(json.dumps({"probe": probe}))
+        return tmp_path / name / "eval"
+
+    a = [rng.uniform(0.1, 0.2, (3, 8)) for _ in range(2)]
+    b = rng.uniform(0.1, 0.2, (3, 8))
+    row = power_sizing.probe_sizing([run("a0", a[0]), run("a1", a[1])], [run("b0", b)])
+    per_slice = (a[0].mean(0) + a[1].mean(0)) / 2 - b.mean(0)
+    assert row["probe slices"] == 8
+    assert row["mean a - b"] == pytest.approx(100 * per_slice.mean(), rel=1e-12)
+    assert row["sd of differences"] == pytest.approx(100 * per_slice.std(ddof=1), rel=1e-9)
+    with pytest.raises(SystemExit, match="other probe draws"):
+        power_sizing.probe_sizing([tmp_path / "a0" / "eval", run("c0", b, seed=2)], [])
+
+
 def test_power_stays_a_number_far_in_the_tail():
     """scipy's noncentral t returns NaN far in its tail (n 12, d_z 2.5): the power is
     then ~1 either way round, not NaN (power_sizing.py printed "nan")."""

@@ -805,7 +805,7 @@ def probe_units(p: dict) -> np.ndarray | None:
     return np.asarray(v, dtype=np.float64).reshape(-1, n).mean(axis=0)
 
 
-def _draws_of(p: dict) -> tuple:
+def probe_draws(p: dict) -> tuple:
     """What makes two runs' probe draws the same ones (pipeline/probe.py)."""
     pr = p["probe"]
     return (pr.get("seed"), pr.get("n_draws"), pr.get("n_slices"), [b["t"] for b in pr["bands"]])
@@ -857,7 +857,7 @@ def _slices_paired(
     for fold in sorted({f for f, _ in runs} & {f for f, _ in ref}):
         mine = [p for (f, _), p in runs.items() if f == fold]
         theirs = [p for (f, _), p in ref.items() if f == fold]
-        if len({repr(_draws_of(p)) for p in mine + theirs}) != 1:
+        if len({repr(probe_draws(p)) for p in mine + theirs}) != 1:
             continue  # other draws (another geometry or probe version): not paired
         a.append(np.mean([probe_units(p) for p in mine], axis=0))
         b.append(np.mean([probe_units(p) for p in theirs], axis=0))
