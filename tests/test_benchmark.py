@@ -39,6 +39,7 @@ def test_benchmark_runs_resumes_and_refuses_changes(tiny_bench, tmp_path, capsys
     assert "| Thresh | 2 |" in table and "| pDDPM s48 | 2 |" in table
     free = (out / "labelfree.md").read_text()  # scan AUROC, Dice at FPR thresholds per run
     assert "scan AUROC" in free and free.count("| BraTS21 |") == 4
+    assert "| pDDPM s48 fold0-seed1 | BraTS21 |" in free  # each run named by its row
     capsys.readouterr()
     assert main(argv) == 0  # everything finished: nothing is trained again
     assert capsys.readouterr().out.count(": done") == 4

@@ -652,7 +652,11 @@ def collect(plan: BenchmarkPlan, out: Path) -> int:
     lesion_md = lesion_table(plan, found)
     if lesion_md:
         write_atomic(dest / "lesions.md", lesion_md)
-    free_md = labelfree_tables([s for m in plan.models for _, s in found.get(m, [])])
+    free_runs = [(m, spec, s) for m in plan.models for spec, s in found.get(m, [])]
+    free_md = labelfree_tables(
+        [s for _, _, s in free_runs],  # named by the table's row (a twin's run too)
+        [f"{row(m)} fold{spec.fold}-seed{spec.seed}" for m, spec, _ in free_runs],
+    )
     if free_md:
         write_atomic(dest / "labelfree.md", free_md)
     sections = [

@@ -266,11 +266,15 @@ FREE_TEXT = (
 )
 
 
-def labelfree_tables(summaries: Sequence[EvaluationSummary | Mapping]) -> str:
+def labelfree_tables(
+    summaries: Sequence[EvaluationSummary | Mapping], tags: Sequence[str] | None = None
+) -> str:
     """Markdown: per run and data set the scan-level AUROC and Dice / lesion F1 at the
-    false-positive-rate thresholds ('' when no summary has them)."""
+    false-positive-rate thresholds ('' when no summary has them). `tags` name the runs
+    (default: each summary's model, numbered)."""
+    summaries = as_summaries(summaries)
     rows = []
-    for s, tag in zip(as_summaries(summaries), _run_tags(as_summaries(summaries))):
+    for s, tag in zip(summaries, tags if tags is not None else _run_tags(summaries)):
         for ds, d in s.datasets.items():
             f = d.label_free
             if f is not None and (f.scan_auroc is not None or f.at_fpr):
