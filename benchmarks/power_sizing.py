@@ -54,6 +54,17 @@ def read_rows(folders: list[Path], dataset: str, metric: str) -> tuple[list[str]
     return subjects or [], np.array(values)
 
 
+def difference_cells(d) -> dict:
+    """The paired difference's cells, in points (x 100), as the benchmark shows them."""
+    return {
+        "mean a - b": 100 * d.mean,
+        "95 % interval": f"{100 * d.ci[0]:+.2f} to {100 * d.ci[1]:+.2f}",
+        "p (paired t)": f"{d.p_t:.2g}",
+        "p (Wilcoxon)": f"{d.p_wilcoxon:.2g}",
+        "sd of differences": 100 * d.sd,
+    }
+
+
 def sizing(a: list[Path], b: list[Path], dataset: str, metric: str, delta: float) -> dict:
     sa, va = read_rows(a, dataset, metric)
     sb, vb = read_rows(b, dataset, metric)
@@ -64,11 +75,7 @@ def sizing(a: list[Path], b: list[Path], dataset: str, metric: str, delta: float
     return {
         "data set": shown_name(dataset),
         "subjects": d.n,
-        "mean a - b": 100 * d.mean,
-        "95 % interval": f"{100 * d.ci[0]:+.2f} to {100 * d.ci[1]:+.2f}",
-        "p (paired t)": f"{d.p_t:.2g}",
-        "p (Wilcoxon)": f"{d.p_wilcoxon:.2g}",
-        "sd of differences": 100 * d.sd,
+        **difference_cells(d),
         f"power now ({100 * delta:g} points)": power_paired_t(d.n, d.sd, delta),
         f"subjects for {100 * delta:g} points": need,
     }
@@ -102,11 +109,7 @@ def probe_sizing(a: list[Path], b: list[Path]) -> dict:
     return {
         "measure": "in-patch l1 (x 100)",
         "probe slices": d.n,
-        "mean a - b": 100 * d.mean,
-        "95 % interval": f"{100 * d.ci[0]:+.2f} to {100 * d.ci[1]:+.2f}",
-        "p (paired t)": f"{d.p_t:.2g}",
-        "p (Wilcoxon)": f"{d.p_wilcoxon:.2g}",
-        "sd of differences": 100 * d.sd,
+        **difference_cells(d),
     }
 
 
