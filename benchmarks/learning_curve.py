@@ -42,7 +42,17 @@ MODELS = {  # row -> (model, budgets)
     "MAEDiff": ("maediff", (300, 1000, 3000, 10000)),
     "pDDPM s48": ("pddpm-s48", (300, 1000, 3000)),
     "AE": ("ae", (300, 1000, 3000)),
+    "MAEDiff 96 px": ("maediff", (1000,)),
 }
+# rows that change the preset: the data's full 96 px resolution with the `cpu` widths, the
+# patch, stride and MAE token grid scaled with the image (16 patch positions of 48 px, 6 px
+# tokens, as at 48 px), to measure what the small MS lesions need
+ROW_SETTINGS = {
+    "MAEDiff 96 px": (
+        "geometry.image_size=96", "geometry.patch_size=48", "geometry.stride=16",
+        "geometry.grid_size=16",
+    ),
+}  # fmt: skip
 
 
 def seeds_of(row: str, steps: int) -> int:
@@ -81,7 +91,14 @@ def _env(threads: int) -> dict:
 
 
 def run_job(
-    data: Path, out: Path, row: str, steps: int, seed: int, threads: int, scale: str = "cpu"
+    data: Path,
+    out: Path,
+    row: str,
+    steps: int,
+    seed: int,
+    threads: int,
+    scale: str = "cpu",
+    amp: str | None = None,
 ) -> dict:
     folder = out / slug(row) / str(steps) / f"seed{seed}"
     result = folder / "result.json"
@@ -97,6 +114,10 @@ def run_job(
             "--set", f"train.max_steps={steps}", "--set", "train.max_minutes=0",
             "--set", "train.epochs=100000", "--set", f"train.seed={seed}", "--device", "cpu", "-q",
         ]  # fmt: skip
+        for setting in ROW_SETTINGS.get(row, ()):
+            cmd += ["--set", setting]
+        if amp:
+            cmd += ["--set", f"train.amp={amp}"]
         if (run_dir / "last.state.safetensors").exists():
             cmd.append("--resume")
         elif run_dir.exists():  # killed before its first checkpoint: nothing trained to keep
@@ -109,6 +130,8 @@ def run_job(
             "evaluate", "--model", str(run_dir), "--data", str(data), "-o", str(eval_dir),
             "--workers", "0", "--device", "cpu", "-q", "--overwrite",
         ]  # fmt: skip
+        if amp:
+            cmd += ["--amp", amp]
         subprocess.run(cmd, check=True, env=env)
     eval_s = time.perf_counter() - t0
     summary = json.loads((eval_dir / "summary.json").read_text())
@@ -215,8 +238,12 @@ def figure(out: Path, data: Path, folder: Path) -> None:
         ax.set_xticks(ticks, [f"{s:,}" for s in ticks])
         ax.minorticks_off()
     axes[0].legend()
-    cpu = next(iter(rows.values()))[0]["cpu"] if rows else ""
-    fig.suptitle(f"Learning curve at the cpu scale, demo test sets ({cpu}, fp32)")
+    first = next(iter(rows.values()))[0] if rows else {}
+    amps = sorted({str(r[0].get("amp", "")) for r in rows.values()})
+    precision = "fp32" if amps == ["none"] else "autocast " + ", ".join(amps)
+    fig.suptitle(
+        f"Learning curve at the cpu scale, demo test sets ({first.get('cpu', '')}, {precision})"
+    )
     fig.tight_layout()
     folder.mkdir(parents=True, exist_ok=True)
     fig.savefig(folder / "learning_curve.png", dpi=110)
@@ -283,6 +310,12 @@ def main() -> None:
     ap.add_argument("--budgets", nargs="+", type=int, help="these budgets for every row")
     ap.add_argument("--seeds", type=int, help="this many seeds for every job")
     ap.add_argument("--scale", default="cpu", choices=("cpu", "tiny"), help="presets' scale")
+    ap.add_argument(
+        "--amp",
+        choices=("none", "bf16", "fp16", "auto"),
+        help="autocast of training and evaluation (default: the preset's, `auto`); "
+        "`none` measures fp32 on any CPU",
+    )
     ap.add_argument("--list", action="store_true", help="print the jobs and exit")
     ap.add_argument("--collect", action="store_true", help="print the table of finished jobs")
     ap.add_argument("--figure", type=Path, metavar="DIR", help="write the figures into DIR")
@@ -298,10 +331,10 @@ def main() -> None:
         todo = todo[i::j]
     if args.list:
         for row, steps, seed in todo:
-            print(f"{row:>10}  {steps:>6} steps  seed {seed}")
+            print(f"{row:>13}  {steps:>6} steps  seed {seed}")
         return
     for row, steps, seed in todo:
-        r = run_job(args.data, args.out, row, steps, seed, args.threads, args.scale)
+        r = run_job(args.data, args.out, row, steps, seed, args.threads, args.scale, args.amp)
         print(json.dumps({k: r[k] for k in ("row", "steps", "seed", "metrics", "train_s", "eval_s")}),
               flush=True)  # fmt: skip
     print(collect(args.out))
