@@ -146,7 +146,7 @@ def run_job(
         "eval_s": round(eval_s, 1),
         "threads": threads,
         "cpu": cpu_name(),
-        "amp": summary.get("settings", {}).get("amp", "the config's"),
+        "amp": used_amp(amp),
     }
     tmp = result.with_suffix(".json.tmp")
     tmp.write_text(json.dumps(row_out, indent=2))
@@ -159,6 +159,16 @@ def _dataset(summary: dict, name: str) -> dict:
         if key.lower() == name.lower():
             return value
     raise KeyError(f"{name} not in the summary's data sets {list(summary['datasets'])}")
+
+
+def used_amp(amp: str | None) -> str:
+    """The autocast the job ran with on this CPU: `amp`, or the `cpu` preset's `auto`
+    resolved (bf16 only where the CPU computes it natively)."""
+    import torch
+
+    from maediff.device import resolve_amp
+
+    return resolve_amp(amp or "auto", torch.device("cpu"))
 
 
 def metrics_of(summary: dict) -> dict:
