@@ -124,14 +124,18 @@ def test_volume(size: int) -> tuple[torch.Tensor, torch.Tensor, nib.Nifti1Image]
     return s, m, nib.Nifti1Image(img, template()["affine"])
 
 
-def compare(model, slices, brain, repeats: int, label: str) -> dict:
+def compare(model, slices, brain, repeats: int, label: str, amp: str = "auto") -> dict:
     S = slices.shape[0]
     noise = model.noise(S, torch.Generator().manual_seed(0))
     ref = reference_reconstruct(model, slices, noise)
-    pkg = model.reconstruct(slices, noise=noise, brain_mask=brain)
+
+    def pkg_run():
+        return model.reconstruct(slices, noise=noise, brain_mask=brain, amp=amp)
+
+    pkg = pkg_run()
     diff = float(((ref - pkg).abs() * brain).max())
     t_ref = median_time(lambda: reference_reconstruct(model, slices, noise), repeats)
-    t_pkg = median_time(lambda: model.reconstruct(slices, noise=noise, brain_mask=brain), repeats)
+    t_pkg = median_time(pkg_run, repeats)
     return {
         "label": label,
         "ref_s": t_ref,
@@ -192,15 +196,15 @@ OP_GROUPS = {
 }
 
 
-def op_profile(model, slices, brain) -> tuple[float, dict[str, float]]:
+def op_profile(model, slices, brain, amp: str = "auto") -> tuple[float, dict[str, float]]:
     """(seconds, group -> % of the self CPU time) of one reconstruct of these slices."""
     from torch.profiler import ProfilerActivity, profile
 
     noise = model.noise(slices.shape[0], torch.Generator().manual_seed(0))
-    model.reconstruct(slices[:2], noise=noise[:2], brain_mask=brain[:2])  # warm-up
+    model.reconstruct(slices[:2], noise=noise[:2], brain_mask=brain[:2], amp=amp)  # warm-up
     with profile(activities=[ProfilerActivity.CPU]) as prof:
         t0 = time.perf_counter()
-        model.reconstruct(slices, noise=noise, brain_mask=brain)
+        model.reconstruct(slices, noise=noise, brain_mask=brain, amp=amp)
         seconds = time.perf_counter() - t0
     events = prof.key_averages()
     total = sum(e.self_cpu_time_total for e in events) or 1.0
@@ -239,12 +243,18 @@ def main() -> None:
     ap.add_argument("--train-steps", type=int, default=2)
     ap.add_argument("--slices", type=int, default=50, help="slices of the cpu-preset volume")
     ap.add_argument("--profile", action="store_true", help="reconstruct's time per op group")
+    ap.add_argument(
+        "--amp",
+        default="auto",
+        choices=("auto", "none", "bf16"),
+        help="maediff's autocast (the reference loop stays fp32); auto: bf16 where native",
+    )
     args = ap.parse_args()
     dev = torch.device("cpu")
-    amp = resolve_amp("auto", dev)
+    amp = resolve_amp(args.amp, dev)
     print(
         f"maediff {__version__}, torch {torch.__version__}, {platform.processor() or platform.machine()}, "
-        f"{torch.get_num_threads()} threads, autocast 'auto' -> {amp}"
+        f"{torch.get_num_threads()} threads, autocast '{args.amp}' -> {amp}"
     )
     peak = matmul_peak(torch.bfloat16 if amp == "bf16" else torch.float32)
     print(f"matmul peak ({'bf16' if amp == 'bf16' else 'fp32'}, 2048^3): {peak:.0f} GFLOP/s\n")
@@ -267,7 +277,9 @@ def main() -> None:
 
     slices, brain = slices[: args.slices], brain[: args.slices]
     rows = [
-        compare(model, slices, brain, args.repeats, f"cpu preset, one {len(slices)}-slice volume")
+        compare(
+            model, slices, brain, args.repeats, f"cpu preset, one {len(slices)}-slice volume", amp
+        )
     ]
     if args.paper_slices:
         paper = build_model(get_preset("paper"))
@@ -278,7 +290,7 @@ def main() -> None:
         mid = ps.shape[0] // 2
         sl = slice(mid, mid + args.paper_slices)
         rows.append(
-            compare(paper, ps[sl], pb[sl], 1, f"paper preset, {args.paper_slices} slice(s)")
+            compare(paper, ps[sl], pb[sl], 1, f"paper preset, {args.paper_slices} slice(s)", amp)
         )
     print(
         "| Alg. 2 | reference loop (s) | maediff (s) | speed-up | max map difference in the brain |"
@@ -296,7 +308,9 @@ def main() -> None:
 
     if args.profile:
         mid = slices.shape[0] // 2
-        seconds, shares = op_profile(model, slices[mid - 8 : mid + 8], brain[mid - 8 : mid + 8])
+        seconds, shares = op_profile(
+            model, slices[mid - 8 : mid + 8], brain[mid - 8 : mid + 8], amp
+        )
         print(f"\nreconstruct of 16 slices under torch.profiler: {seconds:.2f} s")
         print("| op group | share of the self CPU time |\n|---|---|")
         for group, share in shares.items():

@@ -90,6 +90,30 @@ def _env(threads: int) -> dict:
     return env
 
 
+def train_command(
+    data: Path,
+    run_dir: Path,
+    row: str,
+    steps: int,
+    seed: int,
+    scale: str = "cpu",
+    amp: str | None = None,
+) -> list[str]:
+    """`maediff train` for one job: the row's preset at `scale`, its own settings
+    (ROW_SETTINGS), the budget as the whole schedule, the seed and the autocast."""
+    cmd = maediff_command() + [
+        "train", "--data", str(data), "--run-dir", str(run_dir),
+        "--preset", f"{MODELS[row][0]}-{scale}",
+        "--set", f"train.max_steps={steps}", "--set", "train.max_minutes=0",
+        "--set", "train.epochs=100000", "--set", f"train.seed={seed}", "--device", "cpu", "-q",
+    ]  # fmt: skip
+    for setting in ROW_SETTINGS.get(row, ()):
+        cmd += ["--set", setting]
+    if amp:
+        cmd += ["--set", f"train.amp={amp}"]
+    return cmd
+
+
 def run_job(
     data: Path,
     out: Path,
@@ -109,15 +133,7 @@ def run_job(
     env = _env(threads)
     t0 = time.perf_counter()
     if not (run_dir / "train_summary.json").exists():
-        cmd = maediff_command() + [
-            "train", "--data", str(data), "--run-dir", str(run_dir), "--preset", preset,
-            "--set", f"train.max_steps={steps}", "--set", "train.max_minutes=0",
-            "--set", "train.epochs=100000", "--set", f"train.seed={seed}", "--device", "cpu", "-q",
-        ]  # fmt: skip
-        for setting in ROW_SETTINGS.get(row, ()):
-            cmd += ["--set", setting]
-        if amp:
-            cmd += ["--set", f"train.amp={amp}"]
+        cmd = train_command(data, run_dir, row, steps, seed, scale, amp)
         if (run_dir / "last.state.safetensors").exists():
             cmd.append("--resume")
         elif run_dir.exists():  # killed before its first checkpoint: nothing trained to keep

@@ -46,3 +46,37 @@ def test_learning_curve_runs_resumes_and_draws(tiny_bench, tmp_path):
     (killed / "run" / "config.yaml").write_text((result.parent / "run" / "config.yaml").read_text())
     _run(*common, "--rows", "MAEDiff", "--budgets", "3", "--seeds", "1")
     assert json.loads((killed / "result.json").read_text())["steps"] == 3
+
+
+def _script():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("learning_curve", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    sys.path.insert(0, str(SCRIPT.parent))
+    try:
+        spec.loader.exec_module(module)
+    finally:
+        sys.path.remove(str(SCRIPT.parent))
+    return module
+
+
+def test_the_96_px_row_trains_at_the_datas_resolution_and_amp_reaches_both_commands(tmp_path):
+    lc = _script()
+    assert ("MAEDiff 96 px", 1000, 0) in lc.jobs()
+    cmd = lc.train_command(tmp_path, tmp_path / "run", "MAEDiff 96 px", 1000, 0, "cpu", "none")
+    settings = [cmd[i + 1] for i, a in enumerate(cmd) if a == "--set"]
+    for s in ("geometry.image_size=96", "geometry.patch_size=48", "geometry.stride=16",
+              "geometry.grid_size=16", "train.amp=none", "train.max_steps=1000"):  # fmt: skip
+        assert s in settings, (s, settings)
+    assert cmd[cmd.index("--preset") + 1] == "maediff-cpu"
+    # the 96 px settings make a valid configuration of the cpu preset
+    from maediff.config import apply_overrides, get_preset
+
+    cfg = apply_overrides(get_preset("cpu"), [s for s in settings if s.startswith("geometry")])
+    assert cfg.geometry.image_size == 96 and cfg.geometry.patch_size == 48
+    # the 48 px rows keep the preset as it is, and the recorded autocast is the one used
+    plain = lc.train_command(tmp_path, tmp_path / "run", "MAEDiff", 300, 0)
+    assert not any(a.startswith(("geometry.", "train.amp")) for a in plain)
+    assert lc.used_amp("none") == "none"
+    assert lc.used_amp(None) in ("none", "bf16")
