@@ -275,6 +275,7 @@ def figure(out: Path, data: Path, folder: Path) -> None:
     fig.savefig(folder / "learning_curve.png", dpi=110)
     plt.close(fig)
     reconstructions(out, data, folder)
+    resolution_figure(out, data, folder)
 
 
 def reconstructions(out: Path, data: Path, folder: Path) -> None:
@@ -317,6 +318,64 @@ def reconstructions(out: Path, data: Path, folder: Path) -> None:
         ax.axis("off")
     fig.tight_layout()
     fig.savefig(folder / "learning_curve_reconstructions.png", dpi=110)
+    plt.close(fig)
+
+
+def resolution_figure(out: Path, data: Path, folder: Path) -> None:
+    """48 px against the data's 96 px, MAEDiff seed 0 at the 96 px row's budget: the MS
+    and the tumour test subject with the most lesion on one slice, each model on its own
+    grid (the input with the lesion's outline, the reconstruction, |x - rec|), written to
+    learning_curve_96px.png once both runs have finished."""
+    import matplotlib.pyplot as plt
+    import numpy as np
+    import torch
+
+    from maediff.data.datasets import load_subject
+    from maediff.data.splits import read_pddpm_split
+    from maediff.pipeline.detect import reconstruct_volume
+    from maediff.training.checkpoint import load_model
+
+    done = sorted(
+        out.glob(f"{slug('MAEDiff 96 px')}/*/seed0/result.json"),
+        key=lambda f: int(f.parent.parent.name),
+    )
+    if not done:
+        return
+    steps = done[-1].parent.parent.name
+    base = out / "maediff" / steps / "seed0"
+    if not (base / "result.json").exists():
+        return
+    models = [("48 px", load_model(base / "run", "cpu")),
+              ("96 px", load_model(done[-1].parent / "run", "cpu"))]  # fmt: skip
+    fig, axes = plt.subplots(2, 6, figsize=(15.6, 5.6))
+    for row, name in enumerate(("MSLUB", "Brats21")):
+        best = None
+        for subject in read_pddpm_split(data, name, "test")[:6]:
+            vol = load_subject(subject, models[1][1].cfg.data)
+            area = (vol.segmentation > 0).sum(axis=(0, 1))
+            if best is None or area.max() > best[0]:
+                best = (int(area.max()), subject, int(np.argmax(area)))
+        subject = best[1]
+        panels = []
+        for label, model in models:  # each on its own grid: 4 mm or 2 mm pixels and slices
+            vol = load_subject(subject, model.cfg.data)
+            z = int(np.argmax((vol.segmentation > 0).sum(axis=(0, 1))))
+            img = vol.image[..., z]
+            gen = torch.Generator().manual_seed(0)
+            rec = reconstruct_volume(model, vol.image[..., z : z + 1], gen)[..., 0]
+            panels += [
+                (f"{name} {subject.name}, {label}", img, "gray", 1.0, vol.segmentation[..., z]),
+                (f"{label}, {steps} steps", rec, "gray", 1.0, None),
+                (f"{label}: |x - rec|", np.abs(img - rec), "inferno", 0.5, None),
+            ]
+        for ax, (title, im, cmap, vmax, lesion) in zip(axes[row], panels):
+            ax.imshow(im.T, cmap=cmap, origin="lower", vmin=0, vmax=vmax)
+            if lesion is not None:  # the lesion's outline over the input
+                ax.contour((lesion > 0).T.astype(float), levels=[0.5], colors="c", linewidths=0.7)
+            ax.set_title(title, fontsize=9)
+            ax.axis("off")
+    fig.tight_layout()
+    fig.savefig(folder / "learning_curve_96px.png", dpi=110)
     plt.close(fig)
 
 

@@ -39,6 +39,19 @@ def test_learning_curve_runs_resumes_and_draws(tiny_bench, tmp_path):
     assert "| MAEDiff | 2 | 1 |" in table
     for name in ("learning_curve.png", "learning_curve_reconstructions.png"):
         assert (tmp_path / "img" / name).stat().st_size > 1000
+    assert not (tmp_path / "img" / "learning_curve_96px.png").exists()  # no 96 px row yet
+    # the resolution figure, once the 96 px row has run at a budget MAEDiff has too (here
+    # the same tiny run stands in for it: the figure's loading, choice of slice and drawing)
+    import shutil
+
+    twin = out / "maediff-96-px" / "2" / "seed0"
+    shutil.copytree(result.parent, twin)
+    moved = json.loads((twin / "result.json").read_text())
+    (twin / "result.json").write_text(json.dumps({**moved, "row": "MAEDiff 96 px"}))
+    table = _run(*common, "--collect", "--figure", str(tmp_path / "img"))
+    assert "| MAEDiff 96 px | 2 | 1 |" in table and "| MAEDiff | 2 | 1 |" in table
+    assert (tmp_path / "img" / "learning_curve_96px.png").stat().st_size > 1000
+    shutil.rmtree(twin.parent.parent)
     # a job killed before its first checkpoint (its folder holds a config and no
     # weights) starts again instead of stopping the curve on "cannot resume"
     killed = out / "maediff" / "3" / "seed0"
