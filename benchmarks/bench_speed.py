@@ -216,6 +216,46 @@ def op_profile(model, slices, brain, amp: str = "auto") -> tuple[float, dict[str
     return seconds, shares
 
 
+def op_timings(repeats: int) -> list[tuple[str, str, float]]:
+    """(op at a shape of the `cpu` preset, variant, ms): GroupNorm in fp32 and bf16, on
+    NCHW and channels_last tensors (inference runs channels_last on the CPU), and the
+    fused attention at the two attention resolutions, fp32 against bf16. The ops whose
+    bf16 kernels decide whether bf16 autocast pays on a CPU."""
+    F = torch.nn.functional
+    out = []
+    with torch.no_grad():
+        for c, h in ((16, 48), (32, 24), (64, 12)):  # batch 64: one inference chunk's pairs
+            x = torch.randn(64, c, h, h)
+            for dtype in (torch.float32, torch.bfloat16):
+                norm = torch.nn.GroupNorm(8, c).to(dtype)
+                for layout in (torch.contiguous_format, torch.channels_last):
+                    xx = x.to(dtype).contiguous(memory_format=layout)
+                    norm(xx)  # warm-up: allocations, the kernel's first dispatch
+                    ms = (
+                        1e3
+                        * median_time(lambda n=norm, v=xx: [n(v) for _ in range(10)], repeats)
+                        / 10
+                    )
+                    name = "NCHW" if layout is torch.contiguous_format else "channels_last"
+                    variant = f"{str(dtype)[6:]}, {name}"
+                    out.append((f"GroupNorm 64x{c}x{h}x{h}", variant, ms))
+        for tokens in (576, 144):  # 24x24 and 12x12, head width 32
+            q = torch.randn(32, 2, tokens, 32)
+            for dtype in (torch.float32, torch.bfloat16):
+                qq = q.to(dtype)
+                F.scaled_dot_product_attention(qq, qq, qq)  # warm-up
+                ms = (
+                    1e3
+                    * median_time(
+                        lambda v=qq: [F.scaled_dot_product_attention(v, v, v) for _ in range(5)],
+                        repeats,
+                    )
+                    / 5
+                )
+                out.append((f"attention 32x2 heads x{tokens} tokens", str(dtype)[6:], ms))
+    return out
+
+
 def train_steps_per_s(cfg, steps: int, repeats: int) -> float:
     torch.manual_seed(0)
     model = build_model(cfg)
@@ -244,6 +284,12 @@ def main() -> None:
     ap.add_argument("--slices", type=int, default=50, help="slices of the cpu-preset volume")
     ap.add_argument("--profile", action="store_true", help="reconstruct's time per op group")
     ap.add_argument(
+        "--ops",
+        action="store_true",
+        help="only time GroupNorm and attention alone (fp32 and bf16, NCHW and "
+        "channels_last) and exit",
+    )
+    ap.add_argument(
         "--amp",
         default="auto",
         choices=("auto", "none", "bf16"),
@@ -258,6 +304,11 @@ def main() -> None:
     )
     peak = matmul_peak(torch.bfloat16 if amp == "bf16" else torch.float32)
     print(f"matmul peak ({'bf16' if amp == 'bf16' else 'fp32'}, 2048^3): {peak:.0f} GFLOP/s\n")
+    if args.ops:
+        print("| op | variant | ms |\n|---|---|---|")
+        for op, variant, ms in op_timings(max(args.repeats, 5)):
+            print(f"| {op} | {variant} | {ms:.2f} |")
+        return
 
     if args.model:
         model = load_model(args.model, dev)
