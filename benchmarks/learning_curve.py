@@ -10,8 +10,11 @@ AUPRC and healthy l1 on test).
 
 The rows (`--list` prints the jobs): MAEDiff (the `cpu` preset as this release defines it)
 at 300, 1,000, 3,000 and 10,000 steps, seeds 0-2 up to 1,000 steps and seed 0 beyond;
-pDDPM s48 and the AE at 300, 1,000 and 3,000 steps, seed 0. Every budget is its own run
-(the learning-rate schedule spans the budget), not a snapshot of a longer one.
+pDDPM s48 and the AE at 300, 1,000 and 3,000 steps, seed 0; "MAEDiff 96 px", the `cpu`
+widths at the data's full 96 px (patch 48, stride 16, 16x16 MAE tokens) for 1,000 steps,
+seed 0. Every budget is its own run (the learning-rate schedule spans the budget), not a
+snapshot of a longer one. `--amp none` trains and evaluates in fp32 on any CPU (the
+preset's `auto` picks bf16 where the CPU has it); each result records what it ran with.
 
 Each job lives in OUT/<model>/<steps>/seed<N>/: `run/` (the training run, resumed where
 it was cut), `eval/` (evaluate's folder) and `result.json`, written last. Jobs are ordered
@@ -20,9 +23,10 @@ processes share 2 cores without slowing each other much; an interrupted curve re
 where it stopped.
 
 `--collect` prints the table (mean ± std over the finished seeds); `--figure DIR` writes
-DIR/learning_curve.png (tumour Dice, AUPRC and healthy l1 against steps, log axis) and
+DIR/learning_curve.png (tumour Dice, AUPRC and healthy l1 against steps, log axis),
 DIR/learning_curve_reconstructions.png (one test slice reconstructed by MAEDiff seed 0 at
-every finished budget, with its anomaly map).
+every finished budget, with its anomaly map) and, once the 96 px row and MAEDiff at its
+budget have run, DIR/learning_curve_96px.png (an MS and a tumour slice through both).
 """
 
 from __future__ import annotations
