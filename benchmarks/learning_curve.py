@@ -327,9 +327,9 @@ def reconstructions(out: Path, data: Path, folder: Path) -> None:
 
 def resolution_figure(out: Path, data: Path, folder: Path) -> None:
     """48 px against the data's 96 px, MAEDiff seed 0 at the 96 px row's budget: the MS
-    and the tumour test subject with the most lesion on one slice, each model on its own
-    grid (the input with the lesion's outline, the reconstruction, |x - rec|), written to
-    learning_curve_96px.png once both runs have finished."""
+    and the tumour test subject with the most lesion on one slice, on the data's grid,
+    through each model (the input with the lesion's outline, the reconstruction, |x - rec|),
+    written to learning_curve_96px.png once both runs have finished."""
     import matplotlib.pyplot as plt
     import numpy as np
     import torch
@@ -353,22 +353,20 @@ def resolution_figure(out: Path, data: Path, folder: Path) -> None:
               ("96 px", load_model(done[-1].parent / "run", "cpu"))]  # fmt: skip
     fig, axes = plt.subplots(2, 6, figsize=(15.6, 5.6))
     for row, name in enumerate(("MSLUB", "Brats21")):
-        best = None
+        best = None  # the subject with the largest lesion area on one slice
         for subject in read_pddpm_split(data, name, "test")[:6]:
-            vol = load_subject(subject, models[1][1].cfg.data)
+            vol = load_subject(subject, models[1][1].cfg.data)  # the data's grid, both models
             area = (vol.segmentation > 0).sum(axis=(0, 1))
             if best is None or area.max() > best[0]:
-                best = (int(area.max()), subject, int(np.argmax(area)))
-        subject = best[1]
+                best = (int(area.max()), subject, vol, int(np.argmax(area)))
+        _, subject, vol, z = best
+        img = vol.image[..., z]
         panels = []
-        for label, model in models:  # each on its own grid: 4 mm or 2 mm pixels and slices
-            vol = load_subject(subject, model.cfg.data)
-            z = int(np.argmax((vol.segmentation > 0).sum(axis=(0, 1))))
-            img = vol.image[..., z]
+        for label, model in models:  # each resizes the slice to its own input size
             gen = torch.Generator().manual_seed(0)
             rec = reconstruct_volume(model, vol.image[..., z : z + 1], gen)[..., 0]
             panels += [
-                (f"{name} {subject.name}, {label}", img, "gray", 1.0, vol.segmentation[..., z]),
+                (f"{name} {subject.name}", img, "gray", 1.0, vol.segmentation[..., z]),
                 (f"{label}, {steps} steps", rec, "gray", 1.0, None),
                 (f"{label}: |x - rec|", np.abs(img - rec), "inferno", 0.5, None),
             ]
