@@ -1,8 +1,12 @@
 """What the README and docs show exists: every `maediff ...` command in their bash
-blocks parses (subcommand and flags), and every preset they name is a preset."""
+blocks parses (subcommand and flags), every preset they name is a preset, and every
+`python benchmarks/<script>.py ...` command names a script whose own parser takes it."""
 
+import argparse
 import re
+import runpy
 import shlex
+import sys
 from pathlib import Path
 
 import pytest
@@ -14,22 +18,40 @@ ROOT = Path(__file__).resolve().parents[1]
 DOCS = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
 
 
-def _commands(path: Path) -> list[str]:
-    text = path.read_text()
-    blocks = re.findall(r"```(?:bash|sh)\n(.*?)```", text, flags=re.S)
+def _shell_parts(path: Path) -> list[str]:
+    """Each simple command of the file's bash blocks (continuations joined, comments cut)."""
+    blocks = re.findall(r"```(?:bash|sh)\n(.*?)```", path.read_text(), flags=re.S)
     out = []
     for block in blocks:
         for line in block.replace("\\\n", " ").splitlines():
             line = line.split(" #", 1)[0].strip()
-            for part in re.split(r"&&|\|\||;", line):
-                part = part.strip()
-                m = re.search(r"(?:^|-m )maediff (.*)$", part)
-                if m and not part.startswith("pip"):
-                    out.append(m.group(1))
+            out += [p.strip() for p in re.split(r"&&|\|\||;", line) if p.strip()]
+    return out
+
+
+def _commands(path: Path) -> list[str]:
+    out = []
+    for part in _shell_parts(path):
+        m = re.search(r"(?:^|-m )maediff (.*)$", part)
+        if m and not part.startswith("pip"):
+            out.append(m.group(1))
+    return out
+
+
+def _script_commands(path: Path) -> list[str]:
+    """`python benchmarks/...` in bash blocks and in inline code of the text."""
+    out = []
+    for part in _shell_parts(path):
+        m = re.search(r"(?:^|\s)python3? (benchmarks/\S+\.py.*?)\s*&?$", part)
+        if m:
+            out.append(m.group(1))
+    prose = re.sub(r"```.*?```", "", path.read_text(), flags=re.S)
+    out += [" ".join(c.split()) for c in re.findall(r"`python3? (benchmarks/[^`]+)`", prose)]
     return out
 
 
 ALL = [(p.name, c) for p in DOCS for c in _commands(p)]
+SCRIPTS = [(p.name, c) for p in DOCS for c in _script_commands(p)]
 
 
 def test_the_docs_show_commands():
@@ -96,3 +118,57 @@ def test_readme_first_screen_is_one_results_table_then_the_tour():
     assert "pip install torch --index-url https://download.pytorch.org/whl/cpu" in first
     headings = re.findall(r"^## (.*)$", text, flags=re.M)
     assert headings[0] == "A short tour", headings
+
+
+class _Parsed(Exception):
+    pass
+
+
+def check_script_command(command: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A documented `python benchmarks/X.py ...`: the script exists and its argument parser
+    accepts the arguments; the script stops right after parsing, nothing runs."""
+    script, *argv = shlex.split(command)
+    path = ROOT / script
+    assert path.is_file(), f"{script} does not exist"
+    parse = argparse.ArgumentParser.parse_args
+
+    def parse_then_stop(self, args=None, namespace=None):
+        parse(self, args, namespace)
+        raise _Parsed
+
+    with monkeypatch.context() as m:
+        m.setattr(argparse.ArgumentParser, "parse_args", parse_then_stop)
+        m.setattr(sys, "argv", [str(path), *argv])
+        m.syspath_prepend(str(path.parent))
+        try:
+            runpy.run_path(str(path), run_name="__main__")
+        except _Parsed:
+            return
+        except SystemExit as e:
+            raise AssertionError(f"`python {command}` does not parse") from e
+    raise AssertionError(f"{script} ran without parsing its arguments")
+
+
+def test_the_docs_show_benchmark_commands():
+    assert len(SCRIPTS) >= 20 and any(d == "README.md" for d, _ in SCRIPTS)
+
+
+@pytest.mark.parametrize("doc, command", SCRIPTS, ids=[f"{d}:{c[:50]}" for d, c in SCRIPTS])
+def test_documented_benchmark_command_parses(doc, command, monkeypatch):
+    try:
+        check_script_command(command, monkeypatch)
+    except AssertionError as e:
+        raise AssertionError(f"{doc}: {e}") from e
+
+
+@pytest.mark.parametrize(
+    "command",
+    [
+        "benchmarks/learning_curve.py --data d --out o --frobnicate",  # no such flag
+        "benchmarks/bench_speed.py --amp fp8",  # no such choice
+        "benchmarks/no_such_script.py --data d",
+    ],
+)
+def test_the_benchmark_command_check_catches_what_it_should(command, monkeypatch):
+    with pytest.raises(AssertionError):
+        check_script_command(command, monkeypatch)
