@@ -27,11 +27,17 @@ DIR/learning_curve.png (tumour Dice, AUPRC and healthy l1 against steps, log axi
 DIR/learning_curve_reconstructions.png (one test slice reconstructed by MAEDiff seed 0 at
 every finished budget, with its anomaly map) and, once the 96 px row and MAEDiff at its
 budget have run, DIR/learning_curve_96px.png (an MS and a tumour slice through both).
+`--recorded` adds the points measured for the docs (learning_curve_recorded.csv: one row
+per point, its seeds' mean and standard deviation, the CPU, the autocast and the
+release) where OUT has fewer seeds of them, so one folder's new points join the
+published curve; `--model-at STEPS=MODEL` puts a model into the reconstructions figure
+at a budget OUT has no run of (the shipped model is the 3,000-step run).
 """
 
 from __future__ import annotations
 
 import argparse
+import csv
 import json
 import os
 import statistics
@@ -40,7 +46,7 @@ import sys
 import time
 from pathlib import Path
 
-from study_tools import cpu_name, mean_sd
+from study_tools import cpu_name
 
 MODELS = {  # row -> (model, budgets)
     "MAEDiff": ("maediff", (300, 1000, 3000, 10000)),
@@ -226,27 +232,83 @@ def finished(out: Path) -> dict[tuple[str, int], list[dict]]:
 KEYS = ("tumour_dice", "tumour_auprc", "ms_dice", "ms_auprc", "healthy_l1")
 
 
-def collect(out: Path) -> str:
+RECORDED = Path(__file__).with_name("learning_curve_recorded.csv")
+
+
+def points(out: Path, recorded: Path | None = None) -> dict[tuple[str, int], dict]:
+    """(row, steps) -> one point of the curve: its seeds, the mean and standard deviation
+    (ddof 1; 0 for one seed) of each metric, the median training minutes, the CPU and the
+    autocast, from the jobs finished in `out`; with `recorded` (a CSV of earlier
+    measurements, one row per point: benchmarks/learning_curve_recorded.csv), its points
+    too, where `out` has fewer seeds of them."""
+    pts: dict[tuple[str, int], dict] = {}
+    for key, rs in finished(out).items():
+        pts[key] = {
+            "seeds": len(rs),
+            "mean": {k: statistics.mean(r["metrics"][k] for r in rs) for k in KEYS},
+            "sd": {
+                k: statistics.stdev(r["metrics"][k] for r in rs) if len(rs) > 1 else 0.0
+                for k in KEYS
+            },
+            "train_min": statistics.median(r["train_s"] for r in rs) / 60,
+            "cpu": rs[0].get("cpu", ""),
+            "amp": str(rs[0].get("amp", "")),
+        }
+    if recorded is None:
+        return pts
+    with open(recorded, newline="") as f:
+        for n, rec in enumerate(csv.DictReader(f), start=2):
+            try:
+                key = (rec["row"], int(rec["steps"]))
+                if key[0] not in MODELS:
+                    raise ValueError(f"no row {key[0]!r} (rows: {', '.join(MODELS)})")
+                seeds = int(rec["seeds"])
+                point = {
+                    "seeds": seeds,
+                    "mean": {k: float(rec[k]) for k in KEYS},
+                    "sd": {k: float(rec[f"{k}_sd"] or 0) for k in KEYS},
+                    "train_min": float(rec["train_min"]),
+                    "cpu": rec["cpu"],
+                    "amp": rec["amp"],
+                }
+            except (KeyError, TypeError, ValueError) as e:
+                raise ValueError(f"{recorded}, line {n}: {e!r}") from e
+            if key not in pts or pts[key]["seeds"] < seeds:
+                pts[key] = point
+    return pts
+
+
+def _cell(point: dict, key: str) -> str:
+    mean, sd = point["mean"][key], point["sd"][key]
+    return f"{mean:.2f} ± {sd:.2f}" if point["seeds"] > 1 else f"{mean:.2f}"
+
+
+def collect(out: Path, recorded: Path | None = None) -> str:
     lines = [
         "| model | steps | seeds | tumour Dice (%) | tumour AUPRC (%) | MS Dice (%) | MS AUPRC (%) | healthy l1 (1e-3) | train min / run |",
         "|---|---|---|---|---|---|---|---|---|",
     ]
-    for (row, steps), rs in sorted(
-        finished(out).items(), key=lambda kv: (list(MODELS).index(kv[0][0]), kv[0][1])
-    ):
-        cells = [mean_sd([r["metrics"][k] for r in rs]) for k in KEYS]
-        minutes = statistics.median(r["train_s"] for r in rs) / 60
-        lines.append(f"| {row} | {steps} | {len(rs)} | {' | '.join(cells)} | {minutes:.1f} |")
+    pts = points(out, recorded)
+    for row, steps in sorted(pts, key=lambda k: (list(MODELS).index(k[0]), k[1])):
+        p = pts[(row, steps)]
+        cells = " | ".join(_cell(p, k) for k in KEYS)
+        lines.append(f"| {row} | {steps} | {p['seeds']} | {cells} | {p['train_min']:.1f} |")
     return "\n".join(lines)
 
 
-def figure(out: Path, data: Path, folder: Path) -> None:
+def figure(
+    out: Path,
+    data: Path,
+    folder: Path,
+    recorded: Path | None = None,
+    extra_models: dict[int, Path] | None = None,
+) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    rows = finished(out)
+    rows = points(out, recorded)
     fig, axes = plt.subplots(1, 3, figsize=(13, 3.8))
     panels = (("tumour_dice", "tumour Dice (%)"), ("tumour_auprc", "tumour AUPRC (%)"),
               ("healthy_l1", "healthy l1 (1e-3)"))  # fmt: skip
@@ -255,9 +317,8 @@ def figure(out: Path, data: Path, folder: Path) -> None:
         if not budgets:
             continue
         for ax, (key, label) in zip(axes, panels):
-            values = [[r["metrics"][key] for r in rows[(name, s)]] for s in budgets]
-            mean = [statistics.mean(v) for v in values]
-            sd = [statistics.stdev(v) if len(v) > 1 else 0.0 for v in values]
+            mean = [rows[(name, s)]["mean"][key] for s in budgets]
+            sd = [rows[(name, s)]["sd"][key] for s in budgets]
             ax.errorbar(budgets, mean, yerr=sd, marker="o", capsize=3, label=name)
             ax.set_xscale("log")
             ax.set_xlabel("training steps")
@@ -268,22 +329,24 @@ def figure(out: Path, data: Path, folder: Path) -> None:
         ax.set_xticks(ticks, [f"{s:,}" for s in ticks])
         ax.minorticks_off()
     axes[0].legend()
-    first = next(iter(rows.values()))[0] if rows else {}
-    amps = sorted({str(r[0].get("amp", "")) for r in rows.values()})
+    cpus = ", ".join(sorted({p["cpu"] for p in rows.values()}))
+    amps = sorted({p["amp"] for p in rows.values()})
     precision = "fp32" if amps == ["none"] else "autocast " + ", ".join(amps)
-    fig.suptitle(
-        f"Learning curve at the cpu scale, demo test sets ({first.get('cpu', '')}, {precision})"
-    )
+    fig.suptitle(f"Learning curve at the cpu scale, demo test sets ({cpus}, {precision})")
     fig.tight_layout()
     folder.mkdir(parents=True, exist_ok=True)
     fig.savefig(folder / "learning_curve.png", dpi=110)
     plt.close(fig)
-    reconstructions(out, data, folder)
+    reconstructions(out, data, folder, extra_models)
     resolution_figure(out, data, folder)
 
 
-def reconstructions(out: Path, data: Path, folder: Path) -> None:
-    """One tumour test slice through MAEDiff seed 0 at every finished budget."""
+def reconstructions(
+    out: Path, data: Path, folder: Path, extra_models: dict[int, Path] | None = None
+) -> None:
+    """One tumour test slice through MAEDiff seed 0 at every budget it has finished
+    training for, and through `extra_models` (budget -> model file or run folder) at
+    budgets `out` has no trained run of."""
     import matplotlib.pyplot as plt
     import numpy as np
     import torch
@@ -293,10 +356,11 @@ def reconstructions(out: Path, data: Path, folder: Path) -> None:
     from maediff.pipeline.detect import reconstruct_volume
     from maediff.training.checkpoint import load_model
 
-    runs = sorted(
-        (int(f.parent.parent.name), f.parent / "run")
-        for f in out.glob("maediff/*/seed0/result.json")
-    )
+    trained = {
+        int(f.parent.parent.parent.name): f.parent
+        for f in out.glob("maediff/*/seed0/run/train_summary.json")
+    }
+    runs = sorted({**(extra_models or {}), **trained}.items())
     if not runs:
         return
     subject = read_pddpm_split(data, "Brats21", "test")[0]
@@ -406,11 +470,35 @@ def main() -> None:
     ap.add_argument("--list", action="store_true", help="print the jobs and exit")
     ap.add_argument("--collect", action="store_true", help="print the table of finished jobs")
     ap.add_argument("--figure", type=Path, metavar="DIR", help="write the figures into DIR")
+    ap.add_argument(
+        "--recorded",
+        type=Path,
+        nargs="?",
+        const=RECORDED,
+        metavar="CSV",
+        help="with --collect/--figure: add the points recorded in CSV (default: "
+        f"{RECORDED.name}, the curve as measured for the docs) where OUT has fewer seeds",
+    )
+    ap.add_argument(
+        "--model-at",
+        action="append",
+        default=[],
+        metavar="STEPS=MODEL",
+        help="with --figure: MODEL (a model file or run folder) stands for MAEDiff seed 0 at "
+        "STEPS in the reconstructions figure where OUT has no trained run of that budget "
+        "(the shipped model is the 3,000-step run)",
+    )
     args = ap.parse_args()
     if args.collect or args.figure:
-        print(collect(args.out))
+        extra = {}
+        for item in args.model_at:
+            steps, sep, model = item.partition("=")
+            if not sep or not steps.isdigit() or not Path(model).exists():
+                ap.error(f"--model-at {item!r}: give STEPS=MODEL with an existing MODEL")
+            extra[int(steps)] = Path(model)
+        print(collect(args.out, args.recorded))
         if args.figure:
-            figure(args.out, args.data, args.figure)
+            figure(args.out, args.data, args.figure, args.recorded, extra)
         return
     todo = jobs(args.rows, args.budgets, args.seeds)
     if args.run_index:

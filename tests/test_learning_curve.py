@@ -17,6 +17,12 @@ def _run(*args: str) -> str:
     return done.stdout
 
 
+def plt_width(png: Path) -> int:
+    import matplotlib.image
+
+    return matplotlib.image.imread(png).shape[1]
+
+
 def test_learning_curve_runs_resumes_and_draws(tiny_bench, tmp_path):
     out = tmp_path / "curve"
     common = ["--data", str(tiny_bench), "--out", str(out), "--scale", "tiny"]
@@ -40,6 +46,30 @@ def test_learning_curve_runs_resumes_and_draws(tiny_bench, tmp_path):
     for name in ("learning_curve.png", "learning_curve_reconstructions.png"):
         assert (tmp_path / "img" / name).stat().st_size > 1000
     assert not (tmp_path / "img" / "learning_curve_96px.png").exists()  # no 96 px row yet
+    # recorded points join the table and the figure where the folder has fewer seeds;
+    # a model given for a budget without a run adds a column to the reconstructions
+    recorded = tmp_path / "recorded.csv"
+    header = (
+        "row,steps,seeds,tumour_dice,tumour_dice_sd,tumour_auprc,tumour_auprc_sd,ms_dice,"
+        "ms_dice_sd,ms_auprc,ms_auprc_sd,healthy_l1,healthy_l1_sd,train_min,cpu,amp,release\n"
+    )
+    recorded.write_text(
+        header
+        + "MAEDiff,2,1,99.0,,1,,1,,1,,1,,1.0,some CPU,none,0.0\n"  # the folder's own: kept
+        + "MAEDiff,30,2,41.5,0.5,40,1,2,0.1,1,0.1,80,2,3.0,some CPU,none,0.0\n"
+        + "AE,30,1,20.25,,20,,2,,1,,50,,0.5,some CPU,none,0.0\n"
+    )
+    before = plt_width(tmp_path / "img" / "learning_curve_reconstructions.png")
+    table = _run(*common, "--collect", "--figure", str(tmp_path / "img"), "--recorded",
+                 str(recorded), "--model-at", f"30={out / 'maediff/2/seed0/run'}")  # fmt: skip
+    lines = table.splitlines()
+    assert any(ln.startswith("| MAEDiff | 2 | 1 |") and "99.00" not in ln for ln in lines)
+    assert "| MAEDiff | 30 | 2 | 41.50 ± 0.50 |" in table and "| AE | 30 | 1 | 20.25 |" in table
+    assert plt_width(tmp_path / "img" / "learning_curve_reconstructions.png") > before
+    recorded.write_text(header + "MAEDiff,x,1,1,,1,,1,,1,,1,,1.0,c,none,0.0\n")
+    bad = subprocess.run([sys.executable, str(SCRIPT), *common, "--collect", "--recorded",
+                          str(recorded)], capture_output=True, text=True)  # fmt: skip
+    assert bad.returncode != 0 and "recorded.csv, line 2" in bad.stderr
     # the resolution figure, once the 96 px row has run at a budget MAEDiff has too (here
     # the same tiny run stands in for it: the figure's loading, choice of slice and drawing)
     import shutil
