@@ -58,7 +58,7 @@ CPU_070 = [
     "diffusion.background_weight=1",
     "mae.tokens=features",
 ]
-# name -> overrides of the 0.7.0 `cpu` preset (docs/results.md, "A recipe that learns faster")
+# name -> overrides of the 0.7.0 `cpu` preset (docs/history/0.8.0.md, "A recipe that learns faster")
 CHANGES: dict[str, list[str]] = {
     REFERENCE: [],
     "t 350..650": ["diffusion.t_train_min=350", "diffusion.t_train_max=650"],

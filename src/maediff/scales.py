@@ -31,7 +31,7 @@ def _rescale_geometry(g: GeometryConfig, size: int, grid: int) -> GeometryConfig
 
 # The `cpu` scale's training budget in steps: the same model on every machine (the
 # demo and `benchmark --scale cpu`). Chosen from measurements of quality per CPU-minute
-# on 2 fp32 cores (docs/results.md, "How the cpu scale was chosen").
+# on 2 fp32 cores (docs/history/0.3.0.md, "How the cpu scale was chosen").
 CPU_STEPS = 300
 
 

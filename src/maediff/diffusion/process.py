@@ -71,7 +71,7 @@ class DiffusionConfig:
 
 
 # The schedule is the paper's at every scale (see scales._tiny_scale). The `cpu` scale
-# trains at the noise levels the test uses and on the brain (docs/results.md, "A recipe
+# trains at the noise levels the test uses and on the brain (docs/history/0.8.0.md, "A recipe
 # that learns faster": both raised validation Dice at 300 steps over 3 seeds); the
 # `paper` scale keeps the paper's t ~ U{1..T} and plain l1.
 CPU_TRAINING = {"t_train_min": 350, "t_train_max": 650, "background_weight": 0.1}

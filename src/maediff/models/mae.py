@@ -74,7 +74,7 @@ class MAEConfig:
 register_section(
     "mae",
     MAEConfig,
-    # the `cpu` scale cuts the encoder's tokens from the clean visible region (docs/results.md,
+    # the `cpu` scale cuts the encoder's tokens from the clean visible region (docs/history/0.8.0.md,
     # "A recipe that learns faster"); the paper's feature tokens stay the default
     cpu=lambda m: replace(
         m,

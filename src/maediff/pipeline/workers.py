@@ -3,7 +3,7 @@
 On a CPU, the narrow convolutions of the laptop-sized models keep two threads of one
 process from being twice as fast as one: two processes with one thread each, one
 volume each, finished an evaluation 11 % sooner than one process with two threads
-(docs/results.md, "Evaluation cost"). Each worker loads the model from a safetensors
+(docs/history/0.3.0.md, "Evaluation cost"). Each worker loads the model from a safetensors
 copy of the caller's weights and config (nothing is unpickled from disk), computes
 exactly what the calling process would, and sends back arrays; results come back in
 the order of the subjects, at most `2 * workers` volumes ahead of the consumer.
