@@ -14,16 +14,14 @@ with the preset's autocast resolved for this machine (fp32 where bf16 is not nat
 from __future__ import annotations
 
 import argparse
-import statistics
-import time
 
 import torch
+from study_tools import median_seconds, train_step_seconds
 
 from maediff.config import get_preset
-from maediff.device import autocast_context, resolve_amp
+from maediff.device import resolve_amp
 from maediff.models import MODELS, build_model, count_parameters
 from maediff.registry import preset_name, presets_of_table
-from maediff.training.trainer import build_optimizers
 
 UNIQUE = [
     m
@@ -32,38 +30,13 @@ UNIQUE = [
 ]
 
 
-def train_step_seconds(model, cfg, steps: int, repeats: int) -> float:
-    opts = build_optimizers(model, cfg)
-    H, B = cfg.geometry.image_size, cfg.train.batch_size
-    shape = (
-        (B, cfg.data.volume_shape[2], 1, H, H) if model.input_kind == "volumes" else (B, 1, H, H)
-    )
-    x, g = torch.rand(shape), torch.Generator().manual_seed(0)
-    dev = torch.device("cpu")
-    groups = [grp for ph in model.phases for grp in ph.groups]
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        for i in range(steps):
-            group = groups[i % len(groups)]
-            model.zero_grad(set_to_none=True)
-            with autocast_context(dev, cfg.train.amp):
-                loss = model(x, g, group=group)
-            loss.backward()
-            opts[group].step()
-        times.append((time.perf_counter() - t0) / steps)
-    return statistics.median(times)
-
-
 def detect_seconds(model, cfg, slices: int, repeats: int) -> float:
     H = cfg.geometry.image_size
     x = torch.rand(slices, 1, H, H)
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        model.reconstruct(x, torch.Generator().manual_seed(0))
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times) * 50 / slices
+    seconds = median_seconds(
+        lambda: model.reconstruct(x, torch.Generator().manual_seed(0)), repeats
+    )
+    return seconds * 50 / slices
 
 
 def count_flops(model, cfg) -> tuple[float, float]:
@@ -123,7 +96,7 @@ def main() -> None:
             model = build_model(cfg)
             steps = "-"
             if MODELS[cfg.model].trainable:
-                steps = f"{1 / train_step_seconds(model, cfg, args.steps, args.repeats):.3f}"
+                steps = f"{1 / train_step_seconds(model, cfg, args.steps, args.repeats, amp=cfg.train.amp):.3f}"
             model.eval()
             det = detect_seconds(model, cfg, args.slices, args.repeats)
             print(

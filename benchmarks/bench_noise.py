@@ -10,10 +10,10 @@ and bf16 autocast) of the preset, all at the preset's batch size and image size.
 from __future__ import annotations
 
 import argparse
-import time
 from dataclasses import replace
 
 import torch
+from study_tools import median_seconds
 
 from maediff.config import get_preset
 from maediff.diffusion.noise import NoiseSampler
@@ -21,11 +21,7 @@ from maediff.models.maediff import MAEDiff
 
 
 def timed(fn, repeats: int) -> float:
-    fn()
-    t = time.perf_counter()
-    for _ in range(repeats):
-        fn()
-    return (time.perf_counter() - t) / repeats
+    return median_seconds(fn, repeats, warmup=1)
 
 
 def measure(name: str, repeats: int) -> str:

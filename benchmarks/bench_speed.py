@@ -38,6 +38,7 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 import torch
+from study_tools import matmul_peak, median_seconds, train_step_seconds
 from torch.utils.flop_counter import FlopCounterMode
 
 from maediff import __version__
@@ -48,22 +49,6 @@ from maediff.models import build_model
 from maediff.models import unet as unet_module
 from maediff.models.maediff import from_model_range, to_model_range
 from maediff.training.checkpoint import load_model
-from maediff.training.trainer import build_optimizers
-
-
-def median_time(fn, repeats: int) -> float:
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
-
-
-def matmul_peak(dtype: torch.dtype, n: int = 2048, repeats: int = 5) -> float:
-    a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
-    a @ b
-    return 2 * n**3 / median_time(lambda: a @ b, repeats) / 1e9
 
 
 def legacy_attention(self, x, emb=None):
@@ -134,8 +119,8 @@ def compare(model, slices, brain, repeats: int, label: str, amp: str = "auto") -
 
     pkg = pkg_run()
     diff = float(((ref - pkg).abs() * brain).max())
-    t_ref = median_time(lambda: reference_reconstruct(model, slices, noise), repeats)
-    t_pkg = median_time(pkg_run, repeats)
+    t_ref = median_seconds(lambda: reference_reconstruct(model, slices, noise), repeats)
+    t_pkg = median_seconds(pkg_run, repeats)
     return {
         "label": label,
         "ref_s": t_ref,
@@ -233,7 +218,7 @@ def op_timings(repeats: int) -> list[tuple[str, str, float]]:
                     norm(xx)  # warm-up: allocations, the kernel's first dispatch
                     ms = (
                         1e3
-                        * median_time(lambda n=norm, v=xx: [n(v) for _ in range(10)], repeats)
+                        * median_seconds(lambda n=norm, v=xx: [n(v) for _ in range(10)], repeats)
                         / 10
                     )
                     name = "NCHW" if layout is torch.contiguous_format else "channels_last"
@@ -246,7 +231,7 @@ def op_timings(repeats: int) -> list[tuple[str, str, float]]:
                 F.scaled_dot_product_attention(qq, qq, qq)  # warm-up
                 ms = (
                     1e3
-                    * median_time(
+                    * median_seconds(
                         lambda v=qq: [F.scaled_dot_product_attention(v, v, v) for _ in range(5)],
                         repeats,
                     )
@@ -258,21 +243,7 @@ def op_timings(repeats: int) -> list[tuple[str, str, float]]:
 
 def train_steps_per_s(cfg, steps: int, repeats: int) -> float:
     torch.manual_seed(0)
-    model = build_model(cfg)
-    opt = build_optimizers(model, cfg)["model"]
-    x, g = (
-        torch.rand(cfg.train.batch_size, 1, cfg.geometry.image_size, cfg.geometry.image_size),
-        torch.Generator().manual_seed(0),
-    )
-
-    def run():
-        for _ in range(steps):
-            model.zero_grad(set_to_none=True)
-            model(x, g).backward()
-            opt.step()
-
-    run()
-    return steps / median_time(run, repeats)
+    return 1 / train_step_seconds(build_model(cfg), cfg, steps, repeats)
 
 
 def main() -> None:

@@ -46,7 +46,7 @@ import sys
 import time
 from pathlib import Path
 
-from study_tools import cpu_name
+from study_tools import add_job_arguments, cpu_name, pick, slug
 
 MODELS = {  # row -> (model, budgets)
     "MAEDiff": ("maediff", (300, 1000, 3000, 10000)),
@@ -68,10 +68,6 @@ ROW_SETTINGS = {
 def seeds_of(row: str, steps: int) -> int:
     """3 seeds for MAEDiff up to 1,000 steps, 1 otherwise."""
     return 3 if row == "MAEDiff" and steps <= 1000 else 1
-
-
-def slug(name: str) -> str:
-    return name.lower().replace(" ", "-")
 
 
 def jobs(
@@ -451,12 +447,7 @@ def main() -> None:
     )
     ap.add_argument("--data", required=True, type=Path, help="synthetic benchmark (maediff synth)")
     ap.add_argument("--out", required=True, type=Path, help="the curve's folder (resumable)")
-    ap.add_argument(
-        "--threads", type=int, default=1, help="threads per process (0: torch's default)"
-    )
-    ap.add_argument(
-        "--run-index", type=int, nargs=2, metavar=("I", "J"), help="every J-th job from job I"
-    )
+    add_job_arguments(ap, threads=1)
     ap.add_argument("--rows", nargs="+", choices=list(MODELS), help="only these rows")
     ap.add_argument("--budgets", nargs="+", type=int, help="these budgets for every row")
     ap.add_argument("--seeds", type=int, help="this many seeds for every job")
@@ -467,8 +458,6 @@ def main() -> None:
         help="autocast of training and evaluation (default: the preset's, `auto`); "
         "`none` measures fp32 on any CPU",
     )
-    ap.add_argument("--list", action="store_true", help="print the jobs and exit")
-    ap.add_argument("--collect", action="store_true", help="print the table of finished jobs")
     ap.add_argument("--figure", type=Path, metavar="DIR", help="write the figures into DIR")
     ap.add_argument(
         "--recorded",
@@ -500,10 +489,7 @@ def main() -> None:
         if args.figure:
             figure(args.out, args.data, args.figure, args.recorded, extra)
         return
-    todo = jobs(args.rows, args.budgets, args.seeds)
-    if args.run_index:
-        i, j = args.run_index
-        todo = todo[i::j]
+    todo = pick(jobs(args.rows, args.budgets, args.seeds), args.run_index)
     if args.list:
         for row, steps, seed in todo:
             print(f"{row:>13}  {steps:>6} steps  seed {seed}")

@@ -28,14 +28,13 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import re
 import statistics
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
-from study_tools import cpu_name, mean_sd
+from study_tools import add_job_arguments, cpu_name, mean_sd, pick, set_threads, slug
 
 from maediff.config import apply_overrides, get_preset
 from maediff.data.datasets import load_subject
@@ -89,10 +88,6 @@ CHANGES: dict[str, list[str]] = {
 VARIANTS: dict[str, list[str]] = {name: CPU_070 + change for name, change in CHANGES.items()}
 # variants whose step count is this multiple of the budget (equal training compute)
 STEP_FACTOR = {"batch 16, 2x steps": 2}
-
-
-def slug(name: str) -> str:
-    return re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")
 
 
 def jobs(variants: list[str], budgets: list[int], seeds: list[int]) -> list[tuple[int, int, str]]:
@@ -222,22 +217,13 @@ def main() -> None:
     ap.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
     ap.add_argument("--steps", nargs="+", type=int, default=[300, 3000], help="step budgets")
     ap.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
-    ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
-    ap.add_argument(
-        "--run-index", type=int, nargs=2, metavar=("I", "J"), help="every J-th job from job I"
-    )
-    ap.add_argument("--list", action="store_true", help="print the jobs and exit")
-    ap.add_argument("--collect", action="store_true", help="only print the table of finished runs")
+    add_job_arguments(ap)
     args = ap.parse_args()
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    set_threads(args.threads)
     if args.collect:
         print(collect(args.out, args.variants))
         return
-    todo = jobs(args.variants, args.steps, args.seeds)
-    if args.run_index:
-        i, j = args.run_index
-        todo = todo[i::j]
+    todo = pick(jobs(args.variants, args.steps, args.seeds), args.run_index)
     if args.list:
         for steps, seed, v in todo:
             print(f"{steps:>6} steps  seed {seed}  {v}")

@@ -24,6 +24,7 @@ import time
 from pathlib import Path
 
 import torch
+from study_tools import add_job_arguments, pick, set_threads, slug
 
 from maediff.config import apply_overrides, get_preset
 from maediff.pipeline.evaluate import evaluate_model
@@ -85,10 +86,6 @@ VARIANTS: dict[str, tuple[list[str], int]] = {
         360,
     ),
 }
-
-
-def slug(name: str) -> str:
-    return re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")
 
 
 def run_variant(name: str, data_dir: Path, out: Path, volumes: int, seed: int) -> dict:
@@ -163,18 +160,13 @@ def main() -> None:
     ap.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
     ap.add_argument("--volumes", type=int, default=6, help="first N volumes of every split")
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
-    ap.add_argument(
-        "--run-index", type=int, nargs=2, metavar=("I", "J"), help="every J-th variant from I"
-    )
-    ap.add_argument("--collect", action="store_true", help="only print the table of finished runs")
+    add_job_arguments(ap, what="variant")
     args = ap.parse_args()
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    names = args.variants
-    if args.run_index:
-        i, j = args.run_index
-        names = names[i::j]
+    set_threads(args.threads)
+    names = pick(args.variants, args.run_index)
+    if args.list:
+        print("\n".join(names))
+        return
     rows = []
     for name in names:
         result = args.out / slug(name) / "result.json"
