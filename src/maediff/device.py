@@ -145,6 +145,19 @@ def autocast_context(device: torch.device, amp: str) -> contextlib.AbstractConte
     return torch.autocast(device_type=device.type, dtype=dtype)
 
 
+@contextlib.contextmanager
+def full_fp32():
+    """Inside it, CUDA matmuls and convolutions compute in true fp32 (TF32 off, which
+    `speed_up` switches on for speed): the reference that bf16 is compared with."""
+    matmul, cudnn = torch.backends.cuda.matmul, torch.backends.cudnn
+    saved = matmul.allow_tf32, cudnn.allow_tf32
+    matmul.allow_tf32 = cudnn.allow_tf32 = False
+    try:
+        yield
+    finally:
+        matmul.allow_tf32, cudnn.allow_tf32 = saved
+
+
 def _decide(setting: str, name: str, auto: bool, reason: str) -> tuple[bool, str]:
     if setting not in SPEED_MODES:
         raise ValueError(f"{name}={setting!r} must be one of {', '.join(SPEED_MODES)}")
@@ -306,6 +319,7 @@ __all__ = [
     "compile_with_fallback",
     "cuda_bf16_native",
     "fall_back_to_eager",
+    "full_fp32",
     "grad_scaler",
     "resolve_amp",
     "reset_compiled",
