@@ -68,3 +68,42 @@ def test_a_training_too_large_stops_with_a_batch_size_that_fits(monkeypatch):
 def test_the_free_memory_of_this_machine_is_read():
     free = memory.host_memory_available()
     assert free is None or free > 0
+
+
+class _WideLinear(torch.nn.Module):
+    """Wide weights (4 MB each in fp32) on small activations: autocast's bf16 copy of the
+    second is kept for the backward pass (to pass the gradient on to the first), once
+    per step whatever the batch."""
+
+    input_kind = "slices"
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = torch.nn.Linear(1024, 1024), torch.nn.Linear(1024, 1024)
+
+    def loss(self, x, gen, group="model"):
+        return self.b(self.a(x.flatten(1)[:, :1024])).square().mean()
+
+
+def test_autocast_weight_copies_are_counted_once_not_per_sample():
+    from maediff.memory import saved_bytes
+
+    model = _WideLinear()
+    x = torch.rand(1, 1, 32, 32)
+    with torch.autocast("cpu", torch.bfloat16):
+        acts, copies = saved_bytes(model, x, "model")
+    assert copies == 1024 * 1024 * 2  # the second layer's bf16 weight, 2 MB
+    assert acts < 32 * 1024  # the sample's own tensors only (input, output: a few kB)
+    with torch.autocast("cpu", torch.bfloat16):
+        acts4, copies4 = saved_bytes(model, x.expand(4, -1, -1, -1).contiguous(), "model")
+    assert copies4 == copies and acts4 > acts  # the copy does not grow with the batch
+    assert saved_bytes(model, x, "model")[1] == 0  # fp32: no copies
+
+
+def test_the_estimate_counts_ddp_buckets_and_weight_copies_in_the_fixed_part():
+    cfg = get_preset("maediff-tiny")
+    model = build_model(cfg)
+    one = estimate_training_memory(model, cfg, CPU, batch_size=4)
+    two = estimate_training_memory(model, cfg, CPU, batch_size=4, world=2)
+    assert two.ddp_buckets == one.gradients > 0 and one.ddp_buckets == 0
+    assert two.fixed == one.fixed + one.gradients

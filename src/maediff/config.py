@@ -66,7 +66,7 @@ def check_widths(name: str, widths: tuple[int, ...]) -> None:
     )
 
 
-AMP_MODES = ("none", "bf16", "fp16", "auto")
+AMP_MODES = ("none", "bf16", "fp16", "auto", "cuda-bf16")
 SPEED_MODES = ("auto", "on", "off")
 NYUL_PERCENTILES = (1.0, 10.0, 20.0, 30.0, 40.0, 50.0, 60.0, 70.0, 80.0, 90.0, 99.0)
 
@@ -121,7 +121,9 @@ class TrainConfig:
     # saved weights (best / last.safetensors) are the averaged ones; the decay ramps up
     # as min(ema_decay, (1 + n) / (10 + n)) over the n steps of the phase
     ema_decay: float = 0.0
-    amp: str = "none"  # "none", "bf16", "fp16" or "auto" (bf16 where the hardware has it)
+    # "none", "bf16", "fp16", "auto" (bf16 where the hardware has it) or "cuda-bf16"
+    # (bf16 on a CUDA GPU that has it, fp32 elsewhere: the paper scale's default)
+    amp: str = "none"
     seed: int = 0
     val_every: int = 1  # epochs between validation passes
     checkpoint_every: int = 10  # epochs between "last" checkpoints (and resume points)
@@ -238,7 +240,7 @@ class DataConfig:
 @dataclass(frozen=True)
 class InferenceConfig:
     batch_size: int = 64  # (slice, patch) inputs per forward pass in reconstruct()
-    amp: str = "none"  # "none", "bf16", "fp16" or "auto" (bf16 where the hardware has it)
+    amp: str = "none"  # as train.amp: "none", "bf16", "fp16", "auto" or "cuda-bf16"
     seed: int = 0  # noise seed of detect / evaluate when --seed is not given
     # Skip (slice, patch) pairs whose patch holds no brain voxel: brain voxels get exactly
     # the full Alg. 2 result; voxels outside the brain keep the input (0 after skull stripping).

@@ -16,7 +16,8 @@ decides per device for a reason measured on that kind of device:
   does not support this Python, the recompile limit hit) the eager forward is used and
   a warning says why; running out of memory is not a compilation failure and is raised.
 - bf16 ("auto"): on CUDA only where the GPU computes it natively (compute capability
-  8.0, Ampere, and later); older GPUs emulate it, slower than fp32.
+  8.0, Ampere, and later); older GPUs emulate it, slower than fp32. "cuda-bf16" (the
+  paper scale's default): the same on CUDA, fp32 everywhere else (the CPU too).
 - cudnn.benchmark: on for training (fixed batch shapes: the fastest kernels are picked
   once), off for inference, where the chunk sizes vary per volume (re-tuning per size,
   and kernels chosen by timing differ between runs, so would the maps).
@@ -40,12 +41,14 @@ def resolve_device(
 ) -> torch.device:
     """ "auto" picks CUDA, then MPS, then CPU; an explicit device must be available.
 
-    CUDA without an index takes GPU `local_rank`. Under torchrun (`distributed`) every
-    process takes its own GPU, cuda:LOCAL_RANK, whatever index was given: "cuda:0" for
-    every rank would put them all on GPU 0 (a warning says so when an index conflicts)."""
+    CUDA without an index takes GPU `local_cuda_index(local_rank)`. Under torchrun
+    (`distributed`) every process takes its own GPU, LOCAL_RANK modulo the visible GPUs,
+    whatever index was given: "cuda:0" for every rank would put them all on GPU 0 (a
+    warning says so when an index conflicts). The modulo serves launchers that show
+    each task only its own GPU (srun with one GPU per task: LOCAL_RANK 3, one device)."""
     if name == "auto":
         if torch.cuda.is_available():
-            return torch.device("cuda", local_rank)
+            return torch.device("cuda", local_cuda_index(local_rank))
         if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
             return torch.device("mps")
         return torch.device("cpu")
@@ -62,16 +65,26 @@ def resolve_device(
     ):
         raise ValueError("device 'mps' requested but MPS is not available")
     if dev.type == "cuda" and dev.index is None:
-        dev = torch.device("cuda", local_rank)
-    elif dev.type == "cuda" and distributed and dev.index != local_rank:
+        dev = torch.device("cuda", local_cuda_index(local_rank))
+    elif dev.type == "cuda" and distributed and dev.index != local_cuda_index(local_rank):
+        index = local_cuda_index(local_rank)
         warnings.warn(
             f"device {name!r} under torchrun: process LOCAL_RANK={local_rank} takes "
-            f"cuda:{local_rank} (one GPU per process); limit the GPUs with CUDA_VISIBLE_DEVICES",
+            f"cuda:{index} (one GPU per process); limit the GPUs with CUDA_VISIBLE_DEVICES",
             RuntimeWarning,
             stacklevel=2,
         )
-        dev = torch.device("cuda", local_rank)
+        dev = torch.device("cuda", index)
     return dev
+
+
+def local_cuda_index(local_rank: int) -> int:
+    """The GPU of the process with `local_rank` on its node: local_rank modulo the GPUs
+    it sees. torchrun shows every process all GPUs of the node (rank 3 -> cuda:3);
+    srun with --gpus-per-task=1 shows each task only its own (rank 3 -> cuda:0, the
+    one there is, where cuda:3 would not exist)."""
+    count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    return local_rank % count if count > 0 else local_rank
 
 
 def cuda_bf16_native(device: torch.device | None = None) -> bool:
@@ -102,8 +115,11 @@ def to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
 
 def resolve_amp(amp: str, device: torch.device) -> str:
     """ "auto": bf16 where the hardware computes it natively (CUDA GPUs of compute
-    capability 8.0 and later, CPUs with AVX512-BF16 or AMX), otherwise "none". Other
-    values pass through."""
+    capability 8.0 and later, CPUs with AVX512-BF16 or AMX), otherwise "none";
+    "cuda-bf16": "auto" on a CUDA GPU, "none" on any other device. Other values pass
+    through."""
+    if amp == "cuda-bf16":  # the paper scale's default: bf16 on a GPU, the CPU unchanged
+        return resolve_amp("auto", device) if device.type == "cuda" else "none"
     if amp != "auto":
         return amp
     if device.type == "cuda":
@@ -129,6 +145,19 @@ def autocast_context(device: torch.device, amp: str) -> contextlib.AbstractConte
     return torch.autocast(device_type=device.type, dtype=dtype)
 
 
+@contextlib.contextmanager
+def full_fp32():
+    """Inside it, CUDA matmuls and convolutions compute in true fp32 (TF32 off, which
+    `speed_up` switches on for speed): the reference that bf16 is compared with."""
+    matmul, cudnn = torch.backends.cuda.matmul, torch.backends.cudnn
+    saved = matmul.allow_tf32, cudnn.allow_tf32
+    matmul.allow_tf32 = cudnn.allow_tf32 = False
+    try:
+        yield
+    finally:
+        matmul.allow_tf32, cudnn.allow_tf32 = saved
+
+
 def _decide(setting: str, name: str, auto: bool, reason: str) -> tuple[bool, str]:
     if setting not in SPEED_MODES:
         raise ValueError(f"{name}={setting!r} must be one of {', '.join(SPEED_MODES)}")
@@ -138,7 +167,7 @@ def _decide(setting: str, name: str, auto: bool, reason: str) -> tuple[bool, str
 
 
 # errors of the run itself, not of compilation: raised, never a reason to run eager
-_NOT_COMPILE_ERRORS: tuple[type[BaseException], ...] = (
+NOT_COMPILE_ERRORS: tuple[type[BaseException], ...] = (
     getattr(torch, "OutOfMemoryError", torch.cuda.OutOfMemoryError),
     MemoryError,
 )
@@ -194,7 +223,7 @@ def compile_with_fallback(module: nn.Module, backend: str = "inductor") -> Compi
                     out = compiled[0](*args, **kwargs)
                 state.calls += 1
                 return out
-            except _NOT_COMPILE_ERRORS:
+            except NOT_COMPILE_ERRORS:
                 raise
             except Exception as e:  # compilation errors come in many types
                 state.fallback = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
@@ -209,6 +238,32 @@ def compile_with_fallback(module: nn.Module, backend: str = "inductor") -> Compi
     module.forward = forward  # type: ignore[method-assign]
     module.compile_state = state  # type: ignore[assignment]
     return state
+
+
+def fall_back_to_eager(model: nn.Module, reason: str) -> bool:
+    """Switch every compiled network of `model` that still runs compiled to its eager
+    forward (with a warning naming `reason`) and forget the compiled graphs. For errors
+    that surface outside the compiled forward, such as the backward graph, which
+    AOTAutograd compiles at the first `loss.backward()`. Returns whether anything was
+    compiled (False: the error was not compilation's, nothing to fall back from)."""
+    states = [
+        m.compile_state
+        for m in getattr(model, "compile_targets", lambda: [model])()
+        if isinstance(getattr(m, "compile_state", None), CompileState)
+    ]
+    active = [s for s in states if s.fallback is None]
+    if not active:
+        return False
+    for s in active:
+        s.fallback = reason
+    warnings.warn(
+        f"torch.compile failed for {type(model).__name__} ({reason}); "
+        "running the eager forward and backward",
+        RuntimeWarning,
+        stacklevel=2,
+    )
+    reset_compiled()
+    return True
 
 
 def reset_compiled() -> None:
@@ -258,14 +313,18 @@ def speed_up(
 
 
 __all__ = [
+    "NOT_COMPILE_ERRORS",
     "CompileState",
     "autocast_context",
     "compile_with_fallback",
     "cuda_bf16_native",
+    "fall_back_to_eager",
+    "full_fp32",
     "grad_scaler",
     "resolve_amp",
     "reset_compiled",
     "resolve_device",
+    "local_cuda_index",
     "speed_up",
     "to_device",
 ]

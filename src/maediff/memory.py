@@ -5,6 +5,7 @@ a preset too large for the machine stops with the numbers and a batch size that 
 instead of being killed by the kernel (or the GPU driver) minutes later:
 
     need = weights + gradients + optimizer moments + averaged weights
+           + autocast's weight copies + DDP's gradient buckets (under torchrun)
            + activations per sample x batch size (+ what does not grow with the batch)
 
 The activations are measured, not tabled: one forward pass of the model's training
@@ -69,10 +70,19 @@ class TrainingMemory:
     average: int  # the exponential moving average of the weights (train.ema_decay > 0)
     per_sample: int  # activations kept for the backward pass, per sample of a batch
     batch_size: int
+    weight_copies: int = 0  # autocast's low-precision copies of the weights, once a step
+    ddp_buckets: int = 0  # DistributedDataParallel's gradient buckets (under torchrun)
 
     @property
     def fixed(self) -> int:
-        return self.weights + self.gradients + self.optimizer + self.average
+        return (
+            self.weights
+            + self.gradients
+            + self.optimizer
+            + self.average
+            + self.weight_copies
+            + self.ddp_buckets
+        )
 
     def total(self, batch_size: int | None = None) -> int:
         return self.fixed + self.per_sample * (batch_size or self.batch_size)
@@ -101,35 +111,66 @@ def _bytes(tensors) -> int:
 
 def saved_activation_bytes(model: torch.nn.Module, batch: torch.Tensor, group: str) -> int:
     """Bytes autograd keeps from one forward pass of `model.loss` on `batch` (each
-    storage once; the weights themselves not)."""
+    storage once; the weights themselves, and autocast's copies of them, not)."""
+    return saved_bytes(model, batch, group)[0]
+
+
+def saved_bytes(model: torch.nn.Module, batch: torch.Tensor, group: str) -> tuple[int, int]:
+    """(activations, weight copies): the bytes autograd keeps from one forward pass of
+    `model.loss` on `batch`, each storage once, the weights themselves not. Weight
+    copies are what autocast casts the weights to (bf16 copies of the fp32 weights,
+    cached for the step): a weight's values in another dtype. They are made
+    once per step whatever the batch, so they are no cost per sample (at the paper scale
+    in bf16 they are 0.2 GB; counted per sample of a batch of 32, 6 GB)."""
     import torch
 
-    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
-    seen: dict[int, int] = {}
+    params = list(model.parameters())
+    own = {p.untyped_storage().data_ptr() for p in params}
+    by_size: dict[int, list[torch.Tensor]] = {}
+    for p in params:
+        by_size.setdefault(p.numel(), []).append(p)
+    acts: dict[int, int] = {}
+    copies: dict[int, int] = {}
+
+    def is_copy(t: torch.Tensor) -> bool:
+        """Whether t's storage holds a weight's values in another dtype (saved as a view,
+        a linear layer's transposed weight, say)."""
+        with torch.no_grad():
+            whole = torch.empty(0, dtype=t.dtype, device=t.device).set_(t.untyped_storage())
+            return any(
+                p.dtype != t.dtype and torch.equal(p.detach().flatten().to(t.dtype), whole)
+                for p in by_size.get(whole.numel(), ())
+            )
 
     def pack(t: torch.Tensor) -> torch.Tensor:
         s = t.untyped_storage()
-        if s.data_ptr() not in params:
-            seen[s.data_ptr()] = s.nbytes()
+        ptr = s.data_ptr()
+        if ptr not in own and ptr not in acts and ptr not in copies:
+            (copies if is_copy(t) else acts)[ptr] = s.nbytes()
         return t
 
     gen = torch.Generator().manual_seed(0)
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         loss = model.loss(batch, gen, group=group)
     del loss
-    return sum(seen.values())
+    return sum(acts.values()), sum(copies.values())
 
 
-_MEASURED: dict[str, int] = {}  # activations per sample, by model configuration and device
+# activations per sample and autocast's weight copies, by model configuration and device
+_MEASURED: dict[str, tuple[int, int]] = {}
 
 
-def estimate_training_memory(model, cfg, device: torch.device, batch_size: int) -> TrainingMemory:
+def estimate_training_memory(
+    model, cfg, device: torch.device, batch_size: int, world: int = 1
+) -> TrainingMemory:
     """The estimate for training `model` (on `device`, in training mode) with batches of
-    `batch_size`. Activations: one forward pass of every optimizer group's loss on one
-    sample, the largest counted, taken as the cost of each sample (an upper bound: it
-    includes what does not grow with the batch); measured once per configuration and
-    device in a process. The model's buffers (BatchNorm statistics) and the random
-    generators are left as they were."""
+    `batch_size` per process, `world` processes under torchrun. Activations: one forward
+    pass of every optimizer group's loss on one sample, the largest counted, taken as
+    the cost of each sample (an upper bound: it includes what does not grow with the
+    batch), autocast's weight copies apart, once; measured once per configuration and
+    device in a process. Under torchrun DistributedDataParallel holds the gradients a
+    second time, in its all-reduce buckets. The model's buffers (BatchNorm statistics)
+    and the random generators are left as they were."""
     trainable = [p for p in model.parameters() if p.requires_grad]
     weights = _bytes(model.parameters()) + _bytes(model.buffers())
     grads = _bytes(trainable)
@@ -138,17 +179,20 @@ def estimate_training_memory(model, cfg, device: torch.device, batch_size: int) 
     )
     if key not in _MEASURED:
         _MEASURED[key] = _measure_per_sample(model, cfg, device)
+    per_sample, copies = _MEASURED[key]
     return TrainingMemory(
         weights=weights,
         gradients=grads,
         optimizer=2 * grads,
         average=weights if cfg.train.ema_decay > 0 else 0,
-        per_sample=_MEASURED[key],
+        per_sample=per_sample,
         batch_size=batch_size,
+        weight_copies=copies,
+        ddp_buckets=grads if world > 1 else 0,
     )
 
 
-def _measure_per_sample(model, cfg, device: torch.device) -> int:
+def _measure_per_sample(model, cfg, device: torch.device) -> tuple[int, int]:
     import torch
 
     from .device import autocast_context
@@ -157,22 +201,23 @@ def _measure_per_sample(model, cfg, device: torch.device) -> int:
     shape = (1, H, H) if model.input_kind != "volumes" else (cfg.data.volume_shape[2], 1, H, H)
     x = torch.rand((1, *shape), generator=torch.Generator().manual_seed(0)).to(device)
     buffers = {k: v.detach().clone() for k, v in model.named_buffers()}
-    used = 0
+    used, copies = 0, 0
     try:
         with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
             for g in model.optimizer_groups():
                 with autocast_context(device, cfg.train.amp):
-                    used = max(used, saved_activation_bytes(model, x, g))
+                    a, c = saved_bytes(model, x, g)
+                used, copies = max(used, a), max(copies, c)
     finally:
         with torch.no_grad():
             for k, v in model.named_buffers():
                 v.copy_(buffers[k])
         model.zero_grad(set_to_none=True)
-    return used
+    return used, copies
 
 
 def check_training_memory(
-    model, cfg, device: torch.device, batch_size: int
+    model, cfg, device: torch.device, batch_size: int, world: int = 1
 ) -> TrainingMemory | None:
     """Refuse (ValueError) a training that needs more memory than the device has free,
     warn above WARN_FRACTION of it; both say the estimate and the
@@ -185,7 +230,7 @@ def check_training_memory(
     if free is None:
         return None
     free += _bytes(model.parameters()) + _bytes(model.buffers())
-    est = estimate_training_memory(model, cfg, device, batch_size)
+    est = estimate_training_memory(model, cfg, device, batch_size, world)
     need = est.total()
     if need <= WARN_FRACTION * free:
         return est
@@ -212,4 +257,5 @@ __all__ = [
     "estimate_training_memory",
     "host_memory_available",
     "saved_activation_bytes",
+    "saved_bytes",
 ]

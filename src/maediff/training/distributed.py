@@ -18,6 +18,7 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 
+from ..device import local_cuda_index
 from ..models import AnomalyModel
 
 
@@ -67,8 +68,8 @@ def setup_distributed(device_name: str) -> Distributed:
     rank, local = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
     if not dist.is_initialized():
         backend = distributed_backend(device_name)
-        if backend == "nccl":
-            torch.cuda.set_device(local)
+        if backend == "nccl":  # the GPU resolve_device gives this rank (LOCAL_RANK modulo)
+            torch.cuda.set_device(local_cuda_index(local))
         dist.init_process_group(backend, timeout=TIMEOUT)
     return Distributed(rank, world, local)
 
@@ -103,6 +104,15 @@ def sum_over_ranks(values: list[float], dev: torch.device) -> list[float]:
     return t.cpu().tolist()
 
 
+def mean_over_ranks(value: torch.Tensor, world: int) -> torch.Tensor:
+    """The mean of the 0-dim tensor `value` over the ranks (call it on every rank), on
+    its device: with NCCL the reduction is queued on the GPU's stream and the host does
+    not wait for it (the trainer logs the mean loss of all ranks, not rank 0's)."""
+    t = value.detach().float().reshape(1).clone()
+    dist.all_reduce(t, op=dist.ReduceOp.SUM)
+    return t[0] / world
+
+
 def shard(items: list, ddp: Distributed) -> list:
     """This rank's share of an epoch; padded by repeating so every rank takes the same
     number of steps (DistributedDataParallel needs matching backward passes)."""
@@ -132,6 +142,7 @@ __all__ = [
     "distributed_backend",
     "largest_over_ranks",
     "leave_distributed",
+    "mean_over_ranks",
     "setup_distributed",
     "shard",
     "sum_over_ranks",

@@ -51,7 +51,15 @@ from .. import __version__
 from ..config import Config, describe, save_config, to_dict
 from ..data.augment import augment_intensity
 from ..data.datasets import SliceSet
-from ..device import autocast_context, grad_scaler, resolve_device, speed_up, to_device
+from ..device import (
+    NOT_COMPILE_ERRORS,
+    autocast_context,
+    fall_back_to_eager,
+    grad_scaler,
+    resolve_device,
+    speed_up,
+    to_device,
+)
 from ..memory import check_training_memory
 from ..models import MODELS, AnomalyModel, build_model, count_parameters
 from ..models.base import Phase
@@ -68,6 +76,7 @@ from .distributed import (
     check_global_batch,
     largest_over_ranks,
     leave_distributed,
+    mean_over_ranks,
     setup_distributed,
     sum_over_ranks,
     world_size,
@@ -223,6 +232,54 @@ def _epoch(run: Run) -> Iterator[tuple[torch.Tensor, bool]]:
 
 
 def _step(run: Run, batch: torch.Tensor, group: str) -> torch.Tensor:
+    """One update of the optimizer `group` (`_update`). While a network runs compiled,
+    an error of the step (not running out of memory) is taken for compilation's: the
+    forward compiles at its first call, inside compile_with_fallback, but AOTAutograd
+    compiles the backward graph at the first `loss.backward()` (and again at a new batch
+    shape, the epoch's last partial batch), outside it. Then Dynamo is reset, every
+    network runs eager with a warning, and the step is redone from the random state it
+    started with; an error of the eager step is raised."""
+    if not _runs_compiled(run.model):
+        return _update(run, batch, group)
+    rng = _rng_state(run)
+    try:
+        return _update(run, batch, group)
+    except NOT_COMPILE_ERRORS:
+        raise
+    except Exception as e:  # compilation errors come in many types
+        first = str(e).splitlines()[0] if str(e) else ""
+        if not fall_back_to_eager(run.model, f"{type(e).__name__}: {first}"):
+            raise
+    _set_rng_state(run, rng)
+    run.model.zero_grad(set_to_none=True)
+    return _update(run, batch, group)
+
+
+def _runs_compiled(model: AnomalyModel) -> bool:
+    """Whether a network of `model` still runs its compiled forward."""
+    return any(
+        getattr(getattr(m, "compile_state", None), "fallback", True) is None
+        for m in model.compile_targets()
+    )
+
+
+def _rng_state(run: Run) -> list:
+    """The random state a step draws from: the trainer's CPU generators, torch's global
+    one (dropout on the CPU) and the training GPU's."""
+    states = [g.get_state() for g in run.gens.values()]
+    if run.dev.type == "cuda":
+        states.append(torch.cuda.get_rng_state(run.dev))
+    return states
+
+
+def _set_rng_state(run: Run, states: list) -> None:
+    for g, s in zip(run.gens.values(), states):
+        g.set_state(s)
+    if run.dev.type == "cuda":
+        torch.cuda.set_rng_state(states[-1], run.dev)
+
+
+def _update(run: Run, batch: torch.Tensor, group: str) -> torch.Tensor:
     """One update of the optimizer `group`: learning rate of the schedule, forward,
     backward (scaled with fp16), clipping, step, weight average; the loss, a 0-dim
     tensor on the device (reading it would make the host wait for the GPU at every
@@ -257,7 +314,11 @@ def _step(run: Run, batch: torch.Tensor, group: str) -> torch.Tensor:
 
 
 def _count(run: Run, loss: torch.Tensor) -> None:
-    """The counters and the clock after a step; its loss waits, on the device, to be read."""
+    """The counters and the clock after a step; its loss waits, on the device, to be
+    read. Under torchrun the loss is the mean over the ranks (reduced on the device:
+    every rank counts every step), so the log and the non-finite check are the run's."""
+    if run.ddp.world > 1:
+        loss = mean_over_ranks(loss, run.ddp.world)
     st = run.state
     st.step += 1
     st.phase_step += 1
@@ -334,6 +395,7 @@ def _checkpoint(run: Run) -> None:
     """last.state.safetensors (all a resumed run needs, one atomic file) and
     last.safetensors (the weights for users)."""
     run.last_checkpoint = time.perf_counter()
+    run.checkpoint_step = run.state.step
     run.state.save(
         run.run_dir / "last.state.safetensors",
         run.model,
@@ -366,7 +428,8 @@ def _finish(run: Run) -> dict[str, Any]:
         if run.data.val is None or not (run.run_dir / "best.safetensors").exists():
             with swapped_in(run.model, run.ema):  # last is best
                 save_weights(run.model, run.run_dir / "best.safetensors", run.extra())
-        _checkpoint(run)
+        if run.checkpoint_step != st.step:  # the loop's last epoch end wrote it already
+            _checkpoint(run)
         (run.run_dir / "model_card.md").write_text(model_card(cfg, run.extra()))
         # the mark of a finished training (the benchmark reads it): whole or absent
         write_text_atomic(
@@ -410,6 +473,9 @@ class Run:
     pending: list[tuple[torch.Tensor, int, int, str]] = field(default_factory=list)
     epoch_start_step: int = 0  # the step count when the current epoch began
     last_checkpoint: float = 0.0  # perf_counter() of the last checkpoint (or the start)
+    # the step the checkpoint on disk holds (-1: none of this run): the final one is
+    # written once (at the paper scale, 1.6 GB)
+    checkpoint_step: int = -1
 
     @property
     def phase(self) -> Phase:
@@ -485,7 +551,9 @@ def _setup(cfg: Config, data: TrainingData, run_dir: Path, device: str, resume: 
     dev = resolve_device(device, ddp.local_rank, distributed=ddp.world > 1)
     torch.manual_seed(cfg.train.seed)
     model = build_model(cfg).to(dev)
-    check_training_memory(model.train(), cfg, dev, max(1, cfg.train.batch_size // ddp.world))
+    check_training_memory(
+        model.train(), cfg, dev, max(1, cfg.train.batch_size // ddp.world), ddp.world
+    )
     if ddp.main:  # the folder is written once the run can start
         run_dir.mkdir(parents=True, exist_ok=True)
         clean_stale(run_dir)  # checkpoint temporaries of a killed run (outputs.py)
@@ -543,6 +611,7 @@ def _setup(cfg: Config, data: TrainingData, run_dir: Path, device: str, resume: 
         window=(time.perf_counter(), state.step),
         epoch_start_step=state.step,
         last_checkpoint=time.perf_counter(),
+        checkpoint_step=state.step if resume else -1,
     )
     run.start = time.perf_counter() - state.elapsed_s
     if state.smoothed_train_loss is not None:  # a resumed run: its log goes on as it was
