@@ -321,6 +321,8 @@ def cmd_detect(args: argparse.Namespace) -> int:
         f"{len(report.written)} written, {len(report.skipped)} skipped (done before with these settings; --overwrite to redo), "
         f"{len(report.failed)} failed, {report.seconds:.0f} s ({per_volume:.1f} s per volume) -> {args.output}"
     )
+    for text in report.warnings:  # unusual inputs, scored and flagged in the qc column
+        print(f"maediff detect: warning: {text}", file=sys.stderr)
     for path, err in report.failed:
         print(f"  FAILED {path}: {err}", file=sys.stderr)
     return 1 if report.failed else 0

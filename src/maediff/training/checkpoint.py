@@ -28,7 +28,7 @@ from .. import __version__
 from ..config import Config, apply_overrides, describe, from_dict, read_config_file, to_dict
 from ..device import speed_up
 from ..models import MODELS, build_model
-from ..outputs import temp_path
+from ..outputs import apply_umask, temp_path
 
 FORMAT = "maediff-checkpoint-v1"
 STATE_FORMAT = "maediff-train-state-v1"
@@ -41,15 +41,21 @@ class CheckpointError(ValueError):
 def _atomic_save_file(
     tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str, str]
 ) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
+    """Write through a temporary name and one rename, with the user's umask (safetensors
+    makes its files 0600); a full or read-only disk is one error naming `path`."""
     tmp = temp_path(path)
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
         save_file(
             {k: v.detach().cpu().contiguous() for k, v in tensors.items()},
             str(tmp),
             metadata=metadata,
         )
+        apply_umask(tmp)
         os.replace(tmp, path)
+    except (SafetensorError, OSError) as e:
+        reason = getattr(e, "strerror", None) or str(e).replace(str(tmp), "").strip(" :'\"")
+        raise OSError(f"cannot write {path}: {reason}") from e
     finally:
         if tmp.exists():
             tmp.unlink()
