@@ -16,7 +16,7 @@ import nibabel as nib
 import numpy as np
 
 from ..memory import host_memory_available
-from ..outputs import temp_path
+from ..outputs import owner_tag, temp_path
 
 
 class DataError(ValueError):
@@ -151,14 +151,27 @@ def save_like(
 
 
 def atomic_save(img: nib.Nifti1Image, path: str | Path) -> Path:
+    """Write through a temporary name and one rename; a `path` that is itself this
+    process's temporary name (a caller that renames several files together) is written
+    as it is. A failed write is one error naming the file."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     suffix = ".nii.gz" if str(path).endswith(".nii.gz") else ".nii"
-    tmp = temp_path(path, suffix)  # .NAME.HOST-PID.tmp.nii.gz: a dot-file, never read as a scan
+    staged = path.name.startswith(".") and f".{owner_tag()}.tmp" in path.name
+    tmp = path if staged else temp_path(path, suffix)  # .NAME.HOST-PID.tmp.nii.gz: a dot-file
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
         nib.save(img, str(tmp))
-        tmp.replace(path)
+        if not staged:
+            tmp.replace(path)
+    except OSError as e:
+        final = _final_name(path) if staged else path
+        raise OSError(f"cannot write {final}: {e.strerror or _line(e)}") from e
     finally:
-        if tmp.exists():
+        if not staged and tmp.exists():
             tmp.unlink()
     return path
+
+
+def _final_name(tmp: Path) -> Path:
+    """.NAME.HOST-PID.tmp[.EXT] -> NAME, the file a temporary name stands for."""
+    return tmp.with_name(tmp.name[1:].split(f".{owner_tag()}.tmp")[0])

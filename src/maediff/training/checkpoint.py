@@ -189,6 +189,10 @@ def read_checkpoint_metadata(
         extra = json.loads(meta.get("extra", "{}"))
     except (KeyError, json.JSONDecodeError, ValueError) as e:
         raise CheckpointError(f"checkpoint {path} has an invalid config: {e}") from e
+    if not isinstance(extra, dict):
+        raise CheckpointError(
+            f"checkpoint {path}: its metadata 'extra' is {type(extra).__name__}, not a JSON object"
+        )
     return cfg, tensors, extra, meta
 
 
@@ -213,6 +217,16 @@ def check_weights(path: Path, model: torch.nn.Module, tensors: dict[str, torch.T
         raise CheckpointError(
             f"checkpoint {path} does not match its config ({model.cfg.model}): "
             f"{len(shapes)} tensor(s) differ in shape, e.g. {shapes[0]}"
+        )
+    dtypes = [
+        f"{k} {tensors[k].dtype} in the file, {v.dtype} in the model"
+        for k, v in want.items()
+        if tensors[k].dtype != v.dtype
+    ]
+    if dtypes:  # load_state_dict would cast int32 to float32 without a word
+        raise CheckpointError(
+            f"checkpoint {path} does not match its config ({model.cfg.model}): "
+            f"{len(dtypes)} tensor(s) differ in type, e.g. {dtypes[0]}"
         )
     bad = [k for k, v in tensors.items() if v.is_floating_point() and not torch.isfinite(v).all()]
     if bad:

@@ -55,7 +55,7 @@ from ..device import autocast_context, grad_scaler, resolve_device, speed_up, to
 from ..memory import check_training_memory
 from ..models import MODELS, AnomalyModel, build_model, count_parameters
 from ..models.base import Phase
-from ..outputs import clean_stale, write_text_atomic
+from ..outputs import clean_stale, record_outputs, write_text_atomic
 from .checkpoint import CheckpointError, TrainState, load_saved_config, model_card, save_weights
 from .data import (
     TrainingData,
@@ -487,7 +487,7 @@ def _setup(cfg: Config, data: TrainingData, run_dir: Path, device: str, resume: 
     model = build_model(cfg).to(dev)
     check_training_memory(model.train(), cfg, dev, max(1, cfg.train.batch_size // ddp.world))
     if ddp.main:  # the folder is written once the run can start
-        run_dir.mkdir(parents=True, exist_ok=True)
+        record_outputs(run_dir, "train", TRAIN_OUTPUTS)  # the output rule (outputs.py)
         clean_stale(run_dir)  # checkpoint temporaries of a killed run (outputs.py)
         if not resume:
             clear_run(run_dir)
@@ -680,6 +680,9 @@ RUN_FILES = (
     "log.csv",
     "run.json",
 )
+
+
+TRAIN_OUTPUTS = ("config.yaml", *RUN_FILES, "tb/")  # what train writes in a run folder
 
 
 def clear_run(run_dir: Path) -> None:
