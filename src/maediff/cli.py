@@ -311,7 +311,7 @@ def cmd_detect(args: argparse.Namespace) -> int:
     if args.threshold is not None and args.threshold_from:
         raise UsageError("give --threshold or --threshold-from, not both")
     if args.fpr is not None and not 0 < args.fpr < 1:
-        raise UsageError(
+        raise ValueError(
             f"--fpr {args.fpr:g} is not a rate: give a fraction in (0, 1), e.g. 0.01 for 1 %"
         )
     check_output_folder(args.input, args.output)

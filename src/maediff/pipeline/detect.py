@@ -384,7 +384,6 @@ def detect_files(
     if bids_source is not None:  # a BIDS input: the outputs form a derivatives data set
         _check_description(Path(out_dir), overwrite)
         write_description(out_dir, bids_source)
-    record_outputs(out_dir, "detect", table_files)
     table = ScoresTable.open(out_dir, bids=bids or bids_source is not None)
     for folder in {p.parent for _, paths in wanted for p in paths.values()}:
         clean_stale(folder)  # temporary files of a killed call
@@ -409,6 +408,7 @@ def detect_files(
             report.failed.append((str(s.image), str(e)))
             continue
         table.put(s, record, threshold, threshold_source, input_root)
+        record_outputs(out_dir, "detect", table_files)  # once; before the table is written
         table.write()
     report.seconds = time.perf_counter() - start
     return report
