@@ -121,7 +121,16 @@ def _check_resume(args: argparse.Namespace, saved) -> None:
         args.train_steps is None and args.train_seed is None
     ):
         return
-    cfg = _config(args)
+    if args.preset or args.config:
+        cfg = _config(args)
+    else:  # --set, --fold, --steps, --seed change the run's own configuration
+        from .config import apply_overrides
+
+        overrides = list(args.set or [])
+        if args.fold is not None:
+            overrides.append(f"data.fold={args.fold}")
+        overrides += _training_overrides(args, overrides)
+        cfg = apply_overrides(saved, overrides)
     if not cfg.data.landmarks:  # learned from the training scans when the run started
         cfg = replace(cfg, data=replace(cfg.data, landmarks=saved.data.landmarks))
     asked, had = _flat(to_dict(cfg)), _flat(to_dict(saved))
@@ -137,8 +146,9 @@ def _check_resume(args: argparse.Namespace, saved) -> None:
 
 def cmd_train(args: argparse.Namespace) -> int:
     from .data.bids import parse_participants
+    from .outputs import check_outputs
     from .training.data import prepare_training_data
-    from .training.trainer import load_run_config, read_run_sources, train
+    from .training.trainer import TRAIN_OUTPUTS, load_run_config, read_run_sources, train
 
     run = Path(args.run)
     _device(args.device)  # an unknown device fails now, not after the data are loaded
@@ -158,6 +168,16 @@ def cmd_train(args: argparse.Namespace) -> int:
             raise ValueError(
                 f"{run} already holds a training run; use --resume to continue it or --overwrite to start again"
             )
+    # the output rule (outputs.py): a user's config.yaml, log.csv or model card in the
+    # run folder is not replaced without --overwrite, an input (--config) never
+    check_outputs(
+        run,
+        "train",
+        TRAIN_OUTPUTS,
+        args.overwrite,
+        inputs=[args.config, train_list, val_list],
+        adopt=args.resume,
+    )
     data = prepare_training_data(
         cfg, data_dir, train_list, val_list, not args.quiet, participants=participants
     )
@@ -290,6 +310,10 @@ def cmd_detect(args: argparse.Namespace) -> int:
 
     if args.threshold is not None and args.threshold_from:
         raise UsageError("give --threshold or --threshold-from, not both")
+    if args.fpr is not None and not 0 < args.fpr < 1:
+        raise ValueError(
+            f"--fpr {args.fpr:g} is not a rate: give a fraction in (0, 1), e.g. 0.01 for 1 %"
+        )
     check_output_folder(args.input, args.output)
     subjects = read_inputs(args.input, parse_participants(args.participants))
     if args.threshold_from and _calibration_source(args.threshold_from) is None:
@@ -321,6 +345,8 @@ def cmd_detect(args: argparse.Namespace) -> int:
         f"{len(report.written)} written, {len(report.skipped)} skipped (done before with these settings; --overwrite to redo), "
         f"{len(report.failed)} failed, {report.seconds:.0f} s ({per_volume:.1f} s per volume) -> {args.output}"
     )
+    for text in report.warnings:  # unusual inputs, scored and flagged in the qc column
+        print(f"maediff detect: warning: {text}", file=sys.stderr)
     for path, err in report.failed:
         print(f"  FAILED {path}: {err}", file=sys.stderr)
     return 1 if report.failed else 0
@@ -329,7 +355,7 @@ def cmd_detect(args: argparse.Namespace) -> int:
 def cmd_calibrate(args: argparse.Namespace) -> int:
     from .data.bids import parse_participants
     from .data.splits import read_inputs
-    from .pipeline.calibrate import calibrate_files, calibration_text
+    from .pipeline.calibrate import calibrate_files, calibration_text, check_calibrate_arguments
     from .training.checkpoint import load_model
 
     participants = parse_participants(args.participants)
@@ -337,6 +363,8 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
     source = str(args.input) + (
         " " + " ".join(f"{k}={v}" for k, v in participants.items()) if participants else ""
     )
+    inputs = [args.input, *(p for s in subjects for p in (s.image, s.mask, s.seg))]
+    check_calibrate_arguments(args.output, args.fpr, args.bootstrap, args.overwrite, inputs)
     model = load_model(args.model, _device(args.device), _inference_overrides(args))
     cal = calibrate_files(
         subjects,
@@ -349,6 +377,7 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
         overwrite=args.overwrite,
         batch_size=args.batch_size,
         progress=not args.quiet,
+        input_lists=[args.input],
     )
     print(calibration_text(cal))  # with its warnings
     print(f"calibration: {Path(args.output) / 'calibration.json'}")
@@ -437,9 +466,21 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
 
 def cmd_report(args: argparse.Namespace) -> int:
-    from .reporting.runs import load_summary, write_report
+    from .outputs import check_outputs, record_outputs
+    from .reporting.runs import check_combinable, load_summary, report_files, write_report
 
-    page = write_report([load_summary(p) for p in args.evaluations], args.output)
+    summaries = [load_summary(p) for p in args.evaluations]
+    check_combinable(summaries)
+    out = Path(args.output)
+    if (out / "summary.json").exists():  # an evaluation's tables are its own, even with --overwrite
+        raise ValueError(
+            f"{out} is an evaluation folder (it holds summary.json): its tables would then "
+            "disagree with its summary; write the report to another folder"
+        )
+    files = report_files(summaries)
+    check_outputs(out, "report", files, args.overwrite, inputs=args.evaluations)
+    record_outputs(out, "report", files)
+    page = write_report(summaries, out)
     print((Path(args.output) / "results.md").read_text())
     print(f"report: {page}")
     return 0
@@ -448,8 +489,14 @@ def cmd_report(args: argparse.Namespace) -> int:
 def cmd_preprocess(args: argparse.Namespace) -> int:
     from tqdm.auto import tqdm
 
-    from .data.preprocess import RawOptions, check_preprocess_outputs, preprocess_scan
+    from .data.preprocess import (
+        RawOptions,
+        check_preprocess_outputs,
+        preprocess_outputs,
+        preprocess_scan,
+    )
     from .data.splits import read_inputs
+    from .outputs import record_outputs
 
     opts = RawOptions(
         skull_strip=args.skull_strip,
@@ -463,6 +510,11 @@ def cmd_preprocess(args: argparse.Namespace) -> int:
     failed = []
     subjects = read_inputs(args.input)
     check_preprocess_outputs(subjects, args.output, args.overwrite)
+    record_outputs(
+        args.output,
+        "preprocess",
+        [p.name for s in subjects for p in preprocess_outputs(args.output, s.name)],
+    )
     for s in tqdm(subjects, desc="preprocessing", unit="scan", disable=args.quiet):
         mask = s.mask if opts.skull_strip == "mask" else None
         try:
@@ -861,6 +913,11 @@ def _parser_report(p: argparse.ArgumentParser) -> None:
     p.add_argument("evaluations", nargs="+", help="evaluation folders (or their summary.json)")
     p.add_argument(
         "-o", "--output", required=True, help="folder for results.md, results.csv and report.html"
+    )
+    p.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace files of these names not written by report",
     )
 
 

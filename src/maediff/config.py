@@ -219,6 +219,10 @@ class DataConfig:
             f"data.volume_shape={self.volume_shape} must have 3 entries with square axial slices",
         )
         check(
+            all(isinstance(n, int) and n >= 1 for n in self.volume_shape),
+            f"data.volume_shape={self.volume_shape} must hold voxel counts >= 1",
+        )
+        check(
             self.center in ("brain", "image"),
             f"data.center={self.center!r} must be 'brain' or 'image'",
         )
@@ -475,6 +479,14 @@ def validate(cfg: Config) -> None:
         (not inf.ensemble_t and inf.ensemble_draws == 1) or "noise_ensembles" in spec.options,
         f"noise ensembles (inference.ensemble_t / ensemble_draws) {option_of('noise_ensembles', cfg.model)}",
     )
+    diffusion = cfg.section("diffusion")  # the schedule the ensemble's timesteps lie on
+    if inf.ensemble_t and diffusion is not None:
+        T = diffusion.timesteps
+        check(
+            all(1 <= t <= T for t in inf.ensemble_t),
+            f"inference.ensemble_t={list(inf.ensemble_t)} must hold timesteps in 1..{T} "
+            "(diffusion.timesteps)",
+        )
     if spec.check is not None:
         spec.check(cfg)
 

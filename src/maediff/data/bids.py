@@ -28,6 +28,7 @@ import json
 from collections.abc import Mapping
 from pathlib import Path
 
+from ..outputs import safe_name
 from .io import DataError, Subject
 
 NIFTI_EXTENSIONS = [".nii.gz", ".nii"]
@@ -131,12 +132,12 @@ def read_bids(
         for ext in NIFTI_EXTENSIONS:
             name = name.removesuffix(ext)
         s = Subject(
-            name,
+            safe_name(name, f"BIDS data set {root}"),
             Path(f.path),
             Path(mask[0].path) if mask else None,
             Path(seg[0].path) if seg else None,
             int(bool(seg)),
-            Path(f.path).parent.relative_to(root.resolve()).as_posix(),
+            _scan_folder(root, Path(f.path)),
         )
         if lesions is None or bool(seg) == lesions:
             subjects.append(s)
@@ -145,6 +146,19 @@ def read_bids(
         sel = f" among participants {dict(participants)}" if participants else ""
         raise DataError(f"no T2w scans{what}{sel} in the BIDS data set {root}")
     return sorted(subjects, key=lambda s: s.name)
+
+
+def _scan_folder(root: Path, scan: Path) -> str:
+    """The scan's folder relative to the data set (sub-01/ses-1/anat), the same whether
+    the data set is reached through a symbolic link or not (folders resolved, the file
+    not: an annexed scan is a link into .git)."""
+    try:
+        rel = scan.parent.resolve().relative_to(root.resolve())
+    except ValueError as e:
+        raise DataError(f"{scan} lies outside the BIDS data set {root}") from e
+    for part in rel.parts:  # BIDS labels become output folders
+        safe_name(part, f"BIDS data set {root}")
+    return rel.as_posix()
 
 
 def _derived_files(layout, ents: dict) -> tuple[list, list]:

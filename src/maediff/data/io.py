@@ -16,7 +16,7 @@ import nibabel as nib
 import numpy as np
 
 from ..memory import host_memory_available
-from ..outputs import temp_path
+from ..outputs import owner_tag, temp_path
 
 
 class DataError(ValueError):
@@ -72,14 +72,32 @@ def load_nifti(path: str | Path, kind: str = "image") -> nib.Nifti1Image:
         raise DataError(f"{kind} file {path} is unreadable or truncated: {_line(e)}") from e
     except Exception as e:  # nibabel raises several types for malformed headers
         raise DataError(f"{kind} file {path} is not a valid NIfTI image: {_line(e)}") from e
+    if data.dtype.names is not None:  # RGB24 / RGBA32: colour, not an MR intensity
+        raise DataError(
+            f"{kind} file {path} holds colour voxels ({', '.join(data.dtype.names)}); "
+            "a single-channel (grey) volume is required"
+        )
+    if np.iscomplexobj(data):  # complex MR data: the magnitude image (data/checks.py flags it)
+        data = np.abs(data)
     if data.ndim == 4 and data.shape[3] == 1:
         data = data[..., 0]
     if data.ndim != 3:
         raise DataError(
             f"{kind} file {path} has {data.ndim} dimensions {tuple(data.shape)}; a 3-D volume is required"
         )
-    if np.issubdtype(data.dtype, np.floating) and not np.isfinite(data).all():
-        n = int((~np.isfinite(data)).sum())
+    # float32 is what the volumes are computed in: beyond its range is Inf there
+    big = float(np.finfo(np.float32).max)
+    if np.issubdtype(data.dtype, np.floating) and not (np.abs(data) <= big).all():
+        n = int((~(np.abs(data) <= big)).sum())
+        # nibabel keeps the header's scaling on the data proxy
+        slope, inter = getattr(img.dataobj, "slope", 1.0), getattr(img.dataobj, "inter", 0.0)
+        raw = img.get_data_dtype()
+        if (slope, inter) != (1.0, 0.0) and np.issubdtype(raw, np.integer):
+            raise DataError(
+                f"{kind} file {path}: its header's scaling (scl_slope {slope:g}, scl_inter "
+                f"{inter or 0:g}) takes {n} of its {raw} voxels beyond the float range; "
+                "correct scl_slope in the header"
+            )
         raise DataError(f"{kind} file {path} contains {n} NaN or Inf voxels")
     if data is not img.dataobj:
         img = nib.Nifti1Image(np.asarray(data), img.affine, img.header)
@@ -133,14 +151,27 @@ def save_like(
 
 
 def atomic_save(img: nib.Nifti1Image, path: str | Path) -> Path:
+    """Write through a temporary name and one rename; a `path` that is itself this
+    process's temporary name (a caller that renames several files together) is written
+    as it is. A failed write is one error naming the file."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     suffix = ".nii.gz" if str(path).endswith(".nii.gz") else ".nii"
-    tmp = temp_path(path, suffix)  # .NAME.HOST-PID.tmp.nii.gz: a dot-file, never read as a scan
+    staged = path.name.startswith(".") and f".{owner_tag()}.tmp" in path.name
+    tmp = path if staged else temp_path(path, suffix)  # .NAME.HOST-PID.tmp.nii.gz: a dot-file
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
         nib.save(img, str(tmp))
-        tmp.replace(path)
+        if not staged:
+            tmp.replace(path)
+    except OSError as e:
+        final = _final_name(path) if staged else path
+        raise OSError(f"cannot write {final}: {e.strerror or _line(e)}") from e
     finally:
-        if tmp.exists():
+        if not staged and tmp.exists():
             tmp.unlink()
     return path
+
+
+def _final_name(tmp: Path) -> Path:
+    """.NAME.HOST-PID.tmp[.EXT] -> NAME, the file a temporary name stands for."""
+    return tmp.with_name(tmp.name[1:].split(f".{owner_tag()}.tmp")[0])

@@ -32,6 +32,7 @@ import nibabel as nib
 import numpy as np
 import SimpleITK as sitk
 
+from ..outputs import inside
 from .io import DataError, atomic_save, load_nifti, nifti_stem
 from .load import from_sitk, grid_affine, to_sitk
 
@@ -212,6 +213,8 @@ def check_preprocess_outputs(subjects: Sequence, out_dir: str | Path, overwrite:
     existing = []
     for s in subjects:
         for path in preprocess_outputs(out_dir, s.name):
+            if not inside(out_dir, path):
+                raise DataError(f"output {path} of {s.image} would be written outside {out_dir}")
             if path.resolve() in inputs:
                 raise DataError(
                     f"output {path} would replace an input file; choose another output folder"

@@ -18,6 +18,7 @@ from __future__ import annotations
 import csv
 from pathlib import Path
 
+from ..outputs import safe_name
 from .bids import is_bids, read_bids
 from .io import NIFTI_SUFFIXES, DataError, Subject, is_nifti, nifti_stem
 
@@ -52,7 +53,8 @@ def _read_rows(path: Path) -> list[dict[str, str]]:
     if not path.exists():
         raise DataError(f"split file {path} does not exist")
     try:
-        with path.open(newline="") as f:
+        # utf-8-sig: a byte-order mark (a spreadsheet's "CSV UTF-8") is not part of the first column's name
+        with path.open(newline="", encoding="utf-8-sig") as f:
             return list(csv.DictReader(f))
     except (OSError, UnicodeDecodeError, csv.Error) as e:
         raise DataError(f"split file {path} cannot be read as CSV: {e}") from e
@@ -150,16 +152,19 @@ def read_subject_csv(path: str | Path) -> list[Subject]:
     def res(v: str | None) -> Path | None:
         return (base / v if not Path(v).is_absolute() else Path(v)) if v else None
 
-    subjects = [
-        Subject(
-            r.get("name") or nifti_stem(r["image"]),
-            res(r["image"]),
-            res(r.get("mask")),
-            res(r.get("seg")),
-            int(bool(r.get("seg"))),
+    subjects = []
+    for i, r in enumerate(rows, 2):  # line 1 is the header
+        image = (r.get("image") or "").strip()
+        if not image:
+            raise DataError(f"subject list {path} line {i}: the 'image' cell is empty")
+        name = (r.get("name") or "").strip() or nifti_stem(image)
+        # the name starts output file names: it must not lead out of the output folder
+        safe_name(name, f"subject list {path} line {i}")
+        subjects.append(
+            Subject(
+                name, res(image), res(r.get("mask")), res(r.get("seg")), int(bool(r.get("seg")))
+            )
         )
-        for r in rows
-    ]
     check_exist(subjects, f"subject list {path}")
     return subjects
 

@@ -43,7 +43,7 @@ import numpy as np
 from scipy import ndimage
 from tqdm.auto import tqdm
 
-from ..outputs import clean_stale, exit_with_parent, partial_path
+from ..outputs import check_own_folder, clean_stale, exit_with_parent, partial_path, record_outputs
 from .io import DataError
 
 SHAPE = (96, 96, 50)
@@ -444,11 +444,15 @@ def generate_benchmark(
     folder (.NAME.HOST-PID.partial) and renamed into place, so an interrupted run leaves
     nothing half-written; the next call removes what a killed one left (outputs.py)."""
     out = Path(out_dir)
+    if out.exists() and not out.is_dir():
+        raise DataError(f"output {out} exists and is not a folder")
     if out.exists() and any(out.iterdir()):
         if not overwrite:
             raise DataError(
                 f"{out} exists and is not empty; choose another folder or pass overwrite"
             )
+        # the whole folder is replaced: only one that synth wrote (outputs.py)
+        check_own_folder(out, "synth", marks=("synthetic.json",))
     out.parent.mkdir(parents=True, exist_ok=True)
     clean_stale(out.parent)
     tmp = partial_path(out)
@@ -488,6 +492,7 @@ def generate_benchmark(
                 indent=2,
             )
         )
+        record_outputs(tmp, "synth", ["*"])  # the folder is synth's, whole
         if out.exists():
             shutil.rmtree(out)
         tmp.replace(out)

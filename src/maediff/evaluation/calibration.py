@@ -138,7 +138,7 @@ class Calibration:
                 f"{source} is not a maediff calibration (format {got!r}, expected {FORMAT!r})"
             )
         try:
-            return cls(
+            cal = cls(
                 thresholds=[FprThreshold(**{k: t[k] for k in _FIELDS}) for t in d["thresholds"]],
                 scans=list(d["scans"]),
                 scan_scores=[float(s) for s in d["scan_scores"]],
@@ -153,6 +153,16 @@ class Calibration:
             )
         except (KeyError, TypeError, ValueError) as e:
             raise ValueError(f"{source} is not a valid calibration: {e!r}") from e
+        for t in cal.thresholds:  # a hand edit ("high", NaN) is named here, not at use
+            for key in ("fpr", "threshold"):
+                v = getattr(t, key)
+                if isinstance(v, bool) or not isinstance(v, int | float) or not math.isfinite(v):
+                    raise ValueError(
+                        f"{source}: the {key} of a threshold is {v!r}, not a finite number"
+                    )
+            if not 0 < t.fpr < 1:
+                raise ValueError(f"{source}: false-positive rate {t.fpr!r} is not in (0, 1)")
+        return cal
 
     @classmethod
     def read(cls, path: str | Path) -> Calibration:

@@ -63,7 +63,7 @@ from ..evaluation.lesions import merge_runs
 from ..evaluation.paired import paired_difference
 from ..models import MODELS
 from ..names import ANOMALY_SETS, FIGURE_SUBJECTS
-from ..outputs import clean_stale, temp_path
+from ..outputs import check_own_folder, clean_stale, temp_path
 from ..registry import model_names, preset_info, preset_name, presets_of_table
 from ..reporting.comparison import (
     PairedRow,
@@ -474,6 +474,9 @@ def process_device(device: str) -> str:
     return device
 
 
+BENCHMARK_MARKS = ("benchmark.json", "estimates.json")  # a folder benchmark made
+
+
 def run_benchmark(
     plan: BenchmarkPlan,
     out: Path,
@@ -487,6 +490,7 @@ def run_benchmark(
     """Every run of the plan (or those of `run_index`), then the tables; `list_runs`
     only prints the jobs with their time estimates (measured unless `estimate` is
     False: pipeline/estimate.py)."""
+    check_own_folder(out, "benchmark", marks=BENCHMARK_MARKS)  # the output rule (outputs.py)
     runs = plan.runs()
     if list_runs:
         list_jobs(plan, out, device, estimate)

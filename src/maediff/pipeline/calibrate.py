@@ -13,7 +13,6 @@ calibration scan's scalar scores), each to a temporary name renamed into place.
 from __future__ import annotations
 
 import json
-import os
 from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -27,6 +26,7 @@ from ..data.datasets import load_subject
 from ..data.io import DataError, Subject
 from ..evaluation.calibration import CALIBRATION_FILE, N_BOOT, Calibration, HealthyScan, calibrate
 from ..evaluation.protocol import EvalSettings
+from ..outputs import check_outputs, record_outputs, write_text_atomic
 from ..training.export import model_identity, scoring_settings
 from .detect import anomaly_maps
 from .scores import ScoresTable, scan_scores_of
@@ -72,13 +72,13 @@ def calibrate_files(
     batch_size: int | None = None,
     amp: str | None = None,
     progress: bool = True,
+    input_lists: Sequence[str | Path] = (),
 ) -> Calibration:
-    """Thresholds of `model` at `fprs` on the healthy `subjects`, written to `out_dir`."""
+    """Thresholds of `model` at `fprs` on the healthy `subjects`, written to `out_dir`
+    (CALIBRATE_FILES; checked before any work: check_calibrate_arguments)."""
     out = Path(out_dir)
-    if (out / CALIBRATION_FILE).exists() and not overwrite:
-        raise ValueError(f"{out} already holds a calibration; use --overwrite to replace it")
-    if out.exists() and not out.is_dir():
-        raise DataError(f"output {out} exists and is not a folder")
+    inputs = [p for s in subjects for p in (s.image, s.mask, s.seg)]
+    check_calibrate_arguments(out, fprs, n_boot, overwrite, [*inputs, *input_lists])
     refuse_labelled(subjects, source or "the calibration scans")
     scans, table = [], ScoresTable(out / "scans.csv", False, {})
     for s in tqdm(subjects, desc="calibrating", unit="scan", disable=not progress):
@@ -101,11 +101,37 @@ def calibrate_files(
         source=source,
         version=__version__,
     )
-    out.mkdir(parents=True, exist_ok=True)
+    record_outputs(out, "calibrate", CALIBRATE_FILES)
     table.write()
-    _write(out / "calibration.md", calibration_text(cal))
-    _write(out / CALIBRATION_FILE, json.dumps(cal.to_json(), indent=2) + "\n")  # last
+    write_text_atomic(out / "calibration.md", calibration_text(cal))
+    write_text_atomic(out / CALIBRATION_FILE, json.dumps(cal.to_json(), indent=2) + "\n")  # last
     return cal
+
+
+CALIBRATE_FILES = ("scans.csv", "calibration.md", CALIBRATION_FILE)
+
+
+def check_calibrate_arguments(
+    out_dir: str | Path,
+    fprs: Sequence[float],
+    n_boot: int,
+    overwrite: bool = False,
+    inputs: Sequence[str | Path | None] = (),
+) -> None:
+    """What would fail after every scan was reconstructed, checked first: rates that
+    are not fractions, a bootstrap of fewer than one resample, and the output rule
+    (outputs.py): a calibration is replaced only with `overwrite`, an input never."""
+    for f in fprs:
+        if not (isinstance(f, int | float) and 0 < f < 1):
+            raise ValueError(
+                f"--fpr {f:g} is not a rate: give fractions in (0, 1), e.g. 0.01 for 1 %"
+            )
+    if n_boot < 1:
+        raise ValueError(f"--bootstrap {n_boot} must be >= 1 (resamples of the scans)")
+    out = Path(out_dir)
+    if (out / CALIBRATION_FILE).exists() and not overwrite:
+        raise ValueError(f"{out} already holds a calibration; use --overwrite to replace it")
+    check_outputs(out, "calibrate", CALIBRATE_FILES, overwrite, inputs)
 
 
 def calibration_text(cal: Calibration) -> str:
@@ -134,10 +160,10 @@ def calibration_text(cal: Calibration) -> str:
     return "\n".join(lines).rstrip("\n") + "\n"
 
 
-def _write(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
-__all__ = ["calibrate_files", "calibration_text", "healthy_scan"]
+__all__ = [
+    "CALIBRATE_FILES",
+    "calibrate_files",
+    "calibration_text",
+    "check_calibrate_arguments",
+    "healthy_scan",
+]

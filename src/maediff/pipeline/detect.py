@@ -34,18 +34,20 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+import nibabel as nib
 import numpy as np
 import torch
 from tqdm.auto import tqdm
 
 from ..data.bids import is_bids, write_description
+from ..data.checks import input_checks
 from ..data.datasets import load_subject, slices_to_volume, volume_to_slices
 from ..data.io import DataError, Subject, save_like
 from ..data.load import PreparedVolume
 from ..evaluation.calibration import Calibration
 from ..evaluation.postprocess import anomaly_scores, remove_small_components
 from ..evaluation.protocol import EvalSettings
-from ..outputs import clean_stale, temp_path
+from ..outputs import check_outputs, clean_stale, inside, record_outputs, temp_path
 from .scores import ScoresTable, scan_scores_of
 
 if TYPE_CHECKING:
@@ -159,6 +161,7 @@ class DetectReport:
     written: list[str] = field(default_factory=list)
     skipped: list[str] = field(default_factory=list)
     failed: list[tuple[str, str]] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)  # unusual inputs (data/checks.py)
     seconds: float = 0.0
 
 
@@ -370,8 +373,12 @@ def detect_files(
     report = DetectReport()
     start = time.perf_counter()
     wanted = [(s, _wanted(subject_outputs(out_dir, s, bids), threshold)) for s in subjects]
-    check_distinct(wanted)
+    check_distinct(wanted, out_dir)
     log = DetectLog(out_dir)
+    table_files = _table_files(bids or bids_source is not None)
+    # the scores table is detect's when the record says so, or when the folder holds
+    # detect's record of maps (a folder of a version before the output record)
+    check_outputs(out_dir, "detect", table_files, overwrite, adopt=log.path.exists())
     settings = detect_settings(model, threshold, seed, amp)
     todo = set(range(len(wanted))) if overwrite else _to_do(wanted, log, settings)
     if bids_source is not None:  # a BIDS input: the outputs form a derivatives data set
@@ -387,7 +394,9 @@ def detect_files(
             report.skipped.append(s.name)
             continue
         g = torch.Generator().manual_seed(seed)
-        record: dict = {}
+        checks = scan_checks(s)  # unusual but valid input: a warning and a QC flag
+        report.warnings += [text for _, text in checks]
+        record: dict = {"qc": ";".join(flag for flag, _ in checks)}
         try:
             detect_subject(
                 model, s, out_dir, g, threshold, bids, batch_size, amp,
@@ -399,21 +408,43 @@ def detect_files(
             report.failed.append((str(s.image), str(e)))
             continue
         table.put(s, record, threshold, threshold_source, input_root)
+        record_outputs(out_dir, "detect", table_files)  # once; before the table is written
         table.write()
     report.seconds = time.perf_counter() - start
     return report
+
+
+def _table_files(bids: bool) -> list[str]:
+    return ["scores.tsv", "scores.json"] if bids else ["scores.csv"]
+
+
+def scan_checks(subject: Subject) -> list[tuple[str, str]]:
+    """(QC flag, warning) of a scan's unusual properties (data/checks.py), from its
+    headers and mask; a file that cannot be read gets none here and fails where the
+    scan is loaded, with its own message."""
+    try:
+        image = nib.load(str(subject.image))
+        mask = nib.load(str(subject.mask)) if subject.mask is not None else None
+        return input_checks(image, mask, subject.image)
+    except Exception:  # noqa: BLE001 - reported by load_subject, named there
+        return []
 
 
 def _wanted(paths: dict[str, Path], threshold: float | None) -> dict[str, Path]:
     return {k: p for k, p in paths.items() if k != "prediction" or threshold is not None}
 
 
-def check_distinct(wanted: list[tuple[Subject, dict[str, Path]]]) -> None:
-    """No two scans (a scan listed twice included) share an output, and no output is
-    one of the inputs."""
+def check_distinct(
+    wanted: list[tuple[Subject, dict[str, Path]]], out_dir: str | Path | None = None
+) -> None:
+    """No two scans (a scan listed twice included) share an output, no output is one
+    of the inputs, leaves `out_dir`, or lands in a folder that holds an input scan (a
+    later `detect -i` of that folder would read the maps as scans)."""
     owner: dict[Path, Subject] = {}
     for s, paths in wanted:
         for p in paths.values():
+            if out_dir is not None and not inside(out_dir, p):
+                raise DataError(f"output {p} of scan {s.image} would be written outside {out_dir}")
             first = owner.setdefault(p.resolve(), s)
             if first is not s:
                 raise DataError(
@@ -426,6 +457,15 @@ def check_distinct(wanted: list[tuple[Subject, dict[str, Path]]]) -> None:
                 raise DataError(
                     f"output {p} of scan {owner[p.resolve()].image} would replace an input "
                     "file of the same name; choose another output folder"
+                )
+    scan_dirs = {s.image.parent.resolve(): s for s, _ in wanted}
+    for _, paths in wanted:
+        for p in paths.values():
+            if p.parent.resolve() in scan_dirs:
+                raise DataError(
+                    f"output folder {p.parent} holds the input scan "
+                    f"{scan_dirs[p.parent.resolve()].image}: a later call would read the maps "
+                    "as scans; choose another output folder"
                 )
 
 

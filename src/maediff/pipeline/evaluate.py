@@ -57,7 +57,7 @@ from ..evaluation.protocol import (
     evaluate_split,
 )
 from ..names import HEALTHY
-from ..outputs import HOST, clean_stale, owner_dead, partial_path
+from ..outputs import HOST, clean_stale, owner_dead, partial_path, record_outputs
 from ..reporting.results import record_results, write_results
 from ..reporting.runs import ANOMALY_SETS
 from ..reporting.summary import SUMMARY_FILE, EvaluationSummary, Scoring
@@ -421,6 +421,9 @@ def staged_output(out: Path) -> Iterator[Path]:
     stage.mkdir()
     try:
         yield stage
+        # the record of what evaluate wrote (outputs.py) travels with the results
+        files = [p.relative_to(stage).as_posix() for p in stage.rglob("*") if p.is_file()]
+        record_outputs(stage, "evaluate", files)
         _publish(stage, base)
     except BaseException:
         shutil.rmtree(stage, ignore_errors=True)

@@ -176,11 +176,58 @@ def _exclusion_text(d: DatasetResult) -> str:
     return "; left out of the means: " + ", ".join(parts)
 
 
+def check_combinable(summaries: Sequence[EvaluationSummary]) -> None:
+    """The runs a row combines (mean ± std) must be runs of one test: an evaluation
+    given twice, or evaluations of one model on test sets of different sizes (another
+    --max-volumes), would pass for several runs of one test."""
+    seen: dict[Path, int] = {}
+    for i, s in enumerate(summaries, 1):
+        if s.folder is not None:
+            if s.folder in seen:
+                raise ValueError(
+                    f"evaluation {s.folder} is given twice (arguments {seen[s.folder]} and {i}); "
+                    "each run counts once"
+                )
+            seen[s.folder] = i
+    for label, runs in report_rows(summaries):
+        first = runs[0]
+        for other in runs[1:]:
+            for ds, d in other.datasets.items():
+                ref = first.datasets.get(ds)
+                if ref is not None and ref.n_test != d.n_test:
+                    where = lambda s: s.folder or s.model  # noqa: E731
+                    raise ValueError(
+                        f"{label}: {where(first)} has {ref.n_test} {shown_name(ds)} test "
+                        f"volumes and {where(other)} {d.n_test}: runs of different test sets "
+                        "are not combined (evaluate them on the same volumes, or report them "
+                        "apart)"
+                    )
+
+
+def report_files(summaries: Sequence[EvaluationSummary]) -> list[str]:
+    """What write_report may write in its folder (the output rule, outputs.py)."""
+    return [
+        "results.md",
+        "results.csv",
+        "lesions.md",
+        "labelfree.md",
+        "report.html",
+        "pr_curves_all.png",
+        "dice_per_subject_all.png",
+        *(
+            f"{i}-{_safe(s.model)}_{name}"
+            for i, s in enumerate(summaries, 1)
+            for name in (s.figures.names() if s.figures else [])
+        ),
+    ]
+
+
 def write_report(summaries: Sequence[EvaluationSummary | Mapping], out_dir: str | Path) -> Path:
     """Table 1 style Markdown + CSV and one HTML page with the figures of each summary.
     Figures of summaries saved elsewhere are copied next to the page; every image is
     referenced relative to the page, so the folder can be moved or served as is."""
     summaries = as_summaries(summaries)
+    check_combinable(summaries)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     table = report_table(summaries)

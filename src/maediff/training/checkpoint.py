@@ -28,7 +28,7 @@ from .. import __version__
 from ..config import Config, apply_overrides, describe, from_dict, read_config_file, to_dict
 from ..device import speed_up
 from ..models import MODELS, build_model
-from ..outputs import temp_path
+from ..outputs import apply_umask, temp_path
 
 FORMAT = "maediff-checkpoint-v1"
 STATE_FORMAT = "maediff-train-state-v1"
@@ -41,15 +41,21 @@ class CheckpointError(ValueError):
 def _atomic_save_file(
     tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str, str]
 ) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
+    """Write through a temporary name and one rename, with the user's umask (safetensors
+    makes its files 0600); a full or read-only disk is one error naming `path`."""
     tmp = temp_path(path)
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
         save_file(
             {k: v.detach().cpu().contiguous() for k, v in tensors.items()},
             str(tmp),
             metadata=metadata,
         )
+        apply_umask(tmp)
         os.replace(tmp, path)
+    except (SafetensorError, OSError) as e:
+        reason = getattr(e, "strerror", None) or str(e).replace(str(tmp), "").strip(" :'\"")
+        raise OSError(f"cannot write {path}: {reason}") from e
     finally:
         if tmp.exists():
             tmp.unlink()
@@ -183,6 +189,10 @@ def read_checkpoint_metadata(
         extra = json.loads(meta.get("extra", "{}"))
     except (KeyError, json.JSONDecodeError, ValueError) as e:
         raise CheckpointError(f"checkpoint {path} has an invalid config: {e}") from e
+    if not isinstance(extra, dict):
+        raise CheckpointError(
+            f"checkpoint {path}: its metadata 'extra' is {type(extra).__name__}, not a JSON object"
+        )
     return cfg, tensors, extra, meta
 
 
@@ -207,6 +217,16 @@ def check_weights(path: Path, model: torch.nn.Module, tensors: dict[str, torch.T
         raise CheckpointError(
             f"checkpoint {path} does not match its config ({model.cfg.model}): "
             f"{len(shapes)} tensor(s) differ in shape, e.g. {shapes[0]}"
+        )
+    dtypes = [
+        f"{k} {tensors[k].dtype} in the file, {v.dtype} in the model"
+        for k, v in want.items()
+        if tensors[k].dtype != v.dtype
+    ]
+    if dtypes:  # load_state_dict would cast int32 to float32 without a word
+        raise CheckpointError(
+            f"checkpoint {path} does not match its config ({model.cfg.model}): "
+            f"{len(dtypes)} tensor(s) differ in type, e.g. {dtypes[0]}"
         )
     bad = [k for k, v in tensors.items() if v.is_floating_point() and not torch.isfinite(v).all()]
     if bad:

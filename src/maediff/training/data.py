@@ -22,7 +22,7 @@ import torch
 from ..config import Config
 from ..data.bids import is_bids, read_bids, split_every
 from ..data.datasets import SliceSet, load_volumes
-from ..data.io import Subject
+from ..data.io import DataError, Subject
 from ..data.load import learn_landmarks, nyul_standardise
 from ..data.splits import read_inputs, read_pddpm_split
 from ..models import AnomalyModel
@@ -37,6 +37,17 @@ class TrainingData:
     description: str
     sources: dict[str, str | None] = field(default_factory=dict)  # written to run.json
     landmarks: tuple[float, ...] = ()  # histogram landmarks of the training volumes
+
+
+def _refuse_labelled(subjects: list[Subject], source) -> None:
+    """A scan with a lesion label (NAME_seg beside it, a seg column) is no healthy scan:
+    the model would learn its lesion as normal."""
+    labelled = [s for s in subjects if s.seg is not None]
+    if labelled:
+        raise DataError(
+            f"{source}: {len(labelled)} scan(s) have lesion labels ({labelled[0].seg}"
+            f"{', ...' if len(labelled) > 1 else ''}); train on healthy scans only"
+        )
 
 
 def training_subjects(
@@ -67,6 +78,8 @@ def training_subjects(
             if val_list is not None
             else []
         )
+        for subjects, given in ((train, train_list), (val, val_list)):
+            _refuse_labelled(subjects, given)
         return (
             train,
             val,

@@ -45,8 +45,17 @@ class RunLog:
         """Drop rows written after the checkpoint we resume from."""
         if not (self.enabled and self.path.exists()):
             return
-        rows = list(csv.DictReader(self.path.open()))
-        keep = [r for r in rows if int(r["step"]) <= step]
+        keep = []
+        try:
+            with self.path.open(newline="") as f:
+                for r in csv.DictReader(f):
+                    if int(r["step"]) <= step:
+                        keep.append(r)
+        except (UnicodeDecodeError, csv.Error, KeyError, TypeError, ValueError) as e:
+            raise ValueError(
+                f"{self.path} is not the training log this run wrote ({type(e).__name__}: "
+                f"{str(e)[:80]}); remove the lines that are not its rows, or the file, and resume again"
+            ) from e
         buf = io.StringIO()  # rewritten through a temporary file: a kill keeps the old log
         w = csv.DictWriter(buf, fieldnames=LOG_FIELDS)
         w.writeheader()

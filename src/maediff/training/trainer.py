@@ -63,7 +63,7 @@ from ..device import (
 from ..memory import check_training_memory
 from ..models import MODELS, AnomalyModel, build_model, count_parameters
 from ..models.base import Phase
-from ..outputs import clean_stale, write_text_atomic
+from ..outputs import clean_stale, record_outputs, write_text_atomic
 from .checkpoint import CheckpointError, TrainState, load_saved_config, model_card, save_weights
 from .data import (
     TrainingData,
@@ -555,7 +555,7 @@ def _setup(cfg: Config, data: TrainingData, run_dir: Path, device: str, resume: 
         model.train(), cfg, dev, max(1, cfg.train.batch_size // ddp.world), ddp.world
     )
     if ddp.main:  # the folder is written once the run can start
-        run_dir.mkdir(parents=True, exist_ok=True)
+        record_outputs(run_dir, "train", TRAIN_OUTPUTS)  # the output rule (outputs.py)
         clean_stale(run_dir)  # checkpoint temporaries of a killed run (outputs.py)
         if not resume:
             clear_run(run_dir)
@@ -749,6 +749,9 @@ RUN_FILES = (
     "log.csv",
     "run.json",
 )
+
+
+TRAIN_OUTPUTS = ("config.yaml", *RUN_FILES, "tb/")  # what train writes in a run folder
 
 
 def clear_run(run_dir: Path) -> None:
