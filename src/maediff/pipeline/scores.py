@@ -39,6 +39,7 @@ COLUMNS = {
     "components": "connected components (26-connected) of the binary map",
     "control_percentile": "percentage of the calibration's healthy scans whose anomaly_score is lower",
     "threshold_source": "how the threshold was set",
+    "qc": "flags of the checks before scoring, joined by ';' (empty: none); data/qc.py",
 }
 BIDS_KEYS = ("participant_id", "session_id")
 
