@@ -180,6 +180,7 @@ def test_a_0_4_0_config_with_every_section_loads_as_its_own_model(name):
             "train": {"val_every_steps": 0, "checkpoint_every_minutes": 0.0},  # off: by epochs
             "diffusion": {"background_weight": 1.0},  # the paper's loss
             "noise": {"zero_mean": False},  # the reference's fields
+            "data": {"trained_on": to_dict(Config())["data"]["trained_on"]},  # no record
         }
         assert added == since.get(k, {}), k
         assert {f: x for f, x in v.items() if f not in added} == old[k], k

@@ -133,6 +133,8 @@ def _check_resume(args: argparse.Namespace, saved) -> None:
         cfg = apply_overrides(saved, overrides)
     if not cfg.data.landmarks:  # learned from the training scans when the run started
         cfg = replace(cfg, data=replace(cfg.data, landmarks=saved.data.landmarks))
+    if not cfg.data.trained_on.scans:  # measured on them then (data/qc.py)
+        cfg = replace(cfg, data=replace(cfg.data, trained_on=saved.data.trained_on))
     asked, had = _flat(to_dict(cfg)), _flat(to_dict(saved))
     differ = sorted(k for k in asked.keys() | had.keys() if asked.get(k) != had.get(k))
     if differ:
@@ -179,7 +181,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         adopt=args.resume,
     )
     data = prepare_training_data(
-        cfg, data_dir, train_list, val_list, not args.quiet, participants=participants
+        cfg, data_dir, train_list, val_list, not args.quiet, participants, args.suffix
     )
     summary = train(cfg, data, run, device=args.device, resume=args.resume, progress=not args.quiet)
     print(
@@ -302,6 +304,17 @@ def _detect_threshold(args: argparse.Namespace, model):
     return cal.threshold(args.fpr), cal.describe(args.fpr), cal
 
 
+def _suffix(args: argparse.Namespace) -> str:
+    """The contrast of the BIDS scans to read: --suffix, else the one the model records
+    of its training scans, else T2w."""
+    if args.suffix:
+        return args.suffix
+    from .data.bids import is_bids
+    from .training.export import recorded_contrast
+
+    return (recorded_contrast(args.model) if is_bids(args.input) else "") or "T2w"
+
+
 def cmd_detect(args: argparse.Namespace) -> int:
     from .data.bids import is_bids, parse_participants
     from .data.splits import read_inputs
@@ -315,7 +328,7 @@ def cmd_detect(args: argparse.Namespace) -> int:
             f"--fpr {args.fpr:g} is not a rate: give a fraction in (0, 1), e.g. 0.01 for 1 %"
         )
     check_output_folder(args.input, args.output)
-    subjects = read_inputs(args.input, parse_participants(args.participants))
+    subjects = read_inputs(args.input, parse_participants(args.participants), suffix=_suffix(args))
     if args.threshold_from and _calibration_source(args.threshold_from) is None:
         _threshold(args)  # a bad evaluation fails before the model loads
     overrides = _inference_overrides(args) + _t_test_from(args)
@@ -339,6 +352,7 @@ def cmd_detect(args: argparse.Namespace) -> int:
         calibration=cal,
         threshold_source=how,
         input_root=args.input,
+        strict=args.strict,
     )
     per_volume = report.seconds / max(len(report.written), 1)
     print(
@@ -359,7 +373,7 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
     from .training.checkpoint import load_model
 
     participants = parse_participants(args.participants)
-    subjects = read_inputs(args.input, participants)
+    subjects = read_inputs(args.input, participants, suffix=_suffix(args))
     source = str(args.input) + (
         " " + " ".join(f"{k}={v}" for k, v in participants.items()) if participants else ""
     )
@@ -392,6 +406,13 @@ def cmd_export(args: argparse.Namespace) -> int:
     )
     print(read_card(out))
     print(f"model file: {out} ({out.stat().st_size / 1e6:.1f} MB)")
+    return 0
+
+
+def cmd_info(args: argparse.Namespace) -> int:
+    from .training.export import model_info
+
+    print(model_info(args.model), end="")
     return 0
 
 
@@ -694,6 +715,21 @@ def _add_participants(p: argparse.ArgumentParser) -> None:
     )
 
 
+def _add_suffix(p: argparse.ArgumentParser, training: bool = False) -> None:
+    p.add_argument(
+        "--suffix",
+        metavar="SUFFIX",
+        help="the scans' contrast as a BIDS suffix (T2w, FLAIR, T1w, ...): which scans of a "
+        "BIDS data set are read, "
+        + (
+            "recorded in the model (default: T2w for BIDS and pDDPM's layout; unrecorded "
+            "for other scans)"
+            if training
+            else "default: the contrast the model records, else T2w"
+        ),
+    )
+
+
 def _parser_train(p: argparse.ArgumentParser) -> None:
     source = p.add_mutually_exclusive_group()
     source.add_argument("--data", help="data folder in pDDPM's layout (Train/ixi, splits/)")
@@ -707,6 +743,7 @@ def _parser_train(p: argparse.ArgumentParser) -> None:
         help="validation scans for --train-list (BIDS without it: every 10th subject)",
     )
     _add_participants(p)
+    _add_suffix(p, training=True)
     p.add_argument(
         "--run-dir",
         "--run",
@@ -779,7 +816,7 @@ def _parser_detect(p: argparse.ArgumentParser) -> None:
         help="output folder (for a BIDS input: a derivatives data set, e.g. DS/derivatives/maediff)",
     )
     _add_participants(p)
-
+    _add_suffix(p)
     p.add_argument("--model", required=True, help="run folder or .safetensors checkpoint")
     p.add_argument(
         "--overwrite",
@@ -791,6 +828,12 @@ def _parser_detect(p: argparse.ArgumentParser) -> None:
         "--bids",
         action="store_true",
         help="BIDS-derivative names (NAME_desc-anomalymap_T2w.nii.gz)",
+    )
+    p.add_argument(
+        "--strict",
+        action="store_true",
+        help="refuse (do not map) a scan that the checks against the model's training data "
+        "flag; without it the scan is mapped and its flags go to the qc column",
     )
     p.add_argument("--batch-size", type=int, help="inputs per forward pass")
     _add_set(p, TRAINED_SET_EXAMPLE)
@@ -813,6 +856,7 @@ def _parser_calibrate(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("-o", "--output", required=True, help="folder for calibration.json")
     _add_participants(p)
+    _add_suffix(p)
     _add_fpr(
         p,
         "+",
@@ -840,6 +884,10 @@ def _parser_export(p: argparse.ArgumentParser) -> None:
         "--which", choices=["best", "last"], default="best", help="which checkpoint of the run"
     )
     p.add_argument("--overwrite", action="store_true", help="replace an existing file")
+
+
+def _parser_info(p: argparse.ArgumentParser) -> None:
+    p.add_argument("model", help="a run folder or .safetensors model file")
 
 
 def _parser_evaluate(p: argparse.ArgumentParser) -> None:
@@ -1066,6 +1114,13 @@ COMMANDS = [
         _parser_export,
         "a trained model as one file to share",
         "One safetensors file with the weights, configuration, maediff version, training data description, calibration (if any) and model card in its metadata; --model takes it wherever it takes a run folder.",
+    ),
+    (
+        "info",
+        cmd_info,
+        _parser_info,
+        "what a model file is: its hashes, training data, calibration and card",
+        "Print a model's identity (the SHA-256 of its weights and configuration, its scoring settings), the record of what it was trained on (contrast, voxel size, brain volume, intensity landmarks: what detect checks each scan against), its calibration and its model card.",
     ),
     (
         "evaluate",

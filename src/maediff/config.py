@@ -187,6 +187,51 @@ class TrainConfig:
 
 
 @dataclass(frozen=True)
+class TrainingRecord:
+    """What a model was trained on (docs/labelfree.md §What the model was trained on):
+    measured on the training scans when training starts (data/qc.py: training_record),
+    saved with the model in `data.trained_on`, and read by the checks that `detect` runs
+    on every scan before scoring it. Empty (`scans` 0) in models trained before 0.10.0:
+    those checks are then skipped, and detect says so.
+
+    Ranges are (min, max) over the training scans; `landmarks_low` / `landmarks_high`
+    bound each intensity landmark (NYUL_PERCENTILES of the brain on the model grid)."""
+
+    scans: int = 0  # training scans measured (0: no record)
+    contrast: str = ""  # BIDS suffix of the training scans (T2w, FLAIR, T1w, ...); "" unknown
+    skull_stripped: str = ""  # "yes" (a brain mask, or no signal outside the brain), "no", ""
+    source: str = ""  # where the scans came from (their description)
+    synthetic: bool = False  # the synthetic brains of `maediff synth`, not MRI of people
+    voxel_mm: tuple[float, ...] = ()  # (min, max) voxel edge of the input scans, mm
+    fov_mm: tuple[float, ...] = ()  # (min, max) field of view (shape x voxel size) per axis, mm
+    brain_ml: tuple[float, ...] = ()  # (min, max) brain volume of the input scans, ml
+    extent_mm: tuple[float, ...] = ()  # (min, max) bounding-box edge of the brain, mm
+    outside_signal: float = 0.0  # max share of the voxels outside the brain with signal
+    brain_fraction: tuple[float, ...] = ()  # (min, max) share of the field of view that is brain
+    landmarks_low: tuple[float, ...] = ()
+    landmarks_high: tuple[float, ...] = ()
+
+    def __post_init__(self) -> None:
+        check(self.scans >= 0, f"data.trained_on.scans={self.scans} must be >= 0")
+        check(
+            self.skull_stripped in ("", "yes", "no"),
+            f"data.trained_on.skull_stripped={self.skull_stripped!r} must be 'yes', 'no' or ''",
+        )
+        for name in ("voxel_mm", "fov_mm", "brain_ml", "extent_mm", "brain_fraction"):
+            v = getattr(self, name)
+            check(
+                not v or (len(v) == 2 and v[0] <= v[1]),
+                f"data.trained_on.{name}={v} must be empty or (min, max)",
+            )
+        for name in ("landmarks_low", "landmarks_high"):
+            v = getattr(self, name)
+            check(
+                not v or len(v) == len(NYUL_PERCENTILES),
+                f"data.trained_on.{name} must hold {len(NYUL_PERCENTILES)} values, got {len(v)}",
+            )
+
+
+@dataclass(frozen=True)
 class DataConfig:
     """Volumes as the model sees them (docs/data.md §3)."""
 
@@ -206,6 +251,8 @@ class DataConfig:
     # always learns the landmarks, so a model trained without it can use it at test time.
     standardise: str = "none"
     landmarks: tuple[float, ...] = ()
+    # what the model was trained on, measured on the training scans (TrainingRecord)
+    trained_on: TrainingRecord = TrainingRecord()
 
     def __post_init__(self) -> None:
         check(0 <= self.fold <= 4, f"data.fold={self.fold} must be in 0..4")
@@ -617,6 +664,8 @@ def to_dict(cfg: Config) -> dict[str, Any]:
 
 
 def _coerce(value: Any, hint: Any, where: str) -> Any:
+    if is_dataclass(hint):  # a record inside a section (data.trained_on)
+        return value if isinstance(value, hint) else _section_from_dict(hint, value, where)
     origin = getattr(hint, "__origin__", None)
     if origin is tuple:
         if not isinstance(value, list | tuple):
@@ -841,6 +890,7 @@ __all__ = [
     "GeometryConfig",
     "InferenceConfig",
     "TrainConfig",
+    "TrainingRecord",
     "apply_overrides",
     "check_downsampling",
     "check_widths",

@@ -2,8 +2,9 @@
 
     subjects = read_bids("ds/", participants={"group": "control"})
 
-Every T2-weighted scan of the raw data set (`sub-*/[ses-*/]anat/*_T2w.nii[.gz]`) is a
-Subject named after its file (`sub-01_ses-1_T2w`). From any derivatives folder of the
+Every scan of one contrast of the raw data set (`sub-*/[ses-*/]anat/*_T2w.nii[.gz]` by
+default; the suffix is the model's recorded contrast, or `--suffix`) is a Subject named
+after its file (`sub-01_ses-1_T2w`). From any derivatives folder of the
 data set (`derivatives/*/`, each with its dataset_description.json) the scan gets, when
 they exist for the same subject, session, acquisition and run:
 
@@ -104,10 +105,11 @@ def read_bids(
     root: str | Path,
     participants: Mapping[str, str] | None = None,
     lesions: bool | None = None,
+    suffix: str = "T2w",
 ) -> list[Subject]:
-    """The T2w scans of a BIDS data set with their masks and lesion labels (module
-    docstring), sorted by name. lesions: True keeps only scans with lesion labels,
-    False only those without, None all."""
+    """The scans of one contrast (`suffix`: T2w, FLAIR, T1w, ...) of a BIDS data set
+    with their masks and lesion labels (module docstring), sorted by name. lesions: True
+    keeps only scans with lesion labels, False only those without, None all."""
     root = Path(root)
     if not is_bids(root):
         raise DataError(f"{root} is not a BIDS data set (no dataset_description.json)")
@@ -116,7 +118,7 @@ def read_bids(
     # label) to ask for: no scan has a mask or labels, the brain is taken from the image
     derivatives = bool(layout.derivatives)
     chosen = select_participants(root, participants)
-    scans = layout.get(scope="raw", datatype="anat", suffix="T2w", extension=NIFTI_EXTENSIONS)
+    scans = layout.get(scope="raw", datatype="anat", suffix=suffix, extension=NIFTI_EXTENSIONS)
     subjects = []
     for f in scans:
         ents = f.get_entities()
@@ -144,7 +146,7 @@ def read_bids(
     if not subjects:
         what = {True: " with lesion labels", False: " without lesion labels", None: ""}[lesions]
         sel = f" among participants {dict(participants)}" if participants else ""
-        raise DataError(f"no T2w scans{what}{sel} in the BIDS data set {root}")
+        raise DataError(f"no {suffix} scans{what}{sel} in the BIDS data set {root}")
     return sorted(subjects, key=lambda s: s.name)
 
 

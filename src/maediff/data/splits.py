@@ -170,14 +170,17 @@ def read_subject_csv(path: str | Path) -> list[Subject]:
 
 
 def read_inputs(
-    path: str | Path, participants: dict[str, str] | None = None, lesions: bool | None = None
+    path: str | Path,
+    participants: dict[str, str] | None = None,
+    lesions: bool | None = None,
+    suffix: str = "T2w",
 ) -> list[Subject]:
     """A single NIfTI file, a folder of scans, a CSV subject list, or a BIDS data set
-    (a folder with dataset_description.json; `participants` and `lesions` select its
-    scans, see data/bids.py)."""
+    (a folder with dataset_description.json; `participants`, `lesions` and the contrast
+    `suffix` select its scans, see data/bids.py)."""
     p = Path(path)
     if is_bids(p):
-        return read_bids(p, participants, lesions)
+        return read_bids(p, participants, lesions, suffix)
     if participants:
         raise DataError(f"--participants selects subjects of a BIDS data set; {p} is not one")
     if p.is_dir():

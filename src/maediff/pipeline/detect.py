@@ -29,6 +29,7 @@ import json
 import math
 import os
 import time
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -44,6 +45,7 @@ from ..data.checks import input_checks
 from ..data.datasets import load_subject, slices_to_volume, volume_to_slices
 from ..data.io import DataError, Subject, save_like
 from ..data.load import PreparedVolume
+from ..data.qc import NO_RECORD, UNCHECKED, ScanWarning, qc_reasons, qc_text, scan_flags
 from ..evaluation.calibration import Calibration
 from ..evaluation.postprocess import anomaly_scores, remove_small_components
 from ..evaluation.protocol import EvalSettings
@@ -219,20 +221,23 @@ class DetectLog:
 def detect_settings(
     model: AnomalyModel, threshold: float | None, seed: int, amp: str | None = None
 ) -> dict:
-    """What the maps of a detect call depend on: the checkpoint, the configuration
-    (inference overrides included), the threshold, the seed and the autocast."""
-    info = getattr(model, "checkpoint_info", {}) or {}
-    ckpt = info.get("path")
-    try:
-        from ..config import to_dict
+    """What the maps of a detect call depend on: the model by its content (the SHA-256
+    of its weights and of its configuration, as a calibration names it: not the file's
+    path, so a copy of the file, or the file exported from the run, is the same model),
+    the scoring settings (the test-time options that change maps: training/export.py),
+    the threshold, the seed and the autocast."""
+    from ..training.export import model_identity, scoring_settings
 
-        text = json.dumps(to_dict(model.cfg), sort_keys=True, default=str)
-        config = hashlib.sha256(text.encode()).hexdigest()[:16]
+    try:
+        ident = model_identity(model)
+        text = json.dumps(scoring_settings(model.cfg), sort_keys=True, default=str)
+        scoring = hashlib.sha256(text.encode()).hexdigest()[:16]
     except (AttributeError, TypeError):  # a duck-typed model without a Config
-        config = None
+        ident, scoring = {}, None
     return {
-        "checkpoint": str(Path(ckpt).resolve()) if ckpt else None,
-        "config": config,
+        "weights": ident.get("weights_sha256"),
+        "config": ident.get("config_sha256"),
+        "scoring": scoring,
         "threshold": threshold,
         "seed": seed,
         "amp": amp,
@@ -253,17 +258,30 @@ def detect_subject(
     threshold_source: str | None = None,
     log: DetectLog | None = None,
     settings: dict | None = None,
+    strict: bool = False,
 ) -> dict[str, Path]:
     """One scan -> anomaly map (raw |x - rec|), post-processed score map, reconstruction
     and, with a threshold, a binary prediction; all in the input file's voxel grid.
     Every file is written under a temporary name first and all are renamed into place
     together, between a "writing" and a "done" line of `log`. `scan_record`, when
-    given, receives the scan's scalar scores (pipeline/scores.py)."""
+    given, receives the scan's scalar scores (pipeline/scores.py) and its `qc` flags.
+
+    Before the scan is scored it is compared with the model's training data
+    (data/qc.py): a scan unlike them is mapped with a warning that names it and its
+    flags, or, `strict`, refused (DataError) with nothing written."""
     vol = load_subject(subject, model.cfg.data)
+    flags = scan_flags(subject, vol, model.cfg.data.trained_on)
+    if flags and strict:
+        raise DataError(f"{subject.image}: {qc_reasons(flags)}; refused (--strict)")
+    if flags:
+        warnings.warn(f"{subject.image}: {qc_reasons(flags)}", ScanWarning, stacklevel=2)
     rec, residual, scores = anomaly_maps(model, vol, generator, batch_size, amp)
     post = EvalSettings()  # the protocol's post-processing (evaluation/postprocess.py)
     if scan_record is not None:
         scan_record.update(scan_scores_of(vol, scores, threshold, calibration))
+        # the input's own flags (detect_files, data/checks.py) first, then these
+        own = qc_text(flags) if model.cfg.data.trained_on.scans else UNCHECKED
+        scan_record["qc"] = ";".join(f for f in (scan_record.get("qc", ""), own) if f)
     maps = {"anomaly": residual, "score": scores, "reconstruction": rec}
     paths = subject_outputs(out_dir, subject, bids)
     if threshold is None:
@@ -355,6 +373,7 @@ def detect_files(
     calibration: Calibration | None = None,
     threshold_source: str | None = None,
     input_root: str | Path | None = None,
+    strict: bool = False,
 ) -> DetectReport:
     """Run detection on many scans; a bad file is reported and skipped, not fatal.
     bids_source: the BIDS data set the subjects come from; `out_dir` then becomes a
@@ -368,8 +387,17 @@ def detect_files(
     input, are refused (DataError); so are, unless `overwrite`, files this call would
     replace that detect did not write, or wrote with other settings. Scans finished
     with the same settings and with their scores row are skipped; scans a killed call
-    left half-renamed are redone."""
+    left half-renamed are redone.
+
+    Each scan is first compared with what the model was trained on (data/qc.py): its
+    flags go to the `qc` column with a warning naming the scan; `strict` refuses it.
+    A model without that record (made with maediff 0.9.0 or earlier) is said so once,
+    and its scans carry the flag `no_training_record`."""
     check_detect_arguments(out_dir, threshold, batch_size)
+    if not model.cfg.data.trained_on.scans:
+        if strict:
+            raise ValueError(f"--strict checks scans against the training data, and {NO_RECORD}")
+        warnings.warn(NO_RECORD, ScanWarning, stacklevel=2)
     report = DetectReport()
     start = time.perf_counter()
     wanted = [(s, _wanted(subject_outputs(out_dir, s, bids), threshold)) for s in subjects]
@@ -402,6 +430,7 @@ def detect_files(
                 model, s, out_dir, g, threshold, bids, batch_size, amp,
                 scan_record=record, calibration=calibration,
                 threshold_source=threshold_source, log=log, settings=settings,
+                strict=strict,
             )  # fmt: skip
             report.written.append(s.name)
         except (DataError, ValueError, RuntimeError) as e:
@@ -488,6 +517,11 @@ def _to_do(
             # every output present, none recorded: a folder of an earlier version, skipped
         elif rec["state"] != "done":
             todo.add(i)  # a call killed while renaming: its own files, redone
+        elif "weights" not in (rec.get("settings") or {}):
+            conflicts.append(
+                f"{paths['anomaly']} was made by maediff 0.9.0 or earlier, which named the "
+                "model by its path, not its weights"
+            )
         elif changed := _changed(rec.get("settings") or {}, settings):
             conflicts.append(
                 f"{paths['anomaly']} was made with other settings (was, now): {changed}"

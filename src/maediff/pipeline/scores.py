@@ -39,7 +39,7 @@ COLUMNS = {
     "components": "connected components (26-connected) of the binary map",
     "control_percentile": "percentage of the calibration's healthy scans whose anomaly_score is lower",
     "threshold_source": "how the threshold was set",
-    "qc": "quality-control flags of the input, joined by ';' (empty: none; docs/reliability.md)",
+    "qc": "flags of the checks before scoring, joined by ';' (empty: none): the input's own (data/checks.py) and against the model's training data (data/qc.py); docs/labelfree.md",
 }
 BIDS_KEYS = ("participant_id", "session_id")
 

@@ -108,8 +108,12 @@ def weights_sha256(tensors: dict[str, torch.Tensor]) -> str:
 
 
 def config_sha256(cfg: Config) -> str:
-    """Hash of the resolved configuration (canonical JSON)."""
-    text = json.dumps(to_dict(cfg), sort_keys=True, separators=(",", ":"), default=str)
+    """Hash of the resolved configuration (canonical JSON), less `data.trained_on`: the
+    record of the training data describes the model and changes no map, and leaving it
+    out keeps the hash (and the calibrations) of models made before it."""
+    data = to_dict(cfg)
+    data["data"].pop("trained_on", None)
+    text = json.dumps(data, sort_keys=True, separators=(",", ":"), default=str)
     return hashlib.sha256(text.encode()).hexdigest()
 
 
@@ -451,14 +455,17 @@ RUN_FILES = (
 def model_card(cfg: Config, extra: dict[str, Any], files: str = RUN_FILES) -> str:
     """A short human-readable description written next to the weights (`files`: the
     line that says which files hold the model)."""
+    from ..data.qc import record_lines, trained_on_text
+
     n_params = extra.get("parameters")
     lines = [
         f"# maediff model: {cfg.name} ({cfg.model})",
         "",
-        f"{extra.get('description') or cfg.model}, trained on healthy T2-weighted brain MRI only;",
+        f"{extra.get('description') or cfg.model}, trained on {trained_on_text(cfg.data.trained_on)} only;",
         "anomaly map = |x - reconstruction|.",
         "",
         f"- configuration: {describe(cfg)}",
+        *record_lines(cfg.data.trained_on),
         f"- parameters: {n_params:,}" if isinstance(n_params, int) else "- parameters: unknown",
         f"- training data: {extra.get('data', 'unknown')}",
         f"- steps: {extra.get('step', '?')}, epochs: {extra.get('epoch', '?')}, best validation loss: {extra.get('best_val_loss', '?')}",

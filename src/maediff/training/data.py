@@ -12,6 +12,7 @@ The trainer (training/trainer.py) draws from here.
 
 from __future__ import annotations
 
+import json
 import math
 from collections.abc import Iterator
 from dataclasses import dataclass, field, replace
@@ -19,11 +20,12 @@ from pathlib import Path
 
 import torch
 
-from ..config import Config
+from ..config import Config, TrainingRecord
 from ..data.bids import is_bids, read_bids, split_every
 from ..data.datasets import SliceSet, load_volumes
 from ..data.io import DataError, Subject
 from ..data.load import learn_landmarks, nyul_standardise
+from ..data.qc import measure_subject, training_record
 from ..data.splits import read_inputs, read_pddpm_split
 from ..models import AnomalyModel
 from ..names import HEALTHY
@@ -37,6 +39,7 @@ class TrainingData:
     description: str
     sources: dict[str, str | None] = field(default_factory=dict)  # written to run.json
     landmarks: tuple[float, ...] = ()  # histogram landmarks of the training volumes
+    record: TrainingRecord = TrainingRecord()  # what the model is trained on (data/qc.py)
 
 
 def _refuse_labelled(subjects: list[Subject], source) -> None:
@@ -56,6 +59,7 @@ def training_subjects(
     train_list: str | Path | None = None,
     val_list: str | Path | None = None,
     participants: dict[str, str] | None = None,
+    suffix: str = "T2w",
 ) -> tuple[list[Subject], list[Subject], str]:
     """Subjects from pDDPM's layout (IXI fold cfg.data.fold), from explicit lists, or
     from a BIDS data set (its scans without lesion labels among `participants`; without
@@ -63,7 +67,7 @@ def training_subjects(
     anything is loaded."""
     if train_list is not None:
         if is_bids(train_list):  # healthy scans (no lesion labels) of the chosen participants
-            train = read_bids(train_list, participants, lesions=False)
+            train = read_bids(train_list, participants, lesions=False, suffix=suffix)
             if val_list is None:
                 train, val = split_every(train, 0.1)
                 return (
@@ -72,9 +76,14 @@ def training_subjects(
                     f"BIDS {train_list} ({len(train)} volumes), validation every 10th subject ({len(val)})",
                 )
         else:
-            train = read_inputs(train_list, participants)
+            train = read_inputs(train_list, participants, suffix=suffix)
         val = (
-            read_inputs(val_list, participants, lesions=False if is_bids(val_list) else None)
+            read_inputs(
+                val_list,
+                participants,
+                lesions=False if is_bids(val_list) else None,
+                suffix=suffix,
+            )
             if val_list is not None
             else []
         )
@@ -100,16 +109,33 @@ def prepare_training_data(
     val_list=None,
     progress: bool = True,
     participants: dict[str, str] | None = None,
+    contrast: str | None = None,
 ) -> TrainingData:
     """Load the training (and validation) volumes. The histogram landmarks are learned
     from the training volumes (or taken from data.landmarks when set); with
-    data.standardise="nyul" every volume is then standardised onto them."""
-    train_s, val_s, desc = training_subjects(cfg, data_dir, train_list, val_list, participants)
+    data.standardise="nyul" every volume is then standardised onto them. The training
+    scans are measured for the model's record of them (data/qc.py): `contrast` is their
+    BIDS suffix (None: T2w for a BIDS data set and pDDPM's layout, whose IXI scans are
+    T2-weighted; unrecorded for other scans)."""
+    suffix = contrast or "T2w"
+    train_s, val_s, desc = training_subjects(
+        cfg, data_dir, train_list, val_list, participants, suffix
+    )
+    if contrast is None and train_list is not None and not is_bids(train_list):
+        contrast = ""  # a folder or list of scans: the contrast is not known
+    synthetic = synthetic_origin(data_dir if train_list is None else None)
+    if synthetic:
+        desc = f"{desc}; {synthetic}"
     size, frac = cfg.geometry.image_size, cfg.data.min_brain_fraction
     raw = replace(cfg.data, standardise="none")
     train_v = load_volumes(train_s, raw, "loading train", progress)
     val_v = load_volumes(val_s, raw, "loading val", progress) if val_s else []
     landmarks = cfg.data.landmarks or learn_landmarks(train_v)
+    record = cfg.data.trained_on
+    if not record.scans:  # measured before the standardisation, as detect measures a scan
+        measures = [measure_subject(s, v) for s, v in zip(train_s, train_v)]
+        record = training_record(measures, suffix if contrast is None else contrast, source=desc)
+        record = replace(record, synthetic=bool(synthetic))
     if cfg.data.standardise == "nyul":
         for v in (*train_v, *val_v):
             v.image = nyul_standardise(v.image, v.brain_mask, landmarks)
@@ -121,7 +147,23 @@ def prepare_training_data(
         "val_list": str(val_list) if val_list else None,
         "participants": participants,
     }
-    return TrainingData(train, val, desc, sources, landmarks)
+    return TrainingData(train, val, desc, sources, landmarks, record)
+
+
+def synthetic_origin(data_dir: str | Path | None) -> str:
+    """ "synthetic brains of maediff synth (seed S, site X)" for a benchmark that
+    `maediff synth` wrote (its synthetic.json), else ""."""
+    marker = Path(data_dir) / "synthetic.json" if data_dir is not None else None
+    if marker is None or not marker.is_file():
+        return ""
+    try:
+        about = json.loads(marker.read_text())
+    except (OSError, json.JSONDecodeError):
+        return "synthetic brains of maediff synth"
+    return (
+        f"synthetic brains of maediff synth (seed {about.get('seed', '?')}, "
+        f"site {about.get('site', 'a')})"
+    )
 
 
 def epoch_batches(

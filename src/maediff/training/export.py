@@ -18,11 +18,12 @@ settings (`check_calibration`).
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 from .. import __version__
-from ..config import Config
+from ..config import Config, TrainingRecord
 from ..evaluation.calibration import Calibration
 from .checkpoint import (
     FORMAT,
@@ -202,6 +203,95 @@ def _calibration_for(
     return cal
 
 
+def model_info(path: str | Path) -> str:
+    """What `maediff info MODEL` prints: the file, its identity (the hashes that
+    calibrations and detect's output folders check), what it was trained on (the record
+    detect's checks compare scans with), its calibration and its card."""
+    from ..data.qc import record_lines
+    from .checkpoint import resolve_checkpoint
+
+    src = resolve_checkpoint(path)
+    cfg, tensors, extra, meta = read_checkpoint_metadata(src)
+    lines = [
+        f"# {src}",
+        "",
+        f"- written by maediff {meta.get('maediff_version', '?')} (format {meta.get('format')})",
+        f"- weights sha256: {weights_sha256(tensors)}",
+        f"- config sha256: {config_sha256(cfg)}",
+        f"- scoring settings: {json.dumps(scoring_settings(cfg), sort_keys=True)}",
+        "",
+        "## Trained on",
+        "",
+        *record_lines(cfg.data.trained_on, landmarks=True),
+        "",
+        "## Calibration",
+        "",
+    ]
+    text = meta.get("calibration")
+    cal = Calibration.from_json(json.loads(text), str(src)) if text else None
+    if cal is None:
+        lines.append("none: set thresholds on healthy scans with `maediff calibrate`")
+    else:
+        lines += calibration_section(cal)[4:]
+    card = meta.get("model_card") or model_card(cfg, extra)
+    return "\n".join([*lines, "", "## Model card", "", card.rstrip("\n")]) + "\n"
+
+
+def add_training_record(path: str | Path, out: str | Path, record: TrainingRecord) -> Path:
+    """Write `path` (a model file made before the training record) to `out` with
+    `record` in its configuration's data.trained_on, and the card and training-data
+    description made again from it. The weights' bytes are copied as they are (only the
+    file's JSON header changes), so the weights hash, the configuration hash
+    (config_sha256 leaves the record out) and any calibration stay valid."""
+    import struct
+
+    src = Path(path)
+    cfg, _, extra, meta = read_checkpoint_metadata(src)
+    if cfg.data.trained_on.scans:
+        raise ValueError(f"{src} already records what it was trained on")
+    blob = src.read_bytes()
+    (n,) = struct.unpack("<Q", blob[:8])
+    header = json.loads(blob[8 : 8 + n])
+    config = json.loads(meta["config"])
+    config["data"]["trained_on"] = to_dict_record(record)
+    cfg = replace(cfg, data=replace(cfg.data, trained_on=record))
+    cal = read_calibration(src)
+    new_meta = {
+        **meta,
+        "config": json.dumps(config),
+        "training_data": record.source or str(extra.get("data", "unknown")),
+        "model_card": export_card(cfg, extra, cal),
+    }
+    header["__metadata__"] = new_meta
+    text = json.dumps(header, separators=(",", ":")).encode()
+    text += b" " * (-len(text) % 8)  # the data start stays 8-byte aligned, as safetensors writes it
+    tmp = Path(out).with_name(f".{Path(out).name}.tmp")
+    tmp.write_bytes(struct.pack("<Q", len(text)) + text + blob[8 + n :])
+    tmp.replace(out)
+    return Path(out)
+
+
+def to_dict_record(record: TrainingRecord) -> dict[str, Any]:
+    return {k: list(v) if isinstance(v, tuple) else v for k, v in vars(record).items()}
+
+
+def recorded_contrast(path: str | Path) -> str:
+    """The contrast (a BIDS suffix) a model file or run records of its training scans,
+    "" when it records none; read from the file's metadata alone (no weights loaded)."""
+    from safetensors import SafetensorError, safe_open
+
+    from .checkpoint import resolve_checkpoint
+
+    src = resolve_checkpoint(path)
+    try:
+        with safe_open(str(src), framework="pt") as f:
+            config = json.loads((f.metadata() or {}).get("config", "{}"))
+    except (SafetensorError, OSError, ValueError) as e:
+        raise CheckpointError(f"checkpoint {src} cannot be read: {e}") from e
+    record = (config.get("data") or {}).get("trained_on") or {}
+    return str(record.get("contrast") or "")
+
+
 def read_card(path: str | Path) -> str:
     """The model card a model file carries (an exported one), or the run's card."""
     cfg, _, extra, meta = read_checkpoint_metadata(path)
@@ -209,11 +299,14 @@ def read_card(path: str | Path) -> str:
 
 
 __all__ = [
+    "add_training_record",
     "check_calibration",
     "export_model",
     "model_calibration",
     "model_identity",
+    "model_info",
     "read_calibration",
     "read_card",
+    "recorded_contrast",
     "scoring_settings",
 ]

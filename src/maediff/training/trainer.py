@@ -542,6 +542,8 @@ def _setup(cfg: Config, data: TrainingData, run_dir: Path, device: str, resume: 
         raise ValueError(f"model {cfg.model!r} has nothing to train")
     if data.landmarks and not cfg.data.landmarks:  # saved with the model (config.yaml)
         cfg = replace(cfg, data=replace(cfg.data, landmarks=data.landmarks))
+    if data.record.scans and not cfg.data.trained_on.scans:  # what it is trained on
+        cfg = replace(cfg, data=replace(cfg.data, trained_on=data.record))
     # checked on every rank before joining the group: a rank that failed alone would
     # leave the others waiting in the process group's set-up
     if resume:
@@ -765,7 +767,12 @@ def clear_run(run_dir: Path) -> None:
 
 def _check_same_config(run_dir: Path, cfg: Config) -> None:
     saved = run_dir / "config.yaml"
-    if saved.exists() and to_dict(load_saved_config(saved)) != to_dict(cfg):
+    if not saved.exists():
+        return
+    old = load_saved_config(saved)
+    if not old.data.trained_on.scans:  # started before the training record: it gains one
+        cfg = replace(cfg, data=replace(cfg.data, trained_on=old.data.trained_on))
+    if to_dict(old) != to_dict(cfg):
         raise CheckpointError(f"cannot resume: the config in {saved} differs from the one given")
 
 
