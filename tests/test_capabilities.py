@@ -8,14 +8,14 @@ import pytest
 import torch
 
 import maediff
+from maediff.benchmark.plan import budget_of
+from maediff.benchmark.probe import mae_input_dependence, patch_probe
 from maediff.config import get_preset
 from maediff.models import MODELS, build_model
-from maediff.pipeline.benchmark import budget_of
-from maediff.pipeline.probe import mae_input_dependence, patch_probe
 from maediff.registry import preset_name
 from maediff.scales import with_update_budget
 
-SHARED = ("pipeline", "training", "evaluation")
+SHARED = ("pipeline", "benchmark", "training", "evaluation", "reporting")
 ROOT = Path(maediff.__file__).parent
 
 

@@ -177,7 +177,7 @@ def test_anoddpm_iterative_sampling_with_cpu_noise_on_cuda():
 @pytest.mark.slow
 def test_the_probe_on_a_compiled_model_on_cuda(tmp_path):
     """The MAE branch is read without hooks, which a compiled forward skips."""
-    from maediff.pipeline.probe import mae_input_dependence, patch_probe
+    from maediff.benchmark.probe import mae_input_dependence, patch_probe
 
     torch._dynamo.reset()
     path = _saved_drawn_model("maediff", tmp_path / "m.safetensors")

@@ -476,7 +476,7 @@ def cmd_preprocess(args: argparse.Namespace) -> int:
 
 
 def cmd_benchmark(args: argparse.Namespace) -> int:
-    from .pipeline.benchmark import BenchmarkPlan, run_benchmark
+    from .benchmark import BenchmarkPlan, run_benchmark
 
     plan = BenchmarkPlan.from_args(
         table=args.table,

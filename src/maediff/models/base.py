@@ -203,13 +203,13 @@ class AnomalyModel(nn.Module):
         return [m for m in self.children() if any(True for _ in m.parameters())]
 
     # ------------------------------------------------------------------ declared capabilities
-    # What the shared layers (the benchmark, pipeline/probe.py, checkpoints) ask of a
+    # What the shared layers (the benchmark, benchmark/probe.py, checkpoints) ask of a
     # model, so that none of them names one.
 
     # a run saved before `inference.clamp` existed (0.5.0) clamped its reconstruction
     # to [0, 1] (training/checkpoint.py: saved_config)
     clamped_before_0_5: ClassVar[bool] = True
-    # the patch probe of pipeline/probe.py measures it: the model has the probe hooks
+    # the patch probe of benchmark/probe.py measures it: the model has the probe hooks
     # below and, as patch diffusion models do, `noise(n, generator)`, `grid` (PatchGrid)
     # and `cfg.diffusion`
     patch_probe: ClassVar[bool] = False

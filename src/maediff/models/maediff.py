@@ -232,7 +232,7 @@ class MAEDiff(AnomalyModel):
         """Paper Eq. 8: x~_t = x_t inside patch k, x0 outside (bit-exact)."""
         return torch.where(self.patch_masks[k] > 0, x_t, x0)
 
-    # ------------------------------------------------------------------ probe hooks (pipeline/probe.py)
+    # ------------------------------------------------------------------ probe hooks (benchmark/probe.py)
 
     def probe_inputs(self, slices: Tensor) -> Tensor:
         return to_model_range(slices)

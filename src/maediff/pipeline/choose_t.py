@@ -22,17 +22,24 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 from tqdm.auto import tqdm
 
 from ..config import DataConfig
+from ..data.splits import Subject
 from ..evaluation.protocol import EvalSettings, VolumeResult, evaluate_split
 from .volumes import Reconstructions
 
 if TYPE_CHECKING:
     from ..models import AnomalyModel
-    from .evaluate import EvalPlan
+
+
+class ValidationPlan(Protocol):
+    """What the choice reads of an evaluation's plan (evaluate.EvalPlan): per data set
+    its (validation, test) subjects."""
+
+    anomaly: dict[str, tuple[list[Subject], list[Subject]]]
 
 
 T_TEST_KEY = "diffusion.t_test"  # the config key that the choice sets
@@ -120,7 +127,7 @@ def with_t_test(model: AnomalyModel, t: int) -> AnomalyModel:
 
 def choose_t_test(
     model: AnomalyModel,
-    plan: EvalPlan,
+    plan: ValidationPlan,
     data_cfg: DataConfig,
     candidates: Sequence[int],
     seed: int = 0,
