@@ -47,8 +47,8 @@ from maediff.device import resolve_amp, speed_up
 from maediff.models import build_model
 from maediff.models import unet as unet_module
 from maediff.models.maediff import from_model_range, to_model_range
-from maediff.training.checkpoint import load_model
 from maediff.training.trainer import build_optimizers
+from maediff.weights import load_model
 
 
 def median_time(fn, repeats: int) -> float:

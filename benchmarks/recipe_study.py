@@ -45,9 +45,9 @@ from maediff.evaluation.metrics import average_precision
 from maediff.evaluation.protocol import EvalSettings, VolumeResult, evaluate_split, score_volume
 from maediff.names import ANOMALY_SETS
 from maediff.pipeline.detect import reconstruct_volume
-from maediff.training.checkpoint import load_model
 from maediff.training.data import prepare_training_data
 from maediff.training.trainer import train
+from maediff.weights import load_model
 
 REFERENCE = "cpu preset"
 # The study's reference is the `cpu` preset of release 0.7.0, written out so that the

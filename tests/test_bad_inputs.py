@@ -23,7 +23,7 @@ from safetensors.torch import load_file, save_file
 from maediff.cli import main
 from maediff.config import get_preset, save_config
 from maediff.models import build_model
-from maediff.training.checkpoint import save_weights
+from maediff.weights import save_weights
 
 BOMB = """a: &a [x, x, x, x, x, x, x, x, x]
 b: &b [*a, *a, *a, *a, *a, *a, *a, *a, *a]

@@ -33,9 +33,9 @@ from maediff.diffusion.noise import NoiseSampler
 from maediff.models import MODELS, build_model
 from maediff.pipeline.detect import reconstruct_volume
 from maediff.training import trainer
-from maediff.training.checkpoint import load_model, save_weights
 from maediff.training.data import prepare_training_data
 from maediff.training.distributed import wrap_distributed
+from maediff.weights import load_model, save_weights
 
 pytestmark = [
     pytest.mark.gpu,

@@ -177,3 +177,20 @@ def test_the_benchmark_is_above_the_pipeline_and_reporting_writes_only():
             assert not {d for d in deps if d.startswith("maediff.benchmark")}, name
     assert "maediff.benchmark.plan" in graph["maediff.benchmark.status"]
     assert "maediff.benchmark.plan" in graph["maediff.benchmark.estimate"]
+
+
+def test_detection_and_the_evaluation_do_not_import_training():
+    """The model file (maediff/weights.py) is below training/: detection, the
+    evaluation, its worker processes and the calibration load and save weights without
+    the trainer (0.9.0's workers saved weights through training/checkpoint.py)."""
+    graph = import_graph()
+    for name in (
+        "maediff.pipeline.evaluate",
+        "maediff.pipeline.detect",
+        "maediff.pipeline.workers",
+        "maediff.pipeline.calibrate",
+        "maediff.evaluation",
+        "maediff.weights",
+    ):
+        below = reachable(graph, name)
+        assert not {m for m in below if m.startswith("maediff.training")}, (name, sorted(below))

@@ -33,9 +33,9 @@ from ..reporting.benchmark import figure_key
 from ..reporting.files import write_atomic
 from ..reporting.runs import load_summary
 from ..reporting.summary import SUMMARY_FILE
-from ..training.checkpoint import load_model
 from ..training.data import prepare_training_data
 from ..training.trainer import train
+from ..weights import load_model
 from .plan import BenchmarkPlan, RunSpec, row
 from .probe import mae_input_dependence, patch_probe, probe_slices
 from .status import mark_status

@@ -38,6 +38,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from ..config import to_dict
 from ..data.bids import is_bids, write_description
 from ..data.datasets import load_subject, slices_to_volume, volume_to_slices
 from ..data.io import DataError, Subject, save_like
@@ -70,14 +71,14 @@ def reconstruct_volume(
     brain mask says where the brain is); None takes `model.cfg.inference.skip_empty_patches`.
     The evaluation protocol passes False: every patch is reconstructed.
 
-    `model` is duck-typed: it needs `cfg.geometry.image_size`,
-    `cfg.inference.skip_empty_patches` and `reconstruct(slices, generator, batch_size=,
-    amp=, progress=, brain_mask=)`, where `progress(n)` reports n units of work done
-    (whatever the model counts: the bar has no fixed total).
+    `model` is an AnomalyModel (models/base.py, the one contract): its
+    `reconstruct(slices, generator, batch_size=, amp=, progress=, brain_mask=)`, where
+    `progress(n)` reports n units of work done (whatever the model counts: the bar has
+    no fixed total), `any_size` and its configuration's geometry and inference.
     """
     image = volume.image if isinstance(volume, PreparedVolume) else volume
     # a model that works at any size (Thresh) sees the volume's own slices
-    size = image.shape[0] if getattr(model, "any_size", False) else model.cfg.geometry.image_size
+    size = image.shape[0] if model.any_size else model.cfg.geometry.image_size
     small = volume_to_slices(image, size)  # (Z, 1, size, size)
     skip = (
         model.cfg.inference.skip_empty_patches if skip_empty_patches is None else skip_empty_patches
@@ -86,7 +87,7 @@ def reconstruct_volume(
     if isinstance(volume, PreparedVolume):
         mask = (volume_to_slices(volume.brain_mask.astype(np.float32), size) > 0).float()
         brain = mask if skip else None
-        if getattr(model.cfg.inference, "patch_selection", "all") == "guided":
+        if model.cfg.inference.patch_selection == "guided":
             extra["guide_mask"] = mask  # where guided selection looks for anomalies
     desc = f"reconstructing {small.shape[0]} slices"
     with tqdm(total=None, desc=desc, unit="step", disable=not progress, leave=False) as bar:
@@ -218,15 +219,10 @@ def detect_settings(
 ) -> dict:
     """What the maps of a detect call depend on: the checkpoint, the configuration
     (inference overrides included), the threshold, the seed and the autocast."""
-    info = getattr(model, "checkpoint_info", {}) or {}
+    info = model.checkpoint_info
     ckpt = info.get("path")
-    try:
-        from ..config import to_dict
-
-        text = json.dumps(to_dict(model.cfg), sort_keys=True, default=str)
-        config = hashlib.sha256(text.encode()).hexdigest()[:16]
-    except (AttributeError, TypeError):  # a duck-typed model without a Config
-        config = None
+    text = json.dumps(to_dict(model.cfg), sort_keys=True, default=str)
+    config = hashlib.sha256(text.encode()).hexdigest()[:16]
     return {
         "checkpoint": str(Path(ckpt).resolve()) if ckpt else None,
         "config": config,
