@@ -9,7 +9,8 @@ import sys
 import pytest
 
 from maediff.cli import main
-from maediff.reporting.comparison import comparison_table, paired_rows
+from maediff.evaluation.paired import paired_rows
+from maediff.reporting.comparison import comparison_table
 
 ARGS = [
     "--models",

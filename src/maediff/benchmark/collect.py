@@ -25,7 +25,7 @@ from pathlib import Path
 import numpy as np
 
 from ..evaluation.lesions import merge_runs
-from ..evaluation.paired import paired_difference
+from ..evaluation.paired import PairedRow, paired_difference, paired_rows
 from ..names import ANOMALY_SETS
 from ..reporting.benchmark import (
     BUDGET_TEXT,
@@ -41,11 +41,9 @@ from ..reporting.benchmark import (
     timing_text,
 )
 from ..reporting.comparison import (
-    PairedRow,
     comparison_table,
     paired_csv,
     paired_markdown,
-    paired_rows,
     resolved_sentence,
 )
 from ..reporting.files import read_subject_csv, write_atomic

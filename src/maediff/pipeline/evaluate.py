@@ -48,6 +48,7 @@ from ..data.io import DataError
 from ..data.splits import Subject, read_pddpm_split, split_csv_name
 from ..evaluation.labelfree import fpr_thresholds
 from ..evaluation.normative import BandNormaliser
+from ..evaluation.numbers import run_numbers
 from ..evaluation.protocol import (
     DatasetRun,
     EvalSettings,
@@ -330,7 +331,7 @@ def evaluate_model(
     with staged_output(out) as stage, reconstruction_pool(model, workers) as pool:
         stream = volumes.stream(plan.subjects(), pool)
         run = run_protocol(plan, stream, settings, opts, drawn_lesions(data_dir))
-        record_results(summary, run, settings)
+        record_results(summary, run, run_numbers(run, settings))
         write_results(stage, summary, run, settings, figures=opts.figures)
     return summary
 
