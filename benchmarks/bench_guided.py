@@ -21,7 +21,7 @@ import torch
 from maediff.data.datasets import load_subject
 from maediff.pipeline.detect import reconstruct_volume
 from maediff.pipeline.evaluate import evaluate_model, plan_evaluation
-from maediff.training.checkpoint import load_model
+from maediff.weights import load_model
 
 
 def run(model_dir: str, data: str, volumes: int, overrides: list[str], seed: int) -> dict:

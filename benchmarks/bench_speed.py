@@ -48,7 +48,7 @@ from maediff.device import resolve_amp, speed_up
 from maediff.models import build_model
 from maediff.models import unet as unet_module
 from maediff.models.maediff import from_model_range, to_model_range
-from maediff.training.checkpoint import load_model
+from maediff.weights import load_model
 
 
 def legacy_attention(self, x, emb=None):

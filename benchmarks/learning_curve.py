@@ -350,7 +350,7 @@ def reconstructions(
     from maediff.data.datasets import load_subject
     from maediff.data.splits import read_pddpm_split
     from maediff.pipeline.detect import reconstruct_volume
-    from maediff.training.checkpoint import load_model
+    from maediff.weights import load_model
 
     trained = {
         int(f.parent.parent.parent.name): f.parent
@@ -397,7 +397,7 @@ def resolution_figure(out: Path, data: Path, folder: Path) -> None:
     from maediff.data.datasets import load_subject
     from maediff.data.splits import read_pddpm_split
     from maediff.pipeline.detect import reconstruct_volume
-    from maediff.training.checkpoint import load_model
+    from maediff.weights import load_model
 
     done = sorted(
         out.glob(f"{slug('MAEDiff 96 px')}/*/seed0/result.json"),

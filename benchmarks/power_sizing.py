@@ -29,9 +29,9 @@ from pathlib import Path
 
 import numpy as np
 
+from maediff.benchmark.collect import probe_draws, probe_units
 from maediff.evaluation.paired import paired_difference, power_paired_t, subjects_needed
 from maediff.names import ANOMALY_SETS, shown_name
-from maediff.pipeline.benchmark import probe_draws, probe_units
 from maediff.reporting.files import read_subject_csv
 
 

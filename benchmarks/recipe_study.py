@@ -2,7 +2,7 @@
 validation only: each variant of the `cpu` preset is trained for a step budget with
 several seeds, then measured on the unhealthy validation volumes, patches without brain skipped (the pooled Dice that
 the protocol's threshold search reaches, and the voxel-wise AUPRC of the pooled
-validation scores) and by the patch probe (pipeline/probe.py: in-patch l1 on healthy
+validation scores) and by the patch probe (benchmark/probe.py: in-patch l1 on healthy
 validation slices at shared draws). No test volume is read.
 
 Every run lives in OUT/<steps>/<variant>/seed<N>/ (the training run, then result.json,
@@ -36,6 +36,7 @@ import numpy as np
 import torch
 from study_tools import add_job_arguments, cpu_name, mean_sd, pick, set_threads, slug
 
+from maediff.benchmark.probe import patch_probe, probe_slices
 from maediff.config import apply_overrides, get_preset
 from maediff.data.datasets import load_subject
 from maediff.data.splits import read_pddpm_split
@@ -43,10 +44,9 @@ from maediff.evaluation.metrics import average_precision
 from maediff.evaluation.protocol import EvalSettings, VolumeResult, evaluate_split, score_volume
 from maediff.names import ANOMALY_SETS
 from maediff.pipeline.detect import reconstruct_volume
-from maediff.pipeline.probe import patch_probe, probe_slices
-from maediff.training.checkpoint import load_model
 from maediff.training.data import prepare_training_data
 from maediff.training.trainer import train
+from maediff.weights import load_model
 
 REFERENCE = "cpu preset"
 # The study's reference is the `cpu` preset of release 0.7.0, written out so that the

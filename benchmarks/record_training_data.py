@@ -17,9 +17,9 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from maediff.training.checkpoint import read_checkpoint, weights_sha256
 from maediff.training.data import prepare_training_data
 from maediff.training.export import add_training_record
+from maediff.weights import read_checkpoint, weights_sha256
 
 
 def main(argv: list[str] | None = None) -> int:

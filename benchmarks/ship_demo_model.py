@@ -20,8 +20,8 @@ from dataclasses import replace
 from pathlib import Path
 
 from maediff.config import describe, get_preset
-from maediff.training.checkpoint import read_checkpoint
 from maediff.training.export import export_model
+from maediff.weights import read_checkpoint
 
 PACKAGE = Path(__file__).resolve().parents[1] / "src" / "maediff" / "pretrained"
 LIMIT_MB = 10.0

@@ -28,9 +28,9 @@ from study_tools import add_job_arguments, pick, set_threads, slug
 
 from maediff.config import apply_overrides, get_preset
 from maediff.pipeline.evaluate import evaluate_model
-from maediff.training.checkpoint import load_model
 from maediff.training.data import prepare_training_data
 from maediff.training.trainer import train
+from maediff.weights import load_model
 
 # the previous preset: 32 channels (1, 2, 2), ADM up-sampling widths, constant lr 3e-4
 OLD = [

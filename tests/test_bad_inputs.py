@@ -23,7 +23,7 @@ from safetensors.torch import load_file, save_file
 from maediff.cli import main
 from maediff.config import get_preset, save_config
 from maediff.models import build_model
-from maediff.training.checkpoint import save_weights
+from maediff.weights import save_weights
 
 BOMB = """a: &a [x, x, x, x, x, x, x, x, x]
 b: &b [*a, *a, *a, *a, *a, *a, *a, *a, *a]
@@ -698,11 +698,9 @@ def test_a_killed_train_overwrite_never_leaves_the_new_config_beside_old_weights
 
 
 def test_a_truncated_figure3_file_is_named(tmp_path):
-    from maediff.pipeline.benchmark import BenchmarkPlan, _figure3
+    from maediff.reporting.benchmark import figure3
 
-    plan = BenchmarkPlan.from_args(models=["dae"], scale="tiny")
-    (spec,) = plan.runs()
-    folder = tmp_path / "runs" / spec.key
+    folder = tmp_path / "runs" / "dae" / "fold0-seed0"
     folder.mkdir(parents=True)
     np.savez(folder / "figure3.npz", **{"0|s|image": np.zeros((4, 4))})
     data = (folder / "figure3.npz").read_bytes()
@@ -710,7 +708,7 @@ def test_a_truncated_figure3_file_is_named(tmp_path):
     with pytest.raises(
         ValueError, match=r"figure3\.npz is truncated or corrupted .*delete the run's folder"
     ):
-        _figure3(plan, tmp_path, {"dae": [(spec, None)]}, tmp_path)
+        figure3([("DAE", folder / "figure3.npz")], tmp_path / "figure3.png")
 
 
 def test_the_model_contract_names_a_reconstruction_of_the_wrong_shape():

@@ -9,7 +9,8 @@ import sys
 import pytest
 
 from maediff.cli import main
-from maediff.reporting.comparison import comparison_table, paired_rows
+from maediff.evaluation.paired import paired_rows
+from maediff.reporting.comparison import comparison_table
 
 ARGS = [
     "--models",
@@ -245,7 +246,7 @@ def test_collect_states_each_difference_with_its_interval(tmp_path):
     mean difference in points inside its interval, and the words."""
     import numpy as np
 
-    from maediff.pipeline.benchmark import BenchmarkPlan, collect
+    from maediff.benchmark import BenchmarkPlan, collect
 
     rng = np.random.default_rng(0)
     out = tmp_path / "bench"
@@ -282,7 +283,7 @@ def test_collect_states_each_difference_with_its_interval(tmp_path):
 def test_collecting_another_selection_keeps_the_tables_already_there(tmp_path, capsys):
     """Table 2 collected in Table 1's folder (to share its twin runs) writes its own
     folder; collecting Table 1 again updates Table 1's tables in place."""
-    from maediff.pipeline.benchmark import BenchmarkPlan, collect
+    from maediff.benchmark import BenchmarkPlan, collect
 
     out = tmp_path / "bench"
     subjects = {"Brats21": [(0.5, 0.5), (0.4, 0.3), (0.6, 0.6)]}
@@ -326,7 +327,7 @@ def _probe(per_slice, draws=2, bands=2):
 def test_table2_pairs_with_the_unet_and_the_probe_over_its_slices(tmp_path):
     import numpy as np
 
-    from maediff.pipeline.benchmark import BenchmarkPlan, collect
+    from maediff.benchmark import BenchmarkPlan, collect
 
     rng = np.random.default_rng(1)
     out = tmp_path / "bench"
@@ -353,7 +354,7 @@ def test_table2_pairs_with_the_unet_and_the_probe_over_its_slices(tmp_path):
 
 
 def test_probe_without_per_draw_values_is_paired_over_runs(tmp_path):
-    from maediff.pipeline.benchmark import BenchmarkPlan, collect
+    from maediff.benchmark import BenchmarkPlan, collect
 
     out = tmp_path / "bench"
     subjects = {"Brats21": [(0.5, 0.5), (0.4, 0.4)]}
@@ -374,8 +375,11 @@ def test_probe_without_per_draw_values_is_paired_over_runs(tmp_path):
 def test_a_twin_rows_finished_run_serves_it_only_with_the_same_configuration(tmp_path, capsys):
     """Table 2's U-Net is Table 1's pDDPM s16: run once, it serves both tables (neither
     trained nor evaluated twice), but not when it was run with another configuration."""
+    from maediff.benchmark import BenchmarkPlan, RunSpec
+    from maediff.benchmark.collect import finished_runs
+    from maediff.benchmark.orchestration import _run_all
+    from maediff.benchmark.status import twin_run
     from maediff.config import save_config
-    from maediff.pipeline.benchmark import BenchmarkPlan, RunSpec, _run_all, finished_runs, twin_run
 
     out = tmp_path / "bench"
     subjects = {"Brats21": [(0.5, 0.5), (0.4, 0.4)]}
@@ -391,7 +395,7 @@ def test_a_twin_rows_finished_run_serves_it_only_with_the_same_configuration(tmp
     _run_all(table2, [unet], out, tmp_path / "no-data", "cpu", progress=False)
     assert "done as pddpm-s16/fold0-seed0" in capsys.readouterr().out
     assert not (out / "runs" / unet.key).exists()  # nothing trained or written for it
-    from maediff.pipeline.estimate import estimate_jobs
+    from maediff.benchmark.estimate import estimate_jobs
 
     (out / "runs" / pddpm.key / "timing.json").write_text('{"train_s": 5.0, "evaluate_s": 7.0}')
     (job,) = estimate_jobs(table2, out, measure=False, say=lambda *a: None)

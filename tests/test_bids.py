@@ -184,7 +184,7 @@ def test_a_bare_bids_data_set_reads_and_detects(bids_root, tmp_path, monkeypatch
     relative path writes the derivatives data set."""
     from maediff.config import get_preset, save_config
     from maediff.models import build_model
-    from maediff.training.checkpoint import save_weights
+    from maediff.weights import save_weights
 
     bare = tmp_path / "bare"
     shutil.copytree(bids_root, bare, ignore=shutil.ignore_patterns("derivatives"))

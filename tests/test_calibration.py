@@ -20,8 +20,8 @@ from maediff.evaluation.calibration import (
     what_remains,
 )
 from maediff.models import build_model
-from maediff.training.checkpoint import CheckpointError, load_model, save_weights
 from maediff.training.export import check_calibration, export_model, read_card
+from maediff.weights import CheckpointError, load_model, save_weights
 
 POST = {"erosion_iterations": 3, "median_size": 5, "min_component": 7}
 
@@ -101,7 +101,7 @@ def _saved(tmp_path, name="run"):
 
 
 def _cal_for(model, **scoring):
-    from maediff.training.export import model_identity, scoring_settings
+    from maediff.weights import model_identity, scoring_settings
 
     return calibrate(
         _scans(2),

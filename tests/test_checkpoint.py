@@ -4,13 +4,8 @@ from safetensors.torch import save_file
 
 from maediff.config import get_preset
 from maediff.models.maediff import MAEDiff
-from maediff.training.checkpoint import (
-    CheckpointError,
-    TrainState,
-    load_model,
-    read_checkpoint,
-    save_weights,
-)
+from maediff.training.checkpoint import TrainState
+from maediff.weights import CheckpointError, load_model, read_checkpoint, save_weights
 
 
 def _model():

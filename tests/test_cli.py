@@ -122,7 +122,7 @@ def test_cli_end_to_end_is_deterministic(tiny_bench, tmp_path, capsys):
 
 @pytest.mark.slow
 def test_training_is_deterministic_for_a_seed(tiny_bench, tmp_path):
-    from maediff.training.checkpoint import read_checkpoint
+    from maediff.weights import read_checkpoint
 
     assert _train(tiny_bench, tmp_path / "a", seed=5) == 0
     assert _train(tiny_bench, tmp_path / "b", seed=5) == 0

@@ -18,8 +18,8 @@ from maediff.cli import HelpFormatter, _check_resume, _config, build_parser, mai
 from maediff.config import apply_overrides, get_preset, save_config
 from maediff.names import TUMOUR, protocol_name, shown_name
 from maediff.reporting.tables import dataset_columns
-from maediff.training.checkpoint import check_trained_overrides
 from maediff.training.trainer import load_run_config
+from maediff.weights import check_trained_overrides
 
 
 def _subcommands() -> dict[str, argparse.ArgumentParser]:

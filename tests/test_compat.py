@@ -8,7 +8,7 @@ import torch
 
 from maediff.pipeline.detect import reconstruct_volume
 from maediff.reporting.runs import load_summary, write_report
-from maediff.training.checkpoint import load_model
+from maediff.weights import load_model
 
 FIXTURE = Path(__file__).resolve().parent / "fixtures" / "v0.2.0"
 V040 = FIXTURE.parent / "v0.4.0"

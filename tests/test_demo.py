@@ -35,7 +35,7 @@ def test_demo_runs_end_to_end(tmp_path, capsys):
     """--model both: a model trained here and a shipped one (here a tiny checkpoint
     standing in for the package's file), both evaluated live beside Thresh."""
     from conftest import tiny_synth_config
-    from maediff.training.checkpoint import save_weights
+    from maediff.weights import save_weights
 
     synth = tiny_synth_config()
     stand_in = tmp_path / "shipped.safetensors"
@@ -81,7 +81,7 @@ def test_precision_line_says_what_amp_resolved_to():
 
 def test_the_shipped_model_loads_reconstructs_and_says_how_to_reproduce_it():
     from maediff.pretrained import checkpoint_path, model_card
-    from maediff.training.checkpoint import load_model
+    from maediff.weights import load_model
 
     path = checkpoint_path("maediff-cpu")
     assert path.stat().st_size < 10e6  # the package's limit
@@ -107,7 +107,7 @@ def test_the_shipped_model_card_reproduces_its_configuration_from_this_preset():
 
     from maediff.config import apply_overrides, get_preset
     from maediff.pretrained import checkpoint_path, model_card
-    from maediff.training.checkpoint import load_model
+    from maediff.weights import load_model
 
     cfg = load_model(checkpoint_path("maediff-cpu")).cfg
     card = model_card("maediff-cpu")

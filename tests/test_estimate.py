@@ -1,4 +1,4 @@
-"""pipeline/estimate.py: `benchmark --list` counts the jobs and states each one's time,
+"""benchmark/estimate.py: `benchmark --list` counts the jobs and states each one's time,
 measured once on this machine (cached), or recorded by finished runs."""
 
 import json
@@ -6,9 +6,8 @@ from pathlib import Path
 
 import pytest
 
+from maediff.benchmark import BenchmarkPlan, estimate
 from maediff.cli import main
-from maediff.pipeline import estimate
-from maediff.pipeline.benchmark import BenchmarkPlan
 
 READ_CPU_SECONDS = estimate.cpu_seconds  # before the fixture replaces it
 

@@ -33,9 +33,9 @@ from maediff.diffusion.noise import NoiseSampler
 from maediff.models import MODELS, build_model
 from maediff.pipeline.detect import reconstruct_volume
 from maediff.training import trainer
-from maediff.training.checkpoint import load_model, save_weights
 from maediff.training.data import prepare_training_data
 from maediff.training.distributed import wrap_distributed
+from maediff.weights import load_model, save_weights
 
 pytestmark = [
     pytest.mark.gpu,
@@ -177,7 +177,7 @@ def test_anoddpm_iterative_sampling_with_cpu_noise_on_cuda():
 @pytest.mark.slow
 def test_the_probe_on_a_compiled_model_on_cuda(tmp_path):
     """The MAE branch is read without hooks, which a compiled forward skips."""
-    from maediff.pipeline.probe import mae_input_dependence, patch_probe
+    from maediff.benchmark.probe import mae_input_dependence, patch_probe
 
     torch._dynamo.reset()
     path = _saved_drawn_model("maediff", tmp_path / "m.safetensors")

@@ -23,6 +23,7 @@ from torch.utils._pytree import tree_leaves
 
 import maediff.training.checkpoint as checkpoint
 import maediff.training.trainer as trainer
+from maediff.benchmark.orchestration import process_device
 from maediff.config import get_preset
 from maediff.device import (
     compile_with_fallback,
@@ -37,7 +38,6 @@ from maediff.diffusion.noise import NoiseConfig, NoiseSampler
 from maediff.models import MODELS, build_model
 from maediff.models.base import Phase
 from maediff.models.mae import MAE
-from maediff.pipeline.benchmark import process_device
 from maediff.pipeline.detect import reconstruct_volume
 from maediff.training.checkpoint import TrainState
 from maediff.training.data import TrainingData
@@ -538,7 +538,7 @@ def test_mae_probe_reads_the_branch_without_hooks_a_compiled_forward_would_skip(
     """A compiled U-Net reuses its graph without a forward hook registered later (Dynamo
     does not guard on hooks): `captured[0]` raised. The stand-in forward below runs the
     network with every hook set aside, as such a graph does."""
-    from maediff.pipeline.probe import mae_input_dependence
+    from maediff.benchmark.probe import mae_input_dependence
 
     torch.manual_seed(0)
     model = build_model(get_preset("maediff-tiny")).eval()
@@ -803,8 +803,8 @@ def test_two_ranks_over_gloo_train_and_validate_together(tmp_path):
 def test_the_benchmark_forgets_compiled_graphs_between_runs(tmp_path, monkeypatch):
     """Table 2 runs many models in one process: without a reset, the shared forwards
     passed Dynamo's recompile limit and later models ran eager without a word."""
-    from maediff.pipeline import benchmark
-    from maediff.pipeline.benchmark import RunSpec
+    from maediff.benchmark import RunSpec
+    from maediff.benchmark import orchestration as benchmark
 
     events = []
     monkeypatch.setattr(benchmark, "reset_compiled", lambda: events.append("reset"))

@@ -162,7 +162,7 @@ def test_evaluate_reports_label_free_results_beside_the_protocol(tiny_bench, tmp
     healthy = list(csv.DictReader(open(tmp_path / "ev" / "IXI_test_subjects.csv")))
     assert all(float(r["anomaly_score"]) > 0 for r in healthy)
     # detect takes an evaluation's FPR threshold too
-    from maediff.training.checkpoint import save_weights
+    from maediff.weights import save_weights
 
     save_weights(model, tmp_path / "thresh.safetensors")
     scan = sorted((tiny_bench / "Test" / "Brats21" / "t2").glob("*.nii.gz"))[0]

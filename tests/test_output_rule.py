@@ -209,7 +209,7 @@ def test_exported_models_and_checkpoints_follow_the_umask(tmp_path, run):
 
 
 def test_export_on_a_full_disk_is_one_line_and_leaves_nothing(tmp_path, run, capsys, monkeypatch):
-    import maediff.training.checkpoint as checkpoint
+    import maediff.weights as checkpoint
 
     def full(tensors, filename, metadata=None):
         Path(filename).write_bytes(b"half")  # what a full disk leaves

@@ -15,12 +15,14 @@ from pathlib import Path
 
 import pytest
 
+from maediff.benchmark import orchestration as benchmark
+from maediff.benchmark import run as bench_run
+from maediff.benchmark.status import is_done, mark_status
 from maediff.config import get_preset
 from maediff.data.io import DataError
 from maediff.data.splits import read_inputs
 from maediff.models import build_model
 from maediff.outputs import HOST, clean_stale, partial_path, temp_path
-from maediff.pipeline import benchmark
 from maediff.pipeline.detect import MANIFEST, check_output_folder, detect_files
 
 
@@ -314,26 +316,26 @@ def test_a_run_interrupted_after_its_evaluation_is_finished_by_the_rerun(
 
     argv = ["benchmark", "--data", str(tiny_bench), "-o", str(tmp_path / "b"), *BENCH]
     run = tmp_path / "b" / "runs" / "thresh" / "fold0-seed0"
-    real = benchmark.save_figure_slices
+    real = bench_run.save_figure_slices
 
     def killed(*a, **k):
         raise KeyboardInterrupt  # the process dies between the evaluation and Figure 3
 
-    monkeypatch.setattr(benchmark, "save_figure_slices", killed)
+    monkeypatch.setattr(bench_run, "save_figure_slices", killed)
     assert main(argv) == 130
-    assert (run / "eval" / "summary.json").exists() and not benchmark.is_done(run)
+    assert (run / "eval" / "summary.json").exists() and not is_done(run)
     evaluated = (run / "eval" / "summary.json").stat().st_mtime_ns
-    monkeypatch.setattr(benchmark, "save_figure_slices", real)
+    monkeypatch.setattr(bench_run, "save_figure_slices", real)
     assert main(argv) == 0
-    assert (run / "figure3.npz").exists() and benchmark.is_done(run)
+    assert (run / "figure3.npz").exists() and is_done(run)
     assert (run / "eval" / "summary.json").stat().st_mtime_ns == evaluated  # not evaluated again
     assert json.loads((run / "timing.json").read_text())["evaluate_s"] >= 0  # its time kept
     assert json.loads((run / "status.json").read_text())["files"][-1] == "figure3.npz"
     (run / "figure3.npz").unlink()  # a listed file removed: the run is not finished
-    assert not benchmark.is_done(run)
-    benchmark.mark_status(run)  # ... and once taken up again, not before it is done again
+    assert not is_done(run)
+    mark_status(run)  # ... and once taken up again, not before it is done again
     (run / "timing.json").touch()  # (newer than the summary, as in a finished old folder)
-    assert not benchmark.is_done(run)
+    assert not is_done(run)
 
 
 @pytest.mark.parametrize(

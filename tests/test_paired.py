@@ -64,7 +64,8 @@ def test_power_agrees_with_simulation():
 
 
 def test_the_paired_table_spells_the_data_set_as_shown_and_says_what_is_resolved():
-    from maediff.reporting.comparison import paired_markdown, paired_rows, resolved_sentence
+    from maediff.evaluation.paired import paired_rows
+    from maediff.reporting.comparison import paired_markdown, resolved_sentence
 
     ref = {"Brats21/dice": {f"s{i}": 0.5 for i in range(3)}}
     ae = {"Brats21/dice": {"s0": 0.52, "s1": 0.51, "s2": 0.50}}

@@ -1,4 +1,4 @@
-"""The ablation measures (pipeline/probe.py), the MAE token switches and the shared
+"""The ablation measures (benchmark/probe.py), the MAE token switches and the shared
 update budget (scales.with_update_budget)."""
 
 from dataclasses import replace
@@ -7,9 +7,9 @@ import pytest
 import torch
 
 from conftest import draw_zero_layers
+from maediff.benchmark.probe import mae_input_dependence, patch_probe, probe_draws
 from maediff.config import get_preset
 from maediff.models import build_model
-from maediff.pipeline.probe import mae_input_dependence, patch_probe, probe_draws
 from maediff.scales import with_update_budget
 
 

@@ -1,22 +1,23 @@
 """The evaluation pipeline against the reference protocol (docs/evaluation.md §1-§4):
 threshold search, volumes left out of means, every patch reconstructed for l1,
 checks before work, no half-written output. Uses a small pDDPM layout written here
-(24 x 24 x 12 volumes at 2 mm) and duck-typed models."""
+(24 x 24 x 12 volumes at 2 mm) and a model that reconstructs its input."""
 
 import csv
 import json
 import time
+from dataclasses import replace
 from pathlib import Path
-from types import SimpleNamespace
 
 import nibabel as nib
 import numpy as np
 import pytest
 import torch
 
-from maediff.config import DataConfig
+from maediff.config import DataConfig, GeometryConfig, get_preset
 from maediff.data.io import DataError
 from maediff.evaluation import PooledVoxels, greedy_threshold_search
+from maediff.models import AnomalyModel
 from maediff.pipeline.evaluate import evaluate_model
 
 SHAPE = (24, 24, 12)
@@ -90,17 +91,24 @@ def write_layout(root: Path, n_val=2, n_test=2, n_ixi=2, empty_seg_test=False, s
     return root
 
 
-class IdentityModel:
-    """Duck-typed model (see reconstruct_volume): the reconstruction is the input, so
-    every residual is 0. Records the brain masks it was given; `fail_after` calls it
-    raises, `fail_after=0`: an AssertionError on any call."""
+class IdentityModel(AnomalyModel):
+    """A model of the one contract (models/base.py), not registered: the reconstruction
+    is the input, so every residual is 0. Records the brain masks it was given;
+    `fail_after` calls it raises, `fail_after=0`: an AssertionError on any call."""
+
+    registry_name = "identity"
+    trainable = False
 
     def __init__(self, fail_after: int | None = None, skip_empty_patches: bool = True):
-        self.cfg = SimpleNamespace(
-            geometry=SimpleNamespace(image_size=SHAPE[0]),
-            inference=SimpleNamespace(skip_empty_patches=skip_empty_patches),
-            data=DATA_CFG,
-            name="identity",
+        base = get_preset("thresh")
+        super().__init__(
+            replace(
+                base,
+                name="identity",
+                geometry=GeometryConfig(image_size=SHAPE[0], patch_size=8, stride=8, grid_size=8),
+                inference=replace(base.inference, skip_empty_patches=skip_empty_patches),
+                data=DATA_CFG,
+            )
         )
         self.brain_masks: list = []
         self.fail_after = fail_after
@@ -276,3 +284,19 @@ def test_ixi_l1_reconstructs_every_patch(tmp_path):
         l1[skip] = float(np.abs(vol.image.astype(np.float64) - rec).mean())
     assert s.mean("IXI", "l1") == pytest.approx(l1[False], rel=1e-6)
     assert abs(l1[False] - l1[True]) > 0.05 * l1[False]  # the check can tell the two apart
+
+
+# ------------------------------------------------------------------ the label
+
+
+def test_an_evaluation_is_labelled_by_the_registry_unless_told(tmp_path):
+    """EvalOptions.label defaulted to "MAEDiff": a DAE evaluated through the Python API
+    was labelled MAEDiff in its summary and tables."""
+    from maediff.models import build_model
+
+    root = write_layout(tmp_path / "data", n_val=1, n_test=1, n_ixi=1)
+    dae = build_model(replace(get_preset("dae-tiny"), data=DATA_CFG))
+    s = _evaluate(dae, root, tmp_path / "dae", figures=False, max_volumes=1, workers=0)
+    assert s.model == "DAE"
+    s = _evaluate(IdentityModel(), root, tmp_path / "id", figures=False, label="Identity")
+    assert s.model == "Identity"

@@ -211,8 +211,8 @@ def test_info_prints_the_record_the_hashes_and_the_card(model_file, capsys):
 
 def test_the_shipped_model_records_its_synthetic_training_data():
     from maediff.pretrained import checkpoint_path
-    from maediff.training.checkpoint import weights_sha256
     from maediff.training.export import read_card
+    from maediff.weights import weights_sha256
 
     cfg, tensors, _ = read_checkpoint(checkpoint_path())
     # the weights of 0.7.0, unchanged: only the file's metadata gained the record

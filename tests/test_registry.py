@@ -11,9 +11,10 @@ import maediff.training.trainer as trainer
 from maediff.config import Config, apply_overrides, get_preset, to_dict
 from maediff.models import MODELS, build_model
 from maediff.registry import SECTIONS, SHARED_SECTIONS, SPECS, model_names, model_spec
-from maediff.training.checkpoint import TrainState, load_model, read_checkpoint
+from maediff.training.checkpoint import TrainState
 from maediff.training.data import prepare_training_data
 from maediff.training.trainer import train
+from maediff.weights import load_model, read_checkpoint
 
 TRAINABLE = sorted(n for n, c in MODELS.items() if c.trainable)
 SRC = Path(__file__).resolve().parents[1] / "src" / "maediff"

@@ -13,9 +13,9 @@ import torch
 
 from maediff.config import apply_overrides, get_preset, load_config
 from maediff.device import resolve_device
-from maediff.training.checkpoint import read_checkpoint
 from maediff.training.data import prepare_training_data
 from maediff.training.trainer import train
+from maediff.weights import read_checkpoint
 
 TINY = ["train.batch_size=4", "train.checkpoint_every=1"]
 
@@ -136,7 +136,7 @@ def test_kill_and_resume_gives_the_same_weights(tiny_bench, tmp_path):
 
 @pytest.mark.slow
 def test_resume_refuses_a_mismatched_or_missing_state(tiny_bench, tmp_path):
-    from maediff.training.checkpoint import CheckpointError
+    from maediff.weights import CheckpointError
 
     cfg = apply_overrides(get_preset("tiny"), TINY + ["train.epochs=1"])
     data = prepare_training_data(cfg, tiny_bench, progress=False)

@@ -319,7 +319,7 @@ def cmd_detect(args: argparse.Namespace) -> int:
     from .data.bids import is_bids, parse_participants
     from .data.splits import read_inputs
     from .pipeline.detect import check_output_folder, detect_files
-    from .training.checkpoint import load_model
+    from .weights import load_model
 
     if args.threshold is not None and args.threshold_from:
         raise UsageError("give --threshold or --threshold-from, not both")
@@ -370,7 +370,7 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
     from .data.bids import parse_participants
     from .data.splits import read_inputs
     from .pipeline.calibrate import calibrate_files, calibration_text, check_calibrate_arguments
-    from .training.checkpoint import load_model
+    from .weights import load_model
 
     participants = parse_participants(args.participants)
     subjects = read_inputs(args.input, participants, suffix=_suffix(args))
@@ -421,7 +421,7 @@ def _evaluation_model(args: argparse.Namespace):
     from dataclasses import replace
 
     from .models import build_model
-    from .training.checkpoint import load_model
+    from .weights import load_model
 
     if args.baseline and args.model:
         raise UsageError("give either --model RUN_OR_CHECKPOINT or --baseline, not both")
@@ -549,7 +549,7 @@ def cmd_preprocess(args: argparse.Namespace) -> int:
 
 
 def cmd_benchmark(args: argparse.Namespace) -> int:
-    from .pipeline.benchmark import BenchmarkPlan, run_benchmark
+    from .benchmark import BenchmarkPlan, run_benchmark
 
     plan = BenchmarkPlan.from_args(
         table=args.table,

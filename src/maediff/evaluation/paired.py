@@ -20,10 +20,13 @@ differences (the noncentral t distribution, exact for normal differences).
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
 from scipy import stats
+
+from ..names import shown_name
 
 
 @dataclass(frozen=True)
@@ -111,10 +114,76 @@ def subjects_needed(
     raise ValueError(f"more than {limit} subjects needed (sd {sd_diff}, delta {delta})")
 
 
+# ------------------------------------------------------------------ rows of a comparison
+
+
+@dataclass(frozen=True)
+class PairedRow:
+    """One model against the reference on one measure: `diff` is model - reference over
+    the paired units (`pairs`: "subjects", "probe slices" or "runs"), in stored units;
+    `scale` turns them into the units shown (100: percentage points)."""
+
+    model: str
+    reference: str
+    dataset: str  # as stored ("Brats21"), or "probe"
+    metric: str  # "dice", "auprc", "l1"
+    pairs: str
+    diff: PairedDifference
+    scale: float = 100.0
+
+    @property
+    def measure(self) -> str:
+        """The data set as shown and the metric: "BraTS21 Dice"."""
+        name = METRIC_NAMES.get(self.metric, self.metric)
+        return f"{shown_name(self.dataset)} {name}" if self.dataset != "probe" else name
+
+    def verdict(self, alpha: float = 0.05) -> str:
+        """The word: "resolved: higher" / "resolved: lower" (the model's value against the
+        reference's), or "not resolved" (`PairedDifference.resolved`)."""
+        if not self.diff.resolved(alpha):
+            return "not resolved"
+        return "resolved: higher" if self.diff.mean > 0 else "resolved: lower"
+
+
+METRIC_NAMES = {"dice": "Dice", "auprc": "AUPRC", "l1": "in-patch l1"}
+
+
+def paired_rows(
+    per_subject: Mapping[str, Mapping[str, Mapping[str, float]]],
+    reference: str,
+    metrics: Sequence[str] = ("dice", "auprc"),
+) -> list[PairedRow]:
+    """Each model against `reference` over the test subjects both have
+    (evaluation/paired.py: the mean difference, its 95 % bootstrap interval, the
+    Wilcoxon and paired t p).
+
+    per_subject: model -> "DATASET/metric" -> subject -> value (already averaged over a
+    model's runs). Subjects with a non-finite value for either model are left out.
+    Rows follow the models' order, then data set, then `metrics`' order.
+    """
+    out = []
+    ref = per_subject.get(reference, {})
+    for model, table in per_subject.items():
+        if model == reference:
+            continue
+        keys = [k for k in set(table) & set(ref) if k.rsplit("/", 1)[-1] in metrics]
+        keys.sort(key=lambda k: (k.rsplit("/", 1)[0], metrics.index(k.rsplit("/", 1)[1])))
+        for key in keys:
+            ds, metric = key.rsplit("/", 1)
+            common = [s for s in table[key] if s in ref[key]]
+            a = np.array([table[key][s] for s in common], dtype=float)
+            b = np.array([ref[key][s] for s in common], dtype=float)
+            out.append(PairedRow(model, reference, ds, metric, "subjects", paired_difference(a, b)))
+    return out
+
+
 __all__ = [
+    "METRIC_NAMES",
     "PairedDifference",
+    "PairedRow",
     "bootstrap_ci",
     "paired_difference",
+    "paired_rows",
     "per_subject",
     "power_paired_t",
     "subjects_needed",

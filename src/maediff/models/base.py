@@ -202,16 +202,39 @@ class AnomalyModel(nn.Module):
         other methods (encode / decode) names the modules those call."""
         return [m for m in self.children() if any(True for _ in m.parameters())]
 
+    # ------------------------------------------------------------------ test-time noise level
+    # A diffusion model reconstructs from noise level t_test (its configuration holds
+    # it); the evaluation records it and `evaluate --choose-t` chooses it on validation.
+    # Models without one keep these defaults; the shared layers ask only these.
+
+    @property
+    def timesteps(self) -> int | None:
+        """T, the length of the diffusion; None: not a diffusion model."""
+        return None
+
+    @property
+    def t_test(self) -> int | None:
+        """The noise level reconstruction starts from; None: the model has none."""
+        return None
+
+    def t_test_range(self) -> tuple[int, int] | None:
+        """(lowest, highest) t_test the model can reconstruct from; None: none to choose."""
+        return None
+
+    def set_t_test(self, t: int) -> None:
+        """Reconstruct at t_test = t from now on (the weights stay; in place)."""
+        raise ValueError(f"model {self.registry_name!r} has no t_test to set")
+
     # ------------------------------------------------------------------ declared capabilities
-    # What the shared layers (the benchmark, pipeline/probe.py, checkpoints) ask of a
+    # What the shared layers (the benchmark, benchmark/probe.py, checkpoints) ask of a
     # model, so that none of them names one.
 
     # a run saved before `inference.clamp` existed (0.5.0) clamped its reconstruction
     # to [0, 1] (training/checkpoint.py: saved_config)
     clamped_before_0_5: ClassVar[bool] = True
-    # the patch probe of pipeline/probe.py measures it: the model has the probe hooks
-    # below and, as patch diffusion models do, `noise(n, generator)`, `grid` (PatchGrid)
-    # and `cfg.diffusion`
+    # the patch probe of benchmark/probe.py measures it: the model has the probe hooks
+    # below and, as patch diffusion models do, `noise(n, generator)`, `grid` (PatchGrid),
+    # `timesteps` and `t_test`
     patch_probe: ClassVar[bool] = False
 
     @classmethod

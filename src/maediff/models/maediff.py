@@ -232,7 +232,24 @@ class MAEDiff(AnomalyModel):
         """Paper Eq. 8: x~_t = x_t inside patch k, x0 outside (bit-exact)."""
         return torch.where(self.patch_masks[k] > 0, x_t, x0)
 
-    # ------------------------------------------------------------------ probe hooks (pipeline/probe.py)
+    # ------------------------------------------------------------------ test-time noise level
+
+    @property
+    def timesteps(self) -> int:
+        return self.cfg.diffusion.timesteps
+
+    @property
+    def t_test(self) -> int:
+        return self.cfg.diffusion.t_test
+
+    def t_test_range(self) -> tuple[int, int]:
+        """From diffusion.sample_steps (iterative sampling needs t_test >= its steps) to T."""
+        return self.cfg.diffusion.sample_steps, self.cfg.diffusion.timesteps
+
+    def set_t_test(self, t: int) -> None:
+        self.cfg = replace(self.cfg, diffusion=replace(self.cfg.diffusion, t_test=int(t)))
+
+    # ------------------------------------------------------------------ probe hooks (benchmark/probe.py)
 
     def probe_inputs(self, slices: Tensor) -> Tensor:
         return to_model_range(slices)

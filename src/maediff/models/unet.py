@@ -291,7 +291,7 @@ class UNet(nn.Module):
         """The encoder half of `forward` (same arguments): the feature map f (B, C, H/4,
         W/4), the MAE branch's output added to it (None without the MAE), the skip
         connections (the last is f) and the time embedding. A method of its own so that
-        the branch output can be read (pipeline/probe.py) without hooks, which a
+        the branch output can be read (benchmark/probe.py) without hooks, which a
         compiled forward does not run."""
         if self.cfg.condition_channels:
             if cond is None:

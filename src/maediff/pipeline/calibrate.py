@@ -27,7 +27,7 @@ from ..data.io import DataError, Subject
 from ..evaluation.calibration import CALIBRATION_FILE, N_BOOT, Calibration, HealthyScan, calibrate
 from ..evaluation.protocol import EvalSettings
 from ..outputs import check_outputs, record_outputs, write_text_atomic
-from ..training.export import model_identity, scoring_settings
+from ..weights import model_identity, scoring_settings
 from .detect import anomaly_maps
 from .scores import ScoresTable, scan_scores_of
 

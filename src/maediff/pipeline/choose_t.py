@@ -21,18 +21,25 @@ that loses are dropped: at most two candidates' volumes are held at a time).
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass, field, replace
-from typing import TYPE_CHECKING, Any
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Protocol
 
 from tqdm.auto import tqdm
 
 from ..config import DataConfig
+from ..data.splits import Subject
 from ..evaluation.protocol import EvalSettings, VolumeResult, evaluate_split
 from .volumes import Reconstructions
 
 if TYPE_CHECKING:
     from ..models import AnomalyModel
-    from .evaluate import EvalPlan
+
+
+class ValidationPlan(Protocol):
+    """What the choice reads of an evaluation's plan (evaluate.EvalPlan): per data set
+    its (validation, test) subjects."""
+
+    anomaly: dict[str, tuple[list[Subject], list[Subject]]]
 
 
 T_TEST_KEY = "diffusion.t_test"  # the config key that the choice sets
@@ -95,32 +102,32 @@ class TChoice:
 def check_candidates(model: AnomalyModel, candidates: Sequence[int]) -> list[int]:
     """The candidates, sorted and unique, after checking that the model has a t_test to
     choose and that each lies in 1..T."""
-    diffusion = model.cfg.section("diffusion")
-    if diffusion is None:
+    span = model.t_test_range()
+    if span is None:
         raise ValueError(f"model {model.cfg.model!r} has no diffusion t_test to choose")
-    if getattr(model.cfg.inference, "ensemble_t", ()):
+    if model.cfg.inference.ensemble_t:
         raise ValueError(
             "inference.ensemble_t sets the noise levels itself; choose t_test without it"
         )
     ts = sorted({int(t) for t in candidates})
     if not ts:
         raise ValueError("give at least one candidate t")
-    lo = diffusion.sample_steps  # iterative sampling needs t_test >= its steps
-    bad = [t for t in ts if not lo <= t <= diffusion.timesteps]
+    lo, hi = span
+    bad = [t for t in ts if not lo <= t <= hi]
     if bad:
-        raise ValueError(f"candidate t {bad} outside {lo}..{diffusion.timesteps}")
+        raise ValueError(f"candidate t {bad} outside {lo}..{hi}")
     return ts
 
 
 def with_t_test(model: AnomalyModel, t: int) -> AnomalyModel:
     """The same model (weights shared, in place) reconstructing at t_test = t."""
-    model.cfg = replace(model.cfg, diffusion=replace(model.cfg.diffusion, t_test=int(t)))
+    model.set_t_test(t)
     return model
 
 
 def choose_t_test(
     model: AnomalyModel,
-    plan: EvalPlan,
+    plan: ValidationPlan,
     data_cfg: DataConfig,
     candidates: Sequence[int],
     seed: int = 0,
@@ -132,7 +139,7 @@ def choose_t_test(
     left at its configured t_test; apply the choice with `with_t_test`. `volumes` (of
     this model, data_cfg and seed) keeps the chosen t's validation volumes."""
     ts = check_candidates(model, candidates)
-    configured = model.cfg.diffusion.t_test
+    configured = model.t_test
     choice = TChoice(configured, ts)
     volumes = volumes if volumes is not None else Reconstructions(model, data_cfg, seed)
     best: int | None = None

@@ -34,9 +34,9 @@ from ..device import autocast_context, resolve_amp, resolve_device
 from ..models import build_model
 from ..pretrained import checkpoint_path
 from ..reporting.runs import load_summary, write_report
-from ..training.checkpoint import load_model
 from ..training.data import prepare_training_data
 from ..training.trainer import train
+from ..weights import load_model
 from .evaluate import evaluate_model, plan_evaluation
 
 # The model trained here (--model train or both) is the preset with tiled patches:

@@ -74,14 +74,14 @@ def reconstruct_volume(
     brain mask says where the brain is); None takes `model.cfg.inference.skip_empty_patches`.
     The evaluation protocol passes False: every patch is reconstructed.
 
-    `model` is duck-typed: it needs `cfg.geometry.image_size`,
-    `cfg.inference.skip_empty_patches` and `reconstruct(slices, generator, batch_size=,
-    amp=, progress=, brain_mask=)`, where `progress(n)` reports n units of work done
-    (whatever the model counts: the bar has no fixed total).
+    `model` is an AnomalyModel (models/base.py, the one contract): its
+    `reconstruct(slices, generator, batch_size=, amp=, progress=, brain_mask=)`, where
+    `progress(n)` reports n units of work done (whatever the model counts: the bar has
+    no fixed total), `any_size` and its configuration's geometry and inference.
     """
     image = volume.image if isinstance(volume, PreparedVolume) else volume
     # a model that works at any size (Thresh) sees the volume's own slices
-    size = image.shape[0] if getattr(model, "any_size", False) else model.cfg.geometry.image_size
+    size = image.shape[0] if model.any_size else model.cfg.geometry.image_size
     small = volume_to_slices(image, size)  # (Z, 1, size, size)
     skip = (
         model.cfg.inference.skip_empty_patches if skip_empty_patches is None else skip_empty_patches
@@ -90,7 +90,7 @@ def reconstruct_volume(
     if isinstance(volume, PreparedVolume):
         mask = (volume_to_slices(volume.brain_mask.astype(np.float32), size) > 0).float()
         brain = mask if skip else None
-        if getattr(model.cfg.inference, "patch_selection", "all") == "guided":
+        if model.cfg.inference.patch_selection == "guided":
             extra["guide_mask"] = mask  # where guided selection looks for anomalies
     desc = f"reconstructing {small.shape[0]} slices"
     with tqdm(total=None, desc=desc, unit="step", disable=not progress, leave=False) as bar:
@@ -224,9 +224,9 @@ def detect_settings(
     """What the maps of a detect call depend on: the model by its content (the SHA-256
     of its weights and of its configuration, as a calibration names it: not the file's
     path, so a copy of the file, or the file exported from the run, is the same model),
-    the scoring settings (the test-time options that change maps: training/export.py),
+    the scoring settings (the test-time options that change maps: maediff/weights.py),
     the threshold, the seed and the autocast."""
-    from ..training.export import model_identity, scoring_settings
+    from ..weights import model_identity, scoring_settings
 
     try:
         ident = model_identity(model)

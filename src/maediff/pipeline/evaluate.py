@@ -42,12 +42,13 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 from tqdm.auto import tqdm
 
-from ..config import DataConfig
+from ..config import DataConfig, display_name
 from ..data.bids import is_bids, read_bids, split_every
 from ..data.io import DataError
 from ..data.splits import Subject, read_pddpm_split, split_csv_name
 from ..evaluation.labelfree import fpr_thresholds
 from ..evaluation.normative import BandNormaliser
+from ..evaluation.numbers import run_numbers
 from ..evaluation.protocol import (
     DatasetRun,
     EvalSettings,
@@ -269,7 +270,7 @@ class EvalOptions:
     healthy validation volumes of the fold). overwrite: replace the results in an output
     folder that holds files (else refused)."""
 
-    label: str = "MAEDiff"
+    label: str | None = None  # None: the model's row name in the registry (display_name)
     datasets: Sequence[str] = ANOMALY_SETS
     healthy_test: bool = True
     fold: int = 0
@@ -310,6 +311,8 @@ def evaluate_model(
     pDDPM's split files of `data_dir`."""
     opts = replace(options or EvalOptions(), **changes)
     opts.check()
+    if opts.label is None:
+        opts = replace(opts, label=display_name(model.cfg))
     if plan is None:
         plan = plan_evaluation(
             data_dir, opts.datasets, opts.healthy_test, opts.max_volumes, opts.fold
@@ -328,7 +331,7 @@ def evaluate_model(
     with staged_output(out) as stage, reconstruction_pool(model, workers) as pool:
         stream = volumes.stream(plan.subjects(), pool)
         run = run_protocol(plan, stream, settings, opts, drawn_lesions(data_dir))
-        record_results(summary, run, settings)
+        record_results(summary, run, run_numbers(run, settings))
         write_results(stage, summary, run, settings, figures=opts.figures)
     return summary
 
@@ -386,7 +389,7 @@ def new_summary(
     t_choice: TChoice | None = None,
 ) -> EvaluationSummary:
     """The summary before any data set: what was evaluated, on what, and how."""
-    info = getattr(model, "checkpoint_info", {})
+    info = model.checkpoint_info
     return EvaluationSummary(
         model=opts.label,
         checkpoint=info.get("path"),
@@ -395,10 +398,10 @@ def new_summary(
         fold=opts.fold,
         datasets={},
         settings=settings,
-        scoring=Scoring(  # test-time options that change the maps (duck-typed models lack them)
-            ensemble_t=list(getattr(model.cfg.inference, "ensemble_t", ())),
-            ensemble_draws=getattr(model.cfg.inference, "ensemble_draws", 1),
-            standardise=getattr(data_cfg, "standardise", "none"),
+        scoring=Scoring(  # test-time options that change the maps
+            ensemble_t=list(model.cfg.inference.ensemble_t),
+            ensemble_draws=model.cfg.inference.ensemble_draws,
+            standardise=data_cfg.standardise,
             speed=list(info.get("speed", [])),
             workers=workers,
             t_test=t_test_of(model),

@@ -36,9 +36,8 @@ Reconstructed = tuple[str, np.ndarray, np.ndarray, "np.ndarray | None", np.ndarr
 
 
 def t_test_of(model: AnomalyModel) -> int | None:
-    """The diffusion models' test noise level; None for others (and duck-typed models)."""
-    section = getattr(model.cfg, "section", None)
-    return getattr(section("diffusion"), "t_test", None) if callable(section) else None
+    """The diffusion models' test noise level; None for others (AnomalyModel.t_test)."""
+    return model.t_test
 
 
 class Reconstructions:

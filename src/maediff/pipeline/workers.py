@@ -47,10 +47,8 @@ _MODEL = None  # the worker's model, loaded once by _init
 def auto_workers(model: AnomalyModel, n_volumes: int) -> int:
     """Worker processes that `evaluate` uses when none are asked for: one per torch
     thread (at most 4) for a trainable model on the CPU, else none (in-process)."""
-    from ..models import AnomalyModel
-
-    if not isinstance(model, AnomalyModel) or not model.trainable or n_volumes < 2:
-        return 0  # duck-typed models cannot be rebuilt from a checkpoint in a worker
+    if not model.trainable or n_volumes < 2:
+        return 0
     if model.device.type != "cpu":
         return 0
     n = min(4, torch.get_num_threads(), n_volumes)
@@ -62,7 +60,7 @@ def check_workers(model: AnomalyModel, workers: int) -> None:
     on a GPU they would inherit a CUDA context and compile threads that a forked child
     cannot use (it hangs, or silently rebuilds the model on the CPU in fp32). Refused
     with one line saying what to do instead."""
-    dev = getattr(model, "device", torch.device("cpu"))
+    dev = model.device
     if workers and dev.type != "cpu":
         raise ValueError(
             f"--workers {workers}: worker processes reconstruct on the CPU, but the model is "
@@ -75,7 +73,7 @@ def _init(weights: str, threads: int, parent: int) -> None:
     global _MODEL
     exit_with_parent(parent)
     torch.set_num_threads(threads)
-    from ..training.checkpoint import load_model
+    from ..weights import load_model
 
     _MODEL = load_model(weights, "cpu")
 
@@ -108,7 +106,7 @@ class ReconstructionPool:
     """`workers` processes, each holding the model with `threads` torch threads."""
 
     def __init__(self, model: AnomalyModel, workers: int, threads: int = 1):
-        from ..training.checkpoint import save_weights
+        from ..weights import save_weights
 
         if workers < 1:
             raise ValueError(f"workers={workers} must be >= 1")

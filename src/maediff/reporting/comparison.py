@@ -2,7 +2,7 @@
 
     table = comparison_table(rows)           # rows: model -> the summaries of its runs
     md, csv_text = table.markdown(), table.csv()
-    rows = paired_rows(per_subject, reference="MAEDiff")   # model - reference over subjects
+    rows = paired_rows(per_subject, reference="MAEDiff")   # evaluation/paired.py
     paired_markdown(rows), paired_csv(rows), resolved_sentence(rows)
     figure_comparison(examples, "figure3.png")
 
@@ -30,8 +30,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
-from ..evaluation.paired import PairedDifference, paired_difference  # noqa: E402
-from ..names import shown_name  # noqa: E402
+from ..evaluation.paired import PairedRow  # noqa: E402
 from .summary import EvaluationSummary  # noqa: E402
 from .tables import TABLE_COLUMNS, MetricTable, build_table  # noqa: E402
 
@@ -83,66 +82,6 @@ def comparison_table(
 
 
 # ------------------------------------------------------------------ paired differences
-
-
-@dataclass(frozen=True)
-class PairedRow:
-    """One model against the reference on one measure: `diff` is model - reference over
-    the paired units (`pairs`: "subjects", "probe slices" or "runs"), in stored units;
-    `scale` turns them into the units shown (100: percentage points)."""
-
-    model: str
-    reference: str
-    dataset: str  # as stored ("Brats21"), or "probe"
-    metric: str  # "dice", "auprc", "l1"
-    pairs: str
-    diff: PairedDifference
-    scale: float = 100.0
-
-    @property
-    def measure(self) -> str:
-        """The data set as shown and the metric: "BraTS21 Dice"."""
-        name = METRIC_NAMES.get(self.metric, self.metric)
-        return f"{shown_name(self.dataset)} {name}" if self.dataset != "probe" else name
-
-    def verdict(self, alpha: float = 0.05) -> str:
-        """The word: "resolved: higher" / "resolved: lower" (the model's value against the
-        reference's), or "not resolved" (`PairedDifference.resolved`)."""
-        if not self.diff.resolved(alpha):
-            return "not resolved"
-        return "resolved: higher" if self.diff.mean > 0 else "resolved: lower"
-
-
-METRIC_NAMES = {"dice": "Dice", "auprc": "AUPRC", "l1": "in-patch l1"}
-
-
-def paired_rows(
-    per_subject: Mapping[str, Mapping[str, Mapping[str, float]]],
-    reference: str,
-    metrics: Sequence[str] = ("dice", "auprc"),
-) -> list[PairedRow]:
-    """Each model against `reference` over the test subjects both have
-    (evaluation/paired.py: the mean difference, its 95 % bootstrap interval, the
-    Wilcoxon and paired t p).
-
-    per_subject: model -> "DATASET/metric" -> subject -> value (already averaged over a
-    model's runs). Subjects with a non-finite value for either model are left out.
-    Rows follow the models' order, then data set, then `metrics`' order.
-    """
-    out = []
-    ref = per_subject.get(reference, {})
-    for model, table in per_subject.items():
-        if model == reference:
-            continue
-        keys = [k for k in set(table) & set(ref) if k.rsplit("/", 1)[-1] in metrics]
-        keys.sort(key=lambda k: (k.rsplit("/", 1)[0], metrics.index(k.rsplit("/", 1)[1])))
-        for key in keys:
-            ds, metric = key.rsplit("/", 1)
-            common = [s for s in table[key] if s in ref[key]]
-            a = np.array([table[key][s] for s in common], dtype=float)
-            b = np.array([ref[key][s] for s in common], dtype=float)
-            out.append(PairedRow(model, reference, ds, metric, "subjects", paired_difference(a, b)))
-    return out
 
 
 def _signed(v: float) -> str:
@@ -265,9 +204,7 @@ __all__ = [
     "ComparisonTable",
     "comparison_table",
     "figure_comparison",
-    "PairedRow",
     "paired_csv",
     "paired_markdown",
-    "paired_rows",
     "resolved_sentence",
 ]

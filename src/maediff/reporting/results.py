@@ -1,24 +1,21 @@
 """One evaluation's results into its summary and its files (docs/evaluation.md §4).
 
-    record_results(summary, run, settings)   # summary.datasets from the protocol's run
+    record_results(summary, run, numbers)    # numbers: evaluation/numbers.py run_numbers
     write_results(out, summary, run, settings, figures=True)
 
-`run` is what the protocol computed (evaluation/protocol.py: EvaluationRun); this
-module only arranges it: the typed summary (summary.py), per-volume and per-lesion
+`run` is what the protocol computed (evaluation/protocol.py: EvaluationRun) and
+`numbers` every number reported of it (evaluation/numbers.py); this module only
+arranges them: the typed summary (summary.py), per-volume and per-lesion
 CSVs, the pooled curves, the figures, summary.json and the report page.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
 
-from ..evaluation.aggregate import METRICS, exclusions, summarise
-from ..evaluation.labelfree import fixed_fpr_summary, scan_auroc
-from ..evaluation.lesions import lesion_summary
+from ..evaluation.numbers import DatasetNumbers, RunNumbers
 from ..evaluation.protocol import DatasetRun, EvalSettings, EvaluationRun
 from ..names import HEALTHY, shown_name
 from .files import write_json, write_subject_csv
@@ -43,82 +40,48 @@ ORACLE_NOTE = (
 )
 
 
-def record_results(summary: EvaluationSummary, run: EvaluationRun, settings: EvalSettings) -> None:
+def record_results(summary: EvaluationSummary, run: EvaluationRun, numbers: RunNumbers) -> None:
     """summary.datasets (every unhealthy data set, then the healthy test set) and
-    summary.seconds from the protocol's run."""
+    summary.seconds: the protocol's run and the numbers computed from it
+    (evaluation/numbers.py), arranged."""
     for ds, d in run.datasets.items():
-        summary.datasets[ds] = dataset_result(ds, d, run, settings)
-    if run.healthy is not None:
-        scan_scores = {
-            ds: [r.get("anomaly_score", float("nan")) for r in d.outcome.records]
-            for ds, d in run.datasets.items()
-        }
-        add_scan_auroc(summary, scan_scores, [r["anomaly_score"] for r in run.healthy])
+        summary.datasets[ds] = dataset_result(ds, d, numbers.datasets[ds], run)
+    if run.healthy is not None and numbers.healthy is not None:
         summary.datasets[HEALTHY] = DatasetResult(
             n_test=len(run.healthy),
-            metrics=metric_stats(run.healthy, ("l1",)),
-            excluded=excluded(run.healthy, ("l1",)),
+            metrics=metric_stats(numbers.healthy),
+            excluded=excluded(numbers.healthy),
         )
     summary.seconds = run.seconds
 
 
-def dataset_result(
-    ds: str, d: DatasetRun, run: EvaluationRun, settings: EvalSettings
-) -> DatasetResult:
+def dataset_result(ds: str, d: DatasetRun, n: DatasetNumbers, run: EvaluationRun) -> DatasetResult:
     o = d.outcome
     return DatasetResult(
         threshold=o.threshold,
         threshold_source=f"{shown_name(ds)} val ({d.n_val} volumes, pooled Dice {o.val_dice:.4f})",
         n_test=d.n_test,
-        metrics=metric_stats(o.records),
-        excluded=excluded(o.records),
-        lesions=LesionResult.from_json(
-            lesion_summary(o.records, o.lesions, overlap=settings.lesion_overlap)
-        ),
+        metrics=metric_stats(n),
+        excluded=excluded(n),
+        lesions=LesionResult.from_json(n.lesions),
         seconds=d.seconds,
         note=ORACLE_NOTE,
-        label_free=label_free_result(o.records, run.fpr_thresholds, settings, run.fpr_source),
+        label_free=LabelFreeResult(
+            scan_auroc=n.scan_auroc,
+            n_healthy=n.n_healthy,
+            n_unhealthy=len(o.records),
+            thresholds_source=run.fpr_source if run.fpr_thresholds else None,
+            at_fpr=tuple(FixedFpr.from_json(a) for a in n.at_fpr),
+        ),
     )
 
 
-def label_free_result(
-    records: Sequence[dict],
-    thresholds: dict[str, float] | None,
-    settings: EvalSettings,
-    source: str | None,
-) -> LabelFreeResult:
-    """Dice and lesion F1 at the FPR thresholds of one data set (the scan-level AUROC
-    is added once the healthy test volumes are scored: add_scan_auroc)."""
-    at = fixed_fpr_summary(records, thresholds, settings.fprs) if thresholds else []
-    return LabelFreeResult(
-        scan_auroc=None,
-        n_healthy=0,
-        n_unhealthy=len(records),
-        thresholds_source=source if thresholds else None,
-        at_fpr=tuple(FixedFpr.from_json(a) for a in at),
-    )
+def metric_stats(n: DatasetNumbers) -> dict[str, MetricStats]:
+    return {k: MetricStats(**v) for k, v in n.metrics.items()}
 
 
-def add_scan_auroc(
-    summary: EvaluationSummary, scan_scores: dict[str, list[float]], healthy: list[float]
-) -> None:
-    """Scan-level AUROC of each unhealthy test set against the healthy test volumes."""
-    for ds, unhealthy in scan_scores.items():
-        d = summary.datasets[ds]
-        if d.label_free is not None:
-            d.label_free = replace(
-                d.label_free, scan_auroc=scan_auroc(healthy, unhealthy), n_healthy=len(healthy)
-            )
-
-
-def metric_stats(
-    records: Sequence[dict], metrics: Sequence[str] = METRICS
-) -> dict[str, MetricStats]:
-    return {k: MetricStats(**v) for k, v in summarise(records, metrics).items()}
-
-
-def excluded(records: Sequence[dict], metrics: Sequence[str] = METRICS) -> dict[str, Exclusion]:
-    return {k: Exclusion(**v) for k, v in exclusions(records, metrics).items()}
+def excluded(n: DatasetNumbers) -> dict[str, Exclusion]:
+    return {k: Exclusion(**v) for k, v in n.excluded.items()}
 
 
 def write_results(
@@ -202,8 +165,6 @@ def write_figures(out: Path, label: str, run: EvaluationRun, settings: EvalSetti
 
 
 __all__ = [
-    "add_scan_auroc",
-    "label_free_result",
     "record_results",
     "write_figures",
     "write_results",

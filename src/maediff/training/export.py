@@ -25,46 +25,23 @@ from typing import Any
 from .. import __version__
 from ..config import Config, TrainingRecord
 from ..evaluation.calibration import Calibration
-from .checkpoint import (
+from ..weights import (
     FORMAT,
     CheckpointError,
     _atomic_save_file,
     config_sha256,
-    model_card,
+    model_identity,
     read_checkpoint_metadata,
+    scoring_settings,
     weights_sha256,
 )
+from .checkpoint import model_card
 
-# inference options that only change speed, not the maps (left out of the scoring settings)
-SPEED_ONLY = ("batch_size", "amp", "seed", "channels_last", "compile")
 EXPORT_FILES = (
     "- file: this one safetensors file holds the weights, the configuration, the training\n"
     "  data's description, the calibration (if any) and this card (its metadata); it loads\n"
     "  wherever `--model` takes a run folder: `maediff detect --model model.safetensors`."
 )
-
-
-def scoring_settings(cfg: Config) -> dict[str, Any]:
-    """The settings that change the anomaly maps of a trained model: the test-time
-    options `--set` may change (inference.*, diffusion.t_test, diffusion.sample_steps,
-    data.standardise), less those that only change speed."""
-    inf = {k: v for k, v in vars(cfg.inference).items() if k not in SPEED_ONLY}
-    out: dict[str, Any] = {
-        f"inference.{k}": list(v) if isinstance(v, tuple) else v for k, v in inf.items()
-    }
-    diffusion = dict(cfg.sections).get("diffusion")
-    for key in ("t_test", "sample_steps"):
-        if diffusion is not None and hasattr(diffusion, key):
-            out[f"diffusion.{key}"] = getattr(diffusion, key)
-    out["data.standardise"] = cfg.data.standardise
-    return out
-
-
-def model_identity(model: Any) -> dict[str, Any]:
-    """name, model, weights_sha256 and config_sha256 of a model loaded from a file
-    (load_model); a model built in memory (a baseline) has only its name."""
-    info = getattr(model, "checkpoint_info", {}) or {}
-    return dict(info.get("identity") or {"name": model.cfg.name, "model": model.cfg.model})
 
 
 def check_calibration(cal: Calibration, model: Any, where: str = "the calibration") -> None:
@@ -90,7 +67,7 @@ def check_calibration(cal: Calibration, model: Any, where: str = "the calibratio
 
 def model_calibration(model: Any) -> Calibration | None:
     """The calibration an exported model file carries, else None."""
-    text = (getattr(model, "checkpoint_info", {}) or {}).get("calibration")
+    text = model.checkpoint_info.get("calibration")
     if not text:
         return None
     path = model.checkpoint_info.get("path", "the model file")
@@ -160,7 +137,7 @@ def export_model(
     """Write the `which` checkpoint of `run` (a run folder or a model file) as one
     self-describing file (module docstring). `calibration`: a calibration folder, file
     or record, checked against the weights; None keeps the one `run` carries, if any."""
-    from .checkpoint import resolve_checkpoint
+    from ..weights import resolve_checkpoint
 
     out = Path(out)
     if out.exists() and not overwrite:
@@ -208,7 +185,7 @@ def model_info(path: str | Path) -> str:
     calibrations and detect's output folders check), what it was trained on (the record
     detect's checks compare scans with), its calibration and its card."""
     from ..data.qc import record_lines
-    from .checkpoint import resolve_checkpoint
+    from ..weights import resolve_checkpoint
 
     src = resolve_checkpoint(path)
     cfg, tensors, extra, meta = read_checkpoint_metadata(src)
@@ -280,7 +257,7 @@ def recorded_contrast(path: str | Path) -> str:
     "" when it records none; read from the file's metadata alone (no weights loaded)."""
     from safetensors import SafetensorError, safe_open
 
-    from .checkpoint import resolve_checkpoint
+    from ..weights import resolve_checkpoint
 
     src = resolve_checkpoint(path)
     try:
@@ -301,12 +278,10 @@ def read_card(path: str | Path) -> str:
 __all__ = [
     "add_training_record",
     "check_calibration",
-    "export_model",
     "model_calibration",
-    "model_identity",
     "model_info",
     "read_calibration",
+    "export_model",
     "read_card",
     "recorded_contrast",
-    "scoring_settings",
 ]

@@ -798,7 +798,7 @@ def time_training_steps(
     """Seconds per training step of `cfg` on `device`: the loop's own step (`_step`:
     schedule, forward, backward, update, EMA) on batches of `data`, `warmup` steps
     untimed (compilation, caches), then the mean of `steps` timed ones (the benchmark's
-    time estimates, pipeline/estimate.py). Only a temporary run folder is written."""
+    time estimates, benchmark/estimate.py). Only a temporary run folder is written."""
     import tempfile
 
     with tempfile.TemporaryDirectory(prefix="maediff-time-") as tmp:

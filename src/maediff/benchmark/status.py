@@ -7,15 +7,12 @@ from __future__ import annotations
 import json
 from dataclasses import replace
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 from ..config import load_config, to_dict
 from ..registry import preset_info
 from ..reporting.files import write_atomic
 from ..reporting.summary import SUMMARY_FILE
-
-if TYPE_CHECKING:
-    from .benchmark import BenchmarkPlan, RunSpec
+from .plan import BenchmarkPlan, RunSpec
 
 STATUS_FILE = "status.json"  # {"state": "running"}, then {"state": "done", "files": [...]}
 

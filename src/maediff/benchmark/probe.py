@@ -74,10 +74,9 @@ def probe_slices(
 
 def check_probed(model) -> None:
     """The probe measures models that declare it (AnomalyModel.patch_probe)."""
-    if not getattr(model, "patch_probe", False):
+    if not model.patch_probe:
         raise ValueError(
-            f"model {getattr(model, 'registry_name', type(model).__name__)!r} declares no "
-            "patch probe (AnomalyModel.patch_probe)"
+            f"model {model.registry_name!r} declares no patch probe (AnomalyModel.patch_probe)"
         )
 
 
@@ -89,7 +88,7 @@ def probe_draws(
     geometry, diffusion length and noise configuration, never on its weights."""
     g = torch.Generator().manual_seed(PROBE_SEED)
     n = brain.shape[0]
-    T = model.cfg.diffusion.timesteps
+    T = model.timesteps
     edges = np.linspace(0, T, bands + 1).round().astype(int)  # band b: edges[b]+1..edges[b+1]
     has_brain = model.grid.extract(brain.float()).flatten(2).amax(-1) > 0  # (n, K)
     if not bool(has_brain.any(1).all()):
@@ -164,7 +163,7 @@ def mae_input_dependence(
     g = torch.Generator().manual_seed(seed)
     n, K = slices.shape[0], model.grid.num_patches
     x = model.probe_inputs(slices.to(dev, torch.float32))
-    t = torch.full((n,), model.cfg.diffusion.t_test, dtype=torch.long)
+    t = torch.full((n,), model.t_test, dtype=torch.long)
     noise = model.noise(n, g).to(dev, torch.float32)
     num = den = f_sq = 0.0
     try:

@@ -37,7 +37,6 @@ import os
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -49,9 +48,8 @@ from ..device import resolve_device
 from ..models import MODELS, build_model
 from ..names import FIGURE_SUBJECTS, HEALTHY
 from ..reporting.files import write_atomic
-
-if TYPE_CHECKING:
-    from .benchmark import BenchmarkPlan, RunSpec
+from .plan import BenchmarkPlan, RunSpec
+from .status import is_done, twin_run
 
 ESTIMATES_FILE = "estimates.json"
 TIMED_STEPS, WARMUP_STEPS = 3, 1
@@ -98,7 +96,7 @@ class DataCounts:
 def data_counts(plan: BenchmarkPlan, out: Path, fold: int) -> DataCounts:
     """From --data, or OUT/data when it holds the synthetic benchmark; else from the
     synthetic benchmark that the first run will generate there."""
-    from .evaluate import plan_evaluation
+    from ..pipeline.evaluate import plan_evaluation
 
     data = data_folder(plan, out)
     if data is not None:
@@ -255,7 +253,7 @@ def measure_validation(cfg: Config, device: str) -> float | None:
 def measure_slice(cfg: Config, device: str) -> float:
     """Seconds to reconstruct one slice of a volume as the evaluation does: an
     untrained model of the configuration (the same computation) on random slices."""
-    from .detect import reconstruct_volume
+    from ..pipeline.detect import reconstruct_volume
 
     dev = resolve_device(device)
     model = build_model(cfg).to(dev).eval()
@@ -293,7 +291,7 @@ def measure_protocol(cfg: Config, data: Path, fold: int, device: str) -> dict:
     import tempfile
 
     from ..config import get_preset
-    from .evaluate import evaluate_model, plan_evaluation
+    from ..pipeline.evaluate import evaluate_model, plan_evaluation
 
     thresh = build_model(replace(get_preset("thresh"), data=cfg.data))
     thresh = thresh.to(resolve_device(device))
@@ -442,8 +440,6 @@ def estimate_jobs(
     plan: BenchmarkPlan, out: Path, device: str = "auto", measure: bool = True, say=print
 ) -> list[JobEstimate]:
     """Every job of the plan, in its order (module docstring)."""
-    from .status import is_done, twin_run
-
     runs = plan.runs()
     cache = load_cache(out)
     counts = {f: data_counts(plan, out, f) for f in plan.folds}
