@@ -1136,3 +1136,21 @@ def test_a_backward_that_fails_to_compile_falls_back_and_the_step_is_redone(tmp_
     for k in a:
         torch.testing.assert_close(b[k], a[k], rtol=0, atol=0, msg=k)
     torch._dynamo.reset()
+
+
+def test_noise_fields_take_no_matmul_that_cuda_would_run_in_tf32():
+    """The octaves were summed by an einsum, a matmul: in TF32 on CUDA (speed_up turns it
+    on), so the GPU's noise differed from the CPU's by about 1e-3 and a test comparing
+    them could fail. Every op of a field is recorded: none is a matrix product."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    ops: set[str] = set()
+
+    class Record(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            ops.add(func.__name__.split(".")[0])
+            return func(*args, **(kwargs or {}))
+
+    with Record():
+        NoiseSampler(NoiseConfig(), (16, 16))(2, torch.Generator().manual_seed(0))
+    assert ops and not ops & {"mm", "bmm", "addmm", "matmul", "baddbmm", "einsum"}, ops
