@@ -1154,3 +1154,23 @@ def test_noise_fields_take_no_matmul_that_cuda_would_run_in_tf32():
     with Record():
         NoiseSampler(NoiseConfig(), (16, 16))(2, torch.Generator().manual_seed(0))
     assert ops and not ops & {"mm", "bmm", "addmm", "matmul", "baddbmm", "einsum"}, ops
+
+
+def test_worker_processes_are_spawned_not_forked_once_cuda_is_initialised(monkeypatch):
+    """CPU workers forked after this process initialised CUDA (a GPU trained here
+    first) inherit a CUDA state they cannot use; they are spawned then."""
+    from maediff.pipeline import workers
+
+    methods = []
+    real = workers.multiprocessing.get_context
+
+    def recording(method=None):
+        methods.append(method)
+        return real(method)
+
+    monkeypatch.setattr(workers.multiprocessing, "get_context", recording)
+    model = build_model(get_preset("tiny"))
+    for initialised in (False, True):
+        monkeypatch.setattr(torch.cuda, "is_initialized", lambda v=initialised: v)
+        workers.ReconstructionPool(model, 1).close()  # no task: no process started
+    assert methods == ["fork", "spawn"]
