@@ -1174,3 +1174,57 @@ def test_worker_processes_are_spawned_not_forked_once_cuda_is_initialised(monkey
         monkeypatch.setattr(torch.cuda, "is_initialized", lambda v=initialised: v)
         workers.ReconstructionPool(model, 1).close()  # no task: no process started
     assert methods == ["fork", "spawn"]
+
+
+def _host_copies(fn) -> list[str]:
+    """Where fn() copies a CPU tensor to the 'meta' device (which stands for the GPU)
+    other than through device.to_device, which on CUDA copies from pinned memory without
+    blocking: a copy from pageable memory makes the host wait for the GPU's queue."""
+    import traceback
+
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    found: list[str] = []
+    package = f"{os.sep}maediff{os.sep}"
+
+    class Record(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            kwargs = kwargs or {}
+            src = args[0] if args and isinstance(args[0], torch.Tensor) else None
+            if (
+                func is torch.ops.aten._to_copy.default
+                and src is not None
+                and src.device.type == "cpu"
+                and str(kwargs.get("device")) == "meta"
+            ):
+                frames = [f for f in traceback.extract_stack() if package in f.filename]
+                if frames and not frames[-1].filename.endswith("device.py"):
+                    found.append(f"{Path(frames[-1].filename).name}:{frames[-1].lineno}")
+            return func(*args, **kwargs)
+
+    with Record():
+        fn()
+    return found
+
+
+def test_a_training_step_and_an_inference_chunk_copy_nothing_from_pageable_memory():
+    """The patch corners were copied to the GPU at every inference chunk (crop): a copy
+    from pageable host memory, so the host waited for the GPU each time. After a first
+    call (tables copied once), a training step and a chunk's denoise and crop copy only
+    through to_device."""
+    model = build_model(get_preset("maediff-tiny")).to("meta")
+    x = torch.rand(4, 1, 32, 32).to("meta")
+    g = torch.Generator().manual_seed(0)
+
+    def step():
+        model.loss(x, g).backward()
+
+    def chunk():
+        k = torch.tensor([0, 3, 5, 8]).to("meta")
+        t = torch.full((4,), 500).to("meta")
+        pred = model.denoise(model.noised_input(x, x, k), t, k, x)
+        model.grid.crop(pred.float(), k)
+
+    step(), chunk()  # first calls: the schedule tables and the corners go to the device once
+    assert _host_copies(step) == []
+    assert _host_copies(chunk) == []
