@@ -8,8 +8,8 @@ steps with two ranks (NCCL on two GPUs, gloo on one) and keeps their weights equ
 
 Marked `gpu` and skipped without CUDA: `python -m pytest -q -m gpu` on a GPU machine
 (the compiled cases are also `slow`: one compilation per model and autocast);
-`bash benchmarks/gpu_check.sh` runs the fast ones with the compiled bf16 MAEDiff case and
-the benchmark in at most 10 minutes.
+`bash benchmarks/gpu_check.sh` runs the fast ones, the paper-scale end-to-end case
+(benchmarks/gpu_end_to_end.py) and the benchmark in about 10 minutes on one GPU.
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ import torch
 import torch.distributed as dist
 
 from maediff.config import apply_overrides, get_preset
-from maediff.device import cuda_bf16_native, speed_up
+from maediff.device import cuda_bf16_native, full_fp32, speed_up
 from maediff.diffusion.noise import NoiseSampler
 from maediff.models import MODELS, build_model
 from maediff.pipeline.detect import reconstruct_volume
@@ -131,8 +131,9 @@ def _saved_drawn_model(name: str, path: Path) -> Path:
 @pytest.mark.parametrize("name", ALL)
 def test_load_model_compiled_and_bf16_reconstructions_agree_with_eager_fp32(name, tmp_path):
     """The path users run: load_model applies the inference speed settings. Compiled
-    fp32 within 1e-2 of eager fp32 (both may use TF32), bf16 within 0.1 (images in
-    [0, 1]); the compiled model compiled."""
+    fp32 within 1e-2 of eager fp32 (both may use TF32); bf16's anomaly maps against
+    those of true fp32 (TF32 off) within bench_gpu's tolerance (mean and 99.9th
+    percentile, images in [0, 1]); the compiled model compiled."""
     torch._dynamo.reset()
     path = _saved_drawn_model(name, tmp_path / "m.safetensors")
     eager = load_model(path, DEV, ["inference.compile=off"])
@@ -157,7 +158,10 @@ def test_load_model_compiled_and_bf16_reconstructions_agree_with_eager_fp32(name
     _all_compiled(compiled)
     assert (got - reference).abs().max() <= 1e-2
     if cuda_bf16_native(DEV):
-        assert (rec(eager, "bf16") - reference).abs().max() <= 0.1
+        with full_fp32():
+            exact = rec(eager, "none")
+        d = ((rec(eager, "bf16") - x).abs() - (exact - x).abs()).abs().flatten().double()
+        assert d.mean() <= 2e-3 and torch.quantile(d, 0.999) <= 2e-2, (d.mean(), d.max())
 
 
 def test_anoddpm_iterative_sampling_with_cpu_noise_on_cuda():
@@ -234,7 +238,9 @@ def test_noise_on_cuda_is_the_cpus():
             for d in ("cpu", DEV)
         ]
         assert fields[1].device.type == "cuda"
-        torch.testing.assert_close(fields[1].cpu(), fields[0], rtol=1e-4, atol=1e-4)
+        # no TF32 in the field (no matmul): the same up to fp32 rounding, whatever
+        # speed_up set
+        torch.testing.assert_close(fields[1].cpu(), fields[0], rtol=1e-5, atol=1e-5)
 
 
 def test_a_checkpoint_written_on_the_gpu_gives_the_same_maps_on_the_cpu(tmp_path, monkeypatch):
@@ -382,3 +388,17 @@ def test_bench_gpu_on_cuda_at_the_tiny_scale(tmp_path):
     res = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
     assert res.returncode == 0, res.stderr[-3000:]
     assert "| measurement |" in res.stdout
+
+
+@pytest.mark.slow
+def test_the_end_to_end_case_on_cuda_at_the_tiny_scale(tmp_path):
+    """benchmarks/gpu_end_to_end.py compiled with inductor on the GPU (the check runs it
+    at the paper scale): training, resume and compiled inference, every check passed."""
+    cmd = [sys.executable, str(ROOT / "benchmarks" / "gpu_end_to_end.py"), "--device", "cuda"]
+    cmd += ["--scale", "tiny", "--steps", "8", "--compile", "on", "--json", str(tmp_path / "e")]
+    res = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    import json
+
+    report = json.loads((tmp_path / "e").read_text())
+    assert report["inference_compiled"] and report["resumed_steps"] == 8

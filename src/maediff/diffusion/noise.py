@@ -185,7 +185,9 @@ def simplex_octaves(
     x = (freqs[:, None, None] * xs[None, None, :]).expand(octaves, H, W).reshape(-1)
     y = (freqs[:, None, None] * ys[None, :, None]).expand(octaves, H, W).reshape(-1)
     vals = opensimplex2(x, y, perm).view(-1, octaves, H, W)
-    return torch.einsum("bohw,o->bhw", vals, amps)
+    # a weighted sum, not an einsum: on CUDA an einsum is a matmul, in TF32 there
+    # (device.speed_up), and the GPU's noise would differ from the CPU's by 1e-3
+    return (vals * amps[:, None, None]).sum(1)
 
 
 def _standardise(fields: Tensor) -> Tensor:

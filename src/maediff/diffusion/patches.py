@@ -31,6 +31,7 @@ class PatchGrid:
             -1, 2
         )
         self.num_patches = len(self.positions)
+        self._positions_on: dict[str, Tensor] = {}  # the corners on each device, copied once
         self.cells_per_axis = self.H // self.r
         self.num_cells = self.cells_per_axis**2
 
@@ -67,11 +68,21 @@ class PatchGrid:
         cols = F.unfold(images, kernel_size=self.p, stride=self.s)  # (B, C*p*p, K)
         return cols.transpose(1, 2).reshape(B, self.num_patches, C, self.p, self.p)
 
+    def positions_on(self, device: torch.device) -> Tensor:
+        """The corners on `device`, copied there once: a copy from pageable host memory
+        at every call made the host wait for the GPU at every inference chunk."""
+        if device.type == "cpu":
+            return self.positions
+        key = str(device)
+        if key not in self._positions_on:
+            self._positions_on[key] = self.positions.to(device)
+        return self._positions_on[key]
+
     def crop(self, images: Tensor, k: Tensor) -> Tensor:
         """The patch at position k[i] of image i: (n, C, H, W), (n,) -> (n, C, p, p)."""
         n, C = images.shape[:2]
         ar = torch.arange(self.p, device=images.device)
-        pos = self.positions.to(images.device)[k]  # (n, 2)
+        pos = self.positions_on(images.device)[k]  # (n, 2)
         rows = (pos[:, 0, None] + ar)[:, :, None]  # (n, p, 1)
         cols = (pos[:, 1, None] + ar)[:, None, :]  # (n, 1, p)
         idx = torch.arange(n, device=images.device)[:, None, None]

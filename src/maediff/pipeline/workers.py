@@ -118,8 +118,10 @@ class ReconstructionPool:
         save_weights(model, weights)
         # fork, as torch's DataLoader workers: no re-import of the caller's script (spawn
         # would need an `if __name__ == "__main__"` guard there), and each child sets its
-        # thread count before its first torch operation, as DataLoader workers do
-        ctx = multiprocessing.get_context("fork")
+        # thread count before its first torch operation, as DataLoader workers do; but
+        # spawn once this process has initialised CUDA (a GPU trained or ran here before):
+        # a forked child cannot use the CUDA state it inherits
+        ctx = multiprocessing.get_context("spawn" if torch.cuda.is_initialized() else "fork")
         self._pool = ProcessPoolExecutor(
             workers,
             mp_context=ctx,
