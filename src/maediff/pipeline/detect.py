@@ -209,7 +209,7 @@ class DetectLog:
             "settings": settings,
         }
         self.root.mkdir(parents=True, exist_ok=True)
-        fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+        fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o666)  # less the umask
         try:  # one write of one line: whole or, after a kill, cut and ignored
             os.write(fd, (json.dumps(entry) + "\n").encode())
         finally:
