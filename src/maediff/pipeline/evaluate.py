@@ -57,7 +57,14 @@ from ..evaluation.protocol import (
     evaluate_split,
 )
 from ..names import HEALTHY
-from ..outputs import HOST, clean_stale, owner_dead, partial_path, record_outputs
+from ..outputs import (
+    HOST,
+    check_outputs,
+    clean_stale,
+    owner_dead,
+    partial_path,
+    record_outputs,
+)
 from ..reporting.results import record_results, write_results
 from ..reporting.runs import ANOMALY_SETS
 from ..reporting.summary import SUMMARY_FILE, EvaluationSummary, Scoring
@@ -224,18 +231,9 @@ def _publish(stage: Path, out: Path) -> None:
 
 
 def check_output(out: Path, overwrite: bool) -> None:
-    """An output folder that holds files is replaced only with `overwrite`."""
-    if out.exists() and not out.is_dir():
-        raise DataError(f"output {out} exists and is not a folder")
-    held = (
-        sorted(p.name for p in out.iterdir() if not p.name.startswith(".")) if out.is_dir() else []
-    )
-    if held and not overwrite:
-        raise DataError(
-            f"output {out} already holds {len(held)} file(s) ({', '.join(held[:3])}"
-            f"{', ...' if len(held) > 3 else ''}); pass --overwrite to replace its results, "
-            "or choose another folder"
-        )
+    """An output folder that holds files, even an earlier evaluation's, is replaced only
+    with `overwrite` (the output rule, outputs.py: evaluate fills its folder whole)."""
+    check_outputs(out, "evaluate", ["*"], overwrite, keep_own=True)
 
 
 def remove_leftovers(base: Path) -> None:
