@@ -284,7 +284,8 @@ def detect_subject(
             )
         if subject.folder is not None:  # BIDS derivatives: a sidecar naming the source scan
             staged.update(_stage_sidecars(subject, paths, threshold, threshold_source))
-        if log is not None:
+        if log is not None:  # the output rule's record (outputs.py), then the scan's own
+            record_outputs(log.root, "detect", [p.relative_to(log.root).as_posix() for p in staged])
             log.append(paths, "writing", settings or {})
         for final, tmp in staged.items():
             os.replace(tmp, final)
