@@ -59,6 +59,7 @@ from ..evaluation.protocol import (
 from ..names import HEALTHY
 from ..outputs import (
     HOST,
+    OutputError,
     check_outputs,
     clean_stale,
     owner_dead,
@@ -233,7 +234,10 @@ def _publish(stage: Path, out: Path) -> None:
 def check_output(out: Path, overwrite: bool) -> None:
     """An output folder that holds files, even an earlier evaluation's, is replaced only
     with `overwrite` (the output rule, outputs.py: evaluate fills its folder whole)."""
-    check_outputs(out, "evaluate", ["*"], overwrite, keep_own=True)
+    try:
+        check_outputs(out, "evaluate", ["*"], overwrite, keep_own=True)
+    except OutputError as e:  # evaluate_model's callers catch DataError
+        raise DataError(str(e)) from e
 
 
 def remove_leftovers(base: Path) -> None:
