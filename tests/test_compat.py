@@ -1,6 +1,7 @@
 """Runs written by maediff 0.2.0 (tests/fixtures/v0.2.0) and 0.4.0 (a one-pass DAE run,
 tests/fixtures/v0.4.0/dae-run) still load, reconstruct to the same maps and report."""
 
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -29,10 +30,12 @@ def test_a_0_2_0_checkpoint_reconstructs_the_same_maps():
 def test_a_0_2_0_evaluation_reads_and_reports(tmp_path):
     s = load_summary(FIXTURE / "eval")
     assert s.model == "MAEDiff" and s.datasets["Brats21"].lesions is None
-    page = write_report([s, load_summary(FIXTURE / "eval")], tmp_path)
-    text = (tmp_path / "results.md").read_text()
+    # a second run of the same format (another folder: one folder twice is refused)
+    shutil.copytree(FIXTURE / "eval", tmp_path / "again")
+    page = write_report([s, load_summary(tmp_path / "again")], tmp_path / "report")
+    text = (tmp_path / "report" / "results.md").read_text()
     assert "MAEDiff" in text and page.exists()
-    assert not (tmp_path / "lesions.md").exists()  # 0.2.0 had no results by lesion
+    assert not (tmp_path / "report" / "lesions.md").exists()  # 0.2.0 had no results by lesion
 
 
 def test_a_0_4_0_one_pass_run_reconstructs_its_own_maps():

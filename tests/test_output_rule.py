@@ -175,7 +175,9 @@ def test_detect_writes_the_qc_flags_of_unusual_inputs(tmp_path, run, capsys):
         "soft": f"mask-probabilistic;{unchecked}",
         "thick": f"voxel-size;{unchecked}",
     }
-    assert recorded(out)["detect"] == ["scores.csv"]
+    # what detect wrote, and nothing else, is in the record
+    written = sorted(p.name for p in out.iterdir() if not p.name.startswith("."))
+    assert sorted(recorded(out)["detect"]) == written
 
 
 def test_input_flags_name_each_problem(tmp_path):
@@ -268,3 +270,35 @@ def test_resume_names_a_log_with_binary_bytes(tmp_path, capsys):
     (line,) = capsys.readouterr().err.strip().splitlines()
     assert f"{run / 'log.csv'} is not the training log this run wrote" in line
     shutil.rmtree(run)
+
+
+@pytest.mark.slow
+def test_a_full_disk_during_training_is_one_line_and_the_same_command_starts_again(
+    tmp_path, capsys, monkeypatch
+):
+    """A checkpoint that cannot be written stops the run with one line naming it; the
+    run folder then holds only the run's own files, so the same command, once there is
+    space again, starts the run without --overwrite."""
+    import maediff.training.checkpoint as checkpoint
+
+    real = checkpoint.save_file
+
+    def full(tensors, filename, metadata=None):
+        if "last.state" in filename:
+            raise SafetensorError("Error while serializing: IoError(No space left on device)")
+        return real(tensors, filename, metadata=metadata)
+
+    scans = tmp_path / "scans"
+    for i in range(2):
+        _scan(scans / f"s{i}.nii.gz", _brain() * (1 + 0.1 * i))
+    run = tmp_path / "r"
+    argv = ["train", "--device", "cpu", "-q", "--train-list", str(scans), "--run", str(run)]
+    argv += ["--preset", "dae-tiny", "--steps", "2"]
+    monkeypatch.setattr(checkpoint, "save_file", full)
+    assert main(argv) == 2
+    (line,) = capsys.readouterr().err.strip().splitlines()
+    assert line.startswith(f"maediff train: error: cannot write {run / 'last.state.safetensors'}: ")
+    assert not list(run.glob(".*.tmp*"))  # no temporary file left
+    monkeypatch.setattr(checkpoint, "save_file", real)
+    assert main(argv) == 0
+    assert (run / "last.state.safetensors").is_file()

@@ -73,9 +73,9 @@ def test_ensemble_options_are_checked():
         replace(cfg.inference, ensemble_draws=0)
     with pytest.raises(ValueError, match="is an option of model maediff"):
         replace(get_preset("dae-tiny"), inference=replace(cfg.inference, ensemble_t=(250,)))
-    model = MAEDiff(replace(cfg, inference=replace(cfg.inference, ensemble_t=(2000,))))
-    with pytest.raises(ValueError, match="outside 1..1000"):
-        model.reconstruct(torch.rand(1, 1, 32, 32))
+    # a timestep beyond the schedule is refused with the configuration, before any scan
+    with pytest.raises(ValueError, match=r"ensemble_t=\[2000\] must hold timesteps in 1\.\.1000"):
+        replace(cfg, inference=replace(cfg.inference, ensemble_t=(2000,)))
     with pytest.raises(ValueError, match="2 ensemble member"):
         m2 = MAEDiff(replace(cfg, inference=replace(cfg.inference, ensemble_draws=2)))
         m2.reconstruct(torch.rand(1, 1, 32, 32), noise=torch.randn(1, 1, 32, 32))

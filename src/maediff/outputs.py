@@ -216,8 +216,8 @@ def _existing(folder: Path, name: str) -> list[Path]:
     if name.endswith("/"):
         p = folder / name.rstrip("/")
         return [p] if p.exists() or p.is_symlink() else []
-    if any(c in name for c in "*?["):
-        return sorted(folder.glob(name))
+    if any(c in name for c in "*?["):  # dot-files are the record and temporary files
+        return sorted(p for p in folder.glob(name) if not p.name.startswith("."))
     p = folder / name
     return [p] if p.exists() or p.is_symlink() else []
 

@@ -211,7 +211,7 @@ class DetectLog:
             "settings": settings,
         }
         self.root.mkdir(parents=True, exist_ok=True)
-        fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+        fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o666)  # less the umask
         try:  # one write of one line: whole or, after a kill, cut and ignored
             os.write(fd, (json.dumps(entry) + "\n").encode())
         finally:
@@ -302,7 +302,8 @@ def detect_subject(
             )
         if subject.folder is not None:  # BIDS derivatives: a sidecar naming the source scan
             staged.update(_stage_sidecars(subject, paths, threshold, threshold_source))
-        if log is not None:
+        if log is not None:  # the output rule's record (outputs.py), then the scan's own
+            record_outputs(log.root, "detect", [p.relative_to(log.root).as_posix() for p in staged])
             log.append(paths, "writing", settings or {})
         for final, tmp in staged.items():
             os.replace(tmp, final)

@@ -58,7 +58,15 @@ from ..evaluation.protocol import (
     evaluate_split,
 )
 from ..names import HEALTHY
-from ..outputs import HOST, clean_stale, owner_dead, partial_path, record_outputs
+from ..outputs import (
+    HOST,
+    OutputError,
+    check_outputs,
+    clean_stale,
+    owner_dead,
+    partial_path,
+    record_outputs,
+)
 from ..reporting.results import record_results, write_results
 from ..reporting.runs import ANOMALY_SETS
 from ..reporting.summary import SUMMARY_FILE, EvaluationSummary, Scoring
@@ -225,18 +233,12 @@ def _publish(stage: Path, out: Path) -> None:
 
 
 def check_output(out: Path, overwrite: bool) -> None:
-    """An output folder that holds files is replaced only with `overwrite`."""
-    if out.exists() and not out.is_dir():
-        raise DataError(f"output {out} exists and is not a folder")
-    held = (
-        sorted(p.name for p in out.iterdir() if not p.name.startswith(".")) if out.is_dir() else []
-    )
-    if held and not overwrite:
-        raise DataError(
-            f"output {out} already holds {len(held)} file(s) ({', '.join(held[:3])}"
-            f"{', ...' if len(held) > 3 else ''}); pass --overwrite to replace its results, "
-            "or choose another folder"
-        )
+    """An output folder that holds files, even an earlier evaluation's, is replaced only
+    with `overwrite` (the output rule, outputs.py: evaluate fills its folder whole)."""
+    try:
+        check_outputs(out, "evaluate", ["*"], overwrite, keep_own=True)
+    except OutputError as e:  # evaluate_model's callers catch DataError
+        raise DataError(str(e)) from e
 
 
 def remove_leftovers(base: Path) -> None:

@@ -25,6 +25,7 @@ from typing import Any
 from .. import __version__
 from ..config import Config, TrainingRecord
 from ..evaluation.calibration import Calibration
+from ..outputs import check_outputs
 from ..weights import (
     FORMAT,
     CheckpointError,
@@ -140,10 +141,12 @@ def export_model(
     from ..weights import resolve_checkpoint
 
     out = Path(out)
-    if out.exists() and not overwrite:
-        raise ValueError(f"{out} exists; use --overwrite to replace it")
     if out.is_dir():
         raise ValueError(f"{out} is a folder; give the file to write, e.g. model.safetensors")
+    # the output rule (outputs.py): an existing file, even an earlier export, is replaced
+    # only with `overwrite` (a model file exported again in place included: it is read
+    # whole before the new file is renamed over it)
+    check_outputs(out.parent, "export", [out.name], overwrite, keep_own=True)
     src = resolve_checkpoint(run, which)
     cfg, tensors, extra, meta = read_checkpoint_metadata(src)
     cal = _calibration_for(calibration, meta, weights_sha256(tensors), config_sha256(cfg), src)
