@@ -153,6 +153,27 @@ def test_detect_flags_a_scan_unlike_the_training_scans(scans, model_file, tmp_pa
     flagged = [str(w.message) for w in warned]
     assert len(flagged) == 1 and "t1like.nii.gz" in flagged[0] and "contrast" in flagged[0]
     assert (out / "t1like_anomaly.nii.gz").exists()  # flagged, and still mapped
+    assert not list(out.glob("*.png")) and not (out / "index.html").exists()  # not asked for
+
+
+@pytest.mark.slow
+def test_detect_qc_draws_a_picture_per_scan_and_a_page(scans, model_file, tmp_path):
+    out = tmp_path / "maps"
+    (out).mkdir()
+    (out / "index.html").write_text("<html>someone else's page</html>")
+    assert detect(scans, out, model_file, "--qc") == 2  # not ours: refused before any work
+    assert not list(out.glob("*.nii.gz"))
+    (out / "index.html").unlink()
+    with pytest.warns(ScanWarning):
+        assert detect(scans, out, model_file, "--qc") == 0
+    pictures = sorted(p.name for p in out.glob("*.png"))
+    assert pictures == ["plain_qc.png", "t1like_qc.png"]
+    page = (out / "index.html").read_text()
+    assert all(p in page for p in pictures) and "contrast" in page
+    import matplotlib.image
+
+    png = matplotlib.image.imread(out / "plain_qc.png")
+    assert png.shape[0] > 500 and png[..., :3].std() > 0.05  # a drawn figure, not blank
 
 
 @pytest.mark.slow
@@ -226,3 +247,23 @@ def test_the_shipped_model_records_its_synthetic_training_data():
     assert "synthetic" in card and "no scans of people" in card
     assert "healthy T2-weighted brain MRI" not in card
     assert r.source.startswith("data/synthetic: IXI fold 0")  # no path of the machine it ran on
+
+
+def test_the_report_examples_have_a_colour_bar_and_say_synthetic(tmp_path):
+    import matplotlib.image
+    import matplotlib.pyplot as plt
+
+    from maediff.reporting import report
+
+    rng = np.random.default_rng(0)
+    vol = rng.random((16, 16, 8)).astype(np.float32)
+    ex = {"name": "s", "image": vol, "reconstruction": vol, "scores": vol}
+    drawn = []
+    real = report.colour_bar
+    report.colour_bar = lambda fig, shown, ax: drawn.append(ax) or real(fig, shown, ax)
+    try:
+        path = report.figure_examples([ex], tmp_path / "ex.png", 1, note="synthetic brains")
+    finally:
+        report.colour_bar = real
+    assert len(drawn) == 1 and matplotlib.image.imread(path).shape[0] > 100
+    plt.close("all")
