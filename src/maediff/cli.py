@@ -330,6 +330,7 @@ def cmd_detect(args: argparse.Namespace) -> int:
         input_root=args.input,
         strict=args.strict,
         qc=args.qc,
+        raw_space=args.raw_space,
     )
     per_volume = report.seconds / max(len(report.written), 1)
     print(
@@ -470,7 +471,12 @@ def cmd_report(args: argparse.Namespace) -> int:
 def cmd_preprocess(args: argparse.Namespace) -> int:
     from tqdm.auto import tqdm
 
-    from .data.preprocess import RawOptions, check_preprocess_outputs, preprocess_scan
+    from .data.preprocess import (
+        RawOptions,
+        check_masks,
+        check_preprocess_outputs,
+        preprocess_scan,
+    )
     from .data.splits import read_inputs
 
     opts = RawOptions(
@@ -484,6 +490,7 @@ def cmd_preprocess(args: argparse.Namespace) -> int:
     )
     failed = []
     subjects = read_inputs(args.input)
+    check_masks(subjects, opts)  # once, before any work
     check_preprocess_outputs(subjects, args.output, args.overwrite)
     for s in tqdm(subjects, desc="preprocessing", unit="scan", disable=args.quiet):
         mask = s.mask if opts.skull_strip == "mask" else None
@@ -782,6 +789,12 @@ def _parser_detect(p: argparse.ArgumentParser) -> None:
         "--bids",
         action="store_true",
         help="BIDS-derivative names (NAME_desc-anomalymap_T2w.nii.gz)",
+    )
+    p.add_argument(
+        "--raw-space",
+        metavar="RAW",
+        help="the raw scans (folder, CSV) that maediff preprocess made the input from: "
+        "write the maps on their voxel grids, through each scan's NAME_to_raw.tfm",
     )
     p.add_argument(
         "--qc",

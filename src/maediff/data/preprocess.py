@@ -16,11 +16,17 @@ Steps, each optional:
 4. crop to the brain's bounding box plus a margin.
 
 Outputs: OUT/NAME.nii.gz and OUT/NAME_mask.nii.gz (the pair the folder reader of
-`maediff detect` and `maediff train --train-list` recognises), written atomically.
+`maediff detect` and `maediff train --train-list` recognises), and OUT/NAME_to_raw.tfm,
+the affine transform from the preprocessed scan's space to the raw scan's (an ITK
+transform file: SimpleITK, ITK-SNAP and ANTs read it; the identity without
+registration; cropping keeps the physical space). `maediff detect --raw-space RAW`
+uses it to write the maps on the raw scan's grid (rawspace.py). All written
+atomically.
 """
 
 from __future__ import annotations
 
+import os
 import shutil
 import subprocess
 import tempfile
@@ -32,6 +38,7 @@ import nibabel as nib
 import numpy as np
 import SimpleITK as sitk
 
+from ..outputs import temp_path
 from .io import DataError, atomic_save, load_nifti, nifti_stem
 from .load import from_sitk, grid_affine, to_sitk
 
@@ -189,19 +196,54 @@ def preprocess_scan(
         img = sitk.Resample(img, fixed, tx, sitk.sitkBSpline, 0.0, sitk.sitkFloat32)
         msk = sitk.Resample(msk, fixed, tx, sitk.sitkNearestNeighbor, 0.0, sitk.sitkFloat32)
         img = sitk.Mask(sitk.Clamp(img, lowerBound=0.0), sitk.Cast(msk > 0, sitk.sitkUInt8))
+    else:
+        tx = sitk.AffineTransform(3)  # the preprocessed scan lies in the raw scan's space
     if options.n4:
         img = n4_bias_correction(img, msk)
     if options.crop:
         img, msk = crop_to_brain(img, msk)
-    path_img, path_mask = preprocess_outputs(out_dir, name or nifti_stem(image_path))
+    path_img, path_mask, path_tx = preprocess_outputs(out_dir, name or nifti_stem(image_path))
+    write_transform(tx, path_tx)
     out_img = atomic_save(_to_nifti(img), path_img)
     out_mask = atomic_save(_to_nifti(msk > 0, np.uint8), path_mask)
     return out_img, out_mask
 
 
-def preprocess_outputs(out_dir: str | Path, name: str) -> tuple[Path, Path]:
-    """The files preprocess_scan writes for a scan named `name`: image and brain mask."""
-    return Path(out_dir) / f"{name}.nii.gz", Path(out_dir) / f"{name}_mask.nii.gz"
+def write_transform(tx: sitk.Transform, path: Path) -> Path:
+    """An ITK transform file (.tfm), written to a temporary name and renamed."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = temp_path(path, ".tfm")
+    try:
+        sitk.WriteTransform(tx, str(tmp))
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return path
+
+
+TRANSFORM_SUFFIX = "_to_raw.tfm"  # NAME_to_raw.tfm: preprocessed space -> raw scan space
+
+
+def preprocess_outputs(out_dir: str | Path, name: str) -> tuple[Path, Path, Path]:
+    """The files preprocess_scan writes for a scan named `name`: image, brain mask and
+    the transform back to the raw scan."""
+    out = Path(out_dir)
+    return out / f"{name}.nii.gz", out / f"{name}_mask.nii.gz", out / f"{name}{TRANSFORM_SUFFIX}"
+
+
+def check_masks(subjects: Sequence, options: RawOptions) -> None:
+    """Before any work: with skull stripping 'mask', every scan has its NAME_mask
+    companion (a DataError naming the first scan without one and how many lack it)."""
+    if options.skull_strip != "mask":
+        return
+    missing = [s.image for s in subjects if s.mask is None]
+    if missing:
+        more = f" (and {len(missing) - 1} more scans)" if len(missing) > 1 else ""
+        raise DataError(
+            f"{missing[0]} has no brain mask (NAME_mask.nii.gz beside it){more}; give the "
+            "masks, or choose --skull-strip threshold (skull-stripped scans) or another "
+            "skull stripping (docs/data.md §2)"
+        )
 
 
 def check_preprocess_outputs(subjects: Sequence, out_dir: str | Path, overwrite: bool) -> None:

@@ -44,6 +44,7 @@ from ..data.datasets import load_subject, slices_to_volume, volume_to_slices
 from ..data.io import DataError, Subject, save_like
 from ..data.load import PreparedVolume
 from ..data.qc import NO_RECORD, UNCHECKED, ScanWarning, qc_reasons, qc_text, scan_flags
+from ..data.rawspace import RawSpace, raw_spaces
 from ..evaluation.calibration import Calibration
 from ..evaluation.postprocess import anomaly_scores, remove_small_components
 from ..evaluation.protocol import EvalSettings
@@ -260,6 +261,7 @@ def detect_subject(
     settings: dict | None = None,
     strict: bool = False,
     qc: bool = False,
+    raw: RawSpace | None = None,
 ) -> dict[str, Path]:
     """One scan -> anomaly map (raw |x - rec|), post-processed score map, reconstruction
     and, with a threshold, a binary prediction; all in the input file's voxel grid.
@@ -269,7 +271,9 @@ def detect_subject(
 
     Before the scan is scored it is compared with the model's training data
     (data/qc.py): a scan unlike them is mapped with a warning that names it and its
-    flags, or, `strict`, refused (DataError) with nothing written."""
+    flags, or, `strict`, refused (DataError) with nothing written. `raw`: the maps go
+    on the grid of the raw scan that `maediff preprocess` made this one from
+    (data/rawspace.py)."""
     vol = load_subject(subject, model.cfg.data)
     flags = scan_flags(subject, vol, model.cfg.data.trained_on)
     if flags and strict:
@@ -283,6 +287,13 @@ def detect_subject(
         scan_record["qc"] = qc_text(flags) if model.cfg.data.trained_on.scans else UNCHECKED
     maps = {"anomaly": residual, "score": scores, "reconstruction": rec}
     paths = _wanted(subject_outputs(out_dir, subject, bids), threshold, qc)
+    reference = raw.reference if raw is not None else vol.input_reference
+
+    def back(data: np.ndarray, labels: bool = False) -> np.ndarray:
+        if raw is not None:
+            return raw.resample(vol, data, labels)
+        return vol.to_input_space(data, labels)
+
     staged: dict[Path, Path] = {}  # final path -> its temporary file
     try:
         if qc:  # the picture to check by eye (reporting/scan_qc.py), on the model grid
@@ -290,14 +301,12 @@ def detect_subject(
                 vol, rec, scores, threshold, subject, scan_record, flags, paths["qc"]
             )
         for key, data in maps.items():
-            staged[paths[key]] = save_like(
-                vol.to_input_space(data), vol.input_reference, temp_path(paths[key], ".nii.gz")
-            )
+            staged[paths[key]] = save_like(back(data), reference, temp_path(paths[key], ".nii.gz"))
         if threshold is not None:
             pred = remove_small_components(scores > threshold, post.min_component)
             staged[paths["prediction"]] = save_like(
-                vol.to_input_space(pred.astype(np.float32), labels=True) > 0.5,
-                vol.input_reference,
+                back(pred.astype(np.float32), labels=True) > 0.5,
+                reference,
                 temp_path(paths["prediction"], ".nii.gz"),
                 dtype=np.uint8,
             )
@@ -404,6 +413,7 @@ def detect_files(
     input_root: str | Path | None = None,
     strict: bool = False,
     qc: bool = False,
+    raw_space: str | Path | None = None,
 ) -> DetectReport:
     """Run detection on many scans; a bad file is reported and skipped, not fatal.
     bids_source: the BIDS data set the subjects come from; `out_dir` then becomes a
@@ -419,6 +429,9 @@ def detect_files(
     with the same settings and with their scores row are skipped; scans a killed call
     left half-renamed are redone.
 
+    `raw_space`: the raw scans that `maediff preprocess` made the subjects from; the
+    maps go on their grids (each subject's NAME_to_raw.tfm; all checked up front).
+
     `qc`: one picture per scan beside its maps (NAME_qc.png: reporting/scan_qc.py) and
     OUT/index.html, the page that shows them all.
 
@@ -427,6 +440,7 @@ def detect_files(
     A model without that record (made with maediff 0.9.0 or earlier) is said so once,
     and its scans carry the flag `no_training_record`."""
     check_detect_arguments(out_dir, threshold, batch_size)
+    raws = raw_spaces(subjects, raw_space) if raw_space is not None else {}
     if qc and not overwrite:
         _check_index(Path(out_dir))
     if not model.cfg.data.trained_on.scans:
@@ -438,7 +452,7 @@ def detect_files(
     wanted = [(s, _wanted(subject_outputs(out_dir, s, bids), threshold, qc)) for s in subjects]
     check_distinct(wanted)
     log = DetectLog(out_dir)
-    settings = detect_settings(model, threshold, seed, amp)
+    settings = {**detect_settings(model, threshold, seed, amp), "raw_space": bool(raws)}
     todo = set(range(len(wanted))) if overwrite else _to_do(wanted, log, settings)
     if bids_source is not None:  # a BIDS input: the outputs form a derivatives data set
         _check_description(Path(out_dir), overwrite)
@@ -459,7 +473,7 @@ def detect_files(
                 model, s, out_dir, g, threshold, bids, batch_size, amp,
                 scan_record=record, calibration=calibration,
                 threshold_source=threshold_source, log=log, settings=settings,
-                strict=strict, qc=qc,
+                strict=strict, qc=qc, raw=raws.get(s.name),
             )  # fmt: skip
             report.written.append(s.name)
         except (DataError, ValueError, RuntimeError) as e:
