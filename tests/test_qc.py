@@ -267,3 +267,14 @@ def test_the_report_examples_have_a_colour_bar_and_say_synthetic(tmp_path):
         report.colour_bar = real
     assert len(drawn) == 1 and matplotlib.image.imread(path).shape[0] > 100
     plt.close("all")
+
+
+def test_an_evaluation_on_the_synthetic_benchmark_says_so(tmp_path):
+    from types import SimpleNamespace
+
+    from maediff.reporting.results import data_note
+
+    assert data_note(SimpleNamespace(data_dir=str(tmp_path))) is None
+    (tmp_path / "synthetic.json").write_text("{}")  # what maediff synth writes
+    assert "synthetic" in data_note(SimpleNamespace(data_dir=str(tmp_path)))
+    assert data_note(SimpleNamespace(data_dir=None)) is None
