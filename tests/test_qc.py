@@ -278,3 +278,31 @@ def test_an_evaluation_on_the_synthetic_benchmark_says_so(tmp_path):
     (tmp_path / "synthetic.json").write_text("{}")  # what maediff synth writes
     assert "synthetic" in data_note(SimpleNamespace(data_dir=str(tmp_path)))
     assert data_note(SimpleNamespace(data_dir=None)) is None
+
+
+def test_bids_input_takes_the_models_contrast_or_suffix(tmp_path):
+    import argparse
+    import json
+
+    from maediff.cli import _suffix
+    from maediff.data.io import DataError
+    from maediff.data.splits import read_inputs
+
+    ds = tmp_path / "ds"
+    anat = ds / "sub-01" / "anat"
+    anat.mkdir(parents=True)
+    (ds / "dataset_description.json").write_text(json.dumps({"Name": "x", "BIDSVersion": "1.9.0"}))
+    img, _ = brain_scan(1)
+    nib.save(nib.Nifti1Image(img, AFFINE), anat / "sub-01_FLAIR.nii.gz")
+    torch.manual_seed(0)
+    cfg = get_preset("maediff-tiny")
+    flair = replace(
+        cfg, data=replace(cfg.data, trained_on=TrainingRecord(scans=1, contrast="FLAIR"))
+    )
+    model = save_weights(build_model(flair), tmp_path / "flair.safetensors")
+    args = argparse.Namespace(suffix=None, model=str(model), input=str(ds))
+    assert _suffix(args) == "FLAIR"  # the model's contrast
+    assert [s.name for s in read_inputs(ds, suffix=_suffix(args))] == ["sub-01_FLAIR"]
+    args.suffix = "T2w"  # --suffix wins
+    with pytest.raises(DataError, match="no T2w scans"):
+        read_inputs(ds, suffix=_suffix(args))
