@@ -77,6 +77,13 @@ def test_the_worked_example_runs(tiny_bench, tmp_path, monkeypatch, capsys):
             argv = argv[:-3]  # export has no --device / -q
         assert main(argv) == 0, argv
 
+    # what the model was trained on is in the model: the BIDS contrast and the scans' measures
+    from maediff.training.checkpoint import read_checkpoint
+
+    record = read_checkpoint("model.safetensors")[0].data.trained_on
+    assert record.contrast == "T2w" and record.scans >= 1 and record.skull_stripped == "yes"
+    assert len(record.landmarks_low) == 11 and "BIDS ds/" in record.source
+
     cal = json.loads(Path("calib/calibration.json").read_text())
     assert cal["n_scans"] == 3 and cal["scans"] == [f"sub-0{i}_ses-1_T2w" for i in (5, 6, 7)]
     assert [t["fpr"] for t in cal["thresholds"]] == [0.01, 0.05]
@@ -110,6 +117,15 @@ def test_the_worked_example_runs(tiny_bench, tmp_path, monkeypatch, capsys):
         again = list(csv.DictReader(f, delimiter="\t"))
     assert [r["anomaly_score"] for r in again] == [r["anomaly_score"] for r in rows]
     assert [r["threshold"] for r in again] == [r["threshold"] for r in rows]
+
+    # a model is its content: the exported file (or a copy of it) into the folder the run
+    # filled finds its scans done
+    shutil.copy("model.safetensors", "copy.safetensors")
+    capsys.readouterr()
+    again_argv = ["detect", "--model", "copy.safetensors", "-i", "ds/", "--participants"]
+    again_argv += ["group=patient", "-o", str(out), "--fpr", "0.01", "--device", "cpu", "-q"]
+    assert main(again_argv) == 0
+    assert "0 written, 2 skipped" in capsys.readouterr().out
 
     # the documented Python reads the table
     capsys.readouterr()

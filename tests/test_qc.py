@@ -153,6 +153,27 @@ def test_detect_flags_a_scan_unlike_the_training_scans(scans, model_file, tmp_pa
     flagged = [str(w.message) for w in warned]
     assert len(flagged) == 1 and "t1like.nii.gz" in flagged[0] and "contrast" in flagged[0]
     assert (out / "t1like_anomaly.nii.gz").exists()  # flagged, and still mapped
+    assert not list(out.glob("*.png")) and not (out / "index.html").exists()  # not asked for
+
+
+@pytest.mark.slow
+def test_detect_qc_draws_a_picture_per_scan_and_a_page(scans, model_file, tmp_path):
+    out = tmp_path / "maps"
+    (out).mkdir()
+    (out / "index.html").write_text("<html>someone else's page</html>")
+    assert detect(scans, out, model_file, "--qc") == 2  # not ours: refused before any work
+    assert not list(out.glob("*.nii.gz"))
+    (out / "index.html").unlink()
+    with pytest.warns(ScanWarning):
+        assert detect(scans, out, model_file, "--qc") == 0
+    pictures = sorted(p.name for p in out.glob("*.png"))
+    assert pictures == ["plain_qc.png", "t1like_qc.png"]
+    page = (out / "index.html").read_text()
+    assert all(p in page for p in pictures) and "contrast" in page
+    import matplotlib.image
+
+    png = matplotlib.image.imread(out / "plain_qc.png")
+    assert png.shape[0] > 500 and png[..., :3].std() > 0.05  # a drawn figure, not blank
 
 
 @pytest.mark.slow
@@ -226,3 +247,62 @@ def test_the_shipped_model_records_its_synthetic_training_data():
     assert "synthetic" in card and "no scans of people" in card
     assert "healthy T2-weighted brain MRI" not in card
     assert r.source.startswith("data/synthetic: IXI fold 0")  # no path of the machine it ran on
+
+
+def test_the_report_examples_have_a_colour_bar_and_say_synthetic(tmp_path):
+    import matplotlib.image
+    import matplotlib.pyplot as plt
+
+    from maediff.reporting import report
+
+    rng = np.random.default_rng(0)
+    vol = rng.random((16, 16, 8)).astype(np.float32)
+    ex = {"name": "s", "image": vol, "reconstruction": vol, "scores": vol}
+    drawn = []
+    real = report.colour_bar
+    report.colour_bar = lambda fig, shown, ax: drawn.append(ax) or real(fig, shown, ax)
+    try:
+        path = report.figure_examples([ex], tmp_path / "ex.png", 1, note="synthetic brains")
+    finally:
+        report.colour_bar = real
+    assert len(drawn) == 1 and matplotlib.image.imread(path).shape[0] > 100
+    plt.close("all")
+
+
+def test_an_evaluation_on_the_synthetic_benchmark_says_so(tmp_path):
+    from types import SimpleNamespace
+
+    from maediff.reporting.results import data_note
+
+    assert data_note(SimpleNamespace(data_dir=str(tmp_path))) is None
+    (tmp_path / "synthetic.json").write_text("{}")  # what maediff synth writes
+    assert "synthetic" in data_note(SimpleNamespace(data_dir=str(tmp_path)))
+    assert data_note(SimpleNamespace(data_dir=None)) is None
+
+
+def test_bids_input_takes_the_models_contrast_or_suffix(tmp_path):
+    import argparse
+    import json
+
+    from maediff.cli import _suffix
+    from maediff.data.io import DataError
+    from maediff.data.splits import read_inputs
+
+    ds = tmp_path / "ds"
+    anat = ds / "sub-01" / "anat"
+    anat.mkdir(parents=True)
+    (ds / "dataset_description.json").write_text(json.dumps({"Name": "x", "BIDSVersion": "1.9.0"}))
+    img, _ = brain_scan(1)
+    nib.save(nib.Nifti1Image(img, AFFINE), anat / "sub-01_FLAIR.nii.gz")
+    torch.manual_seed(0)
+    cfg = get_preset("maediff-tiny")
+    flair = replace(
+        cfg, data=replace(cfg.data, trained_on=TrainingRecord(scans=1, contrast="FLAIR"))
+    )
+    model = save_weights(build_model(flair), tmp_path / "flair.safetensors")
+    args = argparse.Namespace(suffix=None, model=str(model), input=str(ds))
+    assert _suffix(args) == "FLAIR"  # the model's contrast
+    assert [s.name for s in read_inputs(ds, suffix=_suffix(args))] == ["sub-01_FLAIR"]
+    args.suffix = "T2w"  # --suffix wins
+    with pytest.raises(DataError, match="no T2w scans"):
+        read_inputs(ds, suffix=_suffix(args))

@@ -25,6 +25,10 @@ def __getattr__(name: str):
         from . import models
 
         return getattr(models, name)
+    if name in ("load_model", "map_scan", "ScanResult"):  # the common case (api.py)
+        from . import api
+
+        return getattr(api, name)
     raise AttributeError(f"module 'maediff' has no attribute {name!r}")
 
 
@@ -32,9 +36,12 @@ __all__ = [
     "MODELS",
     "Config",
     "MAEDiff",
+    "ScanResult",
     "__version__",
     "build_model",
     "get_preset",
     "load_config",
+    "load_model",
+    "map_scan",
     "save_config",
 ]

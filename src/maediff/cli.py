@@ -353,6 +353,8 @@ def cmd_detect(args: argparse.Namespace) -> int:
         threshold_source=how,
         input_root=args.input,
         strict=args.strict,
+        qc=args.qc,
+        raw_space=args.raw_space,
     )
     per_volume = report.seconds / max(len(report.written), 1)
     print(
@@ -512,6 +514,7 @@ def cmd_preprocess(args: argparse.Namespace) -> int:
 
     from .data.preprocess import (
         RawOptions,
+        check_masks,
         check_preprocess_outputs,
         preprocess_outputs,
         preprocess_scan,
@@ -530,6 +533,7 @@ def cmd_preprocess(args: argparse.Namespace) -> int:
     )
     failed = []
     subjects = read_inputs(args.input)
+    check_masks(subjects, opts)  # once, before any work
     check_preprocess_outputs(subjects, args.output, args.overwrite)
     record_outputs(
         args.output,
@@ -615,6 +619,11 @@ class HelpFormatter(argparse.HelpFormatter):
             return text
         shown = " ".join(map(str, d)) if isinstance(d, list | tuple) else str(d)
         return f"{text} (default: {shown.replace('%', '%%')})"
+
+    def _fill_text(self, text: str, width: int, indent: str) -> str:
+        if text.startswith("examples:"):  # commands keep their lines
+            return "\n".join(indent + line for line in text.splitlines())
+        return super()._fill_text(text, width, indent)
 
 
 class CommandParser(argparse.ArgumentParser):
@@ -830,6 +839,19 @@ def _parser_detect(p: argparse.ArgumentParser) -> None:
         help="BIDS-derivative names (NAME_desc-anomalymap_T2w.nii.gz)",
     )
     p.add_argument(
+        "--raw-space",
+        metavar="RAW",
+        help="the raw scans (folder, CSV) that maediff preprocess made the input from: "
+        "write the maps on their voxel grids, through each scan's NAME_to_raw.tfm",
+    )
+    p.add_argument(
+        "--qc",
+        action="store_true",
+        help="also draw one picture per scan (NAME_qc.png: input, reconstruction, anomaly "
+        "map with its colour bar, prediction over the input; three planes through the "
+        "highest-scoring region) and OUT/index.html, the page that shows them",
+    )
+    p.add_argument(
         "--strict",
         action="store_true",
         help="refuse (do not map) a scan that the checks against the model's training data "
@@ -978,9 +1000,11 @@ def _parser_preprocess(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument(
         "--skull-strip",
-        choices=["mask", "hd-bet", "threshold"],
+        choices=["mask", "robex", "hd-bet", "threshold"],
         default="mask",
-        help="brain mask: given NAME_mask companions, HD-BET (pip install hd-bet), or image > 0",
+        help="brain mask: given NAME_mask companions; ROBEX (offline, T1-weighted scans: "
+        'pip install "maediff[robex]"); HD-BET (pip install hd-bet, downloads its weights '
+        "on first use); or image > 0 (scans already skull-stripped)",
     )
     p.add_argument("--no-register", action="store_true", help="skip affine registration")
     p.add_argument("--no-n4", action="store_true", help="skip N4 bias-field correction")
@@ -1085,7 +1109,7 @@ COMMANDS = [
         cmd_preprocess,
         _parser_preprocess,
         "raw scans -> skull-stripped, registered, bias-corrected NIfTI",
-        "Skull stripping (given mask, HD-BET or threshold), affine registration to a template, N4 bias-field correction and cropping to the brain; writes NAME.nii.gz and NAME_mask.nii.gz for train/detect.",
+        "Skull stripping (given mask, ROBEX, HD-BET or threshold), affine registration to a template, N4 bias-field correction and cropping to the brain; writes NAME.nii.gz and NAME_mask.nii.gz for train/detect, and NAME_to_raw.tfm, the transform back to the raw scan (detect --raw-space).",
     ),
     (
         "train",
@@ -1126,7 +1150,7 @@ COMMANDS = [
         "evaluate",
         cmd_evaluate,
         _parser_evaluate,
-        "the paper's protocol on a data set in pDDPM's layout",
+        "the paper's protocol on a data set in pDDPM's layout or a BIDS data set",
         "Threshold on the pooled unhealthy validation split, Dice/AUPRC/AUROC per test volume, l1 on healthy IXI test volumes; beside them the scan-level AUROC and Dice at thresholds set at false-positive rates on healthy validation volumes; per-subject CSVs, summary.json and report.html.",
     ),
     (
@@ -1147,10 +1171,49 @@ COMMANDS = [
         "demo",
         cmd_demo,
         _parser_demo,
-        "offline: synthesise, train the cpu preset, evaluate, report",
-        "Everything on the synthetic benchmark, no data or network needed: synth -> train (cpu preset) -> evaluate MAEDiff and the Thresh baseline -> report.",
+        "offline: synthesise, evaluate the shipped model (or one trained here), report",
+        "Everything on the synthetic benchmark, no data or network needed: synth -> evaluate the MAEDiff model that ships with the package (--model train: train the cpu preset here first; both: side by side) and the Thresh baseline -> report. The data, and so every map the report shows, are synthetic brains.",
     ),
 ]
+
+
+# the end of each subcommand's help: one or two commands to start from (they parse:
+# tests/test_cli_help.py)
+EXAMPLES = {
+    "synth": ["maediff synth -o data/synthetic", "maediff synth -o data/site-b --site b"],
+    "preprocess": [
+        "maediff preprocess -i raw/ -o prep/ --skull-strip threshold",
+        "maediff preprocess -i raw/ -o prep/ --skull-strip hd-bet --device cuda",
+    ],
+    "train": [
+        "maediff train --data data/synthetic --preset cpu --run runs/cpu",
+        "maediff train --train-list ds/ --participants group=control --suffix FLAIR --run runs/flair",
+    ],
+    "detect": [
+        "maediff detect -i scans/ -o maps/ --model maediff-cpu",
+        "maediff detect -i scans/ -o maps/ --model runs/mine --threshold-from calib/ --fpr 0.01 --qc",
+    ],
+    "calibrate": [
+        "maediff calibrate --model runs/mine -i healthy/ -o calib/ --fpr 0.01 0.05",
+    ],
+    "export": ["maediff export runs/mine -o mine.safetensors --calibration calib/"],
+    "info": ["maediff info mine.safetensors", "maediff info maediff-cpu"],
+    "evaluate": [
+        "maediff evaluate --model runs/cpu --data data/synthetic -o runs/cpu/eval",
+        "maediff evaluate --model runs/bids --data ds/ --participants group=patient -o runs/bids/eval",
+    ],
+    "report": ["maediff report runs/a/eval runs/b/eval -o report/"],
+    "benchmark": [
+        "maediff benchmark --table 1 --scale cpu -o bench/",
+        "maediff benchmark --table 1 --scale cpu -o bench/ --list",
+    ],
+    "demo": ["maediff demo", "maediff demo --model both --steps 500"],
+}
+
+
+def examples_text(command: str) -> str | None:
+    lines = EXAMPLES.get(command)
+    return "examples:\n" + "\n".join(f"  {ln}" for ln in lines) if lines else None
 
 
 def build_parser(command: str | None = None) -> argparse.ArgumentParser:
@@ -1166,7 +1229,11 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     sub = ap.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name, func, add_args, help_text, description in COMMANDS:
         p = sub.add_parser(
-            name, help=help_text, description=description, formatter_class=HelpFormatter
+            name,
+            help=help_text,
+            description=description,
+            epilog=examples_text(name),
+            formatter_class=HelpFormatter,
         )
         if command is None or command == name:
             add_args(p)

@@ -199,7 +199,9 @@ class TrainingRecord:
 
     scans: int = 0  # training scans measured (0: no record)
     contrast: str = ""  # BIDS suffix of the training scans (T2w, FLAIR, T1w, ...); "" unknown
-    skull_stripped: str = ""  # "yes" (a brain mask, or no signal outside the brain), "no", ""
+    # "yes": no training scan has signal outside its brain mask (a scan without a mask,
+    # whose brain is image > 0, counts as skull-stripped, as the loader assumes); "no"; ""
+    skull_stripped: str = ""
     source: str = ""  # where the scans came from (their description)
     synthetic: bool = False  # the synthetic brains of `maediff synth`, not MRI of people
     voxel_mm: tuple[float, ...] = ()  # (min, max) voxel edge of the input scans, mm

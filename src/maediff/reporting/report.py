@@ -47,17 +47,28 @@ def pick_slices(segmentation: np.ndarray | None, scores: np.ndarray, n: int = 3)
 
 
 def _show(ax, img, title, cmap="gray", vmin=0.0, vmax=1.0):
-    ax.imshow(np.rot90(img), cmap=cmap, vmin=vmin, vmax=vmax, interpolation="nearest")
+    shown = ax.imshow(np.rot90(img), cmap=cmap, vmin=vmin, vmax=vmax, interpolation="nearest")
     ax.set_title(title, fontsize=8)
     ax.axis("off")
+    return shown
+
+
+def colour_bar(fig, shown, ax) -> None:
+    """A colour bar beside a map: what its colours are worth."""
+    bar = fig.colorbar(shown, ax=ax, fraction=0.046, pad=0.02)
+    bar.ax.tick_params(labelsize=6)
 
 
 def figure_examples(
-    examples: Sequence[Mapping], path: str | Path, slices_per_volume: int = 2
+    examples: Sequence[Mapping],
+    path: str | Path,
+    slices_per_volume: int = 2,
+    note: str | None = None,
 ) -> Path:
-    """Figure 3 style: per row one slice; columns input, reconstruction, anomaly map,
-    ground truth, thresholded prediction. Example keys: name, image, reconstruction,
-    scores, segmentation (or None), prediction (or None)."""
+    """Figure 3 style: per row one slice; columns input, reconstruction, anomaly map
+    (with its colour bar), ground truth, thresholded prediction. Example keys: name,
+    image, reconstruction, scores, segmentation (or None), prediction (or None).
+    `note`: a line above the figure (e.g. that the scans are synthetic)."""
     rows = []
     for ex in examples:
         for z in pick_slices(ex.get("segmentation"), ex["scores"], slices_per_volume):
@@ -75,7 +86,8 @@ def figure_examples(
         a = axes[i]
         _show(a[0], ex["image"][..., z], f"{ex['name']} z={z}\ninput")
         _show(a[1], ex["reconstruction"][..., z], "reconstruction")
-        _show(a[2], ex["scores"][..., z], "anomaly map", cmap="inferno", vmax=smax)
+        shown = _show(a[2], ex["scores"][..., z], "anomaly map", cmap="inferno", vmax=smax)
+        colour_bar(fig, shown, a[2])
         seg = ex.get("segmentation")
         _show(
             a[3],
@@ -88,6 +100,8 @@ def figure_examples(
             pred[..., z] if pred is not None else np.zeros_like(ex["image"][..., z]),
             "prediction",
         )
+    if note:
+        fig.suptitle(note, fontsize=9)
     fig.tight_layout()
     return _save(fig, path)
 

@@ -96,7 +96,7 @@ def write_results(
     report page."""
     write_subject_csvs(out, summary, run)
     if figures and run.datasets:
-        summary.figures = write_figures(out, summary.model, run, settings)
+        summary.figures = write_figures(out, summary.model, run, settings, data_note(summary))
     write_json(summary.to_json(), out / SUMMARY_FILE)
     write_report([summary], out)
 
@@ -124,11 +124,27 @@ def write_subject_csvs(out: Path, summary: EvaluationSummary, run: EvaluationRun
         write_subject_csv(run.healthy, out / "IXI_test_subjects.csv", context)
 
 
-def write_figures(out: Path, label: str, run: EvaluationRun, settings: EvalSettings) -> Figures:
-    """Examples per data set (Figure 3 layout), pooled PR curves, Dice per volume and
-    Dice against lesion volume; the pooled curve samples in curves.npz."""
+def data_note(summary: EvaluationSummary) -> str | None:
+    """ "synthetic brains (maediff synth), not scans of people" for an evaluation on the
+    synthetic benchmark (its synthetic.json), else None."""
+    data = Path(summary.data_dir) if summary.data_dir else None
+    if data is None or not (data / "synthetic.json").is_file():
+        return None
+    return "synthetic brains (maediff synth), not scans of people"
+
+
+def write_figures(
+    out: Path,
+    label: str,
+    run: EvaluationRun,
+    settings: EvalSettings,
+    note: str | None = None,
+) -> Figures:
+    """Examples per data set (Figure 3 layout, `note` above them), pooled PR curves,
+    Dice per volume and Dice against lesion volume; the pooled curve samples in
+    curves.npz."""
     examples = [
-        example_figure(d.kept, d.outcome.threshold, settings, out / f"examples_{ds}.png").name
+        example_figure(d.kept, d.outcome.threshold, settings, out / f"examples_{ds}.png", note).name
         for ds, d in run.datasets.items()
         if d.kept
     ]

@@ -49,9 +49,14 @@ def load_summary(path: str | Path) -> EvaluationSummary:
 
 
 def example_figure(
-    kept: Sequence[VolumeResult], threshold: float, settings: EvalSettings, path: Path
+    kept: Sequence[VolumeResult],
+    threshold: float,
+    settings: EvalSettings,
+    path: Path,
+    note: str | None = None,
 ) -> Path:
-    """Figure 3 layout for a few test volumes, post-processed as in the protocol."""
+    """Figure 3 layout for a few test volumes, post-processed as in the protocol;
+    `note` above it (that the volumes are synthetic, for the synthetic benchmark)."""
     ex = []
     for v in kept:
         scores = score_volume(v, settings)
@@ -66,7 +71,7 @@ def example_figure(
                 "prediction": pred,
             }
         )
-    return figure_examples(ex, path)
+    return figure_examples(ex, path, note=note)
 
 
 def _data_key(s: EvaluationSummary) -> str:
