@@ -54,7 +54,7 @@ def _training_overrides(args: argparse.Namespace, given: list[str]) -> list[str]
     if steps is not None:
         if steps < 1:
             raise UsageError(f"--steps {steps} must be >= 1")
-        out += [f"train.max_steps={steps}", "train.max_minutes=0", "train.epochs=1000000"]
+        out += [f"train.max_steps={steps}", "train.max_minutes=0", "train.epochs=null"]
     if seed is not None:
         out.append(f"train.seed={seed}")
     keys = {o.split("=", 1)[0].strip() for o in given}

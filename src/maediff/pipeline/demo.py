@@ -69,9 +69,9 @@ def demo_config(
     tr = replace(cfg.train, seed=seed, amp=amp or cfg.train.amp)
     # a budget given here is the only limit (the preset's epochs would stop it earlier)
     if steps is not None:
-        tr = replace(tr, max_steps=steps, max_minutes=0.0, epochs=10**6)
+        tr = replace(tr, max_steps=steps, max_minutes=0.0, epochs=None)
     if minutes is not None:
-        tr = replace(tr, max_minutes=minutes, max_steps=0, epochs=10**6)
+        tr = replace(tr, max_minutes=minutes, max_steps=0, epochs=None)
     return replace(cfg, train=tr, inference=replace(cfg.inference, amp=amp or cfg.inference.amp))
 
 
