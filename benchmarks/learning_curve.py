@@ -111,7 +111,7 @@ def train_command(
         "train", "--data", str(data), "--run-dir", str(run_dir),
         "--preset", f"{MODELS[row][0]}-{scale}",
         "--set", f"train.max_steps={steps}", "--set", "train.max_minutes=0",
-        "--set", "train.epochs=100000", "--set", f"train.seed={seed}", "--device", "cpu", "-q",
+        "--set", "train.epochs=null", "--set", f"train.seed={seed}", "--device", "cpu", "-q",
     ]  # fmt: skip
     for setting in ROW_SETTINGS.get(row, ()):
         cmd += ["--set", setting]

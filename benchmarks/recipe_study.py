@@ -134,7 +134,7 @@ def run_job(data_dir: Path, out: Path, steps: int, seed: int, variant: str) -> d
         + [
             f"train.max_steps={steps * STEP_FACTOR.get(variant, 1)}",
             "train.max_minutes=0",
-            "train.epochs=100000",
+            "train.epochs=null",
             f"train.seed={seed}",
         ],
     )

@@ -100,7 +100,7 @@ def run_variant(name: str, data_dir: Path, out: Path, volumes: int, seed: int) -
         + [
             f"train.max_steps={steps}",
             "train.max_minutes=0",
-            "train.epochs=100000",
+            "train.epochs=null",
             f"train.seed={seed}",
         ],
     )

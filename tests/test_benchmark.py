@@ -138,7 +138,7 @@ def test_table_marks_best_and_second_in_the_right_direction():
     md = t.markdown()
     assert "| A | 1 | **50.00** | **50.00** | - | - | <u>20.00</u> |" in md
     assert (
-        "| B | 2 | <u>40.00 ± 10.00</u> | <u>40.00 ± 10.00</u> | - | - | **10.00 ± 0.00** |" in md
+        "| B | 2 | <u>40.00 ± 14.14</u> | <u>40.00 ± 14.14</u> | - | - | **10.00 ± 0.00** |" in md
     )
     assert "| C | 1 | 10.00 | 10.00 | - | - | 30.00 |" in md
     assert t.runs == [1, 2, 1]

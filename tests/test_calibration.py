@@ -20,7 +20,8 @@ from maediff.evaluation.calibration import (
     what_remains,
 )
 from maediff.models import build_model
-from maediff.training.export import check_calibration, export_model, read_card
+from maediff.pipeline.thresholds import check_calibration
+from maediff.training.export import export_model, read_card
 from maediff.weights import CheckpointError, load_model, save_weights
 
 POST = {"erosion_iterations": 3, "median_size": 5, "min_component": 7}

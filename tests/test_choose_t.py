@@ -1,7 +1,6 @@
 """t_test chosen on the validation volumes (pipeline/choose_t.py): never on test, the
 choice recorded in summary.json and the report, and reused by detect."""
 
-import argparse
 import re
 from dataclasses import replace
 
@@ -83,12 +82,11 @@ def test_choice_reads_validation_only_and_matches_the_evaluation(tiny_bench, tin
     assert "chosen on the validation volumes" in (tmp_path / "report" / "report.html").read_text()
 
     # detect --threshold-from that evaluation reconstructs at the chosen t
-    from maediff.cli import _t_test_from
+    from maediff.pipeline.thresholds import t_test_override
 
-    args = argparse.Namespace(threshold_from=str(out), threshold=None, set=[])
-    assert _t_test_from(args) == [f"diffusion.t_test={choice.chosen}"]
-    args.set = ["diffusion.t_test=123"]  # the user's own t wins
-    assert _t_test_from(args) == []
+    assert t_test_override(str(out), None, []) == [f"diffusion.t_test={choice.chosen}"]
+    assert t_test_override(str(out), None, ["diffusion.t_test=123"]) == []  # the user's own t
+    assert t_test_override(str(out), 0.3, []) == []  # a number given: no evaluation's t
 
 
 def test_with_t_test_changes_what_the_model_reconstructs_at(tiny_model):

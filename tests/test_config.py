@@ -175,6 +175,9 @@ def test_a_0_4_0_config_with_every_section_loads_as_its_own_model(name):
             assert old[k] == v, k
             continue
         added = {f: v[f] for f in set(v) - set(old[k])}
+        if k == "train" and v["epochs"] is None:  # 0.10.0: no epoch limit is null
+            assert old[k]["epochs"] >= 100000 and old[k]["max_steps"] > 0
+            v = {**v, "epochs": old[k]["epochs"]}
         since = {
             "inference": {"clamp": False},
             "train": {"val_every_steps": 0, "checkpoint_every_minutes": 0.0},  # off: by epochs
@@ -224,3 +227,23 @@ def test_the_scales_are_the_registrys_scale_names():
     assert {split_preset_name(preset_name("dae", s)) for s in SCALES} == {
         ("dae", s) for s in SCALE_NAMES
     }
+
+
+def test_no_epoch_limit_is_a_value_and_old_large_counts_read_as_it(tmp_path):
+    """train.epochs: null is "no epoch limit"; up to 0.9.0 a step or time budget lifted
+    the limit with 100000 or 1000000 epochs: such a file reads as null (and an old
+    benchmark run is then the configuration of today's plan), a count alone stays."""
+    cfg = apply_overrides(get_preset("dae-tiny"), ["train.max_steps=5", "train.epochs=null"])
+    assert cfg.train.epochs is None and cfg.train.epoch_limit == float("inf")
+    with pytest.raises(ValueError, match="needs train.max_steps or train.max_minutes"):
+        apply_overrides(get_preset("dae-tiny"), ["train.epochs=null"])
+    for count, budget, read in (
+        (1000000, "max_minutes: 3", None),
+        (100000, "max_steps: 300", None),
+    ):
+        f = tmp_path / f"{count}.yaml"
+        f.write_text(f"model: dae\ntrain:\n  epochs: {count}\n  {budget}\n")
+        assert load_config(f).train.epochs is read
+    f.write_text("model: dae\ntrain:\n  epochs: 100000\n")  # no other budget: the count holds
+    assert load_config(f).train.epochs == 100000
+    assert get_preset("dae-cpu").train.epochs is None  # the cpu scale's budget is its steps

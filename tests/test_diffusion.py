@@ -48,17 +48,23 @@ def test_q_sample_matches_eq3_in_float64():
         torch.testing.assert_close(out[i], math.sqrt(ab) * x0[i] + math.sqrt(1 - ab) * eps[i])
 
 
-def test_x0_eps_conversions_invert_q_sample():
+def test_the_coefficients_of_eq3_invert_q_sample():
+    """x_0 = (x_t - sqrt(1 - alpha_bar) eps) / sqrt(alpha_bar), with the coefficients the
+    models read (MAEDiff's preconditioning, the probe)."""
     d = GaussianDiffusion(DiffusionConfig())
     x0 = torch.randn(4, 1, 8, 8, dtype=torch.float64)
     eps = torch.randn_like(x0)
     t = torch.tensor([3, 100, 500, 999])
     xt = d.q_sample(x0, t, eps)
-    torch.testing.assert_close(d.predict_x0_from_eps(xt, t, eps), x0)
-    torch.testing.assert_close(d.predict_eps_from_x0(xt, t, x0), eps)
+    a, b = d.coefficients(t, xt)
+    torch.testing.assert_close((xt - b * eps) / a, x0)
+    torch.testing.assert_close((xt - a * x0) / b, eps)
 
 
-def test_posterior_mean_eq6():
+def test_posterior_step_is_the_posterior_mean_of_eq6():
+    """Paper Eq. 6 in the eps form, mu = (x_t - beta_t / sqrt(1 - alpha_bar_t) eps) /
+    sqrt(alpha_t), is the x0-form step the models take (posterior_step, no noise) with
+    x_0 predicted from eps by hand."""
     d = GaussianDiffusion(DiffusionConfig())
     xt = torch.randn(1, 1, 2, 2, dtype=torch.float64)
     eps = torch.randn_like(xt)
@@ -66,7 +72,9 @@ def test_posterior_mean_eq6():
     beta = d.betas[320].item()
     ab = d.alphas_cumprod[320].item()
     expected = (xt - beta / math.sqrt(1 - ab) * eps) / math.sqrt(1 - beta)
-    torch.testing.assert_close(d.posterior_mean(xt, t, eps), expected)
+    x0 = (xt - math.sqrt(1 - ab) * eps) / math.sqrt(ab)
+    got = d.posterior_step(xt, t, t - 1, x0, torch.zeros_like(xt))
+    torch.testing.assert_close(got, expected)
 
 
 def test_timesteps_out_of_range_and_sampling():

@@ -234,7 +234,7 @@ def test_summary_counts_the_volumes_left_out_of_each_mean(tmp_path):
         d = saved["datasets"][ds]
         # identity: residual 0, threshold 0, nothing predicted; the test volume without
         # lesion voxels has Dice 0/0 = NaN and is left out, the other one counts (0)
-        assert d["metrics"]["dice"] == {"mean": 0.0, "std": 0.0, "n": 1}
+        assert d["metrics"]["dice"] == {"mean": 0.0, "n": 1}  # one volume: no sd
         assert d["excluded"]["dice"]["n"] == 1 and "0/0" in d["excluded"]["dice"]["reason"]
         assert d["excluded"]["auprc"]["n"] == 1 and d["metrics"]["auprc"]["n"] == 1
         rows = list(csv.DictReader((out / f"{ds}_test_subjects.csv").open()))

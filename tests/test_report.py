@@ -96,7 +96,7 @@ def test_rows_group_by_model_and_data_folder(tmp_path, monkeypatch):
         "Thresh — synthetic-b",
     }
     assert got["MAEDiff — synthetic-a (2 runs)"]["mean"] == pytest.approx(0.45)
-    assert got["MAEDiff — synthetic-a (2 runs)"]["std"] == pytest.approx(0.05)
+    assert got["MAEDiff — synthetic-a (2 runs)"]["std"] == pytest.approx(0.05 * 2**0.5)  # ddof 1
     assert got["MAEDiff — synthetic-b"]["mean"] == 0.90
     # one data folder: rows carry the model label only, runs are combined
     rows, _ = table_rows(runs[:2])
@@ -109,7 +109,7 @@ def test_rows_group_by_model_and_data_folder(tmp_path, monkeypatch):
     ]
     write_report(runs, tmp_path / "report")
     md = (tmp_path / "report" / "results.md").read_text()
-    assert "| MAEDiff — synthetic-a (2 runs) | 45.00 ± 5.00 |" in md
+    assert "| MAEDiff — synthetic-a (2 runs) | 45.00 ± 7.07 |" in md
     assert "| MAEDiff — synthetic-b | 90.00 |" in md
 
 

@@ -176,7 +176,8 @@ def test_report_and_benchmark_tables_come_from_one_builder(tmp_path):
     np.testing.assert_array_equal(report.values, bench.values)
     want = build_table(RUNS.items(), TABLE_COLUMNS)
     np.testing.assert_array_equal(want.values, bench.values)
-    assert bench.values[0, 0].tolist() == pytest.approx([42.0, 2.0])  # over runs, not volumes
+    # over runs (40 and 44), not volumes; the sample sd: sqrt(((-2)² + 2²) / (2 - 1))
+    assert bench.values[0, 0].tolist() == pytest.approx([42.0, 8**0.5])
 
     write_report(summaries, tmp_path / "report")
     from_report = _numbers((tmp_path / "report" / "results.md").read_text())
@@ -186,15 +187,15 @@ def test_report_and_benchmark_tables_come_from_one_builder(tmp_path):
     # runs: a spread of 0 over them, in both tables
     assert from_report["AE"] == ["35.00", "17.50", "1.50", "0.75", "88.00"]
     assert from_report["Thresh"][0] == "30.00 ± 0.00"
-    assert from_report["MAEDiff"][0] == "42.00 ± 2.00"
+    assert from_report["MAEDiff"][0] == "42.00 ± 2.83"
     assert "| MAEDiff (2 runs) |" in (tmp_path / "report" / "results.md").read_text()
-    assert "| MAEDiff | 2 | **42.00 ± 2.00** |" in bench.markdown()
+    assert "| MAEDiff | 2 | **42.00 ± 2.83** |" in bench.markdown()
     # the compatible dict rows are the same numbers, unscaled
     rows, datasets = table_rows(summaries)
     assert datasets == ["Brats21", "MSLUB", "IXI"]
     assert rows[0]["Brats21"]["dice"] == {
         "mean": pytest.approx(0.42),
-        "std": pytest.approx(0.02),
+        "std": pytest.approx(0.02 * 2**0.5),
         "n": 2,
     }
 
@@ -203,7 +204,7 @@ def test_a_cell_says_how_many_runs_have_a_value():
     partial = json.loads(json.dumps(RUNS["MAEDiff"][0]))
     del partial["datasets"]["MSLUB"]
     t = build_table([("MAEDiff", [RUNS["MAEDiff"][1], partial])], TABLE_COLUMNS)
-    assert t.text(0, 0) == "42.00 ± 2.00"
+    assert t.text(0, 0) == "42.00 ± 2.83"
     assert t.text(0, 2) == "1.00 (n=1)"
 
 

@@ -54,7 +54,7 @@ def _training_overrides(args: argparse.Namespace, given: list[str]) -> list[str]
     if steps is not None:
         if steps < 1:
             raise UsageError(f"--steps {steps} must be >= 1")
-        out += [f"train.max_steps={steps}", "train.max_minutes=0", "train.epochs=1000000"]
+        out += [f"train.max_steps={steps}", "train.max_minutes=0", "train.epochs=null"]
     if seed is not None:
         out.append(f"train.seed={seed}")
     keys = {o.split("=", 1)[0].strip() for o in given}
@@ -191,37 +191,17 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
-def _threshold(args: argparse.Namespace) -> float | None:
-    if args.threshold is not None:
-        return args.threshold
-    if args.threshold_from:
-        from .reporting.runs import load_summary
+def _threshold_source(args: argparse.Namespace):
+    """detect's threshold options as pipeline/thresholds.py takes them."""
+    from .pipeline.thresholds import ThresholdSource
 
-        s = load_summary(args.threshold_from)
-        ds = args.threshold_dataset
-        d = s.datasets.get(protocol_name(ds))
-        if d is None or d.threshold is None:
-            raise ValueError(f"{args.threshold_from} has no threshold for data set {ds!r}")
-        return float(d.threshold)
-    return None
-
-
-def _t_test_from(args: argparse.Namespace) -> list[str]:
-    """The t_test an evaluation chose on validation (evaluate --choose-t), as an override,
-    when --threshold-from names that evaluation and --set does not give t_test itself:
-    its threshold belongs to maps made at that t."""
-    if not getattr(args, "threshold_from", None) or args.threshold is not None:
-        return []
-    from .pipeline.choose_t import T_TEST_KEY, TChoice
-    from .reporting.runs import load_summary
-
-    if any(o.split("=", 1)[0].strip() == T_TEST_KEY for o in args.set or []):
-        return []
-    src = Path(args.threshold_from)
-    if not (src / "summary.json").is_file() and src.name != "summary.json":
-        return []  # not an evaluation (a calibration, say): no t_test to reuse
-    choice = load_summary(src).scoring.t_choice
-    return [TChoice.from_json(choice).override()] if choice else []
+    return ThresholdSource(
+        threshold=args.threshold,
+        origin=args.threshold_from,
+        dataset=args.threshold_dataset,
+        fpr=args.fpr,
+        model_path=args.model,
+    )
 
 
 def _inference_overrides(args: argparse.Namespace) -> list[str]:
@@ -231,77 +211,6 @@ def _inference_overrides(args: argparse.Namespace) -> list[str]:
     if getattr(args, "amp", None):
         overrides.append(f"inference.amp={args.amp}")
     return overrides
-
-
-def _calibration_source(path: str):
-    """The calibration at `path` (a calibrate output, its JSON, or a model file that
-    carries one), or None when `path` is an evaluation."""
-    from .evaluation.calibration import CALIBRATION_FILE, Calibration
-
-    p = Path(path)
-    if (p / CALIBRATION_FILE).is_file() or (
-        p.is_file() and p.suffix == ".json" and p.name != "summary.json"
-    ):
-        return Calibration.read(p)
-    if p.is_file() and p.suffix == ".safetensors":
-        from .training.export import read_calibration
-
-        cal = read_calibration(p)
-        if cal is None:
-            raise ValueError(f"{p} carries no calibration (export it with --calibration)")
-        return cal
-    return None
-
-
-def _evaluation_fpr_threshold(args: argparse.Namespace) -> tuple[float, str]:
-    """The threshold an evaluation set at --fpr on its healthy validation volumes."""
-    from .reporting.runs import load_summary
-
-    d = load_summary(args.threshold_from).datasets.get(protocol_name(args.threshold_dataset))
-    free = d.label_free if d is not None else None
-    for a in free.at_fpr if free is not None else ():
-        if abs(a.fpr - args.fpr) < 1e-9:
-            how = f"{a.threshold:.4g}: {a.fpr:.0%} FPR on {free.thresholds_source} (evaluation {args.threshold_from})"
-            return a.threshold, how
-    raise ValueError(
-        f"{args.threshold_from} has no threshold at FPR {args.fpr:g} for data set "
-        f"{args.threshold_dataset!r} (evaluations since the label-free results have 0.01, 0.05, 0.1)"
-    )
-
-
-def _detect_threshold(args: argparse.Namespace, model):
-    """(threshold, how it was set, calibration) for detect: --threshold, --threshold-from
-    an evaluation, or a calibration (--threshold-from CALIB, or the model file's own)
-    at --fpr, checked against the model."""
-    from .training.export import check_calibration, model_calibration
-
-    if args.fpr is not None and args.threshold is not None:
-        raise UsageError("give --threshold or --fpr, not both")
-    cal = _calibration_source(args.threshold_from) if args.threshold_from else None
-    if cal is None and args.fpr is not None and not args.threshold_from:
-        cal = model_calibration(model)
-        if cal is None:
-            raise ValueError(
-                f"--fpr needs a calibration: --threshold-from CALIB (maediff calibrate), or a model "
-                f"file that carries one; {args.model} carries none"
-            )
-    if cal is None:
-        if args.fpr is not None:
-            return (*_evaluation_fpr_threshold(args), None)
-        t = _threshold(args)
-        if t is None:
-            return None, None, None
-        how = (
-            "given on the command line (--threshold)"
-            if args.threshold is not None
-            else f"{args.threshold_dataset} validation threshold of the evaluation {args.threshold_from}"
-        )
-        return t, how, None
-    if args.fpr is None:
-        have = " ".join(f"{t.fpr:g}" for t in cal.thresholds)
-        raise ValueError(f"give --fpr, one of the calibration's rates: {have}")
-    check_calibration(cal, model, f"the calibration {args.threshold_from or args.model}")
-    return cal.threshold(args.fpr), cal.describe(args.fpr), cal
 
 
 def _suffix(args: argparse.Namespace) -> str:
@@ -319,21 +228,26 @@ def cmd_detect(args: argparse.Namespace) -> int:
     from .data.bids import is_bids, parse_participants
     from .data.splits import read_inputs
     from .pipeline.detect import check_output_folder, detect_files
+    from .pipeline.thresholds import check_source, detect_threshold, t_test_override
     from .weights import load_model
 
     if args.threshold is not None and args.threshold_from:
         raise UsageError("give --threshold or --threshold-from, not both")
+    if args.fpr is not None and args.threshold is not None:
+        raise UsageError("give --threshold or --fpr, not both")
     if args.fpr is not None and not 0 < args.fpr < 1:
         raise ValueError(
             f"--fpr {args.fpr:g} is not a rate: give a fraction in (0, 1), e.g. 0.01 for 1 %"
         )
     check_output_folder(args.input, args.output)
     subjects = read_inputs(args.input, parse_participants(args.participants), suffix=_suffix(args))
-    if args.threshold_from and _calibration_source(args.threshold_from) is None:
-        _threshold(args)  # a bad evaluation fails before the model loads
-    overrides = _inference_overrides(args) + _t_test_from(args)
+    source = _threshold_source(args)
+    check_source(source)  # a bad evaluation fails before the model loads
+    overrides = _inference_overrides(args)
+    overrides += t_test_override(args.threshold_from, args.threshold, args.set or [])
     model = load_model(args.model, _device(args.device), overrides)
-    threshold, how, cal = _detect_threshold(args, model)
+    chosen = detect_threshold(source, model)
+    threshold, how, cal = chosen.value, chosen.how, chosen.calibration
     if how:
         print(f"threshold {how}")
     for w in cal.warnings if cal else ():

@@ -106,7 +106,7 @@ class TrainConfig:
     lr: float = 1e-4
     weight_decay: float = 0.0
     batch_size: int = 32
-    epochs: int = 1600
+    epochs: int | None = 1600  # None (YAML null): no epoch limit, a step or time budget ends it
     max_steps: int = 0  # 0: no step limit; otherwise stop after this many steps
     max_minutes: float = 0.0  # 0: no time limit
     slices_per_volume: int = 1  # random axial slices per volume per epoch (pDDPM: 1)
@@ -145,7 +145,14 @@ class TrainConfig:
         )
         check(0 < self.lr < math.inf, f"train.lr={self.lr} must be a number > 0")
         check(self.batch_size >= 1, f"train.batch_size={self.batch_size} must be >= 1")
-        check(self.epochs >= 1, f"train.epochs={self.epochs} must be >= 1")
+        check(
+            self.epochs is None or self.epochs >= 1,
+            f"train.epochs={self.epochs} must be >= 1, or null for no epoch limit",
+        )
+        check(
+            self.epochs is not None or self.max_steps > 0 or self.max_minutes > 0,
+            "train.epochs=null (no epoch limit) needs train.max_steps or train.max_minutes",
+        )
         check(self.max_steps >= 0, f"train.max_steps={self.max_steps} must be >= 0 (0: no limit)")
         check(
             0 <= self.max_minutes < math.inf,
@@ -184,6 +191,11 @@ class TrainConfig:
             f"train.checkpoint_every_minutes={self.checkpoint_every_minutes} must be >= 0",
         )
         _speed_settings("train", self.channels_last, self.compile)
+
+    @property
+    def epoch_limit(self) -> float:
+        """train.epochs, or infinity where there is no epoch limit (epochs None)."""
+        return math.inf if self.epochs is None else self.epochs
 
 
 @dataclass(frozen=True)
@@ -774,7 +786,23 @@ def from_dict(data: dict[str, Any]) -> Config:
         if not isinstance(model, str):
             raise ValueError(f"model={_show(model)} must be a string")
         base = Config(model=model)
-    return _from_full_dict(_deep_merge(to_dict(base), data))
+    return _from_full_dict(_no_epoch_limit(_deep_merge(to_dict(base), data)))
+
+
+# `train.epochs: null` is "no epoch limit" (a step or time budget ends the run); up to
+# 0.9.0 a large count said it (100000 or 1000000), which reads as null beside a step or
+# time budget, so that an old run is the same configuration as today's plan of it
+OLD_NO_EPOCH_LIMIT = 100000
+
+
+def _no_epoch_limit(data: Any) -> Any:
+    train = data.get("train") if isinstance(data, dict) else None
+    if not isinstance(train, dict) or not isinstance(train.get("epochs"), int):
+        return data
+    budget = train.get("max_steps") or train.get("max_minutes")
+    if train["epochs"] >= OLD_NO_EPOCH_LIMIT and budget:
+        return {**data, "train": {**train, "epochs": None}}
+    return data
 
 
 def _deep_merge(base: dict[str, Any], upd: dict[str, Any]) -> dict[str, Any]:

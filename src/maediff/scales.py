@@ -42,7 +42,7 @@ def with_update_budget(cfg: Config, updates: int) -> Config:
     a model with several (f-AnoGAN) says how in its spec's `update_budget`."""
     if updates < 1:
         raise ValueError(f"the update budget must be >= 1, got {updates}")
-    t = replace(cfg.train, max_steps=updates, max_minutes=0.0, epochs=max(cfg.train.epochs, 100000))
+    t = replace(cfg.train, max_steps=updates, max_minutes=0.0, epochs=None)
     cfg = replace(cfg, train=t)
     spec = model_spec(cfg.model)
     return spec.update_budget(cfg, updates) if spec.update_budget else cfg
@@ -72,7 +72,7 @@ def _cpu_scale(cfg: Config) -> Config:
             schedule="cosine",
             warmup_steps=30,
             ema_decay=0.995,
-            epochs=100000,
+            epochs=None,
             max_steps=CPU_STEPS,
             max_minutes=0.0,
             amp="auto",

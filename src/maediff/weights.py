@@ -164,7 +164,8 @@ def saved_config(data: Any) -> Config:
     `inference.clamp` (0.5.0): before it, every model that declares
     `clamped_before_0_5` (all but the diffusion models) clamped its reconstruction to
     [0, 1]; a saved configuration without the key is older, and those models clamp.
-    Override it with `--set inference.clamp=false` for the new rule."""
+    Override it with `--set inference.clamp=false` for the new rule. (An old "no
+    epoch limit", a large train.epochs, reads as null: config.py from_dict.)"""
     inference = data.get("inference") if isinstance(data, dict) else None
     if isinstance(inference, dict) and "clamp" not in inference:
         cls = MODELS.get(data.get("model", Config().model))

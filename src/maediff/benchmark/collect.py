@@ -1,7 +1,7 @@
 """Collecting a benchmark: the tables, paired statistics and Figure 3 from whatever
 runs have finished (`maediff benchmark --collect`, and the end of every call).
 
-    OUT/table.md, table.csv       mean ± std over runs, best bold, second underlined
+    OUT/table.md, table.csv       mean ± sd (sample sd) over runs, best bold, second underlined
     OUT/paired.md, paired.csv     each model's paired difference to the reference
                                   (MAEDiff; Table 2: the U-Net), with its 95 % interval
     OUT/probe.md, lesions.md, labelfree.md

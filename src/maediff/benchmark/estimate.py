@@ -224,7 +224,9 @@ def measure_step(cfg: Config, device: str) -> float | None:
         return None
     t = cfg.train
     # one epoch gives batch_size slices (or volumes): enough volumes for one step
-    timed = replace(cfg, train=replace(t, max_steps=0, max_minutes=0.0, epochs=10**6))
+    timed = replace(
+        cfg, train=replace(t, max_steps=TIMED_STEPS + WARMUP_STEPS, max_minutes=0.0, epochs=None)
+    )
     data = random_training_data(timed, t.batch_size)
     return time_training_steps(timed, data, device, steps=TIMED_STEPS, warmup=WARMUP_STEPS)
 

@@ -112,7 +112,7 @@ class BenchmarkPlan:
         cfg = get_preset(preset_name(spec.model, self.scale))
         t = cfg.train
         if self.minutes is not None:
-            t = replace(t, max_minutes=self.minutes, max_steps=0, epochs=10**6)
+            t = replace(t, max_minutes=self.minutes, max_steps=0, epochs=None)
         cfg = replace(cfg, train=t)
         if self.minutes is None and self.steps is not None:
             cfg = with_update_budget(cfg, self.steps)

@@ -132,10 +132,6 @@ class GaussianDiffusion:
         self.tables = {
             "sqrt_ab": ab.sqrt(),
             "sqrt_one_minus_ab": (1.0 - ab).sqrt(),
-            "sqrt_recip_ab": (1.0 / ab).sqrt(),
-            "sqrt_recipm1_ab": (1.0 / ab - 1.0).sqrt(),
-            "posterior_eps_coef": betas / (1.0 - ab).sqrt(),
-            "sqrt_alphas": self.alphas.sqrt(),
             "ab_from_0": torch.cat([torch.ones(1, dtype=torch.float64), ab]),  # [0] = 1
         }
         self._on_device: dict[tuple[str, torch.device], Tensor] = {}
@@ -184,26 +180,6 @@ class GaussianDiffusion:
             self._gather("sqrt_ab", t, like),
             self._gather("sqrt_one_minus_ab", t, like),
         )
-
-    def predict_x0_from_eps(self, x_t: Tensor, t: Tensor, eps: Tensor) -> Tensor:
-        """Invert Eq. 3 for x_0: (x_t - sqrt(1 - alpha_bar) eps) / sqrt(alpha_bar)."""
-        self._check_t(t)
-        return (
-            self._gather("sqrt_recip_ab", t, x_t) * x_t
-            - self._gather("sqrt_recipm1_ab", t, x_t) * eps
-        )
-
-    def predict_eps_from_x0(self, x_t: Tensor, t: Tensor, x0: Tensor) -> Tensor:
-        """Invert Eq. 3 for eps: (x_t - sqrt(alpha_bar) x_0) / sqrt(1 - alpha_bar)."""
-        self._check_t(t)
-        a, b = self.coefficients(t, x_t)
-        return (x_t - a * x0) / b
-
-    def posterior_mean(self, x_t: Tensor, t: Tensor, eps: Tensor) -> Tensor:
-        """Paper Eq. 6: mu = (x_t - beta_t / sqrt(1 - alpha_bar_t) eps) / sqrt(alpha_t)."""
-        self._check_t(t)
-        coef = self._gather("posterior_eps_coef", t, x_t)
-        return (x_t - coef * eps) / self._gather("sqrt_alphas", t, x_t)
 
     def posterior_step(
         self, x_t: Tensor, t: Tensor, t_prev: Tensor, x0: Tensor, noise: Tensor

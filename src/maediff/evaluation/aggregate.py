@@ -21,17 +21,32 @@ METRICS = (
 )
 
 
+def mean_sd(values: Sequence[float]) -> tuple[float, float]:
+    """Mean and sample standard deviation (ddof 1: the n - 1 denominator) of `values`;
+    the sd is NaN for fewer than two values, the mean for none. The one "mean ± sd"
+    of maediff's summaries, tables and pages (docs/evaluation.md §4)."""
+    a = np.asarray(values, dtype=np.float64)
+    mean = float(a.mean()) if a.size else math.nan
+    return mean, float(a.std(ddof=1)) if a.size > 1 else math.nan
+
+
+def stats(values: Sequence[float]) -> dict[str, Any]:
+    """{"mean", "std", "n"} of values (mean_sd; "std" None for a single value)."""
+    mean, sd = mean_sd(values)
+    return {"mean": mean, "std": None if math.isnan(sd) else sd, "n": len(values)}
+
+
 def summarise(
     records: Sequence[dict], metrics: Sequence[str] = METRICS
-) -> dict[str, dict[str, float]]:
-    """Mean, std (population, as numpy) and count over volumes for each metric present;
-    NaN entries (undefined metrics, e.g. AUPRC without lesion voxels) are left out."""
-    out: dict[str, dict[str, float]] = {}
+) -> dict[str, dict[str, Any]]:
+    """Mean, sample sd (mean_sd) and count over volumes for each metric present; NaN
+    entries (undefined metrics, e.g. AUPRC without lesion voxels) are left out."""
+    out: dict[str, dict[str, Any]] = {}
     for m in metrics:
         vals = np.array([r[m] for r in records if m in r and r[m] is not None], dtype=np.float64)
         vals = vals[~np.isnan(vals)]
         if vals.size:
-            out[m] = {"mean": float(vals.mean()), "std": float(vals.std()), "n": int(vals.size)}
+            out[m] = stats(vals)
     return out
 
 

@@ -25,6 +25,7 @@ from typing import Any
 
 import numpy as np
 
+from .aggregate import stats
 from .lesions import lesion_rows
 from .metrics import dice, roc_auc
 from .postprocess import remove_small_components
@@ -84,9 +85,7 @@ def fixed_fpr_summary(
             {
                 "fpr": f,
                 "threshold": thresholds[key],
-                "dice": {"mean": float(d.mean()), "std": float(d.std()), "n": int(d.size)}
-                if d.size
-                else None,
+                "dice": stats(d) if d.size else None,
                 "lesion_f1": 2 * tp / denom if denom else None,
                 "sensitivity": tp / n if n else None,
                 "fp_per_volume": fp / len(labelled) if labelled else None,

@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import replace
 from pathlib import Path
 
@@ -69,9 +69,9 @@ def demo_config(
     tr = replace(cfg.train, seed=seed, amp=amp or cfg.train.amp)
     # a budget given here is the only limit (the preset's epochs would stop it earlier)
     if steps is not None:
-        tr = replace(tr, max_steps=steps, max_minutes=0.0, epochs=10**6)
+        tr = replace(tr, max_steps=steps, max_minutes=0.0, epochs=None)
     if minutes is not None:
-        tr = replace(tr, max_minutes=minutes, max_steps=0, epochs=10**6)
+        tr = replace(tr, max_minutes=minutes, max_steps=0, epochs=None)
     return replace(cfg, train=tr, inference=replace(cfg.inference, amp=amp or cfg.inference.amp))
 
 
@@ -139,9 +139,11 @@ def run_demo(
     overrides: Sequence[str] = (),
     model: str = "shipped",
     shipped: Path | None = None,
+    say: Callable[..., None] = print,
 ) -> dict:
     """The demo into `out` (resumable: synthesis and training are skipped when done).
-    shipped: the shipped checkpoint to evaluate (default: maediff.pretrained's)."""
+    shipped: the shipped checkpoint to evaluate (default: maediff.pretrained's). `say`
+    takes each line for the user (print, or a caller's; and flush=)."""
     if model not in DEMO_MODELS:
         raise ValueError(f"model={model!r} must be one of {', '.join(DEMO_MODELS)}")
     if model == "shipped" and (steps is not None or minutes is not None or overrides):
@@ -156,7 +158,7 @@ def run_demo(
     out.mkdir(parents=True, exist_ok=True)
     timing: dict[str, float] = {}
     data = out / "data"
-    print(f"maediff demo: {precision_line(cfg.train.amp, dev)}", flush=True)
+    say(f"maediff demo: {precision_line(cfg.train.amp, dev)}", flush=True)
     t = time.perf_counter()
     if not (data / "synthetic.json").exists():
         generate_benchmark(data, synth or SynthConfig(seed=seed), overwrite=True, progress=progress)
@@ -171,7 +173,7 @@ def run_demo(
         rows.append(("eval-shipped", "MAEDiff (shipped)", shipped))
     if model != "shipped":
         run = out / "run"
-        _train_here(cfg, data, run, dev, device, n_volumes, progress, timing)
+        _train_here(cfg, data, run, dev, device, n_volumes, progress, timing, say)
         rows.append(("eval-maediff", "MAEDiff (trained here)", run))
 
     for folder, label, ckpt in rows:
@@ -211,10 +213,10 @@ def run_demo(
     timing["precision"] = precision_line(cfg.train.amp, dev)  # type: ignore[assignment]
     timing["model"] = model  # type: ignore[assignment]
     (out / "demo_timing.json").write_text(json.dumps(timing, indent=2))
-    print((out / "report" / "results.md").read_text())
-    print(f"stage times (s): {stages}")
-    print(precision_line(cfg.train.amp, dev))
-    print(f"report: {page.resolve()}")
+    say((out / "report" / "results.md").read_text())
+    say(f"stage times (s): {stages}")
+    say(precision_line(cfg.train.amp, dev))
+    say(f"report: {page.resolve()}")
     return timing
 
 
@@ -227,6 +229,7 @@ def _train_here(
     n_volumes: int,
     progress: bool,
     timing: dict,
+    say: Callable[..., None] = print,
 ) -> None:
     """Train the demo's model into `run` (skipped when it is there), with an estimate
     of the time it and its evaluation take printed first."""
@@ -239,7 +242,7 @@ def _train_here(
             else f"{cfg.train.max_minutes:g} minutes"
         )
         g = cfg.geometry
-        print(
+        say(
             f"maediff demo: training {cfg.name} (patches of {g.patch_size} px at stride "
             f"{g.stride}) for {budget} (about {est['train_s'] / 60:.1f} min "
             f"here, {est['step_s']:.2f} s per step), then evaluating {n_volumes} volumes "

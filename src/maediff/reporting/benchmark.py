@@ -89,8 +89,8 @@ FIGURE3_TEXT = (
 # ------------------------------------------------------------------ texts
 
 TABLE_TEXT = (
-    "Mean ± std over runs (folds or seeds) of each run's per-volume mean; best bold, "
-    "second underlined."
+    "Mean ± sd (the sample sd, ddof 1) over runs (folds or seeds) of each run's per-volume "
+    "mean; best bold, second underlined."
 )
 BUDGET_TEXT = (
     "Every model gets the same number of optimizer updates of each part that produces its "
@@ -104,9 +104,9 @@ LESION_TEXT = (
 PROBE_TEXT = (
     "In-patch l1 (x 100, image intensity units) of each diffusion model's x0 prediction on "
     "healthy validation slices, at draws of (t, noise field, patch position) fixed once and "
-    "shared by every model and run, overall and per band of t; mean ± std over runs. "
+    "shared by every model and run, overall and per band of t; mean ± sd (sample sd) over runs. "
     "Δ U-Net: the paired difference to the plain U-Net run of the same fold and seed, "
-    "mean ± std over those pairs (negative: better inpainting). MAE input share: the "
+    "mean ± sd over those pairs (negative: better inpainting). MAE input share: the "
     "fraction of the MAE branch's output energy that depends on the image (the rest is the "
     "same for every input at a patch position); MAE / f: the branch's rms relative to the "
     "feature map it is added to (benchmark/probe.py)."

@@ -8,7 +8,7 @@
 
 Pure functions on results and arrays: nothing here imports torch or a model.
 The table is the one `maediff report` draws (reporting/tables.py: each cell the mean ±
-std over runs, folds or seeds, of each run's per-volume mean) in the columns of the
+sd (the sample sd, ddof 1) over runs, folds or seeds, of each run's per-volume mean) in the columns of the
 paper's tables; this module adds its marks: in every column the best value is bold and
 the second best underlined (higher is better for Dice and AUPRC, lower for l1). The
 paired rows state each model's difference to a reference with its uncertainty

@@ -7,7 +7,7 @@ figures and one HTML page.
 This is what `maediff report` runs; like the rest of evaluation/ it imports neither
 torch nor a model (tested), so drawing tables of finished evaluations stays light.
 Evaluations of one model label on one data folder (folds, seeds) form one row, mean
-± std over runs (the table of reporting/tables.py, which the benchmark draws too);
+± sd over runs (the sample sd, ddof 1; the table of reporting/tables.py, which the benchmark draws too);
 the data folder is named in the row when the report holds several.
 """
 
@@ -243,7 +243,7 @@ def write_report(summaries: Sequence[EvaluationSummary | Mapping], out_dir: str 
         {
             "heading": "Results",
             "table": md,
-            "text": "Dice with the threshold chosen on the pooled unhealthy validation volumes of each data set; AUPRC per volume, averaged; l1 on healthy test volumes, in units of 1e-3. Means over volumes (volumes where a metric is undefined are left out, counted below); with several runs of one model on one data folder, mean ± std over runs (one run: its mean; the std over its volumes is in its summary.json).",
+            "text": "Dice with the threshold chosen on the pooled unhealthy validation volumes of each data set; AUPRC per volume, averaged; l1 on healthy test volumes, in units of 1e-3. Means over volumes (volumes where a metric is undefined are left out, counted below); with several runs of one model on one data folder, mean ± sd over runs (the sample sd, ddof 1; one run: its mean; the sd over its volumes is in its summary.json).",
         }
     ]
     if len(summaries) > 1:

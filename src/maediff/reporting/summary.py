@@ -82,7 +82,8 @@ def _put(out: dict, key: str, value: Any) -> None:
 
 @dataclass(frozen=True)
 class MetricStats:
-    """Mean, std (population) and count over the test volumes of one run."""
+    """Mean, sd (the sample sd, ddof 1; None for one volume) and count over the test
+    volumes of one run."""
 
     mean: float
     std: float | None = None

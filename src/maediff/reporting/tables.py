@@ -5,7 +5,7 @@
     table.markdown(runs="label")     # | Model | ... with "MAEDiff (3 runs)"
 
 A row is a name and the summaries of its runs (folds or seeds); a column is a data set
-and a metric with its scale. Each cell is the mean ± std (population) over the row's
+and a metric with its scale. Each cell is the mean ± sd (the sample sd, ddof 1) over the row's
 runs of each run's per-volume mean, the std shown where more than one run has the
 metric; a cell that fewer runs than the row's have a value for states that count
 ("(n=2)"). The report draws its columns from the data sets its summaries hold
@@ -25,6 +25,7 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
+from ..evaluation.aggregate import mean_sd
 from ..names import ANOMALY_SETS, HEALTHY, MS, TUMOUR, shown_name
 from .summary import EvaluationSummary, as_summaries
 
@@ -80,13 +81,15 @@ def datasets_of(summaries: Sequence[EvaluationSummary]) -> tuple[list[str], list
 
 
 def mean_std_text(values: Sequence[float], digits: int = 2) -> str:
-    """'mean ± std' of several values, the value alone for one, '-' for none."""
+    """'mean ± sd' of several values (the sample sd, ddof 1: evaluation/aggregate.py
+    mean_sd), the value alone for one, '-' for none."""
     a = np.asarray(values, dtype=float)
     if a.size == 0:
         return "-"
     if a.size == 1:
         return f"{a[0]:.{digits}f}"
-    return f"{a.mean():.{digits}f} ± {a.std():.{digits}f}"
+    mean, sd = mean_sd(a)
+    return f"{mean:.{digits}f} ± {sd:.{digits}f}"
 
 
 @dataclass(frozen=True)
@@ -101,7 +104,8 @@ class Cell:
 
     @property
     def std(self) -> float:
-        return float(np.std(self.values))
+        """The sample sd (ddof 1) over the runs; NaN for one run."""
+        return mean_sd(self.values)[1]
 
     @property
     def n(self) -> int:

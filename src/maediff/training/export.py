@@ -12,7 +12,7 @@ format version is refused with the version that wrote it.
 A model's identity is the hash of its weights and of its configuration; a
 calibration names the identity it was made with and the scoring settings (the
 test-time options that change the maps), and is refused for any other model or
-settings (`check_calibration`).
+settings (pipeline/thresholds.py, `check_calibration`).
 """
 
 from __future__ import annotations
@@ -31,7 +31,6 @@ from ..weights import (
     CheckpointError,
     _atomic_save_file,
     config_sha256,
-    model_identity,
     read_checkpoint_metadata,
     scoring_settings,
     weights_sha256,
@@ -43,50 +42,6 @@ EXPORT_FILES = (
     "  data's description, the calibration (if any) and this card (its metadata); it loads\n"
     "  wherever `--model` takes a run folder: `maediff detect --model model.safetensors`."
 )
-
-
-def check_calibration(cal: Calibration, model: Any, where: str = "the calibration") -> None:
-    """Refuse a calibration made with other weights, another configuration or other
-    scoring settings than `model` uses now (ValueError naming what differs)."""
-    mine = model_identity(model)
-    for key in ("weights_sha256", "config_sha256"):
-        if cal.model.get(key) != mine.get(key):
-            raise ValueError(
-                f"{where} was made with another model ({key.split('_')[0]} "
-                f"{str(cal.model.get(key))[:12]}, this model {str(mine.get(key))[:12]}); "
-                "calibrate this model on healthy scans (`maediff calibrate`)"
-            )
-    now = scoring_settings(model.cfg)
-    diff = sorted(k for k in set(now) | set(cal.scoring) if now.get(k) != cal.scoring.get(k))
-    if diff:
-        pairs = ", ".join(f"{k}: {cal.scoring.get(k)!r} there, {now.get(k)!r} now" for k in diff)
-        raise ValueError(
-            f"{where} was made with other scoring settings ({pairs}); use the same --set "
-            "options, or calibrate again with these"
-        )
-
-
-def model_calibration(model: Any) -> Calibration | None:
-    """The calibration an exported model file carries, else None."""
-    text = model.checkpoint_info.get("calibration")
-    if not text:
-        return None
-    path = model.checkpoint_info.get("path", "the model file")
-    try:
-        return Calibration.from_json(json.loads(text), f"{path} (its calibration)")
-    except json.JSONDecodeError as e:
-        raise CheckpointError(f"{path}: its calibration is not valid JSON: {e}") from e
-
-
-def read_calibration(path: str | Path) -> Calibration | None:
-    """The calibration a model file carries, else None."""
-    text = read_checkpoint_metadata(path)[3].get("calibration")
-    if not text:
-        return None
-    try:
-        return Calibration.from_json(json.loads(text), f"{path} (its calibration)")
-    except json.JSONDecodeError as e:
-        raise CheckpointError(f"{path}: its calibration is not valid JSON: {e}") from e
 
 
 def calibration_section(cal: Calibration) -> list[str]:
@@ -235,7 +190,8 @@ def add_training_record(path: str | Path, out: str | Path, record: TrainingRecor
     config = json.loads(meta["config"])
     config["data"]["trained_on"] = to_dict_record(record)
     cfg = replace(cfg, data=replace(cfg.data, trained_on=record))
-    cal = read_calibration(src)
+    text = meta.get("calibration")
+    cal = Calibration.from_json(json.loads(text), str(src)) if text else None
     new_meta = {
         **meta,
         "config": json.dumps(config),
@@ -280,10 +236,7 @@ def read_card(path: str | Path) -> str:
 
 __all__ = [
     "add_training_record",
-    "check_calibration",
-    "model_calibration",
     "model_info",
-    "read_calibration",
     "export_model",
     "read_card",
     "recorded_contrast",

@@ -192,7 +192,7 @@ def _stop(run: Run, last_batch: bool | None = None) -> Stop:
     steps_spent = t.max_steps > 0 and st.step >= t.max_steps
     time_spent = t.max_minutes > 0 and st.elapsed_s >= 60 * t.max_minutes
     if last_batch is None:  # at the end of an epoch, counted already
-        return Stop(run=st.epoch >= t.epochs or steps_spent or time_spent)
+        return Stop(run=st.epoch >= t.epoch_limit or steps_spent or time_spent)
     bounds, acc = [], 0.0  # where each phase but the last ends, as a budget fraction
     for ph in run.model.phases[:-1]:
         acc += ph.fraction
@@ -205,7 +205,7 @@ def _stop(run: Run, last_batch: bool | None = None) -> Stop:
         target = sum(used >= b for b in bounds)
         phase = target if target > st.phase else None
     epoch = last_batch or phase is not None or steps_spent
-    done = steps_spent or (epoch and (st.epoch + 1 >= t.epochs or time_spent))
+    done = steps_spent or (epoch and (st.epoch + 1 >= t.epoch_limit or time_spent))
     if epoch and run.ddp.world > 1:
         agreed = largest_over_ranks(float(done), run.dev) > 0
         if agreed and not done and t.max_minutes > 0:
@@ -593,7 +593,7 @@ def _setup(cfg: Config, data: TrainingData, run_dir: Path, device: str, resume: 
         net = wrap_distributed(model, dev, find_unused_parameters=len(optimizers) > 1)
     per_rank = cfg.train.batch_size // ddp.world  # the global batch is train.batch_size
     per_epoch = steps_per_epoch(data.train, model, cfg, per_rank, ddp.world)
-    total = cfg.train.max_steps or cfg.train.epochs * per_epoch
+    total = cfg.train.max_steps or cfg.train.epoch_limit * per_epoch
     run = Run(
         cfg,
         data,
