@@ -66,6 +66,8 @@ class GPUModel:
     """Duck-typed model (see reconstruct_volume) at half the volume's slice size whose
     reconstruction, the input itself, comes back 'on the GPU'."""
 
+    any_size = False  # the model contract (models/base.py): it works at its own size
+
     def __init__(self, size: int):
         self.cfg = SimpleNamespace(
             geometry=SimpleNamespace(image_size=size),

@@ -5,9 +5,8 @@ first use, so that tools which only read results (`maediff report`) stay light.
 """
 
 from . import registry
+from ._version import __version__
 from .config import Config, get_preset, load_config, save_config
-
-__version__ = "0.9.0"
 
 
 def _import_models() -> None:

@@ -240,18 +240,28 @@ def compile_with_fallback(module: nn.Module, backend: str = "inductor") -> Compi
     return state
 
 
+def compile_states(model: nn.Module) -> list[CompileState]:
+    """The CompileState of every network of `model` that was compiled (compile_with_fallback)."""
+    targets = model.compile_targets() if hasattr(model, "compile_targets") else [model]
+    return [
+        m.compile_state
+        for m in targets
+        if isinstance(getattr(m, "compile_state", None), CompileState)
+    ]
+
+
+def runs_compiled(model: nn.Module) -> bool:
+    """Whether a network of `model` still runs its compiled forward."""
+    return any(s.fallback is None for s in compile_states(model))
+
+
 def fall_back_to_eager(model: nn.Module, reason: str) -> bool:
     """Switch every compiled network of `model` that still runs compiled to its eager
     forward (with a warning naming `reason`) and forget the compiled graphs. For errors
     that surface outside the compiled forward, such as the backward graph, which
     AOTAutograd compiles at the first `loss.backward()`. Returns whether anything was
     compiled (False: the error was not compilation's, nothing to fall back from)."""
-    states = [
-        m.compile_state
-        for m in getattr(model, "compile_targets", lambda: [model])()
-        if isinstance(getattr(m, "compile_state", None), CompileState)
-    ]
-    active = [s for s in states if s.fallback is None]
+    active = [s for s in compile_states(model) if s.fallback is None]
     if not active:
         return False
     for s in active:

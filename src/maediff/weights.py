@@ -26,7 +26,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from . import __version__
+from ._version import __version__
 from .config import Config, apply_overrides, from_dict, read_config_file, to_dict
 from .device import speed_up
 from .models import MODELS, build_model

@@ -41,7 +41,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .. import __version__
+from .._version import __version__
 from ..config import Config, to_dict
 from ..data.splits import read_pddpm_split, split_csv_name
 from ..device import resolve_device

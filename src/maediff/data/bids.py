@@ -205,7 +205,7 @@ def parse_participants(pairs: list[str] | None) -> dict[str, str] | None:
 
 def write_description(out_dir: str | Path, source: str | Path) -> Path:
     """dataset_description.json of a derivatives data set written by maediff."""
-    from .. import __version__
+    from .._version import __version__
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)

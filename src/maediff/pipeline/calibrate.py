@@ -21,7 +21,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from .. import __version__
+from .._version import __version__
 from ..data.datasets import load_subject
 from ..data.io import DataError, Subject
 from ..evaluation.calibration import CALIBRATION_FILE, N_BOOT, Calibration, HealthyScan, calibrate

@@ -22,7 +22,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-from .. import __version__
+from .._version import __version__
 from ..config import Config, TrainingRecord
 from ..evaluation.calibration import Calibration
 from ..outputs import check_outputs

@@ -47,7 +47,7 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from .. import __version__
+from .._version import __version__
 from ..config import Config, describe, save_config, to_dict
 from ..data.augment import augment_intensity
 from ..data.datasets import SliceSet
@@ -57,6 +57,7 @@ from ..device import (
     fall_back_to_eager,
     grad_scaler,
     resolve_device,
+    runs_compiled,
     speed_up,
     to_device,
 )
@@ -239,7 +240,7 @@ def _step(run: Run, batch: torch.Tensor, group: str) -> torch.Tensor:
     shape, the epoch's last partial batch), outside it. Then Dynamo is reset, every
     network runs eager with a warning, and the step is redone from the random state it
     started with; an error of the eager step is raised."""
-    if not _runs_compiled(run.model):
+    if not runs_compiled(run.model):
         return _update(run, batch, group)
     rng = _rng_state(run)
     try:
@@ -253,14 +254,6 @@ def _step(run: Run, batch: torch.Tensor, group: str) -> torch.Tensor:
     _set_rng_state(run, rng)
     run.model.zero_grad(set_to_none=True)
     return _update(run, batch, group)
-
-
-def _runs_compiled(model: AnomalyModel) -> bool:
-    """Whether a network of `model` still runs its compiled forward."""
-    return any(
-        getattr(getattr(m, "compile_state", None), "fallback", True) is None
-        for m in model.compile_targets()
-    )
 
 
 def _rng_state(run: Run) -> list:
