@@ -666,16 +666,19 @@ def test_grad_scaler_on_a_torch_without_torch_amp_grad_scaler(monkeypatch):
     assert isinstance(grad_scaler(CUDA0), OldScaler) and made == ["torch.cuda.amp"]
 
 
-def test_passing_the_recompile_limit_warns_instead_of_running_eager_silently(monkeypatch):
+def test_passing_the_recompile_limit_warns_instead_of_running_eager_silently():
+    # Dynamo's own patch: monkeypatch's undo deleted the setting, and every later
+    # compilation in the process failed for want of it
     torch._dynamo.reset()
-    monkeypatch.setattr(torch._dynamo.config, "recompile_limit", 1)
-    layer = torch.nn.Linear(4, 4)
-    state = compile_with_fallback(layer, backend="eager")
-    layer(torch.rand(2, 4))
-    with pytest.warns(RuntimeWarning, match="torch.compile failed.*recompile"):
-        for n in (3, 5, 7):  # new static shapes: one recompilation each
-            layer(torch.rand(n, 4))
+    with torch._dynamo.config.patch(recompile_limit=1):
+        layer = torch.nn.Linear(4, 4)
+        state = compile_with_fallback(layer, backend="eager")
+        layer(torch.rand(2, 4))
+        with pytest.warns(RuntimeWarning, match="torch.compile failed.*recompile"):
+            for n in (3, 5, 7):  # new static shapes: one recompilation each
+                layer(torch.rand(n, 4))
     assert state.calls >= 1 and state.fallback is not None
+    assert torch._dynamo.config.recompile_limit > 1  # restored
     torch._dynamo.reset()
 
 
