@@ -1231,3 +1231,26 @@ def test_a_training_step_and_an_inference_chunk_copy_nothing_from_pageable_memor
     step(), chunk()  # first calls: the schedule tables and the corners go to the device once
     assert _host_copies(step) == []
     assert _host_copies(chunk) == []
+
+
+def test_table_1_gpu_hours_name_tf32_where_tf32_was_on():
+    """The GPU-hours estimate assumed bf16 but labelled a TF32 row "fp32"."""
+    bench_gpu = _benchmark_module("bench_gpu")
+    training = [
+        {"preset": "maediff", "mode": "eager", "amp": "none", "loss_finite": True,
+         "steps_per_s": 4.0},
+        {"preset": "maediff", "mode": "compiled", "amp": "bf16", "loss_finite": True,
+         "steps_per_s": 8.0},
+        {"preset": "pddpm-s16", "mode": "eager", "amp": "none", "loss_finite": True,
+         "steps_per_s": 5.0},
+    ]  # fmt: skip
+    recon = [
+        {"preset": "maediff", "fastest_amp": "bf16", "seconds_per_volume": 2.0},
+        {"preset": "pddpm-s16", "fastest_amp": "none", "seconds_per_volume": 1.0},
+    ]
+    hours = bench_gpu.table1_hours(training, recon, "paper", tf32=True)
+    assert hours["maediff"]["training"] == "compiled bf16"
+    assert hours["pddpm-s16"]["training"] == "eager tf32"
+    assert hours["pddpm-s16"]["reconstruct"] == "tf32"
+    assert bench_gpu.table1_hours(training, recon, "paper")["pddpm-s16"]["reconstruct"] == "fp32"
+    assert hours["maediff"]["train_h"] == pytest.approx(5 * 1600 * 12 / 8.0 / 3600)
