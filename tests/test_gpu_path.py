@@ -668,16 +668,19 @@ def test_grad_scaler_on_a_torch_without_torch_amp_grad_scaler(monkeypatch):
     assert isinstance(grad_scaler(CUDA0), OldScaler) and made == ["torch.cuda.amp"]
 
 
-def test_passing_the_recompile_limit_warns_instead_of_running_eager_silently(monkeypatch):
+def test_passing_the_recompile_limit_warns_instead_of_running_eager_silently():
+    # Dynamo's own patch: monkeypatch's undo deleted the setting, and every later
+    # compilation in the process failed for want of it
     torch._dynamo.reset()
-    monkeypatch.setattr(torch._dynamo.config, "recompile_limit", 1)
-    layer = torch.nn.Linear(4, 4)
-    state = compile_with_fallback(layer, backend="eager")
-    layer(torch.rand(2, 4))
-    with pytest.warns(RuntimeWarning, match="torch.compile failed.*recompile"):
-        for n in (3, 5, 7):  # new static shapes: one recompilation each
-            layer(torch.rand(n, 4))
+    with torch._dynamo.config.patch(recompile_limit=1):
+        layer = torch.nn.Linear(4, 4)
+        state = compile_with_fallback(layer, backend="eager")
+        layer(torch.rand(2, 4))
+        with pytest.warns(RuntimeWarning, match="torch.compile failed.*recompile"):
+            for n in (3, 5, 7):  # new static shapes: one recompilation each
+                layer(torch.rand(n, 4))
     assert state.calls >= 1 and state.fallback is not None
+    assert torch._dynamo.config.recompile_limit > 1  # restored
     torch._dynamo.reset()
 
 
@@ -1230,3 +1233,26 @@ def test_a_training_step_and_an_inference_chunk_copy_nothing_from_pageable_memor
     step(), chunk()  # first calls: the schedule tables and the corners go to the device once
     assert _host_copies(step) == []
     assert _host_copies(chunk) == []
+
+
+def test_table_1_gpu_hours_name_tf32_where_tf32_was_on():
+    """The GPU-hours estimate assumed bf16 but labelled a TF32 row "fp32"."""
+    bench_gpu = _benchmark_module("bench_gpu")
+    training = [
+        {"preset": "maediff", "mode": "eager", "amp": "none", "loss_finite": True,
+         "steps_per_s": 4.0},
+        {"preset": "maediff", "mode": "compiled", "amp": "bf16", "loss_finite": True,
+         "steps_per_s": 8.0},
+        {"preset": "pddpm-s16", "mode": "eager", "amp": "none", "loss_finite": True,
+         "steps_per_s": 5.0},
+    ]  # fmt: skip
+    recon = [
+        {"preset": "maediff", "fastest_amp": "bf16", "seconds_per_volume": 2.0},
+        {"preset": "pddpm-s16", "fastest_amp": "none", "seconds_per_volume": 1.0},
+    ]
+    hours = bench_gpu.table1_hours(training, recon, "paper", tf32=True)
+    assert hours["maediff"]["training"] == "compiled bf16"
+    assert hours["pddpm-s16"]["training"] == "eager tf32"
+    assert hours["pddpm-s16"]["reconstruct"] == "tf32"
+    assert bench_gpu.table1_hours(training, recon, "paper")["pddpm-s16"]["reconstruct"] == "fp32"
+    assert hours["maediff"]["train_h"] == pytest.approx(5 * 1600 * 12 / 8.0 / 3600)
