@@ -172,8 +172,8 @@ def test_detect_writes_the_qc_flags_of_unusual_inputs(tmp_path, run, capsys):
     unchecked = "no_training_record"
     assert qc == {
         "clean": unchecked,
-        "soft": f"mask-probabilistic;{unchecked}",
-        "thick": f"voxel-size;{unchecked}",
+        "soft": f"mask_probabilistic;{unchecked}",
+        "thick": f"voxel_size;{unchecked}",
     }
     # what detect wrote, and nothing else, is in the record
     written = sorted(p.name for p in out.iterdir() if not p.name.startswith("."))
@@ -191,9 +191,9 @@ def test_input_flags_name_each_problem(tmp_path):
     mask = nib.Nifti1Image((_brain() > 0) * np.float32(0.7), shifted)
     assert input_flags(c, mask, "x") == [
         "complex",
-        "voxel-size",
-        "mask-probabilistic",
-        "mask-affine",
+        "voxel_size",
+        "mask_probabilistic",
+        "mask_affine",
     ]
 
 

@@ -190,11 +190,11 @@ def test_any_header_gives_a_map_or_a_failed_line(model_file, capsys, zooms, dtyp
             if dtype == "complex64":
                 expected.add("complex")
             if any(not 0.3 <= z <= 7 for z in zooms):
-                expected.add("voxel-size")
+                expected.add("voxel_size")
             if mask == "soft":
-                expected.add("mask-probabilistic")
+                expected.add("mask_probabilistic")
             if mask == "shifted":
-                expected.add("mask-affine")
+                expected.add("mask_affine")
             # the untrained model has no record of its training data: one flag, one warning
             assert set(filter(None, flags.split(";"))) == expected | {"no_training_record"}
             warned = [line for line in err if "warning" in line and "records nothing" not in line]

@@ -8,11 +8,11 @@ A refusal would be wrong for these (a probabilistic mask is a mask; a thick-slic
 is a scan), silence too: each changes the score. The flags, with what each means:
 
     complex          the image holds complex values; its magnitude is scored
-    voxel-size       a voxel edge outside 0.3-7 mm (the model grid resamples it; a brain
+    voxel_size       a voxel edge outside 0.3-7 mm (the model grid resamples it; a brain
                      of a few millilitres, or a few slices, is scored as normal)
-    mask-probabilistic   the brain mask holds values other than 0 and 1 (every voxel
+    mask_probabilistic   the brain mask holds values other than 0 and 1 (every voxel
                      above 0 counts as brain, 0.001 included)
-    mask-affine      the mask's voxel-to-world matrix differs from the image's (by more
+    mask_affine      the mask's voxel-to-world matrix differs from the image's (by more
                      than 1 mm or 1 %): the mask is taken voxel by voxel, as if it matched
 """
 
@@ -29,11 +29,11 @@ AFFINE_REL = 0.01  # relative difference of the axes that is flagged
 
 FLAG_TEXT = {
     "complex": "the image is complex-valued; its magnitude is scored",
-    "voxel-size": "voxel size {zooms} mm is outside {lo:g}-{hi:g} mm; the score may not mean "
+    "voxel_size": "voxel size {zooms} mm is outside {lo:g}-{hi:g} mm; the score may not mean "
     "what it means for the training scans",
-    "mask-probabilistic": "the brain mask holds values other than 0 and 1 (e.g. {value:g}); "
+    "mask_probabilistic": "the brain mask holds values other than 0 and 1 (e.g. {value:g}); "
     "every voxel above 0 counts as brain",
-    "mask-affine": "the brain mask's affine differs from the image's by up to {mm:.3g} mm; the "
+    "mask_affine": "the brain mask's affine differs from the image's by up to {mm:.3g} mm; the "
     "mask is used voxel by voxel",
 }
 
@@ -61,17 +61,17 @@ def input_checks(
     zooms = tuple(float(z) for z in image.header.get_zooms()[:3])
     lo, hi = VOXEL_MM
     if any(not lo <= z <= hi for z in zooms):
-        flag("voxel-size", zooms="x".join(f"{z:g}" for z in zooms), lo=lo, hi=hi)
+        flag("voxel_size", zooms="x".join(f"{z:g}" for z in zooms), lo=lo, hi=hi)
     if mask is not None:
         values = np.asanyarray(mask.dataobj)
         if values.dtype.names is None:  # an RGB mask is refused where it is loaded
             odd = values[(values != 0) & (values != 1)]
             if odd.size:
-                flag("mask-probabilistic", value=float(np.real(odd.flat[0])))
+                flag("mask_probabilistic", value=float(np.real(odd.flat[0])))
         diff = np.abs(np.asarray(mask.affine) - np.asarray(image.affine))
         axes = np.abs(np.asarray(image.affine)[:3, :3]).max()
         if diff[:3, 3].max() > AFFINE_MM or diff[:3, :3].max() > AFFINE_REL * axes:
-            flag("mask-affine", mm=float(diff[:3, :].max()))
+            flag("mask_affine", mm=float(diff[:3, :].max()))
     return out
 
 
