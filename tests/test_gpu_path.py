@@ -63,8 +63,10 @@ class OnAccelerator(torch.Tensor):
 
 
 class GPUModel:
-    """Duck-typed model (see reconstruct_volume) at half the volume's slice size whose
-    reconstruction, the input itself, comes back 'on the GPU'."""
+    """A stand-in with what reconstruct_volume reads of an AnomalyModel, at half the
+    volume's slice size, whose reconstruction, the input itself, comes back 'on the GPU'."""
+
+    any_size = False
 
     def __init__(self, size: int):
         self.cfg = SimpleNamespace(
