@@ -169,6 +169,7 @@ def test_mae_with_the_static_count_matches_the_checked_path():
 # ------------------------------------------------------------------ torch.compile
 
 
+@pytest.mark.slow  # compiles f-AnoGAN's networks (aot_eager on the CPU)
 def test_fanogan_compiles_its_networks_and_the_gradient_penalty_runs():
     """Compiling the loss (the model's forward) put the penalty's double backward inside
     a compiled graph: "double backward is not supported" at the first critic step. The
@@ -536,6 +537,7 @@ def test_compile_targets_are_networks_that_reconstruction_calls(name):
 # ------------------------------------------------------------------ the probe
 
 
+@pytest.mark.slow  # compiles MAEDiff (aot_eager on the CPU)
 def test_mae_probe_reads_the_branch_without_hooks_a_compiled_forward_would_skip():
     """A compiled U-Net reuses its graph without a forward hook registered later (Dynamo
     does not guard on hooks): `captured[0]` raised. The stand-in forward below runs the
