@@ -109,6 +109,7 @@ def test_posterior_step_is_the_ddpm_posterior_for_adjacent_steps():
     assert torch.equal(d.posterior_step(xt, t, torch.zeros_like(t), x0, one), x0)  # t' = 0 is x0
 
 
+@pytest.mark.slow  # iterative sampling over many steps
 def test_anoddpm_iterative_sampling_uses_the_requested_steps():
     from maediff.config import apply_overrides, get_preset
     from maediff.models import build_model

@@ -63,8 +63,10 @@ class OnAccelerator(torch.Tensor):
 
 
 class GPUModel:
-    """Duck-typed model (see reconstruct_volume) at half the volume's slice size whose
-    reconstruction, the input itself, comes back 'on the GPU'."""
+    """A stand-in with what reconstruct_volume reads of an AnomalyModel, at half the
+    volume's slice size, whose reconstruction, the input itself, comes back 'on the GPU'."""
+
+    any_size = False
 
     any_size = False  # the model contract (models/base.py): it works at its own size
 
@@ -169,6 +171,7 @@ def test_mae_with_the_static_count_matches_the_checked_path():
 # ------------------------------------------------------------------ torch.compile
 
 
+@pytest.mark.slow  # compiles f-AnoGAN's networks (aot_eager on the CPU)
 def test_fanogan_compiles_its_networks_and_the_gradient_penalty_runs():
     """Compiling the loss (the model's forward) put the penalty's double backward inside
     a compiled graph: "double backward is not supported" at the first critic step. The
@@ -745,6 +748,7 @@ def test_compile_targets_are_networks_that_reconstruction_calls(name):
 # ------------------------------------------------------------------ the probe
 
 
+@pytest.mark.slow  # compiles MAEDiff (aot_eager on the CPU)
 def test_mae_probe_reads_the_branch_without_hooks_a_compiled_forward_would_skip():
     """A compiled U-Net reuses its graph without a forward hook registered later (Dynamo
     does not guard on hooks): `captured[0]` raised. The stand-in forward below runs the

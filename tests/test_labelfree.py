@@ -67,6 +67,7 @@ def worked_commands() -> list[list[str]]:
     return out
 
 
+@pytest.mark.slow  # end to end: trains and runs whole commands
 def test_the_worked_example_runs(tiny_bench, tmp_path, monkeypatch, capsys):
     build_bids(tiny_bench, tmp_path / "ds")
     monkeypatch.chdir(tmp_path)

@@ -6,6 +6,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "learning_curve.py"
 
 
@@ -23,6 +25,7 @@ def plt_width(png: Path) -> int:
     return matplotlib.image.imread(png).shape[1]
 
 
+@pytest.mark.slow  # end to end: trains and runs whole commands
 def test_learning_curve_runs_resumes_and_draws(tiny_bench, tmp_path):
     out = tmp_path / "curve"
     common = ["--data", str(tiny_bench), "--out", str(out), "--scale", "tiny"]

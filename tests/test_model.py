@@ -260,6 +260,7 @@ def _guided_models(quantile):
     return full, guided, coarse
 
 
+@pytest.mark.slow  # three full reconstructions by Alg. 2
 def test_guided_selection_keeps_alg2_in_flagged_cells_and_the_coarse_pass_elsewhere():
     full, guided, coarse = _guided_models(0.8)
     g = torch.Generator().manual_seed(3)

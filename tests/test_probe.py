@@ -83,6 +83,7 @@ def test_probe_tells_a_better_prediction():
     assert max(out) < 1e-6
 
 
+@pytest.mark.slow  # the branch at every patch position, three models
 def test_mae_input_share_is_zero_for_a_branch_that_ignores_the_input():
     model = _model()
     x, _ = _slices(n=4)
@@ -139,6 +140,7 @@ def test_token_norm_gives_unit_embeddings():
     assert not isinstance(_model().net.mae.enc_norm, torch.nn.LayerNorm)  # the paper: off
 
 
+@pytest.mark.slow  # end to end: trains and runs whole commands
 def test_update_budget_gives_fanogan_as_many_generator_and_encoder_updates(
     tiny_bench, tmp_path, monkeypatch
 ):
