@@ -1072,7 +1072,7 @@ COMMANDS = [
         cmd_report,
         _parser_report,
         "one table and page from several evaluations (models, folds, seeds)",
-        "Evaluations of the same model on the same data set are combined as mean ± std over runs.",
+        "Evaluations of the same model on the same data set are combined as mean ± sd (the sample sd, n - 1) over runs.",
     ),
     (
         "benchmark",
