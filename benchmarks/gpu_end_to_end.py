@@ -99,7 +99,7 @@ def run_config(preset: str, steps: int, compile_mode: str, per_epoch: int):
         cfg,
         [
             f"train.max_steps={steps}",
-            "train.epochs=100000",
+            "train.epochs=null",
             "train.max_minutes=0",
             f"train.val_every_steps={max(1, steps // 2)}",
             "train.checkpoint_every_minutes=0",

@@ -279,7 +279,7 @@ def test_a_full_disk_during_training_is_one_line_and_the_same_command_starts_aga
     """A checkpoint that cannot be written stops the run with one line naming it; the
     run folder then holds only the run's own files, so the same command, once there is
     space again, starts the run without --overwrite."""
-    import maediff.training.checkpoint as checkpoint
+    import maediff.weights as checkpoint
 
     real = checkpoint.save_file
 

@@ -177,9 +177,11 @@ def test_train_save_load_and_reconstruct(model, tiny_bench, tmp_path):
     assert summary["steps"] == 6 and summary["model"] == cfg.model
     loaded = load_model(tmp_path / "run")
     # the saved config is the given one plus the landmarks learned from the training data
+    # and the record of what it was trained on (data/qc.py)
     assert loaded.cfg.data.landmarks == data.landmarks
+    assert loaded.cfg.data.trained_on == data.record and data.record.scans > 0
     assert type(loaded) is MODELS[cfg.model] and loaded.cfg == replace(
-        cfg, data=replace(cfg.data, landmarks=data.landmarks)
+        cfg, data=replace(cfg.data, landmarks=data.landmarks, trained_on=data.record)
     )
     _, tensors, extra = read_checkpoint(tmp_path / "run" / "last.safetensors")
     assert extra["step"] == 6

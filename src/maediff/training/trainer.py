@@ -48,7 +48,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .._version import __version__
-from ..config import Config, describe, save_config, to_dict
+from ..config import Config, describe, from_dict, save_config, to_dict
 from ..data.augment import augment_intensity
 from ..data.datasets import SliceSet
 from ..device import (
@@ -763,9 +763,13 @@ def _check_same_config(run_dir: Path, cfg: Config) -> None:
     if not saved.exists():
         return
     old = load_saved_config(saved)
-    if not old.data.trained_on.scans:  # started before the training record: it gains one
+    # the record of the training data is measured from the data, as the landmarks are: a
+    # run started before the record gains one, and a given config without one (a preset,
+    # resumed) takes the run's
+    if not old.data.trained_on.scans or not cfg.data.trained_on.scans:
         cfg = replace(cfg, data=replace(cfg.data, trained_on=old.data.trained_on))
-    if to_dict(old) != to_dict(cfg):
+    # compared as saved and read back (an old "no epoch limit" of 100000 reads as null)
+    if to_dict(old) != to_dict(from_dict(to_dict(cfg))):
         raise CheckpointError(f"cannot resume: the config in {saved} differs from the one given")
 
 
