@@ -48,7 +48,6 @@ printed, and listed in the JSON.
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import multiprocessing
 import os
@@ -62,6 +61,8 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from study_tools import finish_report, median_seconds
+from study_tools import matmul_peak as study_matmul_peak
 from torch.utils.flop_counter import FlopCounterMode
 
 from maediff import __version__
@@ -93,18 +94,9 @@ FOLDS, EPOCHS, STEPS_PER_EPOCH, EVAL_VOLUMES = 5, 1600, 12, 1439
 # ------------------------------------------------------------------ timing
 
 
-def sync(dev: torch.device) -> None:
-    if dev.type == "cuda":
-        torch.cuda.synchronize(dev)
-
-
 def timed(fn: Callable[[], Any], dev: torch.device) -> float:
-    """Wall seconds of fn() with the device's queue drained before and after."""
-    sync(dev)
-    t0 = time.perf_counter()
-    fn()
-    sync(dev)
-    return time.perf_counter() - t0
+    """Wall seconds of one call of fn(), the device's queue drained before and after."""
+    return median_seconds(fn, 1, dev)
 
 
 class Deadline:
@@ -149,18 +141,9 @@ def environment(dev: torch.device) -> dict[str, Any]:
 
 
 def matmul_peak(dev: torch.device, dtype: torch.dtype) -> float:
-    """TFLOP/s of a square matmul in `dtype`, the best of a few timed batches."""
-    n, reps = (8192, 20) if dev.type == "cuda" else (512, 4)
-    a = torch.randn(n, n, device=dev, dtype=dtype)
-    b = torch.randn(n, n, device=dev, dtype=dtype)
-    a @ b
-
-    def run() -> None:
-        for _ in range(reps):
-            a @ b
-
-    best = min(timed(run, dev) for _ in range(3))
-    return 2 * n**3 * reps / best / 1e12
+    """TFLOP/s of a square matmul in `dtype` (study_tools.matmul_peak: 8192^2 on a GPU)."""
+    n = 8192 if dev.type == "cuda" else 512
+    return study_matmul_peak(dtype, dev, n=n, repeats=20 if dev.type == "cuda" else 4) / 1e3
 
 
 # ------------------------------------------------------------------ data and models
@@ -812,12 +795,7 @@ def main(argv: list[str] | None = None) -> int:
     for r in training:
         r["precision"] = amp_name(r["amp"], report["environment"]["tf32"])
     report["failures"] = failures(report)
-    print(markdown(report))
-    if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(report, indent=2))
-    sys.stdout.flush()
-    return 1 if report["failures"] else 0
+    return finish_report(report, markdown(report), args.json)
 
 
 if __name__ == "__main__":

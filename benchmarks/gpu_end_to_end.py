@@ -32,7 +32,6 @@ within the drift of cuDNN's autotuned kernels), and the compiled model's anomaly
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import shutil
 import sys
@@ -56,6 +55,7 @@ from maediff.training.data import TrainingData
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_gpu import BF16_MAP_TOLERANCE, agreement_failures, map_agreement  # noqa: E402
+from study_tools import finish_report  # noqa: E402
 
 # compiled against eager inference in the same precision: the kernels differ (fusion
 # keeps intermediates in fp32 where eager rounds each op), so bf16's tolerance
@@ -342,12 +342,7 @@ def main(argv: list[str] | None = None) -> int:
         out = args.out or Path(tmp)
         out.mkdir(parents=True, exist_ok=True)
         report = end_to_end(args.device, args.scale, args.steps, args.compile, out, args.seed)
-    print(markdown(report))
-    if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(report, indent=2))
-    sys.stdout.flush()
-    return 1 if report["failures"] else 0
+    return finish_report(report, markdown(report), args.json)
 
 
 if __name__ == "__main__":

@@ -176,3 +176,17 @@ def train_step_seconds(
             one_step()
 
     return median_seconds(run, repeats, device) / steps
+
+
+def finish_report(report: dict, text: str, json_path: Path | None) -> int:
+    """Print a check's table, write its report as JSON where asked, and return its exit
+    status: 1 when the report lists failures."""
+    import json
+    import sys
+
+    print(text)
+    if json_path:
+        json_path.parent.mkdir(parents=True, exist_ok=True)
+        json_path.write_text(json.dumps(report, indent=2))
+    sys.stdout.flush()
+    return 1 if report.get("failures") else 0
