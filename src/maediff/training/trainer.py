@@ -430,6 +430,10 @@ def _finish(run: Run) -> dict[str, Any]:
         )
         plot_progress(run.run_dir)
     run.log.close()
+    # leave together: a rank that tears its process group down while another still has a
+    # collective in flight aborts the other (gloo: "terminate called without an active
+    # exception", seen under load)
+    barrier(run.ddp)
     leave_distributed(run.ddp)
     return summary
 
