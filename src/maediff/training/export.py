@@ -25,7 +25,7 @@ from typing import Any
 from .._version import __version__
 from ..config import Config, TrainingRecord
 from ..evaluation.calibration import Calibration
-from ..outputs import check_outputs
+from ..outputs import apply_umask, check_outputs, temp_path
 from ..weights import (
     FORMAT,
     CheckpointError,
@@ -201,9 +201,13 @@ def add_training_record(path: str | Path, out: str | Path, record: TrainingRecor
     header["__metadata__"] = new_meta
     text = json.dumps(header, separators=(",", ":")).encode()
     text += b" " * (-len(text) % 8)  # the data start stays 8-byte aligned, as safetensors writes it
-    tmp = Path(out).with_name(f".{Path(out).name}.tmp")
-    tmp.write_bytes(struct.pack("<Q", len(text)) + text + blob[8 + n :])
-    tmp.replace(out)
+    tmp = temp_path(Path(out))  # the project's temporary name: a killed call's is cleaned
+    try:
+        tmp.write_bytes(struct.pack("<Q", len(text)) + text + blob[8 + n :])
+        apply_umask(tmp)
+        tmp.replace(out)
+    finally:
+        tmp.unlink(missing_ok=True)
     return Path(out)
 
 
